@@ -1,0 +1,5 @@
+"""``python -m slimformer``."""
+
+from slimformer.cli import main
+
+main()

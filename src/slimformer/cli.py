@@ -1,0 +1,218 @@
+"""The ``slimformer`` command line: parses arguments, calls the Python API, prints with rich."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from slimformer.errors import SlimformerError
+
+app = typer.Typer(help="Compress any transformer and deploy it.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+zoo_app = typer.Typer(help="The built-in zoo of small real models.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+DEFAULT_RECIPE = Path("recipes/quickstart.yaml")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(), Console(stderr=True)
+
+
+@contextmanager
+def _errors():
+    """Turn slimformer errors into a red message and exit status 2."""
+    try:
+        yield
+    except SlimformerError as exc:
+        _, err = _console()
+        err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", markup=True,
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@contextmanager
+def _progress():
+    """A rich progress bar; yields a ``progress(description, completed, total)`` callback."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total}"), TimeElapsedColumn(), transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(desc: str, done: int, total: int) -> None:
+            if desc not in tasks:
+                tasks[desc] = bar.add_task(desc, total=total)
+            bar.update(tasks[desc], completed=done, total=total)
+
+        yield update
+
+
+def _default_recipe():
+    """``recipes/quickstart.yaml`` when run from a checkout, else the built-in defaults."""
+    from slimformer.recipe import Recipe, load_recipe
+
+    if DEFAULT_RECIPE.is_file():
+        return load_recipe(DEFAULT_RECIPE)
+    return Recipe(name="quickstart")
+
+
+@app.command()
+def run(recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML (default: "
+                                                      "recipes/quickstart.yaml).")] = None,
+        out: Annotated[Path | None, typer.Option(help="Output folder (overrides recipe).")] = None):
+    """Run a recipe; with no argument, the quickstart recipe on the built-in default model."""
+    from slimformer.pipeline import run as run_pipeline
+    from slimformer.recipe import load_recipe
+
+    con, _ = _console()
+    with _errors():
+        r = load_recipe(recipe) if recipe else _default_recipe()
+        with _progress() as prog:
+            result = run_pipeline(r, prog, out)
+    from slimformer.report.render import to_markdown
+
+    con.print(to_markdown(result.report), markup=False, highlight=False)
+    con.print(f"report written to {result.out_dir}/report.{{json,md,html}}")
+
+
+@app.command()
+def validate(recipe: Annotated[Path, typer.Argument(help="Recipe YAML to check.")]):
+    """Check a recipe without loading any model; lists every problem with its path."""
+    from slimformer.recipe import load_recipe
+
+    con, _ = _console()
+    with _errors():
+        r = load_recipe(recipe)
+    con.print(f"{recipe}: valid (version {r.version}, {len(r.stages)} stage(s): "
+              f"{', '.join(s.type for s in r.stages) or 'none'})")
+
+
+def _load(model: str, config: str | None):
+    from slimformer.models.loading import load_model, parse_model_arg
+
+    return load_model(parse_model_arg(model, config))
+
+
+@app.command()
+def inspect(model: Annotated[str, typer.Argument(help="Zoo name, HF dir, timm:NAME, "
+                                                 "hf:MODEL_TYPE, pkg.mod:factory or spec file.")],
+            config: Annotated[str | None, typer.Option(help="JSON kwargs/config for timm:, hf:, "
+                                                       "factory models.")] = None,
+            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+    """Print the discovered structure (norms -> Linears, attention, MLPs), params and MACs."""
+    from slimformer.models.structure import discover
+
+    con, _ = _console()
+    with _errors():
+        lm = _load(model, config)
+        smap = discover(lm.module, lm.example_inputs(2))
+    if as_json:
+        print(json.dumps(smap.to_dict(), indent=2))
+        return
+    from rich.table import Table
+
+    con.print(f"[bold]{type(lm.module).__name__}[/]: {smap.params:,} params, "
+              f"{smap.macs:,} MACs per sample, inputs "
+              f"{ {k: v.shape for k, v in lm.input_specs.items()} }")
+    t = Table("norm", "kind", "feeds Linears", "other consumers", "foldable", title="Norms")
+    for n in smap.norms:
+        t.add_row(n.module, n.kind, "\n".join(n.linears), ", ".join(n.other_consumers),
+                  str(n.foldable))
+    con.print(t)
+    t = Table("module", "kind", "q / k / v", "out", "heads x dim", "fused", "cross",
+              title="Attention")
+    for a in smap.attention:
+        qkv = a.q[0] if a.fused_qkv else "\n".join((*a.q, *a.k, *a.v))
+        t.add_row(a.module, a.kind, qkv, "\n".join(a.out), f"{a.heads} x {a.head_dim}",
+                  str(a.fused_qkv), str(a.cross))
+    con.print(t)
+    t = Table("fc1", "activation", "fc2", "hidden", title="MLPs")
+    for m in smap.mlps:
+        t.add_row("\n".join(m.fc1), ", ".join(m.activation), m.fc2, str(m.hidden))
+    con.print(t)
+
+
+@app.command("eval")
+def eval_(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
+          data: Annotated[str | None, typer.Option(help="Built-in data set (default: the zoo "
+                                                   "model's).")] = None,
+          split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+          limit: Annotated[int | None, typer.Option(help="Evaluate the first N rows.")] = None,
+          batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 256,
+          repeats: Annotated[int, typer.Option(help="Latency repeats.")] = 20,
+          config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")] = None,
+          as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+    """Metric, latency (median of repeated runs at batch 1 and 32) and size of a model."""
+    from slimformer.data.datasets import get_dataset
+    from slimformer.errors import DataError
+    from slimformer.models.evaluate import measure_latency, model_size
+    from slimformer.pipeline import _check_fit, evaluate_model, latency_inputs
+
+    con, _ = _console()
+    with _errors():
+        lm = _load(model, config)
+        name = data or lm.dataset
+        if name is None:
+            raise DataError("this model has no built-in data set: pass --data NAME")
+        ds = get_dataset(name, split, limit)
+        _check_fit(lm, ds)
+        with _progress() as prog:
+            preds, labels = evaluate_model(lm.module, ds, batch_size, prog)
+            lat = {f"batch={b}": measure_latency(lm.module, latency_inputs(ds, b), repeats)
+                   for b in (1, 32)}
+    result = {"model": model, "data": name, "split": split, "samples": len(labels),
+              "accuracy": float((preds == labels).float().mean()), "latency": lat,
+              "size": model_size(lm.module)}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    con.print(f"{model} on {name}/{split} ({len(labels)} samples): accuracy "
+              f"{result['accuracy']:.4f}")
+    for b, s in lat.items():
+        con.print(f"  latency {b}: median {s['median_ms']:.2f} ms (p90 {s['p90_ms']:.2f}, "
+                  f"{s['repeats']} runs, {s['threads']} threads)")
+    con.print(f"  size: {result['size']['params']:,} params, {result['size']['bytes']:,} bytes")
+
+
+@zoo_app.command("list")
+def zoo_list():
+    """List the zoo: task, data set, params, recorded FP32 metric."""
+    from rich.table import Table
+
+    from slimformer.models.zoo import ZOO, card
+
+    con, _ = _console()
+    t = Table("name", "task", "data set", "params", "FP32 metric", "train s", "description")
+    for name, e in ZOO.items():
+        c = card(name)
+        t.add_row(name, e.task, e.dataset, f"{c.get('params', '?'):,}" if c else "?",
+                  f"{e.metric} {c['fp32_metric']:.4f}" if c else "not trained",
+                  str(c.get("train_seconds", "")), e.description)
+    con.print(t)
+
+
+@zoo_app.command("train")
+def zoo_train(name: Annotated[str, typer.Argument(help="Zoo model name.")],
+              out: Annotated[Path | None, typer.Option(help="Folder for weights + card "
+                                                       "(default: the package's).")] = None,
+              epochs: Annotated[int | None, typer.Option(help="Override the epochs.")] = None):
+    """Retrain a zoo model from its seed and write its safetensors weights and card."""
+    from slimformer.models.zoo import train_zoo_model
+
+    con, _ = _console()
+    with _errors(), _progress() as prog:
+        rec = train_zoo_model(name, out, epochs, lambda s, n, loss: prog("train", s, n))
+    con.print(json.dumps(rec, indent=2))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    """Entry point for ``python -m slimformer``."""
+    app(prog_name="slimformer", args=sys.argv[1:])

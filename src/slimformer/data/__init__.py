@@ -1,0 +1,1 @@
+"""Calibration and evaluation data sets, the built-in ones included."""

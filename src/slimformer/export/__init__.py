@@ -1,0 +1,1 @@
+"""ONNX (float, QDQ) and TensorRT export: filled by the export issue."""

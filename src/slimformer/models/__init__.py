@@ -1,0 +1,1 @@
+"""Built-in models, model loading and structure discovery."""

@@ -1,0 +1,407 @@
+"""Structure discovery: norms feeding Linears, attention sites and MLPs, found from the data flow.
+
+``discover(model, inputs)`` records one forward pass (:mod:`slimformer.models.trace`) and reads
+the structure off the op graph. Nothing here looks at module or parameter *names*: a Linear is any
+op that multiplies an activation by a 2-D parameter (``F.linear``, ``addmm`` as in GPT-2's
+Conv1D, ``x @ W``), a norm is any module whose output is its input normalized over the last axis,
+attention is a softmax between two activation-activation matmuls, a fused
+``scaled_dot_product_attention``, or ``multi_head_attention_forward``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from slimformer.errors import UnsupportedModelError
+from slimformer.models.trace import Graph, OpNode, record
+
+LINEAR_OPS = {"linear", "addmm", "matmul", "mm", "bmm", "einsum", "baddbmm"}
+MATMUL_OPS = {"matmul", "bmm", "einsum", "mm", "baddbmm"}
+CONV_OPS = {"conv1d", "conv2d", "conv3d"}
+ACTIVATIONS = {"relu", "gelu", "silu", "sigmoid", "tanh", "erf", "softplus", "hardswish", "mish",
+               "elu", "leaky_relu", "relu6", "hardtanh", "celu", "selu", "glu", "hardsigmoid"}
+# Ops that move or re-type values without mixing channels: followed when pairing producers.
+PASS_THROUGH = {"view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten",
+                "squeeze", "unsqueeze", "t", "expand", "split", "chunk", "unbind", "getitem",
+                "narrow", "select", "to", "float", "half", "type_as", "clone", "dropout",
+                "alpha_dropout", "detach", "type", "split_with_sizes", "tensor_split", "movedim",
+                "swapaxes", "expand_as", "repeat_interleave"}
+
+
+@dataclass(frozen=True)
+class LinearRef:
+    """A linear map of an activation by a 2-D parameter.
+
+    Attributes:
+        weight: Full name of the weight parameter (e.g. ``encoder.layer.0.attention.self.query.weight``).
+        module: Path of the module owning the weight.
+        op: Op that applied it (``linear``, ``addmm``, ``matmul`` ...).
+        in_features / out_features: Sizes of the contracted and produced axes.
+    """
+
+    weight: str
+    module: str
+    op: str
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class NormSite:
+    """A LayerNorm/RMSNorm and every consumer of its output.
+
+    ``foldable`` is True when all consumers are Linears (pre-norm), so per-channel scales can be
+    folded exactly into the norm affine; False when the output also feeds e.g. a residual add.
+    """
+
+    module: str
+    kind: str  # "layernorm" | "rmsnorm"
+    dim: int
+    linears: tuple[str, ...]  # weight names of Linear consumers
+    other_consumers: tuple[str, ...]  # op names of non-Linear consumers
+    foldable: bool
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention computation: producers of q, k, v, the scores softmax, P@V, the output Linear."""
+
+    module: str  # innermost module in which the scores were computed
+    kind: str  # "softmax" (explicit) | "sdpa" | "mha" (torch.nn.MultiheadAttention)
+    q: tuple[str, ...]
+    k: tuple[str, ...]
+    v: tuple[str, ...]
+    out: tuple[str, ...]
+    heads: int
+    head_dim: int
+    fused_qkv: bool
+    cross: bool  # k/v come from another sequence than q (different producer inputs)
+
+
+@dataclass(frozen=True)
+class MlpSite:
+    """fc1 -> activation -> fc2 (fc1 has two Linears for gated MLPs)."""
+
+    fc1: tuple[str, ...]
+    fc2: str
+    activation: tuple[str, ...]
+    hidden: int
+    gated: bool
+
+
+@dataclass
+class StructureMap:
+    """Everything discovered about one model; every later stage reads it."""
+
+    norms: list[NormSite] = field(default_factory=list)
+    attention: list[AttentionSite] = field(default_factory=list)
+    mlps: list[MlpSite] = field(default_factory=list)
+    linears: list[LinearRef] = field(default_factory=list)
+    convs: list[str] = field(default_factory=list)
+    params: int = 0
+    macs: int = 0  # per forward of the example inputs
+    batch: int = 1
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @property
+    def norm_linear_pairs(self) -> int:
+        """Number of (norm, Linear) pairs."""
+        return sum(len(n.linears) for n in self.norms)
+
+
+def _linear_of(node: OpNode) -> tuple[int, str, int, int] | None:
+    """(activation input position, weight name, in, out) if ``node`` is activation x 2-D param."""
+    if node.op not in LINEAR_OPS or node.op == "einsum":
+        return None
+    wpos = [i for i, p in enumerate(node.params) if p is not None and len(node.in_shapes[i]) == 2]
+    apos = [i for i, p in enumerate(node.params) if p is None]
+    if not wpos or not apos:
+        return None
+    if node.op == "linear":
+        w = wpos[0]
+        return apos[0], node.params[w], node.in_shapes[w][1], node.in_shapes[w][0]
+    # addmm(bias, x, W) / matmul(x, W): the weight is the right operand, (in, out)
+    w = max(wpos)
+    if w < apos[0]:
+        return None
+    return apos[0], node.params[w], node.in_shapes[w][0], node.in_shapes[w][1]
+
+
+class _Analyzer:
+    def __init__(self, graph: Graph, model: torch.nn.Module):
+        self.g = graph
+        self.nodes = graph.nodes
+        self.cons = graph.consumers()
+        self.lin = {n.idx: _linear_of(n) for n in self.nodes}
+        self.lin = {k: v for k, v in self.lin.items() if v}
+        self.owner = {}
+        for name, _ in model.named_parameters(remove_duplicate=False):
+            self.owner[name] = name.rpartition(".")[0]
+        self.norm_out: dict[int, str] = {}
+
+    def linear_ref(self, idx: int) -> LinearRef:
+        _, w, fin, fout = self.lin[idx]
+        return LinearRef(w, self.owner.get(w, ""), self.nodes[idx].op, fin, fout)
+
+    def is_act_matmul(self, n: OpNode) -> bool:
+        acts = [i for i, p in enumerate(n.params) if p is None and n.inputs[i] != -2]
+        return n.op in MATMUL_OPS and n.idx not in self.lin and len(acts) >= 2
+
+    def back(self, start: int, stop_at_norm: bool = False, limit: int = 64):
+        """Nearest Linear producers behind node ``start`` and the ops crossed on the way."""
+        found, crossed, seen, todo = [], [], set(), [start]
+        while todo and len(seen) < limit:
+            i = todo.pop()
+            if i in seen or i < 0:
+                continue
+            seen.add(i)
+            n = self.nodes[i]
+            if i in self.lin:
+                found.append(i)
+                continue
+            if n.param_only or self.is_act_matmul(n) or n.op in {"softmax", "sdpa", "mha",
+                                                                  "embedding", "layer_norm"}:
+                continue
+            if stop_at_norm and i in self.norm_out:
+                continue
+            crossed.append(n.op)
+            todo.extend(p for p, w in zip(n.inputs, n.params, strict=True) if w is None)
+        return sorted(found), crossed
+
+    def forward_to(self, start: int, want, limit: int = 32) -> int | None:
+        """First node after ``start`` (through pass-through/elementwise ops) that satisfies ``want``."""
+        seen, todo = set(), list(self.cons.get(start, []))
+        while todo and len(seen) < limit:
+            i = todo.pop(0)
+            if i in seen:
+                continue
+            seen.add(i)
+            n = self.nodes[i]
+            if want(n):
+                return i
+            if n.op in PASS_THROUGH or n.op in {"mul", "div", "to", "masked_fill", "where", "add"}:
+                todo.extend(self.cons.get(i, []))
+        return None
+
+    def pass_consumers(self, start: int) -> list[int]:
+        """Consumers of node ``start``'s output, looking through pass-through ops."""
+        out, todo, seen = [], list(self.cons.get(start, [])), set()
+        while todo:
+            i = todo.pop(0)
+            if i in seen:
+                continue
+            seen.add(i)
+            if self.nodes[i].op in PASS_THROUGH:
+                todo.extend(self.cons.get(i, []))
+            else:
+                out.append(i)
+        return out
+
+
+def _norm_kind(call) -> str | None:
+    """'layernorm' / 'rmsnorm' if the call normalized its input over the last axis, else None.
+
+    The output must equal the normalized input times the module's own 1-D parameters (weight,
+    optional bias), or the bare normalized input for a module without parameters.
+    """
+    x, y = call.input, call.output
+    if x is None or y is None or x is y or x.shape != y.shape or not x.is_floating_point():
+        return None
+    dim = x.shape[-1]
+    own = [p.detach().double() for p in call.module.parameters(recurse=False)]
+    if dim < 2 or len(own) > 2 or any(p.shape != (dim,) for p in own):
+        return None
+    x, y = x.detach().double(), y.detach().double()
+    affines = [(own[0], own[1]), (own[1], own[0])] if len(own) == 2 else [
+        (own[0] if own else torch.ones(dim, dtype=x.dtype), torch.zeros(dim, dtype=x.dtype))]
+    mu = x.mean(-1, keepdim=True)
+    var, ms = x.var(-1, unbiased=False, keepdim=True), (x * x).mean(-1, keepdim=True)
+    for kind, z in (("layernorm", (x - mu) / torch.sqrt(var + 1e-5)),
+                    ("layernorm", (x - mu) / torch.sqrt(var + 1e-12)),
+                    ("rmsnorm", x / torch.sqrt(ms + 1e-6))):
+        if not own and (z - x).norm() < 1e-2 * x.norm():
+            continue  # the input was normalized already: this module did not do it
+        for w, b in affines:
+            err = (z * w + b - y).norm() / y.norm().clamp_min(1e-12)
+            if err < 1e-3:
+                return kind
+    return None
+
+
+def _norms(a: _Analyzer) -> list[NormSite]:
+    by_out: dict[int, tuple[str, str, int]] = {}
+    for call in a.g.calls:
+        if call.output_node is None or call.output_node < 0:
+            continue
+        kind = _norm_kind(call)
+        if kind is None:
+            continue
+        prev = by_out.get(call.output_node)
+        if prev is None or len(call.path) > len(prev[0]):  # the innermost module wins
+            by_out[call.output_node] = (call.path, kind, call.output.shape[-1])
+    sites = []
+    for out_node, (path, kind, dim) in by_out.items():
+        a.norm_out[out_node] = path
+        linears, others = [], []
+        for c in a.pass_consumers(out_node):
+            n = a.nodes[c]
+            if c in a.lin and a.nodes[c].inputs[a.lin[c][0]] != out_node and False:
+                continue
+            if c in a.lin:
+                linears.append(a.lin[c][1])
+            elif n.op == "mha":
+                w = next((p for p in n.params if p is not None), None)
+                linears.append(w) if w else others.append(n.op)
+            else:
+                others.append(n.op)
+        linears = list(dict.fromkeys(linears))
+        if linears:
+            sites.append(NormSite(path, kind, int(dim), tuple(linears),
+                                  tuple(dict.fromkeys(others)), not others))
+    return sorted(sites, key=lambda s: a.g.calls and s.module)
+
+
+def _producers(a: _Analyzer, idx: int) -> tuple[str, ...]:
+    found, _ = a.back(idx)
+    return tuple(dict.fromkeys(a.lin[i][1] for i in found))
+
+
+def _attention(a: _Analyzer) -> list[AttentionSite]:
+    sites: list[AttentionSite] = []
+    for n in a.nodes:
+        if n.op == "softmax":
+            qk = _score_matmul(a, n.inputs[0])
+            pv = a.forward_to(n.idx, lambda m: a.is_act_matmul(m))
+            if qk is None or pv is None:
+                continue
+            mm = a.nodes[qk]
+            q_src, k_src = mm.inputs[0], mm.inputs[1]
+            v_src = next(p for p in a.nodes[pv].inputs[1:] if p >= -1)
+            qshape = mm.in_shapes[0]
+            head_dim = qshape[-1]
+            sites.append(_site(a, n, "softmax", q_src, k_src, v_src, pv, qshape, head_dim))
+        elif n.op == "sdpa":
+            qshape = n.in_shapes[0]
+            sites.append(_site(a, n, "sdpa", n.inputs[0], n.inputs[1], n.inputs[2], n.idx,
+                               qshape, qshape[-1]))
+        elif n.op == "mha":
+            ws = [p for p in n.params if p is not None]
+            heads = int(n.meta.get("num_heads") or 1)
+            in_w = [w for w in ws if "in_proj" in w or True][:1]
+            out_w = [w for w in ws if w.endswith("weight")][-1:]
+            embed = n.in_shapes[0][-1]
+            cross = len({p for p in n.inputs[:3]}) > 1
+            sites.append(AttentionSite(n.module, "mha", tuple(in_w), tuple(in_w), tuple(in_w),
+                                       tuple(out_w), heads, embed // heads, True, cross))
+    return sites
+
+
+def _score_matmul(a: _Analyzer, start: int) -> int | None:
+    """The activation-activation matmul that produced the attention scores behind ``start``."""
+    seen, todo = set(), [start]
+    while todo and len(seen) < 32:
+        i = todo.pop(0)
+        if i < 0 or i in seen:
+            continue
+        seen.add(i)
+        n = a.nodes[i]
+        if a.is_act_matmul(n):
+            return i
+        if i in a.lin or n.op in {"softmax", "sdpa", "mha", "layer_norm", "embedding"}:
+            continue
+        todo.extend(p for p, w in zip(n.inputs, n.params, strict=True) if w is None)
+    return None
+
+
+def _site(a, n, kind, q_src, k_src, v_src, out_from, qshape, head_dim) -> AttentionSite:
+    q, k, v = (_producers(a, s) if s >= 0 else () for s in (q_src, k_src, v_src))
+    o = a.forward_to(out_from, lambda m: m.idx in a.lin)
+    out = (a.lin[o][1],) if o is not None else ()
+    fused = bool(q) and q == k == v
+    if len(qshape) == 4:
+        heads = qshape[1]
+    else:
+        width = a.lin[a.back(q_src)[0][0]][3] if q else head_dim
+        heads = max(1, width // (3 * head_dim if fused else head_dim))
+    q_in = {a.nodes[i].inputs[a.lin[i][0]] for i in a.back(q_src)[0]} if q else set()
+    kv_in = {a.nodes[i].inputs[a.lin[i][0]] for i in a.back(k_src)[0]} if k else set()
+    return AttentionSite(n.module, kind, q, k, v, out, int(heads), int(head_dim), fused,
+                         bool(q_in and kv_in and q_in != kv_in))
+
+
+def _mlps(a: _Analyzer, attn: list[AttentionSite]) -> list[MlpSite]:
+    attn_w = {w for s in attn for w in (*s.q, *s.k, *s.v, *s.out)}
+    sites = []
+    seen_fc2 = set()
+    for idx, (apos, w2, fin2, fout2) in sorted(a.lin.items()):
+        if w2 in attn_w or w2 in seen_fc2:
+            continue
+        src = a.nodes[idx].inputs[apos]
+        if src < 0:
+            continue
+        found, crossed = a.back(src, stop_at_norm=True)
+        acts = tuple(dict.fromkeys(op for op in crossed if op in ACTIVATIONS))
+        fc1 = [i for i in found if a.lin[i][1] not in attn_w]
+        if not fc1 or not acts or len(fc1) != len(found):
+            continue
+        ins = {a.lin[i][2] for i in fc1}
+        if ins != {fout2} or any(a.lin[i][3] != fin2 for i in fc1):
+            continue
+        seen_fc2.add(w2)
+        sites.append(MlpSite(tuple(dict.fromkeys(a.lin[i][1] for i in fc1)), w2, acts, fin2,
+                             len(fc1) > 1))
+    return sites
+
+
+def discover(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
+             require_attention: bool = True) -> StructureMap:
+    """Find norms, attention sites and MLPs of ``model`` from one forward pass on ``inputs``.
+
+    Args:
+        model: Any ``nn.Module``; it is run once in eval mode, its weights are not changed.
+        inputs: Keyword arguments of ``model.forward`` (e.g. ``{"pixel_values": (B, C, H, W)}``).
+        require_attention: Raise :class:`UnsupportedModelError` when no attention is found.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    graph, _ = record(model, inputs)
+    a = _Analyzer(graph, model)
+    smap = StructureMap()
+    smap.norms = _norms(a)
+    smap.attention = _dedupe(_attention(a))
+    smap.mlps = _mlps(a, smap.attention)
+    smap.linears = list({r.weight: r for r in map(a.linear_ref, sorted(a.lin))}.values())
+    smap.convs = list(dict.fromkeys(
+        a.owner.get(next(p for p in n.params if p), "") for n in graph.nodes
+        if n.op in CONV_OPS and any(n.params)))
+    smap.params = sum(p.numel() for p in model.parameters())
+    batch = next((t.shape[0] for t in inputs.values() if isinstance(t, torch.Tensor)
+                  and t.dim() > 0), 1)
+    with torch.enable_grad(), FlopCounterMode(display=False) as fc:
+        model(**inputs)  # grad mode keeps fused inference fast paths (uncounted) off
+    smap.macs, smap.batch = int(fc.get_total_flops() // 2 // max(batch, 1)), 1
+    if require_attention and not smap.attention:
+        raise UnsupportedModelError(_missing(smap, graph))
+    return smap
+
+
+def _dedupe(sites: list[AttentionSite]) -> list[AttentionSite]:
+    out = {}
+    for s in sites:
+        out.setdefault((s.q, s.k, s.v, s.out, s.module), s)
+    return list(out.values())
+
+
+def _missing(smap: StructureMap, graph: Graph) -> str:
+    ops = sorted({n.op for n in graph.nodes})
+    return (
+        f"no attention found: looked for softmax between two activation matmuls, "
+        f"scaled_dot_product_attention and multi_head_attention_forward. Found "
+        f"{len(smap.linears)} Linear(s), {len(smap.norms)} norm(s) feeding Linears, "
+        f"{len(smap.mlps)} MLP(s), {len(smap.convs)} conv(s); ops seen: {', '.join(ops[:40])}"
+    )

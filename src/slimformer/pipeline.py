@@ -1,0 +1,171 @@
+"""Run the stages of a recipe in order and record what each did.
+
+Data flows one way: load -> discover structure -> stages (evaluate now; prune, search, quantize,
+export and hls as their issues land) -> report. Each stage type has one handler in the explicit
+table :data:`STAGE_HANDLERS`; a handler takes the run context and its stage config and returns a
+:class:`~slimformer.report.model.StageRecord`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from slimformer import __version__
+from slimformer.errors import DataError
+from slimformer.recipe import EvaluateStage, Recipe
+from slimformer.report.model import Report, StageRecord, environment
+
+# progress(description, completed, total): called by long steps; None = silent.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class RunContext:
+    """What stages share: the current model, its structure, the data and reference predictions."""
+
+    recipe: Recipe
+    model: torch.nn.Module
+    loaded: object
+    structure: object
+    eval_data: object
+    reference_preds: torch.Tensor | None = None
+    progress: Progress | None = None
+    records: list[StageRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished run: its report and the folder it was written to."""
+
+    report: Report
+    out_dir: Path
+
+
+def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 256,
+                   progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions and labels of ``model`` on ``dataset`` (a progress bar via ``progress``)."""
+    from slimformer.data.datasets import make_loader
+    from slimformer.models.evaluate import predict
+
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress("evaluate", done[0], len(dataset))
+
+    return predict(model, make_loader(dataset, batch_size), tick)
+
+
+def latency_inputs(dataset, batch: int) -> dict[str, torch.Tensor]:
+    """A batch of ``batch`` real rows (repeated if the data set is smaller)."""
+    idx = torch.arange(batch) % len(dataset)
+    return {k: v[idx] for k, v in dataset.inputs.items()}
+
+
+def run_evaluate(ctx: RunContext, stage: EvaluateStage) -> StageRecord:
+    """Metric, agreement with the input model, latency per batch size, size."""
+    from slimformer.models.evaluate import agreement, measure_latency, model_size
+
+    preds, labels = evaluate_model(ctx.model, ctx.eval_data, ctx.recipe.data.batch_size,
+                                   ctx.progress)
+    rec = StageRecord(index=0, type=stage.type, config=stage.model_dump())
+    rec.metrics["accuracy"] = float((preds == labels).float().mean())
+    if ctx.reference_preds is None:
+        ctx.reference_preds = preds
+    rec.metrics["agreement"] = agreement(preds, ctx.reference_preds)
+    rec.metrics["samples"] = len(labels)
+    for b in stage.latency_batch_sizes:
+        if ctx.progress:
+            ctx.progress(f"latency batch {b}", 0, 1)
+        stats = measure_latency(ctx.model, latency_inputs(ctx.eval_data, b),
+                                repeats=stage.latency_repeats)
+        rec.latency[f"batch={b}"] = stats
+    rec.size = model_size(ctx.model)
+    rec.size["macs_per_sample"] = int(ctx.structure.macs)
+    return rec
+
+
+STAGE_HANDLERS: dict[type, Callable[[RunContext, object], StageRecord]] = {
+    EvaluateStage: run_evaluate,
+}
+
+
+def _structure_summary(smap) -> dict:
+    return {
+        "norms_feeding_linears": len(smap.norms),
+        "norm_linear_pairs": smap.norm_linear_pairs,
+        "foldable_norms": sum(n.foldable for n in smap.norms),
+        "attention_sites": len(smap.attention),
+        "attention_kinds": ", ".join(sorted({a.kind for a in smap.attention})),
+        "heads": ", ".join(str(h) for h in sorted({a.heads for a in smap.attention})),
+        "mlps": len(smap.mlps),
+        "linears": len(smap.linears),
+        "convs": len(smap.convs),
+        "params": smap.params,
+        "macs_per_sample": smap.macs,
+    }
+
+
+def run(recipe: Recipe, progress: Progress | None = None,
+        out_dir: str | Path | None = None) -> RunResult:
+    """Run ``recipe`` and write its report; returns the report and the output folder."""
+    from slimformer.data.datasets import get_dataset
+    from slimformer.models.loading import load_model
+    from slimformer.models.structure import discover
+    from slimformer.report.render import write_report
+
+    t0 = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    out = Path(out_dir) if out_dir else recipe.output_dir()
+    if progress:
+        progress("load model", 0, 1)
+    loaded = load_model(recipe.model)
+    smap = discover(loaded.module, loaded.example_inputs(2), require_attention=True)
+    dataset_name = recipe.data.dataset or loaded.dataset
+    if dataset_name is None:
+        raise DataError("no data set: set data.dataset in the recipe")
+    eval_data = get_dataset(dataset_name, recipe.data.eval_split, recipe.data.eval_limit)
+    _check_fit(loaded, eval_data)
+    ctx = RunContext(recipe, loaded.module, loaded, smap, eval_data, progress=progress)
+    for i, stage in enumerate(recipe.stages):
+        s0 = time.perf_counter()
+        rec = STAGE_HANDLERS[type(stage)](ctx, stage)
+        rec.index, rec.seconds = i, time.perf_counter() - s0
+        ctx.records.append(rec)
+    from slimformer.models.evaluate import model_size
+
+    report = Report(
+        slimformer_version=__version__, name=recipe.name,
+        recipe=recipe.model_dump(mode="json"),
+        model={"spec": recipe.model.model_dump(mode="json"), "class": type(loaded.module).__name__,
+               **model_size(loaded.module), "macs_per_sample": smap.macs},
+        structure=_structure_summary(smap),
+        data={"dataset": dataset_name, "eval_split": recipe.data.eval_split,
+              "eval_samples": len(eval_data)},
+        stages=ctx.records,
+        metrics=dict(ctx.records[-1].metrics) if ctx.records else {},
+        environment=environment(),
+        seeds={"recipe": recipe.seed},
+    )
+    report.total_seconds = time.perf_counter() - t0
+    write_report(report, out)
+    return RunResult(report, out)
+
+
+def _check_fit(loaded, dataset) -> None:
+    """Fail early, with shapes, when the data's inputs do not match the model's."""
+    expected = set(loaded.input_specs)
+    have = set(dataset.inputs)
+    if not have <= set(expected) and not expected & have:
+        raise DataError(f"data provides inputs {sorted(have)} but the model takes "
+                        f"{sorted(expected)}")
+    from slimformer.models.evaluate import run_batch
+
+    with torch.no_grad():
+        run_batch(loaded.module, {k: v[:2] for k, v in dataset.inputs.items()})

@@ -1,0 +1,1 @@
+"""UPop-style structured pruning and physical slicing: filled by the prune issue."""

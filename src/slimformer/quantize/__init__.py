@@ -1,0 +1,1 @@
+"""Post-training quantization (RepQuant style): filled by the quantize issue."""

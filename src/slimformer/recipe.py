@@ -1,0 +1,187 @@
+"""The recipe schema: YAML -> typed, versioned objects, all problems reported at once.
+
+A recipe names a model, the data, an ordered list of stages and where to write the report::
+
+    version: 1
+    model: {source: zoo, name: vit-fmnist}
+    data: {dataset: fashion-mnist, eval_limit: 2000}
+    stages:
+      - {type: evaluate, latency_batch_sizes: [1, 32]}
+    output: {dir: runs/quickstart}
+
+Stages are a tagged union on ``type``; the compression stages (quantize, prune, search, export,
+hls) join the union as their issues land, each with a handler in :mod:`slimformer.pipeline`.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from slimformer.errors import ConfigError
+from slimformer.models.spec import ModelSpec, ZooSpec
+
+RECIPE_VERSION = 1
+DATASET_NAMES = ("fashion-mnist",)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Evaluation and calibration data: a built-in data set and how much of it to use."""
+
+    dataset: str | None = None  # default: the zoo model's own data set
+    eval_split: Literal["test", "train", "calib"] = "test"
+    eval_limit: Annotated[int, Field(ge=1)] | None = None
+    calib_split: Literal["calib", "train"] = "calib"
+    calib_samples: Annotated[int, Field(ge=1, le=100_000)] = 128
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 256
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        if v is not None and v not in DATASET_NAMES:
+            raise ValueError(f"unknown data set {v!r}; built-in ones: {', '.join(DATASET_NAMES)}")
+        return v
+
+
+class EvaluateStage(_Strict):
+    """Measure the model as it stands: metric, agreement with the input model, latency, size."""
+
+    type: Literal["evaluate"] = "evaluate"
+    latency_batch_sizes: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
+        default_factory=lambda: [1, 32])
+    latency_repeats: Annotated[int, Field(ge=1, le=1000)] = 20
+
+
+Stage = Annotated[EvaluateStage, Field(discriminator="type")]
+STAGE_TYPES = ("evaluate",)
+
+
+class OutputConfig(_Strict):
+    """Where the run writes ``report.{json,md,html}``."""
+
+    dir: str = "runs/{name}"
+
+
+class Recipe(_Strict):
+    """A whole run: model, data, stages in order, output."""
+
+    version: Literal[1] = RECIPE_VERSION
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "run"
+    seed: Annotated[int, Field(ge=0)] = 0
+    model: ModelSpec = Field(default_factory=lambda: ZooSpec(name="vit-fmnist"))
+    data: DataConfig = Field(default_factory=DataConfig)
+    stages: list[Stage] = Field(default_factory=lambda: [EvaluateStage()])
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def output_dir(self) -> Path:
+        """The output folder with ``{name}`` filled in."""
+        return Path(self.output.dir.format(name=self.name))
+
+
+_TAGS = {"zoo", "hf_dir", "hf_config", "timm", "factory", *STAGE_TYPES}
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _TAGS or "[" in str(part):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _allowed(root: type[BaseModel], loc: tuple) -> list[str] | None:
+    cls: object = root
+    for part in loc:
+        if isinstance(part, int):
+            args = typing.get_args(cls)
+            cls = args[0] if args else cls
+        elif isinstance(cls, type) and issubclass(cls, BaseModel) and part in cls.model_fields:
+            cls = cls.model_fields[part].annotation
+        else:
+            cls = _pick_tag(cls, part)
+        while typing.get_origin(cls) in (Annotated, list) or typing.get_origin(cls) is typing.Union:
+            args = [a for a in typing.get_args(cls) if a is not type(None)]
+            if typing.get_origin(cls) is typing.Union or len(args) != 1:
+                break
+            cls = args[0]
+    return sorted(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _pick_tag(cls, tag):
+    for a in typing.get_args(cls) or ():
+        for b in typing.get_args(a) or (a,):
+            if isinstance(b, type) and issubclass(b, BaseModel):
+                for f in ("source", "type"):
+                    fld = b.model_fields.get(f)
+                    if fld is not None and tag in typing.get_args(fld.annotation):
+                        return b
+    return cls
+
+
+def format_errors(exc: ValidationError, root: type[BaseModel] | None = None) -> list[str]:
+    """One ``path: message, got value`` line per pydantic error."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc, kind = tuple(err["loc"]), err["type"]
+        if kind == "extra_forbidden":
+            allowed = _allowed(root, loc[:-1]) if root else None
+            tail = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"{_path(loc)}: unknown key{tail}")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        show = kind not in ("missing",) and not isinstance(got, dict)
+        lines.append(f"{_path(loc)}: {msg}" + (f", got {got!r}" if show else ""))
+    return lines
+
+
+def parse_recipe(data: object, source: str = "recipe") -> Recipe:
+    """Validate a mapping (e.g. from YAML) into a :class:`Recipe`; raises :class:`ConfigError`."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"(top level): must be a mapping, got {type(data).__name__}"], source)
+    version = data.get("version", RECIPE_VERSION)
+    if version != RECIPE_VERSION:
+        raise ConfigError([f"version: this slimformer reads recipe version {RECIPE_VERSION}, "
+                           f"got {version!r}"], source)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, Recipe), source) from None
+    problems = _cross_checks(recipe)
+    if problems:
+        raise ConfigError(problems, source)
+    return recipe
+
+
+def _cross_checks(recipe: Recipe) -> list[str]:
+    problems = []
+    if not isinstance(recipe.model, ZooSpec) and recipe.data.dataset is None and any(
+            s.type == "evaluate" for s in recipe.stages):
+        problems.append("data.dataset: required to evaluate a model that is not from the zoo; "
+                        f"built-in ones: {', '.join(DATASET_NAMES)}")
+    return problems
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe YAML file with ``yaml.safe_load`` and validate it."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"file {path} does not exist"], "recipe")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
+    return parse_recipe(data, str(path))

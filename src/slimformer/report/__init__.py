@@ -1,0 +1,1 @@
+"""Reports: the run record, its JSON / Markdown / HTML renderers, atomic file writing."""
