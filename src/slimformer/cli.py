@@ -23,7 +23,9 @@ DEFAULT_RECIPE = Path("recipes/quickstart.yaml")
 def _console():
     from rich.console import Console
 
-    return Console(), Console(stderr=True)
+    # pipes and captured output get a wide console so tables keep whole module paths on a line
+    wide = None if sys.stdout.isatty() else 200
+    return Console(width=wide), Console(stderr=True, width=wide)
 
 
 @contextmanager
@@ -53,6 +55,13 @@ def _progress():
             bar.update(tasks[desc], completed=done, total=total)
 
         yield update
+
+
+def _table(*headers: str, title: str | None = None):
+    """A rich table whose cells fold instead of being cut in narrow terminals."""
+    from rich.table import Column, Table
+
+    return Table(*(Column(h, overflow="fold") for h in headers), title=title)
 
 
 def _default_recipe():
@@ -117,24 +126,22 @@ def inspect(model: Annotated[str, typer.Argument(help="Zoo name, HF dir, timm:NA
     if as_json:
         print(json.dumps(smap.to_dict(), indent=2))
         return
-    from rich.table import Table
-
     con.print(f"[bold]{type(lm.module).__name__}[/]: {smap.params:,} params, "
               f"{smap.macs:,} MACs per sample, inputs "
               f"{ {k: v.shape for k, v in lm.input_specs.items()} }")
-    t = Table("norm", "kind", "feeds Linears", "other consumers", "foldable", title="Norms")
+    t = _table("norm", "kind", "feeds Linears", "other consumers", "foldable", title="Norms")
     for n in smap.norms:
         t.add_row(n.module, n.kind, "\n".join(n.linears), ", ".join(n.other_consumers),
                   str(n.foldable))
     con.print(t)
-    t = Table("module", "kind", "q / k / v", "out", "heads x dim", "fused", "cross",
-              title="Attention")
+    t = _table("module", "kind", "q / k / v", "out", "heads x dim", "fused", "cross",
+               title="Attention")
     for a in smap.attention:
         qkv = a.q[0] if a.fused_qkv else "\n".join((*a.q, *a.k, *a.v))
         t.add_row(a.module, a.kind, qkv, "\n".join(a.out), f"{a.heads} x {a.head_dim}",
                   str(a.fused_qkv), str(a.cross))
     con.print(t)
-    t = Table("fc1", "activation", "fc2", "hidden", title="MLPs")
+    t = _table("fc1", "activation", "fc2", "hidden", title="MLPs")
     for m in smap.mlps:
         t.add_row("\n".join(m.fc1), ", ".join(m.activation), m.fc2, str(m.hidden))
     con.print(t)
@@ -185,12 +192,10 @@ def eval_(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
 @zoo_app.command("list")
 def zoo_list():
     """List the zoo: task, data set, params, recorded FP32 metric."""
-    from rich.table import Table
-
     from slimformer.models.zoo import ZOO, card
 
     con, _ = _console()
-    t = Table("name", "task", "data set", "params", "FP32 metric", "train s", "description")
+    t = _table("name", "task", "data set", "params", "FP32 metric", "train s", "description")
     for name, e in ZOO.items():
         c = card(name)
         t.add_row(name, e.task, e.dataset, f"{c.get('params', '?'):,}" if c else "?",

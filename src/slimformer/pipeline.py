@@ -159,10 +159,15 @@ def run(recipe: Recipe, progress: Progress | None = None,
 
 
 def _check_fit(loaded, dataset) -> None:
-    """Fail early, with shapes, when the data's inputs do not match the model's."""
-    expected = set(loaded.input_specs)
-    have = set(dataset.inputs)
-    if not have <= set(expected) and not expected & have:
+    """Fail early, with shapes, when the data's inputs do not match the model's.
+
+    A data set with one input feeds a model with one input whatever their names (the data set's
+    key is renamed in place); otherwise the names must match.
+    """
+    expected, have = list(loaded.input_specs), list(dataset.inputs)
+    if len(expected) == 1 and len(have) == 1 and expected != have:
+        dataset.inputs = {expected[0]: dataset.inputs[have[0]]}
+    elif not set(have) <= set(expected):
         raise DataError(f"data provides inputs {sorted(have)} but the model takes "
                         f"{sorted(expected)}")
     from slimformer.models.evaluate import run_batch

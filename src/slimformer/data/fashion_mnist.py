@@ -73,5 +73,5 @@ def normalize(images: np.ndarray):
     """``(N, 28, 28) uint8`` -> normalized ``torch.FloatTensor (N, 1, 28, 28)``."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    x = torch.from_numpy(np.array(images, dtype=np.uint8)).float().div_(255.0)
     return x.sub_(MEAN).div_(STD).unsqueeze(1)

@@ -26,7 +26,7 @@ def run_batch(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
     """Call ``model(**inputs)``; a shape/dtype mismatch becomes a :class:`DataError`."""
     try:
         return model(**inputs)
-    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+    except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:
         shapes = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in
                   inputs.items()}
         expected = getattr(model, "input_shape", None)

@@ -21,6 +21,7 @@ class EncoderClassifier(nn.Module):
         self.head = nn.Linear(d_model, num_classes)
 
     def forward(self, src: torch.Tensor) -> torch.Tensor:
+        """``src (B, T, d_model) -> logits (B, num_classes)``."""
         return self.head(self.encoder(src).mean(1))
 
 

@@ -250,8 +250,6 @@ def _norms(a: _Analyzer) -> list[NormSite]:
         linears, others = [], []
         for c in a.pass_consumers(out_node):
             n = a.nodes[c]
-            if c in a.lin and a.nodes[c].inputs[a.lin[c][0]] != out_node and False:
-                continue
             if c in a.lin:
                 linears.append(a.lin[c][1])
             elif n.op == "mha":
@@ -263,7 +261,7 @@ def _norms(a: _Analyzer) -> list[NormSite]:
         if linears:
             sites.append(NormSite(path, kind, int(dim), tuple(linears),
                                   tuple(dict.fromkeys(others)), not others))
-    return sorted(sites, key=lambda s: a.g.calls and s.module)
+    return sorted(sites, key=lambda s: s.module)
 
 
 def _producers(a: _Analyzer, idx: int) -> tuple[str, ...]:
@@ -290,14 +288,21 @@ def _attention(a: _Analyzer) -> list[AttentionSite]:
             sites.append(_site(a, n, "sdpa", n.inputs[0], n.inputs[1], n.inputs[2], n.idx,
                                qshape, qshape[-1]))
         elif n.op == "mha":
-            ws = [p for p in n.params if p is not None]
+            # 2-D parameters in argument order: (in_proj, out_proj) when packed, else
+            # (out_proj, q_proj, k_proj, v_proj) since the separate ones are keyword arguments
+            ws = [p for p, sh in zip(n.params, n.in_shapes, strict=True) if p and len(sh) == 2]
             heads = int(n.meta.get("num_heads") or 1)
-            in_w = [w for w in ws if "in_proj" in w or True][:1]
-            out_w = [w for w in ws if w.endswith("weight")][-1:]
+            if len(ws) == 2:
+                q = k = v = (ws[0],)
+                out = (ws[1],)
+            elif len(ws) == 4:
+                out, q, k, v = ((w,) for w in ws)
+            else:
+                continue
             embed = n.in_shapes[0][-1]
             cross = len({p for p in n.inputs[:3]}) > 1
-            sites.append(AttentionSite(n.module, "mha", tuple(in_w), tuple(in_w), tuple(in_w),
-                                       tuple(out_w), heads, embed // heads, True, cross))
+            sites.append(AttentionSite(n.module, "mha", q, k, v, out, heads, embed // heads,
+                                       len(ws) == 2, cross))
     return sites
 
 

@@ -41,6 +41,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, T, dim) -> (B, T, dim)``."""
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, heads, T, head_dim)
@@ -58,6 +59,7 @@ class Mlp(nn.Module):
         self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, T, dim) -> (B, T, dim)``."""
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -71,6 +73,7 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, T, dim) -> (B, T, dim)``."""
         x = x + self.drop(self.attn(self.norm1(x)))
         return x + self.drop(self.mlp(self.norm2(x)))
 
@@ -99,6 +102,7 @@ class TinyViT(nn.Module):
         return (c.in_channels, c.image_size, c.image_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``pixel_values (B, C, H, W) -> logits (B, num_classes)``."""
         x = self.patch(pixel_values).flatten(2).transpose(1, 2)  # (B, T, dim)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
         for blk in self.blocks:

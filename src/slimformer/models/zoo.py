@@ -55,7 +55,8 @@ ZOO: dict[str, ZooEntry] = {
         dataset="fashion-mnist",
         task="image-classification",
         metric="accuracy",
-        description="pre-norm ViT, 6 blocks, dim 128, 4 heads, MLP 384, patch 7 (16 tokens + CLS, ~1.0M params)",
+        description="pre-norm ViT, 6 blocks, dim 128, 4 heads, MLP 384, patch 7 (16 tokens + CLS), "
+        "~1.0M params",
         train=TrainSettings(epochs=5),
     ),
 }
@@ -135,7 +136,8 @@ def _load_state(model, state: dict, source: str) -> None:
 
 
 def train_zoo_model(name: str, out_dir: Path | None = None, epochs: int | None = None,
-                    progress: Callable[[int, int, float], None] | None = None) -> dict:
+                    progress: Callable[[int, int, float], None] | None = None,
+                    max_steps: int | None = None, eval_limit: int | None = None) -> dict:
     """Train zoo model ``name`` from its seed and write weights + card atomically.
 
     Args:
@@ -143,6 +145,8 @@ def train_zoo_model(name: str, out_dir: Path | None = None, epochs: int | None =
         out_dir: Where to write ``<name>.safetensors`` / ``<name>.json`` (default: the package).
         epochs: Override the recorded number of epochs (for quick trials).
         progress: Called as ``progress(step, total_steps, loss)``.
+        max_steps: Stop after this many optimizer steps (quick reproducibility checks).
+        eval_limit: Evaluate on the first N test rows only.
 
     Returns:
         The card written beside the weights.
@@ -162,7 +166,7 @@ def train_zoo_model(name: str, out_dir: Path | None = None, epochs: int | None =
     train = get_dataset(entry.dataset, "train")
     loader = make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * len(loader)
+    total = cfg.epochs * len(loader) if max_steps is None else max_steps
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
         * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / total)).item())
@@ -182,10 +186,14 @@ def train_zoo_model(name: str, out_dir: Path | None = None, epochs: int | None =
             sched.step()
             step += 1
             if progress:
-                progress(step, total, float(loss))
+                progress(step, total, loss.item())
+            if step >= total:
+                break
+        if step >= total:
+            break
     train_s = time.perf_counter() - t0
     model.eval()
-    test = get_dataset(entry.dataset, "test")
+    test = get_dataset(entry.dataset, "test", eval_limit)
     acc = evaluate_accuracy(model, make_loader(test, 500))
     out_dir = Path(out_dir) if out_dir else WEIGHTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +208,7 @@ def train_zoo_model(name: str, out_dir: Path | None = None, epochs: int | None =
         "dataset": entry.dataset,
         "metric": entry.metric,
         "fp32_metric": round(acc, 4),
-        "train": cfg.__dict__,
+        "train": {**cfg.__dict__, "steps": step},
         "train_seconds": round(train_s, 1),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install everything slimformer needs into ./.venv (idempotent; re-running is quick).
+#  - Debian package dataset-fashion-mnist (the data of the default model)
+#  - torch 2.14.1 + torchvision 0.29.1 first, from this machine's local wheels, so no dependency
+#    ever pulls another (multi-GB CUDA) torch from the index; timm needs this pair (GUIDE.md s4)
+#  - slimformer itself, editable, with the test extras
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q dataset-fashion-mnist
+fi
+PY="${PYTHON:-python3.11}"; command -v "$PY" >/dev/null || PY=python3
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+STAMP=.venv/.slimformer-install
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+  .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+  echo "torch==2.14.1" > .venv/torch-constraint.txt
+  echo "torchvision==0.29.1" >> .venv/torch-constraint.txt
+  .venv/bin/pip install -q --disable-pip-version-check -c .venv/torch-constraint.txt -e '.[dev]'
+  touch "$STAMP"
+fi

@@ -1,0 +1,82 @@
+"""The CLI: help texts, validate, inspect, eval, zoo, run; errors exit 2 with a clear message."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from slimformer.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("cmd", [[], ["run"], ["validate"], ["inspect"], ["eval"], ["zoo"],
+                                 ["zoo", "list"], ["zoo", "train"]])
+def test_help(cmd):
+    res = runner.invoke(app, [*cmd, "--help"])
+    assert res.exit_code == 0, res.output
+    assert "Usage" in res.output
+
+
+def test_validate_good_and_bad(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"name": "x"}))
+    res = runner.invoke(app, ["validate", str(good)])
+    assert res.exit_code == 0 and "valid" in res.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"nam": "x", "seed": "one",
+                                   "stages": [{"type": "evaluate", "latency_repeats": 0}]}))
+    res = runner.invoke(app, ["validate", str(bad)])
+    assert res.exit_code == 2
+    for path in ("nam: unknown key", "seed: Input should be a valid integer",
+                 "stages[0].latency_repeats"):
+        assert path in res.output
+
+
+def test_inspect_json():
+    res = runner.invoke(app, ["inspect", "vit-fmnist", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert len(data["attention"]) == 6 and data["attention"][0]["heads"] == 4
+    assert data["params"] > 1_000_000 and data["macs"] > 0
+
+
+def test_inspect_table_for_hf_config():
+    cfg = json.dumps({"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                      "intermediate_size": 64, "vocab_size": 100})
+    res = runner.invoke(app, ["inspect", "hf:bert", "--config", cfg])
+    assert res.exit_code == 0, res.output
+    assert "Attention" in res.output and "encoder.layer.0.attention.self" in res.output
+
+
+def test_eval_json():
+    res = runner.invoke(app, ["eval", "vit-fmnist", "--data", "fashion-mnist", "--limit", "200",
+                              "--repeats", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output[res.output.index("{"):])
+    assert data["samples"] == 200 and data["accuracy"] > 0.8
+    assert set(data["latency"]) == {"batch=1", "batch=32"}
+
+
+def test_zoo_list():
+    res = runner.invoke(app, ["zoo", "list"])
+    assert res.exit_code == 0 and "vit-fmnist" in res.output
+
+
+def test_run_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "cli", "data": {"eval_limit": 100},
+        "stages": [{"type": "evaluate", "latency_batch_sizes": [1], "latency_repeats": 2}],
+        "output": {"dir": str(tmp_path / "out")}}))
+    res = runner.invoke(app, ["run", str(recipe)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out" / "report.md").is_file() and "report written" in res.output
+
+
+def test_errors_exit_2_with_message():
+    res = runner.invoke(app, ["inspect", "/no/such/model"])
+    assert res.exit_code == 2 and "ModelLoadError" in res.output
+    res = runner.invoke(app, ["eval", "vit-fmnist", "--data", "imagenet"])
+    assert res.exit_code == 2 and "built-in ones: fashion-mnist" in res.output

@@ -1,0 +1,48 @@
+"""The pipeline: load, discover, evaluate, report; bad input fails clearly and writes nothing."""
+
+import json
+
+import pytest
+
+from slimformer.errors import DataError, UnsupportedModelError
+from slimformer.pipeline import run
+from slimformer.recipe import parse_recipe
+
+
+def _recipe(tmp_path, **over):
+    base = {"name": "t", "data": {"eval_limit": 300, "batch_size": 100},
+            "stages": [{"type": "evaluate", "latency_batch_sizes": [1, 4], "latency_repeats": 2}],
+            "output": {"dir": str(tmp_path / "out")}}
+    return parse_recipe({**base, **over})
+
+
+def test_run_writes_report(tmp_path):
+    res = run(_recipe(tmp_path))
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["stages"][0]["metrics"]["samples"] == 300
+    assert rep["stages"][0]["metrics"]["agreement"] == 1.0
+    assert rep["stages"][0]["metrics"]["accuracy"] > 0.8
+    assert set(rep["stages"][0]["latency"]) == {"batch=1", "batch=4"}
+    assert rep["structure"]["attention_sites"] == 6 and rep["seeds"] == {"recipe": 0}
+    assert rep["recipe"]["name"] == "t" and res.report.model["params"] > 1e6
+    assert (tmp_path / "out" / "report.html").stat().st_size > 10_000
+
+
+def test_data_that_does_not_fit_the_model(tmp_path):
+    r = _recipe(tmp_path, model={"source": "timm", "name": "vit_tiny_patch16_224",
+                                 "kwargs": {"img_size": 32, "depth": 1}},
+                data={"dataset": "fashion-mnist", "eval_limit": 10})
+    with pytest.raises(DataError, match="data does not fit the model") as e:
+        run(r)
+    assert "(2, 1, 28, 28)" in str(e.value)  # says what it got
+    assert not (tmp_path / "out").exists()
+
+
+def test_undiscoverable_architecture(tmp_path):
+    r = _recipe(tmp_path, model={"source": "factory", "factory": "torch.nn:Linear",
+                                 "kwargs": {"in_features": 784, "out_features": 10},
+                                 "inputs": {"input": {"shape": [1, 784]}}},
+                data={"dataset": "fashion-mnist"})
+    with pytest.raises(UnsupportedModelError, match="no attention found"):
+        run(r)
+    assert not (tmp_path / "out").exists()
