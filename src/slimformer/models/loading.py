@@ -104,8 +104,9 @@ def load_model(spec) -> LoadedModel:
 
         entry = get_entry(spec.name)
         model = load_zoo_model(spec.name)
-        shape = [1, *model.input_shape]
-        return LoadedModel(model, spec, {"pixel_values": S.InputSpec(shape=shape)}, entry.dataset)
+        inputs = {k: S.InputSpec(shape=list(shape), dtype=dtype, high=high)
+                  for k, (shape, dtype, high) in entry.inputs.items()}
+        return LoadedModel(model, spec, inputs, entry.dataset)
     if isinstance(spec, S.HfDirSpec):
         model = _hf_from_dir(spec)
     elif isinstance(spec, S.HfConfigSpec):

@@ -189,18 +189,24 @@ class _Analyzer:
         return None
 
     def pass_consumers(self, start: int) -> list[int]:
-        """Consumers of node ``start``'s output, looking through pass-through ops."""
-        out, todo, seen = [], list(self.cons.get(start, [])), set()
+        """Consumers of node ``start``'s output, looking through pass-through ops.
+
+        ``-1`` stands for "returned from the model" (the value is also a model output).
+        """
+        out, todo, seen = [], [start], set()
         while todo:
             i = todo.pop(0)
             if i in seen:
                 continue
             seen.add(i)
-            if self.nodes[i].op in PASS_THROUGH:
-                todo.extend(self.cons.get(i, []))
-            else:
-                out.append(i)
-        return out
+            if i in self.g.outputs:
+                out.append(-1)
+            for c in self.cons.get(i, []):
+                if self.nodes[c].op in PASS_THROUGH:
+                    todo.append(c)
+                else:
+                    out.append(c)
+        return list(dict.fromkeys(out))
 
 
 def _norm_kind(call) -> str | None:
@@ -249,6 +255,9 @@ def _norms(a: _Analyzer) -> list[NormSite]:
         a.norm_out[out_node] = path
         linears, others = [], []
         for c in a.pass_consumers(out_node):
+            if c == -1:
+                others.append("model output")
+                continue
             n = a.nodes[c]
             if c in a.lin:
                 linears.append(a.lin[c][1])
@@ -280,9 +289,9 @@ def _attention(a: _Analyzer) -> list[AttentionSite]:
             mm = a.nodes[qk]
             q_src, k_src = mm.inputs[0], mm.inputs[1]
             v_src = next(p for p in a.nodes[pv].inputs[1:] if p >= -1)
-            qshape = mm.in_shapes[0]
-            head_dim = qshape[-1]
-            sites.append(_site(a, n, "softmax", q_src, k_src, v_src, pv, qshape, head_dim))
+            # heads from the scores (B, heads, Tq, Tk): q may be laid out (B, T, heads, d)
+            sites.append(_site(a, n, "softmax", q_src, k_src, v_src, pv, n.in_shapes[0],
+                               mm.in_shapes[0][-1]))
         elif n.op == "sdpa":
             qshape = n.in_shapes[0]
             sites.append(_site(a, n, "sdpa", n.inputs[0], n.inputs[1], n.inputs[2], n.idx,
@@ -323,13 +332,14 @@ def _score_matmul(a: _Analyzer, start: int) -> int | None:
     return None
 
 
-def _site(a, n, kind, q_src, k_src, v_src, out_from, qshape, head_dim) -> AttentionSite:
+def _site(a, n, kind, q_src, k_src, v_src, out_from, shape4, head_dim) -> AttentionSite:
+    """Build a site; ``shape4`` is (B, heads, T, *) when 4-D, else heads come from q's width."""
     q, k, v = (_producers(a, s) if s >= 0 else () for s in (q_src, k_src, v_src))
     o = a.forward_to(out_from, lambda m: m.idx in a.lin)
     out = (a.lin[o][1],) if o is not None else ()
     fused = bool(q) and q == k == v
-    if len(qshape) == 4:
-        heads = qshape[1]
+    if len(shape4) == 4:
+        heads = shape4[1]
     else:
         width = a.lin[a.back(q_src)[0][0]][3] if q else head_dim
         heads = max(1, width // (3 * head_dim if fused else head_dim))

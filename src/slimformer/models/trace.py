@@ -83,6 +83,7 @@ class Graph:
     nodes: list[OpNode]
     calls: list[ModuleCall]
     param_names: dict[int, str]
+    outputs: set[int] = field(default_factory=set)  # nodes whose tensors the model returned
 
     def consumers(self) -> dict[int, list[int]]:
         """Map producer index -> indices of the nodes that read its output."""
@@ -195,4 +196,7 @@ def record(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[Gra
         for h in handles:
             h.remove()
         model.train(was_training)
-    return Graph(rec.nodes, calls, names), out
+    flat = out.to_tuple() if hasattr(out, "to_tuple") else out
+    leaves = [t for t in tree_flatten(flat)[0] if isinstance(t, torch.Tensor)]
+    outputs = {rec.producer[id(t)] for t in leaves if id(t) in rec.producer}
+    return Graph(rec.nodes, calls, names, outputs), out

@@ -93,7 +93,8 @@ class TinyViT(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, n + 1, cfg.dim) * 0.02)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
-        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        # num_classes == 0: a feature extractor returning the normalized [CLS] token (B, dim)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

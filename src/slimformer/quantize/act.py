@@ -1,0 +1,182 @@
+"""Activation quantizers with their observers.
+
+An :class:`ActQuantizer` observes activations ``x (..., C)`` during calibration (min/max and a
+row sample), is then calibrated (min/max, percentile, per-channel search) and fake-quantizes.
+Per-channel quantizers can be reparameterized to one layer-wise scale (RepQ): the per-channel
+affine ``x' = (x + shift) * inv_r`` then precedes a per-tensor quantizer with identical codes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimformer.errors import CalibrationError
+from slimformer.quantize.quantizers import (
+    fake_log2,
+    fake_log_sqrt2,
+    fake_uniform,
+    round_ste,
+    uniform_params,
+)
+
+SAMPLE_ROWS = 4096
+
+
+class ActQuantizer(nn.Module):
+    """Uniform activation quantizer, per tensor or per channel (last axis)."""
+
+    def __init__(self, name: str, bits: int, per_channel: bool = False):
+        super().__init__()
+        self.name, self.bits, self.per_channel = name, bits, per_channel
+        self.mode = "float"  # float | observe | quant
+        self.lo = nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.hi = nn.Parameter(torch.ones(1), requires_grad=False)
+        self.register_buffer("shift", None)
+        self.register_buffer("inv_r", None)
+        self.pow2 = False
+        self._min = self._max = None
+        self._rows: list[torch.Tensor] = []
+        self._seen = 0
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Record min/max (per channel) and a sample of rows ``(n, C)``."""
+        if not torch.isfinite(x).all():
+            raise CalibrationError(f"NaN or inf in the calibration activations at {self.name} "
+                                   "(the first quantized layer where they appear); check the data")
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        mn, mx = flat.amin(0), flat.amax(0)
+        self._min = mn if self._min is None else torch.minimum(self._min, mn)
+        self._max = mx if self._max is None else torch.maximum(self._max, mx)
+        take = min(len(flat), max(1, SAMPLE_ROWS // 4))
+        idx = torch.randperm(len(flat), generator=torch.Generator().manual_seed(self._seen))[:take]
+        self._rows.append(flat[idx])
+        self._seen += 1
+
+    def samples(self) -> torch.Tensor:
+        """The sampled rows ``(n, C)``."""
+        rows = torch.cat(self._rows)
+        return rows[-SAMPLE_ROWS * 2:]
+
+    @torch.no_grad()
+    def calibrate(self, how: str, percentile: float = 99.99) -> None:
+        """Set the range: ``minmax``, ``percentile`` or ``search`` (per-channel MSE search)."""
+        if self._min is None:
+            raise CalibrationError(f"{self.name} saw no calibration data: the layer was not run")
+        if how == "minmax":
+            lo, hi = self._min, self._max
+            if not self.per_channel:
+                lo, hi = lo.min(), hi.max()
+        elif how == "percentile":
+            rows = self.samples()
+            flat = rows if self.per_channel else rows.reshape(-1, 1)
+            q = torch.tensor([1 - percentile / 100, percentile / 100])
+            lo, hi = torch.quantile(flat[:200_000], q[0], dim=0), torch.quantile(
+                flat[:200_000], q[1], dim=0)
+            if not self.per_channel:
+                lo, hi = lo.reshape(()), hi.reshape(())
+        elif how == "search":
+            lo, hi = self._search(self.samples())
+        else:
+            raise ValueError(how)
+        self.set_range(lo, hi)
+
+    def _search(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (or per-tensor) shrink of [min, max] minimizing quantization MSE."""
+        lo0, hi0 = (self._min, self._max) if self.per_channel else (self._min.min(), self._max.max())
+        best, best_lo, best_hi = None, lo0, hi0
+        for f in (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5):
+            for g in (1.0, 0.9, 0.8):
+                lo, hi = lo0 * g, hi0 * f
+                s, z = uniform_params(lo, hi, self.bits)
+                err = ((fake_uniform(rows, s, z, self.bits) - rows) ** 2)
+                err = err.mean(0) if self.per_channel else err.mean()
+                if best is None:
+                    best = err
+                    continue
+                better = err < best
+                best = torch.minimum(err, best)
+                best_lo = torch.where(better, lo, best_lo)
+                best_hi = torch.where(better, hi, best_hi)
+        return best_lo, best_hi
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Set the clipping range (tensors broadcast over the last axis)."""
+        self.lo = nn.Parameter(lo.detach().float().clone().reshape(-1), requires_grad=False)
+        self.hi = nn.Parameter(hi.detach().float().clone().reshape(-1), requires_grad=False)
+
+    def scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current scale and zero point (zero rounded with a straight-through gradient)."""
+        lo = torch.minimum(self.lo, torch.zeros_like(self.lo))
+        hi = torch.maximum(self.hi, torch.zeros_like(self.hi))
+        scale = ((hi - lo) / (2**self.bits - 1)).clamp_min(1e-8)
+        if self.pow2:
+            scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        zero = round_ste(-lo / scale).clamp(0, 2**self.bits - 1)
+        return scale, zero
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """The reparameterization affine (identity unless set)."""
+        if self.shift is not None:
+            x = (x + self.shift) * self.inv_r
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Observe, pass through, or fake-quantize ``x (..., C)`` depending on :attr:`mode`."""
+        if self.mode == "observe":
+            self.observe(x)
+            return x
+        if self.mode == "float":
+            return self.transform(x)  # reparameterized models stay exact in float
+        scale, zero = self.scale_zero()
+        return fake_uniform(self.transform(x), scale, zero, self.bits)
+
+
+class ProbQuantizer(nn.Module):
+    """Quantizer of attention probabilities: log-sqrt2, log2 or uniform on [0, delta]."""
+
+    def __init__(self, name: str, bits: int, kind: str):
+        super().__init__()
+        self.name, self.bits, self.kind = name, bits, kind
+        self.mode = "float"
+        self.register_buffer("delta", torch.ones(()))
+        self._rows: list[torch.Tensor] = []
+
+    def observe(self, p: torch.Tensor) -> None:
+        """Keep a sample of probabilities."""
+        flat = p.detach().reshape(-1).float()
+        idx = torch.randint(0, len(flat), (min(len(flat), 50_000),),
+                            generator=torch.Generator().manual_seed(len(self._rows)))
+        self._rows.append(flat[idx])
+
+    def quant(self, p: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """Fake-quantize probabilities with ``delta`` (default: the calibrated one)."""
+        d = self.delta if delta is None else delta
+        if self.kind == "log_sqrt2":
+            return fake_log_sqrt2(p, d, self.bits)
+        if self.kind == "log2":
+            return fake_log2(p, d, self.bits)
+        s = d / (2**self.bits - 1)
+        return fake_uniform(p, s, torch.zeros_like(s), self.bits)
+
+    @torch.no_grad()
+    def calibrate(self) -> None:
+        """Pick ``delta`` among candidates (max and percentiles) minimizing the squared error."""
+        if not self._rows:
+            raise CalibrationError(f"{self.name} saw no attention probabilities during calibration")
+        p = torch.cat(self._rows)
+        top = p.max().clamp_min(1e-6)
+        cands = [top] + [torch.quantile(p[:200_000], q) for q in (0.9999, 0.999, 0.99)]
+        if self.kind != "uniform":
+            cands = [torch.tensor(1.0), *cands]
+        errs = [((self.quant(p, d.clamp_min(1e-6)) - p) ** 2).mean() for d in cands]
+        self.delta = cands[int(torch.stack(errs).argmin())].clamp_min(1e-6).reshape(())
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        """Observe, pass through, or fake-quantize ``p``."""
+        if self.mode == "observe":
+            self.observe(p)
+            return p
+        if self.mode == "float":
+            return p
+        return self.quant(p)

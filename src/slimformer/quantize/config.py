@@ -1,0 +1,70 @@
+"""Typed configuration of post-training quantization (also the recipe's ``quantize`` stage)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Bits = Annotated[int, Field(ge=2, le=8, description="must be 2..8")]
+METHODS = ("minmax", "percentile", "repq", "repquant")
+
+
+class LayerOverride(BaseModel):
+    """Bit-widths for the Linears whose weight names match ``pattern`` (fnmatch glob)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pattern: str
+    weight_bits: Bits | None = None
+    act_bits: Bits | None = None
+
+
+class QuantConfig(BaseModel):
+    """How to quantize.
+
+    Attributes:
+        method: ``minmax`` / ``percentile`` baselines (per-channel weights, per-tensor
+            activations), ``repq`` (per-channel post-norm activations reparameterized to one
+            scale, log-sqrt2 softmax) or ``repquant`` (repq + learned dual clipping + learned
+            weight rounding).
+        weight_bits / act_bits: Default bit-widths (2..8); ``act_bits`` also quantizes the
+            attention matmul inputs and the attention probabilities.
+        overrides: Ordered glob patterns over Linear weight names; the first match wins; a
+            pattern that matches nothing is an error.
+        keep_float: Glob patterns of Linear weight names left in float.
+        softmax: Quantizer of attention probabilities (``none`` leaves them in float).
+        calib_samples: Calibration rows used.
+        percentile: Clipping percentile of the ``percentile`` baseline.
+        clip_steps / recon_steps: Optimization steps of repquant's dual clipping and weight
+            rounding per layer.
+        power_of_two_scales: Round activation scales to powers of two (FPGA targets).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal[METHODS] = "repq"  # type: ignore[valid-type]
+    weight_bits: Bits = 8
+    act_bits: Bits = 8
+    overrides: list[LayerOverride] = Field(default_factory=list)
+    keep_float: list[str] = Field(default_factory=list)
+    softmax: Literal["auto", "log_sqrt2", "log2", "uniform", "none"] = "auto"
+    calib_samples: Annotated[int, Field(ge=1, le=100_000)] = 128
+    calib_batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    percentile: Annotated[float, Field(gt=90.0, le=100.0)] = 99.99
+    clip_steps: Annotated[int, Field(ge=0, le=10_000)] = 200
+    recon_steps: Annotated[int, Field(ge=0, le=100_000)] = 300
+    power_of_two_scales: bool = False
+    seed: int = 0
+
+    @property
+    def softmax_kind(self) -> str:
+        """The softmax quantizer actually used (``auto``: log-sqrt2 for repq/repquant)."""
+        if self.softmax != "auto":
+            return self.softmax
+        return "log_sqrt2" if self.method in ("repq", "repquant") else "uniform"
+
+    @property
+    def min_calib_samples(self) -> int:
+        """Fewest calibration rows a method can work with."""
+        return 8 if self.method == "repquant" else 1

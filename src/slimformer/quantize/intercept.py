@@ -1,0 +1,168 @@
+"""Apply quantizers during a forward pass, found by parameter identity and attention module.
+
+:class:`QuantMode` is a :class:`~torch.overrides.TorchFunctionMode`: every ``F.linear``,
+``addmm`` or ``x @ W`` whose weight is a quantized parameter gets a quantized input and weight,
+wherever it is called from (``nn.Linear``, GPT-2's Conv1D, ``nn.MultiheadAttention``'s packed
+projection). Inside an attention site module, the inputs of the two attention matmuls and the
+probabilities are quantized; fused ``scaled_dot_product_attention`` and
+``multi_head_attention_forward`` are computed explicitly so their parts can be quantized.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch.overrides import TorchFunctionMode
+
+from slimformer.errors import UnsupportedModelError
+
+_MATMULS = {"matmul", "__matmul__", "bmm", "einsum", "__rmatmul__"}
+
+
+class QuantMode(TorchFunctionMode):
+    """Routes linear and attention ops of a model through its quantizers (see module doc)."""
+
+    def __init__(self, qstate):
+        super().__init__()
+        self.q = qstate
+        self.attn = None  # AttentionQuant of the attention module running now
+        self.after_softmax = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "linear":
+            site = self.q.linear_site(args[1] if len(args) > 1 else kwargs.get("weight"))
+            if site is not None:
+                x = args[0] if args else kwargs["input"]
+                b = args[2] if len(args) > 2 else kwargs.get("bias")
+                return F.linear(site.act_in(x), site.weight(), b)
+        elif name == "addmm" and len(args) >= 3:
+            site = self.q.linear_site(args[2])
+            if site is not None:
+                return torch.addmm(args[0], site.act_in(args[1]), site.weight(), **kwargs)
+        elif name in ("conv1d", "conv2d", "conv3d") and len(args) >= 2:
+            site = self.q.linear_site(args[1])
+            if site is not None:
+                return func(site.act_in(args[0]), site.weight(), *args[2:], **kwargs)
+        elif name in ("matmul", "__matmul__") and len(args) == 2:
+            site = self.q.linear_site(args[1])
+            if site is not None:
+                return torch.matmul(site.act_in(args[0]), site.weight())
+        if self.attn is not None:
+            out = self._attention(func, name, args, kwargs)
+            if out is not NotImplemented:
+                return out
+        if name == "multi_head_attention_forward" and self.q.has_mha:
+            raise UnsupportedModelError("multi_head_attention_forward outside a known attention site")
+        return func(*args, **kwargs)
+
+    def _attention(self, func, name, args, kwargs):
+        a = self.attn
+        if name == "softmax":
+            self.after_softmax = True
+            return a.probs(func(*args, **kwargs))
+        if name in _MATMULS:
+            eq = args[0] if name == "einsum" else None
+            t = list(args[1:] if name == "einsum" else args)
+            if len(t) == 1 and isinstance(t[0], (list, tuple)):
+                t = list(t[0])
+            if len(t) != 2 or not all(isinstance(x, torch.Tensor) for x in t):
+                return NotImplemented
+            if self.q.is_param(t[0]) or self.q.is_param(t[1]):
+                return NotImplemented
+            if not self.after_softmax:
+                t = [a.q_in(t[0]), a.k_in(t[1])]
+            else:
+                t = [t[0], a.v_in(t[1])]
+            return func(eq, *t) if eq is not None else func(*t, **kwargs)
+        if name == "scaled_dot_product_attention":
+            return sdpa(a, *args, **kwargs)
+        if name == "multi_head_attention_forward":
+            return mha_forward(self.q, a, *args, **kwargs)
+        return NotImplemented
+
+
+def _attend(a, q, k, v, mask, is_causal, scale):
+    """``softmax(q k^T * scale + mask) v`` with all parts quantized. q (..., Tq, D)."""
+    scores = a.q_in(q) @ a.k_in(k).transpose(-2, -1) * scale  # (..., Tq, Tk)
+    if is_causal:
+        tq, tk = scores.shape[-2:]
+        causal = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool \
+            else scores + mask
+    probs = a.probs(torch.softmax(scores, dim=-1))
+    return probs @ a.v_in(v), probs
+
+
+def sdpa(a, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+         enable_gqa=False):
+    """Explicit, quantized ``scaled_dot_product_attention`` (eval: no dropout)."""
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+    scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    return _attend(a, query, key, value, attn_mask, is_causal, scale)[0]
+
+
+def mha_forward(qstate, a, query, key, value, embed_dim_to_check, num_heads, in_proj_weight,
+                in_proj_bias, bias_k, bias_v, add_zero_attn, dropout_p, out_proj_weight,
+                out_proj_bias, training=True, key_padding_mask=None, need_weights=True,
+                attn_mask=None, use_separate_proj_weight=False, q_proj_weight=None,
+                k_proj_weight=None, v_proj_weight=None, static_k=None, static_v=None,
+                average_attn_weights=True, is_causal=False):
+    """Explicit, quantized ``F.multi_head_attention_forward`` (sequence-first, eval mode)."""
+    if bias_k is not None or add_zero_attn or static_k is not None or static_v is not None:
+        raise UnsupportedModelError("nn.MultiheadAttention with bias_k/bias_v, add_zero_attn or "
+                                    "static k/v cannot be quantized; supported: the plain form")
+    tq, b, e = query.shape
+    h, d = num_heads, e // num_heads
+    if not use_separate_proj_weight:
+        site = qstate.linear_site(in_proj_weight)
+        w = site.weight() if site else in_proj_weight
+        wq, wk, wv = w.chunk(3)
+        bq, bk, bv = in_proj_bias.chunk(3) if in_proj_bias is not None else (None,) * 3
+        act = site.act_in if site else (lambda x: x)
+        qx = act(query)
+        kx = qx if key is query else act(key)
+        vx = kx if value is key else act(value)
+        q, k, v = F.linear(qx, wq, bq), F.linear(kx, wk, bk), F.linear(vx, wv, bv)
+    else:
+        bq, bk, bv = in_proj_bias.chunk(3) if in_proj_bias is not None else (None,) * 3
+        q = F.linear(query, q_proj_weight, bq)  # routed through QuantMode by the caller
+        k = F.linear(key, k_proj_weight, bk)
+        v = F.linear(value, v_proj_weight, bv)
+    tk = k.shape[0]
+    q = q.reshape(tq, b, h, d).permute(1, 2, 0, 3)  # (B, H, Tq, D)
+    k = k.reshape(tk, b, h, d).permute(1, 2, 0, 3)
+    v = v.reshape(tk, b, h, d).permute(1, 2, 0, 3)
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask if attn_mask.dim() == 2 else attn_mask.reshape(b, h, tq, tk)
+        if mask.dtype == torch.bool:
+            mask = ~mask  # MHA: True = masked out; ours: True = kept
+    if key_padding_mask is not None:
+        kp = key_padding_mask.reshape(b, 1, 1, tk)
+        kp = ~kp if kp.dtype == torch.bool else kp
+        if mask is None:
+            mask = kp
+        elif mask.dtype == torch.bool and kp.dtype == torch.bool:
+            mask = mask & kp
+        else:
+            to_f = lambda m: m if m.dtype != torch.bool else torch.zeros_like(  # noqa: E731
+                m, dtype=q.dtype).masked_fill(~m, float("-inf"))
+            mask = to_f(mask) + to_f(kp)
+    out, probs = _attend(a, q, k, v, mask, is_causal and attn_mask is None, 1.0 / math.sqrt(d))
+    out = out.permute(2, 0, 1, 3).reshape(tq, b, e)
+    site = qstate.linear_site(out_proj_weight)
+    if site is not None:
+        out = F.linear(site.act_in(out), site.weight(), out_proj_bias)
+    else:
+        out = F.linear(out, out_proj_weight, out_proj_bias)
+    if need_weights:
+        return out, probs.mean(1) if average_attn_weights else probs
+    return out, None

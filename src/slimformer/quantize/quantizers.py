@@ -1,0 +1,100 @@
+"""Quantizers: uniform (per-tensor / per-channel, asymmetric), log2 and log-sqrt2.
+
+All fake-quantize (quantize then dequantize) in float, with a straight-through estimator for the
+rounding so that clipping bounds can be learned. Shapes: ``x (..., C)``; per-channel parameters
+broadcast over the last axis for activations, over axis 0 for weights ``(out, in)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+SQRT2 = math.sqrt(2.0)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through gradient."""
+    return (x.round() - x).detach() + x
+
+
+def uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point of an asymmetric ``bits``-bit grid covering [lo, hi] (and 0)."""
+    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
+    zero = (-lo / scale).round().clamp(0, 2**bits - 1)
+    return scale, zero
+
+
+def fake_uniform(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """``s * (clamp(round(x / s) + z, 0, 2^b - 1) - z)`` with STE rounding."""
+    q = torch.clamp(round_ste(x / scale) + zero, 0, 2**bits - 1)
+    return (q - zero) * scale
+
+
+def uniform_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes ``clamp(round(x / s) + z, 0, 2^b - 1)`` (as float)."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
+
+
+def log_sqrt2_codes(p: torch.Tensor, delta: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``q = clamp(round(-2 log2(p / delta)), 0, 2^b - 1)`` and the mask of values that flush to 0."""
+    raw = torch.round(-2 * torch.log2((p / delta).clamp_min(1e-30)))
+    levels = 2**bits
+    return raw.clamp(0, levels - 1), raw >= levels
+
+
+def log_sqrt2_dequant(q: torch.Tensor, zero_mask: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``delta * 2^(-ceil(q/2)) * (1 + (sqrt2 - 1)(q mod 2))``, zero where flushed."""
+    odd = torch.remainder(q, 2)
+    val = delta * torch.exp2(-torch.ceil(q / 2)) * (1 + (SQRT2 - 1) * odd)
+    return torch.where(zero_mask, torch.zeros_like(val), val)
+
+
+def fake_log_sqrt2(p: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
+    """Log-sqrt2 fake quantization of probabilities in [0, 1]."""
+    q, z = log_sqrt2_codes(p, delta, bits)
+    return log_sqrt2_dequant(q, z, delta)
+
+
+def fake_log2(p: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
+    """Plain log2 quantization: ``delta * 2^-q``, ``q = clamp(round(-log2(p / delta)))``."""
+    raw = torch.round(-torch.log2((p / delta).clamp_min(1e-30)))
+    levels = 2**bits
+    val = delta * torch.exp2(-raw.clamp(0, levels - 1))
+    return torch.where(raw >= levels, torch.zeros_like(val), val)
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel asymmetric uniform quantizer of a weight ``(out, in)``.
+
+    Calibrated by searching, per channel, a shrink factor of the min/max range that minimizes
+    the squared rounding error (``search=True``), or plain min/max.
+    """
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero", torch.zeros(1))
+
+    @torch.no_grad()
+    def calibrate(self, w: torch.Tensor, search: bool = False) -> None:
+        """Set per-channel scale/zero from ``w (out, in)``."""
+        lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+        best_s, best_z = uniform_params(lo, hi, self.bits)
+        if search:
+            best_err = ((fake_uniform(w, best_s, best_z, self.bits) - w) ** 2).sum(1, keepdim=True)
+            for f in torch.linspace(0.5, 0.98, 25):
+                s, z = uniform_params(lo * f, hi * f, self.bits)
+                err = ((fake_uniform(w, s, z, self.bits) - w) ** 2).sum(1, keepdim=True)
+                better = err < best_err
+                best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+                best_err = torch.minimum(err, best_err)
+        self.scale, self.zero = best_s, best_z
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """Fake-quantized ``w``."""
+        return fake_uniform(w, self.scale, self.zero, self.bits)

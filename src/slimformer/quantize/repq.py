@@ -1,0 +1,133 @@
+"""RepQ-style scale reparameterization and RepQuant's learned dual clipping.
+
+A per-channel activation quantizer ``(s_c, z_c)`` at the input of the Linears a norm feeds becomes
+one layer-wise ``(s~, z~)``: ``s~ = mean(s)``, ``z~ = round(mean(z))``, ``r = s / s~``. The
+per-channel affine ``x' = (x + s (z - z~)) / r`` gives ``round(x'/s~) + z~ == round(x/s) + z``
+exactly; every consumer Linear absorbs it: ``W' = W diag(r)``, ``b' = b - W s (z - z~)``.
+Where the norm feeds only Linears and has weight and bias, the affine is folded into the norm
+(``gamma' = gamma / r``, ``beta' = (beta + s (z - z~)) / r``); otherwise (post-norm models, whose
+norm output is also the residual, or RMSNorm without bias) it stays as the norm's second affine
+output on the quantized branch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimformer.quantize.act import ActQuantizer
+from slimformer.quantize.quantizers import fake_uniform
+
+
+def _affine_params(norm: nn.Module, dim: int) -> tuple[nn.Parameter, nn.Parameter] | None:
+    own = [p for p in norm.parameters(recurse=False) if p.shape == (dim,)]
+    if len(own) != 2:
+        return None
+    # weight and bias by behavior: the weight is the one that scales (it multiplies x - mean)
+    w = getattr(norm, "weight", None)
+    b = getattr(norm, "bias", None)
+    if isinstance(w, nn.Parameter) and isinstance(b, nn.Parameter):
+        return w, b
+    return None
+
+
+@torch.no_grad()
+def reparameterize(qmodel, smap) -> list[str]:
+    """Fold every per-channel norm-fed activation quantizer to one scale; returns notes."""
+    notes = []
+    state = qmodel.quant
+    for norm in smap.norms:
+        consumers = [lq for lq in state.linears.values() if lq.name in norm.linears]
+        acts = {id(lq.act): lq.act for lq in consumers}
+        for act in acts.values():
+            if not act.per_channel:
+                continue
+            users = [lq for lq in consumers if lq.act is act]
+            s, z = act.scale_zero()
+            s, z = s.detach(), z.detach().round()
+            s_t, z_t = s.mean(), z.mean().round()
+            r = s / s_t
+            shift = s * (z - z_t)
+            for lq in users:
+                w = lq.matrix()  # (out, in) view of the parameter
+                b_fix = w @ shift  # (out,)
+                w.mul_(r)  # in place on the model's parameter: columns scaled by r
+                bias = _bias_of(qmodel.model, lq)
+                if bias is not None:
+                    bias.sub_(b_fix)
+                elif b_fix.abs().max() > 0:
+                    _add_bias(qmodel.model, lq, -b_fix)
+            mod = qmodel.model.get_submodule(norm.module)
+            aff = _affine_params(mod, norm.dim) if norm.foldable else None
+            if aff is not None:
+                gamma, beta = aff
+                gamma.div_(r)
+                beta.add_(shift).div_(r)
+                how = "folded into the norm affine"
+            else:
+                act.shift, act.inv_r = shift.clone(), (1.0 / r).clone()
+                why = "its output also feeds " + ", ".join(norm.other_consumers) if \
+                    norm.other_consumers else "it has no bias to fold into"
+                how = f"second affine output on the quantized branch ({why})"
+            lo_t, hi_t = -z_t * s_t, (2**act.bits - 1 - z_t) * s_t
+            act.per_channel = False
+            act.set_range(lo_t.reshape(1), hi_t.reshape(1))
+            notes.append(f"{norm.module} -> {len(users)} Linear(s): per-channel scales "
+                         f"(r in [{float(r.min()):.2f}, {float(r.max()):.2f}]) reparameterized "
+                         f"to one scale, {how}")
+    return notes
+
+
+def _bias_of(model: nn.Module, lq) -> torch.Tensor | None:
+    owner, _, attr = lq.name.rpartition(".")
+    mod = model.get_submodule(owner)
+    if attr == "in_proj_weight":
+        return getattr(mod, "in_proj_bias", None)
+    return getattr(mod, "bias", None) if isinstance(getattr(mod, "bias", None),
+                                                    torch.Tensor) else None
+
+
+def _add_bias(model: nn.Module, lq, value: torch.Tensor) -> None:
+    owner, _, _ = lq.name.rpartition(".")
+    mod = model.get_submodule(owner)
+    if isinstance(mod, nn.Linear) and mod.bias is None:
+        mod.bias = nn.Parameter(value.clone())
+        return
+    raise ValueError(f"{lq.name}: zero-point shift needs a bias, and the layer has none")
+
+
+def learn_dual_clipping(act: ActQuantizer, weights: list[torch.Tensor], steps: int,
+                        lr: float = 5e-3) -> float:
+    """Learn per-channel lower/upper clipping bounds minimizing the Linears' output error.
+
+    Loss: sum over consumer Linears of ``|| (Q(X) - X) W^T ||^2`` on the sampled calibration rows
+    ``X (n, C)``, with straight-through rounding. Bounds move in units of each channel's initial
+    range. Returns the relative reduction of the loss (the best bounds seen are kept).
+    """
+    x = act.samples()
+    ws = [w.detach() for w in weights]
+    lo0, hi0 = act.lo.detach().clone(), act.hi.detach().clone()
+    span = (hi0 - lo0).clamp_min(1e-6)
+    u = torch.zeros(2, lo0.numel(), requires_grad=True)
+    opt = torch.optim.Adam([u], lr=lr)
+
+    def loss_fn():
+        lo = torch.minimum(lo0 + span * u[0], torch.zeros_like(lo0))
+        hi = torch.maximum(hi0 + span * u[1], lo + 1e-4)
+        s = ((hi - lo) / (2**act.bits - 1)).clamp_min(1e-8)
+        z = ((-lo / s).round() - (-lo / s)).detach() + (-lo / s)
+        err = fake_uniform(x, s, z.clamp(0, 2**act.bits - 1), act.bits) - x
+        return sum(((err @ w.t()) ** 2).mean() for w in ws), lo, hi
+
+    with torch.no_grad():
+        first = float(loss_fn()[0])
+    best, best_lo, best_hi = first, lo0, hi0
+    for _ in range(steps):
+        opt.zero_grad()
+        loss, lo, hi = loss_fn()
+        if float(loss) < best:
+            best, best_lo, best_hi = float(loss), lo.detach().clone(), hi.detach().clone()
+        loss.backward()
+        opt.step()
+    act.set_range(best_lo, best_hi)
+    return 1.0 - best / max(first, 1e-30)

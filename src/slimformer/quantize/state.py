@@ -1,0 +1,186 @@
+"""The quantized model: a wrapper holding the float model and all quantizers.
+
+``QuantizedModel(model, qstate)`` runs ``model`` inside :class:`~.intercept.QuantMode`, so every
+quantizer is applied where the structure map says, with no change to the model's own code.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+import torch
+from torch import nn
+
+from slimformer.errors import ConfigError
+from slimformer.quantize.act import ActQuantizer, ProbQuantizer
+from slimformer.quantize.config import QuantConfig
+from slimformer.quantize.intercept import QuantMode
+from slimformer.quantize.quantizers import WeightQuantizer, fake_uniform
+
+
+def key_of(name: str) -> str:
+    """A ModuleDict-safe key for a dotted name."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+class LinearQuant(nn.Module):
+    """Quantization of one linear map: its weight (per output channel) and its input.
+
+    ``transposed`` weights are stored ``(in, out)`` (GPT-2 Conv1D). Conv weights are quantized
+    per output channel over their flattened ``(out, in * k)`` view.
+    """
+
+    def __init__(self, name: str, param: nn.Parameter, act: ActQuantizer, bits: int,
+                 transposed: bool):
+        super().__init__()
+        self.name, self.transposed = name, transposed
+        self.param = [param]  # not a submodule/parameter of ours: the model owns it
+        self.act = act
+        self.wq = WeightQuantizer(bits)
+        self.register_buffer("int_weight", None)  # inference form: integer codes
+        self.register_buffer("alpha", None)  # learned rounding (repquant): soft-rounding logits
+        self.mode = "float"
+        self._cache = None
+
+    def matrix(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight as ``(out, in)``."""
+        w = self.param[0] if w is None else w
+        return w.t() if self.transposed else w.reshape(w.shape[0], -1)
+
+    def _unmatrix(self, m: torch.Tensor) -> torch.Tensor:
+        w = self.param[0]
+        return m.t() if self.transposed else m.reshape(w.shape)
+
+    def quantized_matrix(self) -> torch.Tensor:
+        """Fake-quantized ``(out, in)`` weight (learned rounding if present)."""
+        m = self.matrix()
+        if self.int_weight is not None:
+            return (self.int_weight.float() - self.wq.zero) * self.wq.scale
+        if self.alpha is not None:
+            return self.wq.scale * (torch.clamp(torch.floor(m / self.wq.scale) + soft_round(
+                self.alpha) + self.wq.zero, 0, 2**self.wq.bits - 1) - self.wq.zero)
+        return fake_uniform(m, self.wq.scale, self.wq.zero, self.wq.bits)
+
+    def weight(self) -> torch.Tensor:
+        """The weight as the model's op expects it: float, or fake-quantized (cached)."""
+        if self.mode != "quant":
+            return self.param[0]
+        if self._cache is None or torch.is_grad_enabled():
+            w = self._unmatrix(self.quantized_matrix())
+            if torch.is_grad_enabled():
+                return w
+            self._cache = w
+        return self._cache
+
+    def act_in(self, x: torch.Tensor) -> torch.Tensor:
+        """The input, observed or quantized by the shared activation quantizer."""
+        return self.act(x)
+
+
+def soft_round(alpha: torch.Tensor, zeta: float = 1.1, gamma: float = -0.1) -> torch.Tensor:
+    """AdaRound's rectified sigmoid h(alpha) in [0, 1]."""
+    return torch.clamp(torch.sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1)
+
+
+class AttentionQuant(nn.Module):
+    """Quantizers of one attention site: q and k (QK^T inputs), v (PV input), probabilities."""
+
+    def __init__(self, module: str, bits: int, softmax: str):
+        super().__init__()
+        self.module = module
+        self.q_in = ActQuantizer(f"{module}:q", bits)
+        self.k_in = ActQuantizer(f"{module}:k", bits)
+        self.v_in = ActQuantizer(f"{module}:v", bits)
+        self.probs = ProbQuantizer(f"{module}:probs", bits, softmax if softmax != "none" else
+                                   "uniform")
+        self.probs_float = softmax == "none"
+
+
+class QuantState(nn.Module):
+    """All quantizers of a model, indexed for :class:`QuantMode`."""
+
+    def __init__(self):
+        super().__init__()
+        self.linears = nn.ModuleDict()
+        self.acts = nn.ModuleDict()
+        self.attention = nn.ModuleDict()
+        self.by_id: dict[int, LinearQuant] = {}
+        self.param_ids: set[int] = set()
+        self.has_mha = False
+        self.notes: list[str] = []
+
+    def linear_site(self, w) -> LinearQuant | None:
+        """The :class:`LinearQuant` whose parameter is ``w`` (by identity)."""
+        return self.by_id.get(id(w)) if isinstance(w, torch.Tensor) else None
+
+    def is_param(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is one of the model's parameters."""
+        return id(t) in self.param_ids
+
+    def set_mode(self, mode: str) -> None:
+        """Put every quantizer in ``mode`` (float / observe / quant)."""
+        for m in self.modules():
+            if isinstance(m, (ActQuantizer, ProbQuantizer, LinearQuant)):
+                m.mode = mode
+                if isinstance(m, LinearQuant):
+                    m._cache = None
+        for a in self.attention.values():
+            if a.probs_float:
+                a.probs.mode = "float"
+
+
+class QuantizedModel(nn.Module):
+    """A model with quantizers applied during its forward: ``forward(**inputs)`` as the model."""
+
+    def __init__(self, model: nn.Module, qstate: QuantState, config: QuantConfig):
+        super().__init__()
+        self.model, self.quant, self.config = model, qstate, config
+        self._mode = QuantMode(qstate)
+        self._hooks = []
+        for a in qstate.attention.values():
+            mod = model.get_submodule(a.module)
+            self._hooks.append(mod.register_forward_pre_hook(self._enter_attn(a)))
+            self._hooks.append(mod.register_forward_hook(self._exit_attn))
+
+    def _enter_attn(self, a):
+        def hook(mod, args):
+            self._mode.attn, self._mode.after_softmax = a, False
+
+        return hook
+
+    def _exit_attn(self, mod, args, out):
+        self._mode.attn = None
+
+    @property
+    def input_shape(self):
+        """The wrapped model's sample shape, when it declares one."""
+        return getattr(self.model, "input_shape", None)
+
+    def forward(self, *args, **kwargs):
+        """Run the model with its quantizers."""
+        with self._mode:
+            return self.model(*args, **kwargs)
+
+
+def match_override(name: str, config: QuantConfig) -> tuple[int, int]:
+    """(weight_bits, act_bits) of a Linear weight name after the ordered overrides."""
+    for o in config.overrides:
+        if fnmatch.fnmatchcase(name, o.pattern):
+            return o.weight_bits or config.weight_bits, o.act_bits or config.act_bits
+    return config.weight_bits, config.act_bits
+
+
+def check_patterns(names: list[str], config: QuantConfig) -> None:
+    """Every override and keep_float pattern must match at least one Linear."""
+    problems = []
+    for i, o in enumerate(config.overrides):
+        if not any(fnmatch.fnmatchcase(n, o.pattern) for n in names):
+            problems.append(f"overrides[{i}].pattern: {o.pattern!r} matches no Linear weight")
+    for i, p in enumerate(config.keep_float):
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            problems.append(f"keep_float[{i}]: {p!r} matches no Linear weight")
+    if problems:
+        examples = ", ".join(names[:4])
+        raise ConfigError([*problems, f"(Linear weights look like: {examples} ...)"],
+                          "quantize config")
