@@ -33,7 +33,7 @@ def main() -> None:
         acc = float((preds == labels).float().mean())
         lat = [measure_latency(lm.module, latency_inputs(ds, b), 50)["median_ms"] for b in (1, 32)]
         print(f"| {name} | {entry.task} | {entry.dataset} ({len(ds)}) | "
-              f"{model_size(lm.module)['params']:,} | {smap.macs / 1e6:.1f}M | {acc:.4f} | "
+              f"{model_size(lm.module)['params']:,} | {smap.macs / 1e6:.3g}M | {acc:.4f} | "
               f"{card(name).get('fp32_metric')} | {secs:.1f} | {lat[0]:.2f} | {lat[1]:.2f} |")
 
 
