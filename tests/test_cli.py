@@ -11,7 +11,7 @@ from slimformer.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("cmd", [[], ["run"], ["validate"], ["inspect"], ["eval"], ["zoo"],
+@pytest.mark.parametrize("cmd", [[], ["run"], ["validate"], ["inspect"], ["eval"], ["zoo"], ["quantize"],
                                  ["zoo", "list"], ["zoo", "train"]])
 def test_help(cmd):
     res = runner.invoke(app, [*cmd, "--help"])
@@ -80,3 +80,14 @@ def test_errors_exit_2_with_message():
     assert res.exit_code == 2 and "ModelLoadError" in res.output
     res = runner.invoke(app, ["eval", "vit-fmnist", "--data", "imagenet"])
     assert res.exit_code == 2 and "built-in ones: digits-seq, fashion-mnist, trec, vader-movie" in res.output
+
+
+def test_quantize_command(tmp_path):
+    res = runner.invoke(app, ["quantize", "vit-digits-seq", "--method", "repq", "--weight-bits",
+                              "6", "--act-bits", "6", "--out", str(tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+    assert "agreement" in res.output and (tmp_path / "q" / "quant.json").is_file()
+    res = runner.invoke(app, ["quantize", "vit-digits-seq", "--weight-bits", "12", "--out",
+                              str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "weight_bits: must be 2..8, got 12" in res.output
+    assert not (tmp_path / "bad").exists()

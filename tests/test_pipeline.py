@@ -46,3 +46,18 @@ def test_undiscoverable_architecture(tmp_path):
     with pytest.raises(UnsupportedModelError, match="no attention found"):
         run(r)
     assert not (tmp_path / "out").exists()
+
+
+def test_recipe_quantize_stage_then_evaluate(tmp_path):
+    r = _recipe(tmp_path, model={"source": "zoo", "name": "vit-digits-seq"},
+                stages=[{"type": "evaluate", "latency_batch_sizes": [1], "latency_repeats": 2},
+                        {"type": "quantize", "method": "repq", "weight_bits": 6, "act_bits": 6},
+                        {"type": "evaluate", "latency_batch_sizes": [1], "latency_repeats": 2}])
+    res = run(r)
+    s = res.report.stages
+    assert [x.type for x in s] == ["evaluate", "quantize", "evaluate"]
+    assert s[1].metrics["calib_samples"] == 128 and s[1].notes
+    assert s[2].metrics["agreement"] > 0.9
+    from slimformer.quantize.serialize import load_quantized
+
+    assert load_quantized(tmp_path / "out" / "quantized") is not None

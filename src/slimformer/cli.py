@@ -189,6 +189,65 @@ def eval_(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
     con.print(f"  size: {result['size']['params']:,} params, {result['size']['bytes']:,} bytes")
 
 
+@app.command()
+def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
+             out: Annotated[Path, typer.Option(help="Folder for the quantized model.")],
+             method: Annotated[str, typer.Option(help="minmax | percentile | repq | "
+                                                 "repquant")] = "repq",
+             weight_bits: Annotated[int, typer.Option(help="Weight bits (2..8).")] = 8,
+             act_bits: Annotated[int, typer.Option(help="Activation bits (2..8).")] = 8,
+             calib_samples: Annotated[int, typer.Option(help="Calibration rows.")] = 128,
+             data: Annotated[str | None, typer.Option(help="Built-in data set (default: the "
+                                                      "zoo model's).")] = None,
+             limit: Annotated[int | None, typer.Option(help="Evaluate on the first N test "
+                                                       "rows.")] = None,
+             config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
+             = None):
+    """Quantize a model post-training, compare it with FP32, save its inference form."""
+    from pydantic import ValidationError
+
+    from slimformer.data.datasets import get_dataset
+    from slimformer.errors import ConfigError, DataError
+    from slimformer.models.loading import parse_model_arg
+    from slimformer.pipeline import _check_fit, evaluate_model
+    from slimformer.quantize.api import quantize as run_quantize
+    from slimformer.quantize.config import QuantConfig
+    from slimformer.quantize.inference import to_inference
+    from slimformer.quantize.serialize import save_quantized
+    from slimformer.recipe import format_errors
+
+    con, _ = _console()
+    with _errors():
+        try:
+            cfg = QuantConfig(method=method, weight_bits=weight_bits, act_bits=act_bits,
+                              calib_samples=calib_samples)
+        except ValidationError as exc:
+            raise ConfigError(format_errors(exc, QuantConfig), "options") from None
+        spec = parse_model_arg(model, config)
+        from slimformer.models.loading import load_model
+
+        lm = load_model(spec)
+        name = data or lm.dataset
+        if name is None:
+            raise DataError("this model has no built-in data set: pass --data NAME")
+        calib, test = get_dataset(name, "calib"), get_dataset(name, "test", limit)
+        _check_fit(lm, calib)
+        _check_fit(lm, test)
+        with _progress() as prog:
+            res = run_quantize(lm.module, cfg, calib, progress=prog)
+            inf = to_inference(res.model)
+            p0, y = evaluate_model(lm.module, test, 250, prog)
+            p1, _ = evaluate_model(inf, test, 250, prog)
+        save_quantized(inf, out, spec)
+    acc0, acc1 = float((p0 == y).float().mean()), float((p1 == y).float().mean())
+    con.print(f"{model} {method} W{weight_bits}A{act_bits} on {name} ({len(y)} rows): FP32 "
+              f"{acc0:.4f} -> {acc1:.4f}, agreement {float((p0 == p1).float().mean()):.4f}; "
+              f"calibration {res.seconds:.1f} s on {res.calib_samples} samples")
+    for note in res.notes:
+        con.print(f"  - {note}", markup=False, highlight=False)
+    con.print(f"saved to {out}/")
+
+
 @zoo_app.command("list")
 def zoo_list():
     """List the zoo: task, data set, params, recorded FP32 metric."""

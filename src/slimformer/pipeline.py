@@ -17,7 +17,7 @@ import torch
 
 from slimformer import __version__
 from slimformer.errors import DataError
-from slimformer.recipe import EvaluateStage, Recipe
+from slimformer.recipe import EvaluateStage, QuantizeStage, Recipe
 from slimformer.report.model import Report, StageRecord, environment
 
 # progress(description, completed, total): called by long steps; None = silent.
@@ -36,6 +36,7 @@ class RunContext:
     reference_preds: torch.Tensor | None = None
     progress: Progress | None = None
     records: list[StageRecord] = field(default_factory=list)
+    artifacts: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # dir -> writer
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,33 @@ def run_evaluate(ctx: RunContext, stage: EvaluateStage) -> StageRecord:
     return rec
 
 
+def run_quantize(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
+    """Calibrate on the recipe's calibration split, switch the run to the inference form."""
+    from slimformer.data.datasets import get_dataset
+    from slimformer.quantize.api import quantize
+    from slimformer.quantize.inference import to_inference
+    from slimformer.quantize.serialize import save_quantized
+
+    name = ctx.recipe.data.dataset or ctx.loaded.dataset
+    calib = get_dataset(name, ctx.recipe.data.calib_split)
+    _check_fit(ctx.loaded, calib)
+    cfg = stage.quant_config()
+    res = quantize(ctx.model, cfg, calib, ctx.structure,
+                   progress=ctx.progress)
+    ctx.model = to_inference(res.model)
+    rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
+    rec.metrics = {"calib_samples": res.calib_samples, "calib_seconds": round(res.seconds, 2),
+                   "method": cfg.method, "bits": f"W{cfg.weight_bits}A{cfg.act_bits}"}
+    rec.notes = res.notes
+    if stage.save:
+        spec, model = ctx.recipe.model, ctx.model
+        ctx.artifacts["quantized"] = lambda d: save_quantized(model, d, spec)
+    return rec
+
+
 STAGE_HANDLERS: dict[type, Callable[[RunContext, object], StageRecord]] = {
     EvaluateStage: run_evaluate,
+    QuantizeStage: run_quantize,
 }
 
 
@@ -154,7 +180,7 @@ def run(recipe: Recipe, progress: Progress | None = None,
         seeds={"recipe": recipe.seed},
     )
     report.total_seconds = time.perf_counter() - t0
-    write_report(report, out)
+    write_report(report, out, artifacts=ctx.artifacts)
     return RunResult(report, out)
 
 

@@ -7,6 +7,8 @@ A recipe names a model, the data, an ordered list of stages and where to write t
     data: {dataset: fashion-mnist, eval_limit: 2000}
     stages:
       - {type: evaluate, latency_batch_sizes: [1, 32]}
+      - {type: quantize, method: repq, weight_bits: 4, act_bits: 4}
+      - {type: evaluate}
     output: {dir: runs/quickstart}
 
 Stages are a tagged union on ``type``; the compression stages (quantize, prune, search, export,
@@ -23,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slimformer.errors import ConfigError
 from slimformer.models.spec import ModelSpec, ZooSpec
+from slimformer.quantize.config import QuantConfig
 
 RECIPE_VERSION = 1
 DATASET_NAMES = ("fashion-mnist", "vader-movie", "trec", "digits-seq")
@@ -59,8 +62,23 @@ class EvaluateStage(_Strict):
     latency_repeats: Annotated[int, Field(ge=1, le=1000)] = 20
 
 
-Stage = Annotated[EvaluateStage, Field(discriminator="type")]
-STAGE_TYPES = ("evaluate",)
+class QuantizeStage(QuantConfig):
+    """Post-training quantization (see :class:`~slimformer.quantize.config.QuantConfig`).
+
+    The model that later stages see is the quantized one, in inference form; with ``save`` it is
+    also written to ``<output>/quantized/``.
+    """
+
+    type: Literal["quantize"] = "quantize"
+    save: bool = True
+
+    def quant_config(self) -> QuantConfig:
+        """The plain config, without the stage fields."""
+        return QuantConfig(**self.model_dump(exclude={"type", "save"}))
+
+
+Stage = Annotated[EvaluateStage | QuantizeStage, Field(discriminator="type")]
+STAGE_TYPES = ("evaluate", "quantize")
 
 
 class OutputConfig(_Strict):
@@ -170,6 +188,13 @@ def _cross_checks(recipe: Recipe) -> list[str]:
             s.type == "evaluate" for s in recipe.stages):
         problems.append("data.dataset: required to evaluate a model that is not from the zoo; "
                         f"built-in ones: {', '.join(DATASET_NAMES)}")
+    seen_quantize = False
+    for i, st in enumerate(recipe.stages):
+        if st.type == "quantize":
+            if seen_quantize:
+                problems.append(f"stages[{i}]: the model is quantized already (one quantize "
+                                "stage per recipe)")
+            seen_quantize = True
     return problems
 
 

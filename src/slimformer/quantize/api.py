@@ -77,7 +77,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
         from slimformer.models.structure import discover
 
         first = next(_batches(calib_data, 2, 2))
-        structure = discover(model, first, require_attention=config.softmax_kind != "none")
+        structure = discover(model, first, require_attention=False)  # build() says why
     qmodel = build(model, structure, config)
     state = qmodel.quant
     notes = list(state.notes)
@@ -113,37 +113,100 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
         lq.wq.calibrate(lq.matrix().detach(), search=config.method in ("repq", "repquant"))
 
     if config.method == "repquant" and config.recon_steps:
-        inputs = _capture_inputs(qmodel, calib_data, config)
-        lqs = list(state.linears.values())
+        x_fp = _capture_inputs(qmodel, calib_data, config, quant_acts=False)
+        by_name = {lq.name: lq for lq in state.linears.values()}
+        lqs = [by_name[n] for n in x_fp]  # execution order
+        kept = 0
         for i, lq in enumerate(lqs):
-            x = inputs.get(lq.name)
-            if x is not None:
-                before, after = reconstruct_linear(lq, x, config.recon_steps)
-                if before > 0:
-                    notes.append(f"{lq.name}: learned rounding {before:.3g} -> {after:.3g} MSE")
+            # sequential: this layer's inputs with every upstream layer fully quantized
+            x_q = _capture_one(qmodel, lq, calib_data, config)[:len(x_fp[lq.name])]
+            before, after = reconstruct_linear(lq, x_q, x_fp[lq.name], config.recon_steps)
+            kept += after < before
             tick("weight rounding", i + 1, len(lqs))
+        notes.append(f"learned weight rounding kept for {kept} of {len(lqs)} layers (lower "
+                     "held-out output error than nearest rounding)")
+        with_round = _output_error(qmodel, calib_data, config)
+        saved = {lq.name: lq.alpha for lq in lqs}
+        for lq in lqs:
+            lq.alpha = None
+        nearest = _output_error(qmodel, calib_data, config)
+        if with_round < nearest:
+            for lq in lqs:
+                lq.alpha = saved[lq.name]
+            notes.append(f"learned rounding kept: model output error {nearest:.4g} -> "
+                         f"{with_round:.4g} on the calibration data")
+        else:
+            notes.append(f"learned rounding dropped: it raised the model output error on the "
+                         f"calibration data ({nearest:.4g} -> {with_round:.4g})")
     state.set_mode("quant")
     for act in state.acts.values():
         act._rows, act._min, act._max = [], None, None
     return QuantResult(qmodel, n, time.perf_counter() - t0, notes)
 
 
-def _capture_inputs(qmodel: QuantizedModel, calib_data, config: QuantConfig,
-                    rows: int = 1024) -> dict[str, torch.Tensor]:
-    """Float inputs ``(rows, in)`` of every quantized Linear, with activation quantizers on."""
-    state = qmodel.quant
-    state.set_mode("quant")
-    for lq in state.linears.values():
-        lq.mode = "float"  # weights float while capturing; activations quantized upstream
-    captured: dict[str, list[torch.Tensor]] = {}
-    originals = {}
-    for lq in state.linears.values():
-        originals[lq.name] = lq.act_in
+def _logits(out) -> torch.Tensor:
+    from slimformer.models.evaluate import _logits as pick
 
+    return pick(out)
+
+
+def _output_error(qmodel: QuantizedModel, calib_data, config: QuantConfig) -> float:
+    """Mean squared difference of the quantized and float model outputs on the calibration data."""
+    state, total, count = qmodel.quant, 0.0, 0
+    with torch.no_grad():
+        for inputs in _batches(calib_data, config.calib_batch_size, config.calib_samples):
+            state.set_mode("float")
+            ref = _logits(qmodel(**inputs))
+            state.set_mode("quant")
+            total += float(((_logits(qmodel(**inputs)) - ref) ** 2).sum())
+            count += ref.numel()
+    return total / max(count, 1)
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the layer being captured has run."""
+
+
+def _capture_one(qmodel: QuantizedModel, target, calib_data, config: QuantConfig,
+                 rows: int = 4096) -> torch.Tensor:
+    """Inputs of one Linear in the quantized model (rows sampled as in :func:`_capture_inputs`)."""
+    qmodel.quant.set_mode("quant")
+    parts: list[torch.Tensor] = []
+
+    def grab(x):
+        parts.append(x.detach().reshape(-1, x.shape[-1]))
+        raise _Stop
+
+    target.act_in = grab
+    try:
+        with torch.no_grad():
+            for inputs in _batches(calib_data, config.calib_batch_size, config.calib_samples):
+                try:
+                    qmodel(**inputs)
+                except _Stop:
+                    pass
+    finally:
+        del target.act_in
+    x = torch.cat(parts)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed))[:rows]
+    return x[idx]
+
+
+def _capture_inputs(qmodel: QuantizedModel, calib_data, config: QuantConfig,
+                    quant_acts: bool, rows: int = 4096) -> dict[str, torch.Tensor]:
+    """Inputs ``(rows, in)`` of every quantized Linear (same rows for either setting).
+
+    Weights stay float; with ``quant_acts`` the activation quantizers upstream are on (the inputs
+    the quantized model will see), without it the inputs are the float model's.
+    """
+    state = qmodel.quant
+    state.set_mode("quant" if quant_acts else "float")
+    for lq in state.linears.values():
+        lq.mode = "float"
+    captured: dict[str, list[torch.Tensor]] = {}
+    for lq in state.linears.values():
         def grab(x, lq=lq):
-            flat = x.detach().reshape(-1, x.shape[-1]) if not lq.transposed else \
-                x.detach().reshape(-1, x.shape[-1])
-            captured.setdefault(lq.name, []).append(flat)
+            captured.setdefault(lq.name, []).append(x.detach().reshape(-1, x.shape[-1]))
             return lq.act(x)
 
         lq.act_in = grab
@@ -152,14 +215,13 @@ def _capture_inputs(qmodel: QuantizedModel, calib_data, config: QuantConfig,
     finally:
         for lq in state.linears.values():
             del lq.act_in  # back to the class method
-    gen = torch.Generator().manual_seed(config.seed)
     out = {}
+    widths = {lq.name: lq.matrix().shape[1] for lq in state.linears.values()}
     for name, parts in captured.items():
         x = torch.cat(parts)
-        if x.shape[-1] != state.linears[next(k for k, v in state.linears.items()
-                                             if v.name == name)].matrix().shape[1]:
+        if x.shape[-1] != widths[name]:
             continue  # convolutions: inputs are images, not rows
-        idx = torch.randperm(len(x), generator=gen)[:rows]
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed))[:rows]
         out[name] = x[idx]
     state.set_mode("quant")
     return out

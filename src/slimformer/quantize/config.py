@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-Bits = Annotated[int, Field(ge=2, le=8, description="must be 2..8")]
+
+def _bits(v: int) -> int:
+    if not 2 <= v <= 8:
+        raise ValueError("must be 2..8")
+    return v
+
+
+Bits = Annotated[int, AfterValidator(_bits)]
 METHODS = ("minmax", "percentile", "repq", "repquant")
 
 
@@ -52,8 +59,8 @@ class QuantConfig(BaseModel):
     calib_samples: Annotated[int, Field(ge=1, le=100_000)] = 128
     calib_batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
     percentile: Annotated[float, Field(gt=90.0, le=100.0)] = 99.99
-    clip_steps: Annotated[int, Field(ge=0, le=10_000)] = 200
-    recon_steps: Annotated[int, Field(ge=0, le=100_000)] = 300
+    clip_steps: Annotated[int, Field(ge=0, le=10_000)] = 100
+    recon_steps: Annotated[int, Field(ge=0, le=100_000)] = 200
     power_of_two_scales: bool = False
     seed: int = 0
 

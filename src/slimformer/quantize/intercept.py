@@ -63,7 +63,7 @@ class QuantMode(TorchFunctionMode):
         a = self.attn
         if name == "softmax":
             self.after_softmax = True
-            return a.probs(func(*args, **kwargs))
+            return a.quant_probs(func(*args, **kwargs))
         if name in _MATMULS:
             eq = args[0] if name == "einsum" else None
             t = list(args[1:] if name == "einsum" else args)
@@ -75,9 +75,9 @@ class QuantMode(TorchFunctionMode):
                 return NotImplemented
             if not self.after_softmax:
                 t = [a.q_in(t[0]), a.k_in(t[1])]
-            else:
-                t = [t[0], a.v_in(t[1])]
-            return func(eq, *t) if eq is not None else func(*t, **kwargs)
+                return func(eq, *t) if eq is not None else func(*t, **kwargs)
+            mm = (lambda x, y: func(eq, x, y)) if eq is not None else (lambda x, y: func(x, y))
+            return a.pv(t[0], t[1], mm)
         if name == "scaled_dot_product_attention":
             return sdpa(a, *args, **kwargs)
         if name == "multi_head_attention_forward":
@@ -95,8 +95,8 @@ def _attend(a, q, k, v, mask, is_causal, scale):
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool \
             else scores + mask
-    probs = a.probs(torch.softmax(scores, dim=-1))
-    return probs @ a.v_in(v), probs
+    probs = a.quant_probs(torch.softmax(scores, dim=-1))
+    return a.pv(probs, v, torch.matmul), probs
 
 
 def sdpa(a, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

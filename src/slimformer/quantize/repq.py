@@ -105,6 +105,7 @@ def learn_dual_clipping(act: ActQuantizer, weights: list[torch.Tensor], steps: i
     range. Returns the relative reduction of the loss (the best bounds seen are kept).
     """
     x = act.samples()
+    x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:2048]]
     ws = [w.detach() for w in weights]
     lo0, hi0 = act.lo.detach().clone(), act.hi.detach().clone()
     span = (hi0 - lo0).clamp_min(1e-6)
@@ -125,8 +126,8 @@ def learn_dual_clipping(act: ActQuantizer, weights: list[torch.Tensor], steps: i
     for _ in range(steps):
         opt.zero_grad()
         loss, lo, hi = loss_fn()
-        if float(loss) < best:
-            best, best_lo, best_hi = float(loss), lo.detach().clone(), hi.detach().clone()
+        if loss.item() < best:
+            best, best_lo, best_hi = loss.item(), lo.detach().clone(), hi.detach().clone()
         loss.backward()
         opt.step()
     act.set_range(best_lo, best_hi)

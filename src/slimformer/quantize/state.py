@@ -95,6 +95,28 @@ class AttentionQuant(nn.Module):
         self.probs = ProbQuantizer(f"{module}:probs", bits, softmax if softmax != "none" else
                                    "uniform")
         self.probs_float = softmax == "none"
+        self.inference = False  # set by to_inference: A V from log-sqrt2 codes
+        self._last = None
+
+    def quant_probs(self, p: torch.Tensor) -> torch.Tensor:
+        """Quantized probabilities; in inference form also keeps their codes for :meth:`pv`."""
+        pq = self.probs(p)
+        self._last = None
+        if self.inference and self.probs.kind == "log_sqrt2" and self.probs.mode == "quant":
+            from slimformer.quantize.inference import codes_of
+
+            self._last = (pq, *codes_of(p, self.probs.delta, self.probs.bits))
+        return pq
+
+    def pv(self, probs: torch.Tensor, v: torch.Tensor, matmul) -> torch.Tensor:
+        """``probs @ v`` with v quantized; log2 two-scale form in inference (see inference.py)."""
+        vq = self.v_in(v)
+        if self._last is not None and probs is self._last[0]:
+            from slimformer.quantize.inference import log2_two_scale_pv
+
+            _, codes, flushed = self._last
+            return log2_two_scale_pv(codes, flushed, self.probs.delta, vq, matmul)
+        return matmul(probs, vq)
 
 
 class QuantState(nn.Module):
@@ -136,21 +158,31 @@ class QuantizedModel(nn.Module):
     def __init__(self, model: nn.Module, qstate: QuantState, config: QuantConfig):
         super().__init__()
         self.model, self.quant, self.config = model, qstate, config
-        self._mode = QuantMode(qstate)
-        self._hooks = []
-        for a in qstate.attention.values():
-            mod = model.get_submodule(a.module)
-            self._hooks.append(mod.register_forward_pre_hook(self._enter_attn(a)))
-            self._hooks.append(mod.register_forward_hook(self._exit_attn))
+        self.inference = False
+        self._rebind()
 
-    def _enter_attn(self, a):
-        def hook(mod, args):
-            self._mode.attn, self._mode.after_softmax = a, False
+    def _rebind(self) -> None:
+        """(Re)create the mode and the attention hooks, e.g. after ``copy.deepcopy``."""
+        q = self.quant
+        q.by_id = {id(lq.param[0]): lq for lq in q.linears.values()}
+        q.param_ids = {id(p) for p in self.model.parameters()}
+        self._mode = QuantMode(q)
+        for mod in self.model.modules():
+            for hooks in (mod._forward_pre_hooks, mod._forward_hooks):
+                for k in [k for k, h in hooks.items() if getattr(h, "_slimformer", False)]:
+                    del hooks[k]
+        mode = self._mode
+        for a in q.attention.values():
+            def enter(mod, args, a=a):
+                mode.attn, mode.after_softmax = a, False
 
-        return hook
+            def leave(mod, args, out):
+                mode.attn = None
 
-    def _exit_attn(self, mod, args, out):
-        self._mode.attn = None
+            enter._slimformer = leave._slimformer = True
+            mod = self.model.get_submodule(a.module)
+            mod.register_forward_pre_hook(enter)
+            mod.register_forward_hook(leave)
 
     @property
     def input_shape(self):

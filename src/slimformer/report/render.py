@@ -127,12 +127,13 @@ total {report.total_seconds:.1f} s.</p>
 """
 
 
-def write_report(report: Report, out_dir: str | Path, extra: dict[str, bytes] | None = None
-                 ) -> Path:
+def write_report(report: Report, out_dir: str | Path, extra: dict[str, bytes] | None = None,
+                 artifacts: dict | None = None) -> Path:
     """Write ``report.json``, ``report.md``, ``report.html`` (+ ``extra`` files) all-or-nothing.
 
     The files are rendered into a temporary folder that replaces ``out_dir`` only when all of
-    them are written, so a failure leaves no half-written report.
+    them are written, so a failure leaves no half-written report. ``artifacts`` maps a
+    sub-folder name to a writer ``f(path)`` (e.g. the quantized model), written in the same way.
     """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -141,4 +142,6 @@ def write_report(report: Report, out_dir: str | Path, extra: dict[str, bytes] | 
         (tmp / "report.html").write_text(to_html(report), encoding="utf-8")
         for name, data in (extra or {}).items():
             (tmp / name).write_bytes(data)
+        for name, writer in (artifacts or {}).items():
+            writer(tmp / name)
     return out_dir

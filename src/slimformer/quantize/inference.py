@@ -1,0 +1,56 @@
+"""The inference form of a quantized model: integer weights, layer-wise scales, log2 softmax codes.
+
+``to_inference(qmodel)`` freezes the simulated model: every weight becomes integer codes with a
+per-channel (scale, zero point); every activation quantizer is per tensor (after RepQ's
+reparameterization); log-sqrt2 attention probabilities become codes whose product with V is
+computed as shifts plus one multiplication by sqrt(2): ``A V = d (E V + sqrt2 O V)``, where E
+and O hold ``2^-ceil(q/2)`` for the even and odd codes. It gives the simulated model's outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from slimformer.errors import CalibrationError
+from slimformer.quantize.quantizers import SQRT2, log_sqrt2_codes
+
+
+@torch.no_grad()
+def to_inference(qmodel):
+    """A copy of ``qmodel`` in inference form (see module doc)."""
+    from slimformer.quantize.state import QuantizedModel
+
+    out: QuantizedModel = copy.deepcopy(qmodel)
+    out._rebind()
+    for lq in out.quant.linears.values():
+        m = lq.quantized_matrix()
+        codes = torch.round(m / lq.wq.scale + lq.wq.zero).clamp(0, 2**lq.wq.bits - 1)
+        lq.int_weight = codes.to(torch.uint8)
+        lq.alpha = None
+        lq._cache = None
+    for name, act in out.quant.named_modules():
+        if getattr(act, "per_channel", False):
+            raise CalibrationError(f"{name} is still per channel: reparameterize first")
+    for a in out.quant.attention.values():
+        a.inference = True
+    out.quant.set_mode("quant")
+    out.inference = True
+    return out
+
+
+def log2_two_scale_pv(probs_codes: torch.Tensor, flushed: torch.Tensor, delta: torch.Tensor,
+                      v: torch.Tensor, matmul) -> torch.Tensor:
+    """``A V`` from log-sqrt2 codes: ``delta * (E V + sqrt2 * O V)`` (shifts + one multiply)."""
+    shift = torch.exp2(-torch.ceil(probs_codes / 2))
+    shift = torch.where(flushed, torch.zeros_like(shift), shift)
+    odd = torch.remainder(probs_codes, 2).bool()
+    even_part = torch.where(odd, torch.zeros_like(shift), shift)
+    odd_part = torch.where(odd, shift, torch.zeros_like(shift))
+    return delta * (matmul(even_part, v) + SQRT2 * matmul(odd_part, v))
+
+
+def codes_of(p: torch.Tensor, delta: torch.Tensor, bits: int):
+    """Log-sqrt2 codes and flush mask of probabilities ``p``."""
+    return log_sqrt2_codes(p, delta, bits)

@@ -1,0 +1,150 @@
+"""quantize(): every model of the generality set and the zoo, both forms, save/load, bad input."""
+
+import math
+
+import pytest
+import torch
+
+from slimformer.data.datasets import TensorDictDataset, get_dataset
+from slimformer.errors import CalibrationError, ConfigError, UnsupportedModelError
+from slimformer.models.generality import GENERALITY
+from slimformer.models.loading import load_model
+from slimformer.models.spec import ZooSpec
+from slimformer.pipeline import evaluate_model
+from slimformer.quantize.api import quantize
+from slimformer.quantize.config import QuantConfig
+from slimformer.quantize.inference import to_inference
+from slimformer.quantize.serialize import load_quantized, save_quantized
+from tests.quantize.test_reparam import _calib, _out
+
+
+def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return 10 * math.log10(float((ref**2).sum()) / max(float(((ref - got) ** 2).sum()), 1e-30))
+
+
+@pytest.mark.parametrize("name", sorted(GENERALITY))
+@pytest.mark.parametrize("method", ["minmax", "repq"])
+def test_every_generality_model_quantizes(name, method):
+    lm = load_model(GENERALITY[name])
+    x = lm.example_inputs(4, seed=5)
+    with torch.no_grad():
+        ref = _out(lm.module(**x)).float()
+    res = quantize(lm.module, QuantConfig(method=method, weight_bits=8, act_bits=8), _calib(lm))
+    with torch.no_grad():
+        got = _out(res.model(**x)).float()
+    # W8A8 on random-weight models: the output keeps most of its signal
+    assert sqnr_db(ref, got) > 15, name
+    assert len(res.model.quant.attention) > 0
+
+
+@pytest.fixture(scope="module")
+def digits():
+    lm = load_model(ZooSpec(name="vit-digits-seq"))
+    return lm, get_dataset("digits-seq", "calib"), get_dataset("digits-seq", "test")
+
+
+def test_inference_form_matches_simulated(digits):
+    lm, calib, test = digits
+    res = quantize(lm.module, QuantConfig(method="repq", weight_bits=4, act_bits=6), calib)
+    inf = to_inference(res.model)
+    x = test.inputs["x"]
+    with torch.no_grad():
+        sim, got = res.model(x=x), inf(x=x)
+    assert sqnr_db(sim, got) > 80  # same math, float rounding only
+    assert torch.equal(sim.argmax(1), got.argmax(1))
+    lq = next(iter(inf.quant.linears.values()))
+    assert lq.int_weight.dtype == torch.uint8 and int(lq.int_weight.max()) <= 15
+    assert all(a.inference for a in inf.quant.attention.values())
+
+
+@pytest.mark.parametrize("form", ["simulated", "inference"])
+def test_save_and_load_give_identical_outputs(digits, tmp_path, form):
+    lm, calib, test = digits
+    res = quantize(lm.module, QuantConfig(method="repq", weight_bits=4, act_bits=4), calib)
+    model = res.model if form == "simulated" else to_inference(res.model)
+    save_quantized(model, tmp_path / "q", ZooSpec(name="vit-digits-seq"))
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["quant.json",
+                                                                 "quantized.safetensors"]
+    again = load_quantized(tmp_path / "q")
+    x = test.inputs["x"]
+    with torch.no_grad():
+        assert torch.equal(model(x=x), again(x=x))
+
+
+def test_save_load_text_model_with_post_norm_affine(tmp_path):
+    lm = load_model(GENERALITY["bert"])
+    res = quantize(lm.module, QuantConfig(method="repq", weight_bits=6, act_bits=6), _calib(lm))
+    save_quantized(res.model, tmp_path / "q", GENERALITY["bert"])
+    again = load_quantized(tmp_path / "q")
+    x = lm.example_inputs(3, seed=9)
+    with torch.no_grad():
+        assert torch.equal(_out(res.model(**x)), _out(again(**x)))
+
+
+def test_vit_fmnist_w8a8_agrees_with_fp32():
+    lm = load_model(ZooSpec(name="vit-fmnist"))
+    test = get_dataset("fashion-mnist", "test", 1000)
+    p0, y = evaluate_model(lm.module, test, 500)
+    res = quantize(lm.module, QuantConfig(method="repq"), get_dataset("fashion-mnist", "calib"))
+    p1, _ = evaluate_model(to_inference(res.model), test, 500)
+    assert float((p1 == p0).float().mean()) > 0.98
+    assert abs(float((p1 == y).float().mean()) - float((p0 == y).float().mean())) < 0.01
+
+
+def test_nan_calibration_data_names_the_first_layer(digits):
+    lm, calib, _ = digits
+    x = calib.inputs["x"].clone()
+    x[3, 2, 5] = float("nan")
+    bad = TensorDictDataset({"x": x}, calib.labels)
+    with pytest.raises(CalibrationError, match=r"NaN or inf .* at in:embed.weight"):
+        quantize(lm.module, QuantConfig(method="minmax"), bad)
+
+
+def test_too_few_calibration_samples(digits):
+    lm, calib, _ = digits
+    few = TensorDictDataset({"x": calib.inputs["x"][:4]}, calib.labels[:4])
+    with pytest.raises(CalibrationError, match="needs at least 8 calibration samples, got 4"):
+        quantize(lm.module, QuantConfig(method="repquant"), few)
+
+
+def test_bits_out_of_range_and_unknown_keys():
+    with pytest.raises(Exception, match="must be 2..8"):
+        QuantConfig(weight_bits=12)
+    from slimformer.recipe import parse_recipe
+
+    with pytest.raises(ConfigError) as e:
+        parse_recipe({"stages": [{"type": "evaluate"}, {"type": "quantize", "weight_bits": 12,
+                                                        "act_bitz": 4}]})
+    text = str(e.value)
+    assert "stages[1].weight_bits: must be 2..8, got 12" in text
+    assert "stages[1].act_bitz: unknown key" in text
+
+
+def test_glob_pattern_that_matches_nothing(digits):
+    lm, calib, _ = digits
+    cfg = QuantConfig(overrides=[{"pattern": "blocks.*.fc1.weight", "weight_bits": 4},
+                                 {"pattern": "encoder.*", "weight_bits": 2}])
+    with pytest.raises(ConfigError, match=r"overrides\[1\].pattern: 'encoder.\*' matches no"):
+        quantize(lm.module, cfg, calib)
+
+
+def test_overrides_and_keep_float(digits):
+    lm, calib, _ = digits
+    cfg = QuantConfig(method="minmax", overrides=[{"pattern": "blocks.*.fc1.weight",
+                                                   "weight_bits": 4}], keep_float=["head.weight"])
+    res = quantize(lm.module, cfg, calib)
+    lin = {lq.name: lq for lq in res.model.quant.linears.values()}
+    assert "head.weight" not in lin and lin["blocks.0.fc1.weight"].wq.bits == 4
+    assert lin["blocks.0.fc2.weight"].wq.bits == 8
+
+
+def test_softmax_quantization_needs_attention():
+    from slimformer.models.spec import FactorySpec
+
+    lm = load_model(FactorySpec(factory="torch.nn:Linear", kwargs={"in_features": 8,
+                                "out_features": 4}, inputs={"input": {"shape": [1, 8]}}))
+    data = TensorDictDataset({"input": torch.randn(16, 8)}, torch.zeros(16, dtype=torch.long))
+    with pytest.raises(UnsupportedModelError, match="no attention was found"):
+        quantize(lm.module, QuantConfig(method="repq", softmax="log_sqrt2"), data)
+    res = quantize(lm.module, QuantConfig(method="repq", softmax="none"), data)
+    assert any("no norm feeds a Linear" in n for n in res.notes)
