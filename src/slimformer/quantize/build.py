@@ -32,6 +32,7 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
     state = QuantState()
     per_channel = config.method in ("repq", "repquant")
     norm_of = {w: n for n in smap.norms for w in n.linears}
+    fc2s = {m.fc2 for m in smap.mlps}
     shared: dict[str, ActQuantizer] = {}
     refs = {r.weight: r for r in smap.linears}
     for name in names:
@@ -49,7 +50,9 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
                 state.acts[key_of(akey)] = shared[akey]
             act = shared[akey]
         else:
-            act = ActQuantizer(f"in:{name}", abits)
+            # MLP fc2 inputs (after the activation function) are calibrated per channel too
+            # and reparameterized like post-norm ones (repq/repquant)
+            act = ActQuantizer(f"in:{name}", abits, per_channel=per_channel and name in fc2s)
             state.acts[key_of(f"in:{name}")] = act
         ref = refs.get(name)
         transposed = ref is not None and ref.op in ("addmm", "matmul", "mm")

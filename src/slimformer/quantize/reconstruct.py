@@ -30,7 +30,7 @@ def reconstruct_linear(lq: LinearQuant, x: torch.Tensor, x_fp: torch.Tensor, ste
     s, z, bits = lq.wq.scale, lq.wq.zero, lq.wq.bits
     with torch.no_grad():
         xq = lq.act(x)
-        target = x_fp @ w.t()
+        target = lq.act.transform(x_fp) @ w.t()  # reparameterized domain, like xq and w
     n_val = max(1, len(x) // 4)
     xq_t, xq_v, t_t, t_v = xq[n_val:], xq[:n_val], target[n_val:], target[:n_val]
     base = torch.floor(w / s)

@@ -33,48 +33,59 @@ def _affine_params(norm: nn.Module, dim: int) -> tuple[nn.Parameter, nn.Paramete
 
 @torch.no_grad()
 def reparameterize(qmodel, smap) -> list[str]:
-    """Fold every per-channel norm-fed activation quantizer to one scale; returns notes."""
+    """Fold every per-channel activation quantizer to one layer-wise scale; returns notes.
+
+    Sites: inputs of the Linears a norm feeds (folded into the norm affine where exact) and
+    inputs of MLP fc2 layers (the affine stays before the quantizer, on the activation output).
+    """
     notes = []
     state = qmodel.quant
-    for norm in smap.norms:
-        consumers = [lq for lq in state.linears.values() if lq.name in norm.linears]
-        acts = {id(lq.act): lq.act for lq in consumers}
-        for act in acts.values():
-            if not act.per_channel:
-                continue
-            users = [lq for lq in consumers if lq.act is act]
-            s, z = act.scale_zero()
-            s, z = s.detach(), z.detach().round()
-            s_t, z_t = s.mean(), z.mean().round()
-            r = s / s_t
-            shift = s * (z - z_t)
-            for lq in users:
-                w = lq.matrix()  # (out, in) view of the parameter
-                b_fix = w @ shift  # (out,)
-                w.mul_(r)  # in place on the model's parameter: columns scaled by r
-                bias = _bias_of(qmodel.model, lq)
-                if bias is not None:
-                    bias.sub_(b_fix)
-                elif b_fix.abs().max() > 0:
-                    _add_bias(qmodel.model, lq, -b_fix)
-            mod = qmodel.model.get_submodule(norm.module)
-            aff = _affine_params(mod, norm.dim) if norm.foldable else None
-            if aff is not None:
-                gamma, beta = aff
-                gamma.div_(r)
-                beta.add_(shift).div_(r)
-                how = "folded into the norm affine"
+    norm_by_weight = {w: n for n in smap.norms for w in n.linears}
+    groups: dict[int, list] = {}
+    for lq in state.linears.values():
+        if lq.act.per_channel:
+            groups.setdefault(id(lq.act), []).append(lq)
+    for users in groups.values():
+        act = users[0].act
+        s, z = act.scale_zero()
+        s, z = s.detach(), z.detach().round()
+        s_t, z_t = s.mean(), z.mean().round()
+        r = s / s_t
+        shift = s * (z - z_t)
+        for lq in users:
+            w = lq.matrix()  # (out, in) view of the parameter
+            b_fix = w @ shift  # (out,)
+            w.mul_(r)  # in place on the model's parameter: columns scaled by r
+            bias = _bias_of(qmodel.model, lq)
+            if bias is not None:
+                bias.sub_(b_fix)
+            elif b_fix.abs().max() > 0:
+                _add_bias(qmodel.model, lq, -b_fix)
+        norm = norm_by_weight.get(users[0].name)
+        aff = None
+        if norm is not None and norm.foldable and set(norm.linears) == {u.name for u in users}:
+            aff = _affine_params(qmodel.model.get_submodule(norm.module), norm.dim)
+        if aff is not None:
+            gamma, beta = aff
+            gamma.div_(r)
+            beta.add_(shift).div_(r)
+            how = "folded into the norm affine"
+        else:
+            act.shift, act.inv_r = shift.clone(), (1.0 / r).clone()
+            if norm is None:
+                why = "after the MLP activation"
+            elif norm.other_consumers:
+                why = "the norm output also feeds " + ", ".join(norm.other_consumers)
             else:
-                act.shift, act.inv_r = shift.clone(), (1.0 / r).clone()
-                why = "its output also feeds " + ", ".join(norm.other_consumers) if \
-                    norm.other_consumers else "it has no bias to fold into"
-                how = f"second affine output on the quantized branch ({why})"
-            lo_t, hi_t = -z_t * s_t, (2**act.bits - 1 - z_t) * s_t
-            act.per_channel = False
-            act.set_range(lo_t.reshape(1), hi_t.reshape(1))
-            notes.append(f"{norm.module} -> {len(users)} Linear(s): per-channel scales "
-                         f"(r in [{float(r.min()):.2f}, {float(r.max()):.2f}]) reparameterized "
-                         f"to one scale, {how}")
+                why = "the norm has no bias to fold into"
+            how = f"kept as a per-channel affine on the quantized branch ({why})"
+        lo_t, hi_t = -z_t * s_t, (2**act.bits - 1 - z_t) * s_t
+        act.per_channel = False
+        act.set_range(lo_t.reshape(1), hi_t.reshape(1))
+        site = norm.module if norm is not None else users[0].name
+        notes.append(f"{site} -> {len(users)} Linear(s): per-channel scales (r in "
+                     f"[{float(r.min()):.2f}, {float(r.max()):.2f}]) reparameterized to one "
+                     f"scale, {how}")
     return notes
 
 
