@@ -56,8 +56,7 @@ def torch_dynamic(model, test, p0, y):
 def ort_static(lm, calib, test, p0, y, n_calib, batch=50):
     """ONNX Runtime quantize_static (QDQ, per-channel, S8S8) of the legacy-exported model."""
     import onnxruntime as ort
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     names = list(lm.input_specs)
     model = lm.module

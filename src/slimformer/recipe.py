@@ -42,7 +42,6 @@ class DataConfig(_Strict):
     eval_split: Literal["test", "train", "calib"] = "test"
     eval_limit: Annotated[int, Field(ge=1)] | None = None
     calib_split: Literal["calib", "train"] = "calib"
-    calib_samples: Annotated[int, Field(ge=1, le=100_000)] = 128
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 256
 
     @field_validator("dataset")

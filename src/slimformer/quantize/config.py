@@ -60,7 +60,7 @@ class QuantConfig(BaseModel):
     calib_batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
     percentile: Annotated[float, Field(gt=90.0, le=100.0)] = 99.99
     clip_steps: Annotated[int, Field(ge=0, le=10_000)] = 100
-    recon_steps: Annotated[int, Field(ge=0, le=100_000)] = 200
+    recon_steps: Annotated[int, Field(ge=0, le=100_000)] = 100
     power_of_two_scales: bool = False
     seed: int = 0
 
