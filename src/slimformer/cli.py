@@ -119,8 +119,8 @@ def inspect(model: Annotated[str, typer.Argument(help="Zoo name, HF dir, timm:NA
     """Print the discovered structure (norms -> Linears, attention, MLPs), params and MACs."""
     from slimformer.models.structure import discover
 
-    con, _ = _console()
-    with _errors():
+    con, err = _console()
+    with _errors(), err.status("loading the model and tracing one forward pass"):
         lm = _load(model, config)
         smap = discover(lm.module, lm.example_inputs(2))
     if as_json:
