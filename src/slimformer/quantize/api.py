@@ -105,10 +105,8 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
             tick("dual clipping", i + 1, len(per_channel))
     if config.method in ("repq", "repquant"):
         notes += reparameterize(qmodel, structure)
-    elif not structure.norms:
-        notes.append("no norm feeds a Linear: nothing to reparameterize")
-    if config.method in ("repq", "repquant") and not structure.norms:
-        notes.append("no norm feeds a Linear: reparameterization skipped")
+    if not structure.norms:
+        notes.append("no norm feeds a Linear: norm reparameterization skipped")
     for lq in state.linears.values():
         lq.wq.calibrate(lq.matrix().detach(), search=config.method in ("repq", "repquant"))
 
