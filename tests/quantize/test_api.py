@@ -148,3 +148,15 @@ def test_softmax_quantization_needs_attention():
         quantize(lm.module, QuantConfig(method="repq", softmax="log_sqrt2"), data)
     res = quantize(lm.module, QuantConfig(method="repq", softmax="none"), data)
     assert any("no norm feeds a Linear" in n for n in res.notes)
+
+
+def test_size_of_quantized_model_counts_bits(digits):
+    from slimformer.models.evaluate import model_size
+
+    lm, calib, _ = digits
+    fp = model_size(lm.module)["bytes"]
+    w4 = model_size(to_inference(quantize(lm.module, QuantConfig(weight_bits=4, act_bits=8),
+                                          calib).model))["bytes"]
+    w8 = model_size(quantize(lm.module, QuantConfig(weight_bits=8, act_bits=8), calib).model)
+    assert w4 < w8["bytes"] < fp
+    assert w8["params"] == sum(p.numel() for p in lm.module.parameters())

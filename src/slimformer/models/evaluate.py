@@ -84,8 +84,26 @@ def measure_latency(model: torch.nn.Module, inputs: dict[str, torch.Tensor], rep
 
 
 def model_size(model: torch.nn.Module) -> dict[str, int]:
-    """Parameter count and bytes of parameters + buffers as stored."""
-    params = sum(p.numel() for p in model.parameters())
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    nbytes += sum(b.numel() * b.element_size() for b in model.buffers())
-    return {"params": params, "bytes": nbytes}
+    """Parameter count and bytes as deployed.
+
+    Float models: parameters + buffers as stored. Quantized models (with a ``quant`` state):
+    each quantized weight at its bit-width plus its per-channel scale and zero point (fp32 each),
+    everything else (norms, biases, embeddings, quantizer scales) at its stored size.
+    """
+    inner = getattr(model, "model", model)
+    quant = getattr(model, "quant", None)
+    params = sum(p.numel() for p in inner.parameters())
+    if quant is None or not hasattr(quant, "linears"):
+        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        nbytes += sum(b.numel() * b.element_size() for b in model.buffers())
+        return {"params": params, "bytes": nbytes}
+    qids = {id(lq.param[0]) for lq in quant.linears.values()}
+    nbytes = sum(p.numel() * p.element_size() for p in inner.parameters() if id(p) not in qids)
+    nbytes += sum(b.numel() * b.element_size() for b in inner.buffers())
+    for lq in quant.linears.values():
+        w = lq.param[0]
+        nbytes += (w.numel() * lq.wq.bits + 7) // 8 + 8 * lq.matrix().shape[0]
+    for m in quant.modules():  # activation / probability quantizer parameters
+        if not hasattr(m, "linears") and not hasattr(m, "wq"):
+            nbytes += sum(t.numel() * 4 for t in m.parameters(recurse=False))
+    return {"params": params, "bytes": int(nbytes)}
