@@ -20,6 +20,7 @@ EXPECTED = {
     "torch-encoder": (4, 4, 4, 2, 2, 4, 16),
     "torch-encoder-postnorm": (3, 3, 0, 2, 2, 4, 16),
     "timm-vit": (5, 5, 5, 2, 2, 3, 64),
+    "llama": (4, 10, 4, 2, 2, 4, 16),
 }
 
 
@@ -118,6 +119,16 @@ def test_torch_encoder_multihead_attention():
 def test_post_norm_encoder_norms_also_feed_residual():
     s = _discover("torch-encoder-postnorm")
     assert all(n.other_consumers == ("add",) and not n.foldable for n in s.norms)
+
+
+def test_llama_gated_mlp_and_grouped_query_attention():
+    s = _discover("llama")
+    m = s.mlps[0]
+    assert m.gated and m.fc1 == ("layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight")
+    assert m.fc2 == "layers.0.mlp.down_proj.weight" and m.activation == ("silu",)
+    a = s.attention[0]
+    assert (a.k, a.v) == (("layers.0.self_attn.k_proj.weight",), ("layers.0.self_attn.v_proj.weight",))
+    assert {n.kind for n in s.norms} == {"rmsnorm"}
 
 
 def test_timm_vit():

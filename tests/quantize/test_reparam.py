@@ -25,7 +25,7 @@ def _calib(lm, n=16, seed=0):
 
 
 @pytest.mark.parametrize("name", ["bert", "vit", "gpt2", "t5", "torch-encoder",
-                                  "torch-encoder-postnorm", "timm-vit", "clip"])
+                                  "torch-encoder-postnorm", "timm-vit", "clip", "llama"])
 def test_reparameterization_is_exact_in_float(name):
     lm = load_model(GENERALITY[name])
     x = lm.example_inputs(4, seed=123)

@@ -1,5 +1,9 @@
 """The generality set: small random-weight models of many families, for tests (not accuracy).
 
+BERT (sdpa and eager attention), ViT, CLIP, GPT-2, T5 (sdpa and eager), Llama (RMSNorm, rotary,
+grouped-query attention, gated MLP), ``torch.nn.TransformerEncoder`` (pre- and post-norm) and a
+timm ViT.
+
 Each is a model spec; every stage must run on all of them without model-specific code.
 """
 
@@ -30,6 +34,9 @@ GENERALITY: dict[str, object] = {
     "t5-eager": S.HfConfigSpec(model_type="t5", attn_implementation="eager", config=dict(
         d_model=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16, d_ff=128,
         vocab_size=1000)),
+    "llama": S.HfConfigSpec(model_type="llama", config=dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1000, max_position_embeddings=64)),
     "torch-encoder": S.FactorySpec(factory="slimformer.models.generic:torch_encoder",
                                    inputs={"src": S.InputSpec(shape=[1, 8, 64])}),
     "torch-encoder-postnorm": S.FactorySpec(
