@@ -161,7 +161,7 @@ def eval_(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
     from slimformer.data.datasets import get_dataset
     from slimformer.errors import DataError
     from slimformer.models.evaluate import measure_latency, model_size
-    from slimformer.pipeline import _check_fit, evaluate_model, latency_inputs
+    from slimformer.pipeline import check_fit, evaluate_model, latency_inputs
 
     con, _ = _console()
     with _errors():
@@ -170,7 +170,7 @@ def eval_(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
         if name is None:
             raise DataError("this model has no built-in data set: pass --data NAME")
         ds = get_dataset(name, split, limit)
-        _check_fit(lm, ds)
+        check_fit(lm, ds)
         with _progress() as prog:
             preds, labels = evaluate_model(lm.module, ds, batch_size, prog)
             lat = {f"batch={b}": measure_latency(lm.module, latency_inputs(ds, b), repeats)
@@ -209,7 +209,7 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
     from slimformer.data.datasets import get_dataset
     from slimformer.errors import ConfigError, DataError
     from slimformer.models.loading import parse_model_arg
-    from slimformer.pipeline import _check_fit, evaluate_model
+    from slimformer.pipeline import check_fit, evaluate_model
     from slimformer.quantize.api import quantize as run_quantize
     from slimformer.quantize.config import QuantConfig
     from slimformer.quantize.inference import to_inference
@@ -231,8 +231,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
         if name is None:
             raise DataError("this model has no built-in data set: pass --data NAME")
         calib, test = get_dataset(name, "calib"), get_dataset(name, "test", limit)
-        _check_fit(lm, calib)
-        _check_fit(lm, test)
+        check_fit(lm, calib)
+        check_fit(lm, test)
         with _progress() as prog:
             res = run_quantize(lm.module, cfg, calib, progress=prog)
             inf = to_inference(res.model)

@@ -101,7 +101,7 @@ def run_quantize(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
 
     name = ctx.recipe.data.dataset or ctx.loaded.dataset
     calib = get_dataset(name, ctx.recipe.data.calib_split)
-    _check_fit(ctx.loaded, calib)
+    check_fit(ctx.loaded, calib)
     cfg = stage.quant_config()
     res = quantize(ctx.model, cfg, calib, ctx.structure,
                    progress=ctx.progress)
@@ -157,7 +157,7 @@ def run(recipe: Recipe, progress: Progress | None = None,
     if dataset_name is None:
         raise DataError("no data set: set data.dataset in the recipe")
     eval_data = get_dataset(dataset_name, recipe.data.eval_split, recipe.data.eval_limit)
-    _check_fit(loaded, eval_data)
+    check_fit(loaded, eval_data)
     ctx = RunContext(recipe, loaded.module, loaded, smap, eval_data, progress=progress)
     for i, stage in enumerate(recipe.stages):
         s0 = time.perf_counter()
@@ -184,7 +184,7 @@ def run(recipe: Recipe, progress: Progress | None = None,
     return RunResult(report, out)
 
 
-def _check_fit(loaded, dataset) -> None:
+def check_fit(loaded, dataset) -> None:
     """Fail early, with shapes, when the data's inputs do not match the model's.
 
     A data set with one input feeds a model with one input whatever their names (the data set's

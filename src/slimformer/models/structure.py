@@ -338,12 +338,13 @@ def _site(a, n, kind, q_src, k_src, v_src, out_from, shape4, head_dim) -> Attent
     o = a.forward_to(out_from, lambda m: m.idx in a.lin)
     out = (a.lin[o][1],) if o is not None else ()
     fused = bool(q) and q == k == v
+    q_lin = a.back(q_src)[0] if q else []
     if len(shape4) == 4:
         heads = shape4[1]
     else:
-        width = a.lin[a.back(q_src)[0][0]][3] if q else head_dim
+        width = a.lin[q_lin[0]][3] if q_lin else head_dim
         heads = max(1, width // (3 * head_dim if fused else head_dim))
-    q_in = {a.nodes[i].inputs[a.lin[i][0]] for i in a.back(q_src)[0]} if q else set()
+    q_in = {a.nodes[i].inputs[a.lin[i][0]] for i in q_lin}
     kv_in = {a.nodes[i].inputs[a.lin[i][0]] for i in a.back(k_src)[0]} if k else set()
     return AttentionSite(n.module, kind, q, k, v, out, int(heads), int(head_dim), fused,
                          bool(q_in and kv_in and q_in != kv_in))

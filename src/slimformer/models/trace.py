@@ -35,7 +35,7 @@ def canonical(name: str) -> str:
     if n.endswith("_") and not n.startswith("_"):
         n = n[:-1]
     return {"truediv": "div", "iadd": "add", "imul": "mul", "isub": "sub", "itruediv": "div",
-            "scaled_dot_product_attention": "sdpa", "mha": "mha"}.get(n, n)
+            "scaled_dot_product_attention": "sdpa"}.get(n, n)
 
 
 @dataclass

@@ -50,10 +50,13 @@ class ZooEntry:
     frozen_prefixes: tuple[str, ...] = ()
 
 
+_VIT_FMNIST = dict(patch_size=7, dim=128, depth=6, heads=4, mlp_dim=384)
+
+
 def _build_vit_fmnist():
     from slimformer.models.vit import TinyViT, ViTConfig
 
-    return TinyViT(ViTConfig(patch_size=7, dim=128, depth=6, heads=4, mlp_dim=384))
+    return TinyViT(ViTConfig(**_VIT_FMNIST))
 
 
 def _build_text(num_classes: int):
@@ -74,8 +77,7 @@ def _build_clip():
     from slimformer.models.text import load_minilm
     from slimformer.models.vit import TinyViT, ViTConfig
 
-    image = TinyViT(ViTConfig(patch_size=7, dim=128, depth=6, heads=4, mlp_dim=384,
-                              num_classes=0))
+    image = TinyViT(ViTConfig(**_VIT_FMNIST, num_classes=0))  # vit-fmnist's trunk
     if weights_path("vit-fmnist").is_file():  # start the image tower from vit-fmnist's trunk
         from safetensors.torch import load_file
 

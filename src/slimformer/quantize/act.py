@@ -71,8 +71,7 @@ class ActQuantizer(nn.Module):
             rows = self.samples()
             flat = rows if self.per_channel else rows.reshape(-1, 1)
             q = torch.tensor([1 - percentile / 100, percentile / 100])
-            lo, hi = torch.quantile(flat[:200_000], q[0], dim=0), torch.quantile(
-                flat[:200_000], q[1], dim=0)
+            lo, hi = torch.quantile(flat[:200_000], q, dim=0)
             if not self.per_channel:
                 lo, hi = lo.reshape(()), hi.reshape(())
         elif how == "search":

@@ -111,7 +111,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
         lq.wq.calibrate(lq.matrix().detach(), search=config.method in ("repq", "repquant"))
 
     if config.method == "repquant" and config.recon_steps:
-        x_fp = _capture_inputs(qmodel, calib_data, config, quant_acts=False)
+        x_fp = _capture_float_inputs(qmodel, calib_data, config)
         by_name = {lq.name: lq for lq in state.linears.values()}
         lqs = [by_name[n] for n in x_fp]  # execution order
         kept = 0
@@ -142,14 +142,15 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
     return QuantResult(qmodel, n, time.perf_counter() - t0, notes)
 
 
-def _logits(out) -> torch.Tensor:
-    from slimformer.models.evaluate import _logits as pick
-
-    return pick(out)
+def _sample_rows(x: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
+    """``rows`` rows of ``x`` drawn with a fixed seed (the same rows for equally long inputs)."""
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:rows]]
 
 
 def _output_error(qmodel: QuantizedModel, calib_data, config: QuantConfig) -> float:
     """Mean squared difference of the quantized and float model outputs on the calibration data."""
+    from slimformer.models.evaluate import _logits
+
     state, total, count = qmodel.quant, 0.0, 0
     with torch.no_grad():
         for inputs in _batches(calib_data, config.calib_batch_size, config.calib_samples):
@@ -185,20 +186,17 @@ def _capture_one(qmodel: QuantizedModel, target, calib_data, config: QuantConfig
                     pass
     finally:
         del target.act_in
-    x = torch.cat(parts)
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed))[:rows]
-    return x[idx]
+    return _sample_rows(torch.cat(parts), rows, config.seed)
 
 
-def _capture_inputs(qmodel: QuantizedModel, calib_data, config: QuantConfig,
-                    quant_acts: bool, rows: int = 4096) -> dict[str, torch.Tensor]:
-    """Inputs ``(rows, in)`` of every quantized Linear (same rows for either setting).
+def _capture_float_inputs(qmodel: QuantizedModel, calib_data, config: QuantConfig,
+                          rows: int = 4096) -> dict[str, torch.Tensor]:
+    """Inputs ``(rows, in)`` of every quantized Linear in the float model, in execution order.
 
-    Weights stay float; with ``quant_acts`` the activation quantizers upstream are on (the inputs
-    the quantized model will see), without it the inputs are the float model's.
+    Rows are drawn as in :func:`_capture_one`, so both captures of a layer hold the same rows.
     """
     state = qmodel.quant
-    state.set_mode("quant" if quant_acts else "float")
+    state.set_mode("float")
     for lq in state.linears.values():
         lq.mode = "float"
     captured: dict[str, list[torch.Tensor]] = {}
@@ -219,7 +217,6 @@ def _capture_inputs(qmodel: QuantizedModel, calib_data, config: QuantConfig,
         x = torch.cat(parts)
         if x.shape[-1] != widths[name]:
             continue  # convolutions: inputs are images, not rows
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed))[:rows]
-        out[name] = x[idx]
+        out[name] = _sample_rows(x, rows, config.seed)
     state.set_mode("quant")
     return out

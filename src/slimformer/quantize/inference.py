@@ -14,7 +14,7 @@ import copy
 import torch
 
 from slimformer.errors import CalibrationError
-from slimformer.quantize.quantizers import SQRT2, log_sqrt2_codes
+from slimformer.quantize.quantizers import SQRT2
 
 
 @torch.no_grad()
@@ -50,7 +50,3 @@ def log2_two_scale_pv(probs_codes: torch.Tensor, flushed: torch.Tensor, delta: t
     odd_part = torch.where(odd, shift, torch.zeros_like(shift))
     return delta * (matmul(even_part, v) + SQRT2 * matmul(odd_part, v))
 
-
-def codes_of(p: torch.Tensor, delta: torch.Tensor, bits: int):
-    """Log-sqrt2 codes and flush mask of probabilities ``p``."""
-    return log_sqrt2_codes(p, delta, bits)

@@ -103,9 +103,9 @@ class AttentionQuant(nn.Module):
         pq = self.probs(p)
         self._last = None
         if self.inference and self.probs.kind == "log_sqrt2" and self.probs.mode == "quant":
-            from slimformer.quantize.inference import codes_of
+            from slimformer.quantize.quantizers import log_sqrt2_codes
 
-            self._last = (pq, *codes_of(p, self.probs.delta, self.probs.bits))
+            self._last = (pq, *log_sqrt2_codes(p, self.probs.delta, self.probs.bits))
         return pq
 
     def pv(self, probs: torch.Tensor, v: torch.Tensor, matmul) -> torch.Tensor:
