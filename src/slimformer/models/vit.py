@@ -47,7 +47,7 @@ class Attention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, heads, T, head_dim)
         scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5  # (B, heads, T, T)
         probs = scores.softmax(dim=-1)
-        out = (probs @ v).transpose(1, 2).reshape(b, t, d)  # (B, T, dim)
+        out = (probs @ v).transpose(1, 2).reshape(b, t, -1)  # (B, T, heads * head_dim)
         return self.proj(out)
 
 

@@ -1,0 +1,115 @@
+"""Physical slicing on the generality set and the zoo: smaller tensors, exact masked function."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from slimformer.errors import ConfigError, UnsupportedModelError
+from slimformer.models.generality import GENERALITY
+from slimformer.models.loading import load_model
+from slimformer.models.spec import ZooSpec
+from slimformer.models.structure import discover
+from slimformer.prune.slicing import (
+    SlicedMultiheadAttention,
+    SliceSpec,
+    head_groups,
+    slice_model,
+    sliceable,
+)
+
+# attention sites whose heads cannot be cut (with the reason's key phrase)
+NOT_SLICEABLE = {"t5": "sliced forward failed", "t5-eager": "sliced forward failed",
+                 "vit-digits-seq": "sliced forward failed"}
+
+
+def _load(name):
+    lm = load_model(GENERALITY[name] if name in GENERALITY else ZooSpec(name=name))
+    x = lm.example_inputs(2)
+    return lm.module.eval(), x, discover(lm.module, x)
+
+
+def _half(model, s, bad):
+    groups = head_groups(model, s)
+    heads = {i: tuple(range(max(g, (a.heads // g // 2) * g))) for i, (a, g)
+             in enumerate(zip(s.attention, groups, strict=True)) if i not in bad["heads"]}
+    mlp = {i: tuple(range(0, m.hidden, 2)) for i, m in enumerate(s.mlps)}
+    return SliceSpec(heads, mlp)
+
+
+@pytest.mark.parametrize("name", [*sorted(GENERALITY), "vit-fmnist", "vit-digits-seq",
+                                  "minilm-trec"])
+def test_slice_half(name):
+    model, x, s = _load(name)
+    before = copy.deepcopy(model.state_dict())
+    bad = sliceable(model, s, x)
+    assert bad["mlp"] == {}
+    if name in NOT_SLICEABLE:
+        assert set(bad["heads"]) == set(range(len(s.attention)))
+        assert all(NOT_SLICEABLE[name] in why for why in bad["heads"].values())
+    else:
+        assert bad["heads"] == {}
+    spec = _half(model, s, bad)
+    out = slice_model(model, s, spec, check_inputs=x)  # checks against the masked original
+    # the original is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    s2 = discover(out, x)
+    assert [a.heads for a in s2.attention] == [
+        len(spec.heads.get(i, range(a.heads))) for i, a in enumerate(s.attention)]
+    assert [m.hidden for m in s2.mlps] == [len(spec.mlp[i]) for i in range(len(s.mlps))]
+    assert s2.params < s.params and s2.macs < s.macs
+    for m in out.modules():
+        if isinstance(m, nn.Linear):
+            assert tuple(m.weight.shape) == (m.out_features, m.in_features)
+
+
+def test_inplace_and_spec_roundtrip():
+    model, x, s = _load("bert")
+    spec = SliceSpec({0: (1, 3)}, {1: (0, 5, 7)})
+    assert SliceSpec.from_dict(spec.to_dict()) == spec
+    ref = slice_model(model, s, spec)
+    out = slice_model(model, s, spec, inplace=True)
+    assert out is model
+    with torch.no_grad():
+        a, b = ref(**x).logits, model(**x).logits
+    torch.testing.assert_close(a, b)
+    assert model.bert.encoder.layer[0].attention.self.query.out_features == 32
+
+
+def test_bad_specs():
+    model, x, s = _load("bert")
+    with pytest.raises(ConfigError, match=r"no attention site 7; the model has 2"):
+        slice_model(model, s, SliceSpec(heads={7: (0,)}))
+    with pytest.raises(ConfigError, match=r"keeps no unit"):
+        slice_model(model, s, SliceSpec(mlp={0: ()}))
+    with pytest.raises(ConfigError, match=r"indices must be in 0..3"):
+        slice_model(model, s, SliceSpec(heads={0: (0, 9)}))
+    llama, lx, ls = _load("llama")
+    with pytest.raises(ConfigError, match=r"keep whole groups of 2"):
+        slice_model(llama, ls, SliceSpec(heads={0: (0, 2)}))
+
+
+def test_t5_heads_raise_typed_error():
+    model, x, s = _load("t5")
+    with pytest.raises(UnsupportedModelError, match=r"does not adapt to fewer heads"):
+        slice_model(model, s, SliceSpec(heads={0: (0, 1)}), check_inputs=x)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_sliced_mha_matches_torch(batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    ours = copy.deepcopy(mha)
+    ours.__class__ = SlicedMultiheadAttention
+    x = torch.randn(3, 5, 32)
+    x = x if batch_first else x.transpose(0, 1)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    for kw in ({}, {"key_padding_mask": pad}, {"attn_mask": causal, "key_padding_mask": pad}):
+        for need in (True, False):
+            a, wa = mha(x, x, x, need_weights=need, **kw)
+            b, wb = ours(x, x, x, need_weights=need, **kw)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            if need:
+                torch.testing.assert_close(wa, wb, rtol=1e-4, atol=1e-5)
