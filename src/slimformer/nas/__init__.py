@@ -1,1 +1,28 @@
-"""Multi-objective search over sub-networks and bit-widths: filled by the nas issue."""
+"""Multi-objective search over sub-networks and per-layer bit-widths (SimQ-NAS / InstaTune).
+
+Public API (loaded lazily, so importing the package stays cheap)::
+
+    from slimformer.nas import SearchConfig, search
+    result = search(model, SearchConfig(objectives=["accuracy", "latency"]), train, val)
+    result.front        # the measured Pareto front
+    result.model        # the chosen sub-network, quantized
+"""
+
+from __future__ import annotations
+
+from slimformer.nas.config import SearchConfig, SpaceConfig
+
+_LAZY = {
+    "search": "slimformer.nas.api",
+    "SearchResult": "slimformer.nas.api",
+}
+
+__all__ = ["SearchConfig", "SpaceConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

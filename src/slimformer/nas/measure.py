@@ -1,0 +1,208 @@
+"""Measure a sub-network for real: extract it as a smaller model, quantize it, evaluate it.
+
+Extraction reuses prune's physical slicing (:func:`slimformer.prune.slicing.slice_model`) for
+heads and MLP units; dropped residual blocks are replaced by a module that returns its input.
+Each layer group gets its bit-widths through :class:`~slimformer.quantize.config.QuantConfig`
+``overrides`` (``float`` layers through ``keep_float``). Latency is that of the extracted float
+model in ONNX Runtime (fixed-shape export, median of repeats); size is the deployed size in bytes
+(quantized weights at their bit-width); MACs per sample come from the sliced model's forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slimformer.nas.space import SubNet
+from slimformer.nas.supernet import SuperNet
+
+
+class DroppedBlock(nn.Module):
+    """Stands in for a dropped residual block: returns the hidden state it was given.
+
+    Args:
+        output_tuple: 0 when the block returned a tensor, else the length of its output tuple
+            (the hidden state first, the other items None).
+    """
+
+    def __init__(self, output_tuple: int = 0):
+        super().__init__()
+        self.output_tuple = output_tuple
+
+    def forward(self, *args, **kwargs):
+        """Return the first tensor argument (in the block's output format)."""
+        from slimformer.nas.space import _first_tensor
+
+        x = _first_tensor((args, kwargs))
+        return x if not self.output_tuple else (x, *([None] * (self.output_tuple - 1)))
+
+
+def slicing_available() -> bool:
+    """Whether prune's physical slicing can be imported."""
+    try:
+        from slimformer.prune.slicing import slice_model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def extract(net: SuperNet, sub: SubNet) -> tuple[nn.Module, bool]:
+    """The sub-network as a standalone model and whether it was physically sliced.
+
+    Without prune's slicing the heads and units are masked (zeroed) in a copy instead; dropped
+    blocks are removed either way.
+    """
+    space = net.space
+    heads, units = net.kept(sub)
+    attn_on, mlp_on = space.site_kept(sub)
+    heads = {i: k for i, k in heads.items() if attn_on[i] and len(k) < space.full_heads[i]}
+    units = {i: k for i, k in units.items() if mlp_on[i] and len(k) < space.full_mlp[i]}
+    sliced = True
+    if heads or units:
+        try:
+            from slimformer.prune.slicing import SliceSpec, slice_model
+        except ImportError:
+            sliced = False
+        if sliced:
+            model = slice_model(net.model, net.structure, SliceSpec(heads=heads, mlp=units),
+                                inplace=False)
+        else:
+            model = _masked_copy(net, sub)
+    else:
+        model = copy.deepcopy(net.model)
+    for b, blk in enumerate(space.blocks):
+        if not sub.keep[b]:
+            parent, _, child = blk.path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    DroppedBlock(blk.output_tuple))
+    return model.eval(), sliced
+
+
+def _masked_copy(net: SuperNet, sub: SubNet) -> nn.Module:
+    """A deep copy whose head / unit masks stay applied (fallback without prune's slicing)."""
+    twin = SuperNet(copy.deepcopy(net.model), net.structure, net.space)
+    twin.load_state(net.state())
+    twin._set(sub)
+    twin._skip = set()
+    hooks = twin._hooks()
+    hooks.__enter__()  # kept for the copy's lifetime
+    twin.model._nas_masks = twin  # keep the masks alive with the model
+    return twin.model
+
+
+def quant_config(net: SuperNet, sub: SubNet, model: nn.Module, method: str, calib_samples: int):
+    """QuantConfig giving each surviving layer group its bit-widths."""
+    from slimformer.quantize.config import LayerOverride, QuantConfig
+
+    names = {n for n, _ in model.named_parameters()}
+    overrides, keep_float = [], []
+    for g, weights in enumerate(net.space.groups):
+        alive = [w for w in weights if w in names]
+        wb, ab = sub.wbits[g], sub.abits[g]
+        if wb == "float":
+            keep_float += alive
+        elif wb != 8 or ab != 8:
+            overrides += [LayerOverride(pattern=w, weight_bits=wb, act_bits=ab) for w in alive]
+    return QuantConfig(method=method, weight_bits=8, act_bits=8, overrides=overrides,
+                       keep_float=keep_float, calib_samples=calib_samples)
+
+
+def ort_latency(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int = 20,
+                warmup: int = 3) -> float:
+    """Median wall time (ms) of ``model(**inputs)`` in ONNX Runtime on this machine's CPU.
+
+    The model is exported with the fixed-shape (legacy) exporter, which is fast to run and
+    enough for a latency measurement at one shape.
+    """
+    import onnxruntime as ort
+
+    from slimformer.errors import ExportError
+    from slimformer.models.evaluate import _logits
+
+    names = list(inputs)
+
+    class _Positional(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return _logits(self.inner(**dict(zip(names, args, strict=True))))
+
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Positional(model).eval(), tuple(inputs.values()), buf,
+                              dynamo=False, input_names=names)
+    except Exception as exc:  # noqa: BLE001 - exporter failures come in many types
+        raise ExportError(f"ONNX export for the latency measurement failed: "
+                          f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    want = {i.name for i in sess.get_inputs()}
+    feeds = {k: v.numpy() for k, v in inputs.items() if k in want}
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(times))
+
+
+@dataclass
+class Measurement:
+    """Measured objectives of one sub-network."""
+
+    accuracy: float
+    size: int
+    macs: int
+    latency: float | None
+    params: int
+    sliced: bool
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def value(self, objective: str) -> float:
+        """The value of one objective."""
+        return float(getattr(self, objective))
+
+
+def measure(net: SuperNet, sub: SubNet, eval_data, calib_data, method: str, calib_samples: int,
+            latency: bool, latency_inputs: dict[str, torch.Tensor] | None = None,
+            latency_repeats: int = 20, return_model: bool = False):
+    """Extract, quantize and evaluate ``sub``; returns a :class:`Measurement` (and the model)."""
+    from slimformer.data.datasets import make_loader
+    from slimformer.models.evaluate import model_size, predict
+    from slimformer.models.structure import discover
+    from slimformer.quantize.api import _batches, quantize
+
+    t0 = time.perf_counter()
+    model, sliced = extract(net, sub)
+    first = next(_batches(calib_data, 2, 2))
+    smap = discover(model, first, require_attention=False)
+    cfg = quant_config(net, sub, model, method, calib_samples)
+    res = quantize(model, cfg, calib_data, smap, inplace=False)
+    preds, labels = predict(res.model, make_loader(eval_data, 256))
+    lat = None
+    if latency:
+        lat = ort_latency(model, latency_inputs, latency_repeats)
+    m = Measurement(accuracy=float((preds == labels).float().mean()),
+                    size=int(model_size(res.model)["bytes"]), macs=int(smap.macs),
+                    latency=lat, params=int(sum(p.numel() for p in model.parameters())),
+                    sliced=sliced, seconds=time.perf_counter() - t0)
+    if not sliced:
+        m.notes.append("prune's physical slicing is not available: heads/units were masked, "
+                       "so size, MACs and latency count them")
+    return (m, res.model, model) if return_model else m

@@ -1,0 +1,71 @@
+"""Pareto fronts, hypervolume and the front plot of measured sub-networks.
+
+Rows are dicts with the objective values (``accuracy`` maximized; ``latency``, ``size``, ``macs``
+minimized). Hypervolume is computed by Optuna's helper on losses ``1 - accuracy`` and
+``cost / reference cost``, against the reference point (1, 1, ...): the dominated share of the
+box between a perfect, free model and a useless one as costly as the reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def losses(rows: list[dict], objectives: list[str], ref: dict[str, float]) -> np.ndarray:
+    """``(N, k)`` losses: ``1 - accuracy`` and each cost divided by its reference value."""
+    cols = [[1.0 - r["accuracy"] if o == "accuracy" else float(r[o]) / ref[o] for o in objectives]
+            for r in rows]
+    return np.asarray(cols, dtype=np.float64).reshape(len(rows), len(objectives))
+
+
+def pareto_front(rows: list[dict], objectives: list[str]) -> list[dict]:
+    """The non-dominated rows, sorted by their first cost objective."""
+    ref = {o: 1.0 for o in objectives}
+    lv = losses(rows, objectives, ref)
+    keep = []
+    for i in range(len(rows)):
+        dominated = np.any(np.all(lv <= lv[i], axis=1) & np.any(lv < lv[i], axis=1))
+        if not dominated:
+            keep.append(i)
+    cost = next(o for o in objectives if o != "accuracy")
+    uniq = {id(rows[i]): rows[i] for i in keep}
+    return sorted(uniq.values(), key=lambda r: (r[cost], -r["accuracy"]))
+
+
+def hypervolume(rows: list[dict], objectives: list[str], ref: dict[str, float]) -> float:
+    """Hypervolume of ``rows`` against reference costs ``ref`` (see the module docstring)."""
+    from optuna._hypervolume import compute_hypervolume
+
+    lv = losses(rows, objectives, ref)
+    lv = lv[np.all(lv < 1.0, axis=1)] if len(lv) else lv
+    if not len(lv):
+        return 0.0
+    return float(compute_hypervolume(lv, np.ones(len(objectives))))
+
+
+def plot_front(groups: dict[str, list[dict]], objectives: list[str], path,
+               reference: dict | None = None, title: str = "") -> None:
+    """Scatter accuracy against each cost objective; one series per group; PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    costs = [o for o in objectives if o != "accuracy"]
+    fig, axes = plt.subplots(1, len(costs), figsize=(5 * len(costs), 3.8), squeeze=False)
+    unit = {"latency": "latency (ms)", "size": "size (bytes)", "macs": "MACs per sample"}
+    for ax, c in zip(axes[0], costs, strict=True):
+        for (label, rows), style in zip(groups.items(), ("o", "s", "^", "x", "d"), strict=False):
+            if rows:
+                pts = sorted(rows, key=lambda r: r[c])
+                ax.plot([r[c] for r in pts], [r["accuracy"] for r in pts], style,
+                        linestyle="-" if "front" in label else "none", label=label, alpha=0.8)
+        if reference:
+            ax.plot([reference[c]], [reference["accuracy"]], "*", ms=14, label="INT8 full model")
+        ax.set_xlabel(unit[c])
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
