@@ -248,6 +248,79 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
     con.print(f"saved to {out}/")
 
 
+@app.command()
+def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
+           out: Annotated[Path, typer.Option(help="Folder for the front (json, md, png) and "
+                                             "the chosen sub-network.")],
+           objectives: Annotated[str, typer.Option(help="Comma-separated: accuracy plus any of "
+                                                   "latency, size, macs.")] = "accuracy,size",
+           samples: Annotated[int, typer.Option(help="Sub-networks measured for the "
+                                                "predictors.")] = 30,
+           train_steps: Annotated[int, typer.Option(help="Super-network fine-tuning "
+                                                    "steps.")] = 200,
+           front_max: Annotated[int, typer.Option(help="Predicted-front sub-networks "
+                                                  "measured.")] = 8,
+           val_rows: Annotated[int, typer.Option(help="Train rows held out to measure "
+                                                 "sub-networks.")] = 1000,
+           storage: Annotated[str, typer.Option(help="Journal file or database URL of the "
+                                                "Optuna study.")] = "nas-studies/{study}.journal",
+           study: Annotated[str, typer.Option(help="Study name (resumes when it "
+                                              "exists).")] = "search",
+           worker: Annotated[bool, typer.Option(help="Only measure sub-networks into the "
+                                                "shared study.")] = False,
+           data: Annotated[str | None, typer.Option(help="Built-in data set (default: the "
+                                                    "zoo model's).")] = None,
+           config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
+           = None):
+    """Search sub-networks and per-layer bit-widths; print the measured Pareto front."""
+    from pydantic import ValidationError
+
+    from slimformer.data.datasets import get_dataset
+    from slimformer.errors import ConfigError, DataError
+    from slimformer.nas.api import search as run_search
+    from slimformer.nas.api import split_holdout
+    from slimformer.nas.config import SearchConfig
+    from slimformer.nas.output import predictor_lines, write_search
+    from slimformer.pipeline import check_fit
+    from slimformer.recipe import format_errors
+    from slimformer.report.io import atomic_dir
+
+    con, _ = _console()
+    with _errors():
+        try:
+            cfg = SearchConfig(objectives=[o.strip() for o in objectives.split(",") if o.strip()],
+                               samples=samples, train_steps=train_steps, front_max=front_max,
+                               storage=storage, study=study)
+        except ValidationError as exc:
+            raise ConfigError(format_errors(exc, SearchConfig), "options") from None
+        lm = _load(model, config)
+        name = data or lm.dataset
+        if name is None:
+            raise DataError("this model has no built-in data set: pass --data NAME")
+        train, val = split_holdout(get_dataset(name, "train"), val_rows)
+        calib = get_dataset(name, "calib")
+        for ds in (train, val, calib):
+            check_fit(lm, ds)
+        with _progress() as prog:
+            res = run_search(lm.module, cfg, train, val, progress=prog, calib_data=calib,
+                             worker=worker)
+        if worker:
+            con.print(f"worker done: the study holds {len(res.measured)} measured "
+                      "sub-networks")
+            return
+        with atomic_dir(out) as tmp:
+            write_search(res, tmp)
+    cols = [c for c in ("accuracy", "latency", "size", "macs") if c in res.objectives]
+    t = _table("sub-network", "phase", *cols, title="Measured Pareto front (validation rows)")
+    for r in [res.reference, *res.front]:
+        t.add_row(r.get("sub") or "", r.get("phase") or "", *(f"{r[c]:.4g}" for c in cols))
+    con.print(t)
+    for line in predictor_lines(res):
+        con.print(line, markup=False, highlight=False)
+    con.print(f"hypervolume {res.hypervolume:.4f}; chosen {res.chosen['sub']}; written to "
+              f"{out}/")
+
+
 @zoo_app.command("list")
 def zoo_list():
     """List the zoo: task, data set, params, recorded FP32 metric."""

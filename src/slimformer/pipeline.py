@@ -17,7 +17,7 @@ import torch
 
 from slimformer import __version__
 from slimformer.errors import DataError
-from slimformer.recipe import EvaluateStage, QuantizeStage, Recipe
+from slimformer.recipe import EvaluateStage, QuantizeStage, Recipe, SearchStage
 from slimformer.report.model import Report, StageRecord, environment
 
 # progress(description, completed, total): called by long steps; None = silent.
@@ -116,9 +116,43 @@ def run_quantize(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
     return rec
 
 
+def run_search(ctx: RunContext, stage: SearchStage) -> StageRecord:
+    """Search sub-networks and bit-widths; later stages get the chosen one (inference form)."""
+    from slimformer.data.datasets import get_dataset
+    from slimformer.nas.api import search, split_holdout
+    from slimformer.nas.output import predictor_lines, write_search
+    from slimformer.quantize.inference import to_inference
+
+    name = ctx.recipe.data.dataset or ctx.loaded.dataset
+    train, val = split_holdout(get_dataset(name, "train"), stage.val_rows)
+    calib = get_dataset(name, ctx.recipe.data.calib_split)
+    check_fit(ctx.loaded, train)
+    check_fit(ctx.loaded, calib)
+    cfg = stage.search_config()
+    if "study" not in stage.model_fields_set:
+        cfg = cfg.model_copy(update={"study": ctx.recipe.name})
+    res = search(ctx.model, cfg, train, val, ctx.structure, ctx.progress, calib_data=calib)
+    ctx.model = to_inference(res.model)
+    ctx.structure = res.structure
+    rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
+    chosen = res.chosen or {}
+    rec.metrics = {"measured": len(res.measured), "front": len(res.front),
+                   "hypervolume": round(res.hypervolume, 4), "chosen": chosen.get("sub", ""),
+                   "val_accuracy": chosen.get("accuracy"),
+                   "val_accuracy_int8_full": res.reference.get("accuracy")}
+    rec.metrics |= {f"{o}_vs_int8_full": round(chosen[o] / res.reference[o], 3)
+                    for o in res.objectives if o != "accuracy" and res.reference.get(o)}
+    rec.notes = ["measured Pareto front (validation rows):", *res.table(),
+                 *predictor_lines(res), *res.notes]
+    if stage.save:
+        ctx.artifacts["search"] = lambda d: write_search(res, d)
+    return rec
+
+
 STAGE_HANDLERS: dict[type, Callable[[RunContext, object], StageRecord]] = {
     EvaluateStage: run_evaluate,
     QuantizeStage: run_quantize,
+    SearchStage: run_search,
 }
 
 

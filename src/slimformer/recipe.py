@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slimformer.errors import ConfigError
 from slimformer.models.spec import ModelSpec, ZooSpec
+from slimformer.nas.config import SearchConfig
 from slimformer.quantize.config import QuantConfig
 
 RECIPE_VERSION = 1
@@ -76,8 +77,25 @@ class QuantizeStage(QuantConfig):
         return QuantConfig(**self.model_dump(exclude={"type", "save"}))
 
 
-Stage = Annotated[EvaluateStage | QuantizeStage, Field(discriminator="type")]
-STAGE_TYPES = ("evaluate", "quantize")
+class SearchStage(SearchConfig):
+    """Multi-objective search over sub-networks and bit-widths (see ``SearchConfig``).
+
+    The last ``val_rows`` rows of the train split measure sub-networks (the rest fine-tunes the
+    super-network); later stages see the chosen sub-network, quantized, in inference form. The
+    default study name is the recipe's name.
+    """
+
+    type: Literal["search"] = "search"
+    val_rows: Annotated[int, Field(ge=10)] = 1000
+    save: bool = True
+
+    def search_config(self) -> SearchConfig:
+        """The plain config, without the stage fields."""
+        return SearchConfig(**self.model_dump(exclude={"type", "val_rows", "save"}))
+
+
+Stage = Annotated[EvaluateStage | QuantizeStage | SearchStage, Field(discriminator="type")]
+STAGE_TYPES = ("evaluate", "quantize", "search")
 
 
 class OutputConfig(_Strict):
@@ -189,7 +207,7 @@ def _cross_checks(recipe: Recipe) -> list[str]:
                         f"built-in ones: {', '.join(DATASET_NAMES)}")
     seen_quantize = False
     for i, st in enumerate(recipe.stages):
-        if st.type == "quantize":
+        if st.type in ("quantize", "search"):  # search quantizes the chosen sub-network
             if seen_quantize:
                 problems.append(f"stages[{i}]: the model is quantized already (one quantize "
                                 "stage per recipe)")

@@ -56,6 +56,7 @@ class SearchResult:
     model: nn.Module | None = None
     float_model: nn.Module | None = None
     chosen_spec: dict = field(default_factory=dict)
+    structure: object = None
     space_size: int = 0
     train: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -90,10 +91,23 @@ def _subset(ds, n: int | None):
     return TensorDictDataset({k: v[:n] for k, v in ds.inputs.items()}, ds.labels[:n])
 
 
+def split_holdout(ds, rows: int):
+    """``(first rows, last rows rows)`` of a data set: fine-tuning rows and validation rows."""
+    from slimformer.data.datasets import TensorDictDataset
+    from slimformer.errors import DataError
+
+    if rows >= len(ds):
+        raise DataError(f"cannot hold out {rows} validation rows of a {len(ds)}-row split")
+    cut = len(ds) - rows
+    part = lambda a, b: TensorDictDataset({k: v[a:b] for k, v in ds.inputs.items()},  # noqa: E731
+                                          ds.labels[a:b])
+    return part(0, cut), part(cut, len(ds))
+
+
 def _row(t) -> dict:
     r = {k: t.user_attrs.get(k) for k in ROW_KEYS}
     r |= {"sub": t.user_attrs.get("sub"), "phase": t.user_attrs.get("phase"), "trial": t.number,
-          "params_choice": dict(t.params)}
+          "params_choice": dict(t.user_attrs.get("choices") or t.params)}
     return r
 
 
@@ -218,7 +232,8 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
         full8 = dataclasses.replace(space.largest(), wbits=tuple(8 for _ in space.groups),
                                     abits=tuple(8 for _ in space.groups))
         trial = study.ask(fixed_distributions={})
-        st.run_trial(study, trial, "reference", lambda s: evaluate(s, ref_net), objectives, full8)
+        st.run_trial(study, trial, "reference", lambda s: evaluate(s, ref_net), objectives, full8,
+                     space.to_params(full8))
     st.sample_worker(storage, study, space, evaluate, objectives, config.samples, config.seed,
                      tick)
     rows = [_row(t) for t in st.measured(study)]
@@ -245,7 +260,7 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
                                                                 len(done_front))]
     for i, sub in enumerate(todo):
         trial = study.ask(fixed_distributions={})
-        st.run_trial(study, trial, "front", evaluate, objectives, sub)
+        st.run_trial(study, trial, "front", evaluate, objectives, sub, space.to_params(sub))
         tick("measure predicted front", i + 1, len(todo))
 
     # 7. the measured front and the chosen sub-network
@@ -261,6 +276,10 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
     sub = space.from_params(chosen["params_choice"])
     _, qmodel, fmodel = evaluate(sub, keep=True)
     result.model, result.float_model = qmodel, fmodel
+    from slimformer.models.structure import discover
+    from slimformer.quantize.api import _batches
+
+    result.structure = discover(fmodel, next(_batches(evald, 2, 2)), require_attention=False)
     heads, units = net.kept(sub)
     result.chosen_spec = {"sub": sub.key(), "keep": list(sub.keep),
                           "heads": {str(k): list(v) for k, v in heads.items()},

@@ -111,7 +111,8 @@ def measured(study, phase: str | None = None) -> list:
             if phase is None or t.user_attrs.get("phase") == phase]
 
 
-def run_trial(study, trial, phase: str, evaluate: Callable, objectives: list[str], sub) -> dict:
+def run_trial(study, trial, phase: str, evaluate: Callable, objectives: list[str], sub,
+              choices: dict) -> dict:
     """Measure ``sub`` in ``trial`` (a duplicate of a measured sub-network reuses its values)."""
     from optuna.trial import TrialState
 
@@ -119,6 +120,7 @@ def run_trial(study, trial, phase: str, evaluate: Callable, objectives: list[str
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("pid", os.getpid())
     trial.set_user_attr("sub", sub.key())
+    trial.set_user_attr("choices", choices)
     done = next((t for t in measured(study) if t.user_attrs.get("sub") == sub.key()), None)
     try:
         if done is not None:
@@ -155,7 +157,7 @@ def sample_worker(storage, study, space, evaluate: Callable, objectives: list[st
     while count(local, "sample", running=True) < target:
         trial = local.ask()
         sub = space.suggest(trial)
-        run_trial(local, trial, "sample", evaluate, objectives, sub)
+        run_trial(local, trial, "sample", evaluate, objectives, sub, space.to_params(sub))
         mine += 1
         if progress:
             progress("measure sub-networks", count(local, "sample"), target)

@@ -1,0 +1,69 @@
+"""Write a search's results: front table (Markdown, JSON), front plot, the chosen sub-network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from slimformer.nas.api import SearchResult
+from slimformer.nas.pareto import plot_front
+
+
+def _clean(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "params_choice"} | {
+        "choices": row.get("params_choice", {})}
+
+
+def summary(result: SearchResult) -> dict:
+    """JSON-ready summary: objectives, reference, front, predictors, hypervolume, chosen."""
+    return {
+        "objectives": result.objectives,
+        "space_size": result.space_size,
+        "train": result.train,
+        "reference": _clean(result.reference),
+        "front": [_clean(r) for r in result.front],
+        "measured": [_clean(r) for r in result.measured],
+        "predictors": result.predictors,
+        "hypervolume": result.hypervolume,
+        "chosen": _clean(result.chosen) if result.chosen else None,
+        "chosen_spec": result.chosen_spec,
+        "notes": result.notes,
+        "seconds": round(result.seconds, 1),
+    }
+
+
+def predictor_lines(result: SearchResult) -> list[str]:
+    """One line per objective predictor with its held-out rank correlation."""
+    return [f"predictor {o}: {p['kind']}, held-out Spearman {p['spearman']:.3f}, Kendall "
+            f"{p['kendall']:.3f} ({p['holdout']} sub-networks)" for o, p in
+            result.predictors.items()]
+
+
+def write_search(result: SearchResult, out_dir: str | Path) -> None:
+    """``front.json``, ``front.md``, ``front.png`` and ``chosen.safetensors`` into ``out_dir``.
+
+    The folder is expected to be a fresh (temporary) one: callers wrap it in an atomic writer.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "front.json").write_text(json.dumps(summary(result), indent=2, default=str) + "\n",
+                                    encoding="utf-8")
+    md = ["# Measured Pareto front", "", *result.table(), "", *predictor_lines(result), "",
+          f"hypervolume {result.hypervolume:.4f}; {len(result.measured)} sub-networks measured "
+          f"of {result.space_size:,} in the space", ""]
+    if result.chosen:
+        md.append(f"chosen: {result.chosen['sub']} (accuracy {result.chosen['accuracy']:.4f})")
+    (out / "front.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    groups = {"measured": [r for r in result.measured if r["phase"] == "sample"],
+              "predicted front, measured": [r for r in result.measured if r["phase"] == "front"],
+              "measured front": result.front}
+    plot_front(groups, result.objectives, out / "front.png", result.reference,
+               "sub-networks: accuracy against cost")
+    if result.float_model is not None:
+        state = {k: v.detach().contiguous().clone() for k, v in
+                 result.float_model.state_dict().items()}
+        save_file(state, str(out / "chosen.safetensors"))
+        (out / "chosen.json").write_text(json.dumps(result.chosen_spec, indent=2) + "\n",
+                                         encoding="utf-8")
