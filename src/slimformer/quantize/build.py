@@ -9,6 +9,7 @@ from torch import nn
 from slimformer.errors import ConfigError, UnsupportedModelError
 from slimformer.quantize.act import ActQuantizer
 from slimformer.quantize.config import QuantConfig
+from slimformer.quantize.quantizers import WeightQuantizer
 from slimformer.quantize.state import (
     AttentionQuant,
     LinearQuant,
@@ -68,6 +69,6 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
         state.attention[key] = AttentionQuant(site.module, config.act_bits, config.softmax_kind)
     if config.power_of_two_scales:
         for m in state.modules():
-            if isinstance(m, ActQuantizer):
+            if isinstance(m, (ActQuantizer, WeightQuantizer)):
                 m.pow2 = True
     return QuantizedModel(model, state, config)

@@ -45,7 +45,8 @@ class QuantConfig(BaseModel):
         percentile: Clipping percentile of the ``percentile`` baseline.
         clip_steps / recon_steps: Optimization steps of repquant's dual clipping and weight
             rounding per layer.
-        power_of_two_scales: Round activation scales to powers of two (FPGA targets).
+        power_of_two_scales: Round activation and weight scales to powers of two (FPGA targets:
+            every quantized tensor is then exactly an ``ap_fixed<W, I>``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -77,6 +77,7 @@ class WeightQuantizer(nn.Module):
     def __init__(self, bits: int):
         super().__init__()
         self.bits = bits
+        self.pow2 = False  # power-of-two scales (FPGA targets: exact ap_fixed weights)
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero", torch.zeros(1))
 
@@ -84,16 +85,23 @@ class WeightQuantizer(nn.Module):
     def calibrate(self, w: torch.Tensor, search: bool = False) -> None:
         """Set per-channel scale/zero from ``w (out, in)``."""
         lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
-        best_s, best_z = uniform_params(lo, hi, self.bits)
+        best_s, best_z = self._params(lo, hi)
         if search:
             best_err = ((fake_uniform(w, best_s, best_z, self.bits) - w) ** 2).sum(1, keepdim=True)
             for f in torch.linspace(0.5, 0.98, 25):
-                s, z = uniform_params(lo * f, hi * f, self.bits)
+                s, z = self._params(lo * f, hi * f)
                 err = ((fake_uniform(w, s, z, self.bits) - w) ** 2).sum(1, keepdim=True)
                 better = err < best_err
                 best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
                 best_err = torch.minimum(err, best_err)
         self.scale, self.zero = best_s, best_z
+
+    def _params(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, z = uniform_params(lo, hi, self.bits)
+        if self.pow2:
+            s = torch.exp2(torch.ceil(torch.log2(s)))
+            z = (-torch.minimum(lo, torch.zeros_like(lo)) / s).round().clamp(0, 2**self.bits - 1)
+        return s, z
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         """Fake-quantized ``w``."""

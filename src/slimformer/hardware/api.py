@@ -1,0 +1,186 @@
+"""``build_hls(model, config, out_dir, calib_data, eval_data) -> HlsResult``.
+
+Flow: lower the model to hls4ml's operations -> fixed-point types from our quantization (float
+tensors: calibration ranges) -> hls4ml project with the pitfall workarounds -> compile (g++) ->
+C simulation and our fixed-point reference on the evaluation set -> estimate -> synthesis when a
+tool is on PATH, else the exact command to run it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimformer.errors import DataError, HardwareError
+from slimformer.hardware.config import HlsConfig
+from slimformer.hardware.estimate import Estimate, estimate
+from slimformer.hardware.graph import HlsGraph, lower
+from slimformer.hardware.precision import Precisions, assign
+from slimformer.hardware.synth import SynthReport, find_report, find_tool, parse_csynth_xml, synth_command
+
+
+@dataclass
+class CsimResult:
+    """C simulation against the float model and our fixed-point reference."""
+
+    rows: int
+    accuracy_float: float | None
+    accuracy_quantized: float | None  # our fake-quantized model (None for a float input)
+    accuracy_csim: float | None
+    accuracy_reference: float | None
+    agreement_reference: float  # C-sim vs our fixed-point reference predictions
+    agreement_float: float  # C-sim vs float model predictions
+    max_error: float  # |C-sim - reference| over all outputs
+    mean_error: float
+    max_error_float: float  # |C-sim - float model|
+    mean_error_float: float
+
+
+@dataclass
+class HlsResult:
+    """An hls4ml project and what we know about it."""
+
+    project_dir: Path
+    graph: HlsGraph
+    precisions: Precisions
+    estimate: Estimate
+    csim: CsimResult | None
+    synth_tool: str | None
+    synth_command: str
+    synthesis: SynthReport | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    hls_model: object = None  # hls4ml ModelGraph (compiled)
+
+
+def _split(model: nn.Module):
+    from slimformer.quantize.state import QuantizedModel
+
+    if isinstance(model, QuantizedModel):
+        return model.model, model
+    return model, None
+
+
+def _inputs(data, rows: int | None) -> dict[str, torch.Tensor]:
+    inputs = getattr(data, "inputs", None)
+    if not isinstance(inputs, dict):
+        raise DataError("hls data must be a TensorDictDataset (inputs dict + labels)")
+    return {k: v[:rows] if rows else v for k, v in inputs.items()}
+
+
+def _predict_hls(hls_model, x: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    arrays = [np.ascontiguousarray(x[n].numpy().astype(np.float32)) for n in names]
+    y = hls_model.predict(arrays[0] if len(arrays) == 1 else arrays)
+    return torch.tensor(np.asarray(y, dtype=np.float64)).reshape(len(arrays[0]), -1)
+
+
+def build_hls(model: nn.Module, config: HlsConfig, out_dir: str | Path, calib_data,
+              eval_data=None, compile: bool = True, run_synthesis: bool = True) -> HlsResult:
+    """Build, compile, C-simulate and estimate an hls4ml project of ``model``.
+
+    Args:
+        model: A :class:`~slimformer.quantize.state.QuantizedModel` (its quantizers give the
+            types; quantize with ``power_of_two_scales`` for an exact mapping) or a float model.
+        config: Backend, part, clock, reuse factors, strategy.
+        out_dir: Project folder (replaced).
+        calib_data: Data set for the ranges of tensors left in float (first
+            ``config.calib_samples`` rows).
+        eval_data: Data set with labels for the C simulation (None: skip).
+        compile: Compile with g++ (needed for C simulation).
+        run_synthesis: Run synthesis when a tool for the backend is on PATH.
+
+    Raises:
+        HardwareError: Unsupported operations (listed by module path), unmappable quantizers.
+    """
+    from slimformer.hardware.project import build_model_graph, check_reuse_patterns
+    from slimformer.hardware.reference import reference_outputs
+
+    t0 = time.perf_counter()
+    base, qmodel = _split(model)
+    base.eval()
+    calib = _inputs(calib_data, config.calib_samples)
+    graph = lower(base, {k: v[:1] for k, v in calib.items()}, config.decompose_mha)
+    missing = [n for n in graph.inputs if n not in calib]
+    if missing:
+        raise DataError(f"the data has no input(s) {missing}; it has {sorted(calib)}")
+    check_reuse_patterns(graph, config)
+    prec = assign(graph, qmodel, calib, config)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seconds = {"lower": time.perf_counter() - t0}
+    hls_model = build_model_graph(graph, prec, config, out)
+    est = estimate(graph, prec, config)
+    notes = list(prec.notes)
+    csim = None
+    if compile:
+        t1 = time.perf_counter()
+        try:
+            hls_model.compile()
+        except Exception as e:  # noqa: BLE001 - g++ / hls4ml raise plain exceptions
+            raise HardwareError(f"compiling the hls4ml project in {out} failed: {e}") from e
+        seconds["compile"] = time.perf_counter() - t1
+        if eval_data is not None:
+            t1 = time.perf_counter()
+            csim = _csim(hls_model, graph, prec, config, base, qmodel, eval_data,
+                         reference_outputs)
+            seconds["csim"] = time.perf_counter() - t1
+    tool = find_tool(config.backend)
+    cmd = synth_command(config.backend, out)
+    synthesis = None
+    if tool and run_synthesis:
+        hls_model.build(csim=False, synth=True, export=False)
+        rep = find_report(out, config.project_name)
+        synthesis = parse_csynth_xml(rep) if rep else None
+    elif not tool:
+        notes.append(f"no {' / '.join(_names(config.backend))} on PATH: synthesis not run; "
+                     f"run: {cmd}")
+    seconds["total"] = time.perf_counter() - t0
+    return HlsResult(out, graph, prec, est, csim, tool, cmd, synthesis, seconds, notes, hls_model)
+
+
+def _names(backend: str) -> tuple[str, ...]:
+    from slimformer.hardware.synth import TOOLS
+
+    return TOOLS[backend]
+
+
+def _csim(hls_model, graph, prec, config, base, qmodel, eval_data, reference_outputs) -> CsimResult:
+    from slimformer.models.evaluate import _logits
+
+    x = _inputs(eval_data, None)
+    labels = getattr(eval_data, "labels", None)
+    y_hls = _predict_hls(hls_model, x, graph.inputs)
+    with torch.no_grad():
+        y_ref = reference_outputs(graph, prec, x, config.table_size)[graph.outputs[0]]
+        y_ref = y_ref.reshape(len(y_hls), -1)
+        y_float = _logits(base(**x)).double().reshape(len(y_hls), -1) if qmodel is None else None
+        if qmodel is not None:
+            mode = [(m, m.mode) for m in qmodel.quant.modules() if hasattr(m, "mode")]
+            qmodel.quant.set_mode("float")
+            y_float = _logits(qmodel(**x)).double().reshape(len(y_hls), -1)
+            for m, md in mode:
+                m.mode = md
+                if hasattr(m, "_cache"):
+                    m._cache = None
+            y_q = _logits(qmodel(**x)).double().reshape(len(y_hls), -1)
+    if not torch.isfinite(y_hls).all():
+        raise HardwareError("the C simulation produced NaN or inf")
+
+    def acc(y):
+        return None if labels is None else float((y.argmax(1) == labels).double().mean())
+
+    err = (y_hls - y_ref).abs()
+    err_f = (y_hls - y_float).abs()
+    return CsimResult(
+        rows=len(y_hls), accuracy_float=acc(y_float),
+        accuracy_quantized=acc(y_q) if qmodel is not None else None,
+        accuracy_csim=acc(y_hls), accuracy_reference=acc(y_ref),
+        agreement_reference=float((y_hls.argmax(1) == y_ref.argmax(1)).double().mean()),
+        agreement_float=float((y_hls.argmax(1) == y_float.argmax(1)).double().mean()),
+        max_error=float(err.max()), mean_error=float(err.mean()),
+        max_error_float=float(err_f.max()), mean_error_float=float(err_f.mean()))
