@@ -74,6 +74,12 @@ def fit_predictors(x: np.ndarray, ys: dict[str, np.ndarray], kind: str, holdout:
         mean, scale = float(np.mean(y)), float(np.std(y)) or 1.0
         z = (y - mean) / scale
         best = None
+        if np.ptp(z[train]) == 0:  # a constant objective: nothing to learn
+            from sklearn.dummy import DummyRegressor
+
+            out[name] = Predictor(name, "constant", float("nan"), float("nan"), len(test),
+                                  DummyRegressor().fit(x, z), mean, scale)
+            continue
         for k in kinds:
             m = _make(k, seed).fit(x[train], z[train])
             rho, tau = _rank_corr(z[test], m.predict(x[test]))
