@@ -1,0 +1,225 @@
+"""``prune(model, PruneConfig, train_data, eval_data)``: search, slice, fine-tune.
+
+The input model is never changed: the search trains a copy. With a ``checkpoint`` folder the
+run writes ``search.pt`` (the slice spec and the sliced weights) after the search and
+``finetune.pt`` every ``checkpoint_every`` fine-tuning steps, atomically; a run given the same
+folder and config resumes from the last of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from slimformer.errors import ConfigError, DataError, UnsupportedModelError
+from slimformer.prune.config import PruneConfig
+from slimformer.prune.slicing import SliceSpec, slice_model, sliceable
+from slimformer.prune.train import Progress, finetune, make_loss
+
+
+@dataclass
+class PruneResult:
+    """A pruned model and what it cost.
+
+    Attributes:
+        model: The sliced, fine-tuned model (eval mode).
+        spec: Kept heads / MLP units per site (replays the slicing on the original model).
+        kept: ``{"heads": {site: (kept, total)}, "mlp": {site: (kept, total)}}``.
+        params_before / params_after: All parameters of the model.
+        macs_before / macs_after: MACs per sample on the example inputs.
+        prunable_before / prunable_after: The prunable cost (params or MACs, as ``target``).
+        search_seconds / finetune_seconds: Wall time of the two phases.
+        accuracy_before / accuracy_after: On ``eval_data`` when given.
+        skipped: Sites that cannot be sliced, with the reason.
+        notes: What else the run decided (resumed, distillation only ...).
+    """
+
+    model: nn.Module
+    spec: SliceSpec
+    kept: dict
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    prunable_before: float
+    prunable_after: float
+    search_seconds: float
+    finetune_seconds: float
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    skipped: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def reduction(self) -> float:
+        """``prunable_before / prunable_after`` (e.g. 2.0 for a 2x smaller prunable part)."""
+        return self.prunable_before / max(self.prunable_after, 1e-12)
+
+    def summary(self) -> dict:
+        """JSON-ready numbers (no model)."""
+        return {"params_before": self.params_before, "params_after": self.params_after,
+                "macs_before": self.macs_before, "macs_after": self.macs_after,
+                "prunable_before": self.prunable_before, "prunable_after": self.prunable_after,
+                "prunable_reduction": round(self.reduction, 4),
+                "search_seconds": round(self.search_seconds, 2),
+                "finetune_seconds": round(self.finetune_seconds, 2),
+                "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
+                "kept": {k: {str(i): list(v) for i, v in d.items()} for k, d in self.kept.items()}}
+
+
+def as_config(config) -> PruneConfig:
+    """A :class:`PruneConfig` from itself or a mapping; bad values raise :class:`ConfigError`."""
+    if isinstance(config, PruneConfig):
+        return config
+    try:
+        return PruneConfig.model_validate(config)
+    except ValidationError as exc:
+        from slimformer.recipe import format_errors
+
+        raise ConfigError(format_errors(exc, PruneConfig), "prune config") from None
+
+
+def _inputs(train_data, eval_data, inputs) -> dict:
+    if inputs is not None:
+        return inputs
+    for d in (train_data, eval_data):
+        if d is not None and len(d):
+            from slimformer.data.datasets import trim_padding
+
+            return trim_padding([d[i] for i in range(min(2, len(d)))])[0]
+    raise DataError("no example inputs: give train_data, eval_data or inputs")
+
+
+def _accuracy(model: nn.Module, data, batch_size: int = 256) -> float:
+    from slimformer.data.datasets import make_loader
+    from slimformer.models.evaluate import predict
+
+    preds, labels = predict(model, make_loader(data, batch_size))
+    return float((preds == labels).float().mean())
+
+
+def _cost(groups, keep=None) -> float:
+    if keep is None:
+        return float(sum(g.n * g.cost for g in groups))
+    return float(sum(int(k.sum()) * g.cost for g, k in zip(groups, keep, strict=True)))
+
+
+class _Checkpoints:
+    """``search.pt`` / ``finetune.pt`` in a folder, tagged with the config they belong to."""
+
+    def __init__(self, folder: str | Path | None, cfg: PruneConfig):
+        self.folder = Path(folder) if folder is not None else None
+        self.tag = cfg.model_dump_json()
+
+    def load(self, name: str) -> dict | None:
+        if self.folder is None or not (self.folder / name).is_file():
+            return None
+        state = torch.load(self.folder / name, weights_only=True)
+        return state if state.get("config") == self.tag else None
+
+    def save(self, name: str, state: dict) -> None:
+        if self.folder is None:
+            return
+        from slimformer.report.io import atomic_path
+
+        with atomic_path(self.folder / name) as tmp:
+            torch.save({**state, "config": self.tag}, tmp)
+
+
+def prune(model: nn.Module, config, train_data=None, eval_data=None, structure=None,
+          progress: Progress = None, inputs: dict | None = None,
+          checkpoint: str | Path | None = None) -> PruneResult:
+    """Prune ``model`` to ``config.ratio`` of its prunable cost; returns the smaller model.
+
+    Args:
+        model: Any transformer (not modified).
+        config: :class:`PruneConfig` (or a mapping of its fields).
+        train_data: ``TensorDictDataset`` for the search and fine-tuning (its train split).
+        eval_data: Optional ``TensorDictDataset``; accuracy before and after is measured on it.
+        structure: The model's :class:`StructureMap` (discovered when None).
+        progress: ``progress(phase, done, total)``.
+        inputs: Example inputs (default: two rows of the data).
+        checkpoint: Folder for resumable checkpoints.
+
+    Raises:
+        ConfigError: Bad config; a structure to prune that the model does not have.
+        DataError: Training asked for without ``train_data``; no example inputs.
+        UnsupportedModelError: No attention found, or no site can be sliced.
+    """
+    from slimformer.models.structure import discover
+    from slimformer.prune.units import to_spec, unit_groups
+    from slimformer.prune.upop import magnitude_keep, upop_search
+
+    cfg = as_config(config)
+    if cfg.needs_training and (train_data is None or len(train_data) == 0):
+        why = "the upop search trains" if cfg.method == "upop" else \
+            f"finetune_steps={cfg.finetune_steps}"
+        raise DataError(f"train_data is required: {why}; give the training split (e.g. "
+                        "get_dataset(name, 'train')), or use method='magnitude' with "
+                        "finetune_steps=0")
+    x = _inputs(train_data, eval_data, inputs)
+    model.eval()
+    if structure is None:
+        structure = discover(model, x, require_attention="heads" in cfg.structures)
+    missing = [f"structures: the model has no {s} (found {len(structure.attention)} attention "
+               f"site(s), {len(structure.mlps)} MLP(s))" for s, n in
+               (("heads", len(structure.attention)), ("mlp", len(structure.mlps)))
+               if s in cfg.structures and n == 0]
+    if missing:
+        raise ConfigError(missing, "prune config")
+    skipped = {k: v for k, v in sliceable(model, structure, x).items() if k in cfg.structures}
+    groups = unit_groups(model, structure, cfg.structures, skipped, cfg.target, x)
+    if not groups:
+        raise UnsupportedModelError(f"nothing to prune: no site can be sliced: {skipped}")
+    notes: list[str] = []
+    ckpt = _Checkpoints(checkpoint, cfg)
+    torch.manual_seed(cfg.seed)
+    teacher = model if cfg.distill > 0 else None
+    loss_fn = make_loss(cfg.distill, cfg.temperature, teacher)
+    t0 = time.perf_counter()
+    saved = ckpt.load("search.pt")
+    if saved is not None:
+        spec = SliceSpec.from_dict(json.loads(saved["spec"]))
+        pruned = slice_model(model, structure, spec)
+        pruned.load_state_dict(saved["state"])
+        keep = [torch.tensor(k) for k in json.loads(saved["keep"])]
+        notes.append("search resumed from checkpoint")
+    else:
+        work = copy.deepcopy(model)
+        if cfg.method == "upop":
+            keep = upop_search(work, groups, cfg, train_data, loss_fn, progress)
+        else:
+            keep = magnitude_keep(work, groups, cfg.ratio)
+        spec = to_spec(groups, keep)
+        pruned = slice_model(work, structure, spec, inplace=True)
+        ckpt.save("search.pt", {"spec": json.dumps(spec.to_dict()), "state": pruned.state_dict(),
+                                "keep": json.dumps([k.tolist() for k in keep])})
+    search_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    if cfg.finetune_steps > 0:
+        resume = ckpt.load("finetune.pt")
+        if resume is not None:
+            notes.append(f"fine-tuning resumed at step {resume['step']}")
+        finetune(pruned, train_data, cfg, loss_fn, cfg.finetune_steps, progress,
+                 lambda step, state: ckpt.save("finetune.pt", state), resume)
+    ft_s = time.perf_counter() - t1
+    pruned.eval()
+    after = discover(pruned, x, require_attention=False)
+    kept = {"heads": {g.site: (int(k.sum()) * g.group, g.n * g.group)
+                      for g, k in zip(groups, keep, strict=True) if g.kind == "heads"},
+            "mlp": {g.site: (int(k.sum()), g.n)
+                    for g, k in zip(groups, keep, strict=True) if g.kind == "mlp"}}
+    res = PruneResult(pruned, spec, kept, structure.params, after.params, structure.macs,
+                      after.macs, _cost(groups), _cost(groups, keep), search_s, ft_s,
+                      skipped={k: v for k, v in skipped.items() if v}, notes=notes)
+    if eval_data is not None:
+        res.accuracy_before = _accuracy(model, eval_data)
+        res.accuracy_after = _accuracy(pruned, eval_data)
+    return res

@@ -1,0 +1,102 @@
+"""UPop's unified progressive search, and the magnitude baseline's selection.
+
+UPop (Shi et al., 2023): learnable masks on every head and MLP unit; loss = task loss + L1 on the
+masks; every ``interval`` steps the accumulated mask gradients are standardized per kind
+(attention / MLP), all units of all layers and towers are ranked together, and the units with
+the largest gradients (those the loss pushes down hardest) whose cost adds up to the current
+target ``pi(t) = p sqrt((1 - cos(pi t / T)) / 2)`` get mask ``1 - pi(t)/p`` while the rest go
+back to 1. At ``t = T`` the chosen units have mask 0: they are what slicing removes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from slimformer.prune.train import Progress, batches, optimizer, trainable
+from slimformer.prune.units import Masks, UnitGroup, magnitude_scores
+
+
+def schedule(step: int, total: int, p: float) -> float:
+    """UPop's cosine-shaped target ratio ``pi(t)``."""
+    return p * math.sqrt((1 - math.cos(math.pi * min(step, total) / total)) / 2)
+
+
+def choose(score: list[torch.Tensor], groups: list[UnitGroup], fraction: float) -> list[torch.Tensor]:
+    """Pruned units: highest ``score`` first until their cost reaches ``fraction`` of the total.
+
+    Every site keeps at least its lowest-scored unit. Returns one boolean ``(n,)`` per group.
+    """
+    flat = torch.cat(score).clone().float()
+    cost = torch.cat([torch.full((g.n,), float(g.cost)) for g in groups])
+    offsets = [0]
+    for g in groups:
+        offsets.append(offsets[-1] + g.n)
+    for j in range(len(groups)):  # the best unit of each site is never pruned
+        flat[offsets[j] + int(score[j].argmin())] = -math.inf
+    order = torch.argsort(flat, descending=True, stable=True)
+    cum = torch.cumsum(cost[order], 0)
+    goal = fraction * float(cost.sum())
+    k = int(torch.argmin((cum - goal).abs())) + 1 if goal > 0 else 0
+    k = min(k, int(torch.isfinite(flat).sum()))
+    pruned = torch.zeros(len(flat), dtype=torch.bool)
+    pruned[order[:k]] = True
+    return [pruned[offsets[j]:offsets[j + 1]] for j in range(len(groups))]
+
+
+def _standardize(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / x.std().clamp_min(1e-12) if x.numel() > 1 else x * 0
+
+
+def upop_search(model: nn.Module, groups: list[UnitGroup], cfg, data, loss_fn,
+                progress: Progress = None) -> list[torch.Tensor]:
+    """Run the search on ``model`` (trained in place); returns the kept units per group."""
+    trainable(model)
+    opt, sched = optimizer(model, cfg.search_lr, cfg.weight_decay, cfg.search_steps, cfg.warmup)
+    it = batches(data, cfg.batch_size, cfg.seed)
+    total_steps, p = cfg.search_steps, cfg.ratio
+    pruned = [torch.zeros(g.n, dtype=torch.bool) for g in groups]
+    model.train()
+    with Masks(model, groups) as masks:
+        for step in range(1, total_steps + 1):
+            inputs, labels = next(it)
+            loss = loss_fn(model, inputs, labels)
+            loss = loss + cfg.sparsity_weight * sum(m.abs().sum() for m in masks.values)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step % cfg.interval == 0 or step == total_steps:
+                pi = schedule(step, total_steps, p)
+                grads = [m.grad if m.grad is not None else torch.zeros_like(m)
+                         for m in masks.values]
+                std = {}
+                for kind in ("heads", "mlp"):
+                    idx = [j for j, g in enumerate(groups) if g.kind == kind]
+                    if idx:
+                        z = _standardize(torch.cat([grads[j] for j in idx]))
+                        for j, part in zip(idx, z.split([groups[j].n for j in idx]), strict=True):
+                            std[j] = part
+                pruned = choose([std[j] for j in range(len(groups))], groups, pi)
+                alpha = 1.0 - pi / p
+                with torch.no_grad():
+                    for m, pr in zip(masks.values, pruned, strict=True):
+                        m.copy_(torch.where(pr, torch.full_like(m, alpha), torch.ones_like(m)))
+                        m.grad = None
+            if progress:
+                progress("search", step, total_steps)
+    model.eval()
+    return [~pr for pr in pruned]
+
+
+def magnitude_keep(model: nn.Module, groups: list[UnitGroup], ratio: float) -> list[torch.Tensor]:
+    """Baseline: cut every site by ``ratio`` (rounded, >= 1 unit kept), smallest norms first."""
+    keep = []
+    for g, s in zip(groups, magnitude_scores(model, groups), strict=True):
+        n_keep = max(1, min(g.n, round(g.n * (1 - ratio))))
+        k = torch.zeros(g.n, dtype=torch.bool)
+        k[torch.argsort(s, descending=True)[:n_keep]] = True
+        keep.append(k)
+    return keep

@@ -1,0 +1,135 @@
+"""prune(): the search, slicing and fine-tuning on small models; bad input; resume; save/load."""
+
+import pytest
+import torch
+
+from slimformer.data.datasets import TensorDictDataset
+from slimformer.errors import ConfigError, DataError, ModelLoadError, UnsupportedModelError
+from slimformer.models.generality import GENERALITY
+from slimformer.models.loading import load_model
+from slimformer.prune import PruneConfig, load_pruned, prune, save_pruned
+from slimformer.prune.units import UnitGroup
+from slimformer.prune.upop import choose, schedule
+
+FAST = dict(search_steps=4, interval=2, finetune_steps=2, batch_size=8)
+
+
+def _encoder_task(n=64, seed=0):
+    """torch-encoder generality model with a learnable synthetic task (label = argmax of mean)."""
+    lm = load_model(GENERALITY["torch-encoder"])
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, 64, generator=g)
+    y = x.mean(1)[:, :10].argmax(-1)
+    return lm, TensorDictDataset({"src": x}, y)
+
+
+def test_schedule_and_choose():
+    assert schedule(0, 10, 0.5) == 0.0 and schedule(10, 10, 0.5) == pytest.approx(0.5)
+    assert schedule(5, 10, 0.5) == pytest.approx(0.5 * 0.5**0.5)
+    groups = [UnitGroup("heads", 0, 4, 1, 16, (), (), 10.0), UnitGroup("mlp", 0, 8, 1, 1, (), (), 1.0)]
+    score = [torch.tensor([3.0, 2.0, 1.0, 0.0]), torch.arange(8.0)]
+    pruned = choose(score, groups, 0.5)  # 24 of 48: mlp 7..4, head 0, mlp 3, head 1 = 25
+    assert pruned[0].tolist() == [True, True, False, False]
+    assert pruned[1].tolist() == [False] * 3 + [True] * 5
+    everything = choose(score, groups, 1.0)
+    assert (~everything[0]).sum() == 1 and (~everything[1]).sum() == 1  # one unit per site stays
+
+
+@pytest.mark.parametrize("method", ["upop", "magnitude"])
+def test_prune_halves_prunable_params(method):
+    lm, data = _encoder_task()
+    before = {k: v.clone() for k, v in lm.module.state_dict().items()}
+    res = prune(lm.module, PruneConfig(ratio=0.5, method=method, **FAST), data, data)
+    assert all(torch.equal(before[k], v) for k, v in lm.module.state_dict().items())
+    assert 1.8 < res.reduction < 2.2
+    assert res.params_after < res.params_before and res.macs_after < res.macs_before
+    assert res.accuracy_before is not None and res.accuracy_after is not None
+    out = res.model(src=data.inputs["src"][:3])
+    assert out.shape == (3, 10)
+    heads = [k for k, _ in res.kept["heads"].values()]
+    assert all(h >= 1 for h in heads) and res.kept["mlp"]
+
+
+def test_macs_target_and_heads_only_bert():
+    lm = load_model(GENERALITY["bert"])
+    x = lm.example_inputs(16)
+    data = TensorDictDataset(x, torch.arange(16) % 2)
+    res = prune(lm.module, PruneConfig(ratio=0.5, target="macs", structures=["heads"], **FAST),
+                data)
+    assert set(res.kept) == {"heads", "mlp"} and not res.kept["mlp"]
+    assert sum(k for k, _ in res.kept["heads"].values()) < 8
+    assert res.model(**{k: v[:2] for k, v in x.items()}).logits.shape == (2, 2)
+
+
+def test_bad_input():
+    lm, data = _encoder_task()
+    for bad in ({"ratio": 1.0}, {"ratio": 0.0}, {"ratio": -0.5}):
+        with pytest.raises(ConfigError, match=r"ratio: Input should be (less|greater) than"):
+            prune(lm.module, bad, data)
+    with pytest.raises(ConfigError, match=r"unknown structure\(s\) \['embeddings'\]"):
+        prune(lm.module, {"structures": ["embeddings"]}, data)
+    with pytest.raises(DataError, match="train_data is required"):
+        prune(lm.module, PruneConfig(), None, data)
+    with pytest.raises(DataError, match="no example inputs"):
+        prune(lm.module, PruneConfig(method="magnitude", finetune_steps=0))
+
+
+def test_model_without_heads_or_mlp():
+    from torch import nn
+
+    data = TensorDictDataset({"input": torch.randn(8, 8)}, torch.zeros(8, dtype=torch.long))
+    head = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))  # not a residual MLP
+    with pytest.raises(ConfigError, match=r"structures: the model has no mlp \(found 0"):
+        prune(head, PruneConfig(method="magnitude", finetune_steps=0, structures=["mlp"]), data)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+    with pytest.raises(UnsupportedModelError, match="no attention found"):
+        prune(mlp, PruneConfig(method="magnitude", finetune_steps=0), data)
+    res = prune(mlp, PruneConfig(method="magnitude", finetune_steps=0, structures=["mlp"]), data)
+    assert res.model[0].weight.shape == (8, 8)
+    lm = load_model(GENERALITY["t5"])  # heads exist but cannot be cut (shared position bias)
+    with pytest.raises(UnsupportedModelError, match="nothing to prune"):
+        prune(lm.module, PruneConfig(method="magnitude", finetune_steps=0, structures=["heads"]),
+              inputs=lm.example_inputs(2))
+
+
+def test_resume_from_checkpoint(tmp_path, monkeypatch):
+    lm, data = _encoder_task()
+    cfg = PruneConfig(ratio=0.5, search_steps=4, interval=2, finetune_steps=6, batch_size=8,
+                      checkpoint_every=2)
+    import slimformer.prune.api as api
+
+    real = api.finetune
+    calls = []
+
+    def crash(*a, **k):  # interrupt fine-tuning after its first checkpoint
+        def ckpt(step, state):
+            k_ckpt(step, state)
+            raise KeyboardInterrupt
+
+        k_ckpt = a[6]
+        calls.append(1)
+        return real(*a[:6], ckpt, *a[7:], **k)
+
+    monkeypatch.setattr(api, "finetune", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prune(lm.module, cfg, data, checkpoint=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune.pt", "search.pt"]
+    monkeypatch.setattr(api, "finetune", real)
+    res = prune(lm.module, cfg, data, checkpoint=tmp_path)
+    assert "search resumed from checkpoint" in res.notes
+    assert "fine-tuning resumed at step 2" in res.notes
+    other = prune(lm.module, cfg.model_copy(update={"seed": 1}), data, checkpoint=tmp_path)
+    assert not other.notes  # a different config does not pick up the old checkpoint
+
+
+def test_save_load_roundtrip(tmp_path):
+    lm, data = _encoder_task()
+    cfg = PruneConfig(method="magnitude", finetune_steps=2, batch_size=8)
+    res = prune(lm.module, cfg, data)
+    save_pruned(res.model, res.spec, tmp_path / "p", lm.spec, cfg)
+    loaded = load_pruned(tmp_path / "p")
+    x = data.inputs["src"][:4]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(src=x), res.model(src=x))
+    with pytest.raises(ModelLoadError, match="not a saved pruned model"):
+        load_pruned(tmp_path)
