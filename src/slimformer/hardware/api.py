@@ -91,7 +91,7 @@ def build_hls(model: nn.Module, config: HlsConfig, out_dir: str | Path, calib_da
         calib_data: Data set for the ranges of tensors left in float (first
             ``config.calib_samples`` rows).
         eval_data: Data set with labels for the C simulation (None: skip).
-        compile: Compile with g++ (needed for C simulation).
+        compile: Compile with g++ (needed for C simulation); else only write the project.
         run_synthesis: Run synthesis when a tool for the backend is on PATH.
 
     Raises:
@@ -104,7 +104,7 @@ def build_hls(model: nn.Module, config: HlsConfig, out_dir: str | Path, calib_da
     base, qmodel = _split(model)
     base.eval()
     calib = _inputs(calib_data, config.calib_samples)
-    graph = lower(base, {k: v[:1] for k, v in calib.items()}, config.decompose_mha)
+    graph = lower(base, {k: v[:1] for k, v in calib.items()})
     missing = [n for n in graph.inputs if n not in calib]
     if missing:
         raise DataError(f"the data has no input(s) {missing}; it has {sorted(calib)}")
@@ -117,7 +117,9 @@ def build_hls(model: nn.Module, config: HlsConfig, out_dir: str | Path, calib_da
     est = estimate(graph, prec, config)
     notes = list(prec.notes)
     csim = None
-    if compile:
+    if not compile:
+        hls_model.write()
+    else:
         t1 = time.perf_counter()
         try:
             hls_model.compile()
@@ -184,3 +186,24 @@ def _csim(hls_model, graph, prec, config, base, qmodel, eval_data, reference_out
         agreement_float=float((y_hls.argmax(1) == y_float.argmax(1)).double().mean()),
         max_error=float(err.max()), mean_error=float(err.mean()),
         max_error_float=float(err_f.max()), mean_error_float=float(err_f.mean()))
+
+
+def summary(res: HlsResult) -> dict:
+    """Flat report metrics of an :class:`HlsResult` (C-sim, estimate, synthesis)."""
+    e = res.estimate
+    out: dict = {"project": str(res.project_dir), "layers": len(res.graph.ops),
+                 "estimate_label": e.label, "estimate_cycles": e.cycles,
+                 "estimate_latency_us": round(e.latency_us, 4), "clock_mhz": e.clock_mhz,
+                 "estimate_dsp": e.dsp, "estimate_lut": e.lut,
+                 "synthesis_tool": res.synth_tool or "none on PATH",
+                 "synthesis_command": res.synth_command}
+    if res.csim is not None:
+        c = res.csim
+        out.update({f"csim_{k}": (round(v, 6) if isinstance(v, float) else v)
+                    for k, v in vars(c).items()})
+    if res.synthesis is not None:
+        s = res.synthesis
+        out.update(synth_latency_cycles=s.latency_worst, synth_latency_ns=s.latency_ns,
+                   synth_interval=s.interval_max, synth_dsp=s.dsp, synth_lut=s.lut,
+                   synth_ff=s.ff, synth_bram_18k=s.bram_18k)
+    return out

@@ -81,7 +81,7 @@ def _module_path(node) -> str:
     return list(stack)[-1] if stack else "<top level>"
 
 
-def lower(model: nn.Module, example: dict[str, torch.Tensor], decompose_mha: bool = False) -> HlsGraph:
+def lower(model: nn.Module, example: dict[str, torch.Tensor]) -> HlsGraph:
     """Trace ``model`` on ``example`` (batch 1) and lower it to an :class:`HlsGraph`.
 
     Raises:
@@ -90,10 +90,6 @@ def lower(model: nn.Module, example: dict[str, torch.Tensor], decompose_mha: boo
     import torch.fx as fx
     from torch.fx.passes.shape_prop import ShapeProp
 
-    if decompose_mha:
-        from slimformer.hardware.substitute import decompose_mha as _decompose
-
-        model = _decompose(model)
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # noqa: BLE001 - fx raises plain errors on data-dependent control flow
@@ -250,8 +246,8 @@ def lower(model: nn.Module, example: dict[str, torch.Tensor], decompose_mha: boo
             f"{len(bad)} operation(s) cannot be built by hls4ml:\n"
             + "\n".join(f"  - {b}" for b in dict.fromkeys(bad))
             + "\nsupported: " + "; ".join(SUPPORTED)
-            + ("" if decompose_mha else "\n(nn.MultiheadAttention: set decompose_mha: true to "
-               "rewrite it into Linear + einsum + softmax, exact in float)"))
+            + "\n(nn.MultiheadAttention: write it as Linear q/k/v + einsum + softmax + Linear; "
+            "GELU: use ReLU; no substitution is made silently)")
     graph = HlsGraph(ops, [o.name for o in ops if o.kind == "input"], graph_outputs)
     _fuse_scale_into_softmax(graph)
     return graph

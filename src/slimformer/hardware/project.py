@@ -10,6 +10,7 @@ layout. The workarounds for hls4ml's remaining pitfalls are applied in :mod:`.ad
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,7 @@ def check_reuse_patterns(graph: HlsGraph, config: HlsConfig) -> None:
                 for i, o in enumerate(config.reuse_overrides)
                 if not any(fnmatch.fnmatchcase(m, o.pattern) for m in mods)]
     if problems:
-        examples = ", ".join(dict.fromkeys(m for m in mods if m)[:6] if False else
-                             list(dict.fromkeys(m for m in mods if m))[:6])
+        examples = ", ".join(list(dict.fromkeys(m for m in mods if m))[:6])
         raise ConfigError([*problems, f"(module paths look like: {examples} ...)"], "hls config")
 
 
@@ -132,7 +132,9 @@ def build_model_graph(graph: HlsGraph, prec: Precisions, config: HlsConfig, out_
 
     cfg = hls_config(graph, prec, config, out_dir, trace)
     layers = layer_list(graph, prec)
-    model = ModelGraph.from_layer_list(cfg, layers, inputs=list(graph.inputs),
-                                       outputs=list(graph.outputs))
+    with warnings.catch_warnings():  # hls4ml's pointwise pass re-cases 'latency' and says so
+        warnings.filterwarnings("ignore", message="Overriding attribute 'strategy'")
+        model = ModelGraph.from_layer_list(cfg, layers, inputs=list(graph.inputs),
+                                           outputs=list(graph.outputs))
     adapter.apply(model, graph, prec)
     return model

@@ -1,0 +1,95 @@
+"""Lowering to hls4ml operations: exact in float, typed errors listing unsupported modules."""
+
+import pytest
+import torch
+from torch import nn
+
+from slimformer.data.datasets import get_dataset
+from slimformer.errors import HardwareError
+from slimformer.hardware.config import HlsConfig
+from slimformer.hardware.graph import lower, run_float
+from slimformer.hardware.precision import assign
+from slimformer.models.zoo import load_zoo_model
+from slimformer.quantize import QuantConfig, quantize
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_zoo_model("vit-digits-seq").eval(), get_dataset("digits-seq", "calib")
+
+
+def test_lowered_graph_matches_the_model_in_float(digits):
+    model, calib = digits
+    x = calib.inputs["x"][:64]
+    g = lower(model, {"x": x[:1]})
+    kinds = [o.kind for o in g.ops]
+    assert kinds.count("einsum") == 4 and kinds.count("softmax") == 2 and "mean" in kinds
+    # the 1/sqrt(d) score scale went into the softmax's exp table
+    assert "scale" not in kinds
+    assert all(o.attrs["exp_scale"] == pytest.approx(8**-0.5) for o in g.ops if o.kind == "softmax")
+    sm = next(o for o in g.ops if o.kind == "softmax")
+    assert (sm.attrs["n_outer"], sm.attrs["n_inner"]) == (16, 1)  # per row of (H, T, T)
+    with torch.no_grad():
+        ref = model(x).double()
+    got = run_float(g, {"x": x})[g.outputs[0]]
+    assert (got - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+class _Gelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.act = nn.GELU()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.act(self.fc(x))
+        return self.attn(h, h, h)[0] + torch.sigmoid(h)
+
+
+def test_unsupported_ops_are_listed_by_module_path():
+    with pytest.raises(HardwareError) as e:
+        lower(_Gelu().eval(), {"x": torch.randn(1, 4, 8)})
+    msg = str(e.value)
+    assert "act (GELU)" in msg and "attn (MultiheadAttention)" in msg and "sigmoid" in msg
+    assert "supported:" in msg and "nn.LayerNorm" in msg  # the supported set is named
+
+
+def test_weight_and_activation_types_are_exact_with_power_of_two_scales(digits):
+    model, calib = digits
+    cfg = QuantConfig(method="minmax", weight_bits=6, act_bits=8, softmax="none",
+                      power_of_two_scales=True, calib_samples=64)
+    q = quantize(model, cfg, calib).model
+    g = lower(q.model, {"x": calib.inputs["x"][:1]})
+    prec = assign(g, q, {"x": calib.inputs["x"][:64]}, HlsConfig())
+    from slimformer.quantize.state import key_of
+
+    for op in (o for o in g.ops if o.kind == "dense"):
+        lq = q.quant.linears[key_of(op.attrs["weight_name"])]
+        w = lq.quantized_matrix().detach().double()
+        assert torch.equal(prec.fixed[op.name]["weight"].quantize(w), w)  # exact
+        assert torch.equal(prec.weights[op.name], w)
+        # the Linear's input type is exactly its activation quantizer's grid
+        s, z = (float(v) for v in lq.act.scale_zero())
+        t = prec.result(op.inputs[0])
+        grid = (torch.arange(256, dtype=torch.float64) - z) * s
+        assert torch.equal(t.quantize(grid), grid) and t.width <= 9
+        assert prec.source[op.name + ":weight"].startswith("exact")
+
+
+def test_non_power_of_two_scales_are_refused_with_the_fix(digits):
+    model, calib = digits
+    q = quantize(model, QuantConfig(method="minmax", softmax="none", calib_samples=32),
+                 calib).model
+    g = lower(q.model, {"x": calib.inputs["x"][:1]})
+    with pytest.raises(HardwareError, match="power_of_two_scales"):
+        assign(g, q, {"x": calib.inputs["x"][:32]}, HlsConfig())
+
+
+def test_log_softmax_codes_are_refused(digits):
+    model, calib = digits
+    q = quantize(model, QuantConfig(method="minmax", softmax="log2", power_of_two_scales=True,
+                                    calib_samples=32), calib).model
+    g = lower(q.model, {"x": calib.inputs["x"][:1]})
+    with pytest.raises(HardwareError, match="softmax: uniform .* or none"):
+        assign(g, q, {"x": calib.inputs["x"][:32]}, HlsConfig())
