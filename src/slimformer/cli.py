@@ -16,6 +16,9 @@ app = typer.Typer(help="Compress any transformer and deploy it.", no_args_is_hel
                   add_completion=False, pretty_exceptions_enable=False)
 zoo_app = typer.Typer(help="The built-in zoo of small real models.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
+export_app = typer.Typer(help="Export a model: ONNX, TensorRT, hls4ml FPGA projects.",
+                         no_args_is_help=True)
+app.add_typer(export_app, name="export")
 
 DEFAULT_RECIPE = Path("recipes/quickstart.yaml")
 
@@ -348,6 +351,66 @@ def zoo_train(name: Annotated[str, typer.Argument(help="Zoo model name.")],
     with _errors(), _progress() as prog:
         rec = train_zoo_model(name, out, epochs, lambda s, n, loss: prog("train", s, n))
     con.print(json.dumps(rec, indent=2))
+
+
+@export_app.command("hls")
+def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
+               out: Annotated[Path, typer.Option(help="Folder of the hls4ml project.")],
+               backend: Annotated[str, typer.Option(help="Vivado | Vitis")] = "Vitis",
+               part: Annotated[str, typer.Option(help="FPGA part.")] = "xcvu13p-flga2577-2-e",
+               clock_ns: Annotated[float, typer.Option(help="Clock period in ns.")] = 5.0,
+               reuse_factor: Annotated[int, typer.Option(help="Global reuse factor.")] = 1,
+               strategy: Annotated[str, typer.Option(help="Latency | Resource")] = "Latency",
+               weight_bits: Annotated[int, typer.Option(help="Weight bits (2..8).")] = 8,
+               act_bits: Annotated[int, typer.Option(help="Activation bits (2..8).")] = 8,
+               method: Annotated[str, typer.Option(help="minmax | percentile")] = "minmax",
+               float_model: Annotated[bool, typer.Option("--float", help="Skip quantization: "
+                                                         "types from ranges only.")] = False,
+               csim: Annotated[bool, typer.Option(help="Compile and C-simulate on the test "
+                                                  "set.")] = True,
+               config: Annotated[str | None, typer.Option(help="JSON config (as for "
+                                                          "inspect).")] = None):
+    """Quantize (power-of-two scales) and build an hls4ml project; C-simulate and estimate it."""
+    from pydantic import ValidationError
+    from rich.table import Table
+
+    from slimformer.data.datasets import get_dataset
+    from slimformer.errors import ConfigError, DataError
+    from slimformer.hardware.api import build_hls, summary
+    from slimformer.hardware.config import HlsConfig
+    from slimformer.models.loading import load_model, parse_model_arg
+    from slimformer.quantize.config import QuantConfig
+    from slimformer.recipe import format_errors
+
+    con, _ = _console()
+    with _errors():
+        try:
+            hcfg = HlsConfig(backend=backend, part=part, clock_period_ns=clock_ns,
+                             reuse_factor=reuse_factor, strategy=strategy)
+            qcfg = QuantConfig(method=method, weight_bits=weight_bits, act_bits=act_bits,
+                               softmax="none", power_of_two_scales=True)
+        except ValidationError as exc:
+            raise ConfigError(format_errors(exc, HlsConfig), "options") from None
+        lm = load_model(parse_model_arg(model, config))
+        if lm.dataset is None:
+            raise DataError("export hls needs a built-in data set for calibration and C "
+                            "simulation; this model has none")
+        calib, test = get_dataset(lm.dataset, "calib"), get_dataset(lm.dataset, "test")
+        net = lm.module
+        if not float_model:
+            from slimformer.quantize.api import quantize as run_quantize
+            from slimformer.quantize.inference import to_inference
+
+            net = to_inference(run_quantize(net, qcfg, calib).model)
+        res = build_hls(net, hcfg, out, calib, test if csim else None, compile=csim)
+    table = Table(title=f"hls4ml project {out}")
+    table.add_column("metric")
+    table.add_column("value")
+    for k, v in summary(res).items():
+        table.add_row(k, str(v))
+    con.print(table)
+    for note in res.notes:
+        con.print(f"  - {note}", markup=False, highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console entry point

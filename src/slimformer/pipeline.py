@@ -17,7 +17,7 @@ import torch
 
 from slimformer import __version__
 from slimformer.errors import DataError
-from slimformer.recipe import EvaluateStage, QuantizeStage, Recipe, SearchStage
+from slimformer.recipe import EvaluateStage, HlsStage, QuantizeStage, Recipe, SearchStage
 from slimformer.report.model import Report, StageRecord, environment
 
 # progress(description, completed, total): called by long steps; None = silent.
@@ -149,10 +149,31 @@ def run_search(ctx: RunContext, stage: SearchStage) -> StageRecord:
     return rec
 
 
+def run_hls(ctx: RunContext, stage: HlsStage) -> StageRecord:
+    """Build, compile and C-simulate an hls4ml project of the current model; ``hls/`` artifact."""
+    import shutil
+    import tempfile
+
+    from slimformer.data.datasets import get_dataset
+    from slimformer.hardware.api import build_hls, summary
+
+    name = ctx.recipe.data.dataset or ctx.loaded.dataset
+    calib = get_dataset(name, ctx.recipe.data.calib_split)
+    tmp = Path(tempfile.mkdtemp(prefix="slimformer-hls-"))
+    res = build_hls(ctx.model, stage.hls_config(), tmp / "hls", calib,
+                    ctx.eval_data if stage.csim else None, compile=stage.csim)
+    rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
+    rec.metrics, rec.notes = summary(res), list(res.notes)
+    ctx.artifacts["hls"] = lambda d: (shutil.copytree(res.project_dir, d, dirs_exist_ok=True),
+                                      shutil.rmtree(tmp, ignore_errors=True))
+    return rec
+
+
 STAGE_HANDLERS: dict[type, Callable[[RunContext, object], StageRecord]] = {
     EvaluateStage: run_evaluate,
     QuantizeStage: run_quantize,
     SearchStage: run_search,
+    HlsStage: run_hls,
 }
 
 

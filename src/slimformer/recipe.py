@@ -24,6 +24,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slimformer.errors import ConfigError
+from slimformer.hardware.config import HlsConfig
 from slimformer.models.spec import ModelSpec, ZooSpec
 from slimformer.nas.config import SearchConfig
 from slimformer.quantize.config import QuantConfig
@@ -94,8 +95,23 @@ class SearchStage(SearchConfig):
         return SearchConfig(**self.model_dump(exclude={"type", "val_rows", "save"}))
 
 
-Stage = Annotated[EvaluateStage | QuantizeStage | SearchStage, Field(discriminator="type")]
-STAGE_TYPES = ("evaluate", "quantize", "search")
+class HlsStage(HlsConfig):
+    """An hls4ml FPGA project of the current model (see ``HlsConfig``); written to ``<output>/hls/``.
+
+    The project is compiled and C-simulated on the evaluation data unless ``csim`` is false.
+    """
+
+    type: Literal["hls"] = "hls"
+    csim: bool = True
+
+    def hls_config(self) -> HlsConfig:
+        """The plain config, without the stage fields."""
+        return HlsConfig(**self.model_dump(exclude={"type", "csim"}))
+
+
+Stage = Annotated[EvaluateStage | QuantizeStage | SearchStage | HlsStage,
+                  Field(discriminator="type")]
+STAGE_TYPES = ("evaluate", "quantize", "search", "hls")
 
 
 class OutputConfig(_Strict):
