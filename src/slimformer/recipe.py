@@ -24,9 +24,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slimformer.errors import ConfigError
+from slimformer.export.config import OnnxConfig, TensorRTConfig
 from slimformer.hardware.config import HlsConfig
 from slimformer.models.spec import ModelSpec, ZooSpec
 from slimformer.nas.config import SearchConfig
+from slimformer.prune.config import PruneConfig
 from slimformer.quantize.config import QuantConfig
 
 RECIPE_VERSION = 1
@@ -78,11 +80,27 @@ class QuantizeStage(QuantConfig):
         return QuantConfig(**self.model_dump(exclude={"type", "save"}))
 
 
+class PruneStage(PruneConfig):
+    """Structured pruning (see :class:`~slimformer.prune.config.PruneConfig`).
+
+    Searches and fine-tunes on the data set's train split; later stages see the smaller model
+    (its structure rediscovered). With ``save`` it is written to ``<output>/pruned/``. Must come
+    before quantization.
+    """
+
+    type: Literal["prune"] = "prune"
+    save: bool = True
+
+    def prune_config(self) -> PruneConfig:
+        """The plain config, without the stage fields."""
+        return PruneConfig(**self.model_dump(exclude={"type", "save"}))
+
+
 class SearchStage(SearchConfig):
     """Multi-objective search over sub-networks and bit-widths (see ``SearchConfig``).
 
-    The last ``val_rows`` rows of the train split measure sub-networks (the rest fine-tunes the
-    super-network); later stages see the chosen sub-network, quantized, in inference form. The
+    ``val_rows`` rows drawn from the train split (seeded) measure sub-networks (the rest
+    fine-tunes the super-network); later stages see the chosen sub-network, quantized, in inference form. The
     default study name is the recipe's name.
     """
 
@@ -109,9 +127,32 @@ class HlsStage(HlsConfig):
         return HlsConfig(**self.model_dump(exclude={"type", "csim"}))
 
 
-Stage = Annotated[EvaluateStage | QuantizeStage | SearchStage | HlsStage,
+class ExportStage(OnnxConfig):
+    """Export the current model (float or quantized) to ONNX, optionally a TensorRT engine.
+
+    Writes ``<output>/export/model.onnx`` (QDQ when quantized); records ONNX Runtime parity,
+    accuracy and agreement on the evaluation data, latency per batch size, file size, which
+    matmuls ONNX Runtime runs in integer kernels, and the TensorRT QDQ lint. With
+    ``tensorrt``, also builds ``model.plan`` where ``import tensorrt`` works, and always writes the
+    equivalent ``trtexec`` command to ``export/model.plan.trtexec.sh``.
+    """
+
+    type: Literal["export"] = "export"
+    example_rows: Annotated[int, Field(ge=1, le=256)] = 2
+    evaluate: bool = True
+    latency_batch_sizes: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
+        default_factory=lambda: [1, 32])
+    latency_repeats: Annotated[int, Field(ge=1, le=1000)] = 20
+    tensorrt: TensorRTConfig | None = None
+
+    def onnx_config(self) -> OnnxConfig:
+        """The plain ONNX config, without the stage fields."""
+        return OnnxConfig(**self.model_dump(include=set(OnnxConfig.model_fields)))
+
+
+Stage = Annotated[EvaluateStage | QuantizeStage | PruneStage | SearchStage | HlsStage | ExportStage,
                   Field(discriminator="type")]
-STAGE_TYPES = ("evaluate", "quantize", "search", "hls")
+STAGE_TYPES = ("evaluate", "quantize", "prune", "search", "hls", "export")
 
 
 class OutputConfig(_Strict):
@@ -228,6 +269,9 @@ def _cross_checks(recipe: Recipe) -> list[str]:
                 problems.append(f"stages[{i}]: the model is quantized already (one quantize "
                                 "stage per recipe)")
             seen_quantize = True
+        if st.type == "prune" and seen_quantize:
+            problems.append(f"stages[{i}]: prune must come before quantize/search: a quantized "
+                            "model cannot be pruned (put the prune stage first)")
     return problems
 
 

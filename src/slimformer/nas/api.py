@@ -91,17 +91,17 @@ def _subset(ds, n: int | None):
     return TensorDictDataset({k: v[:n] for k, v in ds.inputs.items()}, ds.labels[:n])
 
 
-def split_holdout(ds, rows: int):
-    """``(first rows, last rows rows)`` of a data set: fine-tuning rows and validation rows."""
+def split_holdout(ds, rows: int, seed: int = 0):
+    """``(rest, held-out rows)`` of a data set, the held-out rows drawn with a fixed seed."""
     from slimformer.data.datasets import TensorDictDataset
     from slimformer.errors import DataError
 
-    if rows >= len(ds):
+    if not 0 < rows < len(ds):
         raise DataError(f"cannot hold out {rows} validation rows of a {len(ds)}-row split")
-    cut = len(ds) - rows
-    part = lambda a, b: TensorDictDataset({k: v[a:b] for k, v in ds.inputs.items()},  # noqa: E731
-                                          ds.labels[a:b])
-    return part(0, cut), part(cut, len(ds))
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    part = lambda idx: TensorDictDataset({k: v[idx] for k, v in ds.inputs.items()},  # noqa: E731
+                                         ds.labels[idx])
+    return part(perm[rows:].sort().values), part(perm[:rows].sort().values)
 
 
 def _row(t) -> dict:

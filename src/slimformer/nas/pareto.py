@@ -59,7 +59,9 @@ def plot_front(groups: dict[str, list[dict]], objectives: list[str], path,
             if rows:
                 pts = sorted(rows, key=lambda r: r[c])
                 ax.plot([r[c] for r in pts], [r["accuracy"] for r in pts], style,
-                        linestyle="-" if "front" in label else "none", label=label, alpha=0.8)
+                        linestyle="none", label=label, alpha=0.7,
+                        ms=9 if "front" in label else 6, fillstyle="none" if "front" in label
+                        else "full")
         if reference:
             ax.plot([reference[c]], [reference["accuracy"]], "*", ms=14, label="INT8 full model")
         ax.set_xlabel(unit[c])

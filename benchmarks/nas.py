@@ -1,0 +1,211 @@
+"""NAS benchmark: our search (SimQ-NAS / InstaTune) against random search and the INT8 full model.
+
+Per task, in one run: fine-tune the super-network, measure the INT8 full model (the original
+weights, uniformly W8A8 with the same method) and ``--samples`` random sub-networks, fit the
+predictors, run NSGA-II on them and measure ``--front`` predicted-front sub-networks. Random
+search gets the same budget: the same ``--samples`` random sub-networks plus ``--front`` more
+random ones. Both fronts are compared by hypervolume (losses 1 - accuracy and cost / full float
+model cost). The zoo models were trained on the whole train split, so accuracy is measured on
+half of the test split (seeded; vit-fmnist: its first 2,000 rows) and the chosen sub-network,
+the INT8 full model and FP32 are then evaluated on the other half. Latency: ONNX Runtime, float export of
+the (sliced) model, batch 1, median of repeats; the INT8 full model also gets ONNX Runtime's
+``quantize_dynamic`` as the int8 latency peer.
+
+Run: ``.venv/bin/python benchmarks/nas.py`` (both tasks, ~25 min on 2 shared cores), or e.g.
+``.venv/bin/python benchmarks/nas.py --tasks vit-fmnist --samples 20 --train-steps 100``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slimformer.data.datasets import get_dataset, make_loader
+from slimformer.models.evaluate import predict
+from slimformer.models.loading import load_model
+from slimformer.models.spec import ZooSpec
+from slimformer.nas.api import _prepare, _subset, search, split_holdout
+from slimformer.nas.config import SearchConfig
+from slimformer.nas.measure import measure
+from slimformer.nas.pareto import hypervolume, pareto_front, plot_front
+
+TASKS = {  # task -> (val rows, eval rows, fine-tuning lr, batch, steps, space)
+    "vit-fmnist": (5000, 2000, 1e-4, 64, 150, {"heads": [0.5, 0.75, 1.0], "mlp": [0.25, 0.5, 0.75, 1.0],
+                                          "min_blocks": 3, "weight_bits": [4, 6, 8]}),
+    "minilm-trec": (500, 500, 5e-5, 32, 60, {"heads": [0.5, 0.75, 1.0], "mlp": [0.25, 0.5, 0.75, 1.0],
+                                         "min_blocks": 3, "weight_bits": [4, 6, 8]}),
+}
+
+
+def accuracy(model, ds) -> float:
+    p, y = predict(model, make_loader(ds, 250))
+    return float((p == y).float().mean())
+
+
+def ort_dynamic_latency(model, inputs, repeats) -> float:
+    """ONNX Runtime ``quantize_dynamic`` (int8 weights) of the float export: median ms."""
+    import io
+    import statistics
+
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from slimformer.models.evaluate import _logits
+
+    names = list(inputs)
+
+    class Pos(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *a):
+            return _logits(self.m(**dict(zip(names, a, strict=True))))
+
+    with tempfile.TemporaryDirectory() as d:
+        buf = io.BytesIO()
+        torch.onnx.export(Pos(model).eval(), tuple(inputs.values()), buf, dynamo=False,
+                          input_names=names)
+        onnx.save(onnx.load_from_string(buf.getvalue()), f"{d}/f.onnx")
+        quantize_dynamic(f"{d}/f.onnx", f"{d}/q.onnx", weight_type=QuantType.QInt8,
+                         per_channel=True)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        sess = ort.InferenceSession(f"{d}/q.onnx", opts, providers=["CPUExecutionProvider"])
+        want = {i.name for i in sess.get_inputs()}
+        feeds = {k: v.numpy() for k, v in inputs.items() if k in want}
+        for _ in range(3):
+            sess.run(None, feeds)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run_task(task: str, args, work: Path) -> dict:
+    val_rows, eval_rows, lr, batch, steps, space = TASKS[task]
+    t0 = time.perf_counter()
+    lm = load_model(ZooSpec(name=task))
+    # the zoo models were trained on the whole train split, so sub-networks are measured on
+    # half of the test split (seeded) and the chosen one is reported on the other half
+    train = get_dataset(lm.dataset, "train")
+    test, val = split_holdout(get_dataset(lm.dataset, "test"), val_rows, seed=0)
+    calib = get_dataset(lm.dataset, "calib")
+    objectives = ["accuracy", "latency", "size"]
+    cfg = SearchConfig(objectives=objectives, space=space, train_steps=args.train_steps or steps,
+                       batch_size=batch, lr=lr, samples=args.samples, front_max=args.front,
+                       nsga_trials=args.nsga_trials, population=40, eval_limit=eval_rows,
+                       quant_method="repq", calib_samples=128, latency_repeats=args.repeats,
+                       storage=str(work / "{study}.journal"), study=task,
+                       supernet_path=str(work / "{study}.pt"))
+    prog = (lambda s, d, n: print(f"  {task}: {s} {d}/{n}", flush=True)) if args.verbose else None
+    res = search(lm.module, cfg, train, val, progress=prog, calib_data=calib)
+    t_search = time.perf_counter() - t0
+    ours = [r for r in res.measured if r["phase"] in ("sample", "front")]
+    # random search with the same budget: the same random sample plus as many more random ones
+    _, space_obj, net, _ = _prepare(copy.deepcopy(lm.module), cfg, val, None)
+    ck = torch.load(cfg.supernet_file(), weights_only=True)
+    net.model.load_state_dict(ck["state_dict"])
+    net.load_state(ck["rank"])
+    from slimformer.pipeline import latency_inputs
+
+    evald = _subset(val, eval_rows)  # the rows search() measured on
+    lat_in = latency_inputs(evald, cfg.latency_batch)
+    rng = np.random.default_rng(1234)
+    seen = {r["sub"] for r in res.measured}
+    extra = []
+    while len(extra) < len([r for r in ours if r["phase"] == "front"]):
+        sub = space_obj.random(rng)
+        if sub.key() in seen:
+            continue
+        seen.add(sub.key())
+        m = measure(net, sub, evald, calib, cfg.quant_method, cfg.calib_samples, True, lat_in,
+                    cfg.latency_repeats)
+        extra.append({"sub": sub.key(), "phase": "random", "accuracy": m.accuracy,
+                      "latency": m.latency, "size": m.size, "macs": m.macs})
+    rand = [r for r in ours if r["phase"] == "sample"] + extra
+    ref_costs = res.reference["float_costs"]
+    front_ours, front_rand = pareto_front(ours, objectives), pareto_front(rand, objectives)
+    hv_ours = hypervolume(front_ours, objectives, ref_costs)
+    hv_rand = hypervolume(front_rand, objectives, ref_costs)
+    ref = res.reference
+    target = [r for r in front_ours if r["accuracy"] >= ref["accuracy"] - 0.01 and (
+        r["latency"] <= ref["latency"] / 2 or r["size"] <= ref["size"] / 2)]
+    # the INT8 full model and the chosen sub-network on the whole test split
+    from slimformer.quantize.api import quantize
+    from slimformer.quantize.config import QuantConfig
+
+    int8 = quantize(lm.module, QuantConfig(method="repq", calib_samples=128), calib)
+    out = {
+        "task": task, "search_seconds": round(t_search, 1), "train": res.train,
+        "space_size": res.space_size, "measured_ours": len(ours), "measured_random": len(rand),
+        "hv_ours": hv_ours, "hv_random": hv_rand, "predictors": res.predictors,
+        "reference": {k: ref[k] for k in ("accuracy", "latency", "size", "macs")},
+        "float_costs": ref_costs,
+        "int8_ort_dynamic_latency": ort_dynamic_latency(lm.module, lat_in, args.repeats),
+        "front_ours": [{k: r[k] for k in ("sub", "phase", "accuracy", "latency", "size")}
+                       for r in front_ours],
+        "front_random": [{k: r[k] for k in ("sub", "phase", "accuracy", "latency", "size")}
+                         for r in front_rand],
+        "target_points": [r["sub"] for r in target],
+        "chosen": {k: res.chosen[k] for k in ("sub", "accuracy", "latency", "size")},
+        "test_rows": len(test), "test_fp32": accuracy(lm.module, test),
+        "test_int8_full": accuracy(int8.model, test),
+        "test_chosen": accuracy(res.model, test), "seconds": round(time.perf_counter() - t0, 1),
+    }
+    plot_front({"measured (ours)": [r for r in ours if r["phase"] == "sample"],
+                "predicted front, measured": [r for r in ours if r["phase"] == "front"],
+                "extra random": extra, "our front": front_ours, "random-search front":
+                front_rand}, objectives, work / f"{task}-front.png", ref, task)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--samples", type=int, default=24)
+    ap.add_argument("--front", type=int, default=8)
+    ap.add_argument("--train-steps", type=int, default=None, help="default: per task")
+    ap.add_argument("--nsga-trials", type=int, default=600)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="runs/bench-nas")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.out)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    rows = []
+    for task in args.tasks:
+        r = run_task(task, args, work)
+        rows.append(r)
+        (work / f"{task}.json").write_text(json.dumps(r, indent=2, default=str))
+        print(json.dumps(r, indent=1, default=str), flush=True)
+    print("\n| task | INT8 full val acc | latency ms (float / ORT dyn int8) | size B | ours HV | "
+          "random HV | measured each | target points | chosen | chosen val acc | latency x | "
+          "size x | test acc FP32 / INT8 full / chosen | s |")
+    print("|" + "---|" * 14)
+    for r in rows:
+        ref, ch = r["reference"], r["chosen"]
+        print(f"| {r['task']} | {ref['accuracy']:.4f} | {ref['latency']:.2f} / "
+              f"{r['int8_ort_dynamic_latency']:.2f} | {ref['size']:,} | {r['hv_ours']:.4f} | "
+              f"{r['hv_random']:.4f} | {r['measured_ours']} | {len(r['target_points'])} | "
+              f"{ch['sub']} | {ch['accuracy']:.4f} | {ref['latency'] / ch['latency']:.2f} | "
+              f"{ref['size'] / ch['size']:.2f} | {r['test_fp32']:.4f} / "
+              f"{r['test_int8_full']:.4f} / {r['test_chosen']:.4f} | {r['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
