@@ -154,3 +154,20 @@ def test_bad_storage_and_worker_without_supernet(tmp_path):
     with pytest.raises(ConfigError, match="single sub-network"):
         search(model, _cfg(tmp_path, space={"mlp": [1.0], "skip_blocks": False,
                                             "weight_bits": [8]}), train, val)
+
+
+def test_cli_search_help_and_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from slimformer.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["search", "--help"])
+    assert res.exit_code == 0 and "--worker" in res.output
+    res = runner.invoke(app, ["search", "vit-digits-seq", "--out", str(tmp_path / "o"),
+                              "--objectives", "accuracy,speed"])
+    assert res.exit_code == 2 and "unknown objective(s) 'speed'" in res.output
+    res = runner.invoke(app, ["search", "vit-digits-seq", "--out", str(tmp_path / "o"),
+                              "--storage", "postgresql://nobody@127.0.0.1:1/none"])
+    assert res.exit_code == 2 and "cannot open database" in res.output
+    assert not (tmp_path / "o").exists()

@@ -198,10 +198,10 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
     t0 = time.perf_counter()
     tick = progress or (lambda *a: None)
     objectives = list(config.objectives)
+    storage = st.open_storage(config.storage_url())  # bad storage fails before any work
     original = copy.deepcopy(model).eval()
     structure, space, net, notes = _prepare(copy.deepcopy(model).eval(), config, eval_data,
                                             structure)
-    storage = st.open_storage(config.storage_url())
     fp = config.fingerprint(_model_id(structure))
     study = st.open_study(storage, config.study, objectives, fp)
     stale = st.fail_stale(storage, study)
@@ -334,7 +334,7 @@ def _predicted_front(space: SearchSpace, preds, objectives, config, measured_key
 
     study.optimize(objective, n_trials=config.nsga_trials)
     seen, out = set(measured_keys), []
-    cost = 1 + next(i for i, o in enumerate(objectives[1:]) if o != "accuracy")
+    cost = next(i for i, o in enumerate(objectives) if o != "accuracy")
     for t in sorted(study.best_trials, key=lambda t: t.values[cost]):
         sub = t.user_attrs["sub"]
         if sub.key() not in seen:
