@@ -6,7 +6,8 @@ drop it.
 (a) ``auto`` result precisions give a silently wrong softmax: every precision of every layer is
     set explicitly (:func:`check_no_auto`).
 (b) A Linear over a sequence keeps PyTorch's ``(out, in)`` weights when channels-last conversion is
-    off: we hand hls4ml ``(in, out)`` weights ourselves (:mod:`.project`).
+    off: we hand hls4ml ``(in, out)`` weights ourselves (:mod:`.project`) and check them
+    (:func:`check_dense_layout`).
 (c) Softmax over a 3-D tensor normalizes the whole tensor unless ``n_outer`` / ``n_inner`` are set,
     and the templates read them only when re-run: :func:`fix_softmax_axis`.
 (d) The einsum handler reports the input shape as its output shape: our layer list carries the
@@ -97,9 +98,22 @@ def check_einsum_shapes(model, graph) -> None:
                                     f"expected {list(op.shape)}")
 
 
+def check_dense_layout(model, graph, prec) -> None:
+    """Pitfall (b): every Dense / pointwise layer holds our weights in ``(in, out)`` layout."""
+    import numpy as np
+
+    for op in graph.ops:
+        if op.kind == "dense" and op.name in model.graph:
+            w = np.asarray(model.graph[op.name].get_weights("weight").data)
+            want = prec.weights[op.name].numpy().T  # (in, out)
+            if w.size != want.size or not np.allclose(w.reshape(want.shape), want):
+                raise HardwareError(f"hls4ml layer {op.name}: weights not in (in, out) layout")
+
+
 def apply(model, graph, prec) -> None:
     """All workarounds, after the ModelGraph is built and before it is written."""
     set_precisions(model, graph, prec)
     fix_softmax_axis(model, graph, prec)
     check_no_auto(model)
     check_einsum_shapes(model, graph)
+    check_dense_layout(model, graph, prec)

@@ -18,7 +18,7 @@ from torch import nn
 
 from slimformer.errors import DataError, HardwareError
 from slimformer.hardware.config import HlsConfig
-from slimformer.hardware.estimate import Estimate, estimate
+from slimformer.hardware.estimate import Estimate, estimate, part_resources
 from slimformer.hardware.graph import HlsGraph, lower
 from slimformer.hardware.precision import Precisions, assign
 from slimformer.hardware.synth import SynthReport, find_report, find_tool, parse_csynth_xml, synth_command
@@ -116,6 +116,10 @@ def build_hls(model: nn.Module, config: HlsConfig, out_dir: str | Path, calib_da
     hls_model = build_model_graph(graph, prec, config, out)
     est = estimate(graph, prec, config)
     notes = list(prec.notes)
+    avail = part_resources(config.part)
+    if avail and (est.dsp > avail[0] or est.lut > avail[1]):
+        notes.append(f"estimate: {est.dsp:,} DSP / {est.lut:,} LUT exceed {config.part} "
+                     f"({avail[0]:,} / {avail[1]:,}): raise reuse factors (reuse_overrides)")
     csim = None
     if not compile:
         hls_model.write()

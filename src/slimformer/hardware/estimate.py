@@ -20,6 +20,18 @@ from slimformer.hardware.config import HlsConfig
 from slimformer.hardware.graph import HlsGraph
 from slimformer.hardware.precision import Precisions
 
+# DSP and LUT available on parts whose numbers we hold (from real synthesis reports, SOURCES.md)
+PART_RESOURCES = {"xcvu13p": (12_288, 1_728_000), "xcu250": (12_288, 1_728_000),
+                  "xc7z020": (220, 53_200)}
+
+
+def part_resources(part: str) -> tuple[int, int] | None:
+    """(DSP, LUT) available on ``part``, when known."""
+    for prefix, res in PART_RESOURCES.items():
+        if part.lower().startswith(prefix):
+            return res
+    return None
+
 
 @dataclass
 class Estimate:

@@ -166,6 +166,29 @@ def _bound(t: FixedType) -> float:
     return max(abs(t.min), abs(t.max))
 
 
+def _prescale_layernorms(graph: HlsGraph, env: dict[str, torch.Tensor], prec: Precisions) -> bool:
+    """Shift the input of a LayerNorm whose variance may reach 1 down by ``2^-k`` (exact).
+
+    hls4ml's 1/sqrt table covers variances in ``[0, 2^-p)`` with ``p >= 0`` only: larger ones
+    saturate at the last entry. LayerNorm ignores a scale of its input (up to eps), so a
+    power-of-two pre-scale (a shift, no multiplier) brings the variance into range.
+    """
+    changed = False
+    for op in [o for o in graph.ops if o.kind == "layernorm"]:
+        vmax = float(env[op.inputs[0]].var(-1, unbiased=False).max()) * 2.0
+        if vmax < 1:
+            continue
+        k = math.ceil(math.log2(vmax) / 2) + 1
+        pre = Op(f"{op.name}_prescale", "scale", [op.inputs[0]], op.shape, op.module,
+                 {"value": 2.0**-k, "prescale": k})
+        graph.ops.insert(graph.ops.index(op), pre)
+        op.inputs = [pre.name]
+        prec.notes.append(f"{op.module}: input variance up to {vmax / 2:.3g} is beyond hls4ml's "
+                          f"1/sqrt table (< 1): input shifted by 2^-{k} first (exact)")
+        changed = True
+    return changed
+
+
 def assign(graph: HlsGraph, qmodel, calib: dict[str, torch.Tensor], config: HlsConfig) -> Precisions:
     """Types of every operation of ``graph`` (casts inserted where needed).
 
@@ -181,6 +204,9 @@ def assign(graph: HlsGraph, qmodel, calib: dict[str, torch.Tensor], config: HlsC
     fixed_results = _insert_casts(graph, need)
     with torch.no_grad():
         env = run_float(graph, calib)
+    if _prescale_layernorms(graph, env, prec):
+        with torch.no_grad():
+            env = run_float(graph, calib)
     ff = config.free_frac_bits
     for op in graph.ops:
         y = env[op.name]
@@ -188,6 +214,9 @@ def assign(graph: HlsGraph, qmodel, calib: dict[str, torch.Tensor], config: HlsC
         xs = [prec.result(i) for i in op.inputs]
         if op.name in fixed_results:
             res, src = fixed_results[op.name], "quantizer"
+        elif "prescale" in op.attrs:  # a shift: the same bits, the point moved
+            k = op.attrs["prescale"]
+            res, src = FixedType(xs[0].width, xs[0].integer - k, xs[0].signed), "input"
         elif op.kind in _TRANSPARENT:
             res, src = xs[0], "input"
         elif op.kind == "softmax":
@@ -233,9 +262,6 @@ def assign(graph: HlsGraph, qmodel, calib: dict[str, torch.Tensor], config: HlsC
             var = x.var(-1, unbiased=False)
             vmax = float(var.max()) * 2.0
             p = max(0, math.floor(-math.log2(vmax))) if vmax < 1 else 0
-            if vmax >= 1:
-                prec.notes.append(f"{op.module}: input variance up to {vmax / 2:.3g} exceeds the "
-                                  "range of hls4ml's 1/sqrt table (1.0); large variances saturate")
             prec.ln_range_power2[op.name] = p
             prec.ln_eps_power[op.name] = max(1, round(-math.log10(op.attrs["eps"])))
             dim = op.shape[-1]
