@@ -1,1 +1,35 @@
-"""ONNX (float, QDQ) and TensorRT export: filled by the export issue."""
+"""Export: ONNX (float and QDQ) checked against ONNX Runtime, TensorRT engines, QDQ lint.
+
+Public API (loaded lazily, so importing the package stays cheap)::
+
+    from slimformer.export import OnnxConfig, export_onnx, lint_qdq, build_engine
+    result = export_onnx(model_or_quantized, "model.onnx", {"input_ids": ids, ...})
+    result.parity, result.fusion, result.lint   # ORT vs PyTorch, integer kernels, TensorRT rules
+    build_engine("model.onnx", "model.plan", TensorRTConfig())  # needs `import tensorrt`
+"""
+
+from __future__ import annotations
+
+from slimformer.export.config import OnnxConfig, TensorRTConfig
+
+_LAZY = {
+    "export_onnx": "slimformer.export.onnx",
+    "OnnxResult": "slimformer.export.onnx",
+    "lint_qdq": "slimformer.export.lint",
+    "Finding": "slimformer.export.lint",
+    "build_engine": "slimformer.export.tensorrt",
+    "trtexec_command": "slimformer.export.tensorrt",
+    "tensorrt_available": "slimformer.export.tensorrt",
+    "ort_latency": "slimformer.export.parity",
+}
+
+__all__ = ["OnnxConfig", "TensorRTConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        attr = "latency" if name == "ort_latency" else name
+        return getattr(importlib.import_module(_LAZY[name]), attr)
+    raise AttributeError(f"module 'slimformer.export' has no attribute {name!r}")

@@ -161,12 +161,15 @@ class QuantizedModel(nn.Module):
         self.inference = False
         self._rebind()
 
-    def _rebind(self) -> None:
-        """(Re)create the mode and the attention hooks, e.g. after ``copy.deepcopy``."""
+    def _rebind(self, mode_cls: type[QuantMode] = QuantMode) -> None:
+        """(Re)create the mode (a :class:`QuantMode` subclass) and the attention hooks.
+
+        Needed after ``copy.deepcopy`` and when parameters were swapped (e.g. by an exporter).
+        """
         q = self.quant
-        q.by_id = {id(lq.param[0]): lq for lq in q.linears.values()}
+        q.by_id = {id(self.model.get_parameter(lq.name)): lq for lq in q.linears.values()}
         q.param_ids = {id(p) for p in self.model.parameters()}
-        self._mode = QuantMode(q)
+        self._mode = mode_cls(q)
         for mod in self.model.modules():
             for hooks in (mod._forward_pre_hooks, mod._forward_hooks):
                 for k in [k for k, h in hooks.items() if getattr(h, "_slimformer", False)]:

@@ -1,0 +1,48 @@
+"""Export configs: ONNX (float / QDQ) and TensorRT engine building."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+OPSETS = (17, 18, 19, 20, 21)
+
+
+class OnnxConfig(BaseModel):
+    """How to write an ONNX file.
+
+    ``dynamic``: batch (and sequence, for integer token inputs) axes are symbolic; when the model
+    cannot be exported that way, the export falls back to static shapes and says so.
+    ``parity_min_cosine``: float exports whose ONNX Runtime output is less similar to PyTorch's than
+    this fail (quantized exports are compared in output quantization steps and only reported).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    opset: Literal[17, 18, 19, 20, 21] = 20
+    dynamic: bool = True
+    check: bool = True  # onnx.checker + ONNX Runtime parity (at a second shape when dynamic)
+    lint: bool = True  # TensorRT explicit-quantization rules (see export/lint.py)
+    parity_min_cosine: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9999
+    threads: Annotated[int, Field(ge=1, le=256)] = 2  # ONNX Runtime intra-op threads for checks
+
+
+class TensorRTConfig(BaseModel):
+    """How to build a TensorRT engine from a (QDQ) ONNX file.
+
+    Shapes for the optimization profile: ``{input: [min, opt, max]}`` per dynamic axis value,
+    given as batch and sequence ranges; explicit quantization is implied by Q/DQ nodes.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fp16: bool = True
+    int8: bool = True
+    batch: tuple[int, int, int] = (1, 8, 32)  # min, opt, max
+    sequence: tuple[int, int, int] = (8, 64, 128)
+    workspace_mib: Annotated[int, Field(ge=16, le=1 << 20)] = 2048
+    timing_cache: str | None = None  # path; created when missing, updated after the build
+    builder_optimization_level: Annotated[int, Field(ge=0, le=5)] = 3
+    strongly_typed: bool = False
+    target: Literal["tensorrt"] = "tensorrt"

@@ -1,0 +1,234 @@
+"""Export a float or quantized model to one ONNX file, checked against ONNX Runtime.
+
+``export_onnx(model, path, inputs, config) -> OnnxResult``. The model is traced by
+``torch.onnx.export(dynamo=True)`` (``torch.export`` underneath) with symbolic batch and sequence
+axes; a quantized model (:class:`~slimformer.quantize.state.QuantizedModel`) is exported in its
+inference form as standard QDQ (see :mod:`slimformer.export.qdq`). The file is written only after
+``onnx.checker`` and the ONNX Runtime parity check pass (at the traced shape and at a second one);
+nothing is left behind on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimformer.errors import ExportError
+from slimformer.export.config import OnnxConfig
+
+TWO_GB = 2**31
+
+
+@dataclass
+class OnnxResult:
+    """A written ONNX file and what was checked about it."""
+
+    path: Path
+    opset: int
+    quantized: bool
+    inputs: dict[str, list[int | str]]  # shapes, symbolic axes by name
+    dynamic_axes: dict[str, list[int]]
+    size_bytes: int
+    parity: dict[str, dict[str, float]] = field(default_factory=dict)  # per checked shape
+    fusion: dict[str, int] = field(default_factory=dict)  # ONNX Runtime's optimized graph
+    lint: list = field(default_factory=list)  # lint.Finding
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        """JSON-ready summary for reports."""
+        return {"path": str(self.path), "opset": self.opset, "quantized": self.quantized,
+                "inputs": self.inputs, "size_bytes": self.size_bytes, "parity": self.parity,
+                "fusion": self.fusion, "lint": [f.as_dict() for f in self.lint],
+                "warnings": self.warnings, "seconds": round(self.seconds, 2)}
+
+
+def primary_output(out) -> torch.Tensor:
+    """The tensor a model is judged by: itself, ``.logits``, or the first element/field."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ExportError(f"cannot find the output tensor in a {type(out).__name__}; supported: a "
+                      "tensor, an object with .logits, a tuple/ModelOutput whose first item is one")
+
+
+class _Entry(nn.Module):
+    """Positional entry point ``forward(*inputs) -> tensor`` for the exporter."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args):
+        """``primary_output(model(**dict(zip(names, args))))``."""
+        return primary_output(self.model(**dict(zip(self.names, args, strict=True))))
+
+
+def dynamic_axes_of(inputs: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Axes to make symbolic: batch (0) of every input, sequence (1) of 2-D+ integer inputs."""
+    return {k: [0, 1] if (not v.is_floating_point() and v.dim() >= 2) else [0]
+            for k, v in inputs.items()}
+
+
+def export_onnx(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tensor],
+                config: OnnxConfig | None = None) -> OnnxResult:
+    """Write ``model`` to ``path`` as ONNX (QDQ when quantized) and check it.
+
+    Args:
+        model: a float module or a quantized model (simulated or inference form).
+        path: the ``.onnx`` file; its folder must exist.
+        inputs: ``{name: (B, ...)}`` example inputs (real rows are best: they drive the check).
+        config: :class:`OnnxConfig`.
+    """
+    import onnx
+
+    from slimformer.quantize.state import QuantizedModel
+    from slimformer.report.io import atomic_path
+
+    config = config or OnnxConfig()
+    t0 = time.perf_counter()
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ExportError(f"{path}: the output file must end in .onnx")
+    if not path.parent.is_dir():
+        raise ExportError(f"{path}: folder {path.parent} does not exist (create it first)")
+    if not inputs:
+        raise ExportError("no example inputs: pass {name: tensor} with a batch axis first")
+    quantized = isinstance(model, QuantizedModel)
+    reference = model
+    if quantized and not model.inference:
+        from slimformer.quantize.inference import to_inference
+
+        reference = to_inference(model)
+    if quantized:
+        from slimformer.export.qdq import QdqModel
+
+        target = QdqModel(reference)
+    else:
+        target = model
+    entry = _Entry(target, list(inputs)).eval()
+    args = tuple(inputs.values())
+    big = _param_bytes(model) > TWO_GB
+    notes: list[str] = []
+    dyn = dynamic_axes_of(inputs) if config.dynamic else {}
+    with atomic_path(path) as tmp:
+        proto, dyn = _export_with_fallback(entry, args, list(inputs), dyn, tmp, config, big,
+                                           notes)
+        if config.check:
+            onnx.checker.check_model(str(tmp) if big else proto, full_check=True)
+        result = OnnxResult(path=path, opset=config.opset, quantized=quantized,
+                            inputs=_input_shapes(proto), dynamic_axes=dyn,
+                            size_bytes=_file_bytes(tmp), warnings=notes)
+        if config.check:
+            from slimformer.export.parity import check_parity
+
+            result.parity, result.fusion = check_parity(reference, tmp, inputs, dyn, quantized,
+                                                        config)
+        if config.lint:
+            from slimformer.export.lint import lint_qdq
+
+            result.lint = lint_qdq(proto)
+        if big:
+            _move_external(tmp, path)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _export_with_fallback(entry, args, names, dyn, tmp, config, big, notes):
+    """Export with symbolic axes; on failure or a shape-dependent graph, export static shapes."""
+    if dyn:
+        try:
+            return _export(entry, args, names, dyn, tmp, config, big), dyn
+        except ExportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any exporter failure: retry with static shapes
+            notes.append(f"dynamic axes could not be exported ({type(exc).__name__}: "
+                         f"{_first_line(exc)}); exported with the static shapes "
+                         f"{ {n: list(a.shape) for n, a in zip(names, args, strict=True)} }")
+    try:
+        return _export(entry, args, names, {}, tmp, config, big), {}
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - diagnose which op and module could not be exported
+        from slimformer.export.diagnose import unsupported_ops
+
+        culprits = unsupported_ops(entry, args)
+        where = "; ".join(f"{op} in {mod or '<top level>'}" for op, mod in culprits)
+        raise ExportError(
+            f"ONNX export failed: {where or _first_line(exc)}. "
+            + ("These operators have no ONNX translation at opset "
+               f"{config.opset}; replace them in the model or keep those modules out of the export."
+               if culprits else f"({type(exc).__name__})")) from exc
+
+
+def _export(entry, args, names, dyn, tmp, config, big):
+    import onnx
+    from torch.export import Dim
+
+    # forward(*args): the dynamic shapes of the varargs are one tuple
+    shapes = (tuple({ax: Dim.AUTO for ax in dyn.get(n, [])} or None for n in names),) if dyn else None
+    buf = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf), _quiet_logs():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(entry, args, dynamo=True, dynamic_shapes=shapes,
+                                 input_names=names, output_names=["output"], opset_version=
+                                 config.opset, external_data=big, optimize=True, verbose=False)
+    if prog is None:
+        raise ExportError("torch.onnx.export returned nothing")
+    if big:
+        prog.save(str(tmp), external_data=True)
+        return onnx.load(str(tmp), load_external_data=False)
+    prog.save(str(tmp))
+    return onnx.load(str(tmp))
+
+
+@contextlib.contextmanager
+def _quiet_logs():
+    lg = logging.getLogger("torch.onnx")
+    old = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
+
+
+def _input_shapes(proto) -> dict[str, list[int | str]]:
+    out = {}
+    for i in proto.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        out[i.name] = [d.dim_param if d.dim_param else d.dim_value for d in dims]
+    return out
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _file_bytes(p: Path) -> int:
+    data = p.with_name(p.name + ".data")
+    return p.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _move_external(tmp: Path, path: Path) -> None:
+    data = tmp.with_name(tmp.name + ".data")
+    if data.exists():
+        data.replace(path.with_name(path.name + ".data"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

@@ -1,0 +1,155 @@
+"""ONNX Runtime sessions, parity with PyTorch, and what ONNX Runtime fused.
+
+Parity metrics, per checked shape: cosine similarity of the flattened outputs, max absolute error,
+argmax agreement over the last axis, and, for quantized exports, errors in *output steps*: the step
+of an 8-bit grid over the reference output's range, ``(max - min) / 255``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slimformer.errors import ExportError
+
+INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "QLinearConv",
+               "ConvInteger", "DynamicQuantizeMatMul", "QAttention", "MatMulNBits")
+FLOAT_MATMULS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm", "Conv", "FusedConv")
+
+
+def session(path: str | Path, threads: int = 2, optimized_to: str | Path | None = None):
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if optimized_to is not None:
+        so.optimized_model_filepath = str(optimized_to)
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        raise ExportError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:300]}") \
+            from exc
+
+
+def feeds(sess, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The session's inputs from ``inputs`` (inputs the graph dropped as unused are skipped)."""
+    names = {i.name for i in sess.get_inputs()}
+    return {k: v.detach().cpu().numpy() for k, v in inputs.items() if k in names}
+
+
+def run(sess, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+    """The first output of ``sess`` on ``inputs``."""
+    return sess.run(None, feeds(sess, inputs))[0]
+
+
+def latency(path: str | Path, inputs: dict[str, torch.Tensor], repeats: int = 30, warmup: int = 5,
+            threads: int = 2) -> dict[str, float]:
+    """Median / p90 wall time (ms) of one ONNX Runtime run over ``repeats`` after ``warmup``."""
+    sess = session(path, threads)
+    f = feeds(sess, inputs)
+    for _ in range(warmup):
+        sess.run(None, f)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, f)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"median_ms": statistics.median(times),
+            "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
+            "repeats": repeats, "threads": threads}
+
+
+def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    """Cosine, max abs error, argmax agreement and errors in output steps (see module doc)."""
+    if ref.shape != out.shape:
+        raise ExportError(f"ONNX output shape {out.shape} != PyTorch output shape {ref.shape}")
+    a, b = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
+    cos = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+    step = max(float(a.max() - a.min()) / 255.0, 1e-12)
+    err = np.abs(a - b)
+    res = {"cosine": cos, "max_abs": float(err.max()), "output_step": step,
+           "max_steps": float(err.max() / step), "within_1_step": float((err <= step).mean())}
+    if ref.ndim >= 1 and ref.shape[-1] > 1:
+        res["argmax_agreement"] = float((ref.argmax(-1) == out.argmax(-1)).mean())
+    return res
+
+
+def other_shape(inputs: dict[str, torch.Tensor], dyn: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """Inputs at a second shape: one more row on symbolic batch axes, one token fewer on sequence."""
+    out = {}
+    for k, v in inputs.items():
+        axes = dyn.get(k, [])
+        if 0 in axes:
+            v = torch.cat([v, v[:1]])
+        if 1 in axes and v.shape[1] > 2:
+            v = v[:, :-1]
+        out[k] = v
+    return out
+
+
+@torch.no_grad()
+def reference_output(model, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+    """PyTorch's output tensor for ``inputs``."""
+    from slimformer.export.onnx import primary_output
+
+    return primary_output(model(**inputs)).detach().float().cpu().numpy()
+
+
+def check_parity(reference, path: Path, inputs: dict[str, torch.Tensor], dyn: dict[str, list[int]],
+                 quantized: bool, config) -> tuple[dict, dict]:
+    """Compare ONNX Runtime with ``reference`` at the traced shape and (dynamic) a second one.
+
+    Returns ``(parity per shape, op counts of ONNX Runtime's optimized graph)``; raises
+    :class:`ExportError` when a float export's cosine is below ``config.parity_min_cosine``.
+    """
+    with tempfile.TemporaryDirectory() as d:
+        opt = Path(d) / "optimized.onnx"
+        sess = session(path, config.threads, optimized_to=opt)
+        fusion = fusion_counts(opt)
+    shapes = {"traced": inputs}
+    if dyn:
+        shapes["other"] = other_shape(inputs, dyn)
+    parity = {}
+    for label, inp in shapes.items():
+        res = compare(reference_output(reference, inp), run(sess, inp))
+        res["shape"] = {k: list(v.shape) for k, v in inp.items()}
+        parity[label] = res
+        if not quantized and res["cosine"] < config.parity_min_cosine:
+            raise ExportError(f"ONNX Runtime output differs from PyTorch at the {label} shape "
+                              f"{res['shape']}: cosine {res['cosine']:.6f} < "
+                              f"{config.parity_min_cosine}")
+    return parity, fusion
+
+
+def fusion_counts(optimized: Path) -> dict[str, int]:
+    """Integer and float matmul-like ops (and leftover Q/DQ) in ONNX Runtime's optimized graph."""
+    import onnx
+
+    ops = Counter(n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node)
+    return {"integer_matmuls": sum(ops[o] for o in INTEGER_OPS),
+            "float_matmuls": sum(ops[o] for o in FLOAT_MATMULS),
+            "quantize_linear": ops["QuantizeLinear"] + ops["DynamicQuantizeLinear"],
+            "dequantize_linear": ops["DequantizeLinear"]}
+
+
+def predict(path: str | Path, dataset, batch_size: int = 256, threads: int = 2) -> torch.Tensor:
+    """Argmax predictions of the ONNX model at ``path`` on every row of ``dataset``."""
+    from slimformer.data.datasets import make_loader
+
+    sess = session(path, threads)
+    preds = []
+    for inputs, _ in make_loader(dataset, batch_size):
+        preds.append(torch.from_numpy(run(sess, inputs)).argmax(-1))
+    if not preds:
+        raise ExportError("the evaluation data set is empty")
+    return torch.cat(preds)

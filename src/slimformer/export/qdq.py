@@ -1,0 +1,149 @@
+"""The QDQ form of a quantized model, as traced by the ONNX exporter.
+
+:func:`qdq_view` turns a copy of a quantized model (inference form) into a plain module whose
+forward emits the standard ONNX quantization ops, through PyTorch's ``quantized_decomposed`` ops
+that ``torch.onnx`` translates one to one:
+
+- every quantized Linear: a ``uint8`` weight initializer ``(out, in)`` with per-output-channel
+  ``DequantizeLinear`` (axis 0, scale and zero point per channel), its input through
+  ``QuantizeLinear -> DequantizeLinear`` (per tensor, ``uint8``), then ``MatMul`` (+ ``Add`` bias).
+  ONNX Runtime fuses ``DQ(x), DQ(W) -> MatMul`` into ``MatMulIntegerToFloat`` (integer GEMM);
+- the inputs of both attention matmuls (q, k and v) likewise through per-tensor Q/DQ;
+- activations of fewer than 8 bits: a ``Clip`` to the b-bit grid before the ``uint8`` Q/DQ;
+- the reparameterization affine of a norm whose affine cannot be folded (``(x + shift) * inv_r``):
+  ``Add`` and ``Mul`` with constant vectors before the Q/DQ;
+- log2 (log-sqrt2) softmax quantization in standard ops, no custom domain::
+
+      raw   = Round(-2 * Log(p / delta) / ln 2)          # log-sqrt2 code before clipping
+      code  = Clip(raw, 0, 2^b - 1); flushed = raw >= 2^b
+      shift = Where(flushed, 0, Pow(2, -Ceil(code / 2)))
+      odd   = Mod(code, 2) (fmod)
+      A V   = delta * (MatMul(Where(odd, 0, shift), V) + sqrt2 * MatMul(Where(odd, shift, 0), V))
+
+  (for plain log2 codes ``raw = Round(-Log2(p / delta))`` and ``A V = delta * MatMul(2^-code, V)``);
+  uniform probability quantization is a ``uint8`` Q/DQ with zero point 0.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from slimformer.quantize.intercept import QuantMode
+
+
+def _ops():
+    from torch.ao.quantization.fx._decomposed import quantized_decomposed_lib  # noqa: F401
+
+    return torch.ops.quantized_decomposed
+
+
+def _qdq(x: torch.Tensor, scale: float, zero: int, bits: int) -> torch.Tensor:
+    """Per-tensor uint8 Q/DQ of ``x`` on a ``bits``-bit grid (Clip first below 8 bits)."""
+    qd = _ops()
+    if bits < 8:
+        x = torch.clamp(x, (0 - zero) * scale, (2**bits - 1 - zero) * scale)
+    q = qd.quantize_per_tensor(x, scale, zero, 0, 255, torch.uint8)
+    return qd.dequantize_per_tensor(q, scale, zero, 0, 255, torch.uint8)
+
+
+class _QdqWeight(nn.Module):
+    """Integer codes and per-channel scale/zero of one quantized weight, as buffers.
+
+    Matrices are stored transposed, ``(in, out)`` with DequantizeLinear on axis 1, so that the
+    graph is ``DQ(W) -> MatMul`` with no Transpose between (which ONNX Runtime fuses); conv
+    weights keep their shape with axis 0.
+    """
+
+    def __init__(self, lq):
+        super().__init__()
+        self.conv = lq.param[0].dim() > 2
+        codes = lq.int_weight.reshape(lq.param[0].shape) if self.conv else lq.int_weight.t()
+        self.register_buffer("codes", codes.contiguous().clone())
+        self.register_buffer("scale", lq.wq.scale.reshape(-1).float().clone())
+        self.register_buffer("zero", lq.wq.zero.reshape(-1).to(torch.int64).clone())
+        self.transposed = lq.transposed
+
+    def _dq(self, axis: int) -> torch.Tensor:
+        return _ops().dequantize_per_channel(self.codes, self.scale, self.zero, axis, 0, 255,
+                                             torch.uint8)
+
+    def matrix_t(self) -> torch.Tensor:
+        """The dequantized weight as ``(in, out)``."""
+        return self._dq(1)
+
+    def forward(self) -> torch.Tensor:
+        """The dequantized weight in the model's own layout."""
+        if self.conv:
+            return self._dq(0)
+        return self.matrix_t() if self.transposed else self.matrix_t().t()
+
+
+class _QdqMode(QuantMode):
+    """:class:`QuantMode` whose linear sites are ``MatMul`` (not ``Gemm``) of Q/DQ operands.
+
+    ONNX Runtime fuses ``DQ -> MatMul`` (3-D or 2-D) but not ``DQ -> Gemm``.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") == "linear":
+            site = self.q.linear_site(args[1] if len(args) > 1 else kwargs.get("weight"))
+            if site is not None:
+                x = args[0] if args else kwargs["input"]
+                b = args[2] if len(args) > 2 else kwargs.get("bias")
+                y = torch.matmul(site.act_in(x), site.weight.matrix_t())  # (..., out)
+                return y if b is None else y + b
+        elif getattr(func, "__name__", "") == "addmm" and len(args) >= 3 and not kwargs:
+            site = self.q.linear_site(args[2])  # GPT-2 Conv1D: addmm(bias, x, W (in, out))
+            if site is not None:
+                return torch.matmul(site.act_in(args[1]), site.weight.matrix_t()) + args[0]
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+class QdqModel(nn.Module):
+    """A quantized model whose forward emits ONNX Q/DQ ops (see module doc); for export only."""
+
+    def __init__(self, qmodel):
+        super().__init__()
+        from slimformer.quantize.act import ActQuantizer, ProbQuantizer
+
+        _ops()  # register the ops before the exporter builds its op table
+        self.qmodel = copy.deepcopy(qmodel)
+        self.qmodel._rebind()
+        q = self.qmodel.quant
+        self.weights = nn.ModuleDict({k: _QdqWeight(lq) for k, lq in q.linears.items()})
+        for k, lq in q.linears.items():
+            # an instance attribute (not a submodule) shadowing LinearQuant.weight()
+            object.__setattr__(lq, "weight", self.weights[k])
+        for m in q.modules():
+            if isinstance(m, ActQuantizer):
+                s, z = m.scale_zero()
+                m.forward = _act_forward(m, float(s), int(z))
+            elif isinstance(m, ProbQuantizer) and m.kind == "uniform" and m.mode == "quant":
+                m.forward = _uniform_probs(float(m.delta) / (2**m.bits - 1), m.bits)
+        self.qmodel._rebind(_QdqMode)
+
+    def forward(self, *args, **kwargs):
+        """Run the model with Q/DQ ops; parameters are looked up again (export swaps them)."""
+        q, model = self.qmodel.quant, self.qmodel.model
+        q.by_id = {id(model.get_parameter(lq.name)): lq for lq in q.linears.values()}
+        q.param_ids = {id(p) for p in model.parameters()}
+        with self.qmodel._mode:
+            return model(*args, **kwargs)
+
+
+def _act_forward(act, scale: float, zero: int):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return _qdq(act.transform(x), scale, zero, act.bits)
+
+    return forward
+
+
+def _uniform_probs(scale: float, bits: int):
+    def forward(p: torch.Tensor) -> torch.Tensor:
+        return _qdq(p, scale, 0, bits)
+
+    return forward
