@@ -252,6 +252,82 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
 
 
 @app.command()
+def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
+          out: Annotated[Path, typer.Option(help="Folder for the pruned model.")],
+          ratio: Annotated[float, typer.Option(help="Fraction of the prunable params/MACs to "
+                                               "remove, in (0, 1); 0.5 = 2x.")] = 0.5,
+          target: Annotated[str, typer.Option(help="params | macs")] = "params",
+          method: Annotated[str, typer.Option(help="upop | magnitude")] = "upop",
+          structures: Annotated[str, typer.Option(help="Comma list of: heads, mlp.")]
+          = "heads,mlp",
+          search_steps: Annotated[int, typer.Option(help="UPop search steps.")] = 200,
+          finetune_steps: Annotated[int, typer.Option(help="Fine-tuning steps.")] = 500,
+          batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 64,
+          lr: Annotated[float, typer.Option(help="Fine-tuning learning rate.")] = 3e-4,
+          distill: Annotated[float, typer.Option(help="Distillation weight in [0, 1].")] = 0.5,
+          data: Annotated[str | None, typer.Option(help="Built-in data set (default: the "
+                                                   "zoo model's).")] = None,
+          limit: Annotated[int | None, typer.Option(help="Evaluate on the first N test "
+                                                    "rows.")] = None,
+          checkpoint: Annotated[Path | None, typer.Option(help="Folder for resumable "
+                                                          "checkpoints.")] = None,
+          config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
+          = None):
+    """Prune heads and MLP units (UPop or magnitude), fine-tune, save the smaller model."""
+    from pydantic import ValidationError
+
+    from slimformer.data.datasets import get_dataset
+    from slimformer.errors import ConfigError, DataError
+    from slimformer.models.loading import load_model, parse_model_arg
+    from slimformer.pipeline import check_fit
+    from slimformer.prune.api import prune as run_prune
+    from slimformer.prune.config import PruneConfig
+    from slimformer.prune.serialize import save_pruned
+    from slimformer.recipe import format_errors
+
+    con, _ = _console()
+    with _errors():
+        try:
+            cfg = PruneConfig(ratio=ratio, target=target, method=method,
+                              structures=[x.strip() for x in structures.split(",") if x.strip()],
+                              search_steps=search_steps, finetune_steps=finetune_steps,
+                              batch_size=batch_size, lr=lr, distill=distill)
+        except ValidationError as exc:
+            raise ConfigError(format_errors(exc, PruneConfig), "options") from None
+        spec = parse_model_arg(model, config)
+        lm = load_model(spec)
+        name = data or lm.dataset
+        if name is None:
+            raise DataError("this model has no built-in data set: pass --data NAME")
+        train = get_dataset(name, "train") if cfg.needs_training else None
+        test = get_dataset(name, "test", limit)
+        for d in (train, test):
+            if d is not None:
+                check_fit(lm, d)
+        with _progress() as prog:
+            res = run_prune(lm.module, cfg, train, test, progress=prog,
+                            inputs=lm.example_inputs(2), checkpoint=checkpoint)
+        save_pruned(res.model, res.spec, out, spec, cfg)
+    table = _table("", "before", "after", title=f"{model} {method} ratio {ratio} on {name}")
+    table.add_row("params", f"{res.params_before:,}", f"{res.params_after:,}")
+    table.add_row("MACs/sample", f"{res.macs_before:,}", f"{res.macs_after:,}")
+    table.add_row(f"prunable {target}", f"{res.prunable_before:,.0f}",
+                  f"{res.prunable_after:,.0f} ({res.reduction:.2f}x smaller)")
+    table.add_row("accuracy", f"{res.accuracy_before:.4f}", f"{res.accuracy_after:.4f}")
+    for kind in ("heads", "mlp"):
+        if res.kept[kind]:
+            table.add_row(f"{kind} kept per site", "",
+                          " ".join(f"{k}/{n}" for k, n in res.kept[kind].values()))
+    table.add_row("seconds", "", f"search {res.search_seconds:.1f}, fine-tune "
+                  f"{res.finetune_seconds:.1f}")
+    con.print(table)
+    for note in res.notes + [f"not sliceable ({k} {i}): {w}" for k, d in res.skipped.items()
+                             for i, w in d.items()]:
+        con.print(f"  - {note}", markup=False, highlight=False)
+    con.print(f"saved to {out}/")
+
+
+@app.command()
 def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
            out: Annotated[Path, typer.Option(help="Folder for the front (json, md, png) and "
                                              "the chosen sub-network.")],
@@ -411,6 +487,164 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
     con.print(table)
     for note in res.notes:
         con.print(f"  - {note}", markup=False, highlight=False)
+
+
+def _example_rows(lm, rows: int) -> dict:
+    """``rows`` real rows of the model's own data set, or synthetic inputs without one."""
+    from slimformer.data.datasets import get_dataset
+    from slimformer.pipeline import check_fit, latency_inputs
+
+    if lm.dataset is None:
+        return lm.example_inputs(rows)
+    ds = get_dataset(lm.dataset, "calib")
+    check_fit(lm, ds)
+    return latency_inputs(ds, rows)
+
+
+def _load_any(model: str, config: str | None):
+    """A model spec, or a folder written by ``slimformer quantize`` (quantized model)."""
+    from slimformer.models.loading import load_model, parse_model_arg
+
+    if (Path(model) / "quant.json").is_file():
+        import json as _json
+
+        from pydantic import TypeAdapter
+
+        from slimformer.models import spec as S
+        from slimformer.quantize.serialize import load_quantized
+
+        meta = _json.loads((Path(model) / "quant.json").read_text())
+        lm = load_model(TypeAdapter(S.ModelSpec).validate_python(meta["model_spec"]))
+        return lm, load_quantized(model)
+    lm = load_model(parse_model_arg(model, config))
+    return lm, lm.module
+
+
+@export_app.command("onnx")
+def export_onnx_cmd(
+        model: Annotated[str, typer.Argument(help="Model (as for inspect), or a folder written by "
+                                             "`slimformer quantize` (exported as QDQ).")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="The .onnx file to write.")],
+        opset: Annotated[int, typer.Option(help="ONNX opset (17..21).")] = 20,
+        static: Annotated[bool, typer.Option("--static", help="Fixed shapes (no symbolic batch/"
+                                             "sequence axes).")] = False,
+        rows: Annotated[int, typer.Option(help="Example rows traced and checked.")] = 2,
+        config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+    """Write ONNX (QDQ for quantized models), check it with onnx.checker and ONNX Runtime."""
+    from pydantic import ValidationError
+
+    from slimformer.errors import ConfigError
+    from slimformer.export.config import OnnxConfig
+    from slimformer.export.onnx import export_onnx
+    from slimformer.recipe import format_errors
+
+    con, err = _console()
+    with _errors():
+        try:
+            cfg = OnnxConfig(opset=opset, dynamic=not static)
+        except ValidationError as exc:
+            raise ConfigError(format_errors(exc, OnnxConfig), "options") from None
+        with err.status("loading, exporting and checking with ONNX Runtime"):
+            lm, net = _load_any(model, config)
+            res = export_onnx(net, out, _example_rows(lm, rows), cfg)
+    if as_json:
+        print(json.dumps(res.summary(), indent=2))
+        return
+    con.print(f"wrote {res.path} ({res.size_bytes:,} bytes, opset {res.opset}, "
+              f"{'QDQ' if res.quantized else 'float'}); inputs {res.inputs}")
+    t = _table("shape", "cosine", "max abs", "within 1 output step", "argmax agreement",
+               title="ONNX Runtime vs PyTorch")
+    for label, p in res.parity.items():
+        t.add_row(f"{label} {p['shape']}", f"{p['cosine']:.7f}", f"{p['max_abs']:.3g}",
+                  f"{p['within_1_step']:.4f}", f"{p.get('argmax_agreement', float('nan')):.4f}")
+    con.print(t)
+    con.print(f"ONNX Runtime kernels: {res.fusion}")
+    _print_lint(con, res.lint)
+    for w in res.warnings:
+        con.print(f"  warning: {w}", markup=False, highlight=False)
+
+
+def _print_lint(con, findings) -> None:
+    from collections import Counter
+
+    if not findings:
+        con.print("TensorRT QDQ lint: no findings")
+        return
+    counts = Counter((f.rule, f.severity) for f in findings)
+    t = _table("rule", "severity", "count", "first node", "message", title="TensorRT QDQ lint")
+    shown = set()
+    for f in findings:
+        if (f.rule, f.severity) not in shown:
+            shown.add((f.rule, f.severity))
+            t.add_row(f.rule, f.severity, str(counts[(f.rule, f.severity)]), f.node, f.message)
+    con.print(t)
+
+
+@export_app.command("lint")
+def export_lint(onnx_file: Annotated[Path, typer.Argument(help="An ONNX file.")],
+                as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+    """Check an ONNX file against TensorRT's rules for explicit (Q/DQ) quantization."""
+    from slimformer.errors import ExportError
+    from slimformer.export.lint import lint_qdq
+
+    con, _ = _console()
+    with _errors():
+        if not onnx_file.is_file():
+            raise ExportError(f"{onnx_file} does not exist")
+        findings = lint_qdq(onnx_file)
+    if as_json:
+        print(json.dumps([f.as_dict() for f in findings], indent=2))
+        return
+    _print_lint(con, findings)
+
+
+@export_app.command("tensorrt")
+def export_tensorrt(
+        onnx_file: Annotated[Path, typer.Argument(help="ONNX file (QDQ for INT8).")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Engine file to write.")],
+        fp16: Annotated[bool, typer.Option(help="Allow FP16 kernels.")] = True,
+        int8: Annotated[bool, typer.Option(help="Allow INT8 kernels.")] = True,
+        batch: Annotated[str, typer.Option(help="min,opt,max batch.")] = "1,8,32",
+        sequence: Annotated[str, typer.Option(help="min,opt,max sequence length.")] = "8,64,128",
+        timing_cache: Annotated[Path | None, typer.Option(help="Timing cache file.")] = None,
+        workspace_mib: Annotated[int, typer.Option(help="Workspace MiB.")] = 2048):
+    """Build a TensorRT engine with the tensorrt Python API (writes the trtexec equivalent)."""
+    from pydantic import ValidationError
+
+    from slimformer.errors import ConfigError
+    from slimformer.export.config import TensorRTConfig
+    from slimformer.export.lint import lint_qdq
+    from slimformer.export.tensorrt import build_engine
+    from slimformer.recipe import format_errors
+
+    con, _ = _console()
+    with _errors():
+        try:
+            cfg = TensorRTConfig(fp16=fp16, int8=int8, batch=tuple(_ints(batch, "batch")),
+                                 sequence=tuple(_ints(sequence, "sequence")),
+                                 timing_cache=str(timing_cache) if timing_cache else None,
+                                 workspace_mib=workspace_mib)
+        except ValidationError as exc:
+            raise ConfigError(format_errors(exc, TensorRTConfig), "options") from None
+        if onnx_file.is_file():
+            _print_lint(con, lint_qdq(onnx_file))
+        res = build_engine(onnx_file, out, cfg)
+    con.print(f"wrote {res.engine} ({res.size_bytes:,} bytes, TensorRT {res.tensorrt_version})")
+    con.print(f"trtexec equivalent: {res.trtexec}", markup=False, highlight=False)
+
+
+def _ints(text: str, what: str) -> list[int]:
+    from slimformer.errors import ConfigError
+
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != 3 or not 0 < vals[0] <= vals[1] <= vals[2]:
+        raise ConfigError([f"--{what}: expected min,opt,max with 0 < min <= opt <= max, got "
+                           f"{text!r}"], "options")
+    return vals
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -17,7 +17,15 @@ import torch
 
 from slimformer import __version__
 from slimformer.errors import DataError
-from slimformer.recipe import EvaluateStage, HlsStage, QuantizeStage, Recipe, SearchStage
+from slimformer.recipe import (
+    EvaluateStage,
+    ExportStage,
+    HlsStage,
+    PruneStage,
+    QuantizeStage,
+    Recipe,
+    SearchStage,
+)
 from slimformer.report.model import Report, StageRecord, environment
 
 # progress(description, completed, total): called by long steps; None = silent.
@@ -116,6 +124,44 @@ def run_quantize(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
     return rec
 
 
+def run_prune(ctx: RunContext, stage: PruneStage) -> StageRecord:
+    """Prune on the train split; later stages get the smaller model and its new structure."""
+    from slimformer.data.datasets import get_dataset
+    from slimformer.models.structure import discover
+    from slimformer.prune.api import prune
+    from slimformer.prune.serialize import save_pruned
+
+    name = ctx.recipe.data.dataset or ctx.loaded.dataset
+    cfg = stage.prune_config()
+    train = get_dataset(name, "train") if cfg.needs_training else None
+    if train is not None:
+        check_fit(ctx.loaded, train)
+    x = ctx.loaded.example_inputs(2)
+    res = prune(ctx.model, cfg, train, None, ctx.structure, ctx.progress, inputs=x)
+    ctx.model = res.model
+    ctx.structure = discover(res.model, x, require_attention=False)
+    rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
+    heads = [(k, n) for k, n in res.kept["heads"].values()]
+    mlp = [(k, n) for k, n in res.kept["mlp"].values()]
+    rec.metrics = {"method": cfg.method, "params_before": res.params_before,
+                   "params_after": res.params_after, "macs_before": res.macs_before,
+                   "macs_after": res.macs_after,
+                   f"prunable_{cfg.target}_reduction": round(res.reduction, 3),
+                   "heads_kept": f"{sum(k for k, _ in heads)}/{sum(n for _, n in heads)}",
+                   "mlp_units_kept": f"{sum(k for k, _ in mlp)}/{sum(n for _, n in mlp)}",
+                   "search_seconds": round(res.search_seconds, 2),
+                   "finetune_seconds": round(res.finetune_seconds, 2)}
+    rec.notes = [f"heads kept per attention site: {dict(res.kept['heads'])}",
+                 f"MLP units kept per site: {dict(res.kept['mlp'])}", *res.notes]
+    rec.notes += [f"not sliceable ({kind} site {i}): {why}"
+                  for kind, d in res.skipped.items() for i, why in d.items()]
+    rec.size["macs_per_sample"] = int(res.macs_after)
+    if stage.save:
+        spec, model, sspec = ctx.recipe.model, res.model, res.spec
+        ctx.artifacts["pruned"] = lambda d: save_pruned(model, sspec, d, spec, cfg)
+    return rec
+
+
 def run_search(ctx: RunContext, stage: SearchStage) -> StageRecord:
     """Search sub-networks and bit-widths; later stages get the chosen one (inference form)."""
     from slimformer.data.datasets import get_dataset
@@ -169,11 +215,87 @@ def run_hls(ctx: RunContext, stage: HlsStage) -> StageRecord:
     return rec
 
 
+def run_export(ctx: RunContext, stage: ExportStage) -> StageRecord:
+    """Export the current model to ONNX (and TensorRT); ``export/`` artifact (see ExportStage)."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="slimformer-export-"))
+    try:
+        return _export_into(ctx, stage, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
+    import shutil
+
+    from slimformer.export.onnx import export_onnx
+    from slimformer.export.parity import latency, predict
+    from slimformer.export.tensorrt import build_engine, tensorrt_available, trtexec_command
+    from slimformer.models.evaluate import agreement
+
+    onnx_path = tmp / "model.onnx"
+    res = export_onnx(ctx.model, onnx_path, latency_inputs(ctx.eval_data, stage.example_rows),
+                      stage.onnx_config())
+    rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
+    rec.metrics = {"opset": res.opset, "quantized": res.quantized,
+                   "dynamic_axes": str(res.inputs), "file_bytes": res.size_bytes,
+                   "export_seconds": round(res.seconds, 2),
+                   **{f"parity_{k}_cosine": v["cosine"] for k, v in res.parity.items()},
+                   **{f"parity_{k}_within_1_step": v["within_1_step"] for k, v in
+                      res.parity.items()},
+                   **{f"ort_{k}": v for k, v in res.fusion.items()},
+                   "lint_errors": sum(f.severity == "error" for f in res.lint),
+                   "lint_warnings": sum(f.severity == "warning" for f in res.lint)}
+    if stage.evaluate:
+        preds = predict(onnx_path, ctx.eval_data, ctx.recipe.data.batch_size, stage.threads)
+        torch_preds, labels = evaluate_model(ctx.model, ctx.eval_data, ctx.recipe.data.batch_size)
+        rec.metrics["accuracy"] = float((preds == labels).float().mean())
+        rec.metrics["agreement_with_pytorch"] = agreement(preds, torch_preds)
+        if ctx.reference_preds is not None:
+            rec.metrics["agreement"] = agreement(preds, ctx.reference_preds)
+    for b in stage.latency_batch_sizes:
+        rec.latency[f"onnxruntime batch={b}"] = latency(
+            onnx_path, latency_inputs(ctx.eval_data, b), stage.latency_repeats,
+            threads=stage.threads)
+    rec.size = {"bytes": res.size_bytes}
+    rec.notes = list(res.warnings) + [f"{f.rule} {f.severity} at {f.node}: {f.message}"
+                                      for f in _first_per_rule(res.lint)]
+    if stage.tensorrt is not None:
+        engine = tmp / "model.plan"
+        if tensorrt_available():
+            eng = build_engine(onnx_path, engine, stage.tensorrt)
+            rec.metrics["tensorrt_engine_bytes"] = eng.size_bytes
+        else:
+            cmd = trtexec_command("model.onnx", "model.plan", stage.tensorrt)
+            (tmp / "model.plan.trtexec.sh").write_text(f"#!/usr/bin/env bash\n{cmd}\n")
+            rec.notes.append("TensorRT is not installed here (import tensorrt failed): no engine "
+                             f"built; run export/model.plan.trtexec.sh on a GPU machine: {cmd}")
+    ctx.artifacts["export"] = lambda d: (shutil.copytree(tmp, d, dirs_exist_ok=True),
+                                         shutil.rmtree(tmp, ignore_errors=True))
+    return rec
+
+
+def _first_per_rule(findings: list) -> list:
+    """One finding per (rule, severity), with how many more there are."""
+    seen, out = {}, []
+    for f in findings:
+        key = (f.rule, f.severity)
+        if key not in seen:
+            seen[key] = f
+            out.append(f)
+    return out
+
+
 STAGE_HANDLERS: dict[type, Callable[[RunContext, object], StageRecord]] = {
     EvaluateStage: run_evaluate,
     QuantizeStage: run_quantize,
+    PruneStage: run_prune,
     SearchStage: run_search,
     HlsStage: run_hls,
+    ExportStage: run_export,
 }
 
 
