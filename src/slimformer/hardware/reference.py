@@ -55,7 +55,8 @@ def _layernorm(op: Op, x: torch.Tensor, types: dict[str, FixedType], table_size:
     min_val = torch.tensor(10.0 ** -eps_p10, dtype=torch.float32)
     step = torch.tensor(2.0 ** -range_p2 / table_size, dtype=torch.float32)
     ii = torch.arange(table_size, dtype=torch.float32)
-    table = table_t.quantize((1.0 / torch.sqrt(min_val + step * ii)).double())
+    # C++: float in_val; 1.0 / sqrt(in_val): a float square root, a double division
+    table = table_t.quantize(1.0 / torch.sqrt(min_val + step * ii).double())
     gamma = types["scale"].quantize(op.attrs["gamma"].double())
     beta = types["bias"].quantize(op.attrs["beta"].double())
     return diff * table[index] * gamma + beta
