@@ -1,14 +1,16 @@
 """NAS benchmark: our search (SimQ-NAS / InstaTune) against random search and the INT8 full model.
 
 Per task, in one run: fine-tune the super-network, measure the INT8 full model (the original
-weights, uniformly W8A8 with the same method) and ``--samples`` random sub-networks, fit the
-predictors, run NSGA-II on them and measure ``--front`` predicted-front sub-networks. Random
-search gets the same budget: the same ``--samples`` random sub-networks plus ``--front`` more
-random ones. Both fronts are compared by hypervolume (losses 1 - accuracy and cost / full float
-model cost). The zoo models were trained on the whole train split, so accuracy is measured on
-half of the test split (seeded; vit-fmnist: its first 2,000 rows) and the chosen sub-network,
-the INT8 full model and FP32 are then evaluated on the other half. Latency: ONNX Runtime, float export of
-the (sliced) model, batch 1, median of repeats; the INT8 full model also gets ONNX Runtime's
+weights, uniformly W8A8 with the same method) and ``--samples`` sub-networks (anchors first: the
+full model at each uniform weight bit-width and the smallest sub-network; then random draws),
+fit the predictors, run NSGA-II on them and measure ``--front`` predicted-front sub-networks.
+Random search gets the same budget: our random draws plus as many more random ones as we spent
+on anchors and the predicted front. Both fronts are compared by hypervolume (losses
+1 - accuracy and cost / full float model cost). The zoo models were trained on the whole train
+split, so accuracy is measured on half of the test split (seeded; vit-fmnist: 2,000 of its
+rows) and the chosen sub-network, the INT8 full model and FP32 are then evaluated on the other
+half. Latency: ONNX Runtime, float export of the (sliced) model, median of repeats (batch 16
+for vit-fmnist, 1 for MiniLM); the INT8 full model also gets ONNX Runtime's
 ``quantize_dynamic`` as the int8 latency peer.
 
 Run: ``.venv/bin/python benchmarks/nas.py`` (both tasks, ~25 min on 2 shared cores), or e.g.
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -37,10 +38,10 @@ from slimformer.nas.config import SearchConfig
 from slimformer.nas.measure import measure
 from slimformer.nas.pareto import hypervolume, pareto_front, plot_front
 
-TASKS = {  # task -> (val rows, eval rows, fine-tuning lr, batch, steps, space)
-    "vit-fmnist": (5000, 2000, 1e-4, 64, 150, {"heads": [0.5, 0.75, 1.0], "mlp": [0.25, 0.5, 0.75, 1.0],
+TASKS = {  # task -> (val rows, eval rows, fine-tuning lr, batch, steps, latency batch, space)
+    "vit-fmnist": (5000, 2000, 1e-4, 64, 150, 16, {"heads": [0.5, 0.75, 1.0], "mlp": [0.25, 0.5, 0.75, 1.0],
                                           "min_blocks": 3, "weight_bits": [4, 6, 8]}),
-    "minilm-trec": (500, 500, 5e-5, 32, 60, {"heads": [0.5, 0.75, 1.0], "mlp": [0.25, 0.5, 0.75, 1.0],
+    "minilm-trec": (500, 500, 5e-5, 32, 60, 1, {"heads": [0.5, 0.75, 1.0], "mlp": [0.25, 0.5, 0.75, 1.0],
                                          "min_blocks": 3, "weight_bits": [4, 6, 8]}),
 }
 
@@ -94,7 +95,7 @@ def ort_dynamic_latency(model, inputs, repeats) -> float:
 
 
 def run_task(task: str, args, work: Path) -> dict:
-    val_rows, eval_rows, lr, batch, steps, space = TASKS[task]
+    val_rows, eval_rows, lr, batch, steps, lat_batch, space = TASKS[task]
     t0 = time.perf_counter()
     lm = load_model(ZooSpec(name=task))
     # the zoo models were trained on the whole train split, so sub-networks are measured on
@@ -102,18 +103,20 @@ def run_task(task: str, args, work: Path) -> dict:
     train = get_dataset(lm.dataset, "train")
     test, val = split_holdout(get_dataset(lm.dataset, "test"), val_rows, seed=0)
     calib = get_dataset(lm.dataset, "calib")
-    objectives = ["accuracy", "latency", "size"]
+    objectives = ["accuracy", "size", "latency"]  # size first: the chosen point is the smallest
     cfg = SearchConfig(objectives=objectives, space=space, train_steps=args.train_steps or steps,
                        batch_size=batch, lr=lr, samples=args.samples, front_max=args.front,
                        nsga_trials=args.nsga_trials, population=40, eval_limit=eval_rows,
                        quant_method="repq", calib_samples=128, latency_repeats=args.repeats,
+                       latency_batch=lat_batch,
                        storage=str(work / "{study}.journal"), study=task,
                        supernet_path=str(work / "{study}.pt"))
     prog = (lambda s, d, n: print(f"  {task}: {s} {d}/{n}", flush=True)) if args.verbose else None
     res = search(lm.module, cfg, train, val, progress=prog, calib_data=calib)
     t_search = time.perf_counter() - t0
     ours = [r for r in res.measured if r["phase"] in ("sample", "front")]
-    # random search with the same budget: the same random sample plus as many more random ones
+    # random search with the same budget: our random draws plus as many more random ones as we
+    # spent on anchors and the predicted front
     _, space_obj, net, _ = _prepare(copy.deepcopy(lm.module), cfg, val, None)
     ck = torch.load(cfg.supernet_file(), weights_only=True)
     net.model.load_state_dict(ck["state_dict"])
@@ -125,8 +128,9 @@ def run_task(task: str, args, work: Path) -> dict:
     rng = np.random.default_rng(1234)
     seen = {r["sub"] for r in res.measured}
     extra = []
-    while len(extra) < len([r for r in ours if r["phase"] == "front"]):
-        sub = space_obj.random(rng)
+    anchors = [r for r in ours if r["anchor"]]
+    while len(extra) < len([r for r in ours if r["phase"] == "front"]) + len(anchors):
+        sub = space_obj.random(rng)  # uniform, as random search draws
         if sub.key() in seen:
             continue
         seen.add(sub.key())
@@ -134,7 +138,7 @@ def run_task(task: str, args, work: Path) -> dict:
                     cfg.latency_repeats)
         extra.append({"sub": sub.key(), "phase": "random", "accuracy": m.accuracy,
                       "latency": m.latency, "size": m.size, "macs": m.macs})
-    rand = [r for r in ours if r["phase"] == "sample"] + extra
+    rand = [r for r in ours if r["phase"] == "sample" and not r["anchor"]] + extra
     ref_costs = res.reference["float_costs"]
     front_ours, front_rand = pareto_front(ours, objectives), pareto_front(rand, objectives)
     hv_ours = hypervolume(front_ours, objectives, ref_costs)
@@ -150,11 +154,12 @@ def run_task(task: str, args, work: Path) -> dict:
     out = {
         "task": task, "search_seconds": round(t_search, 1), "train": res.train,
         "space_size": res.space_size, "measured_ours": len(ours), "measured_random": len(rand),
+        "anchors": len(anchors),
         "hv_ours": hv_ours, "hv_random": hv_rand, "predictors": res.predictors,
         "reference": {k: ref[k] for k in ("accuracy", "latency", "size", "macs")},
         "float_costs": ref_costs,
         "int8_ort_dynamic_latency": ort_dynamic_latency(lm.module, lat_in, args.repeats),
-        "front_ours": [{k: r[k] for k in ("sub", "phase", "accuracy", "latency", "size")}
+        "front_ours": [{k: r[k] for k in ("sub", "phase", "anchor", "accuracy", "latency", "size")}
                        for r in front_ours],
         "front_random": [{k: r[k] for k in ("sub", "phase", "accuracy", "latency", "size")}
                          for r in front_rand],
@@ -185,8 +190,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.out)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
+    for old in work.glob("*.journal*"):  # fresh studies; a super-network of the same settings
+        old.unlink()  # (same fingerprint) is reused, its training time is reported as measured
     rows = []
     for task in args.tasks:
         r = run_task(task, args, work)

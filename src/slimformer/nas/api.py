@@ -107,7 +107,8 @@ def split_holdout(ds, rows: int, seed: int = 0):
 def _row(t) -> dict:
     r = {k: t.user_attrs.get(k) for k in ROW_KEYS}
     r |= {"sub": t.user_attrs.get("sub"), "phase": t.user_attrs.get("phase"), "trial": t.number,
-          "params_choice": dict(t.user_attrs.get("choices") or t.params)}
+          "params_choice": dict(t.user_attrs.get("choices") or t.params),
+          "anchor": bool(t.user_attrs.get("anchor"))}
     return r
 
 
@@ -234,6 +235,10 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
         trial = study.ask(fixed_distributions={})
         st.run_trial(study, trial, "reference", lambda s: evaluate(s, ref_net), objectives, full8,
                      space.to_params(full8))
+    if not worker and not study.user_attrs.get("anchors_enqueued"):
+        for sub in space.anchors()[:config.samples // 2]:
+            study.enqueue_trial(space.to_params(sub), user_attrs={"anchor": True})
+        study.set_user_attr("anchors_enqueued", True)
     st.sample_worker(storage, study, space, evaluate, objectives, config.samples, config.seed,
                      tick)
     rows = [_row(t) for t in st.measured(study)]
@@ -254,7 +259,8 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
     preds = fit_predictors(x, ys, config.predictor, config.holdout, config.seed)
     result.predictors = {o: {"kind": p.kind, "spearman": p.spearman, "kendall": p.kendall,
                              "holdout": p.holdout} for o, p in preds.items()}
-    todo = _predicted_front(space, preds, objectives, config, {r["sub"] for r in rows})
+    todo = _predicted_front(space, preds, objectives, config, {r["sub"] for r in rows},
+                            ref["accuracy"])
     done_front = {r["sub"] for r in rows if r["phase"] == "front"}
     todo = [s for s in todo if s.key() not in done_front][:max(0, config.front_max -
                                                                 len(done_front))]
@@ -313,10 +319,13 @@ def choose(front: list[dict], ref: dict, objectives: list[str], max_drop: float)
     return max(front, key=lambda r: r["accuracy"])
 
 
-def _predicted_front(space: SearchSpace, preds, objectives, config, measured_keys) -> list:
+def _predicted_front(space: SearchSpace, preds, objectives, config, measured_keys,
+                     ref_accuracy: float) -> list:
     """NSGA-II over the predictors; up to ``front_max`` unmeasured front sub-networks.
 
-    They are spread evenly along the first cost objective.
+    Two thirds of them come from the predicted front within ``3 * max_drop`` of the reference
+    accuracy (where the choice is made), the rest from the whole front; each part is spread
+    evenly along the first cost objective.
     """
     import optuna
 
@@ -333,14 +342,25 @@ def _predicted_front(space: SearchSpace, preds, objectives, config, measured_key
         return [float(preds[o].predict(x)[0]) for o in objectives]
 
     study.optimize(objective, n_trials=config.nsga_trials)
-    seen, out = set(measured_keys), []
+    acc = objectives.index("accuracy")
     cost = next(i for i, o in enumerate(objectives) if o != "accuracy")
+    seen, front = set(measured_keys), []
     for t in sorted(study.best_trials, key=lambda t: t.values[cost]):
         sub = t.user_attrs["sub"]
         if sub.key() not in seen:
             seen.add(sub.key())
-            out.append(sub)
-    if len(out) > config.front_max:
-        idx = np.unique(np.linspace(0, len(out) - 1, config.front_max).round().astype(int))
-        out = [out[i] for i in idx]
-    return out
+            front.append((sub, t.values[acc]))
+    near = [s for s, a in front if a >= ref_accuracy - 3 * config.max_drop]
+    rest = [s for s, a in front if a < ref_accuracy - 3 * config.max_drop]
+    n_near = min(len(near), -(-2 * config.front_max // 3))
+    picked = _spread(near, n_near)
+    return picked + _spread(rest, config.front_max - len(picked))
+
+
+def _spread(items: list, n: int) -> list:
+    """``n`` items spread evenly over ``items`` (all of them when there are fewer)."""
+    if n <= 0:
+        return []
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, n).round().astype(int))]

@@ -8,6 +8,7 @@ exactly one attention site. Its MLPs and Linears are those whose weights it owns
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -121,6 +122,25 @@ class SearchSpace:
             tuple(pick(self.weight_bits) for _ in self.groups),
             tuple(pick(self.act_bits) for _ in self.groups)))
 
+    def draw(self, rng: np.random.Generator) -> SubNet:
+        """A random sub-network at a random compression level (the measured sample).
+
+        A level ``u ~ U(0, 1)`` is drawn first; each block is dropped with probability ``u / 2``
+        and each width choice steps down from the full one ``Binomial(choices - 1, u)`` times,
+        so the sample covers mildly compressed sub-networks as well as small ones (uniform
+        draws are almost all small). Bit-widths are drawn uniformly.
+        """
+        u = float(rng.random())
+        step = lambda c: c[len(c) - 1 - int(rng.binomial(len(c) - 1, u))]  # noqa: E731
+        pick = lambda c: c[int(rng.integers(len(c)))]  # noqa: E731
+        keep = tuple(not (i in self.skippable and rng.random() < u / 2)
+                     for i in range(len(self.blocks)))
+        return self.repair(SubNet(
+            keep, tuple(step(c) for c in self.head_choices),
+            tuple(step(c) for c in self.mlp_choices),
+            tuple(pick(self.weight_bits) for _ in self.groups),
+            tuple(pick(self.act_bits) for _ in self.groups)))
+
     def largest(self) -> SubNet:
         """Every block, head and unit; the widest bits."""
         best = lambda c: max(c, key=_bits_value)  # noqa: E731
@@ -128,6 +148,18 @@ class SearchSpace:
                       tuple(c[-1] for c in self.mlp_choices),
                       tuple(best(self.weight_bits) for _ in self.groups),
                       tuple(best(self.act_bits) for _ in self.groups))
+
+    def anchors(self) -> list[SubNet]:
+        """The full model at each uniform weight bit-width (widest activations) and the smallest.
+
+        Measured first, so the predictors see the corners of the space that random draws miss.
+        """
+        full, act = self.largest(), max(self.act_bits, key=_bits_value)
+        out = [dataclasses.replace(full, wbits=tuple(b for _ in self.groups),
+                                   abits=tuple(act for _ in self.groups))
+               for b in sorted(self.weight_bits, key=_bits_value, reverse=True)]
+        out.append(self.smallest())
+        return list({a.key(): a for a in out}.values())
 
     def smallest(self) -> SubNet:
         """Fewest blocks (later ones dropped first), heads and units; the narrowest bits."""

@@ -121,7 +121,8 @@ def run_trial(study, trial, phase: str, evaluate: Callable, objectives: list[str
     trial.set_user_attr("pid", os.getpid())
     trial.set_user_attr("sub", sub.key())
     trial.set_user_attr("choices", choices)
-    done = next((t for t in measured(study) if t.user_attrs.get("sub") == sub.key()), None)
+    done = next((t for t in measured(study) if t.user_attrs.get("sub") == sub.key()
+                 and t.user_attrs.get("phase") != "reference"), None)  # other weights
     try:
         if done is not None:
             values = {k: done.user_attrs[k] for k in ("accuracy", "size", "macs", "latency",
@@ -143,20 +144,22 @@ def run_trial(study, trial, phase: str, evaluate: Callable, objectives: list[str
 
 def sample_worker(storage, study, space, evaluate: Callable, objectives: list[str], target: int,
                   seed: int, progress: Callable | None = None) -> int:
-    """Measure random sub-networks until the study holds ``target`` of them; returns how many.
+    """Measure sub-networks until the study holds ``target`` of them; returns how many.
 
-    Several processes may run this on one study at once; each draws with its own seed.
+    Enqueued trials (the anchors) are measured first, then draws of
+    :meth:`~slimformer.nas.space.SearchSpace.draw`. Several processes may run this on one study
+    at once; each draws with its own seed.
     """
+    import numpy as np
     import optuna
 
-    sampler = optuna.samplers.RandomSampler(seed=seed * 100_003 + len(study.trials) * 7 +
-                                            os.getpid() % 997)
+    rng = np.random.default_rng([seed, len(study.trials), os.getpid()])
     local = optuna.load_study(study_name=study.study_name, storage=storage,
-                              sampler=sampler)
+                              sampler=optuna.samplers.RandomSampler(seed=seed))
     mine = 0
     while count(local, "sample", running=True) < target:
         trial = local.ask()
-        sub = space.suggest(trial)
+        sub = space.suggest(trial) if trial.user_attrs.get("anchor") else space.draw(rng)
         run_trial(local, trial, "sample", evaluate, objectives, sub, space.to_params(sub))
         mine += 1
         if progress:
