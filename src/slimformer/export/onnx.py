@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from slimformer.errors import ExportError
 from slimformer.export.config import OnnxConfig
@@ -66,15 +67,40 @@ def primary_output(out) -> torch.Tensor:
 
 
 class _Entry(nn.Module):
-    """Positional entry point ``forward(*inputs) -> tensor`` for the exporter."""
+    """Positional entry point ``forward(*inputs) -> tensor`` for the exporter.
 
-    def __init__(self, model: nn.Module, names: list[str]):
+    ``explicit_attention``: ``scaled_dot_product_attention`` is computed as MatMul/Softmax/MatMul
+    (the same math), for models whose fused attention the exporter cannot decompose (e.g. T5).
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], explicit_attention: bool = False):
         super().__init__()
-        self.model, self.names = model, names
+        self.model, self.names, self.explicit_attention = model, names, explicit_attention
 
     def forward(self, *args):
         """``primary_output(model(**dict(zip(names, args))))``."""
-        return primary_output(self.model(**dict(zip(self.names, args, strict=True))))
+        kwargs = dict(zip(self.names, args, strict=True))
+        if self.explicit_attention:
+            with _ExplicitAttention():
+                return primary_output(self.model(**kwargs))
+        return primary_output(self.model(**kwargs))
+
+
+class _Identity:
+    """Attention 'quantizers' that change nothing (for :func:`~slimformer.quantize.intercept.sdpa`)."""
+
+    q_in = k_in = quant_probs = staticmethod(lambda x: x)
+    pv = staticmethod(lambda p, v, matmul: matmul(p, v))
+
+
+class _ExplicitAttention(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") == "scaled_dot_product_attention":
+            from slimformer.quantize.intercept import sdpa
+
+            return sdpa(_Identity, *args, **kwargs)
+        return func(*args, **kwargs)
 
 
 def dynamic_axes_of(inputs: dict[str, torch.Tensor]) -> dict[str, list[int]]:
@@ -137,6 +163,26 @@ def export_onnx(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tens
 
             result.parity, result.fusion = check_parity(reference, tmp, inputs, dyn, quantized,
                                                         config)
+            bad = [k for k, p in result.parity.items()
+                   if not quantized and p["cosine"] < config.parity_min_cosine]
+            if bad == ["other"]:  # the traced graph holds only at the traced shape
+                notes.append(f"with symbolic axes ONNX Runtime differed from PyTorch at another "
+                             f"shape (cosine {result.parity['other']['cosine']:.6f}): the model's "
+                             "code depends on its input sizes; exported with static shapes")
+                proto, dyn = _export_explicit(entry, args, list(inputs), {}, tmp, config, big,
+                                              notes), {}
+                onnx.checker.check_model(str(tmp) if big else proto, full_check=True)
+                result.inputs, result.dynamic_axes = _input_shapes(proto), dyn
+                result.size_bytes = _file_bytes(tmp)
+                result.parity, result.fusion = check_parity(reference, tmp, inputs, dyn,
+                                                            quantized, config)
+                bad = [k for k, p in result.parity.items()
+                       if p["cosine"] < config.parity_min_cosine]
+            if bad:
+                p = result.parity[bad[0]]
+                raise ExportError(f"ONNX Runtime output differs from PyTorch at the {bad[0]} "
+                                  f"shape {p['shape']}: cosine {p['cosine']:.6f} < "
+                                  f"{config.parity_min_cosine}")
         if config.lint:
             from slimformer.export.lint import lint_qdq
 
@@ -147,11 +193,41 @@ def export_onnx(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tens
     return result
 
 
+def _export_explicit(entry, args, names, dyn, tmp, config, big, notes):
+    """Export; if that fails, once more with attention as explicit MatMul/Softmax."""
+    try:
+        return _export(entry, args, names, dyn, tmp, config, big)
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+        if entry.explicit_attention:
+            raise
+        first = exc
+    entry.explicit_attention = True
+    try:
+        proto = _export(entry, args, names, dyn, tmp, config, big)
+    except Exception:
+        entry.explicit_attention = False
+        raise first from None
+    notes.append("scaled_dot_product_attention exported as explicit MatMul/Softmax/MatMul (the "
+                 f"fused form failed: {type(first).__name__}: {_first_line(first)})")
+    return proto
+
+
 def _export_with_fallback(entry, args, names, dyn, tmp, config, big, notes):
     """Export with symbolic axes; on failure or a shape-dependent graph, export static shapes."""
     if dyn:
         try:
-            return _export(entry, args, names, dyn, tmp, config, big), dyn
+            proto = _export_explicit(entry, args, names, dyn, tmp, config, big, notes)
+            fixed = [f"{n}[{ax}]" for n, axes in dyn.items() for ax in axes
+                     if not _is_symbolic(proto, n, ax)]
+            if fixed:
+                notes.append(f"axes {', '.join(fixed)} were fixed by the model's code (it "
+                             "depends on their size): exported with those axes static")
+                dyn = {n: [ax for ax in axes if f"{n}[{ax}]" not in fixed] for n, axes in
+                       dyn.items()}
+                dyn = {n: axes for n, axes in dyn.items() if axes}
+            return _name_axes(proto, dyn, tmp), dyn
         except ExportError:
             raise
         except Exception as exc:  # noqa: BLE001 - any exporter failure: retry with static shapes
@@ -159,7 +235,7 @@ def _export_with_fallback(entry, args, names, dyn, tmp, config, big, notes):
                          f"{_first_line(exc)}); exported with the static shapes "
                          f"{ {n: list(a.shape) for n, a in zip(names, args, strict=True)} }")
     try:
-        return _export(entry, args, names, {}, tmp, config, big), {}
+        return _export_explicit(entry, args, names, {}, tmp, config, big, notes), {}
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - diagnose which op and module could not be exported
@@ -204,6 +280,34 @@ def _quiet_logs():
         yield
     finally:
         lg.setLevel(old)
+
+
+def _is_symbolic(proto, name: str, axis: int) -> bool:
+    for i in proto.graph.input:
+        if i.name == name:
+            dims = i.type.tensor_type.shape.dim
+            return axis < len(dims) and bool(dims[axis].dim_param)
+    return True  # an input the graph dropped (unused) constrains nothing
+
+
+def _name_axes(proto, dyn: dict[str, list[int]], tmp: Path):
+    """Rename the exporter's symbols (``s33``) to ``batch`` / ``sequence`` everywhere; re-save."""
+    import onnx
+
+    rename = {}
+    for i in proto.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        for ax in dyn.get(i.name, []):
+            if ax < len(dims) and dims[ax].dim_param:
+                rename.setdefault(dims[ax].dim_param, "batch" if ax == 0 else "sequence")
+    if not rename or proto.ByteSize() > TWO_GB:
+        return proto
+    for vi in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param in rename:
+                d.dim_param = rename[d.dim_param]
+    onnx.save(proto, str(tmp))
+    return proto
 
 
 def _input_shapes(proto) -> dict[str, list[int | str]]:

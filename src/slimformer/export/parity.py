@@ -109,8 +109,7 @@ def check_parity(reference, path: Path, inputs: dict[str, torch.Tensor], dyn: di
                  quantized: bool, config) -> tuple[dict, dict]:
     """Compare ONNX Runtime with ``reference`` at the traced shape and (dynamic) a second one.
 
-    Returns ``(parity per shape, op counts of ONNX Runtime's optimized graph)``; raises
-    :class:`ExportError` when a float export's cosine is below ``config.parity_min_cosine``.
+    Returns ``(parity per shape, op counts of ONNX Runtime's optimized graph)``.
     """
     with tempfile.TemporaryDirectory() as d:
         opt = Path(d) / "optimized.onnx"
@@ -124,10 +123,6 @@ def check_parity(reference, path: Path, inputs: dict[str, torch.Tensor], dyn: di
         res = compare(reference_output(reference, inp), run(sess, inp))
         res["shape"] = {k: list(v.shape) for k, v in inp.items()}
         parity[label] = res
-        if not quantized and res["cosine"] < config.parity_min_cosine:
-            raise ExportError(f"ONNX Runtime output differs from PyTorch at the {label} shape "
-                              f"{res['shape']}: cosine {res['cosine']:.6f} < "
-                              f"{config.parity_min_cosine}")
     return parity, fusion
 
 

@@ -4,6 +4,8 @@
 forward emits the standard ONNX quantization ops, through PyTorch's ``quantized_decomposed`` ops
 that ``torch.onnx`` translates one to one:
 
+- every quantized embedding table (``embedding_bits``): ``uint8`` rows gathered, then
+  ``(codes - zero) * scale`` with the row's scale and zero point (Gather, Cast, Sub, Mul);
 - every quantized Linear: a ``uint8`` weight initializer ``(out, in)`` with per-output-channel
   ``DequantizeLinear`` (axis 0, scale and zero point per channel), its input through
   ``QuantizeLinear -> DequantizeLinear`` (per tensor, ``uint8``), then ``MatMul`` (+ ``Add`` bias).
@@ -81,6 +83,21 @@ class _QdqWeight(nn.Module):
         return self.matrix_t() if self.transposed else self.matrix_t().t()
 
 
+class _QdqEmbedding(nn.Module):
+    """A per-row quantized embedding table: ``uint8`` codes, scale and zero point per row."""
+
+    def __init__(self, eq):
+        super().__init__()
+        self.register_buffer("codes", eq.int_weight.clone())  # (num, dim)
+        self.register_buffer("scale", eq.wq.scale.reshape(-1).float().clone())  # (num,)
+        self.register_buffer("zero", eq.wq.zero.reshape(-1).float().clone())
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """``(codes[ids] - zero[ids]) * scale[ids]``: Gather on uint8, then Cast/Sub/Mul."""
+        return (self.codes[ids].float() - self.zero[ids].unsqueeze(-1)) * \
+            self.scale[ids].unsqueeze(-1)  # (..., dim)
+
+
 class _QdqMode(QuantMode):
     """:class:`QuantMode` whose linear sites are ``MatMul`` (not ``Gemm``) of Q/DQ operands.
 
@@ -96,6 +113,10 @@ class _QdqMode(QuantMode):
                 b = args[2] if len(args) > 2 else kwargs.get("bias")
                 y = torch.matmul(site.act_in(x), site.weight.matrix_t())  # (..., out)
                 return y if b is None else y + b
+        elif getattr(func, "__name__", "") == "embedding" and len(args) >= 2:
+            site = self.q.embedding_site(args[1])
+            if site is not None:
+                return site.table.lookup(args[0])
         elif getattr(func, "__name__", "") == "addmm" and len(args) >= 3 and not kwargs:
             site = self.q.linear_site(args[2])  # GPT-2 Conv1D: addmm(bias, x, W (in, out))
             if site is not None:
@@ -118,6 +139,9 @@ class QdqModel(nn.Module):
         for k, lq in q.linears.items():
             # an instance attribute (not a submodule) shadowing LinearQuant.weight()
             object.__setattr__(lq, "weight", self.weights[k])
+        self.tables = nn.ModuleDict({k: _QdqEmbedding(e) for k, e in q.embeddings.items()})
+        for k, e in q.embeddings.items():
+            object.__setattr__(e, "table", self.tables[k])
         for m in q.modules():
             if isinstance(m, ActQuantizer):
                 s, z = m.scale_zero()
@@ -130,6 +154,7 @@ class QdqModel(nn.Module):
         """Run the model with Q/DQ ops; parameters are looked up again (export swaps them)."""
         q, model = self.qmodel.quant, self.qmodel.model
         q.by_id = {id(model.get_parameter(lq.name)): lq for lq in q.linears.values()}
+        q.emb_by_id = {id(model.get_parameter(e.name)): e for e in q.embeddings.values()}
         q.param_ids = {id(p) for p in model.parameters()}
         with self.qmodel._mode:
             return model(*args, **kwargs)

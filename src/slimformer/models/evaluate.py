@@ -97,12 +97,16 @@ def model_size(model: torch.nn.Module) -> dict[str, int]:
         nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         nbytes += sum(b.numel() * b.element_size() for b in model.buffers())
         return {"params": params, "bytes": nbytes}
-    qids = {id(lq.param[0]) for lq in quant.linears.values()}
+    embs = list(getattr(quant, "embeddings", {}).values())
+    qids = {id(lq.param[0]) for lq in [*quant.linears.values(), *embs]}
     nbytes = sum(p.numel() * p.element_size() for p in inner.parameters() if id(p) not in qids)
     nbytes += sum(b.numel() * b.element_size() for b in inner.buffers())
     for lq in quant.linears.values():
         w = lq.param[0]
         nbytes += (w.numel() * lq.wq.bits + 7) // 8 + 8 * lq.matrix().shape[0]
+    for eq in embs:  # per-row codes + scale and zero point
+        w = eq.param[0]
+        nbytes += (w.numel() * eq.wq.bits + 7) // 8 + 8 * w.shape[0]
     for m in quant.modules():  # activation / probability quantizer parameters
         if not hasattr(m, "linears") and not hasattr(m, "wq"):
             nbytes += sum(t.numel() * 4 for t in m.parameters(recurse=False))

@@ -12,6 +12,7 @@ from slimformer.quantize.config import QuantConfig
 from slimformer.quantize.quantizers import WeightQuantizer
 from slimformer.quantize.state import (
     AttentionQuant,
+    EmbeddingQuant,
     LinearQuant,
     QuantizedModel,
     QuantState,
@@ -60,6 +61,13 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
         lq = LinearQuant(name, params[name], act, wbits, transposed)
         state.linears[key_of(name)] = lq
         state.by_id[id(params[name])] = lq
+    if config.embedding_bits is not None:
+        for mname, mod in model.named_modules():
+            if isinstance(mod, nn.Embedding):
+                eq = EmbeddingQuant(f"{mname}.weight", mod.weight, config.embedding_bits)
+                eq.calibrate()
+                state.embeddings[key_of(eq.name)] = eq
+                state.emb_by_id[id(mod.weight)] = eq
     state.param_ids = {id(p) for p in model.parameters()}
     for site in smap.attention:
         state.has_mha |= site.kind == "mha"
@@ -71,4 +79,6 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
         for m in state.modules():
             if isinstance(m, (ActQuantizer, WeightQuantizer)):
                 m.pow2 = True
+        for eq in state.embeddings.values():
+            eq.calibrate()
     return QuantizedModel(model, state, config)

@@ -47,6 +47,9 @@ class QuantConfig(BaseModel):
             rounding per layer.
         power_of_two_scales: Round activation and weight scales to powers of two (FPGA targets:
             every quantized tensor is then exactly an ``ap_fixed<W, I>``).
+        embedding_bits: Weight-only quantization of embedding tables (``nn.Embedding``
+            lookups), per row (2..8 bits); None keeps them in float. Large vocabularies dominate
+            the size of small text models.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -63,6 +66,7 @@ class QuantConfig(BaseModel):
     clip_steps: Annotated[int, Field(ge=0, le=10_000)] = 100
     recon_steps: Annotated[int, Field(ge=0, le=100_000)] = 100
     power_of_two_scales: bool = False
+    embedding_bits: Bits | None = None
     seed: int = 0
 
     @property

@@ -30,6 +30,11 @@ def to_inference(qmodel):
         lq.int_weight = codes.to(torch.uint8)
         lq.alpha = None
         lq._cache = None
+    for eq in out.quant.embeddings.values():
+        w = eq.param[0]
+        codes = torch.round(w / eq.wq.scale + eq.wq.zero).clamp(0, 2**eq.wq.bits - 1)
+        eq.int_weight = codes.to(torch.uint8)
+        eq._cache = None
     for name, act in out.quant.named_modules():
         if getattr(act, "per_channel", False):
             raise CalibrationError(f"{name} is still per channel: reparameterize first")

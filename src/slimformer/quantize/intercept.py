@@ -47,6 +47,10 @@ class QuantMode(TorchFunctionMode):
             site = self.q.linear_site(args[1])
             if site is not None:
                 return func(site.act_in(args[0]), site.weight(), *args[2:], **kwargs)
+        elif name == "embedding" and len(args) >= 2:
+            site = self.q.embedding_site(args[1])
+            if site is not None:
+                return func(args[0], site.weight(), *args[2:], **kwargs)
         elif name in ("matmul", "__matmul__") and len(args) == 2:
             site = self.q.linear_site(args[1])
             if site is not None:

@@ -78,6 +78,36 @@ class LinearQuant(nn.Module):
         return self.act(x)
 
 
+class EmbeddingQuant(nn.Module):
+    """Weight-only quantization of one embedding table ``(num, dim)``, per row."""
+
+    def __init__(self, name: str, param: nn.Parameter, bits: int):
+        super().__init__()
+        self.name = name
+        self.param = [param]  # the model owns it
+        self.wq = WeightQuantizer(bits)
+        self.register_buffer("int_weight", None)  # inference form: integer codes
+        self.mode = "float"
+        self._cache = None
+
+    @torch.no_grad()
+    def calibrate(self) -> None:
+        """Per-row scale/zero from the table itself (range search, no data needed)."""
+        self.wq.calibrate(self.param[0].detach(), search=True)
+
+    def weight(self) -> torch.Tensor:
+        """The table: float, or fake-quantized / dequantized codes (cached)."""
+        if self.mode != "quant":
+            return self.param[0]
+        if self._cache is None:
+            if self.int_weight is not None:
+                self._cache = (self.int_weight.float() - self.wq.zero) * self.wq.scale
+            else:
+                self._cache = fake_uniform(self.param[0].detach(), self.wq.scale, self.wq.zero,
+                                           self.wq.bits)
+        return self._cache
+
+
 def soft_round(alpha: torch.Tensor, zeta: float = 1.1, gamma: float = -0.1) -> torch.Tensor:
     """AdaRound's rectified sigmoid h(alpha) in [0, 1]."""
     return torch.clamp(torch.sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1)
@@ -127,7 +157,9 @@ class QuantState(nn.Module):
         self.linears = nn.ModuleDict()
         self.acts = nn.ModuleDict()
         self.attention = nn.ModuleDict()
+        self.embeddings = nn.ModuleDict()
         self.by_id: dict[int, LinearQuant] = {}
+        self.emb_by_id: dict[int, EmbeddingQuant] = {}
         self.param_ids: set[int] = set()
         self.has_mha = False
         self.notes: list[str] = []
@@ -136,6 +168,10 @@ class QuantState(nn.Module):
         """The :class:`LinearQuant` whose parameter is ``w`` (by identity)."""
         return self.by_id.get(id(w)) if isinstance(w, torch.Tensor) else None
 
+    def embedding_site(self, w) -> EmbeddingQuant | None:
+        """The :class:`EmbeddingQuant` whose table is ``w`` (by identity)."""
+        return self.emb_by_id.get(id(w)) if isinstance(w, torch.Tensor) else None
+
     def is_param(self, t: torch.Tensor) -> bool:
         """Whether ``t`` is one of the model's parameters."""
         return id(t) in self.param_ids
@@ -143,9 +179,9 @@ class QuantState(nn.Module):
     def set_mode(self, mode: str) -> None:
         """Put every quantizer in ``mode`` (float / observe / quant)."""
         for m in self.modules():
-            if isinstance(m, (ActQuantizer, ProbQuantizer, LinearQuant)):
+            if isinstance(m, (ActQuantizer, ProbQuantizer, LinearQuant, EmbeddingQuant)):
                 m.mode = mode
-                if isinstance(m, LinearQuant):
+                if isinstance(m, (LinearQuant, EmbeddingQuant)):
                     m._cache = None
         for a in self.attention.values():
             if a.probs_float:
@@ -168,6 +204,7 @@ class QuantizedModel(nn.Module):
         """
         q = self.quant
         q.by_id = {id(self.model.get_parameter(lq.name)): lq for lq in q.linears.values()}
+        q.emb_by_id = {id(self.model.get_parameter(e.name)): e for e in q.embeddings.values()}
         q.param_ids = {id(p) for p in self.model.parameters()}
         self._mode = mode_cls(q)
         for mod in self.model.modules():
