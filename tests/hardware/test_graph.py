@@ -141,3 +141,17 @@ def test_vit_fmnist_is_refused_with_every_unsupported_module():
     msg = str(e.value)
     assert "patch (Conv2d)" in msg and "blocks.0.mlp.act (GELU)" in msg
     assert "blocks.5.mlp.act (GELU)" in msg  # every occurrence, not just the first
+
+
+def test_gelu_substitution_is_explicit_and_close():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(32, 5, 8) * 2
+    with pytest.raises(HardwareError, match=r"(?s)1 \(GELU\).*gelu: sigmoid"):
+        lower(model, {"input": x[:1]})  # refused by default, the option named
+    g = lower(model, {"input": x[:1]}, gelu="sigmoid")
+    assert [o.kind for o in g.ops if o.module == "1"] == ["scale", "sigmoid", "mul"]
+    with torch.no_grad():
+        ref = model(x).double()
+    err = (run_float(g, {"input": x})[g.outputs[0]] - ref).abs().max()
+    assert 0 < err < 0.02 * float(model[2].weight.abs().sum(1).max())  # the approximation

@@ -104,8 +104,8 @@ def build_hls(model: nn.Module, config: HlsConfig, out_dir: str | Path, calib_da
     base, qmodel = _split(model)
     base.eval()
     calib = _inputs(calib_data, config.calib_samples)
-    graph = lower(base, {k: v[:1] for k, v in calib.items()})
-    missing = [n for n in graph.inputs if n not in calib]
+    graph = lower(base, {k: v[:1] for k, v in calib.items()}, config.gelu)
+    missing = [n for n in graph.input_keys if n not in calib]
     if missing:
         raise DataError(f"the data has no input(s) {missing}; it has {sorted(calib)}")
     check_reuse_patterns(graph, config)
@@ -116,6 +116,10 @@ def build_hls(model: nn.Module, config: HlsConfig, out_dir: str | Path, calib_da
     hls_model = build_model_graph(graph, prec, config, out)
     est = estimate(graph, prec, config)
     notes = list(prec.notes)
+    gelus = sorted({o.module for o in graph.ops if o.attrs.get("gelu")})
+    if gelus:
+        notes.append(f"GELU replaced by x * sigmoid(1.702 x) (gelu: sigmoid; max abs error 0.02) "
+                     f"at: {', '.join(gelus)}")
     avail = part_resources(config.part)
     if avail and (est.dsp > avail[0] or est.lut > avail[1]):
         notes.append(f"estimate: {est.dsp:,} DSP / {est.lut:,} LUT exceed {config.part} "
@@ -160,7 +164,7 @@ def _csim(hls_model, graph, prec, config, base, qmodel, eval_data, reference_out
 
     x = _inputs(eval_data, None)
     labels = getattr(eval_data, "labels", None)
-    y_hls = _predict_hls(hls_model, x, graph.inputs)
+    y_hls = _predict_hls(hls_model, x, graph.input_keys)
     with torch.no_grad():
         y_ref = reference_outputs(graph, prec, x, config.table_size)[graph.outputs[0]]
         y_ref = y_ref.reshape(len(y_hls), -1)

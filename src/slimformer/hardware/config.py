@@ -34,6 +34,9 @@ class HlsConfig(BaseModel):
         accum_frac_bits: Fractional bits kept in accumulators (Dense, einsum) beyond which they
             are rounded; ``None`` keeps every product bit (exact).
         table_size: Entries of the softmax and LayerNorm lookup tables.
+        gelu: ``refuse`` (GELU is an error listing where it is) or ``sigmoid``: the explicit
+            substitution ``x * sigmoid(1.702 x)`` (hls4ml's sigmoid lookup table; max abs error
+            0.02 against the exact GELU, reported).
         calib_samples: Calibration rows used to find the ranges of float tensors.
         project_name: Name of the HLS top function and project.
     """
@@ -50,6 +53,7 @@ class HlsConfig(BaseModel):
     free_frac_bits: Annotated[int, Field(ge=2, le=24)] = 10
     accum_frac_bits: Annotated[int, Field(ge=2, le=32)] | None = None
     table_size: Literal[256, 512, 1024, 2048, 4096] = 1024
+    gelu: Literal["refuse", "sigmoid"] = "refuse"
     calib_samples: Annotated[int, Field(ge=1, le=100_000)] = 256
     project_name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "myproject"
 

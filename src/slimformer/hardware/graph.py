@@ -23,7 +23,7 @@ from slimformer.errors import HardwareError
 
 SUPPORTED = (
     "nn.Linear (over the last axis)", "nn.LayerNorm (last axis)", "ReLU", "softmax (any axis)",
-    "einsum / matmul of two activations", "add (same shape, or a constant)",
+    "einsum / matmul of two activations", "GELU (only with gelu: sigmoid)", "add (same shape, or a constant)",
     "multiply by a constant", "mean over the token axis", "reshape / view / flatten",
     "permute / transpose", "Dropout / Identity (eval)",
 )
@@ -48,6 +48,11 @@ class HlsGraph:
     ops: list[Op]
     inputs: list[str]
     outputs: list[str]
+
+    @property
+    def input_keys(self) -> list[str]:
+        """The model's argument names of the inputs (the data's keys), in order."""
+        return [self.op(n).attrs.get("key", n) for n in self.inputs]
 
     def op(self, name: str) -> Op:
         """The operation called ``name``."""
@@ -81,8 +86,13 @@ def _module_path(node) -> str:
     return list(stack)[-1] if stack else "<top level>"
 
 
-def lower(model: nn.Module, example: dict[str, torch.Tensor]) -> HlsGraph:
+GELU_SIGMOID = 1.702  # gelu(x) ~ x * sigmoid(1.702 x)
+
+
+def lower(model: nn.Module, example: dict[str, torch.Tensor], gelu: str = "refuse") -> HlsGraph:
     """Trace ``model`` on ``example`` (batch 1) and lower it to an :class:`HlsGraph`.
+
+    ``gelu="sigmoid"`` substitutes ``x * sigmoid(1.702 x)`` for GELU (explicit, approximate).
 
     Raises:
         HardwareError: Listing every unsupported operation by module path, and the supported set.
@@ -95,7 +105,12 @@ def lower(model: nn.Module, example: dict[str, torch.Tensor]) -> HlsGraph:
     except Exception as e:  # noqa: BLE001 - fx raises plain errors on data-dependent control flow
         raise HardwareError(f"the model cannot be traced with torch.fx ({e}); hls4ml needs a "
                             "static graph built from: " + "; ".join(SUPPORTED)) from e
-    args = [example[n.target] for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    if set(names) - set(example):
+        from slimformer.errors import DataError
+
+        raise DataError(f"the model's inputs are {names}; the data has {sorted(example)}")
+    args = [example[n] for n in names]
     with torch.no_grad():
         ShapeProp(gm).propagate(*args)
     mods = dict(gm.named_modules())
@@ -122,7 +137,7 @@ def lower(model: nn.Module, example: dict[str, torch.Tensor]) -> HlsGraph:
 
     for n in gm.graph.nodes:
         if n.op == "placeholder":
-            ops.append(Op(n.name, "input", [], shape_of(n), n.name))
+            ops.append(Op(n.name, "input", [], shape_of(n), n.name, {"key": n.target}))
             continue
         if n.op == "output":
             outs = n.args[0]
@@ -156,6 +171,8 @@ def lower(model: nn.Module, example: dict[str, torch.Tensor]) -> HlsGraph:
                     "gamma": mod.weight.detach(), "beta": mod.bias.detach(), "eps": mod.eps}))
             elif isinstance(mod, nn.ReLU):
                 ops.append(Op(n.name, "relu", [src(x)], shape_of(n), where))
+            elif isinstance(mod, nn.GELU) and gelu == "sigmoid":
+                ops.extend(_gelu_ops(n.name, src(x), shape_of(n), where))
             elif isinstance(mod, nn.Softmax):
                 ops.append(_softmax(n.name, src(x), shape_of(n), where, mod.dim))
             else:
@@ -190,6 +207,8 @@ def lower(model: nn.Module, example: dict[str, torch.Tensor]) -> HlsGraph:
                           {"perm": [p - 1 for p in perm[1:]]}))
         elif name in ("relu", "relu_"):
             ops.append(Op(n.name, "relu", [src(tensors[0])], shape_of(n), where))
+        elif name == "gelu" and gelu == "sigmoid" and tensors:
+            ops.extend(_gelu_ops(n.name, src(tensors[0]), shape_of(n), where))
         elif name == "softmax":
             dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
             ops.append(_softmax(n.name, src(tensors[0]), shape_of(n), where, dim))
@@ -247,7 +266,8 @@ def lower(model: nn.Module, example: dict[str, torch.Tensor]) -> HlsGraph:
             + "\n".join(f"  - {b}" for b in dict.fromkeys(bad))
             + "\nsupported: " + "; ".join(SUPPORTED)
             + "\n(nn.MultiheadAttention: write it as Linear q/k/v + einsum + softmax + Linear; "
-            "GELU: use ReLU; no substitution is made silently)")
+            "GELU: set gelu: sigmoid for x * sigmoid(1.702 x), or use ReLU; no substitution "
+            "is made silently)")
     graph = HlsGraph(ops, [o.name for o in ops if o.kind == "input"], graph_outputs)
     _fuse_scale_into_softmax(graph)
     _fold_transposes_into_einsums(graph)
@@ -300,6 +320,13 @@ def _fold_one(graph: HlsGraph, t: Op) -> bool:
     return False
 
 
+def _gelu_ops(name: str, x: str, shape: tuple[int, ...], where: str) -> list[Op]:
+    """``x * sigmoid(1.702 x)`` for GELU: scale, sigmoid lookup table, multiply."""
+    return [Op(f"{name}_scale", "scale", [x], shape, where, {"value": GELU_SIGMOID}),
+            Op(f"{name}_sigmoid", "sigmoid", [f"{name}_scale"], shape, where),
+            Op(name, "mul", [x, f"{name}_sigmoid"], shape, where, {"gelu": True})]
+
+
 def _softmax(name: str, x: str, shape: tuple[int, ...], where: str, dim) -> Op:
     rank = len(shape) + 1
     axis = (rank - 1 if dim is None else int(dim) % rank) - 1  # without the batch axis
@@ -338,7 +365,7 @@ def _apply(op: Op, xs: list[torch.Tensor], inputs: dict[str, torch.Tensor]) -> t
     a = op.attrs
     k = op.kind
     if k == "input":
-        return inputs[op.name].double()
+        return inputs[a.get("key", op.name)].double()
     x = xs[0]
     b = x.shape[0]
     if k == "dense":
@@ -353,6 +380,8 @@ def _apply(op: Op, xs: list[torch.Tensor], inputs: dict[str, torch.Tensor]) -> t
         return torch.softmax(x * a["exp_scale"], dim=a["axis"] + 1)
     if k == "relu":
         return torch.relu(x)
+    if k == "sigmoid":
+        return torch.sigmoid(x)
     if k == "add":
         return x + xs[1]
     if k == "mul":

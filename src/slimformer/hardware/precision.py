@@ -219,7 +219,7 @@ def assign(graph: HlsGraph, qmodel, calib: dict[str, torch.Tensor], config: HlsC
             res, src = FixedType(xs[0].width, xs[0].integer - k, xs[0].signed), "input"
         elif op.kind in _TRANSPARENT:
             res, src = xs[0], "input"
-        elif op.kind == "softmax":
+        elif op.kind in ("softmax", "sigmoid"):
             res, src = FixedType(ff + 1, 1, False), "free"
         else:
             res, src = fixed_for_range(min(lo, 0.0), max(hi, 0.0), ff,
@@ -275,6 +275,8 @@ def assign(graph: HlsGraph, qmodel, calib: dict[str, torch.Tensor], config: HlsC
                                       ff + 6),
                 bias=fixed_for_range(float(op.attrs["beta"].min()), float(op.attrs["beta"].max()),
                                      ff + 6))
+        elif op.kind == "sigmoid":
+            types["table"] = FixedType(18, 1, False)
         elif op.kind == "mean":
             n = graph.op(op.inputs[0]).shape[0]
             types["accum"] = FixedType(xs[0].width + math.ceil(math.log2(n)) * 2,

@@ -26,7 +26,7 @@ HLS_CLASS = {
     "einsum": "Einsum", "softmax": "Softmax", "relu": "Activation", "add": "Merge",
     "mul": "Merge", "add_const": "BatchNormalization", "scale": "BatchNormalization",
     "mean": "GlobalAveragePooling1D", "reshape": "Reshape", "transpose": "Transpose",
-    "cast": "Activation",
+    "cast": "Activation", "sigmoid": "Activation",
 }
 
 
@@ -74,8 +74,8 @@ def layer_list(graph: HlsGraph, prec: Precisions) -> list[dict]:
                      out_shape=(1, *op.shape))
         elif k == "softmax":
             d.update(activation="softmax", axis=a["axis"] + 1, n_in=int(np.prod(op.shape)))
-        elif k in ("relu", "cast"):
-            d.update(activation="relu" if k == "relu" else "linear", n_in=int(np.prod(op.shape)))
+        elif k in ("relu", "cast", "sigmoid"):
+            d.update(activation={"cast": "linear"}.get(k, k), n_in=int(np.prod(op.shape)))
         elif k in ("add", "mul"):
             d.update(op="add" if k == "add" else "multiply")
         elif k in ("add_const", "scale"):
@@ -111,6 +111,8 @@ def hls_config(graph: HlsGraph, prec: Precisions, config: HlsConfig, out_dir: Pa
         if op.kind == "softmax":
             entry.update(Implementation="stable", exp_table_size=config.table_size,
                          inv_table_size=config.table_size)
+        if op.kind == "sigmoid":
+            entry.update(table_size=config.table_size)
         if op.kind == "layernorm":
             entry.update(table_size=config.table_size,
                          table_range_power2=prec.ln_range_power2[op.name])

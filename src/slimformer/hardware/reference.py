@@ -62,6 +62,16 @@ def _layernorm(op: Op, x: torch.Tensor, types: dict[str, FixedType], table_size:
     return diff * table[index] * gamma + beta
 
 
+def _sigmoid(x: torch.Tensor, table_t: FixedType, table_size: int) -> torch.Tensor:
+    """hls4ml's sigmoid: a table over [-8, 8), index ``int(x * N / 16) + N / 2``."""
+    ii = torch.arange(table_size, dtype=torch.float64)
+    in_val = (2 * 8.0 * (ii - table_size / 2.0) / table_size).float()
+    val = (1.0 / (1 + torch.exp(-in_val)).double()).float().double()
+    table = table_t.quantize(val)
+    index = (torch.trunc(x * table_size / 16) + table_size // 2).long().clamp(0, table_size - 1)
+    return table[index]
+
+
 def reference_outputs(graph: HlsGraph, prec: Precisions, inputs: dict[str, torch.Tensor],
                       table_size: int) -> dict[str, torch.Tensor]:
     """Run the fixed-point reference; returns every operation's value ``(N, *shape)`` (float64)."""
@@ -79,6 +89,8 @@ def reference_outputs(graph: HlsGraph, prec: Precisions, inputs: dict[str, torch
         elif k == "layernorm":
             y = _layernorm(op, xs[0], t, table_size, prec.ln_range_power2[op.name],
                            prec.ln_eps_power[op.name])
+        elif k == "sigmoid":
+            y = _sigmoid(xs[0], t["table"], table_size)
         elif k == "mean":
             acc = t["accum"]
             y = acc.quantize(acc.quantize(xs[0].sum(1)) / xs[0].shape[1])
