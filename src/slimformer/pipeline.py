@@ -209,7 +209,10 @@ def run_hls(ctx: RunContext, stage: HlsStage) -> StageRecord:
     res = build_hls(ctx.model, stage.hls_config(), tmp / "hls", calib,
                     ctx.eval_data if stage.csim else None, compile=stage.csim)
     rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
-    rec.metrics, rec.notes = summary(res), list(res.notes)
+    where = str(res.project_dir)  # a temporary folder: name it as the run folder's hls/
+    rec.metrics = {k: v.replace(where, "hls") if isinstance(v, str) else v
+                   for k, v in summary(res).items()}
+    rec.notes = [n.replace(where, "hls") for n in res.notes]
     ctx.artifacts["hls"] = lambda d: (shutil.copytree(res.project_dir, d, dirs_exist_ok=True),
                                       shutil.rmtree(tmp, ignore_errors=True))
     return rec
