@@ -41,7 +41,7 @@ from slimformer.nas.pareto import hypervolume, pareto_front, plot_front
 TASKS = {  # task -> (val rows, eval rows, fine-tuning lr, batch, steps, latency batch, space)
     "vit-fmnist": (5000, 2000, 1e-4, 64, 150, 16, {"heads": [0.5, 0.75, 1.0], "mlp": [0.25, 0.5, 0.75, 1.0],
                                           "min_blocks": 3, "weight_bits": [4, 6, 8]}),
-    "minilm-trec": (500, 500, 5e-5, 32, 60, 1, {"heads": [0.5, 0.75, 1.0], "mlp": [0.25, 0.5, 0.75, 1.0],
+    "minilm-trec": (500, 500, 5e-5, 16, 40, 1, {"heads": [0.5, 0.75, 1.0], "mlp": [0.25, 0.5, 0.75, 1.0],
                                          "min_blocks": 3, "weight_bits": [4, 6, 8]}),
 }
 
@@ -96,6 +96,8 @@ def ort_dynamic_latency(model, inputs, repeats) -> float:
 
 def run_task(task: str, args, work: Path) -> dict:
     val_rows, eval_rows, lr, batch, steps, lat_batch, space = TASKS[task]
+    if args.min_blocks:
+        space = space | {"min_blocks": args.min_blocks}
     t0 = time.perf_counter()
     lm = load_model(ZooSpec(name=task))
     # the zoo models were trained on the whole train split, so sub-networks are measured on
@@ -185,6 +187,8 @@ def main() -> None:
     ap.add_argument("--nsga-trials", type=int, default=600)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--min-blocks", type=int, default=None, help="restrict the depth (default: "
+                    "per task, 3)")
     ap.add_argument("--out", default="runs/bench-nas")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()

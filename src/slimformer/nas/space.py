@@ -219,6 +219,12 @@ class SearchSpace:
         f += [h / n * a for h, n, a in zip(sub.heads, self.full_heads, attn, strict=True)]
         f += [m / n * a for m, n, a in zip(sub.mlp, self.full_mlp, mlp, strict=True)]
         f += [_bits_value(b) / FLOAT_BITS for b in (*sub.wbits, *sub.abits)]
+        # aggregates help the linear predictors: kept share of blocks, heads, units; mean bits
+        f += [float(np.mean(sub.keep)) if sub.keep else 1.0,
+              sum(h * a for h, a in zip(sub.heads, attn, strict=True)) / max(1, sum(
+                  self.full_heads)),
+              sum(m * a for m, a in zip(sub.mlp, mlp, strict=True)) / max(1, sum(self.full_mlp)),
+              float(np.mean([_bits_value(b) for b in sub.wbits])) / FLOAT_BITS]
         return np.asarray(f, dtype=np.float64)
 
     def size(self) -> int:
