@@ -272,7 +272,10 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
             eng = build_engine(onnx_path, engine, stage.tensorrt)
             rec.metrics["tensorrt_engine_bytes"] = eng.size_bytes
         else:
-            cmd = trtexec_command("model.onnx", "model.plan", stage.tensorrt)
+            from slimformer.export.tensorrt import profile_shapes
+
+            cmd = trtexec_command("model.onnx", "model.plan", stage.tensorrt,
+                                  profile_shapes(onnx_path, stage.tensorrt))
             (tmp / "model.plan.trtexec.sh").write_text(f"#!/usr/bin/env bash\n{cmd}\n")
             rec.notes.append("TensorRT is not installed here (import tensorrt failed): no engine "
                              f"built; run export/model.plan.trtexec.sh on a GPU machine: {cmd}")

@@ -34,6 +34,7 @@ WEIGHTED = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
 QUANTIZABLE = WEIGHTED | {"Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool",
                           "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice",
                           "Gather", "Split", "Relu", "Identity", "Resize", "ReduceMean"}
+LAYOUT = {"Reshape", "Transpose", "Cast", "Identity", "Squeeze", "Unsqueeze", "Expand", "Slice"}
 OK_TYPES = {3: "INT8", 17: "FLOAT8E4M3FN", 22: "INT4"}
 TYPE_NAMES = {2: "UINT8", 3: "INT8", 21: "UINT4", 22: "INT4", 17: "FLOAT8E4M3FN"}
 
@@ -67,6 +68,8 @@ def lint_qdq(model) -> list[Finding]:
     for n in g.node:
         for i in n.input:
             consumers[i].append(n)
+    if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node):
+        return []  # a float model: explicit quantization does not apply
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
     def value(name: str):
@@ -177,11 +180,12 @@ def _float_attention(g, producer) -> list[Finding]:
         if n.op_type != "MatMul":
             continue
         for i in n.input[:1]:
-            src, hops = producer.get(i), 0
+            src, hops, compute = producer.get(i), 0, False
             while src is not None and hops < 12 and src.op_type not in ("Softmax",
                                                                           "DequantizeLinear"):
+                compute |= src.op_type not in LAYOUT
                 src, hops = producer.get(src.input[0]) if src.input else None, hops + 1
-            if src is not None and src.op_type == "Softmax" and hops > 0:
+            if src is not None and src.op_type == "Softmax" and compute:
                 out.append(Finding("TRT010", "info", n.name or n.output[0], "attention "
                                    "probabilities reach this MatMul through float ops (e.g. the "
                                    "log2 softmax quantizer): TensorRT runs it in FP16/FP32 and "

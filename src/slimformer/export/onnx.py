@@ -169,8 +169,8 @@ def export_onnx(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tens
                 notes.append(f"with symbolic axes ONNX Runtime differed from PyTorch at another "
                              f"shape (cosine {result.parity['other']['cosine']:.6f}): the model's "
                              "code depends on its input sizes; exported with static shapes")
-                proto, dyn = _export_explicit(entry, args, list(inputs), {}, tmp, config, big,
-                                              notes), {}
+                proto, dyn = _finalize(_export_explicit(entry, args, list(inputs), {}, tmp, config,
+                                                        big, notes), {}, tmp), {}
                 onnx.checker.check_model(str(tmp) if big else proto, full_check=True)
                 result.inputs, result.dynamic_axes = _input_shapes(proto), dyn
                 result.size_bytes = _file_bytes(tmp)
@@ -227,7 +227,7 @@ def _export_with_fallback(entry, args, names, dyn, tmp, config, big, notes):
                 dyn = {n: [ax for ax in axes if f"{n}[{ax}]" not in fixed] for n, axes in
                        dyn.items()}
                 dyn = {n: axes for n, axes in dyn.items() if axes}
-            return _name_axes(proto, dyn, tmp), dyn
+            return _finalize(proto, dyn, tmp), dyn
         except ExportError:
             raise
         except Exception as exc:  # noqa: BLE001 - any exporter failure: retry with static shapes
@@ -235,7 +235,8 @@ def _export_with_fallback(entry, args, names, dyn, tmp, config, big, notes):
                          f"{_first_line(exc)}); exported with the static shapes "
                          f"{ {n: list(a.shape) for n, a in zip(names, args, strict=True)} }")
     try:
-        return _export_explicit(entry, args, names, {}, tmp, config, big, notes), {}
+        return _finalize(_export_explicit(entry, args, names, {}, tmp, config, big, notes), {},
+                         tmp), {}
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - diagnose which op and module could not be exported
@@ -290,17 +291,24 @@ def _is_symbolic(proto, name: str, axis: int) -> bool:
     return True  # an input the graph dropped (unused) constrains nothing
 
 
-def _name_axes(proto, dyn: dict[str, list[int]], tmp: Path):
-    """Rename the exporter's symbols (``s33``) to ``batch`` / ``sequence`` everywhere; re-save."""
+def _finalize(proto, dyn: dict[str, list[int]], tmp: Path):
+    """Name symbolic axes ``batch`` / ``sequence``; drop per-node debug metadata; re-save.
+
+    The exporter's symbols (``s33``) are renamed everywhere; the metadata (source stack traces)
+    is most of a small model's file.
+    """
     import onnx
 
+    for n in proto.graph.node:
+        del n.metadata_props[:]
+        n.doc_string = ""
     rename = {}
     for i in proto.graph.input:
         dims = i.type.tensor_type.shape.dim
         for ax in dyn.get(i.name, []):
             if ax < len(dims) and dims[ax].dim_param:
                 rename.setdefault(dims[ax].dim_param, "batch" if ax == 0 else "sequence")
-    if not rename or proto.ByteSize() > TWO_GB:
+    if proto.ByteSize() > TWO_GB:
         return proto
     for vi in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
         for d in vi.type.tensor_type.shape.dim:

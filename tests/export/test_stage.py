@@ -1,0 +1,53 @@
+"""The export recipe stage and the `slimformer export` commands."""
+
+import json
+
+import onnx
+from typer.testing import CliRunner
+
+from slimformer.cli import app
+from slimformer.pipeline import run
+from slimformer.recipe import parse_recipe
+
+runner = CliRunner()
+
+
+def test_recipe_quantize_then_export(tmp_path):
+    out = tmp_path / "out"
+    recipe = parse_recipe({
+        "name": "e", "model": {"source": "zoo", "name": "vit-digits-seq"},
+        "stages": [{"type": "evaluate", "latency_batch_sizes": [1], "latency_repeats": 2},
+                   {"type": "quantize", "method": "repq", "calib_samples": 64, "save": False},
+                   {"type": "export", "latency_batch_sizes": [1, 8], "latency_repeats": 3,
+                    "tensorrt": {"batch": [1, 8, 32]}}],
+        "output": {"dir": str(out)}})
+    run(recipe)
+    rep = json.loads((out / "report.json").read_text())
+    ev, q, ex = rep["stages"]
+    m = ex["metrics"]
+    assert m["quantized"] is True and m["ort_integer_matmuls"] > 0
+    assert m["agreement_with_pytorch"] >= 0.99  # ONNX Runtime vs the quantized PyTorch model
+    assert abs(m["accuracy"] - ev["metrics"]["accuracy"]) < 0.03
+    assert m["lint_errors"] > 0  # asymmetric uint8 Q/DQ: TensorRT's TRT001/TRT002
+    assert set(ex["latency"]) == {"onnxruntime batch=1", "onnxruntime batch=8"}
+    model = onnx.load(out / "export" / "model.onnx")
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    script = (out / "export" / "model.plan.trtexec.sh").read_text()
+    assert "--maxShapes=x:32x8x8" in script
+    assert any("TensorRT is not installed" in n for n in ex["notes"])
+
+
+def test_cli_export_onnx_lint_and_tensorrt(tmp_path):
+    f = tmp_path / "m.onnx"
+    res = runner.invoke(app, ["export", "onnx", "vit-digits-seq", "-o", str(f)])
+    assert res.exit_code == 0, res.output
+    assert "ONNX Runtime vs PyTorch" in res.output and f.is_file()
+    res = runner.invoke(app, ["export", "lint", str(f), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output) == []  # float: nothing to lint
+    res = runner.invoke(app, ["export", "tensorrt", str(f), "-o", str(tmp_path / "m.plan")])
+    assert res.exit_code == 2 and "trtexec" in res.output
+    res = runner.invoke(app, ["export", "onnx", "vit-digits-seq", "-o",
+                              str(tmp_path / "no" / "m.onnx")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    res = runner.invoke(app, ["export", "tensorrt", str(f), "-o", "x.plan", "--batch", "4,2,1"])
+    assert res.exit_code == 2 and "min,opt,max" in res.output
