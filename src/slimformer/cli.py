@@ -442,6 +442,8 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
                method: Annotated[str, typer.Option(help="minmax | percentile")] = "minmax",
                float_model: Annotated[bool, typer.Option("--float", help="Skip quantization: "
                                                          "types from ranges only.")] = False,
+               gelu: Annotated[str, typer.Option(help="refuse | sigmoid (explicit substitution "
+                                                 "x * sigmoid(1.702 x)).")] = "refuse",
                csim: Annotated[bool, typer.Option(help="Compile and C-simulate on the test "
                                                   "set.")] = True,
                config: Annotated[str | None, typer.Option(help="JSON config (as for "
@@ -462,7 +464,7 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
     with _errors():
         try:
             hcfg = HlsConfig(backend=backend, part=part, clock_period_ns=clock_ns,
-                             reuse_factor=reuse_factor, strategy=strategy)
+                             reuse_factor=reuse_factor, strategy=strategy, gelu=gelu)
             qcfg = QuantConfig(method=method, weight_bits=weight_bits, act_bits=act_bits,
                                softmax="none", power_of_two_scales=True)
         except ValidationError as exc:

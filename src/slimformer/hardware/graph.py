@@ -261,9 +261,10 @@ def lower(model: nn.Module, example: dict[str, torch.Tensor], gelu: str = "refus
         else:
             bad.append(f"{where} ({name})")
     if bad:
+        bad = list(dict.fromkeys(bad))
         raise HardwareError(
             f"{len(bad)} operation(s) cannot be built by hls4ml:\n"
-            + "\n".join(f"  - {b}" for b in dict.fromkeys(bad))
+            + "\n".join(f"  - {b}" for b in bad)
             + "\nsupported: " + "; ".join(SUPPORTED)
             + "\n(nn.MultiheadAttention: write it as Linear q/k/v + einsum + softmax + Linear; "
             "GELU: set gelu: sigmoid for x * sigmoid(1.702 x), or use ReLU; no substitution "
