@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 from slimformer.hardware.config import HlsConfig
-from slimformer.hardware.graph import HlsGraph
+from slimformer.hardware.graph import HlsGraph, contraction_size
 from slimformer.hardware.precision import Precisions
 
 # DSP and LUT available on parts whose numbers we hold (from real synthesis reports, SOURCES.md)
@@ -87,9 +87,7 @@ def estimate(graph: HlsGraph, prec: Precisions, config: HlsConfig) -> Estimate:
             lu += rows_ * n_out * n_in * t["accum"].width // rf
             cyc = rf + _tree(n_in) + 1
         elif k == "einsum":
-            a, b = (graph.op(i).shape for i in op.inputs)
-            n = math.prod(a) * math.prod(b)
-            contract = max(1, round(math.sqrt(n / max(1, math.prod(op.shape)))))
+            contract = contraction_size(graph, op)
             mults = math.prod(op.shape) * contract
             d, lu = _mults(prec.result(op.inputs[0]).width, prec.result(op.inputs[1]).width,
                            mults, rf)

@@ -321,6 +321,16 @@ def _fold_one(graph: HlsGraph, t: Op) -> bool:
     return False
 
 
+def contraction_size(graph: HlsGraph, op: Op) -> int:
+    """Number of products summed per output of an einsum (the sizes of its summed indices)."""
+    ins, out = op.attrs["equation"].split("->")
+    sizes: dict[str, int] = {}
+    for sub, name in zip(ins.split(","), op.inputs, strict=True):
+        for letter, dim in zip(sub[1:], graph.op(name).shape, strict=True):  # sub[0]: batch
+            sizes[letter] = dim
+    return math.prod(d for letter, d in sizes.items() if letter not in out) or 1
+
+
 def _gelu_ops(name: str, x: str, shape: tuple[int, ...], where: str) -> list[Op]:
     """``x * sigmoid(1.702 x)`` for GELU: scale, sigmoid lookup table, multiply."""
     return [Op(f"{name}_scale", "scale", [x], shape, where, {"value": GELU_SIGMOID}),

@@ -19,7 +19,7 @@ import torch
 from slimformer.errors import HardwareError
 from slimformer.hardware.config import HlsConfig
 from slimformer.hardware.fixed import FixedType, fixed_for_range, grid_type
-from slimformer.hardware.graph import HlsGraph, Op, run_float
+from slimformer.hardware.graph import HlsGraph, Op, contraction_size, run_float
 
 _TRANSPARENT = ("reshape", "transpose")
 MARGIN = 1.25  # calibration ranges are widened by this factor
@@ -122,11 +122,7 @@ def _insert_casts(graph: HlsGraph, need: dict[tuple[str, int], FixedType]) -> di
         while graph.op(chain[-1]).kind in _TRANSPARENT and \
                 len(graph.consumers(graph.op(chain[-1]).inputs[0])) == 1:
             chain.append(graph.op(chain[-1]).inputs[0])
-        own = len(types) == 1 and readers == {c for c, _, _ in reqs} and \
-            tensor not in graph.outputs and graph.op(chain[-1]).kind != "input" or \
-            (len(types) == 1 and graph.op(chain[-1]).kind == "input" and
-             readers == {c for c, _, _ in reqs})
-        if own:
+        if len(types) == 1 and readers == {c for c, _, _ in reqs} and tensor not in graph.outputs:
             for name in chain:
                 fixed[name] = next(iter(types))
             continue
@@ -239,9 +235,7 @@ def assign(graph: HlsGraph, qmodel, calib: dict[str, torch.Tensor], config: HlsC
             types.update(weight=wt, bias=bt, accum=fixed_for_range(-bound, bound, acc_frac))
             prec.source[op.name + ":weight"] = how
         elif op.kind == "einsum":
-            k = math.prod(graph.op(op.inputs[0]).shape) * math.prod(graph.op(op.inputs[1]).shape)
-            k = max(1, round(math.sqrt(k / max(1, math.prod(op.shape)))))  # rough contraction size
-            bound = _bound(xs[0]) * _bound(xs[1]) * max(k, graph.op(op.inputs[0]).shape[-1])
+            bound = _bound(xs[0]) * _bound(xs[1]) * contraction_size(graph, op)
             acc_frac = xs[0].frac + xs[1].frac
             if config.accum_frac_bits is not None:
                 acc_frac = min(acc_frac, config.accum_frac_bits)
