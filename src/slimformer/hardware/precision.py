@@ -4,7 +4,9 @@ Where our quantizer rounds a tensor (a Linear's input, the attention matmul inpu
 attention probabilities), its grid ``s * (q - z)`` with a power-of-two ``s`` *is* an
 ``ap_fixed<W, I>``: the type of that tensor. Weights quantized per output channel with
 power-of-two scales sit on the grid of the finest channel, so the layer's weight type holds them
-exactly. Tensors our quantization leaves in float (residual stream, scores, LayerNorm outputs
+exactly. (The type holds every grid value; a value beyond the calibrated range saturates at
+the type's bound, which for an asymmetric grid lies up to one grid range further out than the
+quantizer's clamp.) Tensors our quantization leaves in float (residual stream, scores, LayerNorm outputs
 that feed no Linear) get ``free_frac_bits`` fractional bits and the integer bits their calibration
 range needs. Accumulators keep every product bit (exact) unless ``accum_frac_bits`` is set.
 """
