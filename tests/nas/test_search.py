@@ -173,3 +173,29 @@ def test_cli_search_help_and_errors(tmp_path):
                               "--storage", "postgresql://nobody@127.0.0.1:1/none"])
     assert res.exit_code == 2 and "cannot open database" in res.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_recipe_stage_search_then_evaluate(tmp_path):
+    from slimformer.pipeline import run
+    from slimformer.recipe import parse_recipe
+
+    recipe = parse_recipe({
+        "name": "nas-stage", "model": {"source": "zoo", "name": "vit-digits-seq"},
+        "data": {"dataset": "digits-seq"},
+        "stages": [{"type": "search", "val_rows": 200, "train_steps": 5, "samples": 6,
+                    "front_max": 2, "nsga_trials": 60, "population": 10, "eval_limit": 200,
+                    "calib_samples": 32, "quant_method": "minmax",
+                    "storage": str(tmp_path / "{study}.journal"),
+                    "supernet_path": str(tmp_path / "{study}.pt")},
+                   {"type": "evaluate", "latency_batch_sizes": [1], "latency_repeats": 3}]})
+    res = run(recipe, out_dir=tmp_path / "out")
+    search_rec, eval_rec = res.report.stages
+    assert search_rec.metrics["measured"] == 1 + 6 + 2 and search_rec.metrics["front"] >= 1
+    assert any("predictor accuracy" in n for n in search_rec.notes)
+    assert (tmp_path / "nas-stage.journal").is_file()  # the study is named after the recipe
+    # the evaluated model is the chosen sub-network, quantized: smaller than the float model
+    assert eval_rec.size["bytes"] < res.report.model["bytes"]
+    assert eval_rec.metrics["accuracy"] > 0.5
+    for f in ("front.json", "front.md", "front.png", "chosen.json", "chosen.safetensors"):
+        assert (tmp_path / "out" / "search" / f).is_file()
