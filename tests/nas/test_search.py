@@ -199,3 +199,14 @@ def test_recipe_stage_search_then_evaluate(tmp_path):
     assert eval_rec.metrics["accuracy"] > 0.5
     for f in ("front.json", "front.md", "front.png", "chosen.json", "chosen.safetensors"):
         assert (tmp_path / "out" / "search" / f).is_file()
+    # the chosen float sub-network rebuilds from the base model and the saved files
+    from slimformer.models.structure import discover
+    from slimformer.nas.output import load_chosen
+
+    lm = load_model(ZooSpec(name="vit-digits-seq"))
+    x = lm.example_inputs(4, seed=3)
+    sub = load_chosen(lm.module, discover(lm.module, x), tmp_path / "out" / "search")
+    chosen = json.loads((tmp_path / "out" / "search" / "front.json").read_text())["chosen"]
+    assert sum(p.numel() for p in sub.parameters()) == chosen["params"]
+    with torch.no_grad():
+        assert sub(**x).shape == lm.module(**x).shape

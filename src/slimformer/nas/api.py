@@ -290,7 +290,9 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
     result.chosen_spec = {"sub": sub.key(), "keep": list(sub.keep),
                           "heads": {str(k): list(v) for k, v in heads.items()},
                           "mlp": {str(k): list(v) for k, v in units.items()},
-                          "weight_bits": list(sub.wbits), "act_bits": list(sub.abits)}
+                          "weight_bits": list(sub.wbits), "act_bits": list(sub.abits),
+                          "dropped_blocks": {b.path: b.output_tuple for b, k in
+                                             zip(space.blocks, sub.keep, strict=True) if not k}}
     result.seconds = time.perf_counter() - t0
     return result
 

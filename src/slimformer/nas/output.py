@@ -67,3 +67,23 @@ def write_search(result: SearchResult, out_dir: str | Path) -> None:
         save_file(state, str(out / "chosen.safetensors"))
         (out / "chosen.json").write_text(json.dumps(result.chosen_spec, indent=2) + "\n",
                                          encoding="utf-8")
+
+
+def load_chosen(model, structure, folder: str | Path):
+    """Rebuild the chosen float sub-network from ``model`` (the searched base model).
+
+    Slices ``model`` (a copy) as ``chosen.json`` says, drops its blocks and loads
+    ``chosen.safetensors`` strictly; quantize it again with the recorded bits to deploy.
+    """
+    from safetensors.torch import load_file
+
+    from slimformer.nas.measure import DroppedBlock
+    from slimformer.prune.slicing import SliceSpec, slice_model
+
+    spec = json.loads((Path(folder) / "chosen.json").read_text(encoding="utf-8"))
+    out = slice_model(model, structure, SliceSpec.from_dict(spec), inplace=False)
+    for path, n in spec["dropped_blocks"].items():
+        parent, _, child = path.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, child, DroppedBlock(n))
+    out.load_state_dict(load_file(str(Path(folder) / "chosen.safetensors")), strict=True)
+    return out.eval()
