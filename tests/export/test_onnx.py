@@ -190,3 +190,21 @@ def test_ort_predictions_match_torch_on_eval_set(digits, tmp_path):
     export_onnx(lm.module, tmp_path / "f.onnx", latency_inputs(test, 4), OnnxConfig(opset=18))
     torch_preds, _ = evaluate_model(lm.module, test)
     assert torch.equal(predict(tmp_path / "f.onnx", test), torch_preds)
+
+
+def test_external_data_above_the_threshold(tmp_path, monkeypatch):
+    import slimformer.export.onnx as E
+
+    monkeypatch.setattr(E, "EXTERNAL_DATA_BYTES", 0)  # as if the model were over 2 GB
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    res = export_onnx(m, tmp_path / "m.onnx", {"input": torch.randn(2, 64)})
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
+    assert res.parity["other"]["cosine"] >= 0.99999
+    model = onnx.load(tmp_path / "m.onnx")  # loads the data from m.onnx.data
+    assert sum(i.ByteSize() for i in model.graph.initializer) > 64 * 64 * 4
+
+
+def test_inputs_the_model_does_not_take(tmp_path):
+    with pytest.raises(ExportError, match=r"cannot be traced with inputs \['x'\].*unexpected"):
+        export_onnx(nn.Linear(4, 2), tmp_path / "m.onnx", {"x": torch.randn(2, 4)})
+    assert os.listdir(tmp_path) == []

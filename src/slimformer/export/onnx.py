@@ -26,6 +26,7 @@ from slimformer.errors import ExportError
 from slimformer.export.config import OnnxConfig
 
 TWO_GB = 2**31
+EXTERNAL_DATA_BYTES = TWO_GB  # above this the weights go to one ``<file>.onnx.data`` beside it
 
 
 @dataclass
@@ -147,50 +148,65 @@ def export_onnx(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tens
         target = model
     entry = _Entry(target, list(inputs)).eval()
     args = tuple(inputs.values())
-    big = _param_bytes(model) > TWO_GB
+    big = _param_bytes(model) > EXTERNAL_DATA_BYTES
     notes: list[str] = []
     dyn = dynamic_axes_of(inputs) if config.dynamic else {}
     with atomic_path(path) as tmp:
-        proto, dyn = _export_with_fallback(entry, args, list(inputs), dyn, tmp, config, big,
-                                           notes)
-        if config.check:
-            onnx.checker.check_model(str(tmp) if big else proto, full_check=True)
-        result = OnnxResult(path=path, opset=config.opset, quantized=quantized,
-                            inputs=_input_shapes(proto), dynamic_axes=dyn,
-                            size_bytes=_file_bytes(tmp), warnings=notes)
-        if config.check:
-            from slimformer.export.parity import check_parity
-
-            result.parity, result.fusion = check_parity(reference, tmp, inputs, dyn, quantized,
-                                                        config)
-            bad = [k for k, p in result.parity.items()
-                   if not quantized and p["cosine"] < config.parity_min_cosine]
-            if bad == ["other"]:  # the traced graph holds only at the traced shape
-                notes.append(f"with symbolic axes ONNX Runtime differed from PyTorch at another "
-                             f"shape (cosine {result.parity['other']['cosine']:.6f}): the model's "
-                             "code depends on its input sizes; exported with static shapes")
-                proto, dyn = _finalize(_export_explicit(entry, args, list(inputs), {}, tmp, config,
-                                                        big, notes), {}, tmp), {}
+        try:
+            proto, dyn = _export_with_fallback(entry, args, list(inputs), dyn, tmp, config, big,
+                                               notes)
+            if config.check:
                 onnx.checker.check_model(str(tmp) if big else proto, full_check=True)
-                result.inputs, result.dynamic_axes = _input_shapes(proto), dyn
-                result.size_bytes = _file_bytes(tmp)
-                result.parity, result.fusion = check_parity(reference, tmp, inputs, dyn,
-                                                            quantized, config)
-                bad = [k for k, p in result.parity.items()
-                       if p["cosine"] < config.parity_min_cosine]
-            if bad:
-                p = result.parity[bad[0]]
-                raise ExportError(f"ONNX Runtime output differs from PyTorch at the {bad[0]} "
-                                  f"shape {p['shape']}: cosine {p['cosine']:.6f} < "
-                                  f"{config.parity_min_cosine}")
-        if config.lint:
-            from slimformer.export.lint import lint_qdq
+            result = OnnxResult(path=path, opset=config.opset, quantized=quantized,
+                                inputs=_input_shapes(proto), dynamic_axes=dyn,
+                                size_bytes=_file_bytes(tmp), warnings=notes)
+            if config.check:
+                proto = _verify(result, proto, entry, args, inputs, reference, tmp, config, big)
+            if config.lint:
+                from slimformer.export.lint import lint_qdq
 
-            result.lint = lint_qdq(proto)
-        if big:
-            _move_external(tmp, path)
+                result.lint = lint_qdq(proto)
+            if big:
+                _move_external(tmp, path)
+        except BaseException:
+            for f in tmp.parent.glob(tmp.name + ".*"):  # external data of a failed export
+                f.unlink(missing_ok=True)
+            raise
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _verify(result, proto, entry, args, inputs, reference, tmp, config, big):
+    """Check parity with ONNX Runtime; re-export static if only the traced shape holds.
+
+    A float graph that differs from PyTorch only at the second shape is re-exported with static
+    shapes (with a note); :class:`ExportError` if a float export still differs.
+    """
+    import onnx
+
+    from slimformer.export.parity import check_parity
+
+    quantized, dyn = result.quantized, result.dynamic_axes
+    result.parity, result.fusion = check_parity(reference, tmp, inputs, dyn, quantized, config)
+    bad = [k for k, p in result.parity.items()
+           if not quantized and p["cosine"] < config.parity_min_cosine]
+    if bad == ["other"]:  # the traced graph holds only at the traced shape
+        result.warnings.append(
+            f"with symbolic axes ONNX Runtime differed from PyTorch at another shape (cosine "
+            f"{result.parity['other']['cosine']:.6f}): the model's code depends on its input "
+            "sizes; exported with static shapes")
+        proto = _finalize(_export_explicit(entry, args, list(inputs), {}, tmp, config, big,
+                                           result.warnings), {}, tmp)
+        onnx.checker.check_model(str(tmp) if big else proto, full_check=True)
+        result.inputs, result.dynamic_axes = _input_shapes(proto), {}
+        result.size_bytes = _file_bytes(tmp)
+        result.parity, result.fusion = check_parity(reference, tmp, inputs, {}, quantized, config)
+        bad = [k for k, p in result.parity.items() if p["cosine"] < config.parity_min_cosine]
+    if bad:
+        p = result.parity[bad[0]]
+        raise ExportError(f"ONNX Runtime output differs from PyTorch at the {bad[0]} shape "
+                          f"{p['shape']}: cosine {p['cosine']:.6f} < {config.parity_min_cosine}")
+    return proto
 
 
 def _export_explicit(entry, args, names, dyn, tmp, config, big, notes):
@@ -243,6 +259,9 @@ def _export_with_fallback(entry, args, names, dyn, tmp, config, big, notes):
         from slimformer.export.diagnose import unsupported_ops
 
         culprits = unsupported_ops(entry, args)
+        if culprits and culprits[0][0].startswith("torch.export: "):
+            raise ExportError(f"the model cannot be traced with inputs {names}: "
+                              f"{culprits[0][0].removeprefix('torch.export: ')}") from exc
         where = "; ".join(f"{op} in {mod or '<top level>'}" for op, mod in culprits)
         raise ExportError(
             f"ONNX export failed: {where or _first_line(exc)}. "
@@ -336,9 +355,24 @@ def _file_bytes(p: Path) -> int:
 
 
 def _move_external(tmp: Path, path: Path) -> None:
-    data = tmp.with_name(tmp.name + ".data")
-    if data.exists():
-        data.replace(path.with_name(path.name + ".data"))
+    """Point the external tensors at ``<path>.data`` and move the data file there."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    final = path.name + ".data"
+    model = onnx.load(str(tmp), load_external_data=False)
+    sources = set()
+    for t in _get_all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for e in t.external_data:
+                if e.key == "location":
+                    sources.add(e.value)
+                    e.value = final
+    if len(sources) > 1:
+        raise ExportError(f"the exporter wrote {len(sources)} external data files; expected one")
+    onnx.save(model, str(tmp))
+    for src in sources:
+        (tmp.parent / src).replace(path.parent / final)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -24,6 +24,12 @@ that ``torch.onnx`` translates one to one:
 
   (for plain log2 codes ``raw = Round(-Log2(p / delta))`` and ``A V = delta * MatMul(2^-code, V)``);
   uniform probability quantization is a ``uint8`` Q/DQ with zero point 0.
+
+Symmetric quantizers (``QuantConfig.symmetric``: zero point ``2^(b-1)`` on the unsigned codes)
+become ``int8`` Q/DQ with zero point 0, as TensorRT requires: weights and embedding tables as
+``int8`` initializers ``code - 2^(b-1)``, activations as ``int8`` per-tensor Q/DQ (the Clip below
+8 bits keeps ``[-2^(b-1), 2^(b-1) - 1]``), uniform probabilities as ``int8`` Q/DQ whose grid is
+the non-negative half ``[0, 2^(b-1) - 1]``. The values are the simulated model's exactly.
 """
 
 from __future__ import annotations
@@ -42,11 +48,18 @@ def _ops():
     return torch.ops.quantized_decomposed
 
 
-def _qdq(x: torch.Tensor, scale: float, zero: int, bits: int) -> torch.Tensor:
-    """Per-tensor uint8 Q/DQ of ``x`` on a ``bits``-bit grid (Clip first below 8 bits)."""
+def _qdq(x: torch.Tensor, scale: float, zero: int, bits: int, signed: bool = False) -> torch.Tensor:
+    """Per-tensor Q/DQ of ``x`` on a ``bits``-bit grid (Clip first below 8 bits).
+
+    ``uint8`` with zero point ``zero``; ``signed``: ``int8`` with zero point 0 for a symmetric
+    grid given as unsigned codes with ``zero == 2^(bits-1)`` (same values).
+    """
     qd = _ops()
     if bits < 8:
         x = torch.clamp(x, (0 - zero) * scale, (2**bits - 1 - zero) * scale)
+    if signed:
+        q = qd.quantize_per_tensor(x, scale, 0, -128, 127, torch.int8)
+        return qd.dequantize_per_tensor(q, scale, 0, -128, 127, torch.int8)
     q = qd.quantize_per_tensor(x, scale, zero, 0, 255, torch.uint8)
     return qd.dequantize_per_tensor(q, scale, zero, 0, 255, torch.uint8)
 
@@ -63,14 +76,20 @@ class _QdqWeight(nn.Module):
         super().__init__()
         self.conv = lq.param[0].dim() > 2
         codes = lq.int_weight.reshape(lq.param[0].shape) if self.conv else lq.int_weight.t()
+        zero = lq.wq.zero.reshape(-1).to(torch.int64)
+        self.signed = getattr(lq.wq, "symmetric", False)
+        if self.signed:  # int8 codes, zero point 0
+            codes = (codes.to(torch.int16) - 2 ** (lq.wq.bits - 1)).to(torch.int8)
+            zero = torch.zeros_like(zero)
         self.register_buffer("codes", codes.contiguous().clone())
         self.register_buffer("scale", lq.wq.scale.reshape(-1).float().clone())
-        self.register_buffer("zero", lq.wq.zero.reshape(-1).to(torch.int64).clone())
+        self.register_buffer("zero", zero.clone())
         self.transposed = lq.transposed
 
     def _dq(self, axis: int) -> torch.Tensor:
-        return _ops().dequantize_per_channel(self.codes, self.scale, self.zero, axis, 0, 255,
-                                             torch.uint8)
+        lo, hi, dtype = (-128, 127, torch.int8) if self.signed else (0, 255, torch.uint8)
+        return _ops().dequantize_per_channel(self.codes, self.scale, self.zero, axis, lo, hi,
+                                             dtype)
 
     def matrix_t(self) -> torch.Tensor:
         """The dequantized weight as ``(in, out)``."""
@@ -84,13 +103,20 @@ class _QdqWeight(nn.Module):
 
 
 class _QdqEmbedding(nn.Module):
-    """A per-row quantized embedding table: ``uint8`` codes, scale and zero point per row."""
+    """A per-row quantized embedding table: ``uint8`` codes, scale and zero point per row.
+
+    Symmetric tables: ``int8`` codes ``code - 2^(b-1)`` and zero point 0.
+    """
 
     def __init__(self, eq):
         super().__init__()
-        self.register_buffer("codes", eq.int_weight.clone())  # (num, dim)
+        codes, zero = eq.int_weight, eq.wq.zero.reshape(-1).float()
+        if getattr(eq.wq, "symmetric", False):
+            codes = (codes.to(torch.int16) - 2 ** (eq.wq.bits - 1)).to(torch.int8)
+            zero = torch.zeros_like(zero)
+        self.register_buffer("codes", codes.clone())  # (num, dim)
         self.register_buffer("scale", eq.wq.scale.reshape(-1).float().clone())  # (num,)
-        self.register_buffer("zero", eq.wq.zero.reshape(-1).float().clone())
+        self.register_buffer("zero", zero.clone())
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """``(codes[ids] - zero[ids]) * scale[ids]``: Gather on uint8, then Cast/Sub/Mul."""
@@ -145,9 +171,9 @@ class QdqModel(nn.Module):
         for m in q.modules():
             if isinstance(m, ActQuantizer):
                 s, z = m.scale_zero()
-                m.forward = _act_forward(m, float(s), int(z))
+                m.forward = _act_forward(m, float(s), int(z), getattr(m, "symmetric", False))
             elif isinstance(m, ProbQuantizer) and m.kind == "uniform" and m.mode == "quant":
-                m.forward = _uniform_probs(float(m.delta) / (2**m.bits - 1), m.bits)
+                m.forward = _uniform_probs(float(m.delta), m.bits, getattr(m, "symmetric", False))
         self.qmodel._rebind(_QdqMode)
 
     def forward(self, *args, **kwargs):
@@ -160,15 +186,24 @@ class QdqModel(nn.Module):
             return model(*args, **kwargs)
 
 
-def _act_forward(act, scale: float, zero: int):
+def _act_forward(act, scale: float, zero: int, signed: bool):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return _qdq(act.transform(x), scale, zero, act.bits)
+        return _qdq(act.transform(x), scale, zero, act.bits, signed)
 
     return forward
 
 
-def _uniform_probs(scale: float, bits: int):
-    def forward(p: torch.Tensor) -> torch.Tensor:
-        return _qdq(p, scale, 0, bits)
+def _uniform_probs(delta: float, bits: int, signed: bool):
+    """Uniform probabilities on [0, delta]: uint8 (2^b - 1 steps) or int8 (2^(b-1) - 1 steps)."""
+    if signed:
+        scale = delta / (2 ** (bits - 1) - 1)
+
+        def forward(p: torch.Tensor) -> torch.Tensor:
+            return _qdq(p, scale, 0, bits - 1 if bits < 8 else 8, signed=True)  # Clip below 8
+    else:
+        scale = delta / (2**bits - 1)
+
+        def forward(p: torch.Tensor) -> torch.Tensor:
+            return _qdq(p, scale, 0, bits)
 
     return forward
