@@ -17,6 +17,7 @@ from slimformer.quantize.quantizers import (
     fake_log_sqrt2,
     fake_uniform,
     round_ste,
+    symmetric_params,
     uniform_params,
 )
 
@@ -24,7 +25,11 @@ SAMPLE_ROWS = 4096
 
 
 class ActQuantizer(nn.Module):
-    """Uniform activation quantizer, per tensor or per channel (last axis)."""
+    """Uniform activation quantizer, per tensor or per channel (last axis).
+
+    Asymmetric by default; with ``symmetric`` (set by the builder) the scale is
+    ``max(|lo|, |hi|) / (2^(b-1) - 1)`` and the zero point ``2^(b-1)`` (signed codes).
+    """
 
     def __init__(self, name: str, bits: int, per_channel: bool = False):
         super().__init__()
@@ -35,6 +40,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("shift", None)
         self.register_buffer("inv_r", None)
         self.pow2 = False
+        self.symmetric = False
         self._min = self._max = None
         self._rows: list[torch.Tensor] = []
         self._seen = 0
@@ -87,7 +93,7 @@ class ActQuantizer(nn.Module):
         for f in (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5):
             for g in (1.0, 0.9, 0.8):
                 lo, hi = lo0 * g, hi0 * f
-                s, z = uniform_params(lo, hi, self.bits)
+                s, z = self._params(lo, hi)
                 err = ((fake_uniform(rows, s, z, self.bits) - rows) ** 2)
                 err = err.mean(0) if self.per_channel else err.mean()
                 if best is None:
@@ -104,8 +110,19 @@ class ActQuantizer(nn.Module):
         self.lo = nn.Parameter(lo.detach().float().clone().reshape(-1), requires_grad=False)
         self.hi = nn.Parameter(hi.detach().float().clone().reshape(-1), requires_grad=False)
 
+    def _params(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point of the grid covering [lo, hi] (range search; no pow2)."""
+        if self.symmetric:
+            return symmetric_params(lo, hi, self.bits)
+        return uniform_params(lo, hi, self.bits)
+
     def scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Current scale and zero point (zero rounded with a straight-through gradient)."""
+        if self.symmetric:
+            scale, zero = symmetric_params(self.lo, self.hi, self.bits)
+            if self.pow2:
+                scale = torch.exp2(torch.ceil(torch.log2(scale)))
+            return scale, zero
         lo = torch.minimum(self.lo, torch.zeros_like(self.lo))
         hi = torch.maximum(self.hi, torch.zeros_like(self.hi))
         scale = ((hi - lo) / (2**self.bits - 1)).clamp_min(1e-8)
@@ -132,12 +149,17 @@ class ActQuantizer(nn.Module):
 
 
 class ProbQuantizer(nn.Module):
-    """Quantizer of attention probabilities: log-sqrt2, log2 or uniform on [0, delta]."""
+    """Quantizer of attention probabilities: log-sqrt2, log2 or uniform on [0, delta].
+
+    Uniform with ``symmetric`` (set by the builder): the non-negative half of a signed grid,
+    scale ``delta / (2^(b-1) - 1)``, zero point 0, codes in ``[0, 2^(b-1) - 1]``.
+    """
 
     def __init__(self, name: str, bits: int, kind: str):
         super().__init__()
         self.name, self.bits, self.kind = name, bits, kind
         self.mode = "float"
+        self.symmetric = False
         self.register_buffer("delta", torch.ones(()))
         self._rows: list[torch.Tensor] = []
 
@@ -155,6 +177,9 @@ class ProbQuantizer(nn.Module):
             return fake_log_sqrt2(p, d, self.bits)
         if self.kind == "log2":
             return fake_log2(p, d, self.bits)
+        if self.symmetric:
+            s = d / (2 ** (self.bits - 1) - 1)
+            return fake_uniform(p, s, torch.zeros_like(s), self.bits - 1)  # codes [0, 2^(b-1)-1]
         s = d / (2**self.bits - 1)
         return fake_uniform(p, s, torch.zeros_like(s), self.bits)
 

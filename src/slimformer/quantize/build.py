@@ -7,7 +7,7 @@ import fnmatch
 from torch import nn
 
 from slimformer.errors import ConfigError, UnsupportedModelError
-from slimformer.quantize.act import ActQuantizer
+from slimformer.quantize.act import ActQuantizer, ProbQuantizer
 from slimformer.quantize.config import QuantConfig
 from slimformer.quantize.quantizers import WeightQuantizer
 from slimformer.quantize.state import (
@@ -75,10 +75,12 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
         if key in state.attention:
             raise ConfigError([f"two attention sites in one module {site.module}: not supported"])
         state.attention[key] = AttentionQuant(site.module, config.act_bits, config.softmax_kind)
-    if config.power_of_two_scales:
-        for m in state.modules():
-            if isinstance(m, (ActQuantizer, WeightQuantizer)):
-                m.pow2 = True
+    for m in state.modules():
+        if isinstance(m, (ActQuantizer, WeightQuantizer, ProbQuantizer)):
+            m.symmetric = config.symmetric
+        if isinstance(m, (ActQuantizer, WeightQuantizer)):
+            m.pow2 = config.power_of_two_scales
+    if config.power_of_two_scales or config.symmetric:
         for eq in state.embeddings.values():
             eq.calibrate()
     return QuantizedModel(model, state, config)

@@ -50,6 +50,10 @@ class QuantConfig(BaseModel):
         embedding_bits: Weight-only quantization of embedding tables (``nn.Embedding``
             lookups), per row (2..8 bits); None keeps them in float. Large vocabularies dominate
             the size of small text models.
+        symmetric: Symmetric signed grids (zero point 0), as TensorRT requires; weights and
+            activations. Scales are ``max(|lo|, |hi|) / (2^(b-1) - 1)``; codes are kept as
+            ``uint8`` with zero point ``2^(b-1)`` (int8 ``code - 2^(b-1)`` in the QDQ export),
+            uniform attention probabilities use the non-negative half ``[0, 2^(b-1) - 1]``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -67,6 +71,7 @@ class QuantConfig(BaseModel):
     recon_steps: Annotated[int, Field(ge=0, le=100_000)] = 100
     power_of_two_scales: bool = False
     embedding_bits: Bits | None = None
+    symmetric: bool = False
     seed: int = 0
 
     @property

@@ -1,4 +1,4 @@
-"""Quantizers: uniform (per-tensor / per-channel, asymmetric), log2 and log-sqrt2.
+"""Quantizers: uniform (per-tensor / per-channel, asymmetric or symmetric), log2 and log-sqrt2.
 
 All fake-quantize (quantize then dequantize) in float, with a straight-through estimator for the
 rounding so that clipping bounds can be learned. Shapes: ``x (..., C)``; per-channel parameters
@@ -26,6 +26,18 @@ def uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch
     scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
     zero = (-lo / scale).round().clamp(0, 2**bits - 1)
     return scale, zero
+
+
+def symmetric_params(lo: torch.Tensor, hi: torch.Tensor,
+                     bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale ``max(|lo|, |hi|) / (2^(b-1) - 1)`` and zero point ``2^(b-1)`` of a symmetric grid.
+
+    Codes stay unsigned (``[0, 2^b - 1]``, zero at ``2^(b-1)``); ``code - 2^(b-1)`` is the signed
+    integer. Values inside ``[lo, hi]`` get codes in ``[1, 2^b - 1]``.
+    """
+    amax = torch.maximum(lo.abs(), hi.abs())
+    scale = (amax / (2 ** (bits - 1) - 1)).clamp_min(1e-8)
+    return scale, torch.full_like(scale, 2 ** (bits - 1))
 
 
 def fake_uniform(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -68,7 +80,9 @@ def fake_log2(p: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class WeightQuantizer(nn.Module):
-    """Per-output-channel asymmetric uniform quantizer of a weight ``(out, in)``.
+    """Per-output-channel uniform quantizer of a weight ``(out, in)``.
+
+    Asymmetric by default; ``symmetric`` (set by the builder) uses :func:`symmetric_params`.
 
     Calibrated by searching, per channel, a shrink factor of the min/max range that minimizes
     the squared rounding error (``search=True``), or plain min/max.
@@ -78,6 +92,7 @@ class WeightQuantizer(nn.Module):
         super().__init__()
         self.bits = bits
         self.pow2 = False  # power-of-two scales (FPGA targets: exact ap_fixed weights)
+        self.symmetric = False  # zero point 2^(b-1): signed int8 codes (TensorRT)
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero", torch.zeros(1))
 
@@ -97,6 +112,11 @@ class WeightQuantizer(nn.Module):
         self.scale, self.zero = best_s, best_z
 
     def _params(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.symmetric:
+            s, z = symmetric_params(lo, hi, self.bits)
+            if self.pow2:
+                s = torch.exp2(torch.ceil(torch.log2(s)))
+            return s, z
         s, z = uniform_params(lo, hi, self.bits)
         if self.pow2:
             s = torch.exp2(torch.ceil(torch.log2(s)))

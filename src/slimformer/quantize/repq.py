@@ -8,6 +8,11 @@ Where the norm feeds only Linears and has weight and bias, the affine is folded 
 (``gamma' = gamma / r``, ``beta' = (beta + s (z - z~)) / r``); otherwise (post-norm models, whose
 norm output is also the residual, or RMSNorm without bias) it stays as the norm's second affine
 output on the quantized branch.
+
+Symmetric quantizers (zero point ``2^(b-1)`` everywhere): ``z_c = z~``, so ``shift = 0``; the
+layer-wise quantizer is set first (range ``+-(2^(b-1) - 1) mean(s)``) and ``r = s / s~`` uses the
+scale it actually has, so its codes are those of the per-channel quantizer (power-of-two scales
+included: then ``r`` is a power of two too).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 from torch import nn
 
 from slimformer.quantize.act import ActQuantizer
-from slimformer.quantize.quantizers import fake_uniform
+from slimformer.quantize.quantizers import fake_uniform, symmetric_params
 
 
 def _affine_params(norm: nn.Module, dim: int) -> tuple[nn.Parameter, nn.Parameter] | None:
@@ -49,7 +54,13 @@ def reparameterize(qmodel, smap) -> list[str]:
         act = users[0].act
         s, z = act.scale_zero()
         s, z = s.detach(), z.detach().round()
-        s_t, z_t = s.mean(), z.mean().round()
+        if act.symmetric:
+            n = 2 ** (act.bits - 1) - 1
+            act.per_channel = False
+            act.set_range(-(s.mean() * n).reshape(1), (s.mean() * n).reshape(1))
+            s_t, z_t = (v.detach().reshape(()) for v in act.scale_zero())
+        else:
+            s_t, z_t = s.mean(), z.mean().round()
         r = s / s_t
         shift = s * (z - z_t)
         for lq in users:
@@ -79,9 +90,10 @@ def reparameterize(qmodel, smap) -> list[str]:
             else:
                 why = "the norm has no bias to fold into"
             how = f"kept as a per-channel affine on the quantized branch ({why})"
-        lo_t, hi_t = -z_t * s_t, (2**act.bits - 1 - z_t) * s_t
-        act.per_channel = False
-        act.set_range(lo_t.reshape(1), hi_t.reshape(1))
+        if not act.symmetric:
+            lo_t, hi_t = -z_t * s_t, (2**act.bits - 1 - z_t) * s_t
+            act.per_channel = False
+            act.set_range(lo_t.reshape(1), hi_t.reshape(1))
         site = norm.module if norm is not None else users[0].name
         notes.append(f"{site} -> {len(users)} Linear(s): per-channel scales (r in "
                      f"[{float(r.min()):.2f}, {float(r.max()):.2f}]) reparameterized to one "
@@ -126,9 +138,13 @@ def learn_dual_clipping(act: ActQuantizer, weights: list[torch.Tensor], steps: i
     def loss_fn():
         lo = torch.minimum(lo0 + span * u[0], torch.zeros_like(lo0))
         hi = torch.maximum(hi0 + span * u[1], lo + 1e-4)
-        s = ((hi - lo) / (2**act.bits - 1)).clamp_min(1e-8)
-        z = ((-lo / s).round() - (-lo / s)).detach() + (-lo / s)
-        err = fake_uniform(x, s, z.clamp(0, 2**act.bits - 1), act.bits) - x
+        if act.symmetric:
+            s, z = symmetric_params(lo, hi, act.bits)
+        else:
+            s = ((hi - lo) / (2**act.bits - 1)).clamp_min(1e-8)
+            z = ((-lo / s).round() - (-lo / s)).detach() + (-lo / s)
+            z = z.clamp(0, 2**act.bits - 1)
+        err = fake_uniform(x, s, z, act.bits) - x
         return sum(((err @ w.t()) ** 2).mean() for w in ws), lo, hi
 
     with torch.no_grad():
