@@ -124,10 +124,21 @@ class _QdqEmbedding(nn.Module):
             self.scale[ids].unsqueeze(-1)  # (..., dim)
 
 
+def _matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w``; a 2-D ``x`` gets a leading unit axis.
+
+    Otherwise ONNX Runtime fuses MatMul + Add into a float Gemm before its QDQ fusion can make the
+    MatMul an integer one.
+    """
+    if x.dim() == 2:
+        return torch.matmul(x.unsqueeze(0), w).squeeze(0)
+    return torch.matmul(x, w)
+
+
 class _QdqMode(QuantMode):
     """:class:`QuantMode` whose linear sites are ``MatMul`` (not ``Gemm``) of Q/DQ operands.
 
-    ONNX Runtime fuses ``DQ -> MatMul`` (3-D or 2-D) but not ``DQ -> Gemm``.
+    ONNX Runtime fuses ``DQ -> MatMul`` into an integer matmul but not ``DQ -> Gemm``.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -137,7 +148,7 @@ class _QdqMode(QuantMode):
             if site is not None:
                 x = args[0] if args else kwargs["input"]
                 b = args[2] if len(args) > 2 else kwargs.get("bias")
-                y = torch.matmul(site.act_in(x), site.weight.matrix_t())  # (..., out)
+                y = _matmul(site.act_in(x), site.weight.matrix_t())  # (..., out)
                 return y if b is None else y + b
         elif getattr(func, "__name__", "") == "embedding" and len(args) >= 2:
             site = self.q.embedding_site(args[1])
@@ -146,7 +157,7 @@ class _QdqMode(QuantMode):
         elif getattr(func, "__name__", "") == "addmm" and len(args) >= 3 and not kwargs:
             site = self.q.linear_site(args[2])  # GPT-2 Conv1D: addmm(bias, x, W (in, out))
             if site is not None:
-                return torch.matmul(site.act_in(args[1]), site.weight.matrix_t()) + args[0]
+                return _matmul(site.act_in(args[1]), site.weight.matrix_t()) + args[0]
         return super().__torch_function__(func, types, args, kwargs)
 
 
