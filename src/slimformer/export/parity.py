@@ -23,14 +23,21 @@ INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm"
 FLOAT_MATMULS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm", "Conv", "FusedConv")
 
 
-def session(path: str | Path, threads: int = 2, optimized_to: str | Path | None = None):
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads."""
+def session(path: str | Path, threads: int = 2, optimized_to: str | Path | None = None,
+            qdq_fusion: bool = True):
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads.
+
+    ``qdq_fusion=False`` keeps Q/DQ nodes as they are (``session.disable_quant_qdq``): the graph's
+    exact semantics, without ONNX Runtime's integer kernels.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if not qdq_fusion:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     if optimized_to is not None:
         so.optimized_model_filepath = str(optimized_to)
     try:
@@ -106,15 +113,18 @@ def reference_output(model, inputs: dict[str, torch.Tensor]) -> np.ndarray:
 
 
 def check_parity(reference, path: Path, inputs: dict[str, torch.Tensor], dyn: dict[str, list[int]],
-                 quantized: bool, config) -> tuple[dict, dict]:
+                 quantized: bool, config, qdq_fusion: bool = True) -> tuple[dict, dict]:
     """Compare ONNX Runtime with ``reference`` at the traced shape and (dynamic) a second one.
 
-    Returns ``(parity per shape, op counts of ONNX Runtime's optimized graph)``.
+    Returns ``(parity per shape, op counts of ONNX Runtime's optimized graph)``; with
+    ``qdq_fusion=False`` the parity runs use the unfused graph (see :func:`session`).
     """
     with tempfile.TemporaryDirectory() as d:
         opt = Path(d) / "optimized.onnx"
         sess = session(path, config.threads, optimized_to=opt)
         fusion = fusion_counts(opt)
+    if not qdq_fusion:
+        sess = session(path, config.threads, qdq_fusion=False)
     shapes = {"traced": inputs}
     if dyn:
         shapes["other"] = other_shape(inputs, dyn)
