@@ -2,7 +2,9 @@
 
 For each task, in one run on this machine: the float model exported by ``export_onnx``; ours,
 W8A8 repq calibrated on the task's calibration split, exported as QDQ (uniform 8-bit softmax
-probabilities, 8-bit embedding tables; and the log-sqrt2 softmax variant); and ONNX Runtime's own
+probabilities, 8-bit embedding tables; the same with 7-bit weights, stored as int8 within [-64, 63]
+so that ONNX Runtime's u8 x s8 kernels are exact; and the log-sqrt2 softmax variant); and ONNX
+Runtime's own
 ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations as ONNX Runtime recommends
 on x86, MinMax calibration on the same rows) applied to the same float ONNX file. Latency is the
 median of ``--repeats`` runs after warm-up at batch 1 and 32 (sequence 128 for text: real
@@ -89,12 +91,14 @@ def run_task(name: str, repeats: int, n_calib: int, d: Path) -> list[dict]:
     t0 = time.perf_counter()
     export_onnx(lm.module, d / f"{name}-fp32.onnx", example, OnnxConfig(lint=False))
     models["float (FP32)"] = (d / f"{name}-fp32.onnx", f"{time.perf_counter() - t0:.0f} s export")
-    for label, softmax in (("ours W8A8 QDQ", "uniform"), ("ours W8A8 QDQ, log-sqrt2 softmax",
-                                                           "auto")):
+    variants = (("ours W8A8 QDQ", "uniform", 8), ("ours W7A8 QDQ (int8 weights)", "uniform", 7),
+                ("ours W8A8 QDQ, log-sqrt2 softmax", "auto", 8))
+    for label, softmax, wbits in variants:
         t0 = time.perf_counter()
-        cfg = QuantConfig(method="repq", calib_samples=n_calib, softmax=softmax, embedding_bits=8)
+        cfg = QuantConfig(method="repq", calib_samples=n_calib, softmax=softmax, embedding_bits=8,
+                          weight_bits=wbits)
         inf = to_inference(quantize(lm.module, cfg, calib).model)
-        path = d / f"{name}-{softmax}.onnx"
+        path = d / f"{name}-{softmax}-w{wbits}.onnx"
         res = export_onnx(inf, path, example, OnnxConfig(lint=False))
         models[label] = (path, f"{time.perf_counter() - t0:.0f} s calib+export, ORT integer "
                                f"matmuls {res.fusion['integer_matmuls']}")

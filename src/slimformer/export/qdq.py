@@ -77,10 +77,15 @@ class _QdqWeight(nn.Module):
         self.conv = lq.param[0].dim() > 2
         codes = lq.int_weight.reshape(lq.param[0].shape) if self.conv else lq.int_weight.t()
         zero = lq.wq.zero.reshape(-1).to(torch.int64)
-        self.signed = getattr(lq.wq, "symmetric", False)
-        if self.signed:  # int8 codes, zero point 0
-            codes = (codes.to(torch.int16) - 2 ** (lq.wq.bits - 1)).to(torch.int8)
-            zero = torch.zeros_like(zero)
+        symmetric = getattr(lq.wq, "symmetric", False)
+        # int8 storage: symmetric grids (zero point 0), and asymmetric grids of <= 7 bits, whose
+        # codes shifted by 2^(b-1) fit in [-64, 63]: ONNX Runtime's fast u8 x s8 kernels cannot
+        # saturate on them (u8 x s8 pairs stay below 2^15), unlike full-range int8
+        self.signed = symmetric or lq.wq.bits <= 7
+        if self.signed:
+            half = 2 ** (lq.wq.bits - 1)
+            codes = (codes.to(torch.int16) - half).to(torch.int8)
+            zero = torch.zeros_like(zero) if symmetric else zero - half
         self.register_buffer("codes", codes.contiguous().clone())
         self.register_buffer("scale", lq.wq.scale.reshape(-1).float().clone())
         self.register_buffer("zero", zero.clone())
