@@ -129,15 +129,15 @@ class _QdqEmbedding(nn.Module):
             self.scale[ids].unsqueeze(-1)  # (..., dim)
 
 
-def _matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w``; a 2-D ``x`` gets a leading unit axis.
+def _matmul(act, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``act(x) @ w``; a 2-D ``x`` gets a leading unit axis before its Q/DQ.
 
     Otherwise ONNX Runtime fuses MatMul + Add into a float Gemm before its QDQ fusion can make the
-    MatMul an integer one.
+    MatMul an integer one; the axis goes before the Q/DQ so that DQ feeds the MatMul directly.
     """
     if x.dim() == 2:
-        return torch.matmul(x.unsqueeze(0), w).squeeze(0)
-    return torch.matmul(x, w)
+        return torch.matmul(act(x.unsqueeze(0)), w).squeeze(0)
+    return torch.matmul(act(x), w)
 
 
 class _QdqMode(QuantMode):
@@ -153,7 +153,7 @@ class _QdqMode(QuantMode):
             if site is not None:
                 x = args[0] if args else kwargs["input"]
                 b = args[2] if len(args) > 2 else kwargs.get("bias")
-                y = _matmul(site.act_in(x), site.weight.matrix_t())  # (..., out)
+                y = _matmul(site.act_in, x, site.weight.matrix_t())  # (..., out)
                 return y if b is None else y + b
         elif getattr(func, "__name__", "") == "embedding" and len(args) >= 2:
             site = self.q.embedding_site(args[1])
@@ -162,7 +162,7 @@ class _QdqMode(QuantMode):
         elif getattr(func, "__name__", "") == "addmm" and len(args) >= 3 and not kwargs:
             site = self.q.linear_site(args[2])  # GPT-2 Conv1D: addmm(bias, x, W (in, out))
             if site is not None:
-                return _matmul(site.act_in(args[1]), site.weight.matrix_t()) + args[0]
+                return _matmul(site.act_in, args[1], site.weight.matrix_t()) + args[0]
         return super().__torch_function__(func, types, args, kwargs)
 
 
