@@ -135,8 +135,11 @@ def test_two_worker_processes_share_one_study(tmp_path):
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     trials = [t for t in _study(cfg).trials if t.user_attrs.get("phase") == "sample"]
     complete = [t for t in trials if t.state.name == "COMPLETE"]
+    # shared, not duplicated: unshared workers would measure 8 more each (20 in all)
     assert 12 <= len(complete) <= 13  # two workers may both start the last one
-    assert len({t.user_attrs["pid"] for t in complete}) == 3  # the first run + both workers
+    # the first run + at least one worker (a worker that starts late may find nothing left to do:
+    # both still report the shared total below)
+    assert len({t.user_attrs["pid"] for t in complete}) >= 2
     assert not [t for t in trials if t.state.name != "COMPLETE"]
     assert sum(json.loads(o[0].strip().splitlines()[-1])["measured"] >= 12 for o in outs) == 2
 
