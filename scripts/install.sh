@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything slimformer needs into ./.venv (idempotent; re-running is quick).
-#  - Debian package dataset-fashion-mnist (the data of the default model)
+#  - Debian package dataset-fashion-mnist (the data of the default model); g++ if missing (hls4ml)
 #  - torch 2.14.1 + torchvision 0.29.1 first, from this machine's local wheels, so no dependency
 #    ever pulls another (multi-GB CUDA) torch from the index; timm needs this pair (GUIDE.md s4)
 #  - slimformer itself, editable, with the test extras
@@ -11,6 +11,10 @@ SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q dataset-fashion-mnist
+fi
+if ! command -v g++ >/dev/null; then  # hls4ml compiles its C simulation with g++
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q g++
 fi
 PY="${PYTHON:-python3.11}"; command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
