@@ -54,10 +54,8 @@ def accuracy(model, ds) -> float:
 def ort_dynamic_latency(model, inputs, repeats) -> float:
     """ONNX Runtime ``quantize_dynamic`` (int8 weights) of the float export: median ms."""
     import io
-    import statistics
 
     import onnx
-    import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from slimformer.models.evaluate import _logits
@@ -79,19 +77,10 @@ def ort_dynamic_latency(model, inputs, repeats) -> float:
         onnx.save(onnx.load_from_string(buf.getvalue()), f"{d}/f.onnx")
         quantize_dynamic(f"{d}/f.onnx", f"{d}/q.onnx", weight_type=QuantType.QInt8,
                          per_channel=True)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        sess = ort.InferenceSession(f"{d}/q.onnx", opts, providers=["CPUExecutionProvider"])
-        want = {i.name for i in sess.get_inputs()}
-        feeds = {k: v.numpy() for k, v in inputs.items() if k in want}
-        for _ in range(3):
-            sess.run(None, feeds)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            sess.run(None, feeds)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        from slimformer.export.parity import latency
+
+        return latency(f"{d}/q.onnx", inputs, repeats, warmup=3,
+                       threads=torch.get_num_threads())["median_ms"]
 
 
 def run_task(task: str, args, work: Path) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,33 +27,14 @@ LR = {"vit-fmnist": (5e-4, 2e-4), "clip-fmnist": (2e-4, 1e-4), "minilm-trec": (5
 
 def ort_latency(model, inputs: dict, repeats: int) -> float:
     """Median ms of ONNX Runtime (CPU, 2 threads) on ``inputs``; export with dynamo."""
-    import onnxruntime as ort
+    from slimformer.export.config import OnnxConfig
+    from slimformer.export.onnx import export_onnx
+    from slimformer.export.parity import latency
 
-    try:  # the project's exporter, once it exists
-        from slimformer.export.onnx import export_onnx  # type: ignore
-    except ImportError:
-        export_onnx = None
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "m.onnx"
-        model.eval()
-        if export_onnx is not None:
-            export_onnx(model, path, inputs)
-        else:
-            torch.onnx.export(model, (), str(path), kwargs=inputs, dynamo=True,
-                              external_data=False, verbose=False)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = 2, 1
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        names = [i.name for i in sess.get_inputs()]
-        feed = {n: inputs[n].numpy() for n in names}
-        for _ in range(3):
-            sess.run(None, feed)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            sess.run(None, feed)
-            times.append((time.perf_counter() - t) * 1e3)
-    return float(torch.tensor(times).median())
+        export_onnx(model.eval(), path, inputs, OnnxConfig(check=False, lint=False))
+        return float(latency(path, inputs, repeats, warmup=3, threads=2)["median_ms"])
 
 
 def _accuracy(model, data) -> float:

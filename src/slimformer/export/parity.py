@@ -61,7 +61,12 @@ def run(sess, inputs: dict[str, torch.Tensor]) -> np.ndarray:
 def latency(path: str | Path, inputs: dict[str, torch.Tensor], repeats: int = 30, warmup: int = 5,
             threads: int = 2) -> dict[str, float]:
     """Median / p90 wall time (ms) of one ONNX Runtime run over ``repeats`` after ``warmup``."""
-    sess = session(path, threads)
+    return {**time_session(session(path, threads), inputs, repeats, warmup), "threads": threads}
+
+
+def time_session(sess, inputs: dict[str, torch.Tensor], repeats: int = 30,
+                 warmup: int = 5) -> dict[str, float]:
+    """Median / p90 wall time (ms) of ``sess.run`` on ``inputs`` over ``repeats`` after warm-up."""
     f = feeds(sess, inputs)
     for _ in range(warmup):
         sess.run(None, f)
@@ -72,8 +77,7 @@ def latency(path: str | Path, inputs: dict[str, torch.Tensor], repeats: int = 30
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return {"median_ms": statistics.median(times),
-            "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
-            "repeats": repeats, "threads": threads}
+            "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))], "repeats": repeats}
 
 
 def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:

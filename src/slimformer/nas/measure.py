@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import io
-import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -149,16 +148,9 @@ def ort_latency(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int 
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
-    want = {i.name for i in sess.get_inputs()}
-    feeds = {k: v.numpy() for k, v in inputs.items() if k in want}
-    for _ in range(warmup):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(statistics.median(times))
+    from slimformer.export.parity import time_session
+
+    return float(time_session(sess, inputs, repeats, warmup)["median_ms"])
 
 
 @dataclass
