@@ -1,10 +1,12 @@
 """Pruning benchmark: UPop vs magnitude pruning at 1.5x / 2x / 3x on the zoo's real tasks.
 
-For each task and reduction x of the prunable parameters (attention heads + MLP units; ratio
-``1 - 1/x``): params, MACs/sample, accuracy, ONNX Runtime CPU latency (float, 2 threads, median)
-against the unpruned model, search and fine-tuning seconds. The magnitude baseline (every site cut
-by the same fraction, smallest weight norms first) gets the same number of training steps as UPop
-(search + fine-tune steps, all spent fine-tuning). Rows are appended to ``--out`` (JSON lines) as
+For each task and reduction x of the prunable parameters (attention q/k/v/out + MLP fc1/fc2;
+ratio ``1 - 1/x``): params, MACs/sample, accuracy, ONNX Runtime CPU latency (float, median)
+against the unpruned model, search and fine-tuning seconds. UPop cuts head dimensions and MLP
+units by default (its own units; ``--upop-structures``); the magnitude baseline (every site cut by
+the same fraction, smallest weight norms first) cuts heads and MLP neurons (``--magnitude-
+structures``) and gets the same number of training steps as UPop (search + fine-tune steps, all
+spent fine-tuning). Rows are appended to ``--out`` (JSON lines) as
 they finish, so a partial run keeps its numbers.
 
     .venv/bin/python benchmarks/prune.py --tasks vit-fmnist --search-steps 100 --finetune-steps 200
@@ -25,8 +27,8 @@ LR = {"vit-fmnist": (5e-4, 2e-4), "clip-fmnist": (2e-4, 1e-4), "minilm-trec": (5
       "minilm-vader": (5e-5, 3e-5)}
 
 
-def ort_latency(model, inputs: dict, repeats: int) -> float:
-    """Median ms of ONNX Runtime (CPU, 2 threads) on ``inputs``; export with dynamo."""
+def ort_latency(model, inputs: dict, repeats: int, threads: int = 2) -> float:
+    """Median ms of ONNX Runtime (CPU, ``threads``) on ``inputs``; export with dynamo."""
     from slimformer.export.config import OnnxConfig
     from slimformer.export.onnx import export_onnx
     from slimformer.export.parity import latency
@@ -34,7 +36,7 @@ def ort_latency(model, inputs: dict, repeats: int) -> float:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "m.onnx"
         export_onnx(model.eval(), path, inputs, OnnxConfig(check=False, lint=False))
-        return float(latency(path, inputs, repeats, warmup=3, threads=2)["median_ms"])
+        return float(latency(path, inputs, repeats, warmup=3, threads=threads)["median_ms"])
 
 
 def _accuracy(model, data) -> float:
@@ -63,9 +65,20 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--latency-batch", type=int, default=32)
     ap.add_argument("--latency-repeats", type=int, default=20)
+    ap.add_argument("--upop-structures", default="dims,mlp",
+                    help="what UPop cuts (UPop's own unit of attention is the head dimension)")
+    ap.add_argument("--magnitude-structures", default="heads,mlp",
+                    help="what the magnitude baseline cuts (the peer baseline: heads + neurons)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for search / fine-tuning (default: torch's)")
+    ap.add_argument("--ort-threads", type=int, default=2)
     ap.add_argument("--out", default="runs/bench_prune.jsonl")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    structures = {"upop": args.upop_structures.split(","),
+                  "magnitude": args.magnitude_structures.split(",")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -87,7 +100,7 @@ def main() -> None:
             lat_in = {k: v[:, :keep] for k, v in lat_in.items()}
         base = lm.module.eval()
         smap = discover(base, lm.example_inputs(2))
-        base_lat = ort_latency(base, lat_in, args.latency_repeats)
+        base_lat = ort_latency(base, lat_in, args.latency_repeats, args.ort_threads)
         base_acc = _accuracy(base, test)
         emit({"task": task, "method": "unpruned", "x": 1.0, "params": smap.params,
               "macs": smap.macs, "accuracy": base_acc, "ort_ms": base_lat, "speedup": 1.0,
@@ -98,24 +111,28 @@ def main() -> None:
                 steps = args.finetune_steps + (args.search_steps if method == "magnitude" else 0)
                 cfg = PruneConfig(ratio=1 - 1 / x, method=method, search_steps=args.search_steps,
                                   finetune_steps=steps, batch_size=args.batch_size, lr=lr,
-                                  search_lr=search_lr, interval=max(1, args.search_steps // 20))
+                                  search_lr=search_lr, interval=max(1, args.search_steps // 20),
+                                  structures=structures[method])
                 res = prune(base, cfg, train, None, structure=smap,
                             inputs=lm.example_inputs(2))
                 acc = _accuracy(res.model, test)
-                lat = ort_latency(res.model, lat_in, args.latency_repeats)
+                lat = ort_latency(res.model, lat_in, args.latency_repeats, args.ort_threads)
                 emit({"task": task, "method": method, "x": x, "params": res.params_after,
                       "macs": res.macs_after, "prunable_x": round(res.reduction, 3),
                       "accuracy": acc, "delta": acc - base_acc, "ort_ms": lat,
                       "speedup": base_lat / lat, "search_s": res.search_seconds,
                       "finetune_s": res.finetune_seconds,
-                      "kept_heads": sum(k for k, _ in res.kept["heads"].values()),
-                      "kept_mlp": sum(k for k, _ in res.kept["mlp"].values())})
+                      "structures": ",".join(cfg.structures),
+                      "kept_heads": {i: k for i, (k, _) in res.kept["heads"].items()},
+                      "kept_dims": {i: qk for i, (qk, _, _) in res.kept["dims"].items()},
+                      "kept_mlp": {i: k for i, (k, _) in res.kept["mlp"].items()}})
     print()
-    print("| task | method | x | params | MACs/sample | accuracy | delta | ORT ms (b="
+    print("| task | method | cuts | x | params | MACs/sample | accuracy | delta | ORT ms (b="
           f"{args.latency_batch}) | speed-up | search s | fine-tune s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['task']} | {r['method']} | {r['x']:g} | {r['params']:,} | "
+        print(f"| {r['task']} | {r['method']} | {r.get('structures', '')} | {r['x']:g} | "
+              f"{r['params']:,} | "
               f"{r['macs'] / 1e6:,.1f}M | {r['accuracy']:.4f} | {r.get('delta', 0):+.4f} | "
               f"{r['ort_ms']:.2f} | {r['speedup']:.2f}x | {r['search_s']:.0f} | "
               f"{r['finetune_s']:.0f} |")

@@ -258,7 +258,7 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
                                                "remove, in (0, 1); 0.5 = 2x.")] = 0.5,
           target: Annotated[str, typer.Option(help="params | macs")] = "params",
           method: Annotated[str, typer.Option(help="upop | magnitude")] = "upop",
-          structures: Annotated[str, typer.Option(help="Comma list of: heads, mlp.")]
+          structures: Annotated[str, typer.Option(help="Comma list of: heads, dims, mlp.")]
           = "heads,mlp",
           search_steps: Annotated[int, typer.Option(help="UPop search steps.")] = 200,
           finetune_steps: Annotated[int, typer.Option(help="Fine-tuning steps.")] = 500,
@@ -318,6 +318,9 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
         if res.kept[kind]:
             table.add_row(f"{kind} kept per site", "",
                           " ".join(f"{k}/{n}" for k, n in res.kept[kind].values()))
+    if res.kept["dims"]:
+        table.add_row("head dims kept per site (q/k, v)", "",
+                      " ".join(f"{qk},{v}/{d}" for qk, v, d in res.kept["dims"].values()))
     table.add_row("seconds", "", f"search {res.search_seconds:.1f}, fine-tune "
                   f"{res.finetune_seconds:.1f}")
     con.print(table)

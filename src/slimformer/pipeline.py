@@ -153,6 +153,11 @@ def run_prune(ctx: RunContext, stage: PruneStage) -> StageRecord:
                    "finetune_seconds": round(res.finetune_seconds, 2)}
     rec.notes = [f"heads kept per attention site: {dict(res.kept['heads'])}",
                  f"MLP units kept per site: {dict(res.kept['mlp'])}", *res.notes]
+    if res.kept["dims"]:
+        rec.metrics["head_dims_kept"] = " ".join(f"{qk}/{d}" if qk == v else f"{qk},{v}/{d}"
+                                                 for qk, v, d in res.kept["dims"].values())
+        rec.notes.insert(2, "head dims kept per attention site (q/k, v, of head_dim): "
+                         f"{dict(res.kept['dims'])}")
     rec.notes += [f"not sliceable ({kind} site {i}): {why}"
                   for kind, d in res.skipped.items() for i, why in d.items()]
     rec.size["macs_per_sample"] = int(res.macs_after)

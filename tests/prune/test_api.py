@@ -9,7 +9,7 @@ from slimformer.models.generality import GENERALITY
 from slimformer.models.loading import load_model
 from slimformer.prune import PruneConfig, load_pruned, prune, save_pruned
 from slimformer.prune.units import UnitGroup
-from slimformer.prune.upop import choose, schedule
+from slimformer.prune.upop import choose, choose_exact, kept_cost, schedule
 
 FAST = dict(search_steps=4, interval=2, finetune_steps=2, batch_size=8)
 
@@ -35,6 +35,18 @@ def test_schedule_and_choose():
     assert (~everything[0]).sum() == 1 and (~everything[1]).sum() == 1  # one unit per site stays
 
 
+def test_kept_cost_heads_and_dims_multiply():
+    groups = [UnitGroup("heads", 0, 4, 1, 8, (), (), 8.0), UnitGroup("dims", 0, 8, 1, 1, (), (), 4.0),
+              UnitGroup("mlp", 0, 8, 1, 1, (), (), 1.0)]
+    keep = [torch.tensor([1, 1, 0, 0], dtype=torch.bool), torch.arange(8) < 4, torch.arange(8) < 8]
+    assert kept_cost(groups, keep) == pytest.approx(32 * 0.5 * 0.5 + 8)  # attention counted once
+    score = [torch.tensor([3.0, 2.0, 1.0, 0.0]), torch.arange(8.0), torch.zeros(8)]
+    pruned = choose_exact(score, groups, 0.5)
+    removed = kept_cost(groups, [torch.ones(g.n, dtype=torch.bool) for g in groups]) - kept_cost(
+        groups, [~p for p in pruned])
+    assert removed >= 0.5 * 40 and removed < 0.5 * 40 + 8
+
+
 @pytest.mark.parametrize("method", ["upop", "magnitude"])
 def test_prune_halves_prunable_params(method):
     lm, data = _encoder_task()
@@ -56,9 +68,29 @@ def test_macs_target_and_heads_only_bert():
     data = TensorDictDataset(x, torch.arange(16) % 2)
     res = prune(lm.module, PruneConfig(ratio=0.5, target="macs", structures=["heads"], **FAST),
                 data)
-    assert set(res.kept) == {"heads", "mlp"} and not res.kept["mlp"]
+    assert set(res.kept) == {"heads", "mlp", "dims"} and not res.kept["mlp"]
     assert sum(k for k, _ in res.kept["heads"].values()) < 8
     assert res.model(**{k: v[:2] for k, v in x.items()}).logits.shape == (2, 2)
+
+
+@pytest.mark.parametrize("method", ["upop", "magnitude"])
+def test_head_dims_with_heads_and_mlp_bert(method, tmp_path):
+    lm = load_model(GENERALITY["bert"])
+    x = lm.example_inputs(16)
+    data = TensorDictDataset(x, torch.arange(16) % 2)
+    cfg = PruneConfig(ratio=0.5, method=method, structures=["heads", "dims", "mlp"], **FAST)
+    res = prune(lm.module, cfg, data, data)
+    assert res.kept["dims"] and all(qk == v < d for qk, v, d in res.kept["dims"].values())
+    assert 1.8 < res.reduction < 2.3  # params actually removed / prunable params
+    heads = res.model.bert.encoder.layer[0].attention.self
+    qk = res.kept["dims"][0][0]
+    assert heads.attention_head_size == qk
+    assert heads.query.out_features == res.kept["heads"][0][0] * qk
+    small = {k: v[:2] for k, v in x.items()}
+    out = save_pruned(res.model, res.spec, tmp_path / "p", lm.spec, cfg)
+    back = load_pruned(out)
+    with torch.no_grad():
+        torch.testing.assert_close(back.module(**small).logits, res.model(**small).logits)
 
 
 def test_bad_input():

@@ -1,4 +1,5 @@
-"""Sliced models export to ONNX and ONNX Runtime reproduces them (relative error < 1e-4).
+"""Sliced models (heads, head dims where sliceable, MLP units) export to ONNX; ONNX Runtime
+reproduces them (relative error < 1e-4).
 
 T5 is left out: its unpruned model already fails the dynamo exporter (FX decomposition).
 """
@@ -18,12 +19,13 @@ def _sliced(name):
     lm = load_model(GENERALITY[name] if name in GENERALITY else ZooSpec(name=name))
     x = lm.example_inputs(2)
     s = discover(lm.module, x)
-    bad = sliceable(lm.module, s, x)
+    bad = sliceable(lm.module, s, x, kinds=("heads", "mlp", "dims"))
     groups = head_groups(lm.module, s)
     heads = {i: tuple(range(a.heads - g)) for i, (a, g) in
              enumerate(zip(s.attention, groups, strict=True)) if i not in bad["heads"]}
     mlp = {i: tuple(range(1, m.hidden, 3)) for i, m in enumerate(s.mlps)}
-    return slice_model(lm.module, s, SliceSpec(heads, mlp), check_inputs=x).eval(), x
+    dims = {i: (tuple(range(0, s.attention[i].head_dim, 2)),) * 2 for i in bad["dims_mode"]}
+    return slice_model(lm.module, s, SliceSpec(heads, mlp, dims), check_inputs=x).eval(), x
 
 
 def _first(out) -> torch.Tensor:

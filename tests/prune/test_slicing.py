@@ -15,6 +15,7 @@ from slimformer.prune.slicing import (
     SlicedMultiheadAttention,
     SliceSpec,
     head_groups,
+    masked_reference,
     slice_model,
     sliceable,
 )
@@ -113,3 +114,97 @@ def test_sliced_mha_matches_torch(batch_first):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
             if need:
                 torch.testing.assert_close(wa, wb, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# head dimensions
+
+DIMS_MODELS = ["bert", "vit", "clip", "gpt2", "timm-vit", "vit-fmnist", "minilm-trec"]
+
+
+@pytest.mark.parametrize("name", DIMS_MODELS)
+def test_slice_head_dims_with_heads(name):
+    model, x, s = _load(name)
+    bad = sliceable(model, s, x, kinds=("heads", "dims", "mlp"))
+    assert bad["dims"] == {}
+    assert set(bad["dims_mode"].values()) == {"joint"}  # these forwards reshape q/k/v alike
+    groups = head_groups(model, s)
+    dims = {i: (tuple(range(1, a.head_dim, 2)),) * 2 for i, a in enumerate(s.attention)}
+    heads = {i: tuple(range(max(g, (a.heads // g // 2) * g))) for i, (a, g)
+             in enumerate(zip(s.attention, groups, strict=True))}
+    spec = SliceSpec(heads, {}, dims)
+    out = slice_model(model, s, spec, check_inputs=x)  # raises unless it equals the masked one
+    s2 = discover(out, x)
+    assert [a.head_dim for a in s2.attention] == [a.head_dim // 2 for a in s.attention]
+    assert [a.heads for a in s2.attention] == [len(heads[i]) for i in range(len(s.attention))]
+    with pytest.raises(ConfigError, match=r"needs check_inputs"):
+        slice_model(model, s, spec)
+
+
+class _UnequalAttention(nn.Module):
+    """Attention whose forward takes q/k and v of different head sizes (reshapes with -1) and
+    recomputes the scale from the query size (SDPA's default)."""
+
+    def __init__(self, dim=24, heads=3):
+        super().__init__()
+        self.n_heads = heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+
+        def split(y):
+            return y.reshape(b, t, self.n_heads, -1).transpose(1, 2)
+
+        y = nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)),
+                                                       split(self.v(x)))
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.attn = nn.LayerNorm(24), _UnequalAttention()
+        self.fc1, self.fc2, self.head = nn.Linear(24, 48), nn.Linear(48, 24), nn.Linear(24, 3)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm(x))
+        x = x + self.fc2(nn.functional.gelu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+def test_head_dims_v_apart_where_the_forward_allows_and_scale_kept():
+    torch.manual_seed(0)
+    model = _Tiny().eval()
+    x = {"x": torch.randn(2, 5, 24)}
+    s = discover(model, x)
+    assert (s.attention[0].heads, s.attention[0].head_dim) == (3, 8)
+    bad = sliceable(model, s, x, kinds=("dims",))
+    assert bad["dims_mode"] == {0: "separate"}
+    spec = SliceSpec(dims={0: ((0, 2, 5), (1, 3, 4, 6, 7))})
+    out = slice_model(model, s, spec, check_inputs=x)
+    assert tuple(out.attn.q.weight.shape) == (9, 24) and tuple(out.attn.k.weight.shape) == (9, 24)
+    assert tuple(out.attn.v.weight.shape) == (15, 24) and tuple(out.attn.o.weight.shape) == (24, 15)
+    # SDPA now scales by 1/sqrt(3): the factor sqrt(3/8) was folded into the query rows
+    ref = masked_reference(model, s, spec)
+    with torch.no_grad():
+        a, b = out(**x), ref(**x)
+    assert float((a - b).norm() / b.norm()) < 1e-5
+    assert SliceSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_head_dims_refused_where_rotary_embeddings_pair_them():
+    model, x, s = _load("llama")  # RoPE rotates dims j and j + d/2 with tables of the full size
+    bad = sliceable(model, s, x, kinds=("dims",))
+    assert set(bad["dims"]) == set(range(len(s.attention))) and not bad["dims_mode"]
+    assert all("sliced forward failed" in why for why in bad["dims"].values())
+
+
+def test_head_dims_refused_on_nn_multihead_attention():
+    model, x, s = _load("torch-encoder")
+    bad = sliceable(model, s, x, kinds=("dims",))
+    assert set(bad["dims"]) == set(range(len(s.attention)))
+    assert all("nn.MultiheadAttention" in why for why in bad["dims"].values())
+    with pytest.raises(UnsupportedModelError, match=r"head dimensions cannot be cut"):
+        slice_model(model, s, SliceSpec(dims={0: ((0, 1), (0, 1))}), check_inputs=x)

@@ -25,7 +25,7 @@ def test_recipe_validation():
                                   "bogus": 1}]})
     text = str(e.value)
     assert "stages[0].ratio: Input should be less than 1" in text
-    assert "unknown structure(s) ['rows']; allowed: heads, mlp" in text
+    assert "unknown structure(s) ['rows']; allowed: heads, dims, mlp" in text
     assert "stages[0].bogus: unknown key" in text
 
 

@@ -31,7 +31,8 @@ class PruneResult:
     Attributes:
         model: The sliced, fine-tuned model (eval mode).
         spec: Kept heads / MLP units per site (replays the slicing on the original model).
-        kept: ``{"heads": {site: (kept, total)}, "mlp": {site: (kept, total)}}``.
+        kept: ``{"heads": {site: (kept, total)}, "mlp": {site: (kept, total)},
+            "dims": {site: (kept q/k dims, kept v dims, head_dim)}}``.
         params_before / params_after: All parameters of the model.
         macs_before / macs_after: MACs per sample on the example inputs.
         prunable_before / prunable_after: The prunable cost (params or MACs, as ``target``).
@@ -106,9 +107,10 @@ def _accuracy(model: nn.Module, data, batch_size: int = 256) -> float:
 
 
 def _cost(groups, keep=None) -> float:
-    if keep is None:
-        return float(sum(g.n * g.cost for g in groups))
-    return float(sum(int(k.sum()) * g.cost for g, k in zip(groups, keep, strict=True)))
+    from slimformer.prune.upop import kept_cost
+
+    return kept_cost(groups, keep if keep is not None else
+                     [torch.ones(g.n, dtype=torch.bool) for g in groups])
 
 
 class _Checkpoints:
@@ -174,8 +176,10 @@ def prune(model: nn.Module, config, train_data=None, eval_data=None, structure=N
                if s in cfg.structures and n == 0]
     if missing:
         raise ConfigError(missing, "prune config")
-    skipped = {k: v for k, v in sliceable(model, structure, x).items() if k in cfg.structures}
-    groups = unit_groups(model, structure, cfg.structures, skipped, cfg.target, x)
+    found = sliceable(model, structure, x, kinds=tuple(cfg.structures))
+    modes = found.pop("dims_mode", {})
+    skipped = {k: v for k, v in found.items() if k in cfg.structures}
+    groups = unit_groups(model, structure, cfg.structures, skipped, cfg.target, x, modes)
     if not groups:
         raise UnsupportedModelError(f"nothing to prune: no site can be sliced: {skipped}")
     notes: list[str] = []
@@ -187,7 +191,7 @@ def prune(model: nn.Module, config, train_data=None, eval_data=None, structure=N
     saved = ckpt.load("search.pt")
     if saved is not None:
         spec = SliceSpec.from_dict(json.loads(saved["spec"]))
-        pruned = slice_model(model, structure, spec)
+        pruned = slice_model(model, structure, spec, check_inputs=x)
         pruned.load_state_dict(saved["state"])
         keep = [torch.tensor(k) for k in json.loads(saved["keep"])]
         notes.append("search resumed from checkpoint")
@@ -198,7 +202,7 @@ def prune(model: nn.Module, config, train_data=None, eval_data=None, structure=N
         else:
             keep = magnitude_keep(work, groups, cfg.ratio)
         spec = to_spec(groups, keep)
-        pruned = slice_model(work, structure, spec, inplace=True)
+        pruned = slice_model(work, structure, spec, inplace=True, check_inputs=x)
         ckpt.save("search.pt", {"spec": json.dumps(spec.to_dict()), "state": pruned.state_dict(),
                                 "keep": json.dumps([k.tolist() for k in keep])})
     search_s = time.perf_counter() - t0
@@ -215,9 +219,16 @@ def prune(model: nn.Module, config, train_data=None, eval_data=None, structure=N
     kept = {"heads": {g.site: (int(k.sum()) * g.group, g.n * g.group)
                       for g, k in zip(groups, keep, strict=True) if g.kind == "heads"},
             "mlp": {g.site: (int(k.sum()), g.n)
-                    for g, k in zip(groups, keep, strict=True) if g.kind == "mlp"}}
+                    for g, k in zip(groups, keep, strict=True) if g.kind == "mlp"},
+            "dims": {i: (len(qk), len(v), structure.attention[i].head_dim)
+                     for i, (qk, v) in spec.dims.items()}}
+    # exact when the target is params (only prunable tensors shrink); for MACs, and heads and
+    # dims cut at one site, the per-unit costs overlap and the sum is an estimate
+    removed = structure.params - after.params if cfg.target == "params" else None
     res = PruneResult(pruned, spec, kept, structure.params, after.params, structure.macs,
-                      after.macs, _cost(groups), _cost(groups, keep), search_s, ft_s,
+                      after.macs, _cost(groups),
+                      _cost(groups) - removed if removed is not None else _cost(groups, keep),
+                      search_s, ft_s,
                       skipped={k: v for k, v in skipped.items() if v}, notes=notes)
     if eval_data is not None:
         res.accuracy_before = _accuracy(model, eval_data)

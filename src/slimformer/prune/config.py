@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-STRUCTURES = ("heads", "mlp")
+STRUCTURES = ("heads", "dims", "mlp")
 METHODS = ("upop", "magnitude")
 
 
@@ -20,7 +20,8 @@ class PruneConfig(BaseModel):
             ``1 - 1/x`` gives an x-fold reduction of the prunable part.
         target: ``params`` or ``macs`` (per sample, measured on the example inputs).
         structures: What may be cut: attention ``heads`` (whole heads; whole key/value groups
-            under grouped-query attention) and ``mlp`` hidden units.
+            under grouped-query attention), head ``dims`` (dim j of every head of a layer; q/k
+            share theirs, v is cut apart where the model allows) and ``mlp`` hidden units.
         method: ``upop`` (progressive search with learnable masks, all units of all layers and
             towers ranked together) or ``magnitude`` (baseline: every site cut by the same
             fraction, units of smallest weight norm first).
@@ -40,7 +41,7 @@ class PruneConfig(BaseModel):
 
     ratio: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
     target: Literal["params", "macs"] = "params"
-    structures: list[str] = Field(default_factory=lambda: list(STRUCTURES))
+    structures: list[str] = Field(default_factory=lambda: ["heads", "mlp"])
     method: Literal[METHODS] = "upop"  # type: ignore[valid-type]
     search_steps: Annotated[int, Field(ge=1, le=1_000_000)] = 200
     interval: Annotated[int, Field(ge=1, le=10_000)] = 10

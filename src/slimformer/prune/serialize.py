@@ -60,7 +60,7 @@ def load_pruned(directory: str | Path):
     x = loaded.example_inputs(2)
     smap = discover(loaded.module, x, require_attention=False)
     model = slice_model(loaded.module, smap, SliceSpec.from_dict(meta["slice_spec"]),
-                        inplace=True)
+                        inplace=True, check_inputs=x)
     try:
         load_tensors(model, str(tensors), strict=True)
     except RuntimeError as e:

@@ -2,7 +2,7 @@
 
 UPop (Shi et al., 2023): learnable masks on every head and MLP unit; loss = task loss + L1 on the
 masks; every ``interval`` steps the accumulated mask gradients are standardized per kind
-(attention / MLP), all units of all layers and towers are ranked together, and the units with
+(heads, head dims, MLP units), all units of all layers and towers are ranked together, and the units with
 the largest gradients (those the loss pushes down hardest) whose cost adds up to the current
 target ``pi(t) = p sqrt((1 - cos(pi t / T)) / 2)`` get mask ``1 - pi(t)/p`` while the rest go
 back to 1. At ``t = T`` the chosen units have mask 0: they are what slicing removes.
@@ -46,6 +46,50 @@ def choose(score: list[torch.Tensor], groups: list[UnitGroup], fraction: float) 
     return [pruned[offsets[j]:offsets[j + 1]] for j in range(len(groups))]
 
 
+def kept_cost(groups: list[UnitGroup], keep: list[torch.Tensor]) -> float:
+    """Cost of the kept units; where a site loses heads and head dims, they multiply.
+
+    A head's cost counts all its dims and a dim's cost all heads, so at such a site the kept
+    attention cost is ``(heads + dims) cost x kept heads / heads x kept dims / dims``.
+    """
+    by_site: dict[int, dict[str, tuple[UnitGroup, int]]] = {}
+    total = 0.0
+    for g, k in zip(groups, keep, strict=True):
+        if g.kind == "mlp":
+            total += int(k.sum()) * g.cost
+        else:
+            by_site.setdefault(g.site, {})[g.kind] = (g, int(k.sum()))
+    for kinds in by_site.values():
+        h = kinds.pop("heads", None)
+        fh = h[1] / h[0].n if h else 1.0
+        if not kinds:  # heads only
+            total += h[1] * h[0].cost
+            continue
+        for g, k in kinds.values():  # dims, or dims_qk and dims_v
+            total += g.n * g.cost * fh * k / g.n
+    return total
+
+
+def choose_exact(score: list[torch.Tensor], groups: list[UnitGroup],
+                 fraction: float) -> list[torch.Tensor]:
+    """:func:`choose`, with the fraction raised until the removed :func:`kept_cost` reaches it."""
+    pruned = choose(score, groups, fraction)
+    if not any(g.kind == "heads" for g in groups) or all(g.kind in ("heads", "mlp")
+                                                          for g in groups):
+        return pruned
+    full = kept_cost(groups, [torch.ones(g.n, dtype=torch.bool) for g in groups])
+    goal = fraction * full
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        trial = choose(score, groups, mid)
+        if full - kept_cost(groups, [~p for p in trial]) < goal:
+            lo = mid
+        else:
+            hi, pruned = mid, trial
+    return pruned
+
+
 def _standardize(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / x.std().clamp_min(1e-12) if x.numel() > 1 else x * 0
 
@@ -73,13 +117,13 @@ def upop_search(model: nn.Module, groups: list[UnitGroup], cfg, data, loss_fn,
                 grads = [m.grad if m.grad is not None else torch.zeros_like(m)
                          for m in masks.values]
                 std = {}
-                for kind in ("heads", "mlp"):
+                for kind in dict.fromkeys(g.kind for g in groups):
                     idx = [j for j, g in enumerate(groups) if g.kind == kind]
                     if idx:
                         z = _standardize(torch.cat([grads[j] for j in idx]))
                         for j, part in zip(idx, z.split([groups[j].n for j in idx]), strict=True):
                             std[j] = part
-                pruned = choose([std[j] for j in range(len(groups))], groups, pi)
+                pruned = choose_exact([std[j] for j in range(len(groups))], groups, pi)
                 alpha = 1.0 - pi / p
                 with torch.no_grad():
                     for m, pr in zip(masks.values, pruned, strict=True):
@@ -92,10 +136,18 @@ def upop_search(model: nn.Module, groups: list[UnitGroup], cfg, data, loss_fn,
 
 
 def magnitude_keep(model: nn.Module, groups: list[UnitGroup], ratio: float) -> list[torch.Tensor]:
-    """Baseline: cut every site by ``ratio`` (rounded, >= 1 unit kept), smallest norms first."""
+    """Baseline: cut every site by ``ratio`` (rounded, >= 1 unit kept), smallest norms first.
+
+    Where an attention site loses both heads and head dims, each keeps ``sqrt(1 - ratio)``.
+    """
+    factors: dict[int, set[str]] = {}
+    for g in groups:
+        if g.kind != "mlp":
+            factors.setdefault(g.site, set()).add("heads" if g.kind == "heads" else "dims")
     keep = []
     for g, s in zip(groups, magnitude_scores(model, groups), strict=True):
-        n_keep = max(1, min(g.n, round(g.n * (1 - ratio))))
+        f = 1 if g.kind == "mlp" else len(factors[g.site])
+        n_keep = max(1, min(g.n, round(g.n * (1 - ratio) ** (1 / f))))
         k = torch.zeros(g.n, dtype=torch.bool)
         k[torch.argsort(s, descending=True)[:n_keep]] = True
         keep.append(k)
