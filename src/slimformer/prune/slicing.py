@@ -551,8 +551,9 @@ def sliceable(model: nn.Module, structure: StructureMap, inputs: dict,
             why = ok(spec({i: kept}))
             if why is not None:
                 out[kind][i] = why
-    if "dims" in kinds and dcands:
+    if "dims" in kinds:
         out["dims_mode"] = {}
+    if "dims" in kinds and dcands:
         alld = {i: tuple(range(hd)) for i, hd in dcands.items()}
         # v keeps one dim more than q/k: only a forward that takes unequal sizes passes
         sep = {i: (alld[i][2:], alld[i][1:]) for i in dcands if dcands[i] > 2}
