@@ -45,6 +45,7 @@ class RunContext:
     progress: Progress | None = None
     records: list[StageRecord] = field(default_factory=list)
     artifacts: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # dir -> writer
+    slice_spec: object = None  # set by a prune stage: how the base model was sliced
 
 
 @dataclass(frozen=True)
@@ -119,8 +120,8 @@ def run_quantize(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
                    "method": cfg.method, "bits": f"W{cfg.weight_bits}A{cfg.act_bits}"}
     rec.notes = res.notes
     if stage.save:
-        spec, model = ctx.recipe.model, ctx.model
-        ctx.artifacts["quantized"] = lambda d: save_quantized(model, d, spec)
+        spec, model, sspec = ctx.recipe.model, ctx.model, ctx.slice_spec
+        ctx.artifacts["quantized"] = lambda d: save_quantized(model, d, spec, sspec)
     return rec
 
 
@@ -139,6 +140,7 @@ def run_prune(ctx: RunContext, stage: PruneStage) -> StageRecord:
     x = ctx.loaded.example_inputs(2)
     res = prune(ctx.model, cfg, train, None, ctx.structure, ctx.progress, inputs=x)
     ctx.model = res.model
+    ctx.slice_spec = res.spec
     ctx.structure = discover(res.model, x, require_attention=False)
     rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
     heads = [(k, n) for k, n in res.kept["heads"].values()]

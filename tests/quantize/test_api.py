@@ -81,6 +81,24 @@ def test_save_load_text_model_with_post_norm_affine(tmp_path):
         assert torch.equal(_out(res.model(**x)), _out(again(**x)))
 
 
+def test_save_load_pruned_then_quantized(tmp_path):
+    from slimformer.models.structure import discover
+    from slimformer.prune.slicing import SliceSpec, slice_model
+
+    lm = load_model(GENERALITY["bert"])
+    x = lm.example_inputs(2)
+    spec = SliceSpec(heads={0: (0, 2)}, mlp={1: tuple(range(0, 64, 3))},
+                     dims={1: ((0, 3, 5, 7), (0, 3, 5, 7))})
+    small = slice_model(lm.module, discover(lm.module, x), spec, check_inputs=x)
+    res = quantize(small, QuantConfig(method="repq", weight_bits=8, act_bits=8), _calib(lm))
+    model = to_inference(res.model)
+    save_quantized(model, tmp_path / "q", GENERALITY["bert"], spec)
+    again = load_quantized(tmp_path / "q")  # rebuilt at the pruned shapes, not the base ones
+    x = lm.example_inputs(3, seed=9)
+    with torch.no_grad():
+        assert torch.equal(_out(model(**x)), _out(again(**x)))
+
+
 def test_vit_fmnist_w8a8_agrees_with_fp32():
     lm = load_model(ZooSpec(name="vit-fmnist"))
     test = get_dataset("fashion-mnist", "test", 1000)

@@ -22,8 +22,12 @@ from slimformer.quantize.config import QuantConfig
 FORMAT_VERSION = 1
 
 
-def save_quantized(qmodel, directory: str | Path, model_spec) -> Path:
-    """Write ``qmodel`` into ``directory`` atomically (all files or none)."""
+def save_quantized(qmodel, directory: str | Path, model_spec, slice_spec=None) -> Path:
+    """Write ``qmodel`` into ``directory`` atomically (all files or none).
+
+    ``slice_spec``: the :class:`~slimformer.prune.slicing.SliceSpec` when the model was pruned
+    before quantization (the base model is sliced the same way on load).
+    """
     from safetensors.torch import save_model
 
     from slimformer.report.io import atomic_dir
@@ -36,6 +40,7 @@ def save_quantized(qmodel, directory: str | Path, model_spec) -> Path:
         "config": qmodel.config.model_dump(mode="json"),
         "inference_form": bool(getattr(qmodel, "inference", False)),
         "input_specs": None,
+        "slice_spec": slice_spec.to_dict() if slice_spec is not None else None,
     }
     with atomic_dir(directory) as tmp:
         save_model(qmodel, str(tmp / "quantized.safetensors"))
@@ -66,7 +71,14 @@ def load_quantized(directory: str | Path):
     spec = TypeAdapter(S.ModelSpec).validate_python(meta["model_spec"])
     config = QuantConfig.model_validate(meta["config"])
     lm = load_model(spec)
-    smap = discover(lm.module, lm.example_inputs(2), require_attention=config.softmax_kind != "none")
+    x = lm.example_inputs(2)
+    if meta.get("slice_spec"):  # pruned before quantization: rebuild the smaller model
+        from slimformer.prune.slicing import SliceSpec, slice_model
+
+        base = discover(lm.module, x, require_attention=False)
+        slice_model(lm.module, base, SliceSpec.from_dict(meta["slice_spec"]), inplace=True,
+                    check_inputs=x)
+    smap = discover(lm.module, x, require_attention=config.softmax_kind != "none")
     qmodel = build(lm.module, smap, config)
     state = load_file(str(tensors_path))
     _shape_like(qmodel, state)
