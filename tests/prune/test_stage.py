@@ -9,6 +9,7 @@ from slimformer.cli import app
 from slimformer.errors import ConfigError
 from slimformer.pipeline import run
 from slimformer.prune import load_pruned
+from slimformer.quantize.serialize import load_quantized
 from slimformer.recipe import load_recipe, parse_recipe
 
 FAST = {"type": "prune", "method": "magnitude", "finetune_steps": 2, "batch_size": 8}
@@ -32,7 +33,7 @@ def test_recipe_validation():
 @pytest.mark.slow
 def test_prune_then_quantize(tmp_path):
     r = parse_recipe({"name": "p", "data": {"eval_limit": 200, "batch_size": 100},
-                      "stages": [FAST, {"type": "quantize", "method": "minmax"},
+                      "stages": [FAST, {"type": "quantize", "method": "minmax", "save": True},
                                  {"type": "evaluate", "latency_batch_sizes": [2],
                                   "latency_repeats": 2}],
                       "output": {"dir": str(tmp_path / "out")}})
@@ -46,6 +47,10 @@ def test_prune_then_quantize(tmp_path):
     assert res.report.stages[1].type == "quantize"
     loaded = load_pruned(tmp_path / "out" / "pruned")
     assert sum(p.numel() for p in loaded.module.parameters()) == prune_m["params_after"]
+    q = load_quantized(tmp_path / "out" / "quantized")  # the pruned shapes, quantized
+    assert q.model.blocks[0].attn.heads == 2  # vit-fmnist: 4 heads -> 2
+
+
 
 
 def test_cli_prune_bad_ratio_and_help(tmp_path):
