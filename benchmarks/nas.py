@@ -1,19 +1,23 @@
 """NAS benchmark: our search (SimQ-NAS / InstaTune) against random search and the INT8 full model.
 
 Per task, in one run: fine-tune the super-network, measure the INT8 full model (the original
-weights, uniformly W8A8 with the same method) and ``--samples`` sub-networks (anchors first: the
-full model at each uniform weight bit-width and the smallest sub-network; then random draws),
+weights, uniformly W8A8 with the same method, embedding tables at 8 bits) and ``--samples``
+sub-networks (anchors first: the full model at each uniform weight bit-width and the smallest
+sub-network; then random draws),
 fit the predictors, run NSGA-II on them and measure ``--front`` predicted-front sub-networks.
 Random search gets the same budget: our random draws plus as many more random ones as we spent
 on anchors and the predicted front. Both fronts are compared by hypervolume (losses
 1 - accuracy and cost / full float model cost). The zoo models were trained on the whole train
 split, so accuracy is measured on half of the test split (seeded; vit-fmnist: 2,000 of its
 rows) and the chosen sub-network, the INT8 full model and FP32 are then evaluated on the other
-half. Latency: ONNX Runtime, float export of the (sliced) model, median of repeats (batch 16
-for vit-fmnist, 1 for MiniLM); the INT8 full model also gets ONNX Runtime's
-``quantize_dynamic`` as the int8 latency peer.
+half. Latency: ONNX Runtime, the quantized (sliced) model exported by ``export_onnx`` in QDQ
+form (the float model where that export fails, counted in ``latency_float_fallbacks``), median
+of repeats (batch 16 for vit-fmnist, 1 for MiniLM); the INT8 full model is also measured with
+float embedding tables (labelled as such) and the float model with ONNX Runtime's
+``quantize_dynamic`` (int8 weights) as a latency peer. Quantized sub-networks use the uniform
+8-bit softmax (``--softmax``; the fast form in ONNX Runtime on CPUs), the reference too.
 
-Run: ``.venv/bin/python benchmarks/nas.py`` (both tasks, ~25 min on 2 shared cores), or e.g.
+Run: ``.venv/bin/python benchmarks/nas.py`` (both tasks, ~40 min on 2 shared cores), or e.g.
 ``.venv/bin/python benchmarks/nas.py --tasks vit-fmnist --samples 20 --train-steps 100``.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import tempfile
 import time
@@ -33,7 +38,7 @@ from slimformer.data.datasets import get_dataset, make_loader
 from slimformer.models.evaluate import predict
 from slimformer.models.loading import load_model
 from slimformer.models.spec import ZooSpec
-from slimformer.nas.api import _prepare, _subset, search, split_holdout
+from slimformer.nas.api import _prepare, _subset, reference_subnet, search, split_holdout
 from slimformer.nas.config import SearchConfig
 from slimformer.nas.measure import measure
 from slimformer.nas.pareto import hypervolume, pareto_front, plot_front
@@ -42,7 +47,8 @@ TASKS = {  # task -> (val rows, eval rows, fine-tuning lr, batch, steps, latency
     "vit-fmnist": (5000, 2000, 1e-4, 64, 150, 16, {"heads": [0.5, 0.75, 1.0], "mlp": [0.25, 0.5, 0.75, 1.0],
                                           "min_blocks": 3, "weight_bits": [4, 6, 8]}),
     "minilm-trec": (500, 500, 5e-5, 16, 40, 1, {"heads": [0.5, 0.75, 1.0], "mlp": [0.25, 0.5, 0.75, 1.0],
-                                         "min_blocks": 3, "weight_bits": [4, 6, 8]}),
+                                         "min_blocks": 3, "weight_bits": [4, 6, 8],
+                                         "embedding_bits": [4, 8, "float"]}),
 }
 
 
@@ -53,32 +59,16 @@ def accuracy(model, ds) -> float:
 
 def ort_dynamic_latency(model, inputs, repeats) -> float:
     """ONNX Runtime ``quantize_dynamic`` (int8 weights) of the float export: median ms."""
-    import io
-
-    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from slimformer.models.evaluate import _logits
-
-    names = list(inputs)
-
-    class Pos(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, *a):
-            return _logits(self.m(**dict(zip(names, a, strict=True))))
+    from slimformer.export.config import OnnxConfig
+    from slimformer.export.onnx import export_onnx
+    from slimformer.export.parity import latency
 
     with tempfile.TemporaryDirectory() as d:
-        buf = io.BytesIO()
-        torch.onnx.export(Pos(model).eval(), tuple(inputs.values()), buf, dynamo=False,
-                          input_names=names)
-        onnx.save(onnx.load_from_string(buf.getvalue()), f"{d}/f.onnx")
+        export_onnx(model, f"{d}/f.onnx", inputs, OnnxConfig(check=False, lint=False))
         quantize_dynamic(f"{d}/f.onnx", f"{d}/q.onnx", weight_type=QuantType.QInt8,
                          per_channel=True)
-        from slimformer.export.parity import latency
-
         return latency(f"{d}/q.onnx", inputs, repeats, warmup=3,
                        threads=torch.get_num_threads())["median_ms"]
 
@@ -99,6 +89,7 @@ def run_task(task: str, args, work: Path) -> dict:
                        batch_size=batch, lr=lr, samples=args.samples, front_max=args.front,
                        nsga_trials=args.nsga_trials, population=40, eval_limit=eval_rows,
                        quant_method="repq", calib_samples=128, latency_repeats=args.repeats,
+                       softmax=args.softmax,
                        latency_batch=lat_batch,
                        storage=str(work / "{study}.journal"), study=task,
                        supernet_path=str(work / "{study}.pt"))
@@ -108,6 +99,7 @@ def run_task(task: str, args, work: Path) -> dict:
     ours = [r for r in res.measured if r["phase"] in ("sample", "front")]
     # random search with the same budget: our random draws plus as many more random ones as we
     # spent on anchors and the predicted front
+    _, space_obj, ref_net, _ = _prepare(copy.deepcopy(lm.module), cfg, val, None)
     _, space_obj, net, _ = _prepare(copy.deepcopy(lm.module), cfg, val, None)
     ck = torch.load(cfg.supernet_file(), weights_only=True)
     net.model.load_state_dict(ck["state_dict"])
@@ -126,9 +118,19 @@ def run_task(task: str, args, work: Path) -> dict:
             continue
         seen.add(sub.key())
         m = measure(net, sub, evald, calib, cfg.quant_method, cfg.calib_samples, True, lat_in,
-                    cfg.latency_repeats)
+                    cfg.latency_repeats, softmax=cfg.softmax)
         extra.append({"sub": sub.key(), "phase": "random", "accuracy": m.accuracy,
-                      "latency": m.latency, "size": m.size, "macs": m.macs})
+                      "latency": m.latency, "size": m.size, "macs": m.macs,
+                      "latency_form": m.latency_form})
+    # the INT8 full model with float embedding tables (a labelled variant, not the reference)
+    ref_sub = reference_subnet(space_obj)
+    emb_float = None
+    if ref_sub.ebits != "float":
+        m = measure(ref_net, dataclasses.replace(ref_sub, ebits="float"), evald, calib,
+                    cfg.quant_method, cfg.calib_samples, True, lat_in, cfg.latency_repeats,
+                    softmax=cfg.softmax)
+        emb_float = {"accuracy": m.accuracy, "latency": m.latency, "size": m.size,
+                     "latency_form": m.latency_form}
     rand = [r for r in ours if r["phase"] == "sample" and not r["anchor"]] + extra
     ref_costs = res.reference["float_costs"]
     front_ours, front_rand = pareto_front(ours, objectives), pareto_front(rand, objectives)
@@ -141,17 +143,25 @@ def run_task(task: str, args, work: Path) -> dict:
     from slimformer.quantize.api import quantize
     from slimformer.quantize.config import QuantConfig
 
-    int8 = quantize(lm.module, QuantConfig(method="repq", calib_samples=128), calib)
+    int8 = quantize(lm.module, QuantConfig(
+        method="repq", calib_samples=128, softmax=cfg.softmax,
+        embedding_bits=None if ref_sub.ebits == "float" else ref_sub.ebits), calib)
     out = {
         "task": task, "search_seconds": round(t_search, 1), "train": res.train,
         "space_size": res.space_size, "measured_ours": len(ours), "measured_random": len(rand),
         "anchors": len(anchors),
         "hv_ours": hv_ours, "hv_random": hv_rand, "predictors": res.predictors,
-        "reference": {k: ref[k] for k in ("accuracy", "latency", "size", "macs")},
+        "reference": {k: ref[k] for k in ("sub", "accuracy", "latency", "size", "macs",
+                                          "latency_form")},
+        "int8_full_float_embeddings": emb_float,
+        "latency_float_fallbacks": sum(r.get("latency_form") == "float"
+                                       for r in [*res.measured, *extra]),
         "float_costs": ref_costs,
         "int8_ort_dynamic_latency": ort_dynamic_latency(lm.module, lat_in, args.repeats),
         "front_ours": [{k: r[k] for k in ("sub", "phase", "anchor", "accuracy", "latency", "size")}
                        for r in front_ours],
+        "measured": [{k: r.get(k) for k in ("sub", "phase", "accuracy", "latency", "size",
+                                            "latency_form")} for r in [*res.measured, *extra]],
         "front_random": [{k: r[k] for k in ("sub", "phase", "accuracy", "latency", "size")}
                          for r in front_rand],
         "target_points": [r["sub"] for r in target],
@@ -176,6 +186,8 @@ def main() -> None:
     ap.add_argument("--nsga-trials", type=int, default=600)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--softmax", default="uniform", choices=["auto", "log_sqrt2", "uniform"],
+                    help="attention-probability quantizer of every quantized model")
     ap.add_argument("--min-blocks", type=int, default=None, help="restrict the depth (default: "
                     "per task, 3)")
     ap.add_argument("--out", default="runs/bench-nas")
@@ -192,19 +204,19 @@ def main() -> None:
         rows.append(r)
         (work / f"{task}.json").write_text(json.dumps(r, indent=2, default=str))
         print(json.dumps(r, indent=1, default=str), flush=True)
-    print("\n| task | INT8 full val acc | latency ms (float / ORT dyn int8) | size B | ours HV | "
-          "random HV | measured each | target points | chosen | chosen val acc | latency x | "
-          "size x | test acc FP32 / INT8 full / chosen | s |")
-    print("|" + "---|" * 14)
+    print("\n| task | INT8 full (W8A8, E8) val acc / size B / QDQ ms | float ms / ORT dyn int8 ms | "
+          "ours HV | random HV | measured each | target points | chosen | chosen val acc | "
+          "latency x | size x | test acc FP32 / INT8 full / chosen | s |")
+    print("|" + "---|" * 13)
     for r in rows:
         ref, ch = r["reference"], r["chosen"]
-        print(f"| {r['task']} | {ref['accuracy']:.4f} | {ref['latency']:.2f} / "
-              f"{r['int8_ort_dynamic_latency']:.2f} | {ref['size']:,} | {r['hv_ours']:.4f} | "
-              f"{r['hv_random']:.4f} | {r['measured_ours']} | {len(r['target_points'])} | "
-              f"{ch['sub']} | {ch['accuracy']:.4f} | {ref['latency'] / ch['latency']:.2f} | "
-              f"{ref['size'] / ch['size']:.2f} | {r['test_fp32']:.4f} / "
-              f"{r['test_int8_full']:.4f} / {r['test_chosen']:.4f} | {r['seconds']:.0f} |")
-
+        print(f"| {r['task']} | {ref['accuracy']:.4f} / {ref['size']:,} / {ref['latency']:.2f} | "
+              f"{r['float_costs']['latency']:.2f} / {r['int8_ort_dynamic_latency']:.2f} | "
+              f"{r['hv_ours']:.4f} | {r['hv_random']:.4f} | {r['measured_ours']} | "
+              f"{len(r['target_points'])} | {ch['sub']} | {ch['accuracy']:.4f} | "
+              f"{ref['latency'] / ch['latency']:.2f} | {ref['size'] / ch['size']:.2f} | "
+              f"{r['test_fp32']:.4f} / {r['test_int8_full']:.4f} / {r['test_chosen']:.4f} | "
+              f"{r['seconds']:.0f} |")
 
 if __name__ == "__main__":
     main()

@@ -26,7 +26,7 @@ from slimformer.nas.config import SearchConfig
 from slimformer.nas.space import SearchSpace, SubNet
 
 Progress = Callable[[str, int, int], None] | None
-ROW_KEYS = ("accuracy", "latency", "size", "macs", "params")
+ROW_KEYS = ("accuracy", "latency", "size", "macs", "params", "latency_form", "notes")
 
 
 @dataclass
@@ -37,7 +37,8 @@ class SearchResult:
         objectives: Objective names, accuracy first.
         front: The measured Pareto front (rows: ``sub``, ``phase``, ``trial`` + objective values).
         measured: Every measured sub-network of the study.
-        reference: The full model, uniformly W8A8 with the same method.
+        reference: The full model, uniformly W8A8 with the same method, its embedding tables
+            (if any) at 8 bits.
         predictors: Per objective: kind, held-out Spearman / Kendall, held-out rows.
         hypervolume: Of the measured front (see :mod:`slimformer.nas.pareto`), reference costs
             = the full model's float size / latency / MACs.
@@ -141,7 +142,8 @@ def _prepare(model, config: SearchConfig, eval_data, structure):
             if i in bad["mlp"]:
                 mlps.discard(i)
                 notes.append(f"MLP {i}: width kept whole ({bad['mlp'][i][:160]})")
-    space = build_space(structure, blocks, config.space, heads, mlps)
+    tables = tuple(f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding))
+    space = build_space(structure, blocks, config.space, heads, mlps, tables)
     return structure, space, SuperNet(model, structure, space), notes
 
 
@@ -221,17 +223,17 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
 
         lat_in = latency_inputs(evald, config.latency_batch)
 
-    def evaluate(sub: SubNet, on=net, keep=False):
+    def evaluate(sub: SubNet, on=net, keep=False, timed=True):
         return measure(on, sub, evald, calib, config.quant_method, config.calib_samples,
-                       "latency" in objectives, lat_in, config.latency_repeats, keep)
+                       timed and "latency" in objectives, lat_in, config.latency_repeats, keep,
+                       config.softmax)
 
     # 3. reference (original weights, full, W8A8) and the random sample
     if not worker and not st.measured(study, "reference"):
         from slimformer.nas.supernet import SuperNet
 
         ref_net = SuperNet(original, structure, space)
-        full8 = dataclasses.replace(space.largest(), wbits=tuple(8 for _ in space.groups),
-                                    abits=tuple(8 for _ in space.groups))
+        full8 = reference_subnet(space)
         trial = study.ask(fixed_distributions={})
         st.run_trial(study, trial, "reference", lambda s: evaluate(s, ref_net), objectives, full8,
                      space.to_params(full8))
@@ -280,7 +282,7 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
     chosen = choose(result.front, ref, objectives, config.max_drop)
     result.chosen = chosen
     sub = space.from_params(chosen["params_choice"])
-    _, qmodel, fmodel = evaluate(sub, keep=True)
+    _, qmodel, fmodel = evaluate(sub, keep=True, timed=False)  # measured already
     result.model, result.float_model = qmodel, fmodel
     from slimformer.models.structure import discover
     from slimformer.quantize.api import _batches
@@ -291,10 +293,18 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
                           "heads": {str(k): list(v) for k, v in heads.items()},
                           "mlp": {str(k): list(v) for k, v in units.items()},
                           "weight_bits": list(sub.wbits), "act_bits": list(sub.abits),
+                          "embedding_bits": sub.ebits,
                           "dropped_blocks": {b.path: b.output_tuple for b, k in
                                              zip(space.blocks, sub.keep, strict=True) if not k}}
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def reference_subnet(space: SearchSpace) -> SubNet:
+    """The uniformly INT8 full model: every block, head and unit; W8A8; embeddings at 8 bits."""
+    return dataclasses.replace(space.largest(), wbits=tuple(8 for _ in space.groups),
+                               abits=tuple(8 for _ in space.groups),
+                               ebits=8 if space.embeddings else "float")
 
 
 def _float_costs(original, structure, evald, lat_in, config, objectives, ref) -> dict:

@@ -22,6 +22,10 @@ class SpaceConfig(BaseModel):
         fixed_blocks: Indices of blocks that are never dropped.
         weight_bits: Per-layer choices; ``float`` leaves the layer unquantized.
         act_bits: Per-layer activation bit choices (2..8).
+        embedding_bits: Choices for the model's embedding tables (``nn.Embedding``), one per
+            sub-network: per-row weight-only quantization at 2..8 bits, ``float`` keeps them.
+            Large vocabularies dominate the size of small text models. Ignored (``float``) for
+            models without embedding tables.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -35,6 +39,7 @@ class SpaceConfig(BaseModel):
     fixed_blocks: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
     weight_bits: list[BitChoice] = Field(default_factory=lambda: [4, 8])
     act_bits: list[Annotated[int, Field(ge=2, le=8)]] = Field(default_factory=lambda: [8])
+    embedding_bits: list[BitChoice] = Field(default_factory=lambda: [4, 8, "float"])
 
 
 class SearchConfig(BaseModel):
@@ -56,6 +61,8 @@ class SearchConfig(BaseModel):
         front_max: Most predicted-Pareto sub-networks measured for real.
         eval_limit: Rows of the evaluation data used to measure a sub-network.
         quant_method / calib_samples: How each sub-network is quantized.
+        softmax: Attention-probability quantizer (``QuantConfig.softmax``; ``auto``: log-sqrt2
+            for repq/repquant). ``uniform`` is the fast form in ONNX Runtime on CPUs.
         latency_batch / latency_repeats: ONNX Runtime latency measurement.
         storage: Optuna storage: a journal file path (default, ``{study}`` is filled in) or a
             database URL (``sqlite:///f.db``, ``postgresql://user@host/db``) shared by workers.
@@ -86,6 +93,7 @@ class SearchConfig(BaseModel):
     eval_limit: Annotated[int, Field(ge=1)] | None = 1000
     quant_method: Literal["minmax", "percentile", "repq", "repquant"] = "repq"
     calib_samples: Annotated[int, Field(ge=1, le=100_000)] = 128
+    softmax: Literal["auto", "log_sqrt2", "log2", "uniform", "none"] = "auto"
     latency_batch: Annotated[int, Field(ge=1, le=1024)] = 1
     latency_repeats: Annotated[int, Field(ge=1, le=1000)] = 20
     storage: str = "nas-studies/{study}.journal"
@@ -125,6 +133,6 @@ class SearchConfig(BaseModel):
         keep = self.model_dump(mode="json", include={
             "objectives", "space", "train_steps", "sandwich", "batch_size", "lr", "distill",
             "importance_batches", "eval_limit", "quant_method", "calib_samples",
-            "latency_batch", "seed"})
+            "latency_batch", "seed", "softmax"})
         text = json.dumps(keep, sort_keys=True) + model_id
         return hashlib.sha256(text.encode()).hexdigest()[:16]

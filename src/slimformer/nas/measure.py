@@ -3,18 +3,22 @@
 Extraction reuses prune's physical slicing (:func:`slimformer.prune.slicing.slice_model`) for
 heads and MLP units; dropped residual blocks are replaced by a module that returns its input.
 Each layer group gets its bit-widths through :class:`~slimformer.quantize.config.QuantConfig`
-``overrides`` (``float`` layers through ``keep_float``). Latency is that of the extracted float
-model in ONNX Runtime (fixed-shape export, median of repeats); size is the deployed size in bytes
-(quantized weights at their bit-width); MACs per sample come from the sliced model's forward.
+``overrides`` (``float`` layers through ``keep_float``), the embedding tables through
+``embedding_bits``. Latency is that of the quantized sub-network as deployed: exported by
+:func:`slimformer.export.onnx.export_onnx` in its QDQ form (without its checks) and timed
+in ONNX Runtime (median of repeats), so bit-widths count there too; when the QDQ export fails, the
+float sub-network is timed instead and the measurement says so (``latency_form``, ``notes``).
+Size is the deployed size in bytes (quantized weights and embedding tables at their bit-width);
+MACs per sample come from the sliced model's forward.
 """
 
 from __future__ import annotations
 
 import copy
-import io
+import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -96,8 +100,9 @@ def _masked_copy(net: SuperNet, sub: SubNet) -> nn.Module:
     return twin.model
 
 
-def quant_config(net: SuperNet, sub: SubNet, model: nn.Module, method: str, calib_samples: int):
-    """QuantConfig giving each surviving layer group its bit-widths."""
+def quant_config(net: SuperNet, sub: SubNet, model: nn.Module, method: str, calib_samples: int,
+                 softmax: str = "auto"):
+    """QuantConfig giving each surviving layer group its bit-widths, the embeddings theirs."""
     from slimformer.quantize.config import LayerOverride, QuantConfig
 
     names = {n for n, _ in model.named_parameters()}
@@ -109,48 +114,56 @@ def quant_config(net: SuperNet, sub: SubNet, model: nn.Module, method: str, cali
             keep_float += alive
         elif wb != 8 or ab != 8:
             overrides += [LayerOverride(pattern=w, weight_bits=wb, act_bits=ab) for w in alive]
+    ebits = getattr(sub, "ebits", "float")
     return QuantConfig(method=method, weight_bits=8, act_bits=8, overrides=overrides,
-                       keep_float=keep_float, calib_samples=calib_samples)
+                       keep_float=keep_float, calib_samples=calib_samples, softmax=softmax,
+                       embedding_bits=None if ebits == "float" else int(ebits))
 
 
 def ort_latency(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int = 20,
                 warmup: int = 3) -> float:
-    """Median wall time (ms) of ``model(**inputs)`` in ONNX Runtime on this machine's CPU.
+    """Median wall time (ms) of ``model`` on ``inputs`` in ONNX Runtime on this machine's CPU.
 
-    The model is exported with the fixed-shape (legacy) exporter, which is fast to run and
-    enough for a latency measurement at one shape.
+    ``model`` is a float module or a quantized model (exported as QDQ); it is written by
+    :func:`slimformer.export.onnx.export_onnx` without the checker, the parity check or the
+    lint, then timed with :func:`slimformer.export.parity.latency` on
+    ``torch.get_num_threads()`` threads. The axes stay symbolic as in any export: a static
+    batch-1 QDQ graph of MiniLM lost ONNX Runtime's Q/DQ fusion of its MLP weights here (3x
+    slower than float), the symbolic one is fully integer.
     """
-    import onnxruntime as ort
+    from slimformer.export.config import OnnxConfig
+    from slimformer.export.onnx import export_onnx
+    from slimformer.export.parity import latency
 
+    with tempfile.TemporaryDirectory(prefix="slimformer-nas-") as d:
+        path = Path(d) / "model.onnx"
+        export_onnx(model, path, inputs, OnnxConfig(check=False, lint=False))
+        return float(latency(path, inputs, repeats, warmup,
+                             threads=torch.get_num_threads())["median_ms"])
+
+
+def deployed_latency(qmodel, float_model: nn.Module, inputs: dict[str, torch.Tensor],
+                     repeats: int = 20) -> tuple[float, str, list[str]]:
+    """``(ms, form, notes)``: the QDQ export of ``qmodel`` timed, else ``float_model``'s.
+
+    ``form`` is ``qdq`` or ``float`` (the quantized export failed; the note says why). A float
+    export that fails too raises :class:`~slimformer.errors.ExportError`.
+    """
     from slimformer.errors import ExportError
-    from slimformer.models.evaluate import _logits
 
-    names = list(inputs)
-
-    class _Positional(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args):
-            return _logits(self.inner(**dict(zip(names, args, strict=True))))
-
-    buf = io.BytesIO()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(_Positional(model).eval(), tuple(inputs.values()), buf,
-                              dynamo=False, input_names=names)
+        return ort_latency(qmodel, inputs, repeats), "qdq", []
     except Exception as exc:  # noqa: BLE001 - exporter failures come in many types
+        note = (f"latency: the QDQ export failed ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); the float sub-network "
+                "was timed instead")
+    try:
+        return ort_latency(float_model, inputs, repeats), "float", [note]
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001
         raise ExportError(f"ONNX export for the latency measurement failed: "
                           f"{type(exc).__name__}: {str(exc)[:300]}") from exc
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
-    from slimformer.export.parity import time_session
-
-    return float(time_session(sess, inputs, repeats, warmup)["median_ms"])
 
 
 @dataclass
@@ -165,6 +178,7 @@ class Measurement:
     sliced: bool
     seconds: float
     notes: list[str] = field(default_factory=list)
+    latency_form: str | None = None  # qdq | float (see deployed_latency)
 
     def value(self, objective: str) -> float:
         """The value of one objective."""
@@ -173,7 +187,7 @@ class Measurement:
 
 def measure(net: SuperNet, sub: SubNet, eval_data, calib_data, method: str, calib_samples: int,
             latency: bool, latency_inputs: dict[str, torch.Tensor] | None = None,
-            latency_repeats: int = 20, return_model: bool = False):
+            latency_repeats: int = 20, return_model: bool = False, softmax: str = "auto"):
     """Extract, quantize and evaluate ``sub``; returns a :class:`Measurement` (and the model)."""
     from slimformer.data.datasets import make_loader
     from slimformer.models.evaluate import model_size, predict
@@ -184,16 +198,17 @@ def measure(net: SuperNet, sub: SubNet, eval_data, calib_data, method: str, cali
     model, sliced = extract(net, sub)
     first = next(_batches(calib_data, 2, 2))
     smap = discover(model, first, require_attention=False)
-    cfg = quant_config(net, sub, model, method, calib_samples)
+    cfg = quant_config(net, sub, model, method, calib_samples, softmax)
     res = quantize(model, cfg, calib_data, smap, inplace=False)
     preds, labels = predict(res.model, make_loader(eval_data, 256))
-    lat = None
+    lat, form, notes = None, None, []
     if latency:
-        lat = ort_latency(model, latency_inputs, latency_repeats)
+        lat, form, notes = deployed_latency(res.model, model, latency_inputs, latency_repeats)
     m = Measurement(accuracy=float((preds == labels).float().mean()),
                     size=int(model_size(res.model)["bytes"]), macs=int(smap.macs),
                     latency=lat, params=int(sum(p.numel() for p in model.parameters())),
-                    sliced=sliced, seconds=time.perf_counter() - t0)
+                    sliced=sliced, seconds=time.perf_counter() - t0, notes=notes,
+                    latency_form=form)
     if not sliced:
         m.notes.append("prune's physical slicing is not available: heads/units were masked, "
                        "so size, MACs and latency count them")

@@ -1,4 +1,4 @@
-"""The search space of a model: residual blocks, heads and MLP widths per layer, bits per layer.
+"""The search space of a model: blocks, heads and MLP widths per layer, bits per layer/embeddings.
 
 Everything comes from the structure map and one recorded forward pass, never from module names:
 a *residual block* is the outermost module that (a) returns a tensor of its input's shape,
@@ -36,19 +36,23 @@ class Block:
 
 @dataclass(frozen=True)
 class SubNet:
-    """One sub-network: kept blocks, heads / MLP units kept per site, bits per block."""
+    """One sub-network: kept blocks, heads / MLP units kept per site, bits per block.
+
+    ``ebits``: bits of the model's embedding tables (per-row, weight only; ``float``: kept).
+    """
 
     keep: tuple[bool, ...]
     heads: tuple[int, ...]
     mlp: tuple[int, ...]
     wbits: tuple[int | str, ...]
     abits: tuple[int | str, ...]
+    ebits: int | str = "float"
 
     def key(self) -> str:
         """A compact unique string."""
         return (f"k{''.join('1' if k else '0' for k in self.keep)}-h{'.'.join(map(str, self.heads))}"
                 f"-m{'.'.join(map(str, self.mlp))}-w{'.'.join(map(str, self.wbits))}"
-                f"-a{'.'.join(map(str, self.abits))}")
+                f"-a{'.'.join(map(str, self.abits))}-e{self.ebits}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,9 @@ class SearchSpace:
         weight_bits / act_bits: Per-block bit choices (``float`` = not quantized).
         groups: Linear weight names per bit group (one group per block; one global group when no
             block was found).
+        embedding_bits: Bit choices of the embedding tables, one choice per model (``float``
+            only when the model has no ``nn.Embedding``).
+        embeddings: Weight names of the model's embedding tables.
     """
 
     blocks: tuple[Block, ...]
@@ -78,6 +85,8 @@ class SearchSpace:
     weight_bits: tuple[int | str, ...]
     act_bits: tuple[int | str, ...]
     groups: tuple[tuple[str, ...], ...]
+    embedding_bits: tuple[int | str, ...] = ("float",)
+    embeddings: tuple[str, ...] = ()
 
     # --- sampling -------------------------------------------------------------------------
     def suggest(self, trial) -> SubNet:
@@ -90,8 +99,9 @@ class SearchSpace:
                for i, c in enumerate(self.mlp_choices)]
         wb = [self._bits(trial, f"w{g}", self.weight_bits) for g in range(len(self.groups))]
         ab = [self._bits(trial, f"a{g}", self.act_bits) for g in range(len(self.groups))]
+        eb = self._bits(trial, "emb", self.embedding_bits)
         return self.repair(SubNet(tuple(bool(k) for k in keep), tuple(heads), tuple(mlp),
-                                  tuple(wb), tuple(ab)))
+                                  tuple(wb), tuple(ab), eb))
 
     @staticmethod
     def _bits(trial, name: str, choices: tuple) -> int | str:
@@ -109,7 +119,8 @@ class SearchSpace:
             keep[i] = True
         wb = tuple(int(b) if str(b).isdigit() else "float" for b in sub.wbits)
         ab = tuple(int(b) if str(b).isdigit() else "float" for b in sub.abits)
-        return SubNet(tuple(keep), sub.heads, sub.mlp, wb, ab)
+        eb = int(sub.ebits) if str(sub.ebits).isdigit() else "float"
+        return SubNet(tuple(keep), sub.heads, sub.mlp, wb, ab, eb)
 
     def random(self, rng: np.random.Generator) -> SubNet:
         """A uniformly drawn sub-network (repaired)."""
@@ -120,7 +131,7 @@ class SearchSpace:
             keep, tuple(pick(c) for c in self.head_choices),
             tuple(pick(c) for c in self.mlp_choices),
             tuple(pick(self.weight_bits) for _ in self.groups),
-            tuple(pick(self.act_bits) for _ in self.groups)))
+            tuple(pick(self.act_bits) for _ in self.groups), pick(self.embedding_bits)))
 
     def draw(self, rng: np.random.Generator) -> SubNet:
         """A random sub-network at a random compression level (the measured sample).
@@ -139,7 +150,7 @@ class SearchSpace:
             keep, tuple(step(c) for c in self.head_choices),
             tuple(step(c) for c in self.mlp_choices),
             tuple(pick(self.weight_bits) for _ in self.groups),
-            tuple(pick(self.act_bits) for _ in self.groups)))
+            tuple(pick(self.act_bits) for _ in self.groups), pick(self.embedding_bits)))
 
     def largest(self) -> SubNet:
         """Every block, head and unit; the widest bits."""
@@ -147,16 +158,20 @@ class SearchSpace:
         return SubNet(tuple(True for _ in self.blocks), tuple(c[-1] for c in self.head_choices),
                       tuple(c[-1] for c in self.mlp_choices),
                       tuple(best(self.weight_bits) for _ in self.groups),
-                      tuple(best(self.act_bits) for _ in self.groups))
+                      tuple(best(self.act_bits) for _ in self.groups), best(self.embedding_bits))
 
     def anchors(self) -> list[SubNet]:
         """The full model at each uniform weight bit-width (widest activations) and the smallest.
 
-        Measured first, so the predictors see the corners of the space that random draws miss.
+        Each anchor's embedding tables get the embedding choice nearest its weight bits (the
+        wider one on a tie). Measured first, so the predictors see the corners of the space that
+        random draws miss.
         """
         full, act = self.largest(), max(self.act_bits, key=_bits_value)
+        near = lambda b: min(self.embedding_bits, key=lambda e: (  # noqa: E731
+            abs(_bits_value(e) - _bits_value(b)), -_bits_value(e)))
         out = [dataclasses.replace(full, wbits=tuple(b for _ in self.groups),
-                                   abits=tuple(act for _ in self.groups))
+                                   abits=tuple(act for _ in self.groups), ebits=near(b))
                for b in sorted(self.weight_bits, key=_bits_value, reverse=True)]
         out.append(self.smallest())
         return list({a.key(): a for a in out}.values())
@@ -172,7 +187,7 @@ class SearchSpace:
         return SubNet(tuple(keep), tuple(c[0] for c in self.head_choices),
                       tuple(c[0] for c in self.mlp_choices),
                       tuple(low(self.weight_bits) for _ in self.groups),
-                      tuple(low(self.act_bits) for _ in self.groups))
+                      tuple(low(self.act_bits) for _ in self.groups), low(self.embedding_bits))
 
     def from_params(self, params: dict) -> SubNet:
         """Rebuild a sub-network from Optuna trial parameters."""
@@ -199,6 +214,9 @@ class SearchSpace:
                 as_str = any(c == "float" for c in choices)
                 for g, b in enumerate(vals):
                     p[f"{pre}{g}"] = str(b) if as_str else b
+        if len(self.embedding_bits) > 1:
+            as_str = any(c == "float" for c in self.embedding_bits)
+            p["emb"] = str(sub.ebits) if as_str else sub.ebits
         return p
 
     # --- encoding -------------------------------------------------------------------------
@@ -218,7 +236,7 @@ class SearchSpace:
         f = [float(k) for k in sub.keep]
         f += [h / n * a for h, n, a in zip(sub.heads, self.full_heads, attn, strict=True)]
         f += [m / n * a for m, n, a in zip(sub.mlp, self.full_mlp, mlp, strict=True)]
-        f += [_bits_value(b) / FLOAT_BITS for b in (*sub.wbits, *sub.abits)]
+        f += [_bits_value(b) / FLOAT_BITS for b in (*sub.wbits, *sub.abits, sub.ebits)]
         # aggregates help the linear predictors: kept share of blocks, heads, units; mean bits
         f += [float(np.mean(sub.keep)) if sub.keep else 1.0,
               sum(h * a for h, a in zip(sub.heads, attn, strict=True)) / max(1, sum(
@@ -232,6 +250,7 @@ class SearchSpace:
         n = 2 ** len(self.skippable)
         for c in (*self.head_choices, *self.mlp_choices):
             n *= len(c)
+        n *= len(self.embedding_bits)
         return n * (len(self.weight_bits) * len(self.act_bits)) ** len(self.groups)
 
 
@@ -317,7 +336,8 @@ def _adds_input(graph, cons, call, inside, passes) -> bool:
 
 def build_space(structure, blocks: list[Block], config: SpaceConfig,
                 elastic_heads: set[int] | None = None,
-                elastic_mlps: set[int] | None = None) -> SearchSpace:
+                elastic_mlps: set[int] | None = None,
+                embeddings: tuple[str, ...] = ()) -> SearchSpace:
     """The search space after the user's restrictions; :class:`ConfigError` when it is empty.
 
     Args:
@@ -326,9 +346,11 @@ def build_space(structure, blocks: list[Block], config: SpaceConfig,
         config: The user's restrictions.
         elastic_heads: Attention sites whose head count can change (None: all).
         elastic_mlps: MLP sites whose width can change (None: all).
+        embeddings: Weight names of the model's ``nn.Embedding`` tables; without any, the
+            embedding bit choice is fixed at ``float``.
     """
     problems = []
-    for name in ("heads", "mlp", "weight_bits", "act_bits"):
+    for name in ("heads", "mlp", "weight_bits", "act_bits", "embedding_bits"):
         if not getattr(config, name):
             problems.append(f"space.{name}: empty list; give at least one choice")
     bad = [i for i in config.fixed_blocks if i >= len(blocks)]
@@ -353,14 +375,17 @@ def build_space(structure, blocks: list[Block], config: SpaceConfig,
                         tuple(s.head_dim for s in structure.attention), skippable,
                         min(config.min_blocks, len(blocks)) if blocks else 0,
                         tuple(dict.fromkeys(config.weight_bits)),
-                        tuple(dict.fromkeys(config.act_bits)), groups)
+                        tuple(dict.fromkeys(config.act_bits)), groups,
+                        tuple(dict.fromkeys(config.embedding_bits)) if embeddings else ("float",),
+                        tuple(embeddings))
     if space.size() <= 1:
         raise ConfigError([
             "the search space holds a single sub-network after the restrictions (heads "
             f"{list(config.heads)}, mlp {list(config.mlp)}, skip_blocks {config.skip_blocks}, "
             f"min_blocks {config.min_blocks}, fixed_blocks {list(config.fixed_blocks)}, "
-            f"weight_bits {list(config.weight_bits)}, act_bits {list(config.act_bits)}; "
-            f"{len(blocks)} residual block(s), {len(full_h)} attention site(s), "
-            f"{len(full_m)} MLP(s)): allow more head or MLP fractions, block skipping or bit "
-            "choices"], "search space")
+            f"weight_bits {list(config.weight_bits)}, act_bits {list(config.act_bits)}, "
+            f"embedding_bits {list(config.embedding_bits)}; {len(blocks)} residual block(s), "
+            f"{len(full_h)} attention site(s), {len(full_m)} MLP(s), {len(embeddings)} embedding "
+            "table(s)): allow more head or MLP fractions, block skipping or bit choices"],
+            "search space")
     return space

@@ -82,14 +82,18 @@ def _alive(pid: int) -> bool:
 
 
 def fail_stale(storage, study) -> int:
-    """Mark FAIL the trials this host left RUNNING from processes that are gone; how many."""
+    """Mark FAIL the trials this host left RUNNING from processes that are gone; how many.
+
+    ``storage`` is the study's storage (kept for callers); the public ``Study.tell`` by trial
+    number does the update.
+    """
     from optuna.trial import TrialState
 
     host, n = socket.gethostname(), 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
         if t.user_attrs.get("host") == host and pid is not None and not _alive(int(pid)):
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             n += 1
     return n
 
@@ -127,12 +131,15 @@ def run_trial(study, trial, phase: str, evaluate: Callable, objectives: list[str
         if done is not None:
             values = {k: done.user_attrs[k] for k in ("accuracy", "size", "macs", "latency",
                                                         "params", "sliced", "seconds")}
+            values["latency_form"] = done.user_attrs.get("latency_form")
             values["duplicate_of"] = done.number
         else:
             m = evaluate(sub)
             values = {"accuracy": m.accuracy, "size": m.size, "macs": m.macs,
                       "latency": m.latency, "params": m.params, "sliced": m.sliced,
-                      "seconds": round(m.seconds, 2)}
+                      "seconds": round(m.seconds, 2), "latency_form": m.latency_form}
+            if m.notes:
+                values["notes"] = m.notes
         for k, v in values.items():
             trial.set_user_attr(k, v)
         study.tell(trial, [float(values[o]) for o in objectives])
