@@ -11,6 +11,7 @@ Public API (loaded lazily, so importing the package stays cheap)::
 from __future__ import annotations
 
 from slimformer.export.config import OnnxConfig, TensorRTConfig
+from slimformer.lazy import lazy_getattr
 
 _LAZY = {
     "export_onnx": "slimformer.export.onnx",
@@ -20,16 +21,10 @@ _LAZY = {
     "build_engine": "slimformer.export.tensorrt",
     "trtexec_command": "slimformer.export.tensorrt",
     "tensorrt_available": "slimformer.export.tensorrt",
-    "ort_latency": "slimformer.export.parity",
+    "ort_latency": "slimformer.export.parity:latency",
 }
 
 __all__ = ["OnnxConfig", "TensorRTConfig", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        attr = "latency" if name == "ort_latency" else name
-        return getattr(importlib.import_module(_LAZY[name]), attr)
-    raise AttributeError(f"module 'slimformer.export' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -10,6 +10,7 @@ Public API (loaded lazily, so importing the package stays cheap)::
 from __future__ import annotations
 
 from slimformer.hardware.config import HlsConfig, ReuseOverride
+from slimformer.lazy import lazy_getattr
 
 _LAZY = {
     "build_hls": "slimformer.hardware.api",
@@ -27,9 +28,4 @@ _LAZY = {
 __all__ = ["HlsConfig", "ReuseOverride", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

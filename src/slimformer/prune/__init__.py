@@ -11,6 +11,7 @@ Public API (loaded lazily, so importing the package stays cheap)::
 
 from __future__ import annotations
 
+from slimformer.lazy import lazy_getattr
 from slimformer.prune.config import PruneConfig
 
 _LAZY = {
@@ -26,9 +27,4 @@ _LAZY = {
 __all__ = ["PruneConfig", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -10,6 +10,7 @@ Public API (loaded lazily, so importing the package stays cheap)::
 
 from __future__ import annotations
 
+from slimformer.lazy import lazy_getattr
 from slimformer.quantize.config import LayerOverride, QuantConfig
 
 _LAZY = {
@@ -24,9 +25,4 @@ _LAZY = {
 __all__ = ["LayerOverride", "QuantConfig", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
