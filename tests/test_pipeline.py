@@ -61,3 +61,22 @@ def test_recipe_quantize_stage_then_evaluate(tmp_path):
     from slimformer.quantize.serialize import load_quantized
 
     assert load_quantized(tmp_path / "out" / "quantized") is not None
+
+
+def test_failed_run_leaves_no_temporary_folders(tmp_path, monkeypatch):
+    import tempfile
+
+    from slimformer.errors import HardwareError
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    r = _recipe(tmp_path, stages=[
+        {"type": "export", "check": False, "lint": False, "evaluate": False,
+         "latency_batch_sizes": [1], "latency_repeats": 1},
+        {"type": "hls", "csim": False}])  # vit-fmnist has GELU: hls4ml lowering refuses it
+    with pytest.raises(HardwareError, match="gelu|GELU"):
+        run(r)
+    # the export's and the hls stage's folders are gone (torch may keep its own cache there)
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("slimformer-")] == []
+    assert not (tmp_path / "out").exists()

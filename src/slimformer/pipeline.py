@@ -46,6 +46,7 @@ class RunContext:
     records: list[StageRecord] = field(default_factory=list)
     artifacts: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # dir -> writer
     slice_spec: object = None  # set by a prune stage: how the base model was sliced
+    scratch: list[Path] = field(default_factory=list)  # temporary folders, removed after the run
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,7 @@ def run_hls(ctx: RunContext, stage: HlsStage) -> StageRecord:
     name = ctx.recipe.data.dataset or ctx.loaded.dataset
     calib = get_dataset(name, ctx.recipe.data.calib_split)
     tmp = Path(tempfile.mkdtemp(prefix="slimformer-hls-"))
+    ctx.scratch.append(tmp)
     res = build_hls(ctx.model, stage.hls_config(), tmp / "hls", calib,
                     ctx.eval_data if stage.csim else None, compile=stage.csim)
     rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
@@ -220,22 +222,17 @@ def run_hls(ctx: RunContext, stage: HlsStage) -> StageRecord:
     rec.metrics = {k: v.replace(where, "hls") if isinstance(v, str) else v
                    for k, v in summary(res).items()}
     rec.notes = [n.replace(where, "hls") for n in res.notes]
-    ctx.artifacts["hls"] = lambda d: (shutil.copytree(res.project_dir, d, dirs_exist_ok=True),
-                                      shutil.rmtree(tmp, ignore_errors=True))
+    ctx.artifacts["hls"] = lambda d: shutil.copytree(res.project_dir, d, dirs_exist_ok=True)
     return rec
 
 
 def run_export(ctx: RunContext, stage: ExportStage) -> StageRecord:
     """Export the current model to ONNX (and TensorRT); ``export/`` artifact (see ExportStage)."""
-    import shutil
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="slimformer-export-"))
-    try:
-        return _export_into(ctx, stage, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    ctx.scratch.append(tmp)
+    return _export_into(ctx, stage, tmp)
 
 
 def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
@@ -286,8 +283,7 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
             (tmp / "model.plan.trtexec.sh").write_text(f"#!/usr/bin/env bash\n{cmd}\n")
             rec.notes.append("TensorRT is not installed here (import tensorrt failed): no engine "
                              f"built; run export/model.plan.trtexec.sh on a GPU machine: {cmd}")
-    ctx.artifacts["export"] = lambda d: (shutil.copytree(tmp, d, dirs_exist_ok=True),
-                                         shutil.rmtree(tmp, ignore_errors=True))
+    ctx.artifacts["export"] = lambda d: shutil.copytree(tmp, d, dirs_exist_ok=True)
     return rec
 
 
@@ -334,7 +330,6 @@ def run(recipe: Recipe, progress: Progress | None = None,
     from slimformer.data.datasets import get_dataset
     from slimformer.models.loading import load_model
     from slimformer.models.structure import discover
-    from slimformer.report.render import write_report
 
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
@@ -349,6 +344,19 @@ def run(recipe: Recipe, progress: Progress | None = None,
     eval_data = get_dataset(dataset_name, recipe.data.eval_split, recipe.data.eval_limit)
     check_fit(loaded, eval_data)
     ctx = RunContext(recipe, loaded.module, loaded, smap, eval_data, progress=progress)
+    try:
+        return _run_stages(ctx, recipe, loaded, smap, dataset_name, eval_data, out, t0)
+    finally:  # stages' temporary folders go, whether the run finished or failed
+        import shutil
+
+        for tmp in ctx.scratch:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_stages(ctx: RunContext, recipe: Recipe, loaded, smap, dataset_name: str, eval_data,
+                out: Path, t0: float) -> RunResult:
+    from slimformer.report.render import write_report
+
     for i, stage in enumerate(recipe.stages):
         s0 = time.perf_counter()
         rec = STAGE_HANDLERS[type(stage)](ctx, stage)
