@@ -129,13 +129,13 @@ def main() -> None:
                       "kept_dims": {i: qk for i, (qk, _, _) in res.kept["dims"].items()},
                       "kept_mlp": {i: k for i, (k, _) in res.kept["mlp"].items()}})
     print()
-    print("| task | method | cuts | x | params | MACs/sample | accuracy | delta | ORT ms (b="
+    print("| task | method | cuts | x | params | MACs/sample | accuracy | vs unpruned (points) | ORT ms (b="
           f"{args.latency_batch}) | speed-up | search s | fine-tune s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['task']} | {r['method']} | {r.get('structures', '')} | {r['x']:g} | "
               f"{r['params']:,} | "
-              f"{r['macs'] / 1e6:,.1f}M | {r['accuracy']:.4f} | {r.get('delta', 0):+.4f} | "
+              f"{r['macs'] / 1e6:,.1f}M | {r['accuracy']:.4f} | {100 * r.get('delta', 0):+.2f} | "
               f"{r['ort_ms']:.2f} | {r['speedup']:.2f}x | {r['search_s']:.0f} | "
               f"{r['finetune_s']:.0f} |")
 
