@@ -73,10 +73,43 @@ def ort_dynamic_latency(model, inputs, repeats) -> float:
                        threads=torch.get_num_threads())["median_ms"]
 
 
+def recheck_points(points: dict, evald, calib, cfg, lat_in, test, repeats: int,
+                   rounds: int = 3) -> dict:
+    """Test-split accuracy and back-to-back QDQ latency of a few measured points.
+
+    ``points``: label -> (super-network, sub-network). Each is quantized as in the search and
+    exported once; the ONNX Runtime sessions are then timed in turn, ``rounds`` times, so all
+    points see the same machine load (the in-run latencies were measured minutes apart).
+    """
+    from slimformer.export.config import OnnxConfig
+    from slimformer.export.onnx import export_onnx
+    from slimformer.export.parity import session, time_session
+
+    out, sessions = {}, {}
+    with tempfile.TemporaryDirectory() as d:
+        for i, (label, (on, sub)) in enumerate(points.items()):
+            m, q, _ = measure(on, sub, evald, calib, cfg.quant_method, cfg.calib_samples, False,
+                              return_model=True, softmax=cfg.softmax)
+            export_onnx(q, f"{d}/{i}.onnx", lat_in, OnnxConfig(check=False, lint=False))
+            sessions[label] = session(f"{d}/{i}.onnx", threads=torch.get_num_threads())
+            out[label] = {"val_acc": m.accuracy, "size": m.size, "test_acc": accuracy(q, test),
+                          "latency_rounds": []}
+        for _ in range(rounds):
+            for label, sess in sessions.items():
+                out[label]["latency_rounds"].append(
+                    time_session(sess, lat_in, repeats, warmup=3)["median_ms"])
+    for r in out.values():
+        r["latency_ms"] = float(np.median(r["latency_rounds"]))
+    return out
+
+
 def run_task(task: str, args, work: Path) -> dict:
     val_rows, eval_rows, lr, batch, steps, lat_batch, space = TASKS[task]
     if args.min_blocks:
         space = space | {"min_blocks": args.min_blocks}
+    if args.embedding_bits:
+        space = space | {"embedding_bits": [b if b == "float" else int(b)
+                                            for b in args.embedding_bits]}
     t0 = time.perf_counter()
     lm = load_model(ZooSpec(name=task))
     # the zoo models were trained on the whole train split, so sub-networks are measured on
@@ -139,6 +172,13 @@ def run_task(task: str, args, work: Path) -> dict:
     ref = res.reference
     target = [r for r in front_ours if r["accuracy"] >= ref["accuracy"] - 0.01 and (
         r["latency"] <= ref["latency"] / 2 or r["size"] <= ref["size"] / 2)]
+    recheck = recheck_points(
+        {"INT8 full (original weights)": (ref_net, ref_sub),
+         "INT8 full (fine-tuned weights)": (net, ref_sub),
+         **{f"target {r['sub']}": (net, space_obj.from_params(r["params_choice"]))
+            for r in target[:args.recheck]},
+         f"chosen {res.chosen['sub']}": (net, space_obj.from_params(res.chosen["params_choice"]))},
+        evald, calib, cfg, lat_in, test, args.repeats)
     # the INT8 full model and the chosen sub-network on the whole test split
     from slimformer.quantize.api import quantize
     from slimformer.quantize.config import QuantConfig
@@ -168,7 +208,8 @@ def run_task(task: str, args, work: Path) -> dict:
         "chosen": {k: res.chosen[k] for k in ("sub", "accuracy", "latency", "size")},
         "test_rows": len(test), "test_fp32": accuracy(lm.module, test),
         "test_int8_full": accuracy(int8.model, test),
-        "test_chosen": accuracy(res.model, test), "seconds": round(time.perf_counter() - t0, 1),
+        "test_chosen": accuracy(res.model, test), "recheck": recheck,
+        "seconds": round(time.perf_counter() - t0, 1),
     }
     plot_front({"measured (ours)": [r for r in ours if r["phase"] == "sample"],
                 "predicted front, measured": [r for r in ours if r["phase"] == "front"],
@@ -190,6 +231,11 @@ def main() -> None:
                     help="attention-probability quantizer of every quantized model")
     ap.add_argument("--min-blocks", type=int, default=None, help="restrict the depth (default: "
                     "per task, 3)")
+    ap.add_argument("--embedding-bits", nargs="+", default=None,
+                    choices=["2", "3", "4", "5", "6", "7", "8", "float"],
+                    help="embedding-table bit choices (default: per task; MiniLM 4 8 float)")
+    ap.add_argument("--recheck", type=int, default=3, help="target points re-checked on the "
+                    "test split and timed back to back with the INT8 full model")
     ap.add_argument("--out", default="runs/bench-nas")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
@@ -217,6 +263,12 @@ def main() -> None:
               f"{ref['latency'] / ch['latency']:.2f} | {ref['size'] / ch['size']:.2f} | "
               f"{r['test_fp32']:.4f} / {r['test_int8_full']:.4f} / {r['test_chosen']:.4f} | "
               f"{r['seconds']:.0f} |")
+    print("\n| task | re-checked point | val acc | test acc | size B | QDQ ms (median of rounds) |")
+    print("|" + "---|" * 6)
+    for r in rows:
+        for label, c in r["recheck"].items():
+            print(f"| {r['task']} | {label} | {c['val_acc']:.4f} | {c['test_acc']:.4f} | "
+                  f"{c['size']:,} | {c['latency_ms']:.2f} |")
 
 if __name__ == "__main__":
     main()
