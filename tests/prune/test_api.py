@@ -62,6 +62,15 @@ def test_prune_halves_prunable_params(method):
     assert all(h >= 1 for h in heads) and res.kept["mlp"]
 
 
+def test_score_momentum_keeps_past_intervals():
+    lm, data = _encoder_task()
+    cfg = PruneConfig(ratio=0.5, score_momentum=0.8, **FAST)
+    res = prune(lm.module, cfg, data, data)
+    assert 1.8 < res.reduction < 2.2
+    with pytest.raises(ConfigError, match=r"score_momentum: Input should be less than 1"):
+        prune(lm.module, {"score_momentum": 1.0}, data)
+
+
 def test_macs_target_and_heads_only_bert():
     lm = load_model(GENERALITY["bert"])
     x = lm.example_inputs(16)

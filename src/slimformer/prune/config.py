@@ -28,6 +28,8 @@ class PruneConfig(BaseModel):
         search_steps: Training steps of the UPop search (T); unused by ``magnitude``.
         interval: Mask update every ``interval`` search steps.
         sparsity_weight: Weight of the L1 loss on the masks during the search.
+        score_momentum: 0 ranks units by the mask gradients of the last interval (UPop); m > 0
+            by ``sum_k m^k g_(t-k)`` over past intervals (less noise from small batches).
         finetune_steps: Training steps of the sliced model (0: none).
         batch_size / lr / search_lr / weight_decay / warmup: Optimizer settings (AdamW, cosine).
         distill: Weight in [0, 1] of knowledge distillation from the unpruned model (KL of
@@ -46,6 +48,7 @@ class PruneConfig(BaseModel):
     search_steps: Annotated[int, Field(ge=1, le=1_000_000)] = 200
     interval: Annotated[int, Field(ge=1, le=10_000)] = 10
     sparsity_weight: Annotated[float, Field(ge=0.0)] = 1e-4
+    score_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     finetune_steps: Annotated[int, Field(ge=0, le=10_000_000)] = 500
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 3e-4

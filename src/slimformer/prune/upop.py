@@ -102,6 +102,7 @@ def upop_search(model: nn.Module, groups: list[UnitGroup], cfg, data, loss_fn,
     it = batches(data, cfg.batch_size, cfg.seed)
     total_steps, p = cfg.search_steps, cfg.ratio
     pruned = [torch.zeros(g.n, dtype=torch.bool) for g in groups]
+    ema = None
     model.train()
     with Masks(model, groups) as masks:
         for step in range(1, total_steps + 1):
@@ -114,8 +115,12 @@ def upop_search(model: nn.Module, groups: list[UnitGroup], cfg, data, loss_fn,
             sched.step()
             if step % cfg.interval == 0 or step == total_steps:
                 pi = schedule(step, total_steps, p)
-                grads = [m.grad if m.grad is not None else torch.zeros_like(m)
+                grads = [m.grad.detach().clone() if m.grad is not None else torch.zeros_like(m)
                          for m in masks.values]
+                if cfg.score_momentum > 0:  # running sum over intervals: less batch noise
+                    ema = grads if ema is None else [cfg.score_momentum * e + g
+                                                     for e, g in zip(ema, grads, strict=True)]
+                    grads = ema
                 std = {}
                 for kind in dict.fromkeys(g.kind for g in groups):
                     idx = [j for j, g in enumerate(groups) if g.kind == kind]
