@@ -146,3 +146,19 @@ def test_trials_of_a_dead_process_are_failed_through_the_public_api(tmp_path):
     assert fail_stale(storage, study) == 1
     states = {t.number: t.state.name for t in study.trials}
     assert states == {dead.number: "FAIL", alive.number: "RUNNING"}
+
+
+def test_embedding_bits_are_restricted_in_the_config_and_the_recipe():
+    from pydantic import ValidationError
+
+    from slimformer.nas.config import SearchConfig
+    from slimformer.recipe import parse_recipe
+
+    assert SpaceConfig().embedding_bits == [4, 8, "float"]
+    cfg = SearchConfig(space={"embedding_bits": [3, "float"]})
+    assert cfg.space.embedding_bits == [3, "float"]
+    assert cfg.fingerprint() != SearchConfig().fingerprint()  # a study of other choices is refused
+    with pytest.raises(ValidationError, match="embedding_bits"):
+        SpaceConfig(embedding_bits=[16])
+    rec = parse_recipe({"stages": [{"type": "search", "space": {"embedding_bits": [8]}}]})
+    assert rec.stages[0].space.embedding_bits == [8]
