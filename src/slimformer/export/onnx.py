@@ -304,13 +304,20 @@ def _export(entry, args, names, dyn, tmp, config, big):
 
 @contextlib.contextmanager
 def _quiet_logs():
-    lg = logging.getLogger("torch.onnx")
-    old = lg.level
-    lg.setLevel(logging.ERROR)
+    """Silence the exporters' chatter.
+
+    torch.onnx's progress, and onnxscript's constant folder warning "Evaluation failed: ..." (a
+    constant it cannot fold stays a node; the graph is still right).
+    """
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript")]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        lg.setLevel(old)
+        for lg, level in zip(loggers, old, strict=True):
+            lg.setLevel(level)
 
 
 def _is_symbolic(proto, name: str, axis: int) -> bool:
