@@ -24,14 +24,6 @@ from slimformer.nas.study import fail_stale, open_storage
 from slimformer.nas.supernet import SuperNet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tables(model) -> tuple[str, ...]:
     return tuple(f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding))
 

@@ -44,14 +44,6 @@ def _states(cfg) -> dict:
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.slow
 def test_search_end_to_end(tmp_path):
     train, val, calib = digits()

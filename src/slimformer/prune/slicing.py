@@ -168,14 +168,20 @@ def _check_kept(kind: str, site: int, kept, total: int) -> list[int]:
     return kept
 
 
-def _bias_of(s: _Surgeon, name: str) -> torch.Tensor | None:
-    """The bias of the outputs of weight ``name`` (a 1-D parameter of its owner of that size)."""
-    p = s.param(name)
-    n = p.shape[s.out_axis(name)] if p.dim() == 2 else p.shape[0]
-    for b in s.owner(name)._parameters.values():
-        if b is not None and b is not p and b.dim() == 1 and b.shape[0] == n:
-            return b
+def bias_name(model: nn.Module, name: str, size: int) -> str | None:
+    """The 1-D parameter of ``size`` beside weight ``name`` on its owner (its bias), or None."""
+    owner, _, attr = name.rpartition(".")
+    for k, p in model.get_submodule(owner)._parameters.items():
+        if k != attr and p is not None and p.dim() == 1 and p.shape[0] == size:
+            return f"{owner}.{k}" if owner else k
     return None
+
+
+def _bias_of(s: _Surgeon, name: str) -> torch.Tensor | None:
+    """The bias of the outputs of weight ``name``."""
+    p = s.param(name)
+    b = bias_name(s.model, name, p.shape[s.out_axis(name)] if p.dim() == 2 else p.shape[0])
+    return s.param(b) if b else None
 
 
 def _kv_heads(s: _Surgeon, i: int, site: AttentionSite) -> int:

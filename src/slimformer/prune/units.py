@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slimformer.models.structure import StructureMap
-from slimformer.prune.slicing import SliceSpec, head_groups
+from slimformer.prune.slicing import SliceSpec, bias_name, head_groups
 
 
 @dataclass(frozen=True)
@@ -155,16 +155,6 @@ def unit_groups(model: nn.Module, structure: StructureMap, structures, skip: dic
     return out
 
 
-def _bias_name(model: nn.Module, name: str, size: int) -> str | None:
-    """The 1-D parameter of ``size`` beside weight ``name`` (its bias), or None."""
-    owner, _, attr = name.rpartition(".")
-    mod = model.get_submodule(owner)
-    for k, p in mod._parameters.items():
-        if k != attr and p is not None and p.dim() == 1 and p.shape[0] == size:
-            return f"{owner}.{k}" if owner else k
-    return None
-
-
 def _dim_groups(model, structure, refs, i: int, mode: str, cost) -> list[UnitGroup]:
     """Head-dimension units of attention site ``i``: one joint group, or q/k and v groups."""
     a = structure.attention[i]
@@ -186,7 +176,7 @@ def _dim_groups(model, structure, refs, i: int, mode: str, cost) -> list[UnitGro
     for w in a.q:
         ax = _out_axis(refs, w)
         q_mask.append((w, ax, index(rows(w))))
-        b = _bias_name(model, w, rows(w))
+        b = bias_name(model, w, rows(w))
         if b:
             q_mask.append((b, 0, index(rows(w))))
         qk_scored.append((w, ax, index(rows(w))))
