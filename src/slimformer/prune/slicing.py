@@ -408,6 +408,8 @@ def slice_model(model: nn.Module, structure: StructureMap, spec: SliceSpec,
                           "slice spec")
     sites = sorted(set(heads) | set(dims))
 
+    refs: dict = {}  # masked originals, built once per set of sites
+
     def attempt(ways: dict, only: list[int] | None, inputs) -> tuple[nn.Module, str | None]:
         """Slice (sites ``only``, else everything) with ``ways[module type]``; check it."""
         part = sites if only is None else only
@@ -423,22 +425,25 @@ def slice_model(model: nn.Module, structure: StructureMap, spec: SliceSpec,
                 _slice_mlp(s, structure.mlps[i], kept)
         if inputs is None:
             return out, None
-        sub = spec if only is None else SliceSpec({i: heads[i] for i in part if i in heads},
-                                                  {}, {i: dims[i] for i in part if i in dims})
-        return out, compare(out, masked_reference(model, structure, sub), inputs)
+        key = None if only is None else tuple(only)
+        if key not in refs:
+            sub = spec if only is None else SliceSpec({i: heads[i] for i in part if i in heads},
+                                                      {}, {i: dims[i] for i in part if i in dims})
+            refs[key] = masked_reference(model, structure, sub)
+        return out, compare(out, refs[key], inputs)
 
     if check_inputs is None:
         return attempt({}, None, None)[0]
     # each kind of attention module (towers may differ) gets the first way that reproduces
     # the masked original, tried with only its own sites cut
-    ways, why = {}, None
+    ways, why, out = {}, None, None
     by_kind: dict[type, list[int]] = {}
     for i in sites:
         by_kind.setdefault(_kind(model, structure.attention[i]), []).append(i)
     for kind, part in by_kind.items():
         trials = _trials(model, structure, part, heads, dims)
         for way in trials:
-            _, why = attempt({kind: way}, part if len(by_kind) > 1 else None, check_inputs)
+            out, why = attempt({kind: way}, part if len(by_kind) > 1 else None, check_inputs)
             if why is None:
                 ways[kind] = way
                 break
@@ -450,7 +455,8 @@ def slice_model(model: nn.Module, structure: StructureMap, spec: SliceSpec,
                 "model's forward does not adapt to fewer heads/units (e.g. it reshapes the "
                 "attention output to a width read from its input instead of -1); tried "
                 f"{len(trials)} way(s) of updating the size attributes found by value")
-    out, why = attempt(ways, None, check_inputs)
+    if len(by_kind) != 1:  # one kind: its checked trial already cut everything
+        out, why = attempt(ways, None, check_inputs)
     if why is not None:
         where = "all sites together" if sites else "MLPs only"
         raise UnsupportedModelError(f"cannot slice this model ({where}): {why}. The weights "
