@@ -78,6 +78,10 @@ def main() -> None:
                     help="what UPop cuts (UPop's own unit of attention is the head dimension)")
     ap.add_argument("--magnitude-structures", default="heads,mlp",
                     help="what the magnitude baseline cuts (the peer baseline: heads + neurons)")
+    ap.add_argument("--upop-score", default="gradient", choices=["gradient", "taylor"],
+                    help="UPop's ranking: signed mask gradients (the paper) or their squares")
+    ap.add_argument("--upop-momentum", type=float, default=0.0,
+                    help="score_momentum of the UPop search")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for search / fine-tuning (default: torch's)")
     ap.add_argument("--ort-threads", type=int, default=2)
@@ -133,7 +137,10 @@ def main() -> None:
                 cfg = PruneConfig(ratio=1 - 1 / x, method=method, search_steps=args.search_steps,
                                   finetune_steps=steps, batch_size=args.batch_size, lr=lr,
                                   search_lr=search_lr, interval=max(1, args.search_steps // 20),
-                                  structures=structures[method])
+                                  structures=structures[method],
+                                  **({"score": args.upop_score,
+                                      "score_momentum": args.upop_momentum}
+                                     if method == "upop" else {}))
                 res = prune(base, cfg, train, None, structure=smap,
                             inputs=lm.example_inputs(2))
                 acc = _accuracy(res.model, test)
@@ -144,6 +151,8 @@ def main() -> None:
                       "speedup": base_lat / lat, "search_s": res.search_seconds,
                       "finetune_s": res.finetune_seconds,
                       "structures": ",".join(cfg.structures),
+                      **({"score": cfg.score, "score_momentum": cfg.score_momentum}
+                         if method == "upop" else {}),
                       "kept_heads": {i: k for i, (k, _) in res.kept["heads"].items()},
                       "kept_dims": {i: qk for i, (qk, _, _) in res.kept["dims"].items()},
                       "kept_mlp": {i: k for i, (k, _) in res.kept["mlp"].items()}})

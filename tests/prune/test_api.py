@@ -71,6 +71,27 @@ def test_score_momentum_keeps_past_intervals():
         prune(lm.module, {"score_momentum": 1.0}, data)
 
 
+def test_taylor_score_cuts_dead_units_first():
+    """Hidden units whose fc2 column is zero cost no loss: the Taylor score cuts exactly them."""
+    from slimformer.models.structure import discover
+
+    lm, data = _encoder_task()
+    model = lm.module
+    smap = discover(model, {"src": data.inputs["src"][:2]})
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for m in smap.mlps:
+            params[m.fc2][:, 1::2] = 0  # odd hidden units are dead
+    cfg = PruneConfig(ratio=0.5, structures=["mlp"], score="taylor", search_lr=1e-9,
+                      search_steps=4, interval=2, finetune_steps=0, batch_size=8)
+    res = prune(model, cfg, data, data)
+    assert res.spec.mlp and all(kept == tuple(range(0, m.hidden, 2))
+                                for kept, m in zip(res.spec.mlp.values(), smap.mlps, strict=True))
+    assert res.accuracy_after == res.accuracy_before  # only dead units went
+    with pytest.raises(ConfigError, match=r"score: Input should be 'gradient' or 'taylor'"):
+        prune(model, {"score": "fisher"}, data)
+
+
 def test_macs_target_and_heads_only_bert():
     lm = load_model(GENERALITY["bert"])
     x = lm.example_inputs(16)

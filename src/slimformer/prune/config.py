@@ -28,6 +28,12 @@ class PruneConfig(BaseModel):
         search_steps: Training steps of the UPop search (T); unused by ``magnitude``.
         interval: Mask update every ``interval`` search steps.
         sparsity_weight: Weight of the L1 loss on the masks during the search.
+        score: How the search ranks units at each mask update. ``gradient`` (UPop): the mask
+            gradients of the last interval, standardized per kind; the largest are cut.
+            ``taylor``: the squared mask gradient of every step summed over the interval (a
+            Fisher / first-order Taylor estimate of the loss a unit's removal costs, in loss
+            units, so kinds compare without standardizing), per unit of cost; the smallest are
+            cut. The signed gradient averages to ~0 near a minimum, its square does not.
         score_momentum: 0 ranks units by the mask gradients of the last interval (UPop); m > 0
             by ``sum_k m^k g_(t-k)`` over past intervals (less noise from small batches).
         finetune_steps: Training steps of the sliced model (0: none).
@@ -48,6 +54,7 @@ class PruneConfig(BaseModel):
     search_steps: Annotated[int, Field(ge=1, le=1_000_000)] = 200
     interval: Annotated[int, Field(ge=1, le=10_000)] = 10
     sparsity_weight: Annotated[float, Field(ge=0.0)] = 1e-4
+    score: Literal["gradient", "taylor"] = "gradient"
     score_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     finetune_steps: Annotated[int, Field(ge=0, le=10_000_000)] = 500
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 64

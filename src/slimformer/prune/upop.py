@@ -6,6 +6,8 @@ masks; every ``interval`` steps the accumulated mask gradients are standardized 
 the largest gradients (those the loss pushes down hardest) whose cost adds up to the current
 target ``pi(t) = p sqrt((1 - cos(pi t / T)) / 2)`` get mask ``1 - pi(t)/p`` while the rest go
 back to 1. At ``t = T`` the chosen units have mask 0: they are what slicing removes.
+``score="taylor"`` ranks by summed squared mask gradients per unit of cost instead (Molchanov et
+al., 2019; Kwon et al., 2022: a Fisher estimate of the loss a unit's removal costs).
 """
 
 from __future__ import annotations
@@ -94,6 +96,23 @@ def _standardize(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / x.std().clamp_min(1e-12) if x.numel() > 1 else x * 0
 
 
+def _scores(grads: list[torch.Tensor], groups: list[UnitGroup], taylor: bool) -> list[torch.Tensor]:
+    """Per group, the score :func:`choose` cuts first at the top ``(n,)``.
+
+    ``gradient``: mask gradients standardized per kind (UPop). ``taylor``: minus the summed
+    squared gradients per unit of cost (the least loss per parameter is cut first).
+    """
+    if taylor:
+        return [-g / grp.cost for g, grp in zip(grads, groups, strict=True)]
+    std: dict[int, torch.Tensor] = {}
+    for kind in dict.fromkeys(g.kind for g in groups):
+        idx = [j for j, g in enumerate(groups) if g.kind == kind]
+        z = _standardize(torch.cat([grads[j] for j in idx]))
+        for j, part in zip(idx, z.split([groups[j].n for j in idx]), strict=True):
+            std[j] = part
+    return [std[j] for j in range(len(groups))]
+
+
 def upop_search(model: nn.Module, groups: list[UnitGroup], cfg, data, loss_fn,
                 progress: Progress = None) -> list[torch.Tensor]:
     """Run the search on ``model`` (trained in place); returns the kept units per group."""
@@ -101,39 +120,42 @@ def upop_search(model: nn.Module, groups: list[UnitGroup], cfg, data, loss_fn,
     opt, sched = optimizer(model, cfg.search_lr, cfg.weight_decay, cfg.search_steps, cfg.warmup)
     it = batches(data, cfg.batch_size, cfg.seed)
     total_steps, p = cfg.search_steps, cfg.ratio
+    taylor = cfg.score == "taylor"
     pruned = [torch.zeros(g.n, dtype=torch.bool) for g in groups]
+    acc = [torch.zeros(g.n) for g in groups]  # summed over the interval
     ema = None
     model.train()
     with Masks(model, groups) as masks:
         for step in range(1, total_steps + 1):
             inputs, labels = next(it)
             loss = loss_fn(model, inputs, labels)
-            loss = loss + cfg.sparsity_weight * sum(m.abs().sum() for m in masks.values)
+            sparsity = sum(m.abs().sum() for m in masks.values)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + cfg.sparsity_weight * sparsity).backward()
             opt.step()
             sched.step()
+            with torch.no_grad():
+                for a, m in zip(acc, masks.values, strict=True):
+                    if m.grad is not None:
+                        if taylor:  # the task loss's own gradient (minus the L1 term), squared
+                            a += (m.grad - cfg.sparsity_weight * m.sign()).float().pow(2)
+                        else:
+                            a += m.grad
+                    m.grad = None
             if step % cfg.interval == 0 or step == total_steps:
                 pi = schedule(step, total_steps, p)
-                grads = [m.grad.detach().clone() if m.grad is not None else torch.zeros_like(m)
-                         for m in masks.values]
+                grads = acc
                 if cfg.score_momentum > 0:  # running sum over intervals: less batch noise
                     ema = grads if ema is None else [cfg.score_momentum * e + g
                                                      for e, g in zip(ema, grads, strict=True)]
                     grads = ema
-                std = {}
-                for kind in dict.fromkeys(g.kind for g in groups):
-                    idx = [j for j, g in enumerate(groups) if g.kind == kind]
-                    if idx:
-                        z = _standardize(torch.cat([grads[j] for j in idx]))
-                        for j, part in zip(idx, z.split([groups[j].n for j in idx]), strict=True):
-                            std[j] = part
-                pruned = choose_exact([std[j] for j in range(len(groups))], groups, pi)
+                pruned = choose_exact(_scores(grads, groups, taylor), groups, pi)
                 alpha = 1.0 - pi / p
                 with torch.no_grad():
                     for m, pr in zip(masks.values, pruned, strict=True):
                         m.copy_(torch.where(pr, torch.full_like(m, alpha), torch.ones_like(m)))
                         m.grad = None
+                acc = [torch.zeros(g.n) for g in groups]
             if progress:
                 progress("search", step, total_steps)
     model.eval()
