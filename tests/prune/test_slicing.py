@@ -21,8 +21,7 @@ from slimformer.prune.slicing import (
 )
 
 # attention sites whose heads cannot be cut (with the reason's key phrase)
-NOT_SLICEABLE = {"t5": "sliced forward failed", "t5-eager": "sliced forward failed",
-                 "vit-digits-seq": "sliced forward failed"}
+NOT_SLICEABLE = {"t5": "sliced forward failed", "t5-eager": "sliced forward failed"}
 
 
 def _load(name):

@@ -39,14 +39,14 @@ class SeqBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, T, dim) -> (B, T, dim)``."""
-        b, t, d = x.shape
+        b, t, _ = x.shape
         h = self.norm1(x)
         q = self.q(h).reshape(b, t, self.heads, self.head_dim)  # (B, T, H, Dh)
         k = self.k(h).reshape(b, t, self.heads, self.head_dim)
         v = self.v(h).reshape(b, t, self.heads, self.head_dim)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.head_dim**-0.5  # (B, H, T, T)
         probs = torch.softmax(scores, dim=-1)
-        att = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
+        att = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, -1)  # (B, T, H*Dh)
         x = x + self.out(att)
         return x + self.fc2(torch.relu(self.fc1(self.norm2(x))))
 
