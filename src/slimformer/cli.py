@@ -260,6 +260,8 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
           method: Annotated[str, typer.Option(help="upop | magnitude")] = "upop",
           structures: Annotated[str, typer.Option(help="Comma list of: heads, dims, mlp.")]
           = "heads,mlp",
+          score: Annotated[str, typer.Option(help="UPop ranking: gradient (the paper's) | "
+                                             "taylor (squared gradients).")] = "gradient",
           search_steps: Annotated[int, typer.Option(help="UPop search steps.")] = 200,
           finetune_steps: Annotated[int, typer.Option(help="Fine-tuning steps.")] = 500,
           batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 64,
@@ -290,8 +292,9 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
         try:
             cfg = PruneConfig(ratio=ratio, target=target, method=method,
                               structures=[x.strip() for x in structures.split(",") if x.strip()],
-                              search_steps=search_steps, finetune_steps=finetune_steps,
-                              batch_size=batch_size, lr=lr, distill=distill)
+                              score=score, search_steps=search_steps,
+                              finetune_steps=finetune_steps, batch_size=batch_size, lr=lr,
+                              distill=distill)
         except ValidationError as exc:
             raise ConfigError(format_errors(exc, PruneConfig), "options") from None
         spec = parse_model_arg(model, config)

@@ -60,5 +60,8 @@ def test_cli_prune_bad_ratio_and_help(tmp_path):
     assert res.exit_code == 2
     assert "ratio: Input should be less than 1" in res.output
     assert not (tmp_path / "p").exists()
+    res = runner.invoke(app, ["prune", "vit-fmnist", "--out", str(tmp_path / "p"),
+                              "--score", "fisher"])
+    assert res.exit_code == 2 and "score: Input should be 'gradient' or 'taylor'" in res.output
     res = runner.invoke(app, ["prune", "--help"])
     assert res.exit_code == 0 and "upop | magnitude" in res.output
