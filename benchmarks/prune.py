@@ -82,12 +82,13 @@ def main() -> None:
                     help="UPop's ranking: signed mask gradients (the paper) or their squares")
     ap.add_argument("--upop-momentum", type=float, default=0.0,
                     help="score_momentum of the UPop search")
+    ap.add_argument("--seed", type=int, default=0, help="seed of data order (PruneConfig.seed)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for search / fine-tuning (default: torch's)")
     ap.add_argument("--ort-threads", type=int, default=2)
     ap.add_argument("--out", default="runs/bench_prune.jsonl")
     args = ap.parse_args()
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     structures = {"upop": args.upop_structures.split(","),
@@ -137,7 +138,7 @@ def main() -> None:
                 cfg = PruneConfig(ratio=1 - 1 / x, method=method, search_steps=args.search_steps,
                                   finetune_steps=steps, batch_size=args.batch_size, lr=lr,
                                   search_lr=search_lr, interval=max(1, args.search_steps // 20),
-                                  structures=structures[method],
+                                  structures=structures[method], seed=args.seed,
                                   **({"score": args.upop_score,
                                       "score_momentum": args.upop_momentum}
                                      if method == "upop" else {}))
@@ -150,7 +151,7 @@ def main() -> None:
                       "accuracy": acc, "delta": acc - base_acc, "ort_ms": lat,
                       "speedup": base_lat / lat, "search_s": res.search_seconds,
                       "finetune_s": res.finetune_seconds,
-                      "structures": ",".join(cfg.structures),
+                      "structures": ",".join(cfg.structures), "seed": cfg.seed,
                       **({"score": cfg.score, "score_momentum": cfg.score_momentum}
                          if method == "upop" else {}),
                       "kept_heads": {i: k for i, (k, _) in res.kept["heads"].items()},
