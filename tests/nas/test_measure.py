@@ -154,3 +154,39 @@ def test_embedding_bits_are_restricted_in_the_config_and_the_recipe():
         SpaceConfig(embedding_bits=[16])
     rec = parse_recipe({"stages": [{"type": "search", "space": {"embedding_bits": [8]}}]})
     assert rec.stages[0].space.embedding_bits == [8]
+
+
+def test_learned_rounding_settings_reach_the_sub_network_quantizer():
+    """``SearchConfig.clip_steps`` / ``recon_steps`` reach ``QuantConfig``; with reconstruction a
+    3-bit sub-network's logits are closer to the float sub-network's than with nearest rounding.
+    """
+    from slimformer.models.evaluate import _logits
+    from slimformer.nas.config import SearchConfig
+    from slimformer.nas.measure import extract, quant_config
+    from slimformer.recipe import parse_recipe
+
+    cfg = SearchConfig(quant_method="repquant", clip_steps=0, recon_steps=7)
+    assert (cfg.clip_steps, cfg.recon_steps) == (0, 7)
+    assert cfg.fingerprint() != cfg.model_copy(update={"recon_steps": 8}).fingerprint()
+    assert cfg.fingerprint() != cfg.model_copy(update={"clip_steps": 1}).fingerprint()
+    rec = parse_recipe({"stages": [{"type": "search", "quant_method": "repquant",
+                                    "recon_steps": 30, "clip_steps": 0}]})
+    assert (rec.stages[0].search_config().recon_steps, rec.stages[0].clip_steps) == (30, 0)
+
+    _, x, space, net, data = _bert(SpaceConfig(heads=[1.0], mlp=[1.0], skip_blocks=False,
+                                               weight_bits=[3, 8], embedding_bits=["float"]))
+    full = space.largest()
+    sub = full.__class__(full.keep, full.heads, full.mlp, tuple(3 for _ in full.wbits),
+                         full.abits, "float")
+    qc = quant_config(net, sub, extract(net, sub)[0], "repquant", 32, "auto", 0, 7)
+    assert (qc.method, qc.clip_steps, qc.recon_steps) == ("repquant", 0, 7)
+    err, rounded = {}, {}
+    for steps in (0, 40):
+        _, qmodel, fmodel = measure(net, sub, data, data, "repquant", 32, False, return_model=True,
+                                    clip_steps=0, recon_steps=steps)
+        rounded[steps] = sum(lq.alpha is not None for lq in qmodel.quant.linears.values())
+        with torch.no_grad():
+            ref, out = _logits(fmodel(**x)), _logits(qmodel(**x))
+        err[steps] = float(((out - ref) ** 2).sum() / (ref ** 2).sum())  # relative to float
+    assert rounded[0] == 0 and rounded[40] > 0
+    assert err[40] < 0.9 * err[0], err

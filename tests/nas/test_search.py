@@ -149,7 +149,7 @@ def test_bad_storage_and_worker_without_supernet(tmp_path):
     with pytest.raises(StageError, match="no super-network"):
         search(model, _cfg(tmp_path), train, val, calib_data=calib, worker=True)
     with pytest.raises(ConfigError, match="single sub-network"):
-        search(model, _cfg(tmp_path, space={"mlp": [1.0], "skip_blocks": False,
+        search(model, _cfg(tmp_path, space={"heads": [1.0], "mlp": [1.0], "skip_blocks": False,
                                             "weight_bits": [8]}), train, val)
 
 

@@ -226,7 +226,7 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
     def evaluate(sub: SubNet, on=net, keep=False, timed=True):
         return measure(on, sub, evald, calib, config.quant_method, config.calib_samples,
                        timed and "latency" in objectives, lat_in, config.latency_repeats, keep,
-                       config.softmax)
+                       config.softmax, config.clip_steps, config.recon_steps)
 
     # 3. reference (original weights, full, W8A8) and the random sample
     if not worker and not st.measured(study, "reference"):

@@ -61,6 +61,11 @@ class SearchConfig(BaseModel):
         front_max: Most predicted-Pareto sub-networks measured for real.
         eval_limit: Rows of the evaluation data used to measure a sub-network.
         quant_method / calib_samples: How each sub-network is quantized.
+        clip_steps / recon_steps: ``repquant`` only (``QuantConfig``): steps of the learned dual
+            clipping of per-channel activations and of the learned weight rounding
+            (reconstruction) per Linear; 0 skips that part. Reconstruction is what keeps 4-bit
+            weights close to the float sub-network; it is also most of the time of measuring a
+            sub-network with ``repquant``.
         softmax: Attention-probability quantizer (``QuantConfig.softmax``; ``auto``: log-sqrt2
             for repq/repquant). ``uniform`` is the fast form in ONNX Runtime on CPUs.
         latency_batch / latency_repeats: ONNX Runtime latency measurement.
@@ -93,6 +98,8 @@ class SearchConfig(BaseModel):
     eval_limit: Annotated[int, Field(ge=1)] | None = 1000
     quant_method: Literal["minmax", "percentile", "repq", "repquant"] = "repq"
     calib_samples: Annotated[int, Field(ge=1, le=100_000)] = 128
+    clip_steps: Annotated[int, Field(ge=0, le=10_000)] = 100
+    recon_steps: Annotated[int, Field(ge=0, le=100_000)] = 100
     softmax: Literal["auto", "log_sqrt2", "log2", "uniform", "none"] = "auto"
     latency_batch: Annotated[int, Field(ge=1, le=1024)] = 1
     latency_repeats: Annotated[int, Field(ge=1, le=1000)] = 20
@@ -133,6 +140,7 @@ class SearchConfig(BaseModel):
         keep = self.model_dump(mode="json", include={
             "objectives", "space", "train_steps", "sandwich", "batch_size", "lr", "distill",
             "importance_batches", "eval_limit", "quant_method", "calib_samples",
+            "clip_steps", "recon_steps",
             "latency_batch", "seed", "softmax"})
         text = json.dumps(keep, sort_keys=True) + model_id
         return hashlib.sha256(text.encode()).hexdigest()[:16]

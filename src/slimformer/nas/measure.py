@@ -101,8 +101,11 @@ def _masked_copy(net: SuperNet, sub: SubNet) -> nn.Module:
 
 
 def quant_config(net: SuperNet, sub: SubNet, model: nn.Module, method: str, calib_samples: int,
-                 softmax: str = "auto"):
-    """QuantConfig giving each surviving layer group its bit-widths, the embeddings theirs."""
+                 softmax: str = "auto", clip_steps: int = 100, recon_steps: int = 100):
+    """QuantConfig giving each surviving layer group its bit-widths, the embeddings theirs.
+
+    ``clip_steps`` / ``recon_steps``: ``repquant``'s dual clipping and weight-rounding steps.
+    """
     from slimformer.quantize.config import LayerOverride, QuantConfig
 
     names = {n for n, _ in model.named_parameters()}
@@ -117,7 +120,8 @@ def quant_config(net: SuperNet, sub: SubNet, model: nn.Module, method: str, cali
     ebits = getattr(sub, "ebits", "float")
     return QuantConfig(method=method, weight_bits=8, act_bits=8, overrides=overrides,
                        keep_float=keep_float, calib_samples=calib_samples, softmax=softmax,
-                       embedding_bits=None if ebits == "float" else int(ebits))
+                       embedding_bits=None if ebits == "float" else int(ebits),
+                       clip_steps=clip_steps, recon_steps=recon_steps)
 
 
 def ort_latency(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int = 20,
@@ -187,8 +191,12 @@ class Measurement:
 
 def measure(net: SuperNet, sub: SubNet, eval_data, calib_data, method: str, calib_samples: int,
             latency: bool, latency_inputs: dict[str, torch.Tensor] | None = None,
-            latency_repeats: int = 20, return_model: bool = False, softmax: str = "auto"):
-    """Extract, quantize and evaluate ``sub``; returns a :class:`Measurement` (and the model)."""
+            latency_repeats: int = 20, return_model: bool = False, softmax: str = "auto",
+            clip_steps: int = 100, recon_steps: int = 100):
+    """Extract, quantize and evaluate ``sub``; returns a :class:`Measurement` (and the model).
+
+    ``clip_steps`` / ``recon_steps`` are passed to ``QuantConfig`` (``repquant`` only).
+    """
     from slimformer.data.datasets import make_loader
     from slimformer.models.evaluate import model_size, predict
     from slimformer.models.structure import discover
@@ -198,7 +206,7 @@ def measure(net: SuperNet, sub: SubNet, eval_data, calib_data, method: str, cali
     model, sliced = extract(net, sub)
     first = next(_batches(calib_data, 2, 2))
     smap = discover(model, first, require_attention=False)
-    cfg = quant_config(net, sub, model, method, calib_samples, softmax)
+    cfg = quant_config(net, sub, model, method, calib_samples, softmax, clip_steps, recon_steps)
     res = quantize(model, cfg, calib_data, smap, inplace=False)
     preds, labels = predict(res.model, make_loader(eval_data, 256))
     lat, form, notes = None, None, []
