@@ -118,6 +118,8 @@ def run_task(task: str, args, work: Path) -> dict:
     val_rows, eval_rows, lr, batch, steps, lat_batch, space = TASKS[task]
     if args.min_blocks:
         space = space | {"min_blocks": args.min_blocks}
+    if args.weight_bits:
+        space = space | {"weight_bits": [b if b == "float" else int(b) for b in args.weight_bits]}
     if args.embedding_bits:
         space = space | {"embedding_bits": [b if b == "float" else int(b)
                                             for b in args.embedding_bits]}
@@ -279,6 +281,8 @@ def main() -> None:
                     help="attention-probability quantizer of every quantized model")
     ap.add_argument("--min-blocks", type=int, default=None, help="restrict the depth (default: "
                     "per task, 3)")
+    ap.add_argument("--weight-bits", nargs="+", default=None,
+                    help="per-layer weight bit choices (default: 4 6 8)")
     ap.add_argument("--embedding-bits", nargs="+", default=None,
                     choices=["2", "3", "4", "5", "6", "7", "8", "float"],
                     help="embedding-table bit choices (default: per task; MiniLM 4 8 float)")
