@@ -188,9 +188,7 @@ def run_task(task: str, args, work: Path) -> dict:
     # the INT8 full model (original weights) with float embedding tables (labelled variant)
     emb_float = None
     if ref_sub.ebits != "float" and not args.skip_float_embeddings:
-        m = measure(ref_net, dataclasses.replace(ref_sub, ebits="float"), evald, calib,
-                    cfg.quant_method, cfg.calib_samples, True, lat_in, cfg.latency_repeats,
-                    softmax=cfg.softmax, clip_steps=cfg.clip_steps, recon_steps=cfg.recon_steps)
+        m = measure_timed(ref_net, dataclasses.replace(ref_sub, ebits="float"))
         emb_float = {"accuracy": m.accuracy, "latency": m.latency, "size": m.size,
                      "latency_form": m.latency_form}
     rand = [r for r in ours if r["phase"] == "sample" and not r["anchor"]] + extra

@@ -1,5 +1,6 @@
 """Measuring sub-networks: embedding bit-widths (applied, counted in size), QDQ latency, fallback."""
 
+import dataclasses
 import math
 import socket
 
@@ -176,8 +177,7 @@ def test_learned_rounding_settings_reach_the_sub_network_quantizer():
     _, x, space, net, data = _bert(SpaceConfig(heads=[1.0], mlp=[1.0], skip_blocks=False,
                                                weight_bits=[3, 8], embedding_bits=["float"]))
     full = space.largest()
-    sub = full.__class__(full.keep, full.heads, full.mlp, tuple(3 for _ in full.wbits),
-                         full.abits, "float")
+    sub = dataclasses.replace(full, wbits=tuple(3 for _ in full.wbits), ebits="float")
     qc = quant_config(net, sub, extract(net, sub)[0], "repquant", 32, "auto", 0, 7)
     assert (qc.method, qc.clip_steps, qc.recon_steps) == ("repquant", 0, 7)
     err, rounded = {}, {}

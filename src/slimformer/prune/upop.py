@@ -154,7 +154,6 @@ def upop_search(model: nn.Module, groups: list[UnitGroup], cfg, data, loss_fn,
                 with torch.no_grad():
                     for m, pr in zip(masks.values, pruned, strict=True):
                         m.copy_(torch.where(pr, torch.full_like(m, alpha), torch.ones_like(m)))
-                        m.grad = None
                 acc = [torch.zeros(g.n) for g in groups]
             if progress:
                 progress("search", step, total_steps)
