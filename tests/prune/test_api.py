@@ -62,10 +62,24 @@ def test_prune_halves_prunable_params(method):
     assert all(h >= 1 for h in heads) and res.kept["mlp"]
 
 
-def test_score_momentum_keeps_past_intervals():
+def test_score_momentum_keeps_past_intervals(monkeypatch):
+    import slimformer.prune.upop as upop
+
+    real, seen = upop._scores, []
+
+    def record(grads, groups, taylor):
+        seen.append([g.clone() for g in grads])
+        return real(grads, groups, taylor)
+
+    monkeypatch.setattr(upop, "_scores", record)
     lm, data = _encoder_task()
+    prune(lm.module, PruneConfig(ratio=0.5, **FAST), data, data)
+    plain, seen[:] = list(seen), []
     cfg = PruneConfig(ratio=0.5, score_momentum=0.8, **FAST)
     res = prune(lm.module, cfg, data, data)
+    assert len(seen) == len(plain) == 2  # same data and first ranking: same second interval
+    for m, g0, g1 in zip(seen[1], plain[0], plain[1], strict=True):
+        torch.testing.assert_close(m, 0.8 * g0 + g1)
     assert 1.8 < res.reduction < 2.2
     with pytest.raises(ConfigError, match=r"score_momentum: Input should be less than 1"):
         prune(lm.module, {"score_momentum": 1.0}, data)
