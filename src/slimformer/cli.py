@@ -2,25 +2,128 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.exceptions import TyperException
 
 from slimformer.errors import SlimformerError
 
-app = typer.Typer(help="Compress any transformer and deploy it.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False)
-zoo_app = typer.Typer(help="The built-in zoo of small real models.", no_args_is_help=True)
+DEBUG_ENV = "SLIMFORMER_DEBUG"
+_debug = {"on": False}
+
+
+def _debugging() -> bool:
+    return _debug["on"] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _external_errors() -> tuple[type[BaseException], ...]:
+    """Library exceptions that bad input causes (only of libraries already imported)."""
+    found: list[type[BaseException]] = [OSError, UnicodeError, json.JSONDecodeError]
+    for mod, names in (("yaml", ("YAMLError",)), ("pickle", ("UnpicklingError",)),
+                       ("safetensors", ("SafetensorError",)),
+                       ("google.protobuf.message", ("DecodeError",)),
+                       ("onnx.checker", ("ValidationError",)),
+                       ("onnx.onnx_cpp2py_export.checker", ("ValidationError",)),
+                       ("optuna.exceptions", ("OptunaError",)),
+                       ("sqlalchemy.exc", ("SQLAlchemyError",))):
+        m = sys.modules.get(mod)
+        for n in names:
+            cls = getattr(m, n, None) if m is not None else None
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                found.append(cls)
+    return tuple(found)
+
+
+@contextmanager
+def _errors():
+    """Every failure ends in one red line and an exit status, never a traceback.
+
+    slimformer's typed errors and the library errors bad input causes (file access, decoding,
+    JSON, YAML, safetensors, ONNX/protobuf, Optuna storage, unpickling) exit 2; anything else is
+    a bug: exit 1 with a request to report it. ``--debug`` (or ``SLIMFORMER_DEBUG=1``) re-raises
+    with the traceback instead.
+    """
+    try:
+        yield
+    except (typer.Exit, typer.Abort, TyperException):
+        raise
+    except KeyboardInterrupt:
+        if _debugging():
+            raise
+        _console()[1].print("[bold red]interrupted[/]: nothing was written to the output path "
+                            "(a previous output there is unchanged)", markup=True)
+        raise typer.Exit(130) from None
+    except SlimformerError as exc:
+        if _debugging():
+            raise
+        _fail(f"{type(exc).__name__}: {exc}")
+        raise typer.Exit(2) from None
+    except Exception as exc:  # noqa: BLE001 - the CLI boundary: nothing escapes as a traceback
+        if _debugging():
+            raise
+        if isinstance(exc, _external_errors()):
+            _fail(f"{type(exc).__name__}: {_short(exc)} (--debug shows the traceback)")
+            raise typer.Exit(2) from None
+        _fail(f"internal error ({type(exc).__name__}: {_short(exc)}); this is a bug in "
+              "slimformer: run again with --debug and report the traceback")
+        raise typer.Exit(1) from None
+
+
+def _short(exc: BaseException, limit: int = 400) -> str:
+    text = str(exc).strip() or repr(exc)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+
+
+def _fail(message: str) -> None:
+    _, err = _console()
+    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+
+
+class _Typer(typer.Typer):
+    """A Typer whose commands all run inside :func:`_errors` (no traceback ever escapes)."""
+
+    def command(self, *args, **kwargs):  # noqa: D102 - same as typer.Typer.command
+        register = super().command(*args, **kwargs)
+
+        def decorate(fn):
+            @functools.wraps(fn)
+            def guarded(*a, **k):
+                with _errors():
+                    return fn(*a, **k)
+
+            register(guarded)
+            return fn
+
+        return decorate
+
+
+app = _Typer(help="Compress any transformer and deploy it.", no_args_is_help=True,
+             add_completion=False, pretty_exceptions_enable=False)
+zoo_app = _Typer(help="The built-in zoo of small real models.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
-export_app = typer.Typer(help="Export a model: ONNX, TensorRT, hls4ml FPGA projects.",
-                         no_args_is_help=True)
+export_app = _Typer(help="Export a model: ONNX, TensorRT, hls4ml FPGA projects.",
+                    no_args_is_help=True)
 app.add_typer(export_app, name="export")
 
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help=f"Show the traceback of an error "
+                                              f"(also: {DEBUG_ENV}=1).")] = False):
+    """Compress any transformer and deploy it."""
+    _debug["on"] = debug
+
+
 DEFAULT_RECIPE = Path("recipes/quickstart.yaml")
+OVERWRITE_HELP = ("Replace an earlier slimformer output at --out (never a folder slimformer did "
+                  "not write).")
 
 
 def _console():
@@ -29,18 +132,6 @@ def _console():
     # pipes and captured output get a wide console so tables keep whole module paths on a line
     wide = None if sys.stdout.isatty() else 200
     return Console(width=wide), Console(stderr=True, width=wide)
-
-
-@contextmanager
-def _errors():
-    """Turn slimformer errors into a red message and exit status 2."""
-    try:
-        yield
-    except SlimformerError as exc:
-        _, err = _console()
-        err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", markup=True,
-                  highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
 
 
 @contextmanager
@@ -79,7 +170,10 @@ def _default_recipe():
 @app.command()
 def run(recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML (default: "
                                                       "recipes/quickstart.yaml).")] = None,
-        out: Annotated[Path | None, typer.Option(help="Output folder (overrides recipe).")] = None):
+        out: Annotated[Path | None, typer.Option(help="Output folder (overrides recipe).")] = None,
+        overwrite: Annotated[bool | None, typer.Option(
+            "--overwrite/--no-overwrite", help="Replace an earlier slimformer output (default: "
+            "the recipe's output.overwrite).", show_default=False)] = None):
     """Run a recipe; with no argument, the quickstart recipe on the built-in default model."""
     from slimformer.pipeline import run as run_pipeline
     from slimformer.recipe import load_recipe
@@ -87,8 +181,9 @@ def run(recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML (default
     con, _ = _console()
     with _errors():
         r = load_recipe(recipe) if recipe else _default_recipe()
+        _say_code(con, r)
         with _progress() as prog:
-            result = run_pipeline(r, prog, out)
+            result = run_pipeline(r, prog, out, overwrite)
     from slimformer.report.render import to_markdown
 
     con.print(to_markdown(result.report), markup=False, highlight=False)
@@ -99,12 +194,22 @@ def run(recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML (default
 def validate(recipe: Annotated[Path, typer.Argument(help="Recipe YAML to check.")]):
     """Check a recipe without loading any model; lists every problem with its path."""
     from slimformer.recipe import load_recipe
+    from slimformer.report.outdir import check_output
 
     con, _ = _console()
     with _errors():
         r = load_recipe(recipe)
+        check_output(r.output_dir(), r.output.overwrite)
+    _say_code(con, r)
     con.print(f"{recipe}: valid (version {r.version}, {len(r.stages)} stage(s): "
-              f"{', '.join(s.type for s in r.stages) or 'none'})")
+              f"{', '.join(s.type for s in r.stages) or 'none'}; output {r.output_dir()})")
+
+
+def _say_code(con, recipe) -> None:
+    """One line when the recipe names a factory: running it imports and calls that code."""
+    for target in recipe.code_it_runs():
+        con.print(f"note: this recipe runs code: model.factory {target!r} is imported and "
+                  "called when the model loads", markup=False, highlight=False)
 
 
 def _load(model: str, config: str | None):
@@ -205,7 +310,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
              limit: Annotated[int | None, typer.Option(help="Evaluate on the first N test "
                                                        "rows.")] = None,
              config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
-             = None):
+             = None,
+             overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False):
     """Quantize a model post-training, compare it with FP32, save its inference form."""
     from pydantic import ValidationError
 
@@ -218,9 +324,10 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
     from slimformer.quantize.inference import to_inference
     from slimformer.quantize.serialize import save_quantized
     from slimformer.recipe import format_errors
+    from slimformer.report.outdir import reserve
 
     con, _ = _console()
-    with _errors():
+    with _errors(), reserve(out, overwrite):
         try:
             cfg = QuantConfig(method=method, weight_bits=weight_bits, act_bits=act_bits,
                               calib_samples=calib_samples)
@@ -274,7 +381,8 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
           checkpoint: Annotated[Path | None, typer.Option(help="Folder for resumable "
                                                           "checkpoints.")] = None,
           config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
-          = None):
+          = None,
+          overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False):
     """Prune heads and MLP units (UPop or magnitude), fine-tune, save the smaller model."""
     from pydantic import ValidationError
 
@@ -286,9 +394,10 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
     from slimformer.prune.config import PruneConfig
     from slimformer.prune.serialize import save_pruned
     from slimformer.recipe import format_errors
+    from slimformer.report.outdir import reserve
 
     con, _ = _console()
-    with _errors():
+    with _errors(), reserve(out, overwrite):
         try:
             cfg = PruneConfig(ratio=ratio, target=target, method=method,
                               structures=[x.strip() for x in structures.split(",") if x.strip()],
@@ -356,7 +465,8 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
            data: Annotated[str | None, typer.Option(help="Built-in data set (default: the "
                                                     "zoo model's).")] = None,
            config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
-           = None):
+           = None,
+           overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False):
     """Search sub-networks and per-layer bit-widths; print the measured Pareto front."""
     from pydantic import ValidationError
 
@@ -369,9 +479,10 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
     from slimformer.pipeline import check_fit
     from slimformer.recipe import format_errors
     from slimformer.report.io import atomic_dir
+    from slimformer.report.outdir import reserve
 
     con, _ = _console()
-    with _errors():
+    with _errors(), reserve(out, overwrite) if not worker else contextlib.nullcontext():
         try:
             cfg = SearchConfig(objectives=[o.strip() for o in objectives.split(",") if o.strip()],
                                samples=samples, train_steps=train_steps, front_max=front_max,
@@ -425,12 +536,19 @@ def zoo_list():
 def zoo_train(name: Annotated[str, typer.Argument(help="Zoo model name.")],
               out: Annotated[Path | None, typer.Option(help="Folder for weights + card "
                                                        "(default: the package's).")] = None,
-              epochs: Annotated[int | None, typer.Option(help="Override the epochs.")] = None):
+              epochs: Annotated[int | None, typer.Option(help="Override the epochs.")] = None,
+              overwrite: Annotated[bool, typer.Option(help="Replace NAME.safetensors / "
+                                                      "NAME.json in --out.")] = False):
     """Retrain a zoo model from its seed and write its safetensors weights and card."""
     from slimformer.models.zoo import train_zoo_model
+    from slimformer.report.outdir import reserve
 
     con, _ = _console()
-    with _errors(), _progress() as prog:
+    files = [out / f"{name}{ext}" for ext in (".safetensors", ".json")] if out else []
+    with _errors(), contextlib.ExitStack() as stack:
+        for f in files:  # files the user may hold in --out are replaced only when asked
+            stack.enter_context(reserve(f, overwrite, kind="file"))
+        prog = stack.enter_context(_progress())
         rec = train_zoo_model(name, out, epochs, lambda s, n, loss: prog("train", s, n))
     con.print(json.dumps(rec, indent=2))
 
@@ -453,7 +571,8 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
                csim: Annotated[bool, typer.Option(help="Compile and C-simulate on the test "
                                                   "set.")] = True,
                config: Annotated[str | None, typer.Option(help="JSON config (as for "
-                                                          "inspect).")] = None):
+                                                          "inspect).")] = None,
+               overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False):
     """Quantize (power-of-two scales) and build an hls4ml project; C-simulate and estimate it."""
     from pydantic import ValidationError
     from rich.table import Table
@@ -465,9 +584,10 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
     from slimformer.models.loading import load_model, parse_model_arg
     from slimformer.quantize.config import QuantConfig
     from slimformer.recipe import format_errors
+    from slimformer.report.outdir import reserve, staged_dir
 
     con, _ = _console()
-    with _errors():
+    with _errors(), reserve(out, overwrite):
         try:
             hcfg = HlsConfig(backend=backend, part=part, clock_period_ns=clock_ns,
                              reuse_factor=reuse_factor, strategy=strategy, gelu=gelu)
@@ -486,7 +606,11 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
             from slimformer.quantize.inference import to_inference
 
             net = to_inference(run_quantize(net, qcfg, calib).model)
-        res = build_hls(net, hcfg, out, calib, test if csim else None, compile=csim)
+        with staged_dir(out, overwrite) as staging:  # built beside --out, moved in when done
+            res = build_hls(net, hcfg, staging, calib, test if csim else None, compile=csim)
+            where = str(res.project_dir)
+        res.notes = [n.replace(where, str(out)) for n in res.notes]
+        res.project_dir = out
     table = Table(title=f"hls4ml project {out}")
     table.add_column("metric")
     table.add_column("value")
@@ -509,7 +633,7 @@ def _example_rows(lm, rows: int) -> dict:
     return latency_inputs(ds, rows)
 
 
-def _load_any(model: str, config: str | None):
+def _load_any(model: str, config: str | None, trust_code: bool = False):
     """A model spec, or a folder written by ``slimformer quantize`` (quantized model)."""
     from slimformer.models.loading import load_model, parse_model_arg
 
@@ -521,9 +645,10 @@ def _load_any(model: str, config: str | None):
         from slimformer.models import spec as S
         from slimformer.quantize.serialize import load_quantized
 
+        qmodel = load_quantized(model, trust_code=trust_code)  # checks hashes and trust first
         meta = _json.loads((Path(model) / "quant.json").read_text())
         lm = load_model(TypeAdapter(S.ModelSpec).validate_python(meta["model_spec"]))
-        return lm, load_quantized(model)
+        return lm, qmodel
     lm = load_model(parse_model_arg(model, config))
     return lm, lm.module
 
@@ -538,7 +663,12 @@ def export_onnx_cmd(
                                              "sequence axes).")] = False,
         rows: Annotated[int, typer.Option(help="Example rows traced and checked.")] = 2,
         config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+        overwrite: Annotated[bool, typer.Option(help="Replace an existing file at --out.")]
+        = False,
+        trust_code: Annotated[bool, typer.Option("--trust-code", help="Allow a saved folder "
+                                                 "that names a package.module:factory to run "
+                                                 "it.")] = False):
     """Write ONNX (QDQ for quantized models), check it with onnx.checker and ONNX Runtime."""
     from pydantic import ValidationError
 
@@ -546,15 +676,16 @@ def export_onnx_cmd(
     from slimformer.export.config import OnnxConfig
     from slimformer.export.onnx import export_onnx
     from slimformer.recipe import format_errors
+    from slimformer.report.outdir import reserve
 
     con, err = _console()
-    with _errors():
+    with _errors(), reserve(out, overwrite, kind="file"):
         try:
             cfg = OnnxConfig(opset=opset, dynamic=not static)
         except ValidationError as exc:
             raise ConfigError(format_errors(exc, OnnxConfig), "options") from None
         with err.status("loading, exporting and checking with ONNX Runtime"):
-            lm, net = _load_any(model, config)
+            lm, net = _load_any(model, config, trust_code)
             res = export_onnx(net, out, _example_rows(lm, rows), cfg)
     if as_json:
         print(json.dumps(res.summary(), indent=2))
@@ -616,7 +747,9 @@ def export_tensorrt(
         batch: Annotated[str, typer.Option(help="min,opt,max batch.")] = "1,8,32",
         sequence: Annotated[str, typer.Option(help="min,opt,max sequence length.")] = "8,64,128",
         timing_cache: Annotated[Path | None, typer.Option(help="Timing cache file.")] = None,
-        workspace_mib: Annotated[int, typer.Option(help="Workspace MiB.")] = 2048):
+        workspace_mib: Annotated[int, typer.Option(help="Workspace MiB.")] = 2048,
+        overwrite: Annotated[bool, typer.Option(help="Replace an existing file at --out.")]
+        = False):
     """Build a TensorRT engine with the tensorrt Python API (writes the trtexec equivalent)."""
     from pydantic import ValidationError
 
@@ -625,9 +758,10 @@ def export_tensorrt(
     from slimformer.export.lint import lint_qdq
     from slimformer.export.tensorrt import build_engine
     from slimformer.recipe import format_errors
+    from slimformer.report.outdir import reserve
 
     con, _ = _console()
-    with _errors():
+    with _errors(), reserve(out, overwrite, kind="file"):
         try:
             cfg = TensorRTConfig(fp16=fp16, int8=int8, batch=tuple(_ints(batch, "batch")),
                                  sequence=tuple(_ints(sequence, "sequence")),

@@ -50,3 +50,7 @@ class HardwareError(SlimformerError):
 
 class StageError(SlimformerError):
     """A pipeline stage failed or stages were given in an illegal order."""
+
+
+class OutputError(SlimformerError):
+    """An output path is refused (not written by slimformer, protected, locked, unwritable)."""

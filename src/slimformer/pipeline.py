@@ -46,7 +46,15 @@ class RunContext:
     records: list[StageRecord] = field(default_factory=list)
     artifacts: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # dir -> writer
     slice_spec: object = None  # set by a prune stage: how the base model was sliced
-    scratch: list[Path] = field(default_factory=list)  # temporary folders, removed after the run
+    staging: Path | None = None  # the output folder being built (swapped in when complete)
+
+    def artifact_dir(self, name: str) -> Path:
+        """A sub-folder ``name`` of the output being built, for a stage to write into."""
+        if self.staging is None:  # pragma: no cover - run() always sets it
+            raise RuntimeError("no output folder is being written")
+        folder = self.staging / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
 
 @dataclass(frozen=True)
@@ -205,39 +213,27 @@ def run_search(ctx: RunContext, stage: SearchStage) -> StageRecord:
 
 def run_hls(ctx: RunContext, stage: HlsStage) -> StageRecord:
     """Build, compile and C-simulate an hls4ml project of the current model; ``hls/`` artifact."""
-    import shutil
-    import tempfile
-
     from slimformer.data.datasets import get_dataset
     from slimformer.hardware.api import build_hls, summary
 
     name = ctx.recipe.data.dataset or ctx.loaded.dataset
     calib = get_dataset(name, ctx.recipe.data.calib_split)
-    tmp = Path(tempfile.mkdtemp(prefix="slimformer-hls-"))
-    ctx.scratch.append(tmp)
-    res = build_hls(ctx.model, stage.hls_config(), tmp / "hls", calib,
+    res = build_hls(ctx.model, stage.hls_config(), ctx.artifact_dir("hls"), calib,
                     ctx.eval_data if stage.csim else None, compile=stage.csim)
     rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
-    where = str(res.project_dir)  # a temporary folder: name it as the run folder's hls/
+    where = str(res.project_dir)  # the staging folder: name it as the run folder's hls/
     rec.metrics = {k: v.replace(where, "hls") if isinstance(v, str) else v
                    for k, v in summary(res).items()}
     rec.notes = [n.replace(where, "hls") for n in res.notes]
-    ctx.artifacts["hls"] = lambda d: shutil.copytree(res.project_dir, d, dirs_exist_ok=True)
     return rec
 
 
 def run_export(ctx: RunContext, stage: ExportStage) -> StageRecord:
     """Export the current model to ONNX (and TensorRT); ``export/`` artifact (see ExportStage)."""
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix="slimformer-export-"))
-    ctx.scratch.append(tmp)
-    return _export_into(ctx, stage, tmp)
+    return _export_into(ctx, stage, ctx.artifact_dir("export"))
 
 
 def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
-    import shutil
-
     from slimformer.export.onnx import export_onnx
     from slimformer.export.parity import latency, predict
     from slimformer.export.tensorrt import build_engine, tensorrt_available, trtexec_command
@@ -283,7 +279,6 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
             (tmp / "model.plan.trtexec.sh").write_text(f"#!/usr/bin/env bash\n{cmd}\n")
             rec.notes.append("TensorRT is not installed here (import tensorrt failed): no engine "
                              f"built; run export/model.plan.trtexec.sh on a GPU machine: {cmd}")
-    ctx.artifacts["export"] = lambda d: shutil.copytree(tmp, d, dirs_exist_ok=True)
     return rec
 
 
@@ -325,15 +320,33 @@ def _structure_summary(smap) -> dict:
 
 
 def run(recipe: Recipe, progress: Progress | None = None,
-        out_dir: str | Path | None = None) -> RunResult:
-    """Run ``recipe`` and write its report; returns the report and the output folder."""
+        out_dir: str | Path | None = None, overwrite: bool | None = None) -> RunResult:
+    """Run ``recipe`` and write its report; returns the report and the output folder.
+
+    The output folder is checked and locked before any work (see
+    :mod:`slimformer.report.outdir`): it must be new, empty, or an earlier slimformer output
+    with ``overwrite`` (default: the recipe's ``output.overwrite``). It is built beside the old
+    one and swapped in only when every stage and the report are complete.
+
+    Raises:
+        OutputError: The output path is refused or another run is writing it.
+    """
+    from slimformer.report.outdir import staged_dir
+
+    out = Path(out_dir) if out_dir is not None else recipe.output_dir()
+    overwrite = recipe.output.overwrite if overwrite is None else overwrite
+    with staged_dir(out, overwrite) as staging:
+        return _run_in(recipe, progress, out, staging)
+
+
+def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path) -> RunResult:
     from slimformer.data.datasets import get_dataset
     from slimformer.models.loading import load_model
     from slimformer.models.structure import discover
+    from slimformer.report.outdir import scratch_in
 
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    out = Path(out_dir) if out_dir else recipe.output_dir()
     if progress:
         progress("load model", 0, 1)
     loaded = load_model(recipe.model)
@@ -343,26 +356,16 @@ def run(recipe: Recipe, progress: Progress | None = None,
         raise DataError("no data set: set data.dataset in the recipe")
     eval_data = get_dataset(dataset_name, recipe.data.eval_split, recipe.data.eval_limit)
     check_fit(loaded, eval_data)
-    ctx = RunContext(recipe, loaded.module, loaded, smap, eval_data, progress=progress)
-    try:
-        return _run_stages(ctx, recipe, loaded, smap, dataset_name, eval_data, out, t0)
-    finally:  # stages' temporary folders go, whether the run finished or failed
-        import shutil
-
-        for tmp in ctx.scratch:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _run_stages(ctx: RunContext, recipe: Recipe, loaded, smap, dataset_name: str, eval_data,
-                out: Path, t0: float) -> RunResult:
-    from slimformer.report.render import write_report
-
-    for i, stage in enumerate(recipe.stages):
-        s0 = time.perf_counter()
-        rec = STAGE_HANDLERS[type(stage)](ctx, stage)
-        rec.index, rec.seconds = i, time.perf_counter() - s0
-        ctx.records.append(rec)
+    ctx = RunContext(recipe, loaded.module, loaded, smap, eval_data, progress=progress,
+                     staging=staging)
+    with scratch_in(staging / ".scratch"):  # temporary files of the stages, removed after
+        for i, stage in enumerate(recipe.stages):
+            s0 = time.perf_counter()
+            rec = STAGE_HANDLERS[type(stage)](ctx, stage)
+            rec.index, rec.seconds = i, time.perf_counter() - s0
+            ctx.records.append(rec)
     from slimformer.models.evaluate import model_size
+    from slimformer.report.render import write_report_files
 
     report = Report(
         slimformer_version=__version__, name=recipe.name,
@@ -378,7 +381,7 @@ def _run_stages(ctx: RunContext, recipe: Recipe, loaded, smap, dataset_name: str
         seeds={"recipe": recipe.seed},
     )
     report.total_seconds = time.perf_counter() - t0
-    write_report(report, out, artifacts=ctx.artifacts)
+    write_report_files(report, staging, artifacts=ctx.artifacts)
     return RunResult(report, out)
 
 

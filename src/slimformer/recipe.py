@@ -23,7 +23,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from slimformer.errors import ConfigError
+from slimformer.errors import ConfigError, SlimformerError
 from slimformer.export.config import OnnxConfig, TensorRTConfig
 from slimformer.hardware.config import HlsConfig
 from slimformer.models.spec import ModelSpec, ZooSpec
@@ -156,9 +156,25 @@ STAGE_TYPES = ("evaluate", "quantize", "prune", "search", "hls", "export")
 
 
 class OutputConfig(_Strict):
-    """Where the run writes ``report.{json,md,html}``."""
+    """Where the run writes ``report.{json,md,html}`` and its artifacts.
 
-    dir: str = "runs/{name}"
+    ``dir`` may hold the placeholder ``{name}`` (the recipe's name). An existing folder there is
+    replaced only when slimformer wrote it and ``overwrite`` is true; anything else is refused.
+    """
+
+    dir: Annotated[str, Field(min_length=1, max_length=4096)] = "runs/{name}"
+    overwrite: bool = False
+
+    @field_validator("dir")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        from slimformer.report.outdir import format_dir
+
+        try:
+            format_dir(v, name="x")
+        except SlimformerError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
 
 class Recipe(_Strict):
@@ -174,7 +190,15 @@ class Recipe(_Strict):
 
     def output_dir(self) -> Path:
         """The output folder with ``{name}`` filled in."""
-        return Path(self.output.dir.format(name=self.name))
+        from slimformer.report.outdir import format_dir
+
+        return Path(format_dir(self.output.dir, name=self.name))
+
+    def code_it_runs(self) -> list[str]:
+        """Factories (``package.module:function``) this recipe imports and calls, if any."""
+        from slimformer.models.spec import FactorySpec
+
+        return [self.model.factory] if isinstance(self.model, FactorySpec) else []
 
 
 _TAGS = {"zoo", "hf_dir", "hf_config", "timm", "factory", *STAGE_TYPES}
@@ -232,10 +256,52 @@ def format_errors(exc: ValidationError, root: type[BaseModel] | None = None) -> 
             lines.append(f"{_path(loc)}: unknown key{tail}")
             continue
         msg = err["msg"].removeprefix("Value error, ")
+        if kind == "union_tag_not_found":  # pydantic's words for a missing tag field
+            msg = _missing_tag(root, loc, err.get("ctx", {}))
+        elif kind == "union_tag_invalid":
+            msg = _bad_tag(err.get("ctx", {}))
         got = err.get("input")
-        show = kind not in ("missing",) and not isinstance(got, dict)
-        lines.append(f"{_path(loc)}: {msg}" + (f", got {got!r}" if show else ""))
+        show = kind not in ("missing", "union_tag_not_found", "union_tag_invalid") and \
+            not isinstance(got, dict | list)
+        lines.append(f"{_path(loc)}: {msg}" + (f", got {short_repr(got)}" if show else ""))
     return lines
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters (errors never echo huge values)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 6, 6, 2
+    text = r.repr(value)
+    return text if len(text) <= limit + 10 else f"{text[:limit]}...({len(text)} chars)"
+
+
+def _missing_tag(root, loc: tuple, ctx: dict) -> str:
+    field = ctx.get("discriminator", "").strip("'") or "source"
+    tags = ", ".join(_tags_of(root, loc, field))
+    return f"{field} is missing; it must be one of: {tags}" if tags else f"{field} is missing"
+
+
+def _bad_tag(ctx: dict) -> str:
+    field = ctx.get("discriminator", "").strip("'")
+    expected = ctx.get("expected_tags", "")
+    return f"unknown {field} {ctx.get('tag')!r}; allowed: {expected}"
+
+
+def _tags_of(root, loc: tuple, field: str) -> list[str]:
+    """The allowed values of the tag ``field`` of the union at ``loc`` under ``root``."""
+    if field == "type":
+        return list(STAGE_TYPES)
+    from slimformer.models.spec import ModelSpec
+
+    out = []
+    for a in typing.get_args(ModelSpec):
+        for b in typing.get_args(a) or (a,):
+            fld = getattr(b, "model_fields", {}).get(field)
+            if fld is not None:
+                out += list(typing.get_args(fld.annotation))
+    return out
 
 
 def parse_recipe(data: object, source: str = "recipe") -> Recipe:
@@ -275,15 +341,77 @@ def _cross_checks(recipe: Recipe) -> list[str]:
     return problems
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe YAML file with ``yaml.safe_load`` and validate it."""
-    import yaml
+MAX_RECIPE_BYTES = 1_000_000
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
 
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe YAML file (bounded size and alias expansion, ``yaml.safe_load``), validate it.
+
+    Raises:
+        ConfigError: Missing, unreadable, too large, not UTF-8, not YAML, or invalid.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([f"file {path} does not exist"], "recipe")
+        raise ConfigError([f"file {path} does not exist" + (" (it is a folder)" if path.is_dir()
+                                                            else "")], "recipe")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise ConfigError([f"file is {size:,} bytes; a recipe may be at most "
+                               f"{MAX_RECIPE_BYTES:,} bytes"], str(path))
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc.strerror or exc}"], str(path)) from None
+    return parse_recipe(safe_load_bounded(raw, str(path)), str(path))
+
+
+def safe_load_bounded(raw: bytes | str, source: str = "YAML") -> object:
+    """``yaml.safe_load`` that refuses huge alias expansion or nesting before building values.
+
+    The YAML is composed into nodes first; expanding every alias is counted (at most
+    :data:`MAX_YAML_NODES` nodes, :data:`MAX_YAML_DEPTH` levels) before any value is built.
+
+    Raises:
+        ConfigError: Not UTF-8, not YAML, or over the bounds.
+    """
+    import yaml
+
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                               f"{exc.start}); save the file as UTF-8"], source) from None
+    loader = yaml.SafeLoader(raw)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node, source)
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
-    return parse_recipe(data, str(path))
+        raise ConfigError([f"not valid YAML: {short_repr(str(exc), 300)}"], source) from None
+    except RecursionError:
+        raise ConfigError([f"nesting deeper than {MAX_YAML_DEPTH} levels"], source) from None
+    finally:
+        loader.dispose()
+
+
+def _check_size(root, source: str) -> None:
+    import yaml
+
+    count, stack = 0, [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise ConfigError([f"more than {MAX_YAML_NODES:,} values once aliases are expanded "
+                               "(an alias bomb?); a recipe is far smaller"], source)
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError([f"nested deeper than {MAX_YAML_DEPTH} levels"], source)
+        if isinstance(node, yaml.SequenceNode):
+            stack += [(n, depth + 1) for n in node.value]
+        elif isinstance(node, yaml.MappingNode):
+            stack += [(n, depth + 1) for kv in node.value for n in kv]

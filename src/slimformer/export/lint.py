@@ -59,7 +59,7 @@ def lint_qdq(model) -> list[Finding]:
     from onnx import numpy_helper
 
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
+        model = load_onnx(model)
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
@@ -191,3 +191,17 @@ def _float_attention(g, producer) -> list[Finding]:
                                    "log2 softmax quantizer): TensorRT runs it in FP16/FP32 and "
                                    "cannot fuse INT8 multi-head attention here"))
     return out
+
+
+def load_onnx(path):
+    """Read an ONNX file (without external data); a file that is not ONNX is an ExportError."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from slimformer.errors import ExportError
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, OSError) as exc:
+        raise ExportError(f"{path} is not a readable ONNX file ({type(exc).__name__}: "
+                          f"{str(exc)[:200]})") from None

@@ -131,17 +131,24 @@ def write_report(report: Report, out_dir: str | Path, extra: dict[str, bytes] | 
                  artifacts: dict | None = None) -> Path:
     """Write ``report.json``, ``report.md``, ``report.html`` (+ ``extra`` files) all-or-nothing.
 
-    The files are rendered into a temporary folder that replaces ``out_dir`` only when all of
-    them are written, so a failure leaves no half-written report. ``artifacts`` maps a
-    sub-folder name to a writer ``f(path)`` (e.g. the quantized model), written in the same way.
+    The files are rendered into a staging folder that replaces ``out_dir`` only when all of them
+    are written (and only if ``out_dir`` is new, empty or an earlier slimformer output: see
+    :func:`~slimformer.report.outdir.staged_dir`). ``artifacts`` maps a sub-folder name to a
+    writer ``f(path)`` (e.g. the quantized model), written in the same way.
     """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        (tmp / "report.json").write_text(to_json(report), encoding="utf-8")
-        (tmp / "report.md").write_text(to_markdown(report), encoding="utf-8")
-        (tmp / "report.html").write_text(to_html(report), encoding="utf-8")
-        for name, data in (extra or {}).items():
-            (tmp / name).write_bytes(data)
-        for name, writer in (artifacts or {}).items():
-            writer(tmp / name)
+        write_report_files(report, tmp, extra, artifacts)
     return out_dir
+
+
+def write_report_files(report: Report, folder: Path, extra: dict[str, bytes] | None = None,
+                       artifacts: dict | None = None) -> None:
+    """Write the report files, ``extra`` files and ``artifacts`` into an existing ``folder``."""
+    (folder / "report.json").write_text(to_json(report), encoding="utf-8")
+    (folder / "report.md").write_text(to_markdown(report), encoding="utf-8")
+    (folder / "report.html").write_text(to_html(report), encoding="utf-8")
+    for name, data in (extra or {}).items():
+        (folder / name).write_bytes(data)
+    for name, writer in (artifacts or {}).items():
+        writer(folder / name)
