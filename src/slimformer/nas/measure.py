@@ -25,6 +25,7 @@ from torch import nn
 
 from slimformer.nas.space import SubNet
 from slimformer.nas.supernet import SuperNet
+from slimformer.report.outdir import scratch_root
 
 
 class DroppedBlock(nn.Module):
@@ -139,7 +140,7 @@ def ort_latency(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int 
     from slimformer.export.onnx import export_onnx
     from slimformer.export.parity import latency
 
-    with tempfile.TemporaryDirectory(prefix="slimformer-nas-") as d:
+    with tempfile.TemporaryDirectory(prefix="slimformer-nas-", dir=scratch_root()) as d:
         path = Path(d) / "model.onnx"
         export_onnx(model, path, inputs, OnnxConfig(check=False, lint=False))
         return float(latency(path, inputs, repeats, warmup,
