@@ -169,3 +169,111 @@ def test_model_without_attention_is_unsupported_with_what_was_found():
     assert "no attention found" in msg and "2 Linear(s)" in msg and "1 norm(s)" in msg
     s = discover(_NoAttention(), {"x": torch.randn(2, 4, 16)}, require_attention=False)
     assert len(s.mlps) == 1 and s.norms[0].linears == ("fc1.weight",)
+
+
+def _zero_biases(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+    return model
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (6, 7)])  # zero-size pad, and a real pad
+def test_norm_feeds_qkv_through_pad_roll_and_window_partition(grid):
+    from slimformer.models.generic import tile_mixer
+
+    s = discover(tile_mixer(), {"grid": torch.randn(2, *grid, 8)})
+    feeds = {n.module: n.linears for n in s.norms}
+    for i in (0, 1):  # block 1 also rolls the grid (shifted windows)
+        assert feeds[f"groom.{i}"] == tuple(f"sift.{i}.{p}.weight" for p in ("ask", "offer", "carry"))
+        assert feeds[f"sheen.{i}"] == (f"churn.{i}.widen.weight",)
+    assert (len(s.attention), len(s.mlps), s.norm_linear_pairs) == (2, 2, 8)
+    assert {a.q for a in s.attention} == {("sift.0.ask.weight",), ("sift.1.ask.weight",)}
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-23, 1e6])
+def test_norm_test_is_scale_invariant(scale):
+    """Conv + BatchNorm stem without biases: the whole model's activations follow the input scale.
+
+    At 1e-23 a tolerance relative to a fixed floor accepted the GELU module (and any module) as a
+    norm, which hid the MLPs.
+    """
+    from slimformer.models.generic import stem_former
+
+    torch.manual_seed(0)
+    model = _zero_biases(stem_former())
+    s = discover(model, {"image": torch.randn(2, 3, 16, 16) * scale})
+    assert [n.module for n in s.norms] == [f"trunk.{i}.{p}" for i in (0, 1)
+                                           for p in ("polish", "tidy")]
+    assert {n.kind for n in s.norms} == {"layernorm"}
+    assert len(s.mlps) == 2 and {m.activation for m in s.mlps} == {("gelu",)}
+    assert len(s.attention) == 2 and s.convs == ["sprout.0", "sprout.3"]
+
+
+def test_activation_and_attention_modules_are_not_norms():
+    from slimformer.models.generic import _Attend, _Feed
+    from slimformer.models.structure import _norm_kind
+    from slimformer.models.trace import ModuleCall
+
+    x = torch.randn(2, 5, 16) * 1e-23
+    for mod in (torch.nn.GELU(), torch.nn.Tanh(), torch.nn.Identity(), _Attend(16, 2),
+                _Feed(16, 32), torch.nn.Softmax(-1)):
+        with torch.no_grad():
+            y = mod(x) if not isinstance(mod, torch.nn.Identity) else x.clone()
+        assert _norm_kind(ModuleCall("m", mod, 0, 1, x, y), {}) is None, type(mod).__name__
+    for mod, kind in ((torch.nn.LayerNorm(16), "layernorm"), (torch.nn.RMSNorm(16), "rmsnorm"),
+                      (torch.nn.LayerNorm(16, elementwise_affine=False), "layernorm")):
+        for scale in (1e-23, 1.0, 1e6):
+            with torch.no_grad():
+                y = mod(x / 1e-23 * scale)
+            assert _norm_kind(ModuleCall("m", mod, 0, 1, x / 1e-23 * scale, y), {}) == kind
+
+
+def test_shared_layer_across_depth_counts_executions():
+    from slimformer.models.generic import looped_core
+
+    s = discover(looped_core(depth=3), {"tokens": torch.randn(2, 5, 32)})
+    assert [n.module for n in s.norms] == ["cell.polish", "cell.tidy"]  # one site per module
+    assert (len(s.attention), len(s.mlps)) == (1, 1)
+    assert {r.weight: r.calls for r in s.linears} == {
+        f"cell.{m}.weight": 3 for m in ("attend.ask", "attend.offer", "attend.carry",
+                                         "attend.merge", "feed.widen", "feed.narrow")}
+    assert s.executions["cell.tidy"] == 3 and s.executions["coda"] == 1
+    assert set(s.shared) == {"cell.tidy", "cell.polish", "cell.attend.ask", "cell.attend.offer",
+                             "cell.attend.carry", "cell.attend.merge", "cell.feed.widen",
+                             "cell.feed.narrow"}
+
+
+def test_two_towers_sharing_a_module():
+    from slimformer.models.generic import twin_towers
+
+    s = discover(twin_towers(), {"left": torch.randn(2, 5, 12), "right": torch.randn(2, 4, 20)})
+    calls = {r.weight: r.calls for r in s.linears}
+    assert calls["port.weight"] == calls["starboard.weight"] == 1
+    assert calls["keel.attend.ask.weight"] == 2 and calls["keel.feed.narrow.weight"] == 2
+    assert s.shared["mast"] == 2 and "port" not in s.shared
+    tidy = next(n for n in s.norms if n.module == "keel.tidy")
+    assert tidy.linears == tuple(f"keel.attend.{p}.weight" for p in ("ask", "offer", "carry"))
+
+
+def test_registered_twice_keeps_first_name():
+    """A block listed twice in a ModuleList: names are the first ones, as named_parameters()."""
+    from slimformer.models.generic import _Stage
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            blk = _Stage(16, 2, 32)
+            self.steps = torch.nn.ModuleList([blk, blk])
+
+        def forward(self, x):
+            for b in self.steps:
+                x = b(x)
+            return x
+
+    model = Twice()
+    s = discover(model, {"x": torch.randn(2, 3, 16)})
+    params = dict(model.named_parameters())
+    assert all(r.weight in params and r.weight.startswith("steps.0.") for r in s.linears)
+    assert {r.calls for r in s.linears} == {2}

@@ -45,3 +45,35 @@ GENERALITY: dict[str, object] = {
     "timm-vit": S.TimmSpec(name="vit_tiny_patch16_224", kwargs=dict(
         img_size=32, patch_size=8, depth=2, num_classes=10)),
 }
+
+
+def fan_in_init(model, inputs: dict, seed: int = 0):
+    """Re-initialize every Linear weight of ``model`` in place with std ``1 / sqrt(fan_in)``.
+
+    With the default std-0.02 init of many families the residual branches are tiny and
+    quantization error is invisible (W4A4 cosine reads 1.0000 whatever the quantizer does); with
+    fan-in scaled weights every branch matters. Linears are found by structure discovery on
+    ``inputs`` (so GPT-2's ``(in, out)`` Conv1D gets its true fan-in); packed attention
+    projections (``nn.MultiheadAttention``) use their second axis. Returns ``model``.
+    """
+    import math
+
+    import torch
+
+    from slimformer.models.structure import discover
+
+    smap = discover(model, inputs, require_attention=False)
+    fan_in = {r.weight: r.in_features for r in smap.linears}
+    for site in smap.attention:
+        for w in (*site.q, *site.k, *site.v, *site.out):
+            fan_in.setdefault(w, None)
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in sorted(fan_in):
+            p = params.get(name)
+            if p is None or p.dim() != 2:
+                continue
+            n = fan_in[name] or p.shape[1]
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(n))
+    return model

@@ -28,3 +28,175 @@ class EncoderClassifier(nn.Module):
 def torch_encoder(**kwargs) -> EncoderClassifier:
     """Build an :class:`EncoderClassifier` (keyword arguments as its constructor)."""
     return EncoderClassifier(**kwargs)
+
+
+class _Attend(nn.Module):
+    """Multi-head self-attention with separate projections: ``(B, T, d) -> (B, T, d)``."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ask, self.offer, self.carry = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.merge = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, T, d) -> (B, T, d)``."""
+        b, t, d = x.shape
+        h = self.heads
+
+        def split(y):
+            return y.view(b, t, h, d // h).transpose(1, 2)  # (B, h, T, d/h)
+
+        q, k, v = split(self.ask(x)), split(self.offer(x)), split(self.carry(x))
+        p = torch.softmax(q @ k.transpose(-2, -1) / (d // h) ** 0.5, dim=-1)  # (B, h, T, T)
+        return self.merge((p @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class _Feed(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.widen, self.spark, self.narrow = nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, T, d) -> (B, T, d)``."""
+        return self.narrow(self.spark(self.widen(x)))
+
+
+class _Stage(nn.Module):
+    """Pre-norm block: ``x + attend(tidy(x))``, ``x + feed(polish(x))``."""
+
+    def __init__(self, d: int, heads: int, hidden: int):
+        super().__init__()
+        self.tidy, self.polish = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attend, self.feed = _Attend(d, heads), _Feed(d, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, T, d) -> (B, T, d)``."""
+        x = x + self.attend(self.tidy(x))
+        return x + self.feed(self.polish(x))
+
+
+class TileMixer(nn.Module):
+    """Windowed attention on a token grid, with ``F.pad`` and window partition/merge reshapes.
+
+    Each block normalizes the grid ``(B, H, W, d)``, pads it to a multiple of the window (a
+    zero-size pad when the grid fits), shifts it with ``torch.roll`` in odd blocks, partitions it
+    into windows, attends within each window, merges and crops back.
+    ``forward(grid (B, H, W, c_in)) -> scores (B, num_classes)``.
+    """
+
+    def __init__(self, c_in: int = 8, d: int = 32, heads: int = 2, window: int = 4,
+                 blocks: int = 2, num_classes: int = 5):
+        super().__init__()
+        self.window = window
+        self.lift = nn.Linear(c_in, d)
+        self.groom = nn.ModuleList(nn.LayerNorm(d) for _ in range(blocks))
+        self.sift = nn.ModuleList(_Attend(d, heads) for _ in range(blocks))
+        self.sheen = nn.ModuleList(nn.LayerNorm(d) for _ in range(blocks))
+        self.churn = nn.ModuleList(_Feed(d, 2 * d) for _ in range(blocks))
+        self.verdict = nn.Linear(d, num_classes)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """``grid (B, H, W, c_in) -> (B, num_classes)``."""
+        x = self.lift(grid)  # (B, H, W, d)
+        b, h, w, d = x.shape
+        win = self.window
+        for i, (norm, attn, norm2, mlp) in enumerate(zip(self.groom, self.sift, self.sheen,
+                                                          self.churn, strict=True)):
+            y = norm(x)
+            ph, pw = (-h) % win, (-w) % win
+            y = torch.nn.functional.pad(y, (0, 0, 0, pw, 0, ph))  # zero-size when it fits
+            if i % 2:
+                y = torch.roll(y, shifts=(win // 2, win // 2), dims=(1, 2))
+            hp, wp = h + ph, w + pw
+            y = y.view(b, hp // win, win, wp // win, win, d).permute(0, 1, 3, 2, 4, 5)
+            y = attn(y.contiguous().view(-1, win * win, d))  # (B * windows, win^2, d)
+            y = y.view(b, hp // win, wp // win, win, win, d).permute(0, 1, 3, 2, 4, 5)
+            y = y.reshape(b, hp, wp, d)
+            if i % 2:
+                y = torch.roll(y, shifts=(-(win // 2), -(win // 2)), dims=(1, 2))
+            x = x + y[:, :h, :w, :].contiguous()
+            x = x + mlp(norm2(x))
+        return self.verdict(x.mean((1, 2)))
+
+
+def tile_mixer(**kwargs) -> TileMixer:
+    """Build a :class:`TileMixer` (keyword arguments as its constructor)."""
+    return TileMixer(**kwargs)
+
+
+class StemFormer(nn.Module):
+    """Conv + BatchNorm stem (no conv bias), then pre-norm attention blocks on the feature map.
+
+    ``forward(image (B, c, S, S)) -> scores (B, num_classes)``.
+    """
+
+    def __init__(self, channels: int = 3, d: int = 32, heads: int = 2, blocks: int = 2,
+                 num_classes: int = 5):
+        super().__init__()
+        self.sprout = nn.Sequential(
+            nn.Conv2d(channels, d // 2, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(d // 2), nn.GELU(),
+            nn.Conv2d(d // 2, d, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(d))
+        self.trunk = nn.ModuleList(_Stage(d, heads, 2 * d) for _ in range(blocks))
+        self.settle = nn.LayerNorm(d)
+        self.judge = nn.Linear(d, num_classes)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """``image (B, c, S, S) -> (B, num_classes)``."""
+        x = self.sprout(image).flatten(2).transpose(1, 2)  # (B, S*S/16, d)
+        for blk in self.trunk:
+            x = blk(x)
+        return self.judge(self.settle(x).mean(1))
+
+
+def stem_former(**kwargs) -> StemFormer:
+    """Build a :class:`StemFormer` (keyword arguments as its constructor)."""
+    return StemFormer(**kwargs)
+
+
+class LoopedCore(nn.Module):
+    """One block applied ``depth`` times (weights shared across depth), as in ALBERT.
+
+    ``forward(tokens (B, T, d)) -> (B, T, d)``.
+    """
+
+    def __init__(self, d: int = 32, heads: int = 2, depth: int = 3):
+        super().__init__()
+        self.depth = depth
+        self.cell = _Stage(d, heads, 2 * d)
+        self.coda = nn.LayerNorm(d)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens (B, T, d) -> (B, T, d)``."""
+        for _ in range(self.depth):
+            tokens = self.cell(tokens)
+        return self.coda(tokens)
+
+
+def looped_core(**kwargs) -> LoopedCore:
+    """Build a :class:`LoopedCore` (keyword arguments as its constructor)."""
+    return LoopedCore(**kwargs)
+
+
+class TwinTowers(nn.Module):
+    """Two towers with their own input Linears and one shared block; two outputs.
+
+    ``forward(left (B, T, a), right (B, T, b)) -> (left (B, d), right (B, d))``.
+    """
+
+    def __init__(self, a: int = 12, b: int = 20, d: int = 32, heads: int = 2):
+        super().__init__()
+        self.port, self.starboard = nn.Linear(a, d), nn.Linear(b, d)
+        self.keel = _Stage(d, heads, 2 * d)
+        self.mast = nn.LayerNorm(d)
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor):
+        """Both towers through the shared block; mean-pooled, normalized features."""
+        return (self.mast(self.keel(self.port(left))).mean(1),
+                self.mast(self.keel(self.starboard(right))).mean(1))
+
+
+def twin_towers(**kwargs) -> TwinTowers:
+    """Build a :class:`TwinTowers` (keyword arguments as its constructor)."""
+    return TwinTowers(**kwargs)

@@ -22,12 +22,15 @@ MATMUL_OPS = {"matmul", "bmm", "einsum", "mm", "baddbmm"}
 CONV_OPS = {"conv1d", "conv2d", "conv3d"}
 ACTIVATIONS = {"relu", "gelu", "silu", "sigmoid", "tanh", "erf", "softplus", "hardswish", "mish",
                "elu", "leaky_relu", "relu6", "hardtanh", "celu", "selu", "glu", "hardsigmoid"}
-# Ops that move or re-type values without mixing channels: followed when pairing producers.
+# Ops that move, pad or re-type values without mixing channels (window partition and merge
+# included): followed when pairing producers, and from a norm to its Linears while they keep the
+# last (channel) axis.
 PASS_THROUGH = {"view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten",
                 "squeeze", "unsqueeze", "t", "expand", "split", "chunk", "unbind", "getitem",
                 "narrow", "select", "to", "float", "half", "type_as", "clone", "dropout",
                 "alpha_dropout", "detach", "type", "split_with_sizes", "tensor_split", "movedim",
-                "swapaxes", "expand_as", "repeat_interleave"}
+                "swapaxes", "expand_as", "repeat_interleave", "pad", "constant_pad_nd", "roll",
+                "flip", "repeat", "tile", "unfold", "as_strided"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class LinearRef:
         module: Path of the module owning the weight.
         op: Op that applied it (``linear``, ``addmm``, ``matmul`` ...).
         in_features / out_features: Sizes of the contracted and produced axes.
+        calls: Executions per forward (more than 1 for a layer shared across depth or towers).
     """
 
     weight: str
@@ -46,6 +50,7 @@ class LinearRef:
     op: str
     in_features: int
     out_features: int
+    calls: int = 1
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class StructureMap:
     mlps: list[MlpSite] = field(default_factory=list)
     linears: list[LinearRef] = field(default_factory=list)
     convs: list[str] = field(default_factory=list)
+    executions: dict[str, int] = field(default_factory=dict)  # module path -> calls per forward
     params: int = 0
     macs: int = 0  # per forward of the example inputs
     batch: int = 1
@@ -107,6 +113,11 @@ class StructureMap:
     def to_dict(self) -> dict:
         """JSON-ready form."""
         return asdict(self)
+
+    @property
+    def shared(self) -> dict[str, int]:
+        """Modules that own parameters and run more than once per forward, with their calls."""
+        return {m: n for m, n in self.executions.items() if n > 1}
 
     @property
     def norm_linear_pairs(self) -> int:
@@ -146,7 +157,8 @@ class _Analyzer:
 
     def linear_ref(self, idx: int) -> LinearRef:
         _, w, fin, fout = self.lin[idx]
-        return LinearRef(w, self.owner.get(w, ""), self.nodes[idx].op, fin, fout)
+        calls = sum(1 for v in self.lin.values() if v[1] == w)
+        return LinearRef(w, self.owner.get(w, ""), self.nodes[idx].op, fin, fout, calls)
 
     def is_act_matmul(self, n: OpNode) -> bool:
         acts = [i for i, p in enumerate(n.params) if p is None and n.inputs[i] != -2]
@@ -202,58 +214,85 @@ class _Analyzer:
             if i in self.g.outputs:
                 out.append(-1)
             for c in self.cons.get(i, []):
-                if self.nodes[c].op in PASS_THROUGH:
+                n = self.nodes[c]
+                if n.op in PASS_THROUGH and _keeps_channels(n):
                     todo.append(c)
                 else:
                     out.append(c)
         return list(dict.fromkeys(out))
 
 
-def _norm_kind(call) -> str | None:
-    """'layernorm' / 'rmsnorm' if the call normalized its input over the last axis, else None.
+def _keeps_channels(n: OpNode) -> bool:
+    """Whether a shape op keeps the last (channel) axis of its first input as the output's."""
+    return bool(n.in_shapes and n.out_shapes and n.in_shapes[0] and n.out_shapes[0]) and \
+        n.in_shapes[0][-1] == n.out_shapes[0][-1]
 
-    The output must equal the normalized input times the module's own 1-D parameters (weight,
-    optional bias), or the bare normalized input for a module without parameters.
+
+def _norm_kind(call, cache: dict[int, str | None]) -> str | None:
+    """'layernorm' / 'rmsnorm' if the call's module normalizes over the last axis, else None.
+
+    Scale-invariant: the module is probed on a synthetic input of the recorded shape (unit scale,
+    non-zero mean) and on 16 times that input; a norm gives the same output for both, equal to the
+    normalized probe times the module's own 1-D parameters (weight, optional bias), or the bare
+    normalized probe for a module without parameters. The activations the model actually saw
+    (however tiny or large) do not enter the decision, so an activation function (not
+    scale-invariant) or an attention module (it owns Linears) is never taken for a norm.
+    ``cache`` holds the decision per module object (a shared module is probed once).
     """
     x, y = call.input, call.output
     if x is None or y is None or x is y or x.shape != y.shape or not x.is_floating_point():
         return None
+    mod = call.module
+    if id(mod) in cache:
+        return cache[id(mod)]
+    cache[id(mod)] = None
     dim = x.shape[-1]
-    own = [p.detach().double() for p in call.module.parameters(recurse=False)]
-    if dim < 2 or len(own) > 2 or any(p.shape != (dim,) for p in own):
+    own = [p.detach().double() for p in mod.parameters(recurse=False)]
+    if dim < 2 or len(own) > 2 or any(p.shape != (dim,) for p in own) or \
+            len(list(mod.parameters())) != len(own):
         return None
-    x, y = x.detach().double(), y.detach().double()
+    gen = torch.Generator().manual_seed(0)
+    probe = (torch.randn(x.shape, generator=gen) * 2 + 0.5).to(x.dtype)
+    try:
+        with torch.no_grad():
+            y1, y2 = mod(probe), mod(probe * 16)
+    except Exception:  # noqa: BLE001 - a module that cannot run on one tensor is not a norm
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.shape == probe.shape for t in (y1, y2)):
+        return None
+    y1, y2, z0 = y1.detach().double(), y2.detach().double(), probe.double()
+    size = y1.norm()
+    if not torch.isfinite(size) or size == 0 or (y1 - y2).norm() > 1e-3 * size:
+        return None  # not scale-invariant
     affines = [(own[0], own[1]), (own[1], own[0])] if len(own) == 2 else [
-        (own[0] if own else torch.ones(dim, dtype=x.dtype), torch.zeros(dim, dtype=x.dtype))]
-    mu = x.mean(-1, keepdim=True)
-    var, ms = x.var(-1, unbiased=False, keepdim=True), (x * x).mean(-1, keepdim=True)
-    for kind, z in (("layernorm", (x - mu) / torch.sqrt(var + 1e-5)),
-                    ("layernorm", (x - mu) / torch.sqrt(var + 1e-12)),
-                    ("rmsnorm", x / torch.sqrt(ms + 1e-6))):
-        if not own and (z - x).norm() < 1e-2 * x.norm():
-            continue  # the input was normalized already: this module did not do it
+        (own[0] if own else torch.ones(dim, dtype=z0.dtype), torch.zeros(dim, dtype=z0.dtype))]
+    mu = z0.mean(-1, keepdim=True)
+    var, ms = z0.var(-1, unbiased=False, keepdim=True), (z0 * z0).mean(-1, keepdim=True)
+    for kind, z in (("layernorm", (z0 - mu) / torch.sqrt(var)), ("rmsnorm", z0 / torch.sqrt(ms))):
         for w, b in affines:
-            err = (z * w + b - y).norm() / y.norm().clamp_min(1e-12)
-            if err < 1e-3:
+            if (z * w + b - y1).norm() < 1e-3 * size:
+                cache[id(mod)] = kind
                 return kind
     return None
 
 
 def _norms(a: _Analyzer) -> list[NormSite]:
     by_out: dict[int, tuple[str, str, int]] = {}
+    cache: dict[int, str | None] = {}
     for call in a.g.calls:
         if call.output_node is None or call.output_node < 0:
             continue
-        kind = _norm_kind(call)
+        kind = _norm_kind(call, cache)
         if kind is None:
             continue
         prev = by_out.get(call.output_node)
         if prev is None or len(call.path) > len(prev[0]):  # the innermost module wins
             by_out[call.output_node] = (call.path, kind, call.output.shape[-1])
-    sites = []
+    # a norm run several times (shared across depth or towers) is one site over all its calls
+    merged: dict[str, tuple[str, int, list[str], list[str]]] = {}
     for out_node, (path, kind, dim) in by_out.items():
         a.norm_out[out_node] = path
-        linears, others = [], []
+        _, _, linears, others = merged.setdefault(path, (kind, int(dim), [], []))
         for c in a.pass_consumers(out_node):
             if c == -1:
                 others.append("model output")
@@ -266,9 +305,11 @@ def _norms(a: _Analyzer) -> list[NormSite]:
                 linears.append(w) if w else others.append(n.op)
             else:
                 others.append(n.op)
+    sites = []
+    for path, (kind, dim, linears, others) in merged.items():
         linears = list(dict.fromkeys(linears))
         if linears:
-            sites.append(NormSite(path, kind, int(dim), tuple(linears),
+            sites.append(NormSite(path, kind, dim, tuple(linears),
                                   tuple(dict.fromkeys(others)), not others))
     return sorted(sites, key=lambda s: s.module)
 
@@ -395,6 +436,9 @@ def discover(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
     smap.convs = list(dict.fromkeys(
         a.owner.get(next(p for p in n.params if p), "") for n in graph.nodes
         if n.op in CONV_OPS and any(n.params)))
+    for c in graph.calls:  # modules owning parameters, in order of first call
+        if next(c.module.parameters(recurse=False), None) is not None:
+            smap.executions[c.path] = smap.executions.get(c.path, 0) + 1
     smap.params = sum(p.numel() for p in model.parameters())
     batch = next((t.shape[0] for t in inputs.values() if isinstance(t, torch.Tensor)
                   and t.dim() > 0), 1)

@@ -160,11 +160,15 @@ def record(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[Gra
     Runs with autograd enabled (but no backward), so fused inference fast paths such as
     ``torch._transformer_encoder_layer_fwd`` are not taken and attention stays visible.
     """
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    names: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), n)  # a shared parameter keeps its first name, as named_parameters()
     rec = _Recorder(names)
     calls: list[ModuleCall] = []
     handles = []
-    paths = {m: n for n, m in model.named_modules(remove_duplicate=False)}
+    paths: dict[torch.nn.Module, str] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(m, n)  # a module registered twice keeps its first path
 
     def pre(mod, args, kwargs):
         rec.stack.append(paths.get(mod, "?"))
@@ -181,7 +185,7 @@ def record(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[Gra
             tin, tout,
         ))
 
-    for m in paths:
+    for m in paths:  # each module object once: a shared module is hooked once, recorded per call
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(m.register_forward_hook(post, with_kwargs=True))
     for t in inputs.values():
@@ -196,7 +200,7 @@ def record(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[Gra
         for h in handles:
             h.remove()
         model.train(was_training)
-    flat = out.to_tuple() if hasattr(out, "to_tuple") else out
-    leaves = [t for t in tree_flatten(flat)[0] if isinstance(t, torch.Tensor)]
-    outputs = {rec.producer[id(t)] for t in leaves if id(t) in rec.producer}
+    from slimformer.models.outputs import leaves
+
+    outputs = {rec.producer[id(t)] for t in leaves(out).values() if id(t) in rec.producer}
     return Graph(rec.nodes, calls, names, outputs), out
