@@ -610,6 +610,7 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
             res = build_hls(net, hcfg, staging, calib, test if csim else None, compile=csim)
             where = str(res.project_dir)
         res.notes = [n.replace(where, str(out)) for n in res.notes]
+        res.synth_command = res.synth_command.replace(where, str(out))
         res.project_dir = out
     table = Table(title=f"hls4ml project {out}")
     table.add_column("metric")

@@ -1,0 +1,45 @@
+"""Bad command-line input: one line, exit 2, no traceback; --debug shows the traceback."""
+
+import pytest
+
+from .conftest import no_traceback
+
+
+@pytest.mark.parametrize("args, what", [
+    (["inspect", "hf:bert", "--config", "{bad"], "--config: not valid JSON"),
+    (["inspect", "hf:bert", "--config", "[1, 2]"], "must be a JSON object"),
+    (["inspect", "zoo:vit-fmnis"], "unknown zoo model 'vit-fmnis'; the zoo has"),
+    (["inspect", "no-such-model"], "is not a zoo model"),
+    (["export", "lint", "{garbage}"], "is not a readable ONNX file"),
+    (["export", "lint", "{missing}"], "does not exist"),
+    (["run", "{missing}"], "does not exist"),
+    (["run", "{garbage}"], "not UTF-8"),
+])
+def test_typed_error_exit_2(tmp_path, cli, args, what):
+    garbage = tmp_path / "g.onnx"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    subst = {"{garbage}": str(garbage), "{missing}": str(tmp_path / "missing.onnx")}
+    args = [subst.get(a, a) for a in args]
+    res = cli(*args)
+    assert res.exit_code == 2, res.output
+    assert "error:" in res.output and what in res.output, res.output
+    no_traceback(res)
+
+
+def test_debug_shows_the_traceback(tmp_path, cli, monkeypatch):
+    garbage = tmp_path / "g.onnx"
+    garbage.write_bytes(b"\x00\x01garbage")
+    res = cli("--debug", "export", "lint", garbage)
+    assert res.exit_code != 2 and res.exception is not None  # re-raised for the bug report
+    monkeypatch.setenv("SLIMFORMER_DEBUG", "1")
+    res = cli("export", "lint", garbage)
+    assert res.exception is not None and "ExportError" in type(res.exception).__name__
+
+
+def test_library_errors_at_the_boundary_are_exit_2(tmp_path, cli):
+    """A library error bad input causes (here: a folder where a file must be) is one line."""
+    d = tmp_path / "dir.onnx"
+    d.mkdir()
+    res = cli("export", "tensorrt", d, "--out", tmp_path / "e.plan")
+    assert res.exit_code == 2, res.output
+    no_traceback(res)
