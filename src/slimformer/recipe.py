@@ -32,6 +32,8 @@ from slimformer.prune.config import PruneConfig
 from slimformer.quantize.config import QuantConfig
 
 RECIPE_VERSION = 1
+NAME_PATTERN = r"^[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
+_PATTERN_WORDS = {NAME_PATTERN: "must be letters, digits, '_', '.' and '-' only, and not only dots"}
 DATASET_NAMES = ("fashion-mnist", "vader-movie", "trec", "digits-seq")
 
 
@@ -181,7 +183,7 @@ class Recipe(_Strict):
     """A whole run: model, data, stages in order, output."""
 
     version: Literal[1] = RECIPE_VERSION
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "run"
+    name: Annotated[str, Field(min_length=1, max_length=200, pattern=NAME_PATTERN)] = "run"
     seed: Annotated[int, Field(ge=0)] = 0
     model: ModelSpec = Field(default_factory=lambda: ZooSpec(name="vit-fmnist"))
     data: DataConfig = Field(default_factory=DataConfig)
@@ -260,6 +262,8 @@ def format_errors(exc: ValidationError, root: type[BaseModel] | None = None) -> 
             msg = _missing_tag(root, loc, err.get("ctx", {}))
         elif kind == "union_tag_invalid":
             msg = _bad_tag(err.get("ctx", {}))
+        elif kind == "string_pattern_mismatch":
+            msg = _PATTERN_WORDS.get(err.get("ctx", {}).get("pattern"), msg)
         got = err.get("input")
         show = kind not in ("missing", "union_tag_not_found", "union_tag_invalid") and \
             not isinstance(got, dict | list)

@@ -87,3 +87,10 @@ def test_factory_recipe_says_it_runs_code(tmp_path, cli):
     zoo = tmp_path / "z.yaml"
     zoo.write_text(yaml.safe_dump({"output": {"dir": str(tmp_path / "out")}}))
     assert "runs code" not in cli("validate", zoo).output
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b", "../x", ""])
+def test_recipe_name_cannot_point_elsewhere(name):
+    with pytest.raises(ConfigError, match="name: ") as e:
+        parse_recipe({"name": name})
+    assert "pattern" not in str(e.value) or name == ""
