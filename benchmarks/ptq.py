@@ -67,9 +67,9 @@ def ort_static(lm, calib, test, p0, y, n_calib, batch=50):
             self.m = model
 
         def forward(self, *xs):
-            from slimformer.models.evaluate import _logits
+            from slimformer.models.outputs import require_class_scores
 
-            return _logits(self.m(**dict(zip(names, xs, strict=True))))
+            return require_class_scores(self.m(**dict(zip(names, xs, strict=True))))
 
     def rows(ds, i, j):
         return [ds.inputs[k][i:j] for k in names]

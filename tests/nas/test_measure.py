@@ -161,7 +161,7 @@ def test_learned_rounding_settings_reach_the_sub_network_quantizer():
     """``SearchConfig.clip_steps`` / ``recon_steps`` reach ``QuantConfig``; with reconstruction a
     3-bit sub-network's logits are closer to the float sub-network's than with nearest rounding.
     """
-    from slimformer.models.evaluate import _logits
+    from slimformer.models.outputs import require_class_scores
     from slimformer.nas.config import SearchConfig
     from slimformer.nas.measure import extract, quant_config
     from slimformer.recipe import parse_recipe
@@ -186,7 +186,7 @@ def test_learned_rounding_settings_reach_the_sub_network_quantizer():
                                     clip_steps=0, recon_steps=steps)
         rounded[steps] = sum(lq.alpha is not None for lq in qmodel.quant.linears.values())
         with torch.no_grad():
-            ref, out = _logits(fmodel(**x)), _logits(qmodel(**x))
+            ref, out = require_class_scores(fmodel(**x)), require_class_scores(qmodel(**x))
         err[steps] = float(((out - ref) ** 2).sum() / (ref ** 2).sum())  # relative to float
     assert rounded[0] == 0 and rounded[40] > 0
     assert err[40] < 0.9 * err[0], err

@@ -160,7 +160,7 @@ def _names(backend: str) -> tuple[str, ...]:
 
 
 def _csim(hls_model, graph, prec, config, base, qmodel, eval_data, reference_outputs) -> CsimResult:
-    from slimformer.models.evaluate import _logits
+    from slimformer.models.outputs import require_class_scores as scores
 
     x = _inputs(eval_data, None)
     labels = getattr(eval_data, "labels", None)
@@ -168,16 +168,16 @@ def _csim(hls_model, graph, prec, config, base, qmodel, eval_data, reference_out
     with torch.no_grad():
         y_ref = reference_outputs(graph, prec, x, config.table_size)[graph.outputs[0]]
         y_ref = y_ref.reshape(len(y_hls), -1)
-        y_float = _logits(base(**x)).double().reshape(len(y_hls), -1) if qmodel is None else None
+        y_float = scores(base(**x)).double().reshape(len(y_hls), -1) if qmodel is None else None
         if qmodel is not None:
             mode = [(m, m.mode) for m in qmodel.quant.modules() if hasattr(m, "mode")]
             qmodel.quant.set_mode("float")
-            y_float = _logits(qmodel(**x)).double().reshape(len(y_hls), -1)
+            y_float = scores(qmodel(**x)).double().reshape(len(y_hls), -1)
             for m, md in mode:
                 m.mode = md
                 if hasattr(m, "_cache"):
                     m._cache = None
-            y_q = _logits(qmodel(**x)).double().reshape(len(y_hls), -1)
+            y_q = scores(qmodel(**x)).double().reshape(len(y_hls), -1)
     if not torch.isfinite(y_hls).all():
         raise HardwareError("the C simulation produced NaN or inf")
 

@@ -1,4 +1,9 @@
-"""Evaluation: task metric, prediction agreement, latency (median of repeats) and size."""
+"""Evaluation: task metric, prediction agreement, output fidelity, latency and size.
+
+A model is judged by its class scores when the task has labels and the model has scores for them
+(:mod:`slimformer.models.outputs`); otherwise by agreement, cosine and SQNR of all its outputs
+against the float model (:func:`compare_to_reference`). :func:`evaluate` picks between the two.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from slimformer.errors import DataError
-
-
-def _logits(output) -> torch.Tensor:
-    """The class scores of a model output: a tensor, ``.logits``, or the first tuple element."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise DataError(f"cannot find class scores in a model output of type {type(output).__name__}")
+from slimformer.models import outputs as O
 
 
 def run_batch(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
@@ -38,11 +33,15 @@ def run_batch(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: Iterable,
             progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted classes ``(N,)`` and labels ``(N,)`` over a loader of ``(inputs, labels)``."""
+    """Predicted classes ``(N,)`` and labels ``(N,)`` over a loader of ``(inputs, labels)``.
+
+    Raises:
+        DataError: the model has no class scores for the labels (see :mod:`.outputs`).
+    """
     model.eval()
     preds, labels = [], []
     for inputs, y in loader:
-        preds.append(_logits(run_batch(model, inputs)).argmax(-1))
+        preds.append(O.require_class_scores(run_batch(model, inputs), y).argmax(-1))
         labels.append(y)
         if progress:
             progress(len(y))
@@ -60,6 +59,66 @@ def evaluate_accuracy(model: torch.nn.Module, loader: Iterable) -> float:
 def agreement(pred_a: torch.Tensor, pred_b: torch.Tensor) -> float:
     """Fraction of samples on which two models predict the same class."""
     return float((pred_a == pred_b).float().mean())
+
+
+@torch.no_grad()
+def compare_to_reference(model: torch.nn.Module, reference: torch.nn.Module, loader: Iterable,
+                         progress: Callable[[int], None] | None = None) -> dict:
+    """All outputs of ``model`` vs ``reference`` (the float model) over a loader.
+
+    Args:
+        model: the compressed model.
+        reference: the float model it came from (same outputs, same shapes).
+        loader: batches ``(inputs, labels)`` or ``inputs`` (labels unused).
+        progress: called with the rows of each batch.
+
+    Returns:
+        ``{"outputs": {name: {cosine, sqnr_db, max_abs, argmax_agreement?}}, "cosine": min,
+        "sqnr_db": min, "agreement": ...}`` (:meth:`.outputs.OutputStats.result`).
+    """
+    model.eval()
+    reference.eval()
+    stats = O.OutputStats()
+    for batch in loader:
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        stats.add(O.leaves(run_batch(reference, inputs)), O.leaves(run_batch(model, inputs)))
+        if progress:
+            progress(len(next(iter(inputs.values()))))
+    res = stats.result()
+    if not res["outputs"]:
+        raise DataError("the evaluation data set is empty (or the model returns no tensors)")
+    return res
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Iterable, reference: torch.nn.Module | None = None,
+             progress: Callable[[int], None] | None = None) -> dict:
+    """The task metric when the model has class scores for the labels, else output fidelity.
+
+    With class scores: ``{"accuracy", "samples"}`` plus, given ``reference``,
+    ``{"agreement"}`` (same predicted class) and ``"fidelity"`` (:func:`compare_to_reference`).
+    Without them: ``{"fidelity": compare_to_reference(...), "samples"}``, which needs
+    ``reference``.
+
+    Raises:
+        DataError: no class scores for the labels and no reference to compare with.
+    """
+    model.eval()
+    first = next(iter(loader), None)
+    if first is None:
+        raise DataError("the evaluation data set is empty")
+    inputs, labels = first
+    if not O.fits_labels(O.class_scores(run_batch(model, inputs)), labels):
+        if reference is None:
+            O.require_class_scores(run_batch(model, inputs), labels)  # raises, naming outputs
+        fid = compare_to_reference(model, reference, loader, progress)
+        return {"fidelity": fid, "samples": sum(len(y) for _, y in loader)}
+    preds, y = predict(model, loader, progress)
+    res: dict = {"accuracy": float((preds == y).float().mean()), "samples": len(y)}
+    if reference is not None:
+        res["agreement"] = agreement(preds, predict(reference, loader)[0])
+        res["fidelity"] = compare_to_reference(model, reference, loader)
+    return res
 
 
 @torch.no_grad()

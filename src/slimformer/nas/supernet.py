@@ -155,10 +155,10 @@ class SuperNet:
 
 
 def task_loss(output, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the class scores of a model output."""
-    from slimformer.models.evaluate import _logits
+    """Cross-entropy of the class scores of a model output (:class:`DataError` without them)."""
+    from slimformer.models.outputs import require_class_scores
 
-    return F.cross_entropy(_logits(output).float(), labels)
+    return F.cross_entropy(require_class_scores(output, labels).float(), labels)
 
 
 def train_supernet(net: SuperNet, train_data, steps: int, batch_size: int, lr: float,
@@ -170,7 +170,7 @@ def train_supernet(net: SuperNet, train_data, steps: int, batch_size: int, lr: f
     ones on ``(1 - distill) * CE + distill * KL(largest)``; one AdamW step on the summed gradient.
     """
     from slimformer.data.datasets import make_loader
-    from slimformer.models.evaluate import _logits
+    from slimformer.models.outputs import require_class_scores
 
     if steps <= 0:
         return {"steps": 0}
@@ -193,14 +193,14 @@ def train_supernet(net: SuperNet, train_data, steps: int, batch_size: int, lr: f
                 inputs, labels = next(it)
             opt.zero_grad(set_to_none=True)
             with net.applied(None):
-                big = _logits(model(**inputs)).float()
+                big = require_class_scores(model(**inputs), labels).float()
             loss = F.cross_entropy(big, labels)
             loss.backward()
             soft = F.softmax(big.detach(), -1)
             subs = [net.space.smallest()] + [net.space.random(rng) for _ in range(sandwich - 2)]
             for sub in subs[:max(0, sandwich - 1)]:
                 with net.applied(sub):
-                    out = _logits(model(**inputs)).float()
+                    out = require_class_scores(model(**inputs), labels).float()
                 kd = F.kl_div(F.log_softmax(out, -1), soft, reduction="batchmean")
                 sub_loss = (1 - distill) * F.cross_entropy(out, labels) + distill * kd
                 sub_loss.backward()

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from slimformer.errors import ConfigError, UnsupportedModelError
 from slimformer.models.structure import AttentionSite, LinearRef, StructureMap
@@ -295,11 +294,6 @@ def _slice_mlp(s: _Surgeon, site, kept: list[int]) -> None:
 # checking
 
 
-def _outputs(out) -> list[torch.Tensor]:
-    flat = out.to_tuple() if hasattr(out, "to_tuple") else out
-    return [t for t in tree_flatten(flat)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
 @torch.no_grad()
 def masked_reference(model: nn.Module, structure: StructureMap, spec: SliceSpec) -> nn.Module:
     """A copy of ``model`` with the pruned heads' and units' contributions zeroed (full size)."""
@@ -340,23 +334,35 @@ def masked_reference(model: nn.Module, structure: StructureMap, spec: SliceSpec)
 
 
 @torch.no_grad()
-def compare(model: nn.Module, ref: nn.Module, inputs: dict) -> str | None:
-    """``None`` when ``model(**inputs)`` matches ``ref(**inputs)`` (relative error < 1e-4)."""
+def compare(model: nn.Module, ref: nn.Module, inputs: dict, seed: int = 0) -> str | None:
+    """``None`` when ``model(**inputs)`` matches ``ref(**inputs)`` (relative error < 1e-4).
+
+    Every output (:func:`~slimformer.models.outputs.leaves`) is compared. Both forwards run on a
+    forked RNG seeded with ``seed``, so a model that samples in ``forward`` (random patch
+    dropout, ``torch.randperm``) draws the same numbers in both and the caller's RNG is untouched.
+    """
+    from slimformer.models.outputs import leaves, seeded_forward
+
     model.eval()
     ref.eval()
     try:
-        got = _outputs(model(**inputs))
+        got = leaves(seeded_forward(model, inputs, seed))
     except Exception as e:  # noqa: BLE001 - any failure of the sliced forward is the finding
         return f"the sliced forward failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-    want = _outputs(ref(**inputs))
-    if len(got) != len(want):
-        return f"the sliced model returns {len(got)} tensors, the original {len(want)}"
-    for j, (a, b) in enumerate(zip(got, want, strict=True)):
+    want = leaves(seeded_forward(ref, inputs, seed))
+    if list(got) != list(want):
+        return f"the sliced model returns outputs {list(got)}, the original {list(want)}"
+    for k, b in want.items():
+        a = got[k]
         if a.shape != b.shape:
-            return f"output {j} has shape {tuple(a.shape)}, expected {tuple(b.shape)}"
+            return f"output {k} has shape {tuple(a.shape)}, expected {tuple(b.shape)}"
+        if not b.is_floating_point():
+            if not torch.equal(a, b):
+                return f"output {k} differs from the masked original"
+            continue
         err = float((a - b).norm() / b.norm().clamp_min(1e-12))
         if not err < 1e-4:
-            return f"output {j} differs from the masked original (relative error {err:.2e})"
+            return f"output {k} differs from the masked original (relative error {err:.2e})"
     return None
 
 

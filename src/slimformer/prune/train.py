@@ -1,8 +1,11 @@
 """Training pieces shared by the search and the fine-tuning: batches, the loss, the optimizer.
 
 The loss is ``(1 - distill) * CE(labels) + distill * T^2 KL(teacher_T || student_T)`` on the
-model's class scores (a tensor, ``.logits`` or the first output). Models whose output is not class
-scores for the labels (e.g. a base encoder) are trained by distillation alone.
+model's class scores (:func:`slimformer.models.outputs.class_scores`). Models without class scores
+for the labels (e.g. a base encoder) are trained by distillation alone: KL on their class scores
+when they have some, else the normalized MSE of all outputs
+(:func:`~slimformer.models.outputs.normalized_mse`; outputs whose shape pruning changed, such as
+attention maps of cut heads, are left out).
 """
 
 from __future__ import annotations
@@ -33,44 +36,48 @@ def batches(data, batch_size: int, seed: int) -> Iterator[tuple[dict, torch.Tens
         epoch += 1
 
 
-def scores(output) -> torch.Tensor:
-    """Class scores (or the first floating output) of a model output."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if getattr(output, "logits", None) is not None:
-        return output.logits
-    flat = output.to_tuple() if hasattr(output, "to_tuple") else output
-    if isinstance(flat, (tuple, list)):
-        for t in flat:
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                return t
-    raise ConfigError([f"cannot find class scores in a model output of type "
-                       f"{type(output).__name__}"], "prune")
+def _distill_outputs(got: dict, want: dict) -> tuple[dict, dict]:
+    """The outputs of student and teacher with the same name and shape (pruning may change some)."""
+    keep = [k for k, t in want.items() if k in got and got[k].shape == t.shape
+            and t.is_floating_point()]
+    if not keep:
+        raise ConfigError([f"distill: the pruned model's outputs ({', '.join(got)}) share none of "
+                           f"the teacher's ({', '.join(want)}) in name and shape"], "prune")
+    return {k: got[k] for k in keep}, {k: want[k] for k in keep}
 
 
 def make_loss(distill: float, temperature: float,
               teacher: nn.Module | None) -> Callable[[nn.Module, dict, torch.Tensor], torch.Tensor]:
     """``loss(model, inputs, labels)`` of the module docstring."""
+    from slimformer.models.outputs import class_scores, fits_labels, leaves, normalized_mse
 
     def loss(model: nn.Module, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-        s = scores(model(**inputs))
-        is_cls = s.dim() == 2 and s.shape[0] == labels.shape[0] and not labels.is_floating_point()
-        total = s.new_zeros(())
+        out = model(**inputs)
+        s = class_scores(out)
+        is_cls = fits_labels(s, labels)
         w_kd = distill if is_cls else 1.0
+        total = None
         if is_cls and distill < 1.0:
-            total = total + (1.0 - distill) * nn.functional.cross_entropy(s, labels)
+            ce = nn.functional.cross_entropy(s.flatten(0, -2), labels.flatten())
+            total = (1.0 - distill) * ce
         if w_kd > 0 and teacher is not None:
             with torch.no_grad():
-                t = scores(teacher(**inputs))
-            tt = temperature
-            kd = nn.functional.kl_div(nn.functional.log_softmax(s / tt, -1),
-                                      nn.functional.log_softmax(t / tt, -1),
-                                      log_target=True, reduction="batchmean") * tt * tt
-            total = total + w_kd * kd
+                t_out = teacher(**inputs)
+            t = class_scores(t_out)
+            if s is not None and t is not None and s.shape == t.shape:
+                tt = temperature
+                kd = nn.functional.kl_div(nn.functional.log_softmax(s / tt, -1),
+                                          nn.functional.log_softmax(t / tt, -1),
+                                          log_target=True, reduction="batchmean") * tt * tt
+            else:  # no class scores (a base model): match every output the teacher has
+                kd = normalized_mse(*_distill_outputs(leaves(out), leaves(t_out)))
+            total = w_kd * kd if total is None else total + w_kd * kd
         elif not is_cls:
             raise ConfigError(["distill: the model's output is not class scores for the labels, "
                                "so it can only be trained by distillation (distill > 0)"],
                               "prune")
+        if total is None:  # distill == 1 with no teacher
+            raise ConfigError(["distill: 1.0 needs a teacher"], "prune")
         return total
 
     return loss

@@ -148,17 +148,21 @@ def _sample_rows(x: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
 
 
 def _output_error(qmodel: QuantizedModel, calib_data, config: QuantConfig) -> float:
-    """Mean squared difference of the quantized and float model outputs on the calibration data."""
-    from slimformer.models.evaluate import _logits
+    """Output error of the quantized vs the float model on the calibration data.
+
+    Every output counts: the mean over batches of :func:`~slimformer.models.outputs.normalized_mse`
+    (so base models without class scores are judged on all their outputs).
+    """
+    from slimformer.models.outputs import leaves, normalized_mse
 
     state, total, count = qmodel.quant, 0.0, 0
     with torch.no_grad():
         for inputs in _batches(calib_data, config.calib_batch_size, config.calib_samples):
             state.set_mode("float")
-            ref = _logits(qmodel(**inputs))
+            ref = leaves(qmodel(**inputs))
             state.set_mode("quant")
-            total += float(((_logits(qmodel(**inputs)) - ref) ** 2).sum())
-            count += ref.numel()
+            total += float(normalized_mse(leaves(qmodel(**inputs)), ref))
+            count += 1
     return total / max(count, 1)
 
 
