@@ -53,7 +53,8 @@ def tokenizer():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True,
+                                         trust_remote_code=False)
 
 
 def split_indices(n: int, test_size: int, calib_size: int, seed: int = SPLIT_SEED) -> dict:

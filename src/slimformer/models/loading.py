@@ -95,6 +95,38 @@ def spec_from_mapping(data: dict, source: str = "model spec"):
         raise ConfigError(format_errors(exc), source) from None
 
 
+def refuse_untrusted(spec, source: str, trust_code: bool = False) -> None:
+    """Refuse a :class:`~slimformer.models.spec.FactorySpec` read from a file unless trusted.
+
+    Loading a factory imports a module and calls it: code runs. Zoo, ``timm:``, ``hf:`` and
+    local Hugging Face directories run none of the folder's code and always pass.
+
+    Raises:
+        ModelLoadError: ``spec`` names a factory and ``trust_code`` is False.
+    """
+    if isinstance(spec, S.FactorySpec) and not trust_code:
+        mod, _, attr = spec.factory.partition(":")
+        raise ModelLoadError(
+            f"{source} names the model factory {spec.factory!r}: loading it would import module "
+            f"{mod!r} and call {attr!r}, which runs code. Load it only if you trust whoever wrote "
+            "it: pass --trust-code (CLI) or trust_code=True (API)")
+
+
+def saved_model_spec(data, source: str, trust_code: bool = False):
+    """Validate a model spec read from a saved folder; a factory needs ``trust_code``.
+
+    Raises:
+        ModelLoadError: The spec is invalid, or names a factory and ``trust_code`` is False.
+    """
+    try:
+        spec = TypeAdapter(S.ModelSpec).validate_python(data)
+    except ValidationError as exc:
+        raise ModelLoadError(f"{source}: model_spec is invalid ({exc.error_count()} problem(s), "
+                             f"first: {exc.errors()[0]['msg'][:200]})") from None
+    refuse_untrusted(spec, source, trust_code)
+    return spec
+
+
 def load_model(spec) -> LoadedModel:
     """Load the model a spec describes; every failure is a :class:`ModelLoadError`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -203,13 +235,36 @@ def _hf_from_dir(spec: S.HfDirSpec) -> torch.nn.Module:
     from transformers import AutoConfig
 
     path = Path(spec.path)
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)")
+    _refuse_custom_code(path)
     try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        return _hf_class(spec.task, config).from_pretrained(str(path), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True,
+                                            trust_remote_code=False)
+        return _hf_class(spec.task, config).from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise ModelLoadError(f"cannot load Hugging Face model from {path}: {exc}") from exc
+
+
+def _refuse_custom_code(path: Path) -> None:
+    """A directory whose ``config.json`` maps classes to its own Python files is refused."""
+    import json
+
+    from slimformer.report.integrity import read_manifest
+
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)")
+    cfg = read_manifest(path / "config.json", redo="fix or replace the file")
+    if "auto_map" in cfg:
+        from transformers import CONFIG_MAPPING
+
+        kind = cfg.get("model_type")
+        way = (f"delete the auto_map entry from its config.json to load it with transformers' "
+               f"own {kind!r} code" if kind in CONFIG_MAPPING else
+               "convert it to an architecture transformers ships")
+        raise ModelLoadError(
+            f"{path}: config.json has an auto_map naming the directory's own Python code "
+            f"({json.dumps(cfg['auto_map'])[:200]}); slimformer does not run a model directory's "
+            f"own Python files; {way}")
 
 
 def _hf_from_config(spec: S.HfConfigSpec) -> torch.nn.Module:
@@ -223,7 +278,7 @@ def _hf_from_config(spec: S.HfConfigSpec) -> torch.nn.Module:
     kwargs = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
     torch.manual_seed(spec.seed)
     try:
-        return _hf_class(spec.task, config).from_config(config, **kwargs)
+        return _hf_class(spec.task, config).from_config(config, trust_remote_code=False, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"cannot build {spec.model_type!r} ({spec.task}): {exc}") from exc
 

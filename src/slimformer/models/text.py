@@ -22,7 +22,8 @@ def load_minilm() -> nn.Module:
     from slimformer.data.text import minilm_path
 
     logging.disable_progress_bar()
-    return AutoModel.from_pretrained(str(minilm_path()), local_files_only=True).eval()
+    return AutoModel.from_pretrained(str(minilm_path()), local_files_only=True,
+                                     trust_remote_code=False).eval()
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -147,24 +147,101 @@ def _prepare(model, config: SearchConfig, eval_data, structure):
     return structure, space, SuperNet(model, structure, space), notes
 
 
-def _model_id(structure) -> str:
+def _model_id(model: nn.Module, structure) -> str:
+    """The model's shape (params, MACs, heads, MLP widths) and the SHA-256 of its weights."""
+    from slimformer.report.integrity import module_fingerprint
+
     return (f"{structure.params}:{structure.macs}:{[a.heads for a in structure.attention]}:"
-            f"{[m.hidden for m in structure.mlps]}")
+            f"{[m.hidden for m in structure.mlps]}:{module_fingerprint(model)}")
 
 
-def _supernet(net, config: SearchConfig, train_data, progress, fp: str) -> dict:
-    """Load the fine-tuned super-network, or rank + fine-tune + save it."""
+def fingerprints(model: nn.Module, structure, config: SearchConfig, train_data, eval_data,
+                 calib_data=None) -> dict[str, dict[str, str]]:
+    """What a study and a super-network belong to: model, data and config fingerprints.
+
+    Returns:
+        ``{"study": {...}, "supernet": {...}}``, each ``{"model", "data", "config"}`` hex
+        strings: the study's data are the training, evaluation and calibration rows, the
+        super-network's the training rows; its config holds only the fields that change the
+        fine-tuning (:meth:`SearchConfig.supernet_fingerprint`).
+    """
+    from slimformer.report.integrity import data_fingerprint
+
+    model_id = _model_id(model, structure)
+    train = data_fingerprint(train_data)
+    data = ":".join([train, data_fingerprint(eval_data), data_fingerprint(calib_data)])
+    return {"study": {"model": model_id, "data": data, "config": config.fingerprint()},
+            "supernet": {"model": model_id, "data": train,
+                         "config": config.supernet_fingerprint()}}
+
+
+_PARTS = {"model": "model (other weights or shape)", "data": "data", "config": "config"}
+
+
+def _refuse_other_study(storage, name: str, parts: dict[str, str]) -> None:
+    """A study ``name`` in ``storage`` made from another model, data or config is refused.
+
+    Raises:
+        ConfigError: Naming which of model / data / config differs and the way out.
+    """
+    from slimformer.errors import ConfigError
+
+    try:
+        have = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
+    except KeyError:  # no such study yet
+        return
+    recorded = have.get("fingerprint_parts")
+    if not isinstance(recorded, dict):
+        return  # an older study: open_study compares the whole fingerprint
+    diff = [_PARTS[k] for k in _PARTS if recorded.get(k) != parts[k]]
+    if diff:
+        raise ConfigError([f"study: {name!r} exists in this storage, measured with another "
+                           f"{' and another '.join(diff)}; use another study name or storage, "
+                           "or delete that study to start afresh"], "search config")
+
+
+def _supernet(net, config: SearchConfig, train_data, progress, key: dict[str, str]) -> dict:
+    """Load the fine-tuned super-network, or rank + fine-tune + save it.
+
+    ``key``: the super-network's ``{"model", "data", "config"}`` fingerprints; a file with
+    another key is refused, never overwritten.
+
+    Raises:
+        ModelLoadError: The file is unreadable or damaged, or of another model, data or config.
+    """
     from slimformer.data.datasets import make_loader
+    from slimformer.errors import ModelLoadError
     from slimformer.nas.supernet import task_loss, train_supernet
     from slimformer.report.io import atomic_path
 
     path = Path(config.supernet_file())
     if path.is_file():
-        ck = torch.load(path, weights_only=True)
-        if ck.get("fingerprint") == fp:
+        way = f"delete {path} or set supernet_path to another file"
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated/garbage files fail in pickle, zip or torch
+            raise ModelLoadError(f"super-network file {path} cannot be read ("
+                                 f"{type(exc).__name__}: {str(exc)[:160]}): damaged or not a "
+                                 f"slimformer super-network; {way}") from None
+        have = ck.get("key") if isinstance(ck, dict) else None
+        if not isinstance(have, dict):
+            raise ModelLoadError(f"super-network file {path} has no model/data/config "
+                                 f"fingerprint (not written by this slimformer); {way}")
+        diff = [_PARTS[k] for k in _PARTS if have.get(k) != key[k]]
+        if diff:
+            raise ModelLoadError(f"super-network file {path} was trained from another "
+                                 f"{' and another '.join(diff)}; {way}")
+        missing = [f for f in ("state_dict", "rank", "train") if f not in ck]
+        if missing:
+            raise ModelLoadError(f"super-network file {path} lacks {', '.join(missing)}: "
+                                 f"damaged; {way}")
+        try:
             net.model.load_state_dict(ck["state_dict"])
             net.load_state(ck["rank"])
-            return dict(ck["train"], resumed=True)
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"super-network file {path} does not fit the model "
+                                 f"({str(exc)[:300]}); {way}") from None
+        return dict(ck["train"], resumed=True)
     if config.importance_batches:
         loader = make_loader(train_data, config.batch_size, shuffle=True, seed=config.seed)
         batches = [b for _, b in zip(range(config.importance_batches), loader, strict=False)]
@@ -175,7 +252,7 @@ def _supernet(net, config: SearchConfig, train_data, progress, fp: str) -> dict:
                            config.sandwich, config.distill, config.seed, progress)
     with atomic_path(path) as tmp:
         torch.save({"state_dict": net.model.state_dict(), "rank": net.state(),
-                    "fingerprint": fp, "train": stats}, tmp)
+                    "key": key, "train": stats}, tmp)
     return stats
 
 
@@ -205,8 +282,12 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
     original = copy.deepcopy(model).eval()
     structure, space, net, notes = _prepare(copy.deepcopy(model).eval(), config, eval_data,
                                             structure)
-    fp = config.fingerprint(_model_id(structure))
+    keys = fingerprints(original, structure, config, train_data, eval_data, calib_data)
+    _refuse_other_study(storage, config.study, keys["study"])
+    fp = config.fingerprint(keys["study"]["model"] + keys["study"]["data"])
     study = st.open_study(storage, config.study, objectives, fp)
+    if "fingerprint_parts" not in study.user_attrs:
+        study.set_user_attr("fingerprint_parts", keys["study"])
     stale = st.fail_stale(storage, study)
     result = SearchResult(objectives, space_size=space.size(), notes=notes)
     if stale:
@@ -214,7 +295,7 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
     if worker and not Path(config.supernet_file()).is_file():
         raise StageError(f"worker: no super-network at {config.supernet_file()}; run the search "
                          "once without the worker flag (it fine-tunes and saves it) first")
-    result.train = _supernet(net, config, train_data, tick, fp)
+    result.train = _supernet(net, config, train_data, tick, keys["supernet"])
     evald = _subset(eval_data, config.eval_limit)
     calib = calib_data if calib_data is not None else train_data
     lat_in = None

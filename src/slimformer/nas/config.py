@@ -144,3 +144,13 @@ class SearchConfig(BaseModel):
             "latency_batch", "seed", "softmax"})
         text = json.dumps(keep, sort_keys=True) + model_id
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def supernet_fingerprint(self) -> str:
+        """Hash of the settings that change the fine-tuned super-network (not its measuring)."""
+        import hashlib
+        import json
+
+        keep = self.model_dump(mode="json", include={
+            "space", "train_steps", "sandwich", "batch_size", "lr", "distill",
+            "importance_batches", "seed"})
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,12 +1,22 @@
-"""Write a search's results: front table (Markdown, JSON), front plot, the chosen sub-network."""
+"""Write a search's results: front table (Markdown, JSON), front plot, the chosen sub-network.
+
+``search.json`` records the SHA-256 of every file written and the dtype and shape of each tensor
+of ``chosen.safetensors``; :func:`load_chosen` checks them before it builds anything.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from slimformer import __version__
+from slimformer.errors import ModelLoadError
 from slimformer.nas.api import SearchResult
 from slimformer.nas.pareto import plot_front
+
+FORMAT_VERSION = 1
+MANIFEST, TENSORS, SPEC = "search.json", "chosen.safetensors", "chosen.json"
+REDO = "run the search again (it resumes its study) to write the folder afresh"
 
 
 def _clean(row: dict) -> dict:
@@ -40,11 +50,13 @@ def predictor_lines(result: SearchResult) -> list[str]:
 
 
 def write_search(result: SearchResult, out_dir: str | Path) -> None:
-    """``front.json``, ``front.md``, ``front.png`` and ``chosen.safetensors`` into ``out_dir``.
+    """``front.json``, ``front.md``, ``front.png``, ``chosen.*`` and ``search.json`` into ``out_dir``.
 
     The folder is expected to be a fresh (temporary) one: callers wrap it in an atomic writer.
     """
     from safetensors.torch import save_file
+
+    from slimformer.report.integrity import seal, tensor_manifest
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,29 +73,58 @@ def write_search(result: SearchResult, out_dir: str | Path) -> None:
               "measured front": result.front}
     plot_front(groups, result.objectives, out / "front.png", result.reference,
                "sub-networks: accuracy against cost")
+    files = ["front.json", "front.md", "front.png"]
+    meta = {"format_version": FORMAT_VERSION, "slimformer_version": __version__, "tensors": {}}
     if result.float_model is not None:
         state = {k: v.detach().contiguous().clone() for k, v in
                  result.float_model.state_dict().items()}
-        save_file(state, str(out / "chosen.safetensors"))
-        (out / "chosen.json").write_text(json.dumps(result.chosen_spec, indent=2) + "\n",
-                                         encoding="utf-8")
+        save_file(state, str(out / TENSORS))
+        (out / SPEC).write_text(json.dumps(result.chosen_spec, indent=2) + "\n",
+                                encoding="utf-8")
+        files += [TENSORS, SPEC]
+        meta["tensors"] = tensor_manifest(out / TENSORS)
+    (out / MANIFEST).write_text(json.dumps(seal(meta, out, files), indent=2) + "\n",
+                                encoding="utf-8")
 
 
 def load_chosen(model, structure, folder: str | Path):
     """Rebuild the chosen float sub-network from ``model`` (the searched base model).
 
-    Slices ``model`` (a copy) as ``chosen.json`` says, drops its blocks and loads
+    Checks ``search.json`` (file hashes, tensor manifest), slices ``model`` (a copy) as
+    ``chosen.json`` says, drops its blocks, checks every tensor's shape and loads
     ``chosen.safetensors`` strictly; quantize it again with the recorded bits to deploy.
+
+    Raises:
+        ModelLoadError: A file missing, edited, truncated or of the wrong shape, or the folder
+            holds no chosen sub-network.
     """
+    from slimformer.nas.measure import DroppedBlock
+    from slimformer.prune.serialize import check_shapes
+    from slimformer.prune.slicing import SliceSpec, slice_model
+    from slimformer.report.integrity import read_manifest, read_sealed
+
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file() and not (folder / TENSORS).exists():
+        raise ModelLoadError(f"{folder} holds no chosen sub-network (the search chose none)")
+    meta = read_sealed(folder, MANIFEST, TENSORS, ("tensors",), FORMAT_VERSION, REDO,
+                       "search output")
+    if SPEC not in meta["integrity"]["files"]:
+        raise ModelLoadError(f"{folder / MANIFEST} does not record {SPEC}; {REDO}")
+    spec = read_manifest(folder / SPEC, ("heads", "mlp", "dropped_blocks"), REDO)
+    try:
+        out = slice_model(model, structure, SliceSpec.from_dict(spec), inplace=False)
+        for path, n in spec["dropped_blocks"].items():
+            parent, _, child = path.rpartition(".")
+            setattr(out.get_submodule(parent) if parent else out, child, DroppedBlock(n))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"{folder / SPEC} does not fit the model ({str(exc)[:300]}); "
+                             f"{REDO}") from None
+    check_shapes(out, meta["tensors"], folder / TENSORS, REDO)
     from safetensors.torch import load_file
 
-    from slimformer.nas.measure import DroppedBlock
-    from slimformer.prune.slicing import SliceSpec, slice_model
-
-    spec = json.loads((Path(folder) / "chosen.json").read_text(encoding="utf-8"))
-    out = slice_model(model, structure, SliceSpec.from_dict(spec), inplace=False)
-    for path, n in spec["dropped_blocks"].items():
-        parent, _, child = path.rpartition(".")
-        setattr(out.get_submodule(parent) if parent else out, child, DroppedBlock(n))
-    out.load_state_dict(load_file(str(Path(folder) / "chosen.safetensors")), strict=True)
+    try:
+        out.load_state_dict(load_file(str(folder / TENSORS)), strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{folder / TENSORS} does not fit the sliced model: "
+                             f"{str(exc)[:500]}; {REDO}") from None
     return out.eval()

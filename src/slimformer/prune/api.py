@@ -3,7 +3,8 @@
 The input model is never changed: the search trains a copy. With a ``checkpoint`` folder the
 run writes ``search.pt`` (the slice spec and the sliced weights) after the search and
 ``finetune.pt`` every ``checkpoint_every`` fine-tuning steps, atomically; a run given the same
-folder and config resumes from the last of them.
+folder, model, data and config resumes from the last of them, and a checkpoint of another run
+is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from slimformer.errors import ConfigError, DataError, UnsupportedModelError
+from slimformer.errors import ConfigError, DataError, ModelLoadError, UnsupportedModelError
 from slimformer.prune.config import PruneConfig
 from slimformer.prune.slicing import SliceSpec, slice_model, sliceable
 from slimformer.prune.train import Progress, finetune, make_loss
@@ -114,25 +115,64 @@ def _cost(groups, keep=None) -> float:
 
 
 class _Checkpoints:
-    """``search.pt`` / ``finetune.pt`` in a folder, tagged with the config they belong to."""
+    """``search.pt`` / ``finetune.pt`` in a folder, keyed by the model, the data and the config.
 
-    def __init__(self, folder: str | Path | None, cfg: PruneConfig):
+    The key holds SHA-256 fingerprints of the model's weights, the training data and the
+    config. A checkpoint with another key is refused (never resumed, never overwritten): it
+    belongs to another run. ``KEYS`` names what each part means in messages.
+    """
+
+    KEYS = {"model": "model (other weights)", "data": "training data", "config": "prune config"}
+    FIELDS = {"search.pt": ("spec", "state", "keep"),
+              "finetune.pt": ("model", "optimizer", "scheduler", "step")}
+
+    def __init__(self, folder: str | Path | None, cfg: PruneConfig, model: nn.Module, data):
+        from slimformer.report.integrity import data_fingerprint, module_fingerprint, sha256_json
+
         self.folder = Path(folder) if folder is not None else None
-        self.tag = cfg.model_dump_json()
+        self.key = {} if self.folder is None else {
+            "model": module_fingerprint(model), "data": data_fingerprint(data),
+            "config": sha256_json(cfg.model_dump(mode="json"))}
 
     def load(self, name: str) -> dict | None:
+        """The checkpoint ``name`` of this run, None if absent; another run's is refused.
+
+        Raises:
+            ModelLoadError: The file is unreadable or damaged, or of another model, data or
+                config.
+        """
         if self.folder is None or not (self.folder / name).is_file():
             return None
-        state = torch.load(self.folder / name, weights_only=True)
-        return state if state.get("config") == self.tag else None
+        path = self.folder / name
+        way = f"delete {path} or give another checkpoint folder"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated/garbage files fail in pickle, zip or torch
+            raise ModelLoadError(f"checkpoint {path} cannot be read ({type(exc).__name__}: "
+                                 f"{str(exc)[:160]}): damaged or not a slimformer checkpoint; "
+                                 f"{way}") from None
+        have = state.get("key") if isinstance(state, dict) else None
+        if not isinstance(have, dict):
+            raise ModelLoadError(f"checkpoint {path} has no model/data/config fingerprint (not "
+                                 f"written by this slimformer); {way}")
+        diff = [self.KEYS[k] for k in self.KEYS if have.get(k) != self.key[k]]
+        if diff:
+            raise ModelLoadError(f"checkpoint {path} was made with another "
+                                 f"{' and another '.join(diff)}; resuming it would mix two runs: "
+                                 f"{way}")
+        missing = [f for f in self.FIELDS.get(name, ()) if f not in state]
+        if missing:
+            raise ModelLoadError(f"checkpoint {path} lacks {', '.join(missing)}: damaged; {way}")
+        return state
 
     def save(self, name: str, state: dict) -> None:
+        """Write checkpoint ``name`` atomically with this run's key."""
         if self.folder is None:
             return
         from slimformer.report.io import atomic_path
 
         with atomic_path(self.folder / name) as tmp:
-            torch.save({**state, "config": self.tag}, tmp)
+            torch.save({**state, "key": self.key}, tmp)
 
 
 def prune(model: nn.Module, config, train_data=None, eval_data=None, structure=None,
@@ -183,7 +223,7 @@ def prune(model: nn.Module, config, train_data=None, eval_data=None, structure=N
     if not groups:
         raise UnsupportedModelError(f"nothing to prune: no site can be sliced: {skipped}")
     notes: list[str] = []
-    ckpt = _Checkpoints(checkpoint, cfg)
+    ckpt = _Checkpoints(checkpoint, cfg, model, train_data)
     torch.manual_seed(cfg.seed)
     teacher = model if cfg.distill > 0 else None
     loss_fn = make_loss(cfg.distill, cfg.temperature, teacher)

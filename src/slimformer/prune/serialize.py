@@ -1,8 +1,10 @@
 """Save a pruned model and load it back: the base model's spec plus the slice spec and weights.
 
 Layout: ``pruned.safetensors`` (the sliced model's state) and ``prune.json`` (format version, the
-base model spec, the slice spec, the config). Loading rebuilds the base model from its spec,
-rediscovers its structure, slices it the same way and loads the tensors strictly.
+base model spec, the slice spec, the config, the dtype and shape of every tensor, and the
+SHA-256 of each file and section). Loading checks the hashes, refuses a model factory unless
+trusted, rebuilds the base model from its spec, rediscovers its structure, slices it the same
+way, checks every tensor's dtype and shape against the sliced model and loads them strictly.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from slimformer import __version__
 from slimformer.errors import ModelLoadError
 from slimformer.prune.slicing import SliceSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: file hashes and the tensor manifest
+META, TENSORS = "prune.json", "pruned.safetensors"
+REDO = "re-create the folder with save_pruned (`slimformer prune`)"
+_KEYS = ("format_version", "model_spec", "slice_spec", "config", "tensors")
 
 
 def save_pruned(model: nn.Module, spec: SliceSpec, directory: str | Path, model_spec,
@@ -24,6 +29,7 @@ def save_pruned(model: nn.Module, spec: SliceSpec, directory: str | Path, model_
     """Write the pruned ``model`` into ``directory`` atomically (all files or none)."""
     from safetensors.torch import save_model
 
+    from slimformer.report.integrity import seal, tensor_manifest
     from slimformer.report.io import atomic_dir
 
     directory = Path(directory)
@@ -31,39 +37,74 @@ def save_pruned(model: nn.Module, spec: SliceSpec, directory: str | Path, model_
             "model_spec": model_spec.model_dump(mode="json"), "slice_spec": spec.to_dict(),
             "config": config.model_dump(mode="json") if config is not None else None}
     with atomic_dir(directory) as tmp:
-        save_model(model, str(tmp / "pruned.safetensors"))
-        (tmp / "prune.json").write_text(json.dumps(meta, indent=2) + "\n")
+        save_model(model, str(tmp / TENSORS))
+        meta["tensors"] = tensor_manifest(tmp / TENSORS)
+        (tmp / META).write_text(json.dumps(seal(meta, tmp, [TENSORS]), indent=2) + "\n",
+                                encoding="utf-8")
     return directory
 
 
-def load_pruned(directory: str | Path):
-    """Load what :func:`save_pruned` wrote; returns a ``LoadedModel`` holding the pruned model."""
-    from pydantic import TypeAdapter
+def load_pruned(directory: str | Path, trust_code: bool = False):
+    """Load what :func:`save_pruned` wrote; returns a ``LoadedModel`` holding the pruned model.
+
+    Args:
+        directory: The folder.
+        trust_code: Allow a base model spec that names a ``package.module:factory`` (importing
+            it runs code); without it such a folder is refused before anything is imported.
+
+    Raises:
+        ModelLoadError: Missing, edited, truncated or wrong-shape files; an untrusted factory;
+            a base model that cannot be rebuilt.
+    """
     from safetensors.torch import load_model as load_tensors
 
-    from slimformer.models import spec as S
-    from slimformer.models.loading import load_model
+    from slimformer.models.loading import load_model, saved_model_spec
     from slimformer.models.structure import discover
     from slimformer.prune.slicing import slice_model
+    from slimformer.report.integrity import read_sealed
 
     directory = Path(directory)
-    meta_path, tensors = directory / "prune.json", directory / "pruned.safetensors"
-    if not meta_path.is_file() or not tensors.is_file():
-        raise ModelLoadError(f"{directory} is not a saved pruned model (needs prune.json and "
-                             "pruned.safetensors)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ModelLoadError(f"{meta_path}: format version {meta.get('format_version')!r}, this "
-                             f"slimformer reads {FORMAT_VERSION}")
-    spec = TypeAdapter(S.ModelSpec).validate_python(meta["model_spec"])
+    meta = read_sealed(directory, META, TENSORS, _KEYS, FORMAT_VERSION, REDO,
+                       "pruned model")
+    spec = saved_model_spec(meta["model_spec"], str(directory / META), trust_code)
+    try:
+        slices = SliceSpec.from_dict(meta["slice_spec"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"{directory / META}: slice_spec is invalid ({exc}); {REDO}") from None
     loaded = load_model(spec)
     x = loaded.example_inputs(2)
     smap = discover(loaded.module, x, require_attention=False)
-    model = slice_model(loaded.module, smap, SliceSpec.from_dict(meta["slice_spec"]),
-                        inplace=True, check_inputs=x)
+    model = slice_model(loaded.module, smap, slices, inplace=True, check_inputs=x)
+    tensors = directory / TENSORS
+    check_shapes(model, meta["tensors"], tensors)
     try:
         load_tensors(model, str(tensors), strict=True)
     except RuntimeError as e:
-        raise ModelLoadError(f"{tensors} does not fit the sliced model: {e}") from None
+        raise ModelLoadError(f"{tensors} does not fit the sliced model: {str(e)[:500]}") from None
     loaded.module = model.eval()
     return loaded
+
+
+def check_shapes(model: nn.Module, manifest: dict[str, dict], source, redo: str = REDO) -> None:
+    """Every saved tensor must exist in ``model`` with the same dtype and shape.
+
+    ``redo`` (how to make the file again) ends the message.
+
+    Raises:
+        ModelLoadError: Naming the first tensors that differ.
+    """
+    from slimformer.report.integrity import st_dtype
+
+    own = model.state_dict()
+    bad = []
+    for key, rec in manifest.items():
+        if key not in own:
+            bad.append(f"{key}: the rebuilt model has no such tensor")
+            continue
+        want = [st_dtype(own[key].dtype), list(own[key].shape)]
+        if [rec["dtype"], list(rec["shape"])] != want:
+            bad.append(f"{key}: {rec['dtype']} {list(rec['shape'])} in the file, the rebuilt "
+                       f"model has {want[0]} {want[1]}")
+    if bad:
+        raise ModelLoadError(f"{source} does not fit the rebuilt model ({len(bad)} tensor(s)): "
+                             + "; ".join(bad[:5]) + f"; {redo}")
