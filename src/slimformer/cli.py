@@ -323,7 +323,7 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
     from slimformer.quantize.config import QuantConfig
     from slimformer.quantize.inference import to_inference
     from slimformer.quantize.serialize import save_quantized
-    from slimformer.recipe import format_errors
+    from slimformer.validation import format_errors
     from slimformer.report.outdir import reserve
 
     con, _ = _console()
@@ -393,7 +393,7 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
     from slimformer.prune.api import prune as run_prune
     from slimformer.prune.config import PruneConfig
     from slimformer.prune.serialize import save_pruned
-    from slimformer.recipe import format_errors
+    from slimformer.validation import format_errors
     from slimformer.report.outdir import reserve
 
     con, _ = _console()
@@ -477,7 +477,7 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
     from slimformer.nas.config import SearchConfig
     from slimformer.nas.output import predictor_lines, write_search
     from slimformer.pipeline import check_fit
-    from slimformer.recipe import format_errors
+    from slimformer.validation import format_errors
     from slimformer.report.io import atomic_dir
     from slimformer.report.outdir import reserve
 
@@ -583,7 +583,7 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
     from slimformer.hardware.config import HlsConfig
     from slimformer.models.loading import load_model, parse_model_arg
     from slimformer.quantize.config import QuantConfig
-    from slimformer.recipe import format_errors
+    from slimformer.validation import format_errors
     from slimformer.report.outdir import reserve, staged_dir
 
     con, _ = _console()
@@ -676,7 +676,7 @@ def export_onnx_cmd(
     from slimformer.errors import ConfigError
     from slimformer.export.config import OnnxConfig
     from slimformer.export.onnx import export_onnx
-    from slimformer.recipe import format_errors
+    from slimformer.validation import format_errors
     from slimformer.report.outdir import reserve
 
     con, err = _console()
@@ -758,7 +758,7 @@ def export_tensorrt(
     from slimformer.export.config import TensorRTConfig
     from slimformer.export.lint import lint_qdq
     from slimformer.export.tensorrt import build_engine
-    from slimformer.recipe import format_errors
+    from slimformer.validation import format_errors
     from slimformer.report.outdir import reserve
 
     con, _ = _console()
