@@ -190,7 +190,7 @@ def _check_size(root, source: str) -> None:
         count += 1
         if count > MAX_YAML_NODES:
             raise ConfigError([f"more than {MAX_YAML_NODES:,} values once aliases are expanded "
-                               "(an alias bomb?); a recipe is far smaller"], source)
+                               "(an alias bomb?); a real config is far smaller"], source)
         if depth > MAX_YAML_DEPTH:
             raise ConfigError([f"nested deeper than {MAX_YAML_DEPTH} levels"], source)
         if isinstance(node, yaml.SequenceNode):

@@ -26,6 +26,18 @@ def test_typed_error_exit_2(tmp_path, cli, args, what):
     no_traceback(res)
 
 
+def test_model_spec_file_is_bounded_too(tmp_path, cli):
+    from .test_recipes import BOMB
+
+    f = tmp_path / "spec.yaml"
+    f.write_text(BOMB)
+    res = cli("inspect", f)
+    assert res.exit_code == 2 and "aliases are expanded" in res.output, res.output
+    f.write_bytes(b"source: zoo\nname: caf\xe9\n")
+    res = cli("inspect", f)
+    assert res.exit_code == 2 and "not UTF-8" in res.output, res.output
+
+
 def test_debug_shows_the_traceback(tmp_path, cli, monkeypatch):
     garbage = tmp_path / "g.onnx"
     garbage.write_bytes(b"\x00\x01garbage")

@@ -27,7 +27,7 @@ def _load(tmp_path, text: str | bytes):
 
 
 @pytest.mark.parametrize("text, what", [
-    (BOMB, "aliases are expanded"),
+    (BOMB, "aliases are expanded"),  # also for model spec files: see test_cli_errors
     ("a: " + "[" * 200 + "]" * 200, "nest"),
     (b"name: caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 9)"),
     ("name: [unclosed", "not valid YAML"),
