@@ -17,19 +17,43 @@ from slimformer.errors import DataError
 
 
 class TensorDictDataset(Dataset):
-    """Rows of named input tensors plus labels; item = ``({name: tensor}, label)``."""
+    """Rows of named input tensors plus optional labels; item = ``({name: tensor}, label)``.
 
-    def __init__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor):
+    Args:
+        inputs: ``{name: (N, ...)}`` model keyword arguments, one row per sample.
+        labels: ``(N,)`` int64 class indices, or ``None`` for unlabelled data (items then carry
+            label ``-1`` so the default collation still works; check :attr:`has_labels`).
+        classes: Class names in index order, when known.
+    """
+
+    def __init__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None = None,
+                 classes: tuple[str, ...] | None = None):
+        if not inputs:
+            raise DataError("a data set needs at least one input tensor, got none")
         sizes = {k: len(v) for k, v in inputs.items()}
-        if any(n != len(labels) for n in sizes.values()):
-            raise DataError(f"inputs and labels differ in length: {sizes}, labels {len(labels)}")
-        self.inputs, self.labels = inputs, labels
+        n = len(labels) if labels is not None else next(iter(sizes.values()))
+        if any(m != n for m in sizes.values()):
+            detail = f", labels {len(labels)}" if labels is not None else ""
+            raise DataError(f"inputs and labels differ in length: {sizes}{detail}")
+        self.inputs, self.labels, self.classes = inputs, labels, classes
+        self._n = n
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the rows carry labels."""
+        return self.labels is not None
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return self._n
 
     def __getitem__(self, i: int):
-        return {k: v[i] for k, v in self.inputs.items()}, self.labels[i]
+        label = self.labels[i] if self.labels is not None else torch.tensor(-1)
+        return {k: v[i] for k, v in self.inputs.items()}, label
+
+    def select(self, index) -> TensorDictDataset:
+        """The rows ``index`` (an index tensor, list or slice) as a new data set."""
+        labels = self.labels[index] if self.labels is not None else None
+        return TensorDictDataset({k: v[index] for k, v in self.inputs.items()}, labels, self.classes)
 
 
 def _text(name: str):
@@ -104,7 +128,7 @@ def get_dataset(name: str, split: str = "test", limit: int | None = None) -> Ten
         if limit < 1:
             raise DataError(f"limit must be >= 1, got {limit}")
         n = min(limit, len(ds))
-        ds = TensorDictDataset({k: v[:n] for k, v in ds.inputs.items()}, ds.labels[:n])
+        ds = ds.select(slice(0, n))
     return ds
 
 
