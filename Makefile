@@ -7,8 +7,12 @@ install:
 run: install
 	.venv/bin/slimformer run
 
+# scripts/postgres.sh starts a local PostgreSQL server for the scale-out test and prints its URL
+# (a URL already in SLIMFORMER_TEST_POSTGRES is used instead); if it cannot, that test is
+# skipped, or fails under CI=true.
 test: install
-	.venv/bin/python -m pytest -q
+	SLIMFORMER_TEST_POSTGRES="$${SLIMFORMER_TEST_POSTGRES:-$$(bash scripts/postgres.sh || true)}" \
+	  .venv/bin/python -m pytest -q
 
 lint: install
 	.venv/bin/ruff check src tests benchmarks

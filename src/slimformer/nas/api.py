@@ -317,10 +317,12 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
         full8 = reference_subnet(space)
         trial = study.ask(fixed_distributions={})
         st.run_trial(study, trial, "reference", lambda s: evaluate(s, ref_net), objectives, full8,
-                     space.to_params(full8))
+                     space.to_params(full8), storage)
     if not worker and not study.user_attrs.get("anchors_enqueued"):
         for sub in space.anchors()[:config.samples // 2]:
-            study.enqueue_trial(space.to_params(sub), user_attrs={"anchor": True})
+            params = space.to_params(sub)
+            study.enqueue_trial(params, user_attrs={"anchor": True, "choices": params,
+                                                    "sub": sub.key()})
         study.set_user_attr("anchors_enqueued", True)
     st.sample_worker(storage, study, space, evaluate, objectives, config.samples, config.seed,
                      tick)
@@ -349,7 +351,8 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
                                                                 len(done_front))]
     for i, sub in enumerate(todo):
         trial = study.ask(fixed_distributions={})
-        st.run_trial(study, trial, "front", evaluate, objectives, sub, space.to_params(sub))
+        st.run_trial(study, trial, "front", evaluate, objectives, sub, space.to_params(sub),
+                     storage)
         tick("measure predicted front", i + 1, len(todo))
 
     # 7. the measured front and the chosen sub-network

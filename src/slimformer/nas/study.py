@@ -3,22 +3,52 @@
 The default storage is Optuna's journal file (one append-only file, safe for several processes
 on one machine); any database URL Optuna accepts (``sqlite:///nas.db``,
 ``postgresql://user:pw@host/db``) lets workers on many machines share one study. Every measured
-sub-network is one COMPLETE trial, so a killed search loses at most the trial it was measuring:
-on restart, trials this host left RUNNING by a process that no longer exists are marked FAIL and
-the remaining budget is measured.
+sub-network is one COMPLETE trial, so a killed worker loses at most the trial it was measuring.
+That trial is marked FAIL and its sub-network queued again for whoever asks next: on a database,
+by Optuna's heartbeat (a worker records one every ``SLIMFORMER_HEARTBEAT`` seconds, default 30;
+a RUNNING trial silent for 3 times that is stale, on any machine); on a journal file (one
+machine), when its process no longer exists. A worker claims each sub-network before measuring
+it (RUNNING, COMPLETE and queued ones are not drawn again), so none is measured twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
+import threading
+import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from slimformer.errors import ConfigError
+from slimformer.errors import ConfigError, StageError
 
 DIRECTIONS = {"accuracy": "maximize", "latency": "minimize", "size": "minimize",
               "macs": "minimize"}
+HEARTBEAT_ENV = "SLIMFORMER_HEARTBEAT"
+CLAIM_TRIES = 200  # draws tried for an unclaimed sub-network before measuring a duplicate
+# we record heartbeats around ask()/tell() ourselves instead of Study.optimize(): not a concern
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with")
+
+
+def heartbeat_seconds() -> int:
+    """Seconds between a database worker's heartbeats (``SLIMFORMER_HEARTBEAT``, default 30).
+
+    Raises:
+        ConfigError: The variable is not a whole number of seconds in 1..3600.
+    """
+    raw = os.environ.get(HEARTBEAT_ENV, "30")
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= 3600:
+        raise ConfigError([f"{HEARTBEAT_ENV}={raw[:40]!r}: give whole seconds from 1 to 3600"],
+                          "environment")
+    return int(raw)
+
+
+def redact(url: str) -> str:
+    """``url`` with its password (``user:password@``) hidden, for messages."""
+    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
 
 
 def open_storage(storage: str):
@@ -30,10 +60,16 @@ def open_storage(storage: str):
     import optuna
 
     if "://" in storage:
+        beat = heartbeat_seconds()
         try:
-            return optuna.storages.RDBStorage(storage)
+            with warnings.catch_warnings():  # the heartbeat arguments are "experimental"
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    storage, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=beat,
+                    grace_period=3 * beat,
+                    heartbeat_stale_trial_callback=lambda study, t: requeue(study, t, "heartbeat"))
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy and drivers raise many types
-            raise ConfigError([f"storage: cannot open database {storage!r}: "
+            raise ConfigError([f"storage: cannot open database {redact(storage)!r}: "
                                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}; give a "
                                "journal file path or a reachable database URL (sqlite:///f.db, "
                                "postgresql://user@host/db with its driver installed)"],
@@ -81,21 +117,72 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def fail_stale(storage, study) -> int:
-    """Mark FAIL the trials this host left RUNNING from processes that are gone; how many.
+def _beats(storage) -> bool:
+    interval = getattr(storage, "get_heartbeat_interval", lambda: None)
+    return interval() is not None
 
-    ``storage`` is the study's storage (kept for callers); the public ``Study.tell`` by trial
-    number does the update.
+
+def requeue(study, t, how: str) -> None:
+    """Queue again the sub-network of sample trial ``t`` that died unmeasured (``how``: why)."""
+    choices = t.user_attrs.get("choices")
+    if t.user_attrs.get("phase") != "sample" or not choices:
+        return  # killed before it chose a sub-network: nothing to measure again
+    study.enqueue_trial(choices, user_attrs={"choices": choices, "sub": t.user_attrs.get("sub"),
+                                             "retry_of": t.number, "failed_by": how,
+                                             "anchor": bool(t.user_attrs.get("anchor"))})
+
+
+def fail_stale(storage, study) -> int:
+    """Mark FAIL the trials of dead workers and queue their sub-networks again; how many.
+
+    A database storage uses Optuna's heartbeat (stale trials of any machine); a journal file the
+    process ids of this host.
     """
+    import optuna
     from optuna.trial import TrialState
 
+    if _beats(storage):
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # runs requeue() for each one it failed
+        return len(before & {t.number for t in study.get_trials(
+            deepcopy=False, states=(TrialState.FAIL,))})
     host, n = socket.gethostname(), 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
         if t.user_attrs.get("host") == host and pid is not None and not _alive(int(pid)):
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            requeue(study, t, "pid")
             n += 1
     return n
+
+
+@contextlib.contextmanager
+def beating(storage, study, trial):
+    """Record heartbeats of ``trial`` while the block runs (database storages; else nothing)."""
+    if not _beats(storage):
+        yield
+        return
+    tid = storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(study.study_name), trial.number)
+    stop = threading.Event()
+    storage.record_heartbeat(tid)
+
+    def loop():
+        while not stop.wait(storage.get_heartbeat_interval()):
+            try:
+                storage.record_heartbeat(tid)
+            except Exception:  # noqa: BLE001 - retried next beat; if it lasts, the trial goes
+                pass  # stale, another worker fails it and measures its sub-network again
+
+    thread = threading.Thread(target=loop, daemon=True, name=f"heartbeat-{trial.number}")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=storage.get_heartbeat_interval())
 
 
 def count(study, phase: str, running: bool = False) -> int:
@@ -116,8 +203,17 @@ def measured(study, phase: str | None = None) -> list:
 
 
 def run_trial(study, trial, phase: str, evaluate: Callable, objectives: list[str], sub,
-              choices: dict) -> dict:
-    """Measure ``sub`` in ``trial`` (a duplicate of a measured sub-network reuses its values)."""
+              choices: dict, storage=None) -> dict:
+    """Measure ``sub`` in ``trial`` (a duplicate of a measured sub-network reuses its values).
+
+    With ``storage`` (the study's), a database storage records the trial's heartbeats meanwhile.
+    """
+    with beating(storage, study, trial) if storage is not None else contextlib.nullcontext():
+        return _run_trial(study, trial, phase, evaluate, objectives, sub, choices)
+
+
+def _run_trial(study, trial, phase, evaluate, objectives, sub, choices) -> dict:
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     trial.set_user_attr("phase", phase)
@@ -143,19 +239,75 @@ def run_trial(study, trial, phase: str, evaluate: Callable, objectives: list[str
         for k, v in values.items():
             trial.set_user_attr(k, v)
         study.tell(trial, [float(values[o]) for o in objectives])
+    except UpdateFinishedTrialError:
+        # another worker found no heartbeat and failed this trial (a sample is queued again)
+        if phase == "sample":
+            return values
+        raise StageError(f"{phase} trial {trial.number} was marked failed by another worker "
+                         f"(no heartbeat for {3 * heartbeat_seconds()} s: this machine stalled);"
+                         " run the search again") from None
     except BaseException:
-        study.tell(trial, state=TrialState.FAIL)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
     return values
+
+
+def _claimed(study, states, but: int) -> set[str]:
+    return {t.user_attrs.get("sub") for t in study.get_trials(deepcopy=False, states=states)
+            if t.number != but and t.user_attrs.get("phase") != "reference"}
+
+
+def claim(study, trial, sub, draw: Callable, queued: bool):
+    """Reserve a sub-network no other trial holds for ``trial``; returns it.
+
+    ``sub`` is tried first; while a RUNNING or COMPLETE trial (or, for a fresh draw, a queued
+    one) holds the same sub-network, ``draw()`` gives another. The key is written before the
+    check, so of two workers that claim one sub-network at once at least one sees the other
+    and draws again: none is measured twice.
+    """
+    from optuna.trial import TrialState
+
+    busy = (TrialState.COMPLETE, TrialState.RUNNING)
+    first = sub.key()
+    for _ in range(CLAIM_TRIES):
+        trial.set_user_attr("sub", sub.key())
+        held = _claimed(study, busy if queued else (*busy, TrialState.WAITING), trial.number)
+        if sub.key() not in held:
+            break
+        queued = False
+        for _ in range(CLAIM_TRIES):
+            sub = draw()
+            if sub.key() not in held:
+                break
+    if sub.key() != first and (trial.user_attrs.get("anchor") or
+                               trial.user_attrs.get("retry_of") is not None):
+        trial.set_user_attr("anchor", False)  # its queued sub-network was measured elsewhere
+        trial.set_user_attr("retry_of", None)
+    return sub
+
+
+def _waiting_on(storage, study) -> bool:
+    """Whether a RUNNING sample trial of another worker may still finish or be failed."""
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("phase") != "sample" or pid is None:
+            continue
+        if _beats(storage) or (t.user_attrs.get("host") == host and _alive(int(pid))):
+            return True  # a database's heartbeat fails it if it dies; here: its pid
+    return False
 
 
 def sample_worker(storage, study, space, evaluate: Callable, objectives: list[str], target: int,
                   seed: int, progress: Callable | None = None) -> int:
     """Measure sub-networks until the study holds ``target`` of them; returns how many.
 
-    Enqueued trials (the anchors) are measured first, then draws of
-    :meth:`~slimformer.nas.space.SearchSpace.draw`. Several processes may run this on one study
-    at once; each draws with its own seed.
+    Queued trials (the anchors, sub-networks of dead workers) are measured first, then draws of
+    :meth:`~slimformer.nas.space.SearchSpace.draw`. Several processes (on several machines with
+    a database) may run this on one study at once; each draws with its own seed. While the rest
+    of the budget is RUNNING elsewhere it waits, so a trial of a worker that dies is measured.
     """
     import numpy as np
     import optuna
@@ -163,11 +315,36 @@ def sample_worker(storage, study, space, evaluate: Callable, objectives: list[st
     rng = np.random.default_rng([seed, len(study.trials), os.getpid()])
     local = optuna.load_study(study_name=study.study_name, storage=storage,
                               sampler=optuna.samplers.RandomSampler(seed=seed))
+    poll = min(2.0, heartbeat_seconds()) if _beats(storage) else 1.0
     mine = 0
-    while count(local, "sample", running=True) < target:
+    while True:
+        fail_stale(storage, local)
+        if count(local, "sample") >= target:
+            break
+        if count(local, "sample", running=True) >= target:
+            if not _waiting_on(storage, local):
+                break
+            time.sleep(poll)
+            continue
         trial = local.ask()
-        sub = space.suggest(trial) if trial.user_attrs.get("anchor") else space.draw(rng)
-        run_trial(local, trial, "sample", evaluate, objectives, sub, space.to_params(sub))
+        with beating(storage, local, trial):
+            try:
+                for k, v in (("phase", "sample"), ("host", socket.gethostname()),
+                             ("pid", os.getpid())):  # pid last: with it the trial is owned
+                    trial.set_user_attr(k, v)  # counted in the budget and owned from now on
+                queued = trial.user_attrs.get("choices")
+                if queued:
+                    sub = space.from_params(queued)
+                elif trial.user_attrs.get("anchor"):  # queued by an older version
+                    sub = space.suggest(trial)
+                else:
+                    sub = space.draw(rng)
+                sub = claim(local, trial, sub, lambda: space.draw(rng), bool(queued) or
+                            bool(trial.user_attrs.get("anchor")))
+            except BaseException:
+                local.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+                raise
+            _run_trial(local, trial, "sample", evaluate, objectives, sub, space.to_params(sub))
         mine += 1
         if progress:
             progress("measure sub-networks", count(local, "sample"), target)
