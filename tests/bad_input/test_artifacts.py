@@ -262,3 +262,31 @@ def test_search_output_is_checked(tmp_path):
     (tmp_path / "s" / "chosen.json").write_text(json.dumps(spec | {"mlp": {"1": [0]}}))
     with pytest.raises(ModelLoadError, match=r"chosen.json is [\d,]+ bytes, [\d,]+ were recorded"):
         load_chosen(lm.module, smap, tmp_path / "s")
+
+
+def test_nothing_in_src_unpickles():
+    """Every torch.load passes weights_only=True; no pickle, np.load(allow_pickle) or yaml.load."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "src" / "slimformer"
+    bad = []
+    for f in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            where = f"{f.relative_to(src)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                if any(n.split(".")[0] in ("pickle", "dill", "joblib", "shelve") for n in names):
+                    bad.append(f"{where}: imports an unpickler")
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            kw = {k.arg: k.value for k in node.keywords}
+            call = ast.unparse(node.func)
+            if call == "torch.load" and not (isinstance(kw.get("weights_only"), ast.Constant)
+                                             and kw["weights_only"].value is True):
+                bad.append(f"{where}: torch.load without weights_only=True")
+            if call in ("np.load", "numpy.load") and "allow_pickle" in kw:
+                bad.append(f"{where}: np.load(allow_pickle=...)")
+            if call in ("yaml.load", "yaml.unsafe_load", "yaml.full_load"):
+                bad.append(f"{where}: {call} (use yaml.safe_load)")
+    assert not bad, bad
