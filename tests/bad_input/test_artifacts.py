@@ -285,8 +285,10 @@ def test_nothing_in_src_unpickles():
             if call == "torch.load" and not (isinstance(kw.get("weights_only"), ast.Constant)
                                              and kw["weights_only"].value is True):
                 bad.append(f"{where}: torch.load without weights_only=True")
-            if call in ("np.load", "numpy.load") and "allow_pickle" in kw:
-                bad.append(f"{where}: np.load(allow_pickle=...)")
+            pickles = kw.get("allow_pickle")
+            if call in ("np.load", "numpy.load") and pickles is not None and not (
+                    isinstance(pickles, ast.Constant) and pickles.value is False):
+                bad.append(f"{where}: np.load(allow_pickle=...) not False")
             if call in ("yaml.load", "yaml.unsafe_load", "yaml.full_load"):
                 bad.append(f"{where}: {call} (use yaml.safe_load)")
     assert not bad, bad
