@@ -265,7 +265,11 @@ def test_search_output_is_checked(tmp_path):
 
 
 def test_nothing_in_src_unpickles():
-    """Every torch.load passes weights_only=True; no pickle, np.load(allow_pickle) or yaml.load."""
+    """No unpickling and no model code: checked on the AST of every source file.
+
+    torch.load only with weights_only=True; Hugging Face loads only with trust_remote_code=False;
+    no pickle, np.load(allow_pickle) or yaml.load.
+    """
     import ast
     from pathlib import Path
 
@@ -289,6 +293,10 @@ def test_nothing_in_src_unpickles():
             if call in ("np.load", "numpy.load") and pickles is not None and not (
                     isinstance(pickles, ast.Constant) and pickles.value is False):
                 bad.append(f"{where}: np.load(allow_pickle=...) not False")
+            trc = kw.get("trust_remote_code")
+            if call.endswith((".from_pretrained", ".from_config")) and not (
+                    isinstance(trc, ast.Constant) and trc.value is False):
+                bad.append(f"{where}: {call} without trust_remote_code=False")
             if call in ("yaml.load", "yaml.unsafe_load", "yaml.full_load"):
                 bad.append(f"{where}: {call} (use yaml.safe_load)")
     assert not bad, bad
