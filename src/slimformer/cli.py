@@ -323,8 +323,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
     from slimformer.quantize.config import QuantConfig
     from slimformer.quantize.inference import to_inference
     from slimformer.quantize.serialize import save_quantized
-    from slimformer.validation import format_errors
     from slimformer.report.outdir import reserve
+    from slimformer.validation import format_errors
 
     con, _ = _console()
     with _errors(), reserve(out, overwrite):
@@ -393,8 +393,8 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
     from slimformer.prune.api import prune as run_prune
     from slimformer.prune.config import PruneConfig
     from slimformer.prune.serialize import save_pruned
-    from slimformer.validation import format_errors
     from slimformer.report.outdir import reserve
+    from slimformer.validation import format_errors
 
     con, _ = _console()
     with _errors(), reserve(out, overwrite):
@@ -477,9 +477,9 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
     from slimformer.nas.config import SearchConfig
     from slimformer.nas.output import predictor_lines, write_search
     from slimformer.pipeline import check_fit
-    from slimformer.validation import format_errors
     from slimformer.report.io import atomic_dir
     from slimformer.report.outdir import reserve
+    from slimformer.validation import format_errors
 
     con, _ = _console()
     with _errors(), reserve(out, overwrite) if not worker else contextlib.nullcontext():
@@ -583,8 +583,8 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
     from slimformer.hardware.config import HlsConfig
     from slimformer.models.loading import load_model, parse_model_arg
     from slimformer.quantize.config import QuantConfig
-    from slimformer.validation import format_errors
     from slimformer.report.outdir import reserve, staged_dir
+    from slimformer.validation import format_errors
 
     con, _ = _console()
     with _errors(), reserve(out, overwrite):
@@ -635,21 +635,17 @@ def _example_rows(lm, rows: int) -> dict:
 
 
 def _load_any(model: str, config: str | None, trust_code: bool = False):
-    """A model spec, or a folder written by ``slimformer quantize`` (quantized model)."""
+    """A model spec, or a folder written by ``slimformer quantize`` (quantized model).
+
+    A saved folder's hashes and trust are checked before its base model is built.
+    """
     from slimformer.models.loading import load_model, parse_model_arg
 
     if (Path(model) / "quant.json").is_file():
-        import json as _json
+        from slimformer.quantize.serialize import load_quantized, saved_spec
 
-        from pydantic import TypeAdapter
-
-        from slimformer.models import spec as S
-        from slimformer.quantize.serialize import load_quantized
-
-        qmodel = load_quantized(model, trust_code=trust_code)  # checks hashes and trust first
-        meta = _json.loads((Path(model) / "quant.json").read_text())
-        lm = load_model(TypeAdapter(S.ModelSpec).validate_python(meta["model_spec"]))
-        return lm, qmodel
+        lm = load_model(saved_spec(model, trust_code=trust_code))
+        return lm, load_quantized(model, trust_code=trust_code)
     lm = load_model(parse_model_arg(model, config))
     return lm, lm.module
 
@@ -676,8 +672,8 @@ def export_onnx_cmd(
     from slimformer.errors import ConfigError
     from slimformer.export.config import OnnxConfig
     from slimformer.export.onnx import export_onnx
-    from slimformer.validation import format_errors
     from slimformer.report.outdir import reserve
+    from slimformer.validation import format_errors
 
     con, err = _console()
     with _errors(), reserve(out, overwrite, kind="file"):
@@ -758,8 +754,8 @@ def export_tensorrt(
     from slimformer.export.config import TensorRTConfig
     from slimformer.export.lint import lint_qdq
     from slimformer.export.tensorrt import build_engine
-    from slimformer.validation import format_errors
     from slimformer.report.outdir import reserve
+    from slimformer.validation import format_errors
 
     con, _ = _console()
     with _errors(), reserve(out, overwrite, kind="file"):

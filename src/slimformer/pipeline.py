@@ -46,6 +46,7 @@ class RunContext:
     records: list[StageRecord] = field(default_factory=list)
     artifacts: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # dir -> writer
     slice_spec: object = None  # set by a prune stage: how the base model was sliced
+    data: RunData | None = None
     staging: Path | None = None  # the output folder being built (swapped in when complete)
 
     def artifact_dir(self, name: str) -> Path:
@@ -55,6 +56,76 @@ class RunContext:
         folder = self.staging / name
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+
+class RunData:
+    """The rows a run uses, by role: ``eval``, ``calib`` and ``train``, checked against the model.
+
+    Built-in data set: its eval / calib / train splits. The user's own ``source``: one seeded
+    split into ``calib_rows`` calibration rows and the rest for evaluation (never overlapping);
+    training stages use the calibration rows. ``calib`` / ``eval`` sources replace either role.
+    """
+
+    def __init__(self, loaded, cfg, seed: int = 0):
+        self.loaded, self.cfg, self.seed = loaded, cfg, seed
+        self.builtin = cfg.dataset or loaded.dataset
+        self._cache: dict[str, object] = {}
+        if not cfg.own and self.builtin is None:
+            raise DataError("no data: this model has no built-in data set; give your own "
+                            "(recipe data.source, CLI --data PATH: a CSV/TSV/JSONL/text file, an "
+                            "image folder, a datasets folder or parquet file, .safetensors/.npz) "
+                            "or a built-in one")
+
+    @property
+    def label(self) -> str:
+        """What the report calls the data."""
+        c = self.cfg
+        own = [f"{role} {getattr(getattr(c, role), 'path', None) or getattr(c, role).name}"
+               for role in ("source", "calib", "eval") if getattr(c, role) is not None]
+        return ", ".join(own) if own else str(self.builtin)
+
+    def _load(self, source):
+        from slimformer.data.sources import load_source
+
+        m = self.loaded
+        model_dir = getattr(m.spec, "path", None)
+        import inspect
+
+        accepts = list(inspect.signature(m.module.forward).parameters)
+        return load_source(source, m.input_specs, model_dir, accepts=accepts)
+
+    def _split(self):
+        from slimformer.data.sources import split_source
+
+        if "split" not in self._cache:
+            full = self._load(self.cfg.source)
+            rows = min(self.cfg.calib_rows, max(1, len(full) // 2))
+            self._cache["split"] = split_source(full, rows, self.seed)
+        return self._cache["split"]
+
+    def get(self, role: str):
+        """The data set for ``role`` (``eval``, ``calib`` or ``train``), loaded once, checked."""
+        if role in self._cache:
+            return self._cache[role]
+        from slimformer.data.datasets import get_dataset
+
+        c = self.cfg
+        given = c.eval if role == "eval" else c.calib
+        if given is not None:
+            ds = self._load(given)
+        elif c.source is not None:
+            ds = self._split()[1 if role == "eval" else 0]
+        elif self.builtin is None:
+            raise DataError(f"no {role} data: give data.{'eval' if role == 'eval' else 'calib'}")
+        elif role == "eval":
+            ds = get_dataset(self.builtin, c.eval_split)
+        else:
+            ds = get_dataset(self.builtin, c.calib_split if role == "calib" else "train")
+        if role == "eval" and c.eval_limit is not None and c.eval_limit < len(ds):
+            ds = ds.select(torch.arange(c.eval_limit))
+        check_fit(self.loaded, ds)
+        self._cache[role] = ds
+        return ds
 
 
 @dataclass(frozen=True)
@@ -94,7 +165,8 @@ def run_evaluate(ctx: RunContext, stage: EvaluateStage) -> StageRecord:
     preds, labels = evaluate_model(ctx.model, ctx.eval_data, ctx.recipe.data.batch_size,
                                    ctx.progress)
     rec = StageRecord(index=0, type=stage.type, config=stage.model_dump())
-    rec.metrics["accuracy"] = float((preds == labels).float().mean())
+    if getattr(ctx.eval_data, "has_labels", True):  # without labels: agreement only
+        rec.metrics["accuracy"] = float((preds == labels).float().mean())
     if ctx.reference_preds is None:
         ctx.reference_preds = preds
     rec.metrics["agreement"] = agreement(preds, ctx.reference_preds)
@@ -112,14 +184,11 @@ def run_evaluate(ctx: RunContext, stage: EvaluateStage) -> StageRecord:
 
 def run_quantize(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
     """Calibrate on the recipe's calibration split, switch the run to the inference form."""
-    from slimformer.data.datasets import get_dataset
     from slimformer.quantize.api import quantize
     from slimformer.quantize.inference import to_inference
     from slimformer.quantize.serialize import save_quantized
 
-    name = ctx.recipe.data.dataset or ctx.loaded.dataset
-    calib = get_dataset(name, ctx.recipe.data.calib_split)
-    check_fit(ctx.loaded, calib)
+    calib = ctx.data.get("calib")
     cfg = stage.quant_config()
     res = quantize(ctx.model, cfg, calib, ctx.structure,
                    progress=ctx.progress)
@@ -136,16 +205,12 @@ def run_quantize(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
 
 def run_prune(ctx: RunContext, stage: PruneStage) -> StageRecord:
     """Prune on the train split; later stages get the smaller model and its new structure."""
-    from slimformer.data.datasets import get_dataset
     from slimformer.models.structure import discover
     from slimformer.prune.api import prune
     from slimformer.prune.serialize import save_pruned
 
-    name = ctx.recipe.data.dataset or ctx.loaded.dataset
     cfg = stage.prune_config()
-    train = get_dataset(name, "train") if cfg.needs_training else None
-    if train is not None:
-        check_fit(ctx.loaded, train)
+    train = ctx.data.get("train") if cfg.needs_training else None
     x = ctx.loaded.example_inputs(2)
     res = prune(ctx.model, cfg, train, None, ctx.structure, ctx.progress, inputs=x)
     ctx.model = res.model
@@ -180,16 +245,12 @@ def run_prune(ctx: RunContext, stage: PruneStage) -> StageRecord:
 
 def run_search(ctx: RunContext, stage: SearchStage) -> StageRecord:
     """Search sub-networks and bit-widths; later stages get the chosen one (inference form)."""
-    from slimformer.data.datasets import get_dataset
     from slimformer.nas.api import search, split_holdout
     from slimformer.nas.output import predictor_lines, write_search
     from slimformer.quantize.inference import to_inference
 
-    name = ctx.recipe.data.dataset or ctx.loaded.dataset
-    train, val = split_holdout(get_dataset(name, "train"), stage.val_rows)
-    calib = get_dataset(name, ctx.recipe.data.calib_split)
-    check_fit(ctx.loaded, train)
-    check_fit(ctx.loaded, calib)
+    train, val = split_holdout(ctx.data.get("train"), stage.val_rows)
+    calib = ctx.data.get("calib")
     cfg = stage.search_config()
     if "study" not in stage.model_fields_set:
         cfg = cfg.model_copy(update={"study": ctx.recipe.name})
@@ -213,11 +274,9 @@ def run_search(ctx: RunContext, stage: SearchStage) -> StageRecord:
 
 def run_hls(ctx: RunContext, stage: HlsStage) -> StageRecord:
     """Build, compile and C-simulate an hls4ml project of the current model; ``hls/`` artifact."""
-    from slimformer.data.datasets import get_dataset
     from slimformer.hardware.api import build_hls, summary
 
-    name = ctx.recipe.data.dataset or ctx.loaded.dataset
-    calib = get_dataset(name, ctx.recipe.data.calib_split)
+    calib = ctx.data.get("calib")
     res = build_hls(ctx.model, stage.hls_config(), ctx.artifact_dir("hls"), calib,
                     ctx.eval_data if stage.csim else None, compile=stage.csim)
     rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
@@ -255,7 +314,8 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
     if stage.evaluate:
         preds = predict(onnx_path, ctx.eval_data, ctx.recipe.data.batch_size, stage.threads)
         torch_preds, labels = evaluate_model(ctx.model, ctx.eval_data, ctx.recipe.data.batch_size)
-        rec.metrics["accuracy"] = float((preds == labels).float().mean())
+        if getattr(ctx.eval_data, "has_labels", True):
+            rec.metrics["accuracy"] = float((preds == labels).float().mean())
         rec.metrics["agreement_with_pytorch"] = agreement(preds, torch_preds)
         if ctx.reference_preds is not None:
             rec.metrics["agreement"] = agreement(preds, ctx.reference_preds)
@@ -340,7 +400,6 @@ def run(recipe: Recipe, progress: Progress | None = None,
 
 
 def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path) -> RunResult:
-    from slimformer.data.datasets import get_dataset
     from slimformer.models.loading import load_model
     from slimformer.models.structure import discover
     from slimformer.report.outdir import scratch_in
@@ -351,13 +410,10 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
         progress("load model", 0, 1)
     loaded = load_model(recipe.model)
     smap = discover(loaded.module, loaded.example_inputs(2), require_attention=True)
-    dataset_name = recipe.data.dataset or loaded.dataset
-    if dataset_name is None:
-        raise DataError("no data set: set data.dataset in the recipe")
-    eval_data = get_dataset(dataset_name, recipe.data.eval_split, recipe.data.eval_limit)
-    check_fit(loaded, eval_data)
+    data = RunData(loaded, recipe.data, recipe.seed)
+    dataset_name, eval_data = data.label, data.get("eval")
     ctx = RunContext(recipe, loaded.module, loaded, smap, eval_data, progress=progress,
-                     staging=staging)
+                     staging=staging, data=data)
     with scratch_in(staging / ".scratch"):  # temporary files of the stages, removed after
         for i, stage in enumerate(recipe.stages):
             s0 = time.perf_counter()

@@ -20,8 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from slimformer.data.source_spec import DataSource
 from slimformer.errors import ConfigError, SlimformerError
 from slimformer.export.config import OnnxConfig, TensorRTConfig
 from slimformer.hardware.config import HlsConfig
@@ -40,20 +41,45 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    """Evaluation and calibration data: a built-in data set and how much of it to use."""
+    """Evaluation and calibration data: a built-in data set, or the user's own.
+
+    ``dataset`` names a built-in set (default: the zoo model's own). ``source`` is the user's
+    own data (a path, or a mapping with options: see :mod:`slimformer.data.sources`), split by
+    ``seed`` into ``calib_rows`` calibration rows and the rest for evaluation, never
+    overlapping; ``calib`` / ``eval`` name separate sources instead. Training stages (prune,
+    search) use the calibration rows of a user's source. ``data: mine.csv`` is short for
+    ``data: {source: mine.csv}``.
+    """
 
     dataset: str | None = None  # default: the zoo model's own data set
+    source: DataSource | None = None
+    calib: DataSource | None = None
+    eval: DataSource | None = None
+    calib_rows: Annotated[int, Field(ge=1)] = 256
     eval_split: Literal["test", "train", "calib"] = "test"
     eval_limit: Annotated[int, Field(ge=1)] | None = None
     calib_split: Literal["calib", "train"] = "calib"
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 256
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        if isinstance(v, str) or (isinstance(v, dict) and ("path" in v or "kind" in v)):
+            return {"source": v}
+        return v
+
     @field_validator("dataset")
     @classmethod
     def _known(cls, v: str | None) -> str | None:
         if v is not None and v not in DATASET_NAMES:
-            raise ValueError(f"unknown data set {v!r}; built-in ones: {', '.join(DATASET_NAMES)}")
+            raise ValueError(f"unknown data set {v!r}; built-in ones: {', '.join(DATASET_NAMES)}"
+                             "; for your own data give data.source (a file or folder)")
         return v
+
+    @property
+    def own(self) -> bool:
+        """Whether any of the user's own sources is given."""
+        return any(x is not None for x in (self.source, self.calib, self.eval))
 
 
 class EvaluateStage(_Strict):
@@ -221,10 +247,14 @@ def parse_recipe(data: object, source: str = "recipe") -> Recipe:
 
 def _cross_checks(recipe: Recipe) -> list[str]:
     problems = []
-    if not isinstance(recipe.model, ZooSpec) and recipe.data.dataset is None and any(
-            s.type == "evaluate" for s in recipe.stages):
-        problems.append("data.dataset: required to evaluate a model that is not from the zoo; "
-                        f"built-in ones: {', '.join(DATASET_NAMES)}")
+    if not isinstance(recipe.model, ZooSpec) and recipe.data.dataset is None and \
+            not recipe.data.own and any(s.type == "evaluate" for s in recipe.stages):
+        problems.append("data: a model that is not from the zoo needs data: data.source (your "
+                        "own file or folder) or data.dataset, one of: "
+                        f"{', '.join(DATASET_NAMES)}")
+    if recipe.data.source is not None and (recipe.data.calib or recipe.data.eval):
+        problems.append("data.source: give either one source (split into calibration and "
+                        "evaluation rows) or data.calib / data.eval, not both")
     seen_quantize = False
     for i, st in enumerate(recipe.stages):
         if st.type in ("quantize", "search"):  # search quantizes the chosen sub-network

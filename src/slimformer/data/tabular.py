@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from slimformer.data.datasets import TensorDictDataset
+from slimformer.data.source_spec import TEXT_SUFFIXES
 from slimformer.errors import DataError
 
-TEXT_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".txt": "txt"}
 TEXT_COLUMNS = ("text", "sentence")
 LABEL_COLUMNS = ("label", "labels")
 

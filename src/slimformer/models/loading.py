@@ -56,13 +56,26 @@ def parse_model_arg(text: str, config_json: str | None = None):
 
     from slimformer.models.zoo import ZOO
 
-    cfg = json.loads(config_json) if config_json else {}
-    if text in ZOO or text.startswith("zoo:"):
-        return S.ZooSpec(name=text.removeprefix("zoo:"))
-    if text.startswith("timm:"):
-        return S.TimmSpec(name=text[5:], kwargs=cfg)
-    if text.startswith("hf:"):
-        return S.HfConfigSpec(model_type=text[3:], config=cfg)
+    try:
+        cfg = json.loads(config_json) if config_json else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"--config: not valid JSON ({exc.msg} at line {exc.lineno} column "
+                           f"{exc.colno}); give an object such as '{{\"hidden_size\": 64}}'"],
+                          "options") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError([f"--config: must be a JSON object, got {type(cfg).__name__}"],
+                          "options")
+    try:
+        if text in ZOO or text.startswith("zoo:"):
+            return S.ZooSpec(name=text.removeprefix("zoo:"))
+        if text.startswith("timm:"):
+            return S.TimmSpec(name=text[5:], kwargs=cfg)
+        if text.startswith("hf:"):
+            return S.HfConfigSpec(model_type=text[3:], config=cfg)
+    except ValidationError as exc:
+        from slimformer.validation import format_errors
+
+        raise ConfigError(format_errors(exc), f"model {text!r}") from None
     path = Path(text)
     if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
         return spec_from_mapping(_read_mapping(path), str(path))
@@ -77,9 +90,16 @@ def parse_model_arg(text: str, config_json: str | None = None):
 
 
 def _read_mapping(path: Path) -> dict:
-    import yaml
+    from slimformer.validation import safe_load_bounded
 
-    data = yaml.safe_load(path.read_text())
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc.strerror or exc}"], str(path)) from None
+    if len(raw) > 1_000_000:
+        raise ConfigError([f"file is {len(raw):,} bytes; a model spec may be at most 1,000,000"],
+                          str(path))
+    data = safe_load_bounded(raw, str(path))
     if not isinstance(data, dict):
         raise ConfigError([f"top level: must be a mapping, got {type(data).__name__}"], str(path))
     return data.get("model", data)
@@ -87,7 +107,7 @@ def _read_mapping(path: Path) -> dict:
 
 def spec_from_mapping(data: dict, source: str = "model spec"):
     """Validate a plain mapping as a model spec (errors listed with their paths)."""
-    from slimformer.recipe import format_errors
+    from slimformer.validation import format_errors
 
     try:
         return TypeAdapter(S.ModelSpec).validate_python(data)

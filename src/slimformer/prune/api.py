@@ -83,7 +83,7 @@ def as_config(config) -> PruneConfig:
     try:
         return PruneConfig.model_validate(config)
     except ValidationError as exc:
-        from slimformer.recipe import format_errors
+        from slimformer.validation import format_errors
 
         raise ConfigError(format_errors(exc, PruneConfig), "prune config") from None
 
