@@ -60,8 +60,8 @@ def test_non_zoo_model_needs_a_dataset():
     with pytest.raises(ConfigError, match="needs data: data.source .* or data.dataset"):
         parse_recipe({"model": {"source": "timm", "name": "vit_tiny_patch16_224"}})
     r = parse_recipe({"model": {"source": "timm", "name": "vit_tiny_patch16_224"},
-                      "data": "photos/"})  # the user's own data: an image folder
-    assert r.data.source.kind == "images" and r.data.source.path == "photos/"
+                      "data": "reviews.csv"})  # the user's own data: a text file
+    assert r.data.source.kind == "text" and r.data.source.path == "reviews.csv"
 
 
 def test_factory_string_form_checked_up_front():
