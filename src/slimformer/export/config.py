@@ -16,6 +16,8 @@ class OnnxConfig(BaseModel):
     cannot be exported that way, the export falls back to static shapes and says so.
     ``parity_min_cosine``: float exports whose ONNX Runtime output is less similar to PyTorch's than
     this fail (quantized exports are compared in output quantization steps and only reported).
+    Every output of the model is exported, named by its path
+    (:func:`slimformer.models.outputs.leaves`), and every parity figure covers all of them.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -26,6 +28,9 @@ class OnnxConfig(BaseModel):
     lint: bool = True  # TensorRT explicit-quantization rules (see export/lint.py)
     parity_min_cosine: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9999
     threads: Annotated[int, Field(ge=1, le=256)] = 2  # ONNX Runtime intra-op threads for checks
+    # an example input that no node of the exported graph reads: "error" (ExportError naming it)
+    # or "warn" (exported without it; the result's warnings name it)
+    unused_inputs: Literal["error", "warn"] = "error"
 
 
 class TensorRTConfig(BaseModel):

@@ -3,9 +3,12 @@
 ``export_onnx(model, path, inputs, config) -> OnnxResult``. The model is traced by
 ``torch.onnx.export(dynamo=True)`` (``torch.export`` underneath) with symbolic batch and sequence
 axes; a quantized model (:class:`~slimformer.quantize.state.QuantizedModel`) is exported in its
-inference form as standard QDQ (see :mod:`slimformer.export.qdq`). The file is written only after
-``onnx.checker`` and the ONNX Runtime parity check pass (at the traced shape and at a second one);
-nothing is left behind on failure.
+inference form as standard QDQ (see :mod:`slimformer.export.qdq`). Every output of the model is a
+graph output named by its path (:func:`slimformer.models.outputs.leaves`: ``logits``,
+``text_embeds``, ``vision_model_output.pooler_output``, ``0``, ...), and every example input must
+be read by the graph (else :class:`ExportError`, or a note with ``OnnxConfig.unused_inputs``).
+The file is written only after ``onnx.checker`` and the ONNX Runtime parity check of every output
+pass (at the traced shape and at a second one); nothing is left behind on failure.
 """
 
 from __future__ import annotations
@@ -53,23 +56,10 @@ class OnnxResult:
                 "warnings": self.warnings, "seconds": round(self.seconds, 2)}
 
 
-def primary_output(out) -> torch.Tensor:
-    """The tensor a model is judged by: itself, ``.logits``, or the first element/field."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if getattr(out, "logits", None) is not None:
-        return out.logits
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise ExportError(f"cannot find the output tensor in a {type(out).__name__}; supported: a "
-                      "tensor, an object with .logits, a tuple/ModelOutput whose first item is one")
-
-
 class _Entry(nn.Module):
-    """Positional entry point ``forward(*inputs) -> tensor`` for the exporter.
+    """Positional entry point ``forward(*inputs) -> (every output tensor)`` for the exporter.
 
+    The outputs are :func:`~slimformer.models.outputs.leaves` of the model's output, in order;
     ``explicit_attention``: ``scaled_dot_product_attention`` is computed as MatMul/Softmax/MatMul
     (the same math), for models whose fused attention the exporter cannot decompose (e.g. T5).
     """
@@ -77,14 +67,17 @@ class _Entry(nn.Module):
     def __init__(self, model: nn.Module, names: list[str], explicit_attention: bool = False):
         super().__init__()
         self.model, self.names, self.explicit_attention = model, names, explicit_attention
+        self.out_names: list[str] = []
 
     def forward(self, *args):
-        """``primary_output(model(**dict(zip(names, args))))``."""
+        """``tuple(leaves(model(**dict(zip(names, args)))).values())``."""
+        from slimformer.models.outputs import leaves
+
         kwargs = dict(zip(self.names, args, strict=True))
         if self.explicit_attention:
             with _ExplicitAttention():
-                return primary_output(self.model(**kwargs))
-        return primary_output(self.model(**kwargs))
+                return tuple(leaves(self.model(**kwargs)).values())
+        return tuple(leaves(self.model(**kwargs)).values())
 
 
 class _Identity:
@@ -148,6 +141,7 @@ def export_onnx(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tens
         target = model
     entry = _Entry(target, list(inputs)).eval()
     args = tuple(inputs.values())
+    entry.out_names = out_names = _output_names(target, inputs)
     big = _param_bytes(model) > EXTERNAL_DATA_BYTES
     notes: list[str] = []
     dyn = dynamic_axes_of(inputs) if config.dynamic else {}
@@ -155,6 +149,7 @@ def export_onnx(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tens
         try:
             proto, dyn = _export_with_fallback(entry, args, list(inputs), dyn, tmp, config, big,
                                                notes)
+            _check_graph_io(proto, list(inputs), out_names, config, notes, tmp)
             if config.check:
                 onnx.checker.check_model(str(tmp) if big else proto, full_check=True)
             result = OnnxResult(path=path, opset=config.opset, quantized=quantized,
@@ -215,9 +210,75 @@ def _verify(result, proto, entry, args, inputs, reference, tmp, config, big):
         bad = [k for k, p in result.parity.items() if p["cosine"] < config.parity_min_cosine]
     if bad:
         p = result.parity[bad[0]]
-        raise ExportError(f"ONNX Runtime output differs from PyTorch at the {bad[0]} shape "
-                          f"{p['shape']}: cosine {p['cosine']:.6f} < {config.parity_min_cosine}")
+        worse = [f"{k} (cosine {m['cosine']:.6f})" for k, m in p["outputs"].items()
+                 if m["cosine"] < config.parity_min_cosine]
+        raise ExportError(f"ONNX Runtime differs from PyTorch at the {bad[0]} shape "
+                          f"{p['shape']} on output {', '.join(worse)}; the float export must "
+                          f"reach cosine {config.parity_min_cosine} on every output")
     return proto
+
+
+def _output_names(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the model's outputs (one seeded forward); :class:`ExportError` if none."""
+    from slimformer.models.outputs import leaves, seeded_forward
+
+    try:
+        with torch.no_grad():
+            out = seeded_forward(model, inputs)
+    except Exception as exc:  # noqa: BLE001 - whatever the forward raises on these inputs
+        raise ExportError(f"the model cannot be traced with inputs {list(inputs)}: its forward "
+                          f"raised {type(exc).__name__}: {_first_line(exc)}") from exc
+    names = list(leaves(out))
+    if not names:
+        raise ExportError(f"the model returns no tensor (a {type(out).__name__}); the export "
+                          "needs at least one output tensor")
+    return names
+
+
+def _graph_reads(graph) -> set[str]:
+    """Every value name a node of ``graph`` (or of a subgraph) reads, and the graph outputs."""
+    import onnx
+
+    read = {o.name for o in graph.output}
+    for n in graph.node:
+        read.update(n.input)
+        for a in n.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for g in subs:
+                read |= _graph_reads(g)
+    return read
+
+
+def _check_graph_io(proto, in_names: list[str], out_names: list[str], config, notes,
+                    tmp: Path) -> None:
+    """Every model output is a graph output (same names, same order); every input is read.
+
+    An example input that no node reads is an :class:`ExportError` naming it, or with
+    ``config.unused_inputs == "warn"`` a note, and the input leaves the graph (file re-saved).
+    """
+    import onnx
+
+    got = [o.name for o in proto.graph.output]
+    if got != out_names:
+        raise ExportError(f"the exported graph's outputs {got} are not the model's {out_names}")
+    read = _graph_reads(proto.graph)
+    graph_inputs = {i.name for i in proto.graph.input}
+    unused = [n for n in in_names if n not in graph_inputs or n not in read]
+    if not unused:
+        return
+    it = "them" if len(unused) > 1 else "it"
+    what = f"example input{'s' if len(unused) > 1 else ''} {', '.join(unused)}"
+    if config.unused_inputs == "error":
+        raise ExportError(f"no node of the exported graph reads the {what}: the model's outputs "
+                          f"{out_names} do not depend on {it}; leave {it} out of the example "
+                          f"inputs, or set OnnxConfig(unused_inputs='warn') to export without {it}")
+    kept = [i for i in proto.graph.input if i.name not in unused]
+    if len(kept) < len(proto.graph.input):
+        del proto.graph.input[:]
+        proto.graph.input.extend(kept)
+        onnx.save(proto, str(tmp))
+    notes.append(f"exported without the {what}: no node of the graph reads {it} "
+                 "(unused_inputs='warn')")
 
 
 def _export_explicit(entry, args, names, dyn, tmp, config, big, notes):
@@ -291,7 +352,7 @@ def _export(entry, args, names, dyn, tmp, config, big):
     with warnings.catch_warnings(), contextlib.redirect_stdout(buf), _quiet_logs():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(entry, args, dynamo=True, dynamic_shapes=shapes,
-                                 input_names=names, output_names=["output"], opset_version=
+                                 input_names=names, output_names=entry.out_names, opset_version=
                                  config.opset, external_data=big, optimize=True, verbose=False)
     if prog is None:
         raise ExportError("torch.onnx.export returned nothing")
@@ -331,20 +392,25 @@ def _is_symbolic(proto, name: str, axis: int) -> bool:
 def _finalize(proto, dyn: dict[str, list[int]], tmp: Path):
     """Name symbolic axes ``batch`` / ``sequence``; drop per-node debug metadata; re-save.
 
-    The exporter's symbols (``s33``) are renamed everywhere; the metadata (source stack traces)
-    is most of a small model's file.
+    The exporter's symbols (``s33``) are renamed everywhere (distinct symbols stay distinct:
+    ``sequence``, ``sequence_2``, e.g. an encoder's and a decoder's lengths); the metadata
+    (source stack traces) is most of a small model's file.
     """
     import onnx
 
     for n in proto.graph.node:
         del n.metadata_props[:]
         n.doc_string = ""
-    rename = {}
+    rename: dict[str, str] = {}
     for i in proto.graph.input:
         dims = i.type.tensor_type.shape.dim
         for ax in dyn.get(i.name, []):
-            if ax < len(dims) and dims[ax].dim_param:
-                rename.setdefault(dims[ax].dim_param, "batch" if ax == 0 else "sequence")
+            if ax < len(dims) and dims[ax].dim_param and dims[ax].dim_param not in rename:
+                base = "batch" if ax == 0 else "sequence"
+                used = set(rename.values())  # distinct symbols keep distinct names
+                rename[dims[ax].dim_param] = next(n for k in range(len(rename) + 1) if
+                                                  (n := base if k == 0 else f"{base}_{k + 1}")
+                                                  not in used)
     if proto.ByteSize() > TWO_GB:
         return proto
     for vi in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:

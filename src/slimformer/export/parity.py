@@ -1,8 +1,13 @@
 """ONNX Runtime sessions, parity with PyTorch, and what ONNX Runtime fused.
 
-Parity metrics, per checked shape: cosine similarity of the flattened outputs, max absolute error,
-argmax agreement over the last axis, and, for quantized exports, errors in *output steps*: the step
-of an 8-bit grid over the reference output's range, ``(max - min) / 255``.
+Parity compares every output (:mod:`slimformer.models.outputs`; the ONNX outputs carry their
+names), per checked shape and per output: cosine similarity of the flattened tensors, SQNR (dB),
+max absolute error, argmax agreement over the last axis (floating outputs of 2+ axes), and errors
+in *output steps*: the step of an 8-bit grid over the reference output's range,
+``(max - min) / 255``. The figures of a shape are the worst over its outputs (lowest cosine, SQNR,
+agreement and share within one step; largest errors), with each output under ``"outputs"``.
+PyTorch's reference runs on a forked RNG seeded the same at every shape
+(:func:`~slimformer.models.outputs.seeded_forward`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 import torch
 
 from slimformer.errors import ExportError
+from slimformer.report.outdir import scratch_root
 
 INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "QLinearConv",
                "ConvInteger", "DynamicQuantizeMatMul", "QAttention", "MatMulNBits")
@@ -58,6 +64,25 @@ def run(sess, inputs: dict[str, torch.Tensor]) -> np.ndarray:
     return sess.run(None, feeds(sess, inputs))[0]
 
 
+def run_all(sess, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Every output of ``sess`` on ``inputs``, ``{name: array}`` in the graph's order."""
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, feeds(sess, inputs)), strict=True))
+
+
+def scores_output(sess) -> str:
+    """The name of the class-score output of a session (:func:`.outputs.scores_name`)."""
+    from slimformer.models.outputs import scores_name
+
+    names = [o.name for o in sess.get_outputs()]
+    name = scores_name(names)
+    if name is None:
+        raise ExportError(f"the ONNX model has no class-score output (outputs: {names}); "
+                          "class scores are an output named 'logits', 'output' (the only one) or "
+                          "'0' (the first of a tuple)")
+    return name
+
+
 def latency(path: str | Path, inputs: dict[str, torch.Tensor], repeats: int = 30, warmup: int = 5,
             threads: int = 2) -> dict[str, float]:
     """Median / p90 wall time (ms) of one ONNX Runtime run over ``repeats`` after ``warmup``."""
@@ -81,17 +106,35 @@ def time_session(sess, inputs: dict[str, torch.Tensor], repeats: int = 30,
 
 
 def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
-    """Cosine, max abs error, argmax agreement and errors in output steps (see module doc)."""
+    """Metrics of one output (see module doc)."""
+    from slimformer.models.outputs import metrics
+
     if ref.shape != out.shape:
         raise ExportError(f"ONNX output shape {out.shape} != PyTorch output shape {ref.shape}")
+    res = metrics(ref, out)
     a, b = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
-    cos = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
-    step = max(float(a.max() - a.min()) / 255.0, 1e-12)
+    step = max(float(a.max() - a.min()) / 255.0, 1e-12) if a.size else 1e-12
     err = np.abs(a - b)
-    res = {"cosine": cos, "max_abs": float(err.max()), "output_step": step,
-           "max_steps": float(err.max() / step), "within_1_step": float((err <= step).mean())}
-    if ref.ndim >= 1 and ref.shape[-1] > 1:
-        res["argmax_agreement"] = float((ref.argmax(-1) == out.argmax(-1)).mean())
+    res |= {"output_step": step, "max_steps": float(err.max() / step) if a.size else 0.0,
+            "within_1_step": float((err <= step).mean()) if a.size else 1.0}
+    return res
+
+
+_WORST_LOW = ("cosine", "sqnr_db", "argmax_agreement", "within_1_step")
+_WORST_HIGH = ("max_abs", "max_steps")
+
+
+def compare_all(ref: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict:
+    """Every output compared (:func:`compare`); the worst of each figure at the top level."""
+    if list(ref) != list(out):
+        raise ExportError(f"the ONNX outputs {list(out)} are not PyTorch's {list(ref)}")
+    per = {k: compare(r, out[k]) for k, r in ref.items()}
+    res: dict = {}
+    for key in (*_WORST_LOW, *_WORST_HIGH):
+        vals = [m[key] for m in per.values() if key in m]
+        if vals:
+            res[key] = min(vals) if key in _WORST_LOW else max(vals)
+    res["outputs"] = per
     return res
 
 
@@ -109,21 +152,23 @@ def other_shape(inputs: dict[str, torch.Tensor], dyn: dict[str, list[int]]) -> d
 
 
 @torch.no_grad()
-def reference_output(model, inputs: dict[str, torch.Tensor]) -> np.ndarray:
-    """PyTorch's output tensor for ``inputs``."""
-    from slimformer.export.onnx import primary_output
+def reference_outputs(model, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """PyTorch's outputs for ``inputs``, ``{name: array}`` (on a seeded, forked RNG)."""
+    from slimformer.models.outputs import leaves, seeded_forward
 
-    return primary_output(model(**inputs)).detach().float().cpu().numpy()
+    return {k: v.detach().float().cpu().numpy() if v.is_floating_point() else
+            v.detach().cpu().numpy() for k, v in leaves(seeded_forward(model, inputs)).items()}
 
 
 def check_parity(reference, path: Path, inputs: dict[str, torch.Tensor], dyn: dict[str, list[int]],
                  quantized: bool, config, qdq_fusion: bool = True) -> tuple[dict, dict]:
     """Compare ONNX Runtime with ``reference`` at the traced shape and (dynamic) a second one.
 
-    Returns ``(parity per shape, op counts of ONNX Runtime's optimized graph)``; with
-    ``qdq_fusion=False`` the parity runs use the unfused graph (see :func:`session`).
+    Returns ``(parity per shape, op counts of ONNX Runtime's optimized graph)``; a shape's parity
+    is :func:`compare_all` of every output plus the input ``shape``; with ``qdq_fusion=False``
+    the parity runs use the unfused graph (see :func:`session`).
     """
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory(dir=scratch_root()) as d:
         opt = Path(d) / "optimized.onnx"
         sess = session(path, config.threads, optimized_to=opt)
         fusion = fusion_counts(opt)
@@ -134,7 +179,7 @@ def check_parity(reference, path: Path, inputs: dict[str, torch.Tensor], dyn: di
         shapes["other"] = other_shape(inputs, dyn)
     parity = {}
     for label, inp in shapes.items():
-        res = compare(reference_output(reference, inp), run(sess, inp))
+        res = compare_all(reference_outputs(reference, inp), run_all(sess, inp))
         res["shape"] = {k: list(v.shape) for k, v in inp.items()}
         parity[label] = res
     return parity, fusion
@@ -152,13 +197,14 @@ def fusion_counts(optimized: Path) -> dict[str, int]:
 
 
 def predict(path: str | Path, dataset, batch_size: int = 256, threads: int = 2) -> torch.Tensor:
-    """Argmax predictions of the ONNX model at ``path`` on every row of ``dataset``."""
+    """Argmax predictions of the ONNX model's class scores on every row of ``dataset``."""
     from slimformer.data.datasets import make_loader
 
     sess = session(path, threads)
+    name = scores_output(sess)
     preds = []
     for inputs, _ in make_loader(dataset, batch_size):
-        preds.append(torch.from_numpy(run(sess, inputs)).argmax(-1))
+        preds.append(torch.from_numpy(sess.run([name], feeds(sess, inputs))[0]).argmax(-1))
     if not preds:
         raise ExportError("the evaluation data set is empty")
     return torch.cat(preds)
