@@ -212,6 +212,44 @@ def _say_code(con, recipe) -> None:
                   "called when the model loads", markup=False, highlight=False)
 
 
+DATA_HELP = ("Data: a built-in set (fashion-mnist, vader-movie, trec, digits-seq) or your own file "
+             "or folder (CSV/TSV/JSONL/text, image folder, datasets folder / parquet, "
+             ".safetensors / .npz), or a JSON object with options ('{\"path\": \"photos\", "
+             "\"size\": 28, \"mean\": [0.5], \"std\": [0.5], \"channels\": 1}'); one source "
+             "is split into calibration and evaluation rows (default: the zoo model's own set).")
+CALIB_HELP = "Separate calibration data (file, folder or built-in set)."
+EVAL_HELP = "Separate evaluation data (file, folder or built-in set)."
+
+
+def _run_data(lm, data: str | None, calib_data: str | None = None, eval_data: str | None = None,
+              limit: int | None = None, split: str = "test", calib_rows: int = 256):
+    """The run's rows by role (``pipeline.RunData``) from the CLI's data options."""
+    from pydantic import ValidationError
+
+    from slimformer.data.source_spec import BUILTIN_NAMES
+    from slimformer.errors import ConfigError
+    from slimformer.pipeline import RunData
+    from slimformer.recipe import DataConfig
+    from slimformer.validation import format_errors
+
+    def parsed(text: str | None):  # a path or name, or a JSON object with options
+        if text is None or not text.lstrip().startswith("{"):
+            return text
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError([f"--data: not valid JSON ({exc.msg})"], "options") from None
+
+    builtin = data if data in BUILTIN_NAMES and not Path(data).exists() else None
+    try:
+        cfg = DataConfig(dataset=builtin, source=None if builtin else parsed(data),
+                         calib=parsed(calib_data), eval=parsed(eval_data), eval_split=split,
+                         eval_limit=limit, calib_rows=calib_rows)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, DataConfig), "data options") from None
+    return RunData(lm, cfg)
+
+
 def _load(model: str, config: str | None):
     from slimformer.models.loading import load_model, parse_model_arg
 
@@ -257,8 +295,8 @@ def inspect(model: Annotated[str, typer.Argument(help="Zoo name, HF dir, timm:NA
 
 @app.command("eval")
 def eval_(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
-          data: Annotated[str | None, typer.Option(help="Built-in data set (default: the zoo "
-                                                   "model's).")] = None,
+          data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
+          eval_data: Annotated[str | None, typer.Option(help=EVAL_HELP)] = None,
           split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
           limit: Annotated[int | None, typer.Option(help="Evaluate the first N rows.")] = None,
           batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 256,
@@ -266,25 +304,21 @@ def eval_(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
           config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")] = None,
           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
     """Metric, latency (median of repeated runs at batch 1 and 32) and size of a model."""
-    from slimformer.data.datasets import get_dataset
-    from slimformer.errors import DataError
     from slimformer.models.evaluate import measure_latency, model_size
-    from slimformer.pipeline import check_fit, evaluate_model, latency_inputs
+    from slimformer.pipeline import evaluate_model, latency_inputs
 
     con, _ = _console()
     with _errors():
         lm = _load(model, config)
-        name = data or lm.dataset
-        if name is None:
-            raise DataError("this model has no built-in data set: pass --data NAME")
-        ds = get_dataset(name, split, limit)
-        check_fit(lm, ds)
+        rd = _run_data(lm, data, None, eval_data, limit, split)
+        name, ds = rd.label, rd.get("eval")
         with _progress() as prog:
             preds, labels = evaluate_model(lm.module, ds, batch_size, prog)
             lat = {f"batch={b}": measure_latency(lm.module, latency_inputs(ds, b), repeats)
                    for b in (1, 32)}
     result = {"model": model, "data": name, "split": split, "samples": len(labels),
-              "accuracy": float((preds == labels).float().mean()), "latency": lat,
+              "accuracy": float((preds == labels).float().mean())
+              if getattr(ds, "has_labels", True) else None, "latency": lat,
               "size": model_size(lm.module)}
     if as_json:
         print(json.dumps(result, indent=2))
@@ -305,8 +339,9 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
              weight_bits: Annotated[int, typer.Option(help="Weight bits (2..8).")] = 8,
              act_bits: Annotated[int, typer.Option(help="Activation bits (2..8).")] = 8,
              calib_samples: Annotated[int, typer.Option(help="Calibration rows.")] = 128,
-             data: Annotated[str | None, typer.Option(help="Built-in data set (default: the "
-                                                      "zoo model's).")] = None,
+             data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
+             calib_data: Annotated[str | None, typer.Option(help=CALIB_HELP)] = None,
+             eval_data: Annotated[str | None, typer.Option(help=EVAL_HELP)] = None,
              limit: Annotated[int | None, typer.Option(help="Evaluate on the first N test "
                                                        "rows.")] = None,
              config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
@@ -315,10 +350,9 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
     """Quantize a model post-training, compare it with FP32, save its inference form."""
     from pydantic import ValidationError
 
-    from slimformer.data.datasets import get_dataset
-    from slimformer.errors import ConfigError, DataError
+    from slimformer.errors import ConfigError
     from slimformer.models.loading import parse_model_arg
-    from slimformer.pipeline import check_fit, evaluate_model
+    from slimformer.pipeline import evaluate_model
     from slimformer.quantize.api import quantize as run_quantize
     from slimformer.quantize.config import QuantConfig
     from slimformer.quantize.inference import to_inference
@@ -337,12 +371,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
         from slimformer.models.loading import load_model
 
         lm = load_model(spec)
-        name = data or lm.dataset
-        if name is None:
-            raise DataError("this model has no built-in data set: pass --data NAME")
-        calib, test = get_dataset(name, "calib"), get_dataset(name, "test", limit)
-        check_fit(lm, calib)
-        check_fit(lm, test)
+        rd = _run_data(lm, data, calib_data, eval_data, limit, calib_rows=calib_samples)
+        name, calib, test = rd.label, rd.get("calib"), rd.get("eval")
         with _progress() as prog:
             res = run_quantize(lm.module, cfg, calib, progress=prog)
             inf = to_inference(res.model)
@@ -374,8 +404,7 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
           batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 64,
           lr: Annotated[float, typer.Option(help="Fine-tuning learning rate.")] = 3e-4,
           distill: Annotated[float, typer.Option(help="Distillation weight in [0, 1].")] = 0.5,
-          data: Annotated[str | None, typer.Option(help="Built-in data set (default: the "
-                                                   "zoo model's).")] = None,
+          data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
           limit: Annotated[int | None, typer.Option(help="Evaluate on the first N test "
                                                     "rows.")] = None,
           checkpoint: Annotated[Path | None, typer.Option(help="Folder for resumable "
@@ -386,10 +415,8 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
     """Prune heads and MLP units (UPop or magnitude), fine-tune, save the smaller model."""
     from pydantic import ValidationError
 
-    from slimformer.data.datasets import get_dataset
-    from slimformer.errors import ConfigError, DataError
+    from slimformer.errors import ConfigError
     from slimformer.models.loading import load_model, parse_model_arg
-    from slimformer.pipeline import check_fit
     from slimformer.prune.api import prune as run_prune
     from slimformer.prune.config import PruneConfig
     from slimformer.prune.serialize import save_pruned
@@ -408,14 +435,10 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
             raise ConfigError(format_errors(exc, PruneConfig), "options") from None
         spec = parse_model_arg(model, config)
         lm = load_model(spec)
-        name = data or lm.dataset
-        if name is None:
-            raise DataError("this model has no built-in data set: pass --data NAME")
-        train = get_dataset(name, "train") if cfg.needs_training else None
-        test = get_dataset(name, "test", limit)
-        for d in (train, test):
-            if d is not None:
-                check_fit(lm, d)
+        rd = _run_data(lm, data, None, None, limit)
+        name = rd.label
+        train = rd.get("train") if cfg.needs_training else None
+        test = rd.get("eval")
         with _progress() as prog:
             res = run_prune(lm.module, cfg, train, test, progress=prog,
                             inputs=lm.example_inputs(2), checkpoint=checkpoint)
@@ -462,21 +485,18 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
                                               "exists).")] = "search",
            worker: Annotated[bool, typer.Option(help="Only measure sub-networks into the "
                                                 "shared study.")] = False,
-           data: Annotated[str | None, typer.Option(help="Built-in data set (default: the "
-                                                    "zoo model's).")] = None,
+           data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
            config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
            = None,
            overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False):
     """Search sub-networks and per-layer bit-widths; print the measured Pareto front."""
     from pydantic import ValidationError
 
-    from slimformer.data.datasets import get_dataset
-    from slimformer.errors import ConfigError, DataError
+    from slimformer.errors import ConfigError
     from slimformer.nas.api import search as run_search
     from slimformer.nas.api import split_holdout
     from slimformer.nas.config import SearchConfig
     from slimformer.nas.output import predictor_lines, write_search
-    from slimformer.pipeline import check_fit
     from slimformer.report.io import atomic_dir
     from slimformer.report.outdir import reserve
     from slimformer.validation import format_errors
@@ -490,13 +510,9 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
         except ValidationError as exc:
             raise ConfigError(format_errors(exc, SearchConfig), "options") from None
         lm = _load(model, config)
-        name = data or lm.dataset
-        if name is None:
-            raise DataError("this model has no built-in data set: pass --data NAME")
-        train, val = split_holdout(get_dataset(name, "train"), val_rows)
-        calib = get_dataset(name, "calib")
-        for ds in (train, val, calib):
-            check_fit(lm, ds)
+        rd = _run_data(lm, data)
+        train, val = split_holdout(rd.get("train"), val_rows)
+        calib = rd.get("calib")
         with _progress() as prog:
             res = run_search(lm.module, cfg, train, val, progress=prog, calib_data=calib,
                              worker=worker)

@@ -447,10 +447,13 @@ def check_fit(loaded, dataset) -> None:
     A data set with one input feeds a model with one input whatever their names (the data set's
     key is renamed in place); otherwise the names must match.
     """
+    import inspect
+
     expected, have = list(loaded.input_specs), list(dataset.inputs)
+    accepts = set(expected) | set(inspect.signature(loaded.module.forward).parameters)
     if len(expected) == 1 and len(have) == 1 and expected != have:
         dataset.inputs = {expected[0]: dataset.inputs[have[0]]}
-    elif not set(have) <= set(expected):
+    elif not set(have) <= accepts:
         raise DataError(f"data provides inputs {sorted(have)} but the model takes "
                         f"{sorted(expected)}")
     from slimformer.models.evaluate import run_batch

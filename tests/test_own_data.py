@@ -1,0 +1,71 @@
+"""Your own model and your own data, end to end through the CLI, each command chained."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from slimformer.cli import app
+from slimformer.data.text import minilm_path
+
+runner = CliRunner()
+
+
+def _cli(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+@pytest.mark.slow
+def test_local_hf_text_model_with_a_csv(tmp_path):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = minilm_path()
+    model_dir = tmp_path / "my-bert"
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(model_dir)
+    for f in tok.iterdir():  # the model's own tokenizer, as a user's folder has it
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(f, model_dir / f.name)
+    rows = [("a wonderful, moving film", "pos"), ("dull and far too long", "neg")] * 40
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in rows))
+    out = _cli("eval", model_dir, "--data", csv, "--repeats", "1", "--json")
+    data = json.loads(out[out.index("{"):])
+    assert data["samples"] == 80 - 40 and data["accuracy"] is not None  # calib rows held out
+    _cli("quantize", model_dir, "--data", csv, "--out", tmp_path / "q", "--calib-samples", "32")
+    onnx = tmp_path / "q.onnx"
+    _cli("export", "onnx", tmp_path / "q", "--out", onnx)
+    assert onnx.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_image_model_with_an_image_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from slimformer.data.fashion_mnist import load_arrays
+
+    images, labels = load_arrays("test")
+    folder = tmp_path / "photos"
+    for i in range(60):  # real Fashion-MNIST images as PNG files in class sub-folders
+        d = folder / f"class{labels[i]}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(images[i], dtype=np.uint8)).save(d / f"{i}.png")
+    out = _cli("eval", "vit-digits-seq", "--help")  # the CLI is up
+    assert "--data" in out
+    res = runner.invoke(app, ["quantize", "vit-fmnist", "--data", str(folder), "--out",
+                              str(tmp_path / "q"), "--calib-samples", "16"])
+    assert res.exit_code == 2 and "give the preprocessing" in res.output  # no processor config
+    spec = json.dumps({"path": str(folder), "size": 28, "mean": [0.2860], "std": [0.3530],
+                       "channels": 1})  # the zoo model's own normalization
+    res = runner.invoke(app, ["quantize", "vit-fmnist", "--data", spec, "--out",
+                              str(tmp_path / "q"), "--calib-samples", "16"])
+    # the folder's class names are not the model's: evaluation still compares with FP32
+    assert res.exit_code == 0, res.output
+    assert "agreement" in res.output
