@@ -69,3 +69,30 @@ def test_image_model_with_an_image_folder(tmp_path):
     # the folder's class names are not the model's: evaluation still compares with FP32
     assert res.exit_code == 0, res.output
     assert "agreement" in res.output
+
+
+def test_recipe_base_model_without_labels_reports_fidelity(tmp_path):
+    """A base model (no logits) on unlabelled text: every stage reports output fidelity."""
+    from slimformer.pipeline import run
+    from slimformer.recipe import parse_recipe
+
+    txt = tmp_path / "lines.txt"
+    txt.write_text("".join(f"sentence number {i} about {w}\n"
+                           for i, w in enumerate(["cats", "dogs", "stars", "rivers"] * 12)))
+    r = parse_recipe({
+        "name": "base", "model": {"source": "hf_config", "model_type": "bert", "task": "base",
+                                  "config": {"hidden_size": 32, "num_hidden_layers": 1,
+                                             "num_attention_heads": 2,
+                                             "intermediate_size": 64}},
+        "data": {"source": {"path": str(txt), "tokenizer": str(minilm_path()),
+                            "max_length": 16}, "calib_rows": 16},
+        "stages": [{"type": "evaluate", "latency_batch_sizes": [1], "latency_repeats": 1},
+                   {"type": "quantize", "method": "minmax", "calib_samples": 16},
+                   {"type": "evaluate", "latency_batch_sizes": [1], "latency_repeats": 1}],
+        "output": {"dir": str(tmp_path / "out")}})
+    res = run(r)
+    first, _, after = res.report.stages
+    assert "accuracy" not in first.metrics and first.metrics["samples"] == 48 - 16
+    assert first.metrics["outputs"] == 2  # last_hidden_state and pooler_output
+    assert first.metrics["output_sqnr_db_min"] > 100  # the float model against itself
+    assert 15 < after.metrics["output_sqnr_db_min"] < 100  # W8A8 vs float, every output
