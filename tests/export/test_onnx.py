@@ -94,7 +94,7 @@ def digits():
 
 def test_qdq_form_standard_ops_and_fused_by_ort(digits, tmp_path):
     lm, calib, test = digits
-    inf = _quantized(lm, calib, QuantConfig(method="repq", calib_samples=64))  # log-sqrt2 softmax
+    inf = _quantized(lm, calib, QuantConfig(method="repq", calib_samples=64, softmax="log_sqrt2"))
     res = export_onnx(inf, tmp_path / "q.onnx", latency_inputs(test, 8))
     m = onnx.load(tmp_path / "q.onnx")
     assert {o.domain for o in m.opset_import} <= {"", "ai.onnx"}  # no custom domain

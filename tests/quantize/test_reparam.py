@@ -31,7 +31,8 @@ def test_reparameterization_is_exact_in_float(name):
     x = lm.example_inputs(4, seed=123)
     with torch.no_grad():
         ref = _out(lm.module(**x)).double()
-    res = quantize(lm.module, QuantConfig(method="repq", weight_bits=4, act_bits=4), _calib(lm))
+    res = quantize(lm.module, QuantConfig(method="repq", weight_bits=4, act_bits=4,
+                                          repq_sites="all"), _calib(lm))
     assert any("reparameterized" in n for n in res.notes)
     res.model.quant.set_mode("float")
     with torch.no_grad():

@@ -16,6 +16,7 @@ from slimformer.quantize.quantizers import (
     fake_log2,
     fake_log_sqrt2,
     fake_uniform,
+    positive_scale,
     round_ste,
     symmetric_params,
     uniform_params,
@@ -43,6 +44,8 @@ class ActQuantizer(nn.Module):
         self.symmetric = False
         self._min = self._max = None
         self._rows: list[torch.Tensor] = []
+        self._groups: list[torch.Tensor] = []
+        self._n_groups = 0
         self._seen = 0
 
     def observe(self, x: torch.Tensor) -> None:
@@ -51,18 +54,43 @@ class ActQuantizer(nn.Module):
             raise CalibrationError(f"NaN or inf in the calibration activations at {self.name} "
                                    "(the first quantized layer where they appear); check the data")
         flat = x.detach().reshape(-1, x.shape[-1]).float()
+        if self._min is not None and self._min.shape[-1] != flat.shape[-1]:
+            self._to_per_tensor()
+        if self._min is not None and self._min.numel() == 1 != flat.shape[-1]:
+            flat = flat.reshape(-1, 1)
         mn, mx = flat.amin(0), flat.amax(0)
         self._min = mn if self._min is None else torch.minimum(self._min, mn)
         self._max = mx if self._max is None else torch.maximum(self._max, mx)
         take = min(len(flat), max(1, SAMPLE_ROWS // 4))
         idx = torch.randperm(len(flat), generator=torch.Generator().manual_seed(self._seen))[:take]
         self._rows.append(flat[idx])
+        per = max(1, len(flat) // x.shape[0]) if x.dim() > 1 else len(flat)
+        self._groups.append(idx // per + self._n_groups)  # which input sample each row is from
+        self._n_groups += x.shape[0] if x.dim() > 1 else 1
         self._seen += 1
+
+    def _to_per_tensor(self) -> None:
+        """Keep one range and one column of values: the last axis changed size between calls.
+
+        Happens when a module shared by inputs of different lengths quantizes a tensor whose last
+        axis is the sequence (``k^T`` of attention scores); only per-tensor ranges apply then.
+        """
+        if self.per_channel:
+            raise CalibrationError(f"{self.name}: per-channel quantizer saw inputs of different "
+                                   f"widths ({self._min.shape[-1]} and another)")
+        self._min, self._max = self._min.min().reshape(1), self._max.max().reshape(1)
+        self._groups = [g.repeat_interleave(r.shape[-1]) for g, r in zip(self._groups, self._rows,
+                                                                          strict=True)]
+        self._rows = [r.reshape(-1, 1) for r in self._rows]
 
     def samples(self) -> torch.Tensor:
         """The sampled rows ``(n, C)``."""
         rows = torch.cat(self._rows)
         return rows[-SAMPLE_ROWS * 2:]
+
+    def sample_groups(self) -> torch.Tensor:
+        """``(n,)``: the input sample (leading axis of the observed tensor) of each sampled row."""
+        return torch.cat(self._groups)[-SAMPLE_ROWS * 2:]
 
     @torch.no_grad()
     def calibrate(self, how: str, percentile: float = 99.99) -> None:
@@ -86,16 +114,31 @@ class ActQuantizer(nn.Module):
             raise ValueError(how)
         self.set_range(lo, hi)
 
-    def _search(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def range_of(self, rows: torch.Tensor, how: str, per_channel: bool) -> tuple[torch.Tensor,
+                                                                                 torch.Tensor]:
+        """The range ``minmax`` or ``search`` would pick from ``rows (n, C)`` alone."""
+        lo, hi = rows.amin(0), rows.amax(0)
+        if not per_channel:
+            lo, hi = lo.min(), hi.max()
+        if how == "search":
+            return self._search(rows, lo, hi, per_channel)
+        return lo, hi
+
+    def _search(self, rows: torch.Tensor, lo0: torch.Tensor | None = None,
+                hi0: torch.Tensor | None = None,
+                per_channel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (or per-tensor) shrink of [min, max] minimizing quantization MSE."""
-        lo0, hi0 = (self._min, self._max) if self.per_channel else (self._min.min(), self._max.max())
+        per_channel = self.per_channel if per_channel is None else per_channel
+        if lo0 is None:
+            lo0, hi0 = (self._min, self._max) if per_channel else (self._min.min(),
+                                                                    self._max.max())
         best, best_lo, best_hi = None, lo0, hi0
         for f in (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5):
             for g in (1.0, 0.9, 0.8):
                 lo, hi = lo0 * g, hi0 * f
                 s, z = self._params(lo, hi)
                 err = ((fake_uniform(rows, s, z, self.bits) - rows) ** 2)
-                err = err.mean(0) if self.per_channel else err.mean()
+                err = err.mean(0) if per_channel else err.mean()
                 if best is None:
                     best = err
                     continue
@@ -125,7 +168,7 @@ class ActQuantizer(nn.Module):
             return scale, zero
         lo = torch.minimum(self.lo, torch.zeros_like(self.lo))
         hi = torch.maximum(self.hi, torch.zeros_like(self.hi))
-        scale = ((hi - lo) / (2**self.bits - 1)).clamp_min(1e-8)
+        scale = positive_scale((hi - lo) / (2**self.bits - 1))
         if self.pow2:
             scale = torch.exp2(torch.ceil(torch.log2(scale)))
         zero = round_ste(-lo / scale).clamp(0, 2**self.bits - 1)
@@ -155,13 +198,31 @@ class ProbQuantizer(nn.Module):
     scale ``delta / (2^(b-1) - 1)``, zero point 0, codes in ``[0, 2^(b-1) - 1]``.
     """
 
+    KINDS = ("log_sqrt2", "log2", "uniform")
+
     def __init__(self, name: str, bits: int, kind: str):
         super().__init__()
-        self.name, self.bits, self.kind = name, bits, kind
+        self.name, self.bits = name, bits
         self.mode = "float"
         self.symmetric = False
         self.register_buffer("delta", torch.ones(()))
+        self.register_buffer("kind_code", torch.zeros((), dtype=torch.uint8))  # saved with it
+        self.kind = kind
         self._rows: list[torch.Tensor] = []
+
+    @property
+    def kind(self) -> str:
+        """``log_sqrt2`` / ``log2`` / ``uniform`` (mirrored in the buffer ``kind_code``)."""
+        return self._kind
+
+    @kind.setter
+    def kind(self, value: str) -> None:
+        self._kind = value
+        self.kind_code = torch.tensor(self.KINDS.index(value), dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._kind = self.KINDS[int(self.kind_code)]
 
     def observe(self, p: torch.Tensor) -> None:
         """Keep a sample of probabilities."""
@@ -195,6 +256,7 @@ class ProbQuantizer(nn.Module):
             cands = [torch.tensor(1.0), *cands]
         errs = [((self.quant(p, d.clamp_min(1e-6)) - p) ** 2).mean() for d in cands]
         self.delta = cands[int(torch.stack(errs).argmin())].clamp_min(1e-6).reshape(())
+        self.error = float(torch.stack(errs).min())  # mean squared error on the sample
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
         """Observe, pass through, or fake-quantize ``p``."""

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from slimformer.errors import CalibrationError
+from slimformer.quantize.check import WeakSite
 from slimformer.quantize.config import QuantConfig
 from slimformer.quantize.state import QuantizedModel
 
@@ -25,12 +26,20 @@ Progress = Callable[[str, int, int], None] | None
 
 @dataclass
 class QuantResult:
-    """A quantized model and what calibration did."""
+    """A quantized model and what calibration did.
+
+    Attributes:
+        weak_sites: Quantizers that represent their calibration data badly (SQNR below the floor
+            of their bit-width, or data spread under one step), worst first; also in ``notes``.
+        output_sqnr_db: SQNR of the model's outputs vs float on the calibration data (dB).
+    """
 
     model: QuantizedModel
     calib_samples: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    weak_sites: list[WeakSite] = field(default_factory=list)
+    output_sqnr_db: float | None = None
 
 
 def _batches(calib_data, batch_size: int, limit: int):
@@ -64,6 +73,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
     from slimformer.quantize.build import build
     from slimformer.quantize.reconstruct import reconstruct_linear
     from slimformer.quantize.repq import learn_dual_clipping, reparameterize
+    from slimformer.quantize.select import MARGIN, calibrate_weights, select_sites
 
     t0 = time.perf_counter()
     n = min(config.calib_samples, len(calib_data))
@@ -94,6 +104,8 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
             act.calibrate(how, config.percentile)
         if not a.probs_float:
             a.probs.calibrate()
+    if config.method in ("repq", "repquant") and config.repq_sites == "auto":  # RepQ where it helps
+        notes += select_sites(state, softmax_auto=config.softmax == "auto")
     tick("calibrate", 1, 1)
 
     if config.method == "repquant" and config.clip_steps:
@@ -107,17 +119,22 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
         notes += reparameterize(qmodel, structure)
     if not structure.norms:
         notes.append("no norm feeds a Linear: norm reparameterization skipped")
-    for lq in state.linears.values():
-        lq.wq.calibrate(lq.matrix().detach(), search=config.method in ("repq", "repquant"))
+    calibrate_weights(state, search=config.method in ("repq", "repquant"))
 
     if config.method == "repquant" and config.recon_steps:
-        x_fp = _capture_float_inputs(qmodel, calib_data, config)
+        calls: dict[str, int] = {}
+        x_fp = _capture_float_inputs(qmodel, calib_data, config, calls=calls)
         by_name = {lq.name: lq for lq in state.linears.values()}
-        lqs = [by_name[n] for n in x_fp]  # execution order
+        lqs = [by_name[n] for n in x_fp]  # execution order (of first calls)
         kept = 0
         for i, lq in enumerate(lqs):
-            # sequential: this layer's inputs with every upstream layer fully quantized
-            x_q = _capture_one(qmodel, lq, calib_data, config)[:len(x_fp[lq.name])]
+            # sequential: this layer's inputs with every upstream layer fully quantized; a layer
+            # run several times per forward (shared) is captured over all its calls
+            x_q = _capture_one(qmodel, lq, calib_data, config, calls=calls[lq.name])
+            if x_q.shape != x_fp[lq.name].shape:  # calls per forward depend on the data
+                notes.append(f"{lq.name}: weight rounding not learned (its calls per forward "
+                             "vary between batches)")
+                continue
             before, after = reconstruct_linear(lq, x_q, x_fp[lq.name], config.recon_steps)
             kept += after < before
             tick("weight rounding", i + 1, len(lqs))
@@ -128,18 +145,52 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
         for lq in lqs:
             lq.alpha = None
         nearest = _output_error(qmodel, calib_data, config)
-        if with_round < nearest:
+        if with_round < MARGIN * nearest:  # clearly better: small gains do not carry over
             for lq in lqs:
                 lq.alpha = saved[lq.name]
             notes.append(f"learned rounding kept: model output error {nearest:.4g} -> "
                          f"{with_round:.4g} on the calibration data")
         else:
-            notes.append(f"learned rounding dropped: it raised the model output error on the "
-                         f"calibration data ({nearest:.4g} -> {with_round:.4g})")
+            notes.append(f"learned rounding dropped: it did not cut the model output error on "
+                         f"the calibration data by {100 * (1 - MARGIN):.0f}% ({nearest:.4g} -> "
+                         f"{with_round:.4g})")
     state.set_mode("quant")
+    weak, out_db = _check(qmodel, calib_data, config, notes)
     for act in state.acts.values():
         act._rows, act._min, act._max = [], None, None
-    return QuantResult(qmodel, n, time.perf_counter() - t0, notes)
+    return QuantResult(qmodel, n, time.perf_counter() - t0, notes, weak, out_db)
+
+
+def _check(qmodel: QuantizedModel, calib_data, config: QuantConfig,
+           notes: list[str]) -> tuple[list[WeakSite], float | None]:
+    """Weak sites and the output SQNR; raises when the output collapsed at W8A8."""
+    from slimformer.quantize.check import output_sqnr, site_errors
+
+    weak, site_db = site_errors(qmodel.quant)
+    out_db = output_sqnr(qmodel, _batches(calib_data, config.calib_batch_size,
+                                          config.calib_samples))
+    if out_db is not None:
+        notes.append(f"model output SQNR vs float on the calibration data: {out_db:.1f} dB")
+    for w in weak[:10]:
+        notes.append(f"weak site: {w}")
+    if len(weak) > 10:
+        notes.append(f"... and {len(weak) - 10} more weak site(s)")
+    full8 = min(b for lq in qmodel.quant.linears.values() for b in (lq.wq.bits, lq.act.bits)) \
+        if len(qmodel.quant.linears) else 0
+    floor = config.min_output_sqnr_db
+    if floor is not None and full8 >= 8 and out_db is not None and out_db < floor:
+        worst = [(w.name, w.sqnr_db) for w in weak]
+        worst += sorted(((k, v) for k, v in site_db.items() if k not in dict(worst)),
+                        key=lambda kv: kv[1])
+        worst = worst[:5]
+        raise CalibrationError(
+            f"the quantized model's output is at {out_db:.1f} dB SQNR vs float on the "
+            f"calibration data, below the {floor:g} dB floor for 8-bit weights and activations: "
+            "the quantizers lost the signal. Worst sites (weak ones first): " +
+            "; ".join(f"{n} {d:.1f} dB" for n, d in worst) +
+            ". Check the scale of the model's activations and the calibration data, or set "
+            "min_output_sqnr_db: null to accept it")
+    return weak, out_db
 
 
 def _sample_rows(x: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
@@ -171,14 +222,21 @@ class _Stop(Exception):
 
 
 def _capture_one(qmodel: QuantizedModel, target, calib_data, config: QuantConfig,
-                 rows: int = 4096) -> torch.Tensor:
-    """Inputs of one Linear in the quantized model (rows sampled as in :func:`_capture_inputs`)."""
+                 rows: int = 4096, calls: int = 1) -> torch.Tensor:
+    """Inputs of one Linear in the quantized model (rows sampled as in :func:`_capture_inputs`).
+
+    ``calls``: executions of the layer per forward; each forward stops after the last of them.
+    """
     qmodel.quant.set_mode("quant")
     parts: list[torch.Tensor] = []
+    seen = [0]
 
     def grab(x):
         parts.append(x.detach().reshape(-1, x.shape[-1]))
-        raise _Stop
+        seen[0] += 1
+        if seen[0] % calls == 0:
+            raise _Stop
+        return target.act(x)
 
     target.act_in = grab
     try:
@@ -194,10 +252,13 @@ def _capture_one(qmodel: QuantizedModel, target, calib_data, config: QuantConfig
 
 
 def _capture_float_inputs(qmodel: QuantizedModel, calib_data, config: QuantConfig,
-                          rows: int = 4096) -> dict[str, torch.Tensor]:
+                          rows: int = 4096, calls: dict[str, int] | None = None
+                          ) -> dict[str, torch.Tensor]:
     """Inputs ``(rows, in)`` of every quantized Linear in the float model, in execution order.
 
-    Rows are drawn as in :func:`_capture_one`, so both captures of a layer hold the same rows.
+    Rows are drawn as in :func:`_capture_one`, so both captures of a layer hold the same rows;
+    every call of a layer run several times per forward counts. ``calls``, when given, receives
+    the executions per forward of each layer.
     """
     state = qmodel.quant
     state.set_mode("float")
@@ -217,7 +278,10 @@ def _capture_float_inputs(qmodel: QuantizedModel, calib_data, config: QuantConfi
             del lq.act_in  # back to the class method
     out = {}
     widths = {lq.name: lq.matrix().shape[1] for lq in state.linears.values()}
+    forwards = len(range(0, min(config.calib_samples, len(calib_data)), config.calib_batch_size))
     for name, parts in captured.items():
+        if calls is not None:
+            calls[name] = max(1, len(parts) // max(forwards, 1))
         x = torch.cat(parts)
         if x.shape[-1] != widths[name]:
             continue  # convolutions: inputs are images, not rows

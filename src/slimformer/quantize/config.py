@@ -54,6 +54,13 @@ class QuantConfig(BaseModel):
             activations. Scales are ``max(|lo|, |hi|) / (2^(b-1) - 1)``; codes are kept as
             ``uint8`` with zero point ``2^(b-1)`` (int8 ``code - 2^(b-1)`` in the QDQ export),
             uniform attention probabilities use the non-negative half ``[0, 2^(b-1) - 1]``.
+        repq_sites: ``auto``: repq/repquant choose per site (RepQ per-channel ranges, per-tensor
+            min/max or MSE search; log-sqrt2 or uniform softmax under ``softmax: auto``) by
+            calibration error, so they do not lose to the baselines; ``all``: RepQ per channel at
+            every post-norm and MLP fc2 input (the published method, for ablations).
+        min_output_sqnr_db: At W8A8 (every Linear at 8 bits), the model output's SQNR vs float on
+            the calibration data must reach this, else :class:`CalibrationError` names the worst
+            sites (a collapse, not a quantization trade-off); None disables the check.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -72,11 +79,17 @@ class QuantConfig(BaseModel):
     power_of_two_scales: bool = False
     embedding_bits: Bits | None = None
     symmetric: bool = False
+    repq_sites: Literal["auto", "all"] = "auto"
+    min_output_sqnr_db: float | None = 10.0
     seed: int = 0
 
     @property
     def softmax_kind(self) -> str:
-        """The softmax quantizer actually used (``auto``: log-sqrt2 for repq/repquant)."""
+        """The softmax quantizer built (``auto``: log-sqrt2 for repq/repquant, else uniform).
+
+        With ``auto``, repq/repquant then choose per site between log-sqrt2 and uniform by the
+        calibration error of the probabilities.
+        """
         if self.softmax != "auto":
             return self.softmax
         return "log_sqrt2" if self.method in ("repq", "repquant") else "uniform"

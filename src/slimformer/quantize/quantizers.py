@@ -23,9 +23,20 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 def uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point of an asymmetric ``bits``-bit grid covering [lo, hi] (and 0)."""
     lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
-    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
+    scale = positive_scale((hi - lo) / (2**bits - 1))
     zero = (-lo / scale).round().clamp(0, 2**bits - 1)
     return scale, zero
+
+
+def positive_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` where it is positive; 1 where the range is empty (the data are all zero there).
+
+    Relative to the data, not an absolute floor: a range of 1e-23 keeps a step of 1e-23 / 255
+    (an absolute floor such as 1e-8 rounded such activations to zero). Only float32's smallest
+    normal number bounds it, so ``x / scale`` stays finite.
+    """
+    return torch.where(scale > 0, scale, torch.ones_like(scale)).clamp_min(
+        torch.finfo(torch.float32).tiny)
 
 
 def symmetric_params(lo: torch.Tensor, hi: torch.Tensor,
@@ -36,7 +47,7 @@ def symmetric_params(lo: torch.Tensor, hi: torch.Tensor,
     integer. Values inside ``[lo, hi]`` get codes in ``[1, 2^b - 1]``.
     """
     amax = torch.maximum(lo.abs(), hi.abs())
-    scale = (amax / (2 ** (bits - 1) - 1)).clamp_min(1e-8)
+    scale = positive_scale(amax / (2 ** (bits - 1) - 1))
     return scale, torch.full_like(scale, 2 ** (bits - 1))
 
 

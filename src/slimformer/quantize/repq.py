@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from slimformer.quantize.act import ActQuantizer
-from slimformer.quantize.quantizers import fake_uniform, symmetric_params
+from slimformer.quantize.quantizers import fake_uniform, positive_scale, symmetric_params
 
 
 def _affine_params(norm: nn.Module, dim: int) -> tuple[nn.Parameter, nn.Parameter] | None:
@@ -131,17 +131,25 @@ def learn_dual_clipping(act: ActQuantizer, weights: list[torch.Tensor], steps: i
     x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:2048]]
     ws = [w.detach() for w in weights]
     lo0, hi0 = act.lo.detach().clone(), act.hi.detach().clone()
-    span = (hi0 - lo0).clamp_min(1e-6)
+    # work in units of the data (quantization is scale-equivariant): squares of tiny activations
+    # would underflow float32 and leave no gradient
+    unit = torch.maximum(lo0.abs().max(), hi0.abs().max())
+    unit = unit if float(unit) > 0 else torch.ones(())
+    x, lo0, hi0 = x / unit, lo0 / unit, hi0 / unit
+    w_unit = max(float(w.abs().max()) for w in ws) if ws else 1.0
+    ws = [w / (w_unit if w_unit > 0 else 1.0) for w in ws]
+    span = hi0 - lo0  # bounds move in units of each channel's own range (never a fixed floor)
+    span = torch.where(span > 0, span, span.max()).clamp_min(torch.finfo(torch.float32).tiny)
     u = torch.zeros(2, lo0.numel(), requires_grad=True)
     opt = torch.optim.Adam([u], lr=lr)
 
     def loss_fn():
         lo = torch.minimum(lo0 + span * u[0], torch.zeros_like(lo0))
-        hi = torch.maximum(hi0 + span * u[1], lo + 1e-4)
+        hi = torch.maximum(hi0 + span * u[1], lo + 1e-4 * span)
         if act.symmetric:
             s, z = symmetric_params(lo, hi, act.bits)
         else:
-            s = ((hi - lo) / (2**act.bits - 1)).clamp_min(1e-8)
+            s = positive_scale((hi - lo) / (2**act.bits - 1))
             z = ((-lo / s).round() - (-lo / s)).detach() + (-lo / s)
             z = z.clamp(0, 2**act.bits - 1)
         err = fake_uniform(x, s, z, act.bits) - x
@@ -157,5 +165,5 @@ def learn_dual_clipping(act: ActQuantizer, weights: list[torch.Tensor], steps: i
             best, best_lo, best_hi = loss.item(), lo.detach().clone(), hi.detach().clone()
         loss.backward()
         opt.step()
-    act.set_range(best_lo, best_hi)
-    return 1.0 - best / max(first, 1e-30)
+    act.set_range(best_lo * unit, best_hi * unit)
+    return 1.0 - best / first if first > 0 else 0.0
