@@ -459,6 +459,7 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
     table.add_row("seconds", "", f"search {res.search_seconds:.1f}, fine-tune "
                   f"{res.finetune_seconds:.1f}")
     con.print(table)
+    con.print(res.headline, markup=False, highlight=False)
     for note in res.notes + [f"not sliceable ({k} {i}): {w}" for k, d in res.skipped.items()
                              for i, w in d.items()]:
         con.print(f"  - {note}", markup=False, highlight=False)

@@ -256,7 +256,7 @@ def run_prune(ctx: RunContext, stage: PruneStage) -> StageRecord:
                    "mlp_units_kept": f"{sum(k for k, _ in mlp)}/{sum(n for _, n in mlp)}",
                    "search_seconds": round(res.search_seconds, 2),
                    "finetune_seconds": round(res.finetune_seconds, 2)}
-    rec.notes = [f"heads kept per attention site: {dict(res.kept['heads'])}",
+    rec.notes = [res.headline, f"heads kept per attention site: {dict(res.kept['heads'])}",
                  f"MLP units kept per site: {dict(res.kept['mlp'])}", *res.notes]
     if res.kept["dims"]:
         rec.metrics["head_dims_kept"] = " ".join(f"{qk}/{d}" if qk == v else f"{qk},{v}/{d}"

@@ -41,6 +41,10 @@ class PruneResult:
         accuracy_before / accuracy_after: On ``eval_data`` when given.
         skipped: Sites that cannot be sliced, with the reason.
         notes: What else the run decided (resumed, distillation only ...).
+        cut: ``{kind: (sites cut, sites that could be cut)}`` per structure kind searched
+            (``heads``, ``mlp``, ``dims`` ...). The prunable cost counts only the kinds of which
+            some unit was cut, so :attr:`reduction` never credits a structure left whole.
+        target: What the prunable cost counts (``params`` or ``macs``).
     """
 
     model: nn.Module
@@ -58,22 +62,63 @@ class PruneResult:
     accuracy_after: float | None = None
     skipped: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    cut: dict = field(default_factory=dict)
+    target: str = "params"
 
     @property
     def reduction(self) -> float:
         """``prunable_before / prunable_after`` (e.g. 2.0 for a 2x smaller prunable part)."""
         return self.prunable_before / max(self.prunable_after, 1e-12)
 
+    @property
+    def headline(self) -> str:
+        """One line: the reduction, what was cut, and what was not cut and why.
+
+        E.g. ``2.00x fewer params in the structures cut (1.17x in the whole model): MLP units
+        cut at 4 of 4 sites; heads not cut at 6 of 6 sites (the sliced forward failed: ...)``.
+        """
+        before, after = ((self.macs_before, self.macs_after) if self.target == "macs" else
+                         (self.params_before, self.params_after))
+        whole = before / max(after, 1)
+        cut, kept, refused = [], [], []
+        for kind in dict.fromkeys([*self.cut, *self.skipped]):
+            done, able = self.cut.get(kind, (0, 0))
+            bad = self.skipped.get(kind, {})
+            total = able + len(bad)
+            label = _KIND_LABEL.get(kind, kind)
+            if done:
+                cut.append(f"{label} cut at {done} of {total} sites")
+            elif able:
+                kept.append(f"{label} left whole at {able} of {total} sites (none chosen)")
+            if bad:
+                reasons = "; ".join(dict.fromkeys(_short_reason(w) for w in bad.values()))
+                refused.append(f"{label} not cut at {len(bad)} of {total} sites ({reasons})")
+        what = "MACs" if self.target == "macs" else "params"
+        head = (f"{self.reduction:.2f}x fewer {what} in the structures cut ({whole:.2f}x in the "
+                "whole model)" if cut else f"nothing cut ({whole:.2f}x fewer {what} in all)")
+        return head + ": " + "; ".join(cut + kept + refused) if cut + kept + refused else head
+
     def summary(self) -> dict:
         """JSON-ready numbers (no model)."""
         return {"params_before": self.params_before, "params_after": self.params_after,
                 "macs_before": self.macs_before, "macs_after": self.macs_after,
                 "prunable_before": self.prunable_before, "prunable_after": self.prunable_after,
-                "prunable_reduction": round(self.reduction, 4),
+                "prunable_reduction": round(self.reduction, 4), "headline": self.headline,
                 "search_seconds": round(self.search_seconds, 2),
                 "finetune_seconds": round(self.finetune_seconds, 2),
                 "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
                 "kept": {k: {str(i): list(v) for i, v in d.items()} for k, d in self.kept.items()}}
+
+
+_KIND_LABEL = {"heads": "heads", "mlp": "MLP units", "dims": "head dims",
+               "dims_qk": "query/key dims", "dims_v": "value dims"}
+
+
+def _short_reason(why: str, limit: int = 110) -> str:
+    """A slicing refusal without its site prefix, first sentence, at most ``limit`` characters."""
+    text = why.split("): ", 1)[1] if why.startswith("cannot slice") and "): " in why else why
+    text = text.split(". ", 1)[0].rstrip(".")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def as_config(config) -> PruneConfig:
@@ -265,11 +310,21 @@ def prune(model: nn.Module, config, train_data=None, eval_data=None, structure=N
     # exact when the target is params (only prunable tensors shrink); for MACs, and heads and
     # dims cut at one site, the per-unit costs overlap and the sum is an estimate
     removed = structure.params - after.params if cfg.target == "params" else None
+    cut_kinds = {g.kind for g, k in zip(groups, keep, strict=True) if not bool(k.all())}
+    cut = {kind: (len({g.site for g, k in zip(groups, keep, strict=True)
+                       if g.kind == kind and not bool(k.all())}),
+                  len({g.site for g in groups if g.kind == kind}))
+           for kind in dict.fromkeys(g.kind for g in groups)}
+    # the prunable cost counts only the kinds that were cut (all of them when nothing was)
+    counted = [i for i, g in enumerate(groups) if g.kind in cut_kinds or not cut_kinds]
+    c_groups, c_keep = [groups[i] for i in counted], [keep[i] for i in counted]
+    before = _cost(c_groups)
     res = PruneResult(pruned, spec, kept, structure.params, after.params, structure.macs,
-                      after.macs, _cost(groups),
-                      _cost(groups) - removed if removed is not None else _cost(groups, keep),
+                      after.macs, before,
+                      before - removed if removed is not None else _cost(c_groups, c_keep),
                       search_s, ft_s,
-                      skipped={k: v for k, v in skipped.items() if v}, notes=notes)
+                      skipped={k: v for k, v in skipped.items() if v}, notes=notes, cut=cut,
+                      target=cfg.target)
     if eval_data is not None:
         res.accuracy_before = _accuracy(model, eval_data)
         res.accuracy_after = _accuracy(pruned, eval_data)
