@@ -16,3 +16,4 @@ test: install
 
 lint: install
 	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/lint-imports  # layers and no cycles (.importlinter)

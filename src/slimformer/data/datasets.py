@@ -153,3 +153,9 @@ def make_loader(ds: Dataset, batch_size: int = 256, shuffle: bool = False, seed:
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen,
                       collate_fn=trim_padding)
+
+
+def latency_inputs(dataset, batch: int) -> dict[str, torch.Tensor]:
+    """A batch of ``batch`` real rows ``{name: (batch, ...)}`` (repeated if the set is smaller)."""
+    idx = torch.arange(batch) % len(dataset)
+    return {k: v[idx] for k, v in dataset.inputs.items()}

@@ -89,8 +89,11 @@ def _module_path(node) -> str:
 GELU_SIGMOID = 1.702  # gelu(x) ~ x * sigmoid(1.702 x)
 
 
-def lower(model: nn.Module, example: dict[str, torch.Tensor], gelu: str = "refuse") -> HlsGraph:
-    """Trace ``model`` on ``example`` (batch 1) and lower it to an :class:`HlsGraph`.
+def trace_ops(model: nn.Module, example: dict[str, torch.Tensor],
+              gelu: str = "refuse") -> HlsGraph:
+    """Trace ``model`` on ``example`` (batch 1) into an :class:`HlsGraph`, before any rewrite.
+
+    :func:`slimformer.hardware.lower.lower` is this plus the rewrite passes.
 
     ``gelu="sigmoid"`` substitutes ``x * sigmoid(1.702 x)`` for GELU (explicit, approximate).
 
@@ -269,12 +272,7 @@ def lower(model: nn.Module, example: dict[str, torch.Tensor], gelu: str = "refus
             + "\n(nn.MultiheadAttention: write it as Linear q/k/v + einsum + softmax + Linear; "
             "GELU: set gelu: sigmoid for x * sigmoid(1.702 x), or use ReLU; no substitution "
             "is made silently)")
-    graph = HlsGraph(ops, [o.name for o in ops if o.kind == "input"], graph_outputs)
-    from slimformer.hardware.rewrite import fold_transposes_into_einsums, fuse_scale_into_softmax
-
-    fuse_scale_into_softmax(graph)
-    fold_transposes_into_einsums(graph)
-    return graph
+    return HlsGraph(ops, [o.name for o in ops if o.kind == "input"], graph_outputs)
 
 
 def contraction_size(graph: HlsGraph, op: Op) -> int:

@@ -300,7 +300,7 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
     calib = calib_data if calib_data is not None else train_data
     lat_in = None
     if "latency" in objectives:
-        from slimformer.pipeline import latency_inputs
+        from slimformer.data.datasets import latency_inputs
 
         lat_in = latency_inputs(evald, config.latency_batch)
 
