@@ -20,160 +20,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from slimformer.data.source_spec import DataSource
 from slimformer.errors import ConfigError, SlimformerError
-from slimformer.export.config import OnnxConfig, TensorRTConfig
-from slimformer.hardware.config import HlsConfig
 from slimformer.models.spec import ModelSpec, ZooSpec
-from slimformer.nas.config import SearchConfig
-from slimformer.prune.config import PruneConfig
-from slimformer.quantize.config import QuantConfig
+from slimformer.stages.context import DATASET_NAMES, DataConfig
+from slimformer.stages.evaluate import EvaluateStage
+from slimformer.stages.export import ExportStage
+from slimformer.stages.hls import HlsStage
+from slimformer.stages.prune import PruneStage
+from slimformer.stages.quantize import QuantizeStage
+from slimformer.stages.search import SearchStage
 from slimformer.validation import NAME_PATTERN, format_errors, safe_load_bounded
 
 RECIPE_VERSION = 1
-DATASET_NAMES = ("fashion-mnist", "vader-movie", "trec", "digits-seq")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DataConfig(_Strict):
-    """Evaluation and calibration data: a built-in data set, or the user's own.
-
-    ``dataset`` names a built-in set (default: the zoo model's own). ``source`` is the user's
-    own data (a path, or a mapping with options: see :mod:`slimformer.data.sources`), split by
-    ``seed`` into ``calib_rows`` calibration rows and the rest for evaluation, never
-    overlapping; ``calib`` / ``eval`` name separate sources instead. Training stages (prune,
-    search) use the calibration rows of a user's source. ``data: mine.csv`` is short for
-    ``data: {source: mine.csv}``.
-    """
-
-    dataset: str | None = None  # default: the zoo model's own data set
-    source: DataSource | None = None
-    calib: DataSource | None = None
-    eval: DataSource | None = None
-    calib_rows: Annotated[int, Field(ge=1)] = 256
-    eval_split: Literal["test", "train", "calib"] = "test"
-    eval_limit: Annotated[int, Field(ge=1)] | None = None
-    calib_split: Literal["calib", "train"] = "calib"
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 256
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, v):
-        if isinstance(v, str) or (isinstance(v, dict) and ("path" in v or "kind" in v)):
-            return {"source": v}
-        return v
-
-    @field_validator("dataset")
-    @classmethod
-    def _known(cls, v: str | None) -> str | None:
-        if v is not None and v not in DATASET_NAMES:
-            raise ValueError(f"unknown data set {v!r}; built-in ones: {', '.join(DATASET_NAMES)}"
-                             "; for your own data give data.source (a file or folder)")
-        return v
-
-    @property
-    def own(self) -> bool:
-        """Whether any of the user's own sources is given."""
-        return any(x is not None for x in (self.source, self.calib, self.eval))
-
-
-class EvaluateStage(_Strict):
-    """Measure the model as it stands: metric, agreement with the input model, latency, size."""
-
-    type: Literal["evaluate"] = "evaluate"
-    latency_batch_sizes: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
-        default_factory=lambda: [1, 32])
-    latency_repeats: Annotated[int, Field(ge=1, le=1000)] = 20
-
-
-class QuantizeStage(QuantConfig):
-    """Post-training quantization (see :class:`~slimformer.quantize.config.QuantConfig`).
-
-    The model that later stages see is the quantized one, in inference form; with ``save`` it is
-    also written to ``<output>/quantized/``.
-    """
-
-    type: Literal["quantize"] = "quantize"
-    save: bool = True
-
-    def quant_config(self) -> QuantConfig:
-        """The plain config, without the stage fields."""
-        return QuantConfig(**self.model_dump(exclude={"type", "save"}))
-
-
-class PruneStage(PruneConfig):
-    """Structured pruning (see :class:`~slimformer.prune.config.PruneConfig`).
-
-    Searches and fine-tunes on the data set's train split; later stages see the smaller model
-    (its structure rediscovered). With ``save`` it is written to ``<output>/pruned/``. Must come
-    before quantization.
-    """
-
-    type: Literal["prune"] = "prune"
-    save: bool = True
-
-    def prune_config(self) -> PruneConfig:
-        """The plain config, without the stage fields."""
-        return PruneConfig(**self.model_dump(exclude={"type", "save"}))
-
-
-class SearchStage(SearchConfig):
-    """Multi-objective search over sub-networks and bit-widths (see ``SearchConfig``).
-
-    ``val_rows`` rows drawn from the train split (seeded) measure sub-networks (the rest
-    fine-tunes the super-network); later stages see the chosen sub-network, quantized, in inference form. The
-    default study name is the recipe's name.
-    """
-
-    type: Literal["search"] = "search"
-    val_rows: Annotated[int, Field(ge=10)] = 1000
-    save: bool = True
-
-    def search_config(self) -> SearchConfig:
-        """The plain config, without the stage fields."""
-        return SearchConfig(**self.model_dump(exclude={"type", "val_rows", "save"}))
-
-
-class HlsStage(HlsConfig):
-    """An hls4ml FPGA project of the current model (see ``HlsConfig``); written to ``<output>/hls/``.
-
-    The project is compiled and C-simulated on the evaluation data unless ``csim`` is false.
-    """
-
-    type: Literal["hls"] = "hls"
-    csim: bool = True
-
-    def hls_config(self) -> HlsConfig:
-        """The plain config, without the stage fields."""
-        return HlsConfig(**self.model_dump(exclude={"type", "csim"}))
-
-
-class ExportStage(OnnxConfig):
-    """Export the current model (float or quantized) to ONNX, optionally a TensorRT engine.
-
-    Writes ``<output>/export/model.onnx`` (QDQ when quantized); records ONNX Runtime parity,
-    accuracy and agreement on the evaluation data, latency per batch size, file size, which
-    matmuls ONNX Runtime runs in integer kernels, and the TensorRT QDQ lint. With
-    ``tensorrt``, also builds ``model.plan`` where ``import tensorrt`` works, and always writes the
-    equivalent ``trtexec`` command to ``export/model.plan.trtexec.sh``.
-    """
-
-    type: Literal["export"] = "export"
-    example_rows: Annotated[int, Field(ge=1, le=256)] = 2
-    evaluate: bool = True
-    latency_batch_sizes: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
-        default_factory=lambda: [1, 32])
-    latency_repeats: Annotated[int, Field(ge=1, le=1000)] = 20
-    tensorrt: TensorRTConfig | None = None
-
-    def onnx_config(self) -> OnnxConfig:
-        """The plain ONNX config, without the stage fields."""
-        return OnnxConfig(**self.model_dump(include=set(OnnxConfig.model_fields)))
 
 
 Stage = Annotated[EvaluateStage | QuantizeStage | PruneStage | SearchStage | HlsStage | ExportStage,

@@ -1,0 +1,211 @@
+"""What every stage shares: the run context, the run's data by role, and fitting checks.
+
+A stage handler takes a :class:`RunContext` and its stage config and returns a
+:class:`~slimformer.report.model.StageRecord`; the context holds the current model (each stage
+may replace it), its structure, the data and what is written to the output folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from slimformer.data.source_spec import BUILTIN_NAMES, DataSource
+from slimformer.errors import DataError
+from slimformer.report.model import StageRecord
+
+if TYPE_CHECKING:  # the schemas stay torch-free: recipes validate without importing torch
+    import torch
+
+# progress(description, completed, total): called by long steps; None = silent.
+Progress = Callable[[str, int, int], None]
+DATASET_NAMES = BUILTIN_NAMES
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Evaluation and calibration data: a built-in data set, or the user's own.
+
+    ``dataset`` names a built-in set (default: the zoo model's own). ``source`` is the user's
+    own data (a path, or a mapping with options: see :mod:`slimformer.data.sources`), split by
+    ``seed`` into ``calib_rows`` calibration rows and the rest for evaluation, never
+    overlapping; ``calib`` / ``eval`` name separate sources instead. Training stages (prune,
+    search) use the calibration rows of a user's source. ``data: mine.csv`` is short for
+    ``data: {source: mine.csv}``.
+    """
+
+    dataset: str | None = None  # default: the zoo model's own data set
+    source: DataSource | None = None
+    calib: DataSource | None = None
+    eval: DataSource | None = None
+    calib_rows: Annotated[int, Field(ge=1)] = 256
+    eval_split: Literal["test", "train", "calib"] = "test"
+    eval_limit: Annotated[int, Field(ge=1)] | None = None
+    calib_split: Literal["calib", "train"] = "calib"
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 256
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        if isinstance(v, str) or (isinstance(v, dict) and ("path" in v or "kind" in v)):
+            return {"source": v}
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        if v is not None and v not in DATASET_NAMES:
+            raise ValueError(f"unknown data set {v!r}; built-in ones: {', '.join(DATASET_NAMES)}"
+                             "; for your own data give data.source (a file or folder)")
+        return v
+
+    @property
+    def own(self) -> bool:
+        """Whether any of the user's own sources is given."""
+        return any(x is not None for x in (self.source, self.calib, self.eval))
+
+
+@dataclass
+class RunContext:
+    """What stages share: the current model, its structure, the data and reference predictions."""
+
+    name: str  # the run's name (default study name of a search)
+    model_spec: object  # the base model's spec (saved with artifacts)
+    batch_size: int
+    model: torch.nn.Module
+    loaded: object
+    structure: object
+    eval_data: object
+    reference_preds: torch.Tensor | None = None
+    progress: Progress | None = None
+    records: list[StageRecord] = field(default_factory=list)
+    artifacts: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # dir -> writer
+    slice_spec: object = None  # set by a prune stage: how the base model was sliced
+    data: RunData | None = None
+    staging: Path | None = None  # the output folder being built (swapped in when complete)
+
+    def artifact_dir(self, name: str) -> Path:
+        """A sub-folder ``name`` of the output being built, for a stage to write into."""
+        if self.staging is None:  # pragma: no cover - run() always sets it
+            raise RuntimeError("no output folder is being written")
+        folder = self.staging / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+
+class RunData:
+    """The rows a run uses, by role: ``eval``, ``calib`` and ``train``, checked against the model.
+
+    Built-in data set: its eval / calib / train splits. The user's own ``source``: one seeded
+    split into ``calib_rows`` calibration rows and the rest for evaluation (never overlapping);
+    training stages use the calibration rows. ``calib`` / ``eval`` sources replace either role.
+    """
+
+    def __init__(self, loaded, cfg, seed: int = 0):
+        self.loaded, self.cfg, self.seed = loaded, cfg, seed
+        self.builtin = cfg.dataset or loaded.dataset
+        self._cache: dict[str, object] = {}
+        if not cfg.own and self.builtin is None:
+            raise DataError("no data: this model has no built-in data set; give your own "
+                            "(recipe data.source, CLI --data PATH: a CSV/TSV/JSONL/text file, an "
+                            "image folder, a datasets folder or parquet file, .safetensors/.npz) "
+                            "or a built-in one")
+
+    @property
+    def label(self) -> str:
+        """What the report calls the data."""
+        c = self.cfg
+        own = [f"{role} {getattr(getattr(c, role), 'path', None) or getattr(c, role).name}"
+               for role in ("source", "calib", "eval") if getattr(c, role) is not None]
+        return ", ".join(own) if own else str(self.builtin)
+
+    def _load(self, source):
+        from slimformer.data.sources import load_source
+
+        m = self.loaded
+        model_dir = getattr(m.spec, "path", None)
+        import inspect
+
+        accepts = list(inspect.signature(m.module.forward).parameters)
+        return load_source(source, m.input_specs, model_dir, accepts=accepts)
+
+    def _split(self):
+        from slimformer.data.sources import split_source
+
+        if "split" not in self._cache:
+            full = self._load(self.cfg.source)
+            rows = min(self.cfg.calib_rows, max(1, len(full) // 2))
+            self._cache["split"] = split_source(full, rows, self.seed)
+        return self._cache["split"]
+
+    def get(self, role: str):
+        """The data set for ``role`` (``eval``, ``calib`` or ``train``), loaded once, checked."""
+        if role in self._cache:
+            return self._cache[role]
+        from slimformer.data.datasets import get_dataset
+
+        c = self.cfg
+        given = c.eval if role == "eval" else c.calib
+        if given is not None:
+            ds = self._load(given)
+        elif c.source is not None:
+            ds = self._split()[1 if role == "eval" else 0]
+        elif self.builtin is None:
+            raise DataError(f"no {role} data: give data.{'eval' if role == 'eval' else 'calib'}")
+        elif role == "eval":
+            ds = get_dataset(self.builtin, c.eval_split)
+        else:
+            ds = get_dataset(self.builtin, c.calib_split if role == "calib" else "train")
+        if role == "eval" and c.eval_limit is not None and c.eval_limit < len(ds):
+            import torch
+
+            ds = ds.select(torch.arange(c.eval_limit))
+        check_fit(self.loaded, ds)
+        self._cache[role] = ds
+        return ds
+
+
+def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 256,
+                   progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions and labels of ``model`` on ``dataset`` (a progress bar via ``progress``)."""
+    from slimformer.data.datasets import make_loader
+    from slimformer.models.evaluate import predict
+
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress("evaluate", done[0], len(dataset))
+
+    return predict(model, make_loader(dataset, batch_size), tick)
+
+
+def check_fit(loaded, dataset) -> None:
+    """Fail early, with shapes, when the data's inputs do not match the model's.
+
+    A data set with one input feeds a model with one input whatever their names (the data set's
+    key is renamed in place); otherwise the names must match.
+    """
+    import inspect
+
+    expected, have = list(loaded.input_specs), list(dataset.inputs)
+    accepts = set(expected) | set(inspect.signature(loaded.module.forward).parameters)
+    if len(expected) == 1 and len(have) == 1 and expected != have:
+        dataset.inputs = {expected[0]: dataset.inputs[have[0]]}
+    elif not set(have) <= accepts:
+        raise DataError(f"data provides inputs {sorted(have)} but the model takes "
+                        f"{sorted(expected)}")
+    import torch
+
+    from slimformer.models.evaluate import run_batch
+
+    with torch.no_grad():
+        run_batch(loaded.module, {k: v[:2] for k, v in dataset.inputs.items()})

@@ -1,0 +1,102 @@
+"""The ``export`` stage: ONNX (QDQ when quantized), parity, latency, TensorRT engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from slimformer.export.config import OnnxConfig, TensorRTConfig
+from slimformer.report.model import StageRecord
+from slimformer.stages.context import RunContext, evaluate_model
+
+
+class ExportStage(OnnxConfig):
+    """Export the current model (float or quantized) to ONNX, optionally a TensorRT engine.
+
+    Writes ``<output>/export/model.onnx`` (QDQ when quantized); records ONNX Runtime parity,
+    accuracy and agreement on the evaluation data, latency per batch size, file size, which
+    matmuls ONNX Runtime runs in integer kernels, and the TensorRT QDQ lint. With
+    ``tensorrt``, also builds ``model.plan`` where ``import tensorrt`` works, and always writes the
+    equivalent ``trtexec`` command to ``export/model.plan.trtexec.sh``.
+    """
+
+    type: Literal["export"] = "export"
+    example_rows: Annotated[int, Field(ge=1, le=256)] = 2
+    evaluate: bool = True
+    latency_batch_sizes: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
+        default_factory=lambda: [1, 32])
+    latency_repeats: Annotated[int, Field(ge=1, le=1000)] = 20
+    tensorrt: TensorRTConfig | None = None
+
+    def onnx_config(self) -> OnnxConfig:
+        """The plain ONNX config, without the stage fields."""
+        return OnnxConfig(**self.model_dump(include=set(OnnxConfig.model_fields)))
+
+
+def run(ctx: RunContext, stage: ExportStage) -> StageRecord:
+    """Export the current model to ONNX (and TensorRT); ``export/`` artifact (see ExportStage)."""
+    return _export_into(ctx, stage, ctx.artifact_dir("export"))
+
+
+def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
+    from slimformer.data.datasets import latency_inputs
+    from slimformer.export.onnx import export_onnx
+    from slimformer.export.parity import latency, predict
+    from slimformer.export.tensorrt import build_engine, tensorrt_available, trtexec_command
+    from slimformer.models.evaluate import agreement
+
+    onnx_path = tmp / "model.onnx"
+    res = export_onnx(ctx.model, onnx_path, latency_inputs(ctx.eval_data, stage.example_rows),
+                      stage.onnx_config())
+    rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
+    rec.metrics = {"opset": res.opset, "quantized": res.quantized,
+                   "dynamic_axes": str(res.inputs), "file_bytes": res.size_bytes,
+                   "export_seconds": round(res.seconds, 2),
+                   **{f"parity_{k}_cosine": v["cosine"] for k, v in res.parity.items()},
+                   **{f"parity_{k}_within_1_step": v["within_1_step"] for k, v in
+                      res.parity.items()},
+                   **{f"ort_{k}": v for k, v in res.fusion.items()},
+                   "lint_errors": sum(f.severity == "error" for f in res.lint),
+                   "lint_warnings": sum(f.severity == "warning" for f in res.lint)}
+    if stage.evaluate:
+        preds = predict(onnx_path, ctx.eval_data, ctx.batch_size, stage.threads)
+        torch_preds, labels = evaluate_model(ctx.model, ctx.eval_data, ctx.batch_size)
+        if getattr(ctx.eval_data, "has_labels", True):
+            rec.metrics["accuracy"] = float((preds == labels).float().mean())
+        rec.metrics["agreement_with_pytorch"] = agreement(preds, torch_preds)
+        if ctx.reference_preds is not None:
+            rec.metrics["agreement"] = agreement(preds, ctx.reference_preds)
+    for b in stage.latency_batch_sizes:
+        rec.latency[f"onnxruntime batch={b}"] = latency(
+            onnx_path, latency_inputs(ctx.eval_data, b), stage.latency_repeats,
+            threads=stage.threads)
+    rec.size = {"bytes": res.size_bytes}
+    rec.notes = list(res.warnings) + [f"{f.rule} {f.severity} at {f.node}: {f.message}"
+                                      for f in _first_per_rule(res.lint)]
+    if stage.tensorrt is not None:
+        engine = tmp / "model.plan"
+        if tensorrt_available():
+            eng = build_engine(onnx_path, engine, stage.tensorrt)
+            rec.metrics["tensorrt_engine_bytes"] = eng.size_bytes
+        else:
+            from slimformer.export.tensorrt import profile_shapes
+
+            cmd = trtexec_command("model.onnx", "model.plan", stage.tensorrt,
+                                  profile_shapes(onnx_path, stage.tensorrt))
+            (tmp / "model.plan.trtexec.sh").write_text(f"#!/usr/bin/env bash\n{cmd}\n")
+            rec.notes.append("TensorRT is not installed here (import tensorrt failed): no engine "
+                             f"built; run export/model.plan.trtexec.sh on a GPU machine: {cmd}")
+    return rec
+
+
+def _first_per_rule(findings: list) -> list:
+    """One finding per (rule, severity), with how many more there are."""
+    seen, out = {}, []
+    for f in findings:
+        key = (f.rule, f.severity)
+        if key not in seen:
+            seen[key] = f
+            out.append(f)
+    return out

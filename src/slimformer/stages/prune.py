@@ -1,0 +1,65 @@
+"""The ``prune`` stage: structured pruning; later stages see the smaller model."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from slimformer.prune.config import PruneConfig
+from slimformer.report.model import StageRecord
+from slimformer.stages.context import RunContext
+
+
+class PruneStage(PruneConfig):
+    """Structured pruning (see :class:`~slimformer.prune.config.PruneConfig`).
+
+    Searches and fine-tunes on the data set's train split; later stages see the smaller model
+    (its structure rediscovered). With ``save`` it is written to ``<output>/pruned/``. Must come
+    before quantization.
+    """
+
+    type: Literal["prune"] = "prune"
+    save: bool = True
+
+    def prune_config(self) -> PruneConfig:
+        """The plain config, without the stage fields."""
+        return PruneConfig(**self.model_dump(exclude={"type", "save"}))
+
+
+def run(ctx: RunContext, stage: PruneStage) -> StageRecord:
+    """Prune on the train split; later stages get the smaller model and its new structure."""
+    from slimformer.models.structure import discover
+    from slimformer.prune.api import prune
+    from slimformer.prune.serialize import save_pruned
+
+    cfg = stage.prune_config()
+    train = ctx.data.get("train") if cfg.needs_training else None
+    x = ctx.loaded.example_inputs(2)
+    res = prune(ctx.model, cfg, train, None, ctx.structure, ctx.progress, inputs=x)
+    ctx.model = res.model
+    ctx.slice_spec = res.spec
+    ctx.structure = discover(res.model, x, require_attention=False)
+    rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
+    heads = [(k, n) for k, n in res.kept["heads"].values()]
+    mlp = [(k, n) for k, n in res.kept["mlp"].values()]
+    rec.metrics = {"method": cfg.method, "params_before": res.params_before,
+                   "params_after": res.params_after, "macs_before": res.macs_before,
+                   "macs_after": res.macs_after,
+                   f"prunable_{cfg.target}_reduction": round(res.reduction, 3),
+                   "heads_kept": f"{sum(k for k, _ in heads)}/{sum(n for _, n in heads)}",
+                   "mlp_units_kept": f"{sum(k for k, _ in mlp)}/{sum(n for _, n in mlp)}",
+                   "search_seconds": round(res.search_seconds, 2),
+                   "finetune_seconds": round(res.finetune_seconds, 2)}
+    rec.notes = [res.headline, f"heads kept per attention site: {dict(res.kept['heads'])}",
+                 f"MLP units kept per site: {dict(res.kept['mlp'])}", *res.notes]
+    if res.kept["dims"]:
+        rec.metrics["head_dims_kept"] = " ".join(f"{qk}/{d}" if qk == v else f"{qk},{v}/{d}"
+                                                 for qk, v, d in res.kept["dims"].values())
+        rec.notes.insert(2, "head dims kept per attention site (q/k, v, of head_dim): "
+                         f"{dict(res.kept['dims'])}")
+    rec.notes += [f"not sliceable ({kind} site {i}): {why}"
+                  for kind, d in res.skipped.items() for i, why in d.items()]
+    rec.size["macs_per_sample"] = int(res.macs_after)
+    if stage.save:
+        spec, model, sspec = ctx.model_spec, res.model, res.spec
+        ctx.artifacts["pruned"] = lambda d: save_pruned(model, sspec, d, spec, cfg)
+    return rec

@@ -1,0 +1,45 @@
+"""The ``quantize`` stage: post-training quantization; later stages see the inference form."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from slimformer.quantize.config import QuantConfig
+from slimformer.report.model import StageRecord
+from slimformer.stages.context import RunContext
+
+
+class QuantizeStage(QuantConfig):
+    """Post-training quantization (see :class:`~slimformer.quantize.config.QuantConfig`).
+
+    The model that later stages see is the quantized one, in inference form; with ``save`` it is
+    also written to ``<output>/quantized/``.
+    """
+
+    type: Literal["quantize"] = "quantize"
+    save: bool = True
+
+    def quant_config(self) -> QuantConfig:
+        """The plain config, without the stage fields."""
+        return QuantConfig(**self.model_dump(exclude={"type", "save"}))
+
+
+def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
+    """Calibrate on the recipe's calibration split, switch the run to the inference form."""
+    from slimformer.quantize.api import quantize
+    from slimformer.quantize.inference import to_inference
+    from slimformer.quantize.serialize import save_quantized
+
+    calib = ctx.data.get("calib")
+    cfg = stage.quant_config()
+    res = quantize(ctx.model, cfg, calib, ctx.structure,
+                   progress=ctx.progress)
+    ctx.model = to_inference(res.model)
+    rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
+    rec.metrics = {"calib_samples": res.calib_samples, "calib_seconds": round(res.seconds, 2),
+                   "method": cfg.method, "bits": f"W{cfg.weight_bits}A{cfg.act_bits}"}
+    rec.notes = res.notes
+    if stage.save:
+        spec, model, sspec = ctx.model_spec, ctx.model, ctx.slice_spec
+        ctx.artifacts["quantized"] = lambda d: save_quantized(model, d, spec, sspec)
+    return rec

@@ -1,0 +1,57 @@
+"""The ``search`` stage: sub-networks and bit-widths; later stages see the chosen one."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from slimformer.nas.config import SearchConfig
+from slimformer.report.model import StageRecord
+from slimformer.stages.context import RunContext
+
+
+class SearchStage(SearchConfig):
+    """Multi-objective search over sub-networks and bit-widths (see ``SearchConfig``).
+
+    ``val_rows`` rows drawn from the train split (seeded) measure sub-networks (the rest
+    fine-tunes the super-network); later stages see the chosen sub-network, quantized, in inference form. The
+    default study name is the recipe's name.
+    """
+
+    type: Literal["search"] = "search"
+    val_rows: Annotated[int, Field(ge=10)] = 1000
+    save: bool = True
+
+    def search_config(self) -> SearchConfig:
+        """The plain config, without the stage fields."""
+        return SearchConfig(**self.model_dump(exclude={"type", "val_rows", "save"}))
+
+
+def run(ctx: RunContext, stage: SearchStage) -> StageRecord:
+    """Search sub-networks and bit-widths; later stages get the chosen one (inference form)."""
+    from slimformer.nas.api import search, split_holdout
+    from slimformer.nas.output import predictor_lines, write_search
+    from slimformer.quantize.inference import to_inference
+
+    train, val = split_holdout(ctx.data.get("train"), stage.val_rows)
+    calib = ctx.data.get("calib")
+    cfg = stage.search_config()
+    if "study" not in stage.model_fields_set:
+        cfg = cfg.model_copy(update={"study": ctx.name})
+    res = search(ctx.model, cfg, train, val, ctx.structure, ctx.progress, calib_data=calib)
+    ctx.model = to_inference(res.model)
+    ctx.structure = res.structure
+    rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
+    chosen = res.chosen or {}
+    rec.metrics = {"measured": len(res.measured), "front": len(res.front),
+                   "hypervolume": round(res.hypervolume, 4), "chosen": chosen.get("sub", ""),
+                   "val_accuracy": chosen.get("accuracy"),
+                   "val_accuracy_int8_full": res.reference.get("accuracy")}
+    rec.metrics |= {f"{o}_vs_int8_full": round(chosen[o] / res.reference[o], 3)
+                    for o in res.objectives if o != "accuracy" and res.reference.get(o)}
+    rec.notes = ["measured Pareto front (validation rows):", *res.table(),
+                 *predictor_lines(res), *res.notes]
+    if stage.save:
+        ctx.artifacts["search"] = lambda d: write_search(res, d)
+    return rec
