@@ -277,3 +277,25 @@ def test_registered_twice_keeps_first_name():
     params = dict(model.named_parameters())
     assert all(r.weight in params and r.weight.startswith("steps.0.") for r in s.linears)
     assert {r.calls for r in s.linears} == {2}
+
+
+def test_discovery_leaves_no_autograd_graph_in_module_caches():
+    """Recording runs in grad mode: a tensor a module caches must not keep its graph."""
+    import copy
+
+    class Cached(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _NoAttention()
+            self.bias = torch.nn.Parameter(torch.zeros(16))
+            self.cache = {}
+
+        def forward(self, x):
+            if "b" not in self.cache:
+                self.cache["b"] = self.bias * 2  # computed once, kept (as some models do)
+            return self.inner(x + self.cache["b"])
+
+    model = Cached().eval()
+    discover(model, {"x": torch.randn(2, 4, 16)}, require_attention=False)
+    assert model.cache["b"].grad_fn is None
+    copy.deepcopy(model)  # raised "Only Tensors created explicitly by the user ..." before

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from slimformer.errors import UnsupportedModelError
-from slimformer.models.trace import Graph, OpNode, record
+from slimformer.models.trace import Graph, OpNode, detach_caches, record
 
 LINEAR_OPS = {"linear", "addmm", "matmul", "mm", "bmm", "einsum", "baddbmm"}
 MATMUL_OPS = {"matmul", "bmm", "einsum", "mm", "baddbmm"}
@@ -444,6 +444,7 @@ def discover(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
                   and t.dim() > 0), 1)
     with torch.enable_grad(), FlopCounterMode(display=False) as fc:
         model(**inputs)  # grad mode keeps fused inference fast paths (uncounted) off
+    detach_caches(model)
     smap.macs, smap.batch = int(fc.get_total_flops() // 2 // max(batch, 1)), 1
     if require_attention and not smap.attention:
         raise UnsupportedModelError(_missing(smap, graph))

@@ -200,7 +200,41 @@ def record(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[Gra
         for h in handles:
             h.remove()
         model.train(was_training)
+        detach_caches(model)
     from slimformer.models.outputs import leaves
 
     outputs = {rec.producer[id(t)] for t in leaves(out).values() if id(t) in rec.producer}
     return Graph(rec.nodes, calls, names, outputs), out
+
+
+def detach_caches(model: torch.nn.Module) -> None:
+    """Detach tensors a forward in grad mode left on modules (caches such as attention biases).
+
+    Recording runs with autograd on; a module that caches a computed tensor in eval mode would
+    keep it with its autograd graph, and ``copy.deepcopy`` of the model then fails. Parameters,
+    buffers and submodules are not touched; plain tensor attributes and tensors in dict, list or
+    tuple attributes are.
+    """
+    def fix(v):
+        if isinstance(v, torch.Tensor) and v.grad_fn is not None:
+            return v.detach()
+        if isinstance(v, dict):
+            return type(v)((k, fix(x)) for k, x in v.items()) if any(
+                isinstance(x, torch.Tensor) and x.grad_fn is not None for x in v.values()) else v
+        if isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) and
+                                                x.grad_fn is not None for x in v):
+            return type(v)(fix(x) for x in v)
+        return v
+
+    for m in model.modules():
+        for k, v in list(vars(m).items()):
+            if k in ("_parameters", "_buffers", "_modules"):
+                continue
+            new = fix(v)
+            if new is v:
+                continue
+            if isinstance(v, dict):  # in place: the module may hold other references to it
+                v.clear()
+                v.update(new)
+            else:
+                setattr(m, k, new)
