@@ -21,7 +21,22 @@ from slimformer.prune.slicing import (
 )
 
 # attention sites whose heads cannot be cut (with the reason's key phrase)
-NOT_SLICEABLE = {"t5": "sliced forward failed", "t5-eager": "sliced forward failed"}
+NOT_SLICEABLE = {"t5": "sliced forward failed", "t5-eager": "sliced forward failed",
+                 # per-head relative-position tables/scores; forwards that read the head width
+                 # from their input's width (the hand-written models of models/generic.py)
+                 **dict.fromkeys(("swin", "deberta-v2", "braid-net", "looped-core",
+                                  "stem-former", "tile-mixer", "twin-towers"),
+                                 "sliced forward failed"),
+                 "phi3": "fused qkv weight"}  # grouped-query attention with one fused q/k/v
+# bugs the generality set found (strict: a fix shows up here)
+SLICING_BUGS = {
+    "levit": "attention biases cached in eval mode (non-leaf tensors in a dict attribute) make "
+             "copy.deepcopy of the model fail",
+    "phi3": "its fused gate/up MLP is not discovered and its fused grouped-query q/k/v is "
+            "refused by slicing: nothing is cut",
+    "siglip": "after slicing, rediscovery misses the vision pooling head (an "
+              "nn.MultiheadAttention sliced to 1 head)",
+}
 
 
 def _load(name):
@@ -40,7 +55,9 @@ def _half(model, s, bad):
 
 @pytest.mark.parametrize("name", [*sorted(GENERALITY), "vit-fmnist", "vit-digits-seq",
                                   "minilm-trec"])
-def test_slice_half(name):
+def test_slice_half(name, request):
+    if name in SLICING_BUGS:
+        request.applymarker(pytest.mark.xfail(reason=SLICING_BUGS[name], strict=True))
     model, x, s = _load(name)
     before = copy.deepcopy(model.state_dict())
     bad = sliceable(model, s, x)

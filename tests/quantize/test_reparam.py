@@ -16,7 +16,7 @@ def _out(o):
     for k in ("logits", "last_hidden_state", "logits_per_image"):
         if getattr(o, k, None) is not None:
             return getattr(o, k)
-    return o[0]
+    return next(iter(o.values())) if isinstance(o, dict) else o[0]
 
 
 def _calib(lm, n=16, seed=0):

@@ -200,3 +200,57 @@ class TwinTowers(nn.Module):
 def twin_towers(**kwargs) -> TwinTowers:
     """Build a :class:`TwinTowers` (keyword arguments as its constructor)."""
     return TwinTowers(**kwargs)
+
+
+class _Braid(nn.Module):
+    """Self-attention with one fused q/k/v Linear; the head width is read from the input.
+
+    ``x (B, T, d) -> (B, T, d)``. Because ``forward`` splits heads by ``x.shape[-1] // heads``
+    (as many hand-written models do), its heads cannot be sliced; its MLP units can.
+    """
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.loom = nn.Linear(d, 3 * d)
+        self.knot = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, T, d) -> (B, T, d)``."""
+        b, t, d = x.shape
+        h = self.heads
+        q, k, v = self.loom(x).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (B, h, T, d/h)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.knot(y.transpose(1, 2).reshape(b, t, d))
+
+
+class BraidNet(nn.Module):
+    """Pre-RMSNorm blocks with fused q/k/v attention and a SiLU MLP; two named outputs.
+
+    ``forward(strands (B, T, c_in)) -> {"verdict": (B, num_classes), "trail": (B, T, d)}``.
+    """
+
+    def __init__(self, c_in: int = 10, d: int = 32, heads: int = 4, blocks: int = 2,
+                 hidden: int = 64, num_classes: int = 6):
+        super().__init__()
+        self.intake = nn.Linear(c_in, d)
+        self.calm = nn.ModuleList(nn.RMSNorm(d) for _ in range(blocks))
+        self.weave = nn.ModuleList(_Braid(d, heads) for _ in range(blocks))
+        self.hush = nn.ModuleList(nn.RMSNorm(d) for _ in range(blocks))
+        self.bloom = nn.ModuleList(nn.Linear(d, hidden) for _ in range(blocks))
+        self.wilt = nn.ModuleList(nn.Linear(hidden, d) for _ in range(blocks))
+        self.outro = nn.Linear(d, num_classes)
+
+    def forward(self, strands: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``strands (B, T, c_in) -> {"verdict": (B, num_classes), "trail": (B, T, d)}``."""
+        x = self.intake(strands)
+        for calm, weave, hush, bloom, wilt in zip(self.calm, self.weave, self.hush, self.bloom,
+                                                  self.wilt, strict=True):
+            x = x + weave(calm(x))
+            x = x + wilt(torch.nn.functional.silu(bloom(hush(x))))
+        return {"verdict": self.outro(x.mean(1)), "trail": x}
+
+
+def braid_net(**kwargs) -> BraidNet:
+    """Build a :class:`BraidNet` (keyword arguments as its constructor)."""
+    return BraidNet(**kwargs)
