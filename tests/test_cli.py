@@ -79,14 +79,14 @@ def test_errors_exit_2_with_message():
     res = runner.invoke(app, ["inspect", "/no/such/model"])
     assert res.exit_code == 2 and "ModelLoadError" in res.output
     res = runner.invoke(app, ["eval", "vit-fmnist", "--data", "imagenet"])
-    assert res.exit_code == 2 and "built-in ones: digits-seq, fashion-mnist, trec, vader-movie" in res.output
+    assert res.exit_code == 2 and "is no built-in data set (digits-seq, fashion-mnist, trec, vader-movie)" in res.output
 
 
 def test_quantize_command(tmp_path):
     res = runner.invoke(app, ["quantize", "vit-digits-seq", "--method", "repq", "--weight-bits",
                               "6", "--act-bits", "6", "--out", str(tmp_path / "q")])
     assert res.exit_code == 0, res.output
-    assert "agreement" in res.output and (tmp_path / "q" / "quant.json").is_file()
+    assert "accuracy" in res.output and (tmp_path / "q" / "quantized" / "quant.json").is_file()
     res = runner.invoke(app, ["quantize", "vit-digits-seq", "--weight-bits", "12", "--out",
                               str(tmp_path / "bad")])
     assert res.exit_code == 2 and "weight_bits: must be 2..8, got 12" in res.output

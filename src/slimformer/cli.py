@@ -18,6 +18,7 @@ from slimformer.errors import SlimformerError
 
 DEBUG_ENV = "SLIMFORMER_DEBUG"
 _debug = {"on": False}
+_trust = {"on": False}
 
 
 def _debugging() -> bool:
@@ -116,9 +117,13 @@ app.add_typer(export_app, name="export")
 
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help=f"Show the traceback of an error "
-                                              f"(also: {DEBUG_ENV}=1).")] = False):
+                                              f"(also: {DEBUG_ENV}=1).")] = False,
+          trust_code: Annotated[bool, typer.Option(
+              "--trust-code", help="Allow a saved folder whose base model names a "
+              "package.module:factory to run that code.")] = False):
     """Compress any transformer and deploy it."""
     _debug["on"] = debug
+    _trust["on"] = trust_code
 
 
 DEFAULT_RECIPE = Path("recipes/quickstart.yaml")
@@ -224,11 +229,18 @@ EVAL_HELP = "Separate evaluation data (file, folder or built-in set)."
 def _run_data(lm, data: str | None, calib_data: str | None = None, eval_data: str | None = None,
               limit: int | None = None, split: str = "test", calib_rows: int = 256):
     """The run's rows by role (``pipeline.RunData``) from the CLI's data options."""
+    from slimformer.pipeline import RunData
+
+    return RunData(lm, _data_config(data, calib_data, eval_data, limit, calib_rows, split))
+
+
+def _data_config(data: str | None, calib_data: str | None = None, eval_data: str | None = None,
+                 limit: int | None = None, calib_rows: int = 256, split: str = "test"):
+    """The recipe's ``data:`` section from the CLI's data options."""
     from pydantic import ValidationError
 
     from slimformer.data.source_spec import BUILTIN_NAMES
     from slimformer.errors import ConfigError
-    from slimformer.pipeline import RunData
     from slimformer.recipe import DataConfig
     from slimformer.validation import format_errors
 
@@ -247,13 +259,44 @@ def _run_data(lm, data: str | None, calib_data: str | None = None, eval_data: st
                          eval_limit=limit, calib_rows=calib_rows)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, DataConfig), "data options") from None
-    return RunData(lm, cfg)
+    return cfg
+
+
+def _spec(model: str, config: str | None):
+    """The spec of a CLI MODEL argument; a saved folder gets the global ``--trust-code``."""
+    from slimformer.models.loading import parse_model_arg
+    from slimformer.models.spec import ArtifactSpec
+
+    spec = parse_model_arg(model, config)
+    if isinstance(spec, ArtifactSpec) and _trust["on"]:
+        spec = spec.model_copy(update={"trust_code": True})
+    return spec
 
 
 def _load(model: str, config: str | None):
-    from slimformer.models.loading import load_model, parse_model_arg
+    """A loaded model; a saved folder is restored (its module: the quantized / pruned model)."""
+    return _load_any(model, config)[0]
 
-    return load_model(parse_model_arg(model, config))
+
+def _load_any(model: str, config: str | None, trust_code: bool = False):
+    """``(loaded, model)``: ``loaded`` has the input specs and data set; ``model`` what to run.
+
+    A saved folder (any slimformer artifact, or a run folder holding one) is restored by
+    replaying its stages; its hashes and trust are checked before anything is built.
+    """
+    import dataclasses
+
+    from slimformer.models.loading import load_model
+    from slimformer.models.spec import ArtifactSpec
+
+    spec = _spec(model, config)
+    if isinstance(spec, ArtifactSpec):
+        from slimformer.stages.artifact import restore
+
+        r = restore(spec.path, trust_code=spec.trust_code or trust_code)
+        return dataclasses.replace(r.loaded, module=r.module), r.module
+    lm = load_model(spec)
+    return lm, lm.module
 
 
 @app.command()
@@ -347,45 +390,71 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
              config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
              = None,
              overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False):
-    """Quantize a model post-training, compare it with FP32, save its inference form."""
+    """Quantize a model post-training, compare it with FP32, save its inference form.
+
+    Runs the one-stage recipe evaluate -> quantize -> evaluate through the pipeline: --out gets
+    the report and the quantized model in quantized/ (a MODEL for every other command).
+    """
+    from slimformer.stages.evaluate import EvaluateStage
+    from slimformer.stages.quantize import QuantizeStage
+
+    con, _ = _console()
+    with _errors():
+        stage = _stage(QuantizeStage, method=method, weight_bits=weight_bits, act_bits=act_bits,
+                       calib_samples=calib_samples)
+        quiet = EvaluateStage(latency_batch_sizes=[])
+        result = _run_one(con, "quantize", model, config, [quiet, stage, quiet], out, overwrite,
+                          _data_config(data, calib_data, eval_data, limit, calib_samples))
+    before, q, after = result.report.stages
+    con.print(f"{model} {method} W{weight_bits}A{act_bits} on {result.report.data['dataset']} "
+              f"({after.metrics['samples']} rows): {_quality(before)} -> {_quality(after)}"
+              f"; calibration {q.metrics['calib_seconds']:.1f} s on {q.metrics['calib_samples']} "
+              "samples")
+    for note in q.notes:
+        con.print(f"  - {note}", markup=False, highlight=False)
+    con.print(f"saved to {out}/ (report, quantized/)")
+
+
+def _quality(rec) -> str:
+    """Accuracy (and agreement with the first evaluation), or output fidelity vs float."""
+    m = rec.metrics
+    if "accuracy" in m:
+        agree = m.get("agreement")
+        return f"accuracy {m['accuracy']:.4f}" + (f" (agreement {agree:.4f})"
+                                                  if agree is not None and agree < 1 else "")
+    if "output_sqnr_db_min" in m:
+        return (f"output SQNR {m['output_sqnr_db_min']:.1f} dB, cosine "
+                f"{m['output_cosine_min']:.5f}")
+    return f"agreement {m.get('agreement', float('nan')):.4f}"
+
+
+def _stage(cls, **fields):
+    """A stage schema from CLI options; bad values are a ConfigError naming the option."""
     from pydantic import ValidationError
 
     from slimformer.errors import ConfigError
-    from slimformer.models.loading import parse_model_arg
-    from slimformer.pipeline import evaluate_model
-    from slimformer.quantize.api import quantize as run_quantize
-    from slimformer.quantize.config import QuantConfig
-    from slimformer.quantize.inference import to_inference
-    from slimformer.quantize.serialize import save_quantized
-    from slimformer.report.outdir import reserve
     from slimformer.validation import format_errors
 
-    con, _ = _console()
-    with _errors(), reserve(out, overwrite):
-        try:
-            cfg = QuantConfig(method=method, weight_bits=weight_bits, act_bits=act_bits,
-                              calib_samples=calib_samples)
-        except ValidationError as exc:
-            raise ConfigError(format_errors(exc, QuantConfig), "options") from None
-        spec = parse_model_arg(model, config)
-        from slimformer.models.loading import load_model
+    try:
+        return cls(**fields)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, cls), "options") from None
 
-        lm = load_model(spec)
-        rd = _run_data(lm, data, calib_data, eval_data, limit, calib_rows=calib_samples)
-        name, calib, test = rd.label, rd.get("calib"), rd.get("eval")
-        with _progress() as prog:
-            res = run_quantize(lm.module, cfg, calib, progress=prog)
-            inf = to_inference(res.model)
-            p0, y = evaluate_model(lm.module, test, 250, prog)
-            p1, _ = evaluate_model(inf, test, 250, prog)
-        save_quantized(inf, out, spec)
-    acc0, acc1 = float((p0 == y).float().mean()), float((p1 == y).float().mean())
-    con.print(f"{model} {method} W{weight_bits}A{act_bits} on {name} ({len(y)} rows): FP32 "
-              f"{acc0:.4f} -> {acc1:.4f}, agreement {float((p0 == p1).float().mean()):.4f}; "
-              f"calibration {res.seconds:.1f} s on {res.calib_samples} samples")
-    for note in res.notes:
-        con.print(f"  - {note}", markup=False, highlight=False)
-    con.print(f"saved to {out}/")
+
+def _run_one(con, name: str, model: str, config: str | None, stages: list, out: Path,
+             overwrite: bool, data_cfg):
+    """Build the one-stage recipe of a compress command and run it through the pipeline."""
+    from slimformer.pipeline import run as run_pipeline
+    from slimformer.recipe import OutputConfig, Recipe
+    from slimformer.report.outdir import check_output
+
+    check_output(out, overwrite)  # before the model is loaded
+    literal = str(out).replace("{", "{{").replace("}", "}}")  # a CLI path is no template
+    recipe = Recipe(name=name, model=_spec(model, config), data=data_cfg, stages=stages,
+                    output=OutputConfig(dir=literal, overwrite=overwrite))
+    _say_code(con, recipe)
+    with _progress() as prog:
+        return run_pipeline(recipe, prog)
 
 
 @app.command()
@@ -412,58 +481,41 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
           config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
           = None,
           overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False):
-    """Prune heads and MLP units (UPop or magnitude), fine-tune, save the smaller model."""
-    from pydantic import ValidationError
+    """Prune heads and MLP units (UPop or magnitude), fine-tune, save the smaller model.
 
-    from slimformer.errors import ConfigError
-    from slimformer.models.loading import load_model, parse_model_arg
-    from slimformer.prune.api import prune as run_prune
-    from slimformer.prune.config import PruneConfig
-    from slimformer.prune.serialize import save_pruned
-    from slimformer.report.outdir import reserve
-    from slimformer.validation import format_errors
+    Runs the one-stage recipe evaluate -> prune -> evaluate through the pipeline: --out gets the
+    report and the pruned model in pruned/ (a MODEL for every other command).
+    """
+    from slimformer.stages.evaluate import EvaluateStage
+    from slimformer.stages.prune import PruneStage
 
     con, _ = _console()
-    with _errors(), reserve(out, overwrite):
-        try:
-            cfg = PruneConfig(ratio=ratio, target=target, method=method,
-                              structures=[x.strip() for x in structures.split(",") if x.strip()],
-                              score=score, search_steps=search_steps,
-                              finetune_steps=finetune_steps, batch_size=batch_size, lr=lr,
-                              distill=distill)
-        except ValidationError as exc:
-            raise ConfigError(format_errors(exc, PruneConfig), "options") from None
-        spec = parse_model_arg(model, config)
-        lm = load_model(spec)
-        rd = _run_data(lm, data, None, None, limit)
-        name = rd.label
-        train = rd.get("train") if cfg.needs_training else None
-        test = rd.get("eval")
-        with _progress() as prog:
-            res = run_prune(lm.module, cfg, train, test, progress=prog,
-                            inputs=lm.example_inputs(2), checkpoint=checkpoint)
-        save_pruned(res.model, res.spec, out, spec, cfg)
-    table = _table("", "before", "after", title=f"{model} {method} ratio {ratio} on {name}")
-    table.add_row("params", f"{res.params_before:,}", f"{res.params_after:,}")
-    table.add_row("MACs/sample", f"{res.macs_before:,}", f"{res.macs_after:,}")
-    table.add_row(f"prunable {target}", f"{res.prunable_before:,.0f}",
-                  f"{res.prunable_after:,.0f} ({res.reduction:.2f}x smaller)")
-    table.add_row("accuracy", f"{res.accuracy_before:.4f}", f"{res.accuracy_after:.4f}")
-    for kind in ("heads", "mlp"):
-        if res.kept[kind]:
-            table.add_row(f"{kind} kept per site", "",
-                          " ".join(f"{k}/{n}" for k, n in res.kept[kind].values()))
-    if res.kept["dims"]:
-        table.add_row("head dims kept per site (q/k, v)", "",
-                      " ".join(f"{qk},{v}/{d}" for qk, v, d in res.kept["dims"].values()))
-    table.add_row("seconds", "", f"search {res.search_seconds:.1f}, fine-tune "
-                  f"{res.finetune_seconds:.1f}")
+    with _errors():
+        stage = _stage(PruneStage, ratio=ratio, target=target, method=method,
+                       structures=[x.strip() for x in structures.split(",") if x.strip()],
+                       score=score, search_steps=search_steps, finetune_steps=finetune_steps,
+                       batch_size=batch_size, lr=lr, distill=distill,
+                       checkpoint=str(checkpoint) if checkpoint else None)
+        quiet = EvaluateStage(latency_batch_sizes=[])
+        result = _run_one(con, "prune", model, config, [quiet, stage, quiet], out, overwrite,
+                          _data_config(data, None, None, limit))
+    before, p, after = result.report.stages
+    m = p.metrics
+    table = _table("", "before", "after", title=f"{model} {method} ratio {ratio} on "
+                   f"{result.report.data['dataset']}")
+    table.add_row("params", f"{m['params_before']:,}", f"{m['params_after']:,}")
+    table.add_row("MACs/sample", f"{m['macs_before']:,}", f"{m['macs_after']:,}")
+    table.add_row(f"prunable {target}", "", f"{m[f'prunable_{target}_reduction']:.2f}x smaller")
+    table.add_row("quality", _quality(before), _quality(after))
+    for key in ("heads_kept", "mlp_units_kept", "head_dims_kept"):
+        if key in m:
+            table.add_row(key.replace("_", " "), "", str(m[key]))
+    table.add_row("seconds", "", f"search {m['search_seconds']:.1f}, fine-tune "
+                  f"{m['finetune_seconds']:.1f}")
     con.print(table)
-    con.print(res.headline, markup=False, highlight=False)
-    for note in res.notes + [f"not sliceable ({k} {i}): {w}" for k, d in res.skipped.items()
-                             for i, w in d.items()]:
+    for note in p.notes:
         con.print(f"  - {note}", markup=False, highlight=False)
-    con.print(f"saved to {out}/")
+    con.print(f"saved to {out}/ (report, pruned/)")
 
 
 @app.command()
@@ -589,16 +641,15 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
                                                   "set.")] = True,
                config: Annotated[str | None, typer.Option(help="JSON config (as for "
                                                           "inspect).")] = None,
+               data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
                overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False):
     """Quantize (power-of-two scales) and build an hls4ml project; C-simulate and estimate it."""
     from pydantic import ValidationError
     from rich.table import Table
 
-    from slimformer.data.datasets import get_dataset
-    from slimformer.errors import ConfigError, DataError
+    from slimformer.errors import ConfigError
     from slimformer.hardware.api import build_hls, summary
     from slimformer.hardware.config import HlsConfig
-    from slimformer.models.loading import load_model, parse_model_arg
     from slimformer.quantize.config import QuantConfig
     from slimformer.report.outdir import reserve, staged_dir
     from slimformer.validation import format_errors
@@ -612,13 +663,15 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
                                softmax="none", power_of_two_scales=True)
         except ValidationError as exc:
             raise ConfigError(format_errors(exc, HlsConfig), "options") from None
-        lm = load_model(parse_model_arg(model, config))
-        if lm.dataset is None:
-            raise DataError("export hls needs a built-in data set for calibration and C "
-                            "simulation; this model has none")
-        calib, test = get_dataset(lm.dataset, "calib"), get_dataset(lm.dataset, "test")
-        net = lm.module
-        if not float_model:
+        lm, net = _load_any(model, config)  # a saved folder: its pruned / quantized model
+        rd = _run_data(lm, data)
+        calib, test = rd.get("calib"), rd.get("eval")
+        from slimformer.quantize.state import QuantizedModel
+
+        if isinstance(net, QuantizedModel):
+            con.print("the saved model is quantized already: its quantizers give the types "
+                      "(exact when it was quantized with power-of-two scales)", markup=False)
+        elif not float_model:
             from slimformer.quantize.api import quantize as run_quantize
             from slimformer.quantize.inference import to_inference
 
@@ -649,22 +702,6 @@ def _example_rows(lm, rows: int) -> dict:
     ds = get_dataset(lm.dataset, "calib")
     check_fit(lm, ds)
     return latency_inputs(ds, rows)
-
-
-def _load_any(model: str, config: str | None, trust_code: bool = False):
-    """A model spec, or a folder written by ``slimformer quantize`` (quantized model).
-
-    A saved folder's hashes and trust are checked before its base model is built.
-    """
-    from slimformer.models.loading import load_model, parse_model_arg
-
-    if (Path(model) / "quant.json").is_file():
-        from slimformer.quantize.serialize import load_quantized, saved_spec
-
-        lm = load_model(saved_spec(model, trust_code=trust_code))
-        return lm, load_quantized(model, trust_code=trust_code)
-    lm = load_model(parse_model_arg(model, config))
-    return lm, lm.module
 
 
 @export_app.command("onnx")

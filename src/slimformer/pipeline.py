@@ -92,8 +92,31 @@ def run(recipe: Recipe, progress: Progress | None = None,
         return _run_in(recipe, progress, out, staging)
 
 
-def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path) -> RunResult:
+def _load(recipe: Recipe):
+    """``(loaded, model, base spec, slice spec, applied stages)`` of the recipe's model.
+
+    A saved slimformer folder (``source: artifact``) is restored by replaying its stages; a
+    stage that cannot follow them (prune or quantize after quantize) is refused here.
+    """
     from slimformer.models.loading import load_model
+    from slimformer.models.spec import ArtifactSpec
+
+    if not isinstance(recipe.model, ArtifactSpec):
+        loaded = load_model(recipe.model)
+        return loaded, loaded.module, recipe.model, None, []
+    from slimformer.errors import StageError
+    from slimformer.stages.artifact import restore
+
+    r = restore(recipe.model.path, trust_code=recipe.model.trust_code)
+    for i, st in enumerate(recipe.stages):
+        if r.quantized and st.type in ("prune", "quantize", "search"):
+            raise StageError(f"stages[{i}]: {recipe.model.path} holds a quantized model "
+                             f"(stages applied: {', '.join(r.applied)}); a {st.type} stage must "
+                             "come before quantization: start from its float input instead")
+    return r.loaded, r.module, r.loaded.spec, r.slice_spec, r.applied
+
+
+def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path) -> RunResult:
     from slimformer.models.structure import discover
     from slimformer.report.outdir import scratch_in
 
@@ -101,12 +124,13 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
     torch.manual_seed(recipe.seed)
     if progress:
         progress("load model", 0, 1)
-    loaded = load_model(recipe.model)
+    loaded, model, base_spec, slice_spec, applied = _load(recipe)
     smap = discover(loaded.module, loaded.example_inputs(2), require_attention=True)
     data = RunData(loaded, recipe.data, recipe.seed)
     dataset_name, eval_data = data.label, data.get("eval")
-    ctx = RunContext(recipe.name, recipe.model, recipe.data.batch_size, loaded.module, loaded,
-                     smap, eval_data, progress=progress, staging=staging, data=data)
+    ctx = RunContext(recipe.name, base_spec, recipe.data.batch_size, model, loaded,
+                     smap, eval_data, progress=progress, staging=staging, data=data,
+                     slice_spec=slice_spec)
     with scratch_in(staging / ".scratch"):  # temporary files of the stages, removed after
         for i, stage in enumerate(recipe.stages):
             s0 = time.perf_counter()

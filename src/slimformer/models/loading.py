@@ -79,6 +79,9 @@ def parse_model_arg(text: str, config_json: str | None = None):
     path = Path(text)
     if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
         return spec_from_mapping(_read_mapping(path), str(path))
+    if path.is_dir() and any((path / m).is_file() or (path / sub / m).is_file()
+                             for sub, m in (("quantized", "quant.json"), ("pruned", "prune.json"))):
+        return S.ArtifactSpec(path=str(path))  # a folder slimformer wrote
     if path.is_dir():
         return S.HfDirSpec(path=str(path))
     if ":" in text and not path.exists():
@@ -149,6 +152,9 @@ def saved_model_spec(data, source: str, trust_code: bool = False):
 
 def load_model(spec) -> LoadedModel:
     """Load the model a spec describes; every failure is a :class:`ModelLoadError`."""
+    if isinstance(spec, S.ArtifactSpec):
+        raise ModelLoadError(f"{spec.path} is a saved slimformer folder: restore it with "
+                             "slimformer.stages.artifact.restore (the CLI and recipes do)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if isinstance(spec, S.ZooSpec):

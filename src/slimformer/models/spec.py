@@ -90,5 +90,17 @@ class FactorySpec(_Spec):
         return v
 
 
-ModelSpec = Annotated[ZooSpec | HfDirSpec | HfConfigSpec | TimmSpec | FactorySpec,
+class ArtifactSpec(_Spec):
+    """A folder slimformer wrote (a quantized or pruned model, or a run folder holding one).
+
+    Restored by :func:`slimformer.stages.artifact.restore`, which replays its recorded stages on
+    its base model. ``trust_code`` allows a base model spec that names a factory.
+    """
+
+    source: Literal["artifact"] = "artifact"
+    path: str
+    trust_code: bool = False
+
+
+ModelSpec = Annotated[ZooSpec | HfDirSpec | HfConfigSpec | TimmSpec | FactorySpec | ArtifactSpec,
                       Field(discriminator="source")]

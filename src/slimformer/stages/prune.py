@@ -19,10 +19,11 @@ class PruneStage(PruneConfig):
 
     type: Literal["prune"] = "prune"
     save: bool = True
+    checkpoint: str | None = None  # folder for resumable search / fine-tuning checkpoints
 
     def prune_config(self) -> PruneConfig:
         """The plain config, without the stage fields."""
-        return PruneConfig(**self.model_dump(exclude={"type", "save"}))
+        return PruneConfig(**self.model_dump(exclude={"type", "save", "checkpoint"}))
 
 
 def run(ctx: RunContext, stage: PruneStage) -> StageRecord:
@@ -34,7 +35,8 @@ def run(ctx: RunContext, stage: PruneStage) -> StageRecord:
     cfg = stage.prune_config()
     train = ctx.data.get("train") if cfg.needs_training else None
     x = ctx.loaded.example_inputs(2)
-    res = prune(ctx.model, cfg, train, None, ctx.structure, ctx.progress, inputs=x)
+    res = prune(ctx.model, cfg, train, None, ctx.structure, ctx.progress, inputs=x,
+                checkpoint=stage.checkpoint)
     ctx.model = res.model
     ctx.slice_spec = res.spec
     ctx.structure = discover(res.model, x, require_attention=False)

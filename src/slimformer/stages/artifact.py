@@ -1,0 +1,105 @@
+"""Saved outputs as models: every command's MODEL may be a folder slimformer wrote.
+
+An artifact is a folder with a sealed manifest (base model spec, the applied stages' configs,
+slice spec, SHA-256 of every file) and safetensors weights: ``quant.json`` +
+``quantized.safetensors`` (:mod:`slimformer.quantize.serialize`), ``prune.json`` +
+``pruned.safetensors`` (:mod:`slimformer.prune.serialize`), or a run folder holding them as
+``quantized/`` / ``pruned/`` (the last model-changing stage wins). Restoring replays the
+recorded stages on the base model: the base is built from its spec, sliced by the slice spec,
+wrapped by the recorded quantizers, and the weights are loaded strictly after the hashes are
+checked. A base spec that names a factory is refused unless ``trust_code``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slimformer.errors import ModelLoadError
+
+# (sub-folder of a run folder, manifest file, stage that wrote it), most advanced first
+KINDS = (("quantized", "quant.json", "quantize"), ("pruned", "prune.json", "prune"))
+
+
+@dataclass
+class Restored:
+    """A model restored from an artifact.
+
+    Attributes:
+        loaded: The base model as loaded (``module``: the float model the artifact started
+            from, sliced when it was pruned: the reference for fidelity); input specs, data set.
+        module: The restored model (quantized or pruned) that stages continue from.
+        applied: The stages recorded in the artifact, in order (``["prune", "quantize"]``).
+        slice_spec: How the base model was sliced, if it was pruned.
+        folder: The artifact folder that was read.
+    """
+
+    loaded: object
+    module: object
+    applied: list[str] = field(default_factory=list)
+    slice_spec: object = None
+    folder: Path | None = None
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the artifact's model is quantized (no further prune or quantize stage)."""
+        return "quantize" in self.applied
+
+
+def find(path: str | Path) -> tuple[str, Path] | None:
+    """``(stage, folder)`` of the artifact at ``path`` (itself or inside a run folder), or None."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    for _, manifest, stage in KINDS:
+        if (p / manifest).is_file():
+            return stage, p
+    for sub, manifest, stage in KINDS:
+        if (p / sub / manifest).is_file():
+            return stage, p / sub
+    return None
+
+
+def restore(path: str | Path, trust_code: bool = False) -> Restored:
+    """Rebuild the model saved at ``path`` (an artifact or a run folder holding one).
+
+    Raises:
+        ModelLoadError: Not an artifact; edited, truncated or wrong-shape files (named); a base
+            spec naming a factory without ``trust_code``.
+    """
+    found = find(path)
+    if found is None:
+        raise ModelLoadError(f"{path} holds no slimformer artifact (quant.json or prune.json, "
+                             "or a run folder with quantized/ or pruned/ in it)")
+    stage, folder = found
+    if stage == "prune":
+        from slimformer.prune.serialize import load_pruned
+
+        lm = load_pruned(folder, trust_code=trust_code)  # hashes and trust checked first
+        spec = _sliced(folder / "prune.json")
+        return Restored(lm, lm.module, ["prune"], spec, folder)
+    from slimformer.models.loading import load_model
+    from slimformer.quantize.serialize import load_quantized, saved_spec
+
+    base = saved_spec(folder, trust_code=trust_code)  # hashes and trust checked first
+    qmodel = load_quantized(folder, trust_code=trust_code)
+    lm = load_model(base)
+    sspec = _sliced(folder / "quant.json")
+    if sspec is not None:  # the float reference is the pruned base, as it was quantized
+        from slimformer.models.structure import discover
+        from slimformer.prune.slicing import slice_model
+
+        x = lm.example_inputs(2)
+        slice_model(lm.module, discover(lm.module, x, require_attention=False), sspec,
+                    inplace=True, check_inputs=x)
+    return Restored(lm, qmodel, ["prune", "quantize"] if sspec else ["quantize"], sspec, folder)
+
+
+def _sliced(manifest: Path):
+    """The slice spec recorded in a (hash-checked) manifest, or None."""
+    from slimformer.prune.slicing import SliceSpec
+
+    meta = json.loads(manifest.read_text(encoding="utf-8"))
+    raw = meta.get("slice_spec")
+    return SliceSpec.from_dict(raw) if raw else None
