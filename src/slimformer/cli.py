@@ -382,6 +382,18 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
              weight_bits: Annotated[int, typer.Option(help="Weight bits (2..8).")] = 8,
              act_bits: Annotated[int, typer.Option(help="Activation bits (2..8).")] = 8,
              calib_samples: Annotated[int, typer.Option(help="Calibration rows.")] = 128,
+             softmax: Annotated[str, typer.Option(help="auto | log_sqrt2 | log2 | uniform | "
+                                                  "none (attention probabilities).")] = "auto",
+             symmetric: Annotated[bool, typer.Option(help="Symmetric (zero point 0) weights "
+                                                     "and activations.")] = False,
+             power_of_two_scales: Annotated[bool, typer.Option(
+                 help="Power-of-two scales (exact ap_fixed types for export hls).")] = False,
+             embedding_bits: Annotated[int | None, typer.Option(
+                 help="Quantize embedding tables to this many bits (2..8).")] = None,
+             clip_steps: Annotated[int, typer.Option(help="repquant: dual-clipping steps.")]
+             = 100,
+             recon_steps: Annotated[int, typer.Option(help="repquant: weight-reconstruction "
+                                                      "steps.")] = 100,
              data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
              calib_data: Annotated[str | None, typer.Option(help=CALIB_HELP)] = None,
              eval_data: Annotated[str | None, typer.Option(help=EVAL_HELP)] = None,
@@ -401,7 +413,9 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
     con, _ = _console()
     with _errors():
         stage = _stage(QuantizeStage, method=method, weight_bits=weight_bits, act_bits=act_bits,
-                       calib_samples=calib_samples)
+                       calib_samples=calib_samples, softmax=softmax, symmetric=symmetric,
+                       power_of_two_scales=power_of_two_scales, embedding_bits=embedding_bits,
+                       clip_steps=clip_steps, recon_steps=recon_steps)
         quiet = EvaluateStage(latency_batch_sizes=[])
         result = _run_one(con, "quantize", model, config, [quiet, stage, quiet], out, overwrite,
                           _data_config(data, calib_data, eval_data, limit, calib_samples))

@@ -1,0 +1,40 @@
+"""Every command's output is the next command's MODEL: prune -> quantize -> export, eval each."""
+
+import json
+
+from typer.testing import CliRunner
+
+from slimformer.cli import app
+
+runner = CliRunner()
+
+
+def _ok(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def test_prune_quantize_export_onnx_and_hls_command_by_command(tmp_path):
+    p, q = tmp_path / "pruned", tmp_path / "quantized"
+    _ok("prune", "vit-digits-seq", "--out", p, "--method", "magnitude", "--finetune-steps", "0",
+        "--structures", "mlp", "--ratio", "0.5")
+    assert (p / "pruned" / "prune.json").is_file() and (p / "report.json").is_file()
+    _ok("quantize", p, "--out", q, "--method", "minmax", "--softmax", "none",
+        "--power-of-two-scales")  # quantize the pruned model, FPGA-ready
+    meta = json.loads((q / "quantized" / "quant.json").read_text())
+    assert meta["slice_spec"]  # the pruning travels with the quantized artifact
+    ev = []
+    for m in ("vit-digits-seq", p, q):
+        text = _ok("eval", m, "--repeats", "1", "--json")
+        ev.append(json.loads(text[text.index("{"):]))
+    assert ev[1]["size"]["params"] < ev[0]["size"]["params"]
+    assert min(e["accuracy"] for e in ev) > 0.5
+    onnx = tmp_path / "m.onnx"
+    out = _ok("export", "onnx", q, "--out", onnx)
+    assert "QDQ" in out and onnx.stat().st_size > 1000
+    hls = tmp_path / "hls"
+    _ok("export", "hls", q, "--out", hls, "--no-csim")
+    assert any(hls.rglob("*.cpp"))
+    res = runner.invoke(app, ["prune", str(q), "--out", str(tmp_path / "again")])
+    assert res.exit_code == 2 and "holds a quantized model" in res.output
