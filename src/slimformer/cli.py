@@ -546,8 +546,9 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
                                                   "measured.")] = 8,
            val_rows: Annotated[int, typer.Option(help="Train rows held out to measure "
                                                  "sub-networks.")] = 1000,
-           storage: Annotated[str, typer.Option(help="Journal file or database URL of the "
-                                                "Optuna study.")] = "nas-studies/{study}.journal",
+           storage: Annotated[str | None, typer.Option(
+               help="Journal file or database URL of the Optuna study (default: a journal in "
+               "OUT/state/search/; the super-network is saved there too).")] = None,
            study: Annotated[str, typer.Option(help="Study name (resumes when it "
                                               "exists).")] = "search",
            worker: Annotated[bool, typer.Option(help="Only measure sub-networks into the "
@@ -573,13 +574,23 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
         try:
             cfg = SearchConfig(objectives=[o.strip() for o in objectives.split(",") if o.strip()],
                                samples=samples, train_steps=train_steps, front_max=front_max,
-                               storage=storage, study=study)
+                               storage=storage or "x", study=study)
         except ValidationError as exc:
             raise ConfigError(format_errors(exc, SearchConfig), "options") from None
+        if storage is not None:  # a bad storage fails before anything is written
+            from slimformer.nas.study import open_storage
+
+            open_storage(cfg.storage_url())
         lm = _load(model, config)
         rd = _run_data(lm, data)
         train, val = split_holdout(rd.get("train"), val_rows)
         calib = rd.get("calib")
+        from slimformer.report.outdir import state_dir
+
+        state = state_dir(out) / "search"  # journal and super-network live under --out
+        state.mkdir(exist_ok=True)
+        cfg = cfg.model_copy(update={"storage": storage or str(state / "{study}.journal"),
+                                     "supernet_path": str(state / "{study}.supernet.pt")})
         with _progress() as prog:
             res = run_search(lm.module, cfg, train, val, progress=prog, calib_data=calib,
                              worker=worker)

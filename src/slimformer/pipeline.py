@@ -130,7 +130,7 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
     dataset_name, eval_data = data.label, data.get("eval")
     ctx = RunContext(recipe.name, base_spec, recipe.data.batch_size, model, loaded,
                      smap, eval_data, progress=progress, staging=staging, data=data,
-                     slice_spec=slice_spec)
+                     slice_spec=slice_spec, out=out)
     with scratch_in(staging / ".scratch"):  # temporary files of the stages, removed after
         for i, stage in enumerate(recipe.stages):
             s0 = time.perf_counter()

@@ -31,6 +31,7 @@ from pathlib import Path
 from slimformer.errors import OutputError
 
 MARKER = ".slimformer-output"
+STATE = "state"  # sub-folder of an output: resumable state (journals, checkpoints), carried over
 MAX_PATH = 4096
 MAX_NAME = 255
 _TMP, _OLD = ".tmp", ".old"
@@ -122,7 +123,9 @@ def check_output(path: str | Path, overwrite: bool = False, kind: str = "folder"
         if not p.is_dir():
             raise OutputError(f"output path {text!r} is a file, not a folder; slimformer does "
                               "not replace files it did not write: give another path")
-        if is_output(p):
+        if is_output(p) and _marker_state(p) == "state":
+            pass  # only the resumable state of an unfinished run: continue it
+        elif is_output(p):
             if not overwrite:
                 raise OutputError(f"output folder {text!r} holds an earlier slimformer output; "
                                   "pass --overwrite (recipe: output.overwrite: true) to replace "
@@ -147,6 +150,28 @@ def _check_writable(p: Path) -> None:
     except OSError as exc:
         raise OutputError(f"cannot write under {parent} for output {str(p)!r}: "
                           f"{exc.strerror or exc}; give a writable path") from None
+
+
+def _marker_state(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / MARKER).read_text(encoding="utf-8")).get("state")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def state_dir(path: str | Path) -> Path:
+    """``path/state/``: what lets a run resume (search journals, super-networks, checkpoints).
+
+    Created, with ``path`` marked as a slimformer output holding only state, when ``path`` is
+    new; carried into each new output written at ``path`` (see :func:`staged_dir`).
+    """
+    path = Path(path)
+    if not path.exists():
+        path.mkdir(parents=True)
+        _write_marker(path, "state")
+    folder = path / STATE
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def _write_marker(folder: Path, state: str) -> None:
@@ -307,6 +332,8 @@ def _swap_in(tmp: Path, path: Path) -> None:
         return
     if not is_output(path):  # checked under the lock already; never delete a foreign folder
         raise OutputError(f"{path} changed while slimformer was writing: not replaced")
+    if (path / STATE).is_dir() and not (tmp / STATE).exists():
+        os.replace(path / STATE, tmp / STATE)  # resumable state stays with the output
     if _exchange(tmp, path):
         old = tmp  # after the exchange the staging name holds the previous output
     else:

@@ -90,6 +90,26 @@ class RunContext:
     slice_spec: object = None  # set by a prune stage: how the base model was sliced
     data: RunData | None = None
     staging: Path | None = None  # the output folder being built (swapped in when complete)
+    out: Path | None = None  # the output folder (its state/ sub-folder holds resumable state)
+
+    def state_dir(self, name: str, config=None) -> Path:
+        """``<output>/state/<name>[/<key>]/``: journals and checkpoints that survive a failed run.
+
+        With ``config`` (a pydantic model) the folder is keyed by it and the base model's spec,
+        so a rerun with other settings starts afresh instead of meeting another run's state.
+        """
+        import hashlib
+
+        from slimformer.report.outdir import state_dir
+
+        folder = state_dir(self.out) / name
+        if config is not None:
+            spec = self.model_spec.model_dump_json() if hasattr(self.model_spec, "model_dump_json") \
+                else str(self.model_spec)
+            key = hashlib.sha256((config.model_dump_json() + spec).encode()).hexdigest()[:12]
+            folder = folder / key
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
     def artifact_dir(self, name: str) -> Path:
         """A sub-folder ``name`` of the output being built, for a stage to write into."""

@@ -36,7 +36,7 @@ def run(ctx: RunContext, stage: PruneStage) -> StageRecord:
     train = ctx.data.get("train") if cfg.needs_training else None
     x = ctx.loaded.example_inputs(2)
     res = prune(ctx.model, cfg, train, None, ctx.structure, ctx.progress, inputs=x,
-                checkpoint=stage.checkpoint)
+                checkpoint=stage.checkpoint or ctx.state_dir("prune", cfg))
     ctx.model = res.model
     ctx.slice_spec = res.spec
     ctx.structure = discover(res.model, x, require_attention=False)

@@ -39,6 +39,10 @@ def run(ctx: RunContext, stage: SearchStage) -> StageRecord:
     cfg = stage.search_config()
     if "study" not in stage.model_fields_set:
         cfg = cfg.model_copy(update={"study": ctx.name})
+    state = ctx.state_dir("search", cfg)  # journal and super-network live under the output
+    for key, name in (("storage", "{study}.journal"), ("supernet_path", "{study}.supernet.pt")):
+        if key not in stage.model_fields_set:
+            cfg = cfg.model_copy(update={key: str(state / name)})
     res = search(ctx.model, cfg, train, val, ctx.structure, ctx.progress, calib_data=calib)
     ctx.model = to_inference(res.model)
     ctx.structure = res.structure
