@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from slimformer.cli import app
@@ -38,3 +39,15 @@ def test_prune_quantize_export_onnx_and_hls_command_by_command(tmp_path):
     assert any(hls.rglob("*.cpp"))
     res = runner.invoke(app, ["prune", str(q), "--out", str(tmp_path / "again")])
     assert res.exit_code == 2 and "holds a quantized model" in res.output
+
+
+@pytest.mark.slow
+def test_search_output_is_a_model_for_the_next_command(tmp_path):
+    s = tmp_path / "search"
+    _ok("search", "vit-digits-seq", "--out", s, "--samples", "4", "--train-steps", "10",
+        "--front-max", "1", "--val-rows", "200")
+    assert (s / "search.json").is_file() and (s / "state" / "search").is_dir()
+    text = _ok("eval", s, "--repeats", "1", "--json")  # the chosen float sub-network
+    assert json.loads(text[text.index("{"):])["accuracy"] > 0.3
+    _ok("quantize", s, "--out", tmp_path / "q", "--method", "minmax")
+    assert (tmp_path / "q" / "quantized" / "quant.json").is_file()

@@ -599,7 +599,7 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
                       "sub-networks")
             return
         with atomic_dir(out) as tmp:
-            write_search(res, tmp)
+            write_search(res, tmp, _spec(model, config))
     cols = [c for c in ("accuracy", "latency", "size", "macs") if c in res.objectives]
     t = _table("sub-network", "phase", *cols, title="Measured Pareto front (validation rows)")
     for r in [res.reference, *res.front]:

@@ -80,7 +80,8 @@ def parse_model_arg(text: str, config_json: str | None = None):
     if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
         return spec_from_mapping(_read_mapping(path), str(path))
     if path.is_dir() and any((path / m).is_file() or (path / sub / m).is_file()
-                             for sub, m in (("quantized", "quant.json"), ("pruned", "prune.json"))):
+                             for sub, m in (("quantized", "quant.json"), ("pruned", "prune.json"),
+                                            ("search", "search.json"))):
         return S.ArtifactSpec(path=str(path))  # a folder slimformer wrote
     if path.is_dir():
         return S.HfDirSpec(path=str(path))

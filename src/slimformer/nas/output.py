@@ -49,10 +49,12 @@ def predictor_lines(result: SearchResult) -> list[str]:
             result.predictors.items()]
 
 
-def write_search(result: SearchResult, out_dir: str | Path) -> None:
+def write_search(result: SearchResult, out_dir: str | Path, model_spec=None) -> None:
     """``front.json``, ``front.md``, ``front.png``, ``chosen.*`` and ``search.json`` into ``out_dir``.
 
     The folder is expected to be a fresh (temporary) one: callers wrap it in an atomic writer.
+    ``model_spec`` (the searched base model's spec) is recorded so the folder can be restored as
+    a model (:mod:`slimformer.stages.artifact`: the chosen float sub-network).
     """
     from safetensors.torch import save_file
 
@@ -74,7 +76,8 @@ def write_search(result: SearchResult, out_dir: str | Path) -> None:
     plot_front(groups, result.objectives, out / "front.png", result.reference,
                "sub-networks: accuracy against cost")
     files = ["front.json", "front.md", "front.png"]
-    meta = {"format_version": FORMAT_VERSION, "slimformer_version": __version__, "tensors": {}}
+    meta = {"format_version": FORMAT_VERSION, "slimformer_version": __version__, "tensors": {},
+            "model_spec": model_spec.model_dump(mode="json") if model_spec is not None else None}
     if result.float_model is not None:
         state = {k: v.detach().contiguous().clone() for k, v in
                  result.float_model.state_dict().items()}

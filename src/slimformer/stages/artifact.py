@@ -19,7 +19,8 @@ from pathlib import Path
 from slimformer.errors import ModelLoadError
 
 # (sub-folder of a run folder, manifest file, stage that wrote it), most advanced first
-KINDS = (("quantized", "quant.json", "quantize"), ("pruned", "prune.json", "prune"))
+KINDS = (("quantized", "quant.json", "quantize"), ("search", "search.json", "search"),
+         ("pruned", "prune.json", "prune"))
 
 
 @dataclass
@@ -73,6 +74,8 @@ def restore(path: str | Path, trust_code: bool = False) -> Restored:
         raise ModelLoadError(f"{path} holds no slimformer artifact (quant.json or prune.json, "
                              "or a run folder with quantized/ or pruned/ in it)")
     stage, folder = found
+    if stage == "search":
+        return _chosen(folder, trust_code)
     if stage == "prune":
         from slimformer.prune.serialize import load_pruned
 
@@ -94,6 +97,27 @@ def restore(path: str | Path, trust_code: bool = False) -> Restored:
         slice_model(lm.module, discover(lm.module, x, require_attention=False), sspec,
                     inplace=True, check_inputs=x)
     return Restored(lm, qmodel, ["prune", "quantize"] if sspec else ["quantize"], sspec, folder)
+
+
+def _chosen(folder: Path, trust_code: bool) -> Restored:
+    """The chosen float sub-network of a search output, rebuilt from its base model."""
+    from slimformer.models.loading import load_model, saved_model_spec
+    from slimformer.models.structure import discover
+    from slimformer.nas.output import FORMAT_VERSION, MANIFEST, REDO, TENSORS, load_chosen
+    from slimformer.report.integrity import read_sealed
+
+    meta = read_sealed(folder, MANIFEST, TENSORS, ("tensors",), FORMAT_VERSION, REDO,
+                       "search output")  # hashes checked before anything is built
+    if not meta.get("model_spec"):
+        raise ModelLoadError(f"{folder / 'search.json'} records no base model (written by an "
+                             "older slimformer): run the search again to restore it as a model")
+    lm = load_model(saved_model_spec(meta["model_spec"], str(folder / "search.json"),
+                                     trust_code))
+    structure = discover(lm.module, lm.example_inputs(2), require_attention=False)
+    sub = load_chosen(lm.module, structure, folder).eval()  # hashes checked here
+    import dataclasses
+
+    return Restored(dataclasses.replace(lm, module=sub), sub, ["search"], None, folder)
 
 
 def _sliced(manifest: Path):

@@ -57,5 +57,6 @@ def run(ctx: RunContext, stage: SearchStage) -> StageRecord:
     rec.notes = ["measured Pareto front (validation rows):", *res.table(),
                  *predictor_lines(res), *res.notes]
     if stage.save:
-        ctx.artifacts["search"] = lambda d: write_search(res, d)
+        spec = ctx.model_spec
+        ctx.artifacts["search"] = lambda d: write_search(res, d, spec)
     return rec
