@@ -52,6 +52,7 @@ from slimformer.nas.api import _prepare, _subset, choose, reference_subnet, sear
 from slimformer.nas.config import SearchConfig
 from slimformer.nas.measure import measure
 from slimformer.nas.pareto import hypervolume, pareto_front, plot_front
+from slimformer.quantize.config import QuantConfig
 
 TASKS = {  # task -> (val rows, eval rows, fine-tuning lr, batch, steps, latency batch, space)
     "vit-fmnist": (5000, 2000, 1e-4, 64, 150, 16, {"heads": [0.5, 0.75, 1.0], "mlp": [0.25, 0.5, 0.75, 1.0],
@@ -98,9 +99,7 @@ def recheck_points(points: dict, evald, calib, cfg, lat_in, test, repeats: int,
     out, sessions = {}, {}
     with tempfile.TemporaryDirectory() as d:
         for i, (label, (on, sub)) in enumerate(points.items()):
-            m, q, _ = measure(on, sub, evald, calib, cfg.quant_method, cfg.calib_samples, False,
-                              return_model=True, softmax=cfg.softmax, clip_steps=cfg.clip_steps,
-                              recon_steps=cfg.recon_steps)
+            m, q, _ = measure(on, sub, evald, calib, cfg.quant, False, return_model=True)
             export_onnx(q, f"{d}/{i}.onnx", lat_in, OnnxConfig(check=False, lint=False))
             sessions[label] = session(f"{d}/{i}.onnx", threads=torch.get_num_threads())
             out[label] = {"val_acc": m.accuracy, "size": m.size, "test_acc": accuracy(q, test),
@@ -134,10 +133,10 @@ def run_task(task: str, args, work: Path) -> dict:
     cfg = SearchConfig(objectives=objectives, space=space, train_steps=args.train_steps or steps,
                        batch_size=batch, lr=lr, samples=args.samples, front_max=args.front,
                        nsga_trials=args.nsga_trials, population=40, eval_limit=eval_rows,
-                       quant_method=args.quant_method, calib_samples=128,
-                       clip_steps=args.clip_steps, recon_steps=args.recon_steps,
+                       quant=QuantConfig(method=args.quant_method, calib_samples=128,
+                                         clip_steps=args.clip_steps,
+                                         recon_steps=args.recon_steps, softmax=args.softmax),
                        latency_repeats=args.repeats,
-                       softmax=args.softmax,
                        latency_batch=lat_batch,
                        storage=str(work / "{study}.journal"), study=task,
                        supernet_path=str(work / "{study}.pt"))
@@ -158,9 +157,7 @@ def run_task(task: str, args, work: Path) -> dict:
     lat_in = latency_inputs(evald, cfg.latency_batch)
 
     def measure_timed(on, sub):
-        return measure(on, sub, evald, calib, cfg.quant_method, cfg.calib_samples, True, lat_in,
-                       cfg.latency_repeats, softmax=cfg.softmax, clip_steps=cfg.clip_steps,
-                       recon_steps=cfg.recon_steps)
+        return measure(on, sub, evald, calib, cfg.quant, True, lat_in, cfg.latency_repeats)
 
     rng = np.random.default_rng(1234)
     seen = {r["sub"] for r in res.measured}
@@ -231,8 +228,8 @@ def run_task(task: str, args, work: Path) -> dict:
         "space_size": res.space_size, "measured_ours": len(ours), "measured_random": len(rand),
         "anchors": len(anchors),
         "hv_ours": hv_ours, "hv_random": hv_rand, "predictors": res.predictors,
-        "quant": {"method": cfg.quant_method, "clip_steps": cfg.clip_steps,
-                  "recon_steps": cfg.recon_steps, "softmax": cfg.softmax},
+        "quant": {"method": cfg.quant.method, "clip_steps": cfg.quant.clip_steps,
+                  "recon_steps": cfg.quant.recon_steps, "softmax": cfg.quant.softmax},
         "reference_fair": {k: fair.get(k) for k in ("sub", "phase", "accuracy", "latency", "size",
                                                      "macs", "latency_form")},
         "reference": {k: ref[k] for k in ("sub", "accuracy", "latency", "size", "macs",

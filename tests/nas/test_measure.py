@@ -83,7 +83,7 @@ def test_embedding_bits_are_applied_and_counted_in_size():
     for e in ("float", 8, 4):
         sub = space.repair(full.__class__(full.keep, full.heads, full.mlp, full.wbits,
                                           full.abits, e))
-        m, qmodel, fmodel = measure(net, sub, data, data, "minmax", 16, False,
+        m, qmodel, fmodel = measure(net, sub, data, data, _q("minmax", 16), False,
                                     return_model=True)
         tables = {k: eq.wq.bits for k, eq in qmodel.quant.embeddings.items()}
         assert len(tables) == (0 if e == "float" else 3)
@@ -99,7 +99,7 @@ def test_latency_is_that_of_the_qdq_export_with_a_float_fallback(monkeypatch):
     _, x, space, net, data = _bert(SpaceConfig(embedding_bits=[8, "float"]))
     sub = reference_subnet(space)
     lat_in = {k: v[:1] for k, v in x.items()}
-    m = measure(net, sub, data, data, "minmax", 16, True, lat_in, 3)
+    m = measure(net, sub, data, data, _q("minmax", 16), True, lat_in, 3)
     assert m.latency_form == "qdq" and m.latency > 0 and not m.notes
 
     from slimformer.export.qdq import QdqModel
@@ -108,7 +108,7 @@ def test_latency_is_that_of_the_qdq_export_with_a_float_fallback(monkeypatch):
         raise RuntimeError("no QDQ today")
 
     monkeypatch.setattr(QdqModel, "forward", broken)
-    m = measure(net, sub, data, data, "minmax", 16, True, lat_in, 3)
+    m = measure(net, sub, data, data, _q("minmax", 16), True, lat_in, 3)
     assert m.latency_form == "float" and m.latency > 0
     assert len(m.notes) == 1 and "QDQ export failed" in m.notes[0] and "no QDQ today" in m.notes[0]
 
@@ -166,27 +166,36 @@ def test_learned_rounding_settings_reach_the_sub_network_quantizer():
     from slimformer.nas.measure import extract, quant_config
     from slimformer.recipe import parse_recipe
 
-    cfg = SearchConfig(quant_method="repquant", clip_steps=0, recon_steps=7)
-    assert (cfg.clip_steps, cfg.recon_steps) == (0, 7)
-    assert cfg.fingerprint() != cfg.model_copy(update={"recon_steps": 8}).fingerprint()
-    assert cfg.fingerprint() != cfg.model_copy(update={"clip_steps": 1}).fingerprint()
-    rec = parse_recipe({"stages": [{"type": "search", "quant_method": "repquant",
-                                    "recon_steps": 30, "clip_steps": 0}]})
-    assert (rec.stages[0].search_config().recon_steps, rec.stages[0].clip_steps) == (30, 0)
+    cfg = SearchConfig(quant={"method": "repquant", "clip_steps": 0, "recon_steps": 7})
+    assert (cfg.quant.clip_steps, cfg.quant.recon_steps) == (0, 7)
+    other = cfg.quant.model_copy(update={"recon_steps": 8})
+    assert cfg.fingerprint() != cfg.model_copy(update={"quant": other}).fingerprint()
+    rec = parse_recipe({"stages": [{"type": "search", "quant": {
+        "method": "repquant", "recon_steps": 30, "clip_steps": 0}}]})
+    q = rec.stages[0].search_config().quant
+    assert (q.method, q.recon_steps, q.clip_steps) == ("repquant", 30, 0)
 
     _, x, space, net, data = _bert(SpaceConfig(heads=[1.0], mlp=[1.0], skip_blocks=False,
                                                weight_bits=[3, 8], embedding_bits=["float"]))
     full = space.largest()
     sub = dataclasses.replace(full, wbits=tuple(3 for _ in full.wbits), ebits="float")
-    qc = quant_config(net, sub, extract(net, sub)[0], "repquant", 32, "auto", 0, 7)
+    qc = quant_config(net, sub, extract(net, sub)[0], _q("repquant", 32, clip_steps=0,
+                                                           recon_steps=7))
     assert (qc.method, qc.clip_steps, qc.recon_steps) == ("repquant", 0, 7)
     err, rounded = {}, {}
     for steps in (0, 40):
-        _, qmodel, fmodel = measure(net, sub, data, data, "repquant", 32, False, return_model=True,
-                                    clip_steps=0, recon_steps=steps)
+        _, qmodel, fmodel = measure(net, sub, data, data,
+                                    _q("repquant", 32, clip_steps=0, recon_steps=steps), False,
+                                    return_model=True)
         rounded[steps] = sum(lq.alpha is not None for lq in qmodel.quant.linears.values())
         with torch.no_grad():
             ref, out = require_class_scores(fmodel(**x)), require_class_scores(qmodel(**x))
         err[steps] = float(((out - ref) ** 2).sum() / (ref ** 2).sum())  # relative to float
     assert rounded[0] == 0 and rounded[40] > 0
     assert err[40] < 0.9 * err[0], err
+
+
+def _q(method: str, calib_samples: int, **kw):
+    from slimformer.quantize.config import QuantConfig
+
+    return QuantConfig(method=method, calib_samples=calib_samples, **kw)

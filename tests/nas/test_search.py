@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _cfg(tmp_path, **kw) -> SearchConfig:
     base = dict(objectives=["accuracy", "size"], train_steps=10, batch_size=32, lr=1e-3,
                 samples=8, nsga_trials=120, population=12, front_max=2, eval_limit=200,
-                calib_samples=32, quant_method="minmax", latency_repeats=3,
+                quant={"method": "minmax", "calib_samples": 32}, latency_repeats=3,
                 storage=str(tmp_path / "{study}.journal"),
                 supernet_path=str(tmp_path / "{study}.pt"))
     return SearchConfig(**(base | kw))
@@ -49,7 +49,8 @@ def test_search_end_to_end(tmp_path):
     train, val, calib = digits()
     model = load_model(ZooSpec(name="vit-digits-seq")).module
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = _cfg(tmp_path, objectives=["accuracy", "latency", "size"], quant_method="repq",
+    cfg = _cfg(tmp_path, objectives=["accuracy", "latency", "size"],
+               quant={"method": "repq", "calib_samples": 32},
                space={"weight_bits": [4, 8, "float"], "act_bits": [6, 8]})
     res = search(model, cfg, train, val, calib_data=calib)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -180,7 +181,7 @@ def test_recipe_stage_search_then_evaluate(tmp_path):
         "data": {"dataset": "digits-seq"},
         "stages": [{"type": "search", "val_rows": 200, "train_steps": 5, "samples": 6,
                     "front_max": 2, "nsga_trials": 60, "population": 10, "eval_limit": 200,
-                    "calib_samples": 32, "quant_method": "minmax",
+                    "quant": {"method": "minmax", "calib_samples": 32},
                     "storage": str(tmp_path / "{study}.journal"),
                     "supernet_path": str(tmp_path / "{study}.pt")},
                    {"type": "evaluate", "latency_batch_sizes": [1], "latency_repeats": 3}]})

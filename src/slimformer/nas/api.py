@@ -305,9 +305,8 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
         lat_in = latency_inputs(evald, config.latency_batch)
 
     def evaluate(sub: SubNet, on=net, keep=False, timed=True):
-        return measure(on, sub, evald, calib, config.quant_method, config.calib_samples,
-                       timed and "latency" in objectives, lat_in, config.latency_repeats, keep,
-                       config.softmax, config.clip_steps, config.recon_steps)
+        return measure(on, sub, evald, calib, config.quant, timed and "latency" in objectives,
+                       lat_in, config.latency_repeats, keep)
 
     # 3. reference (original weights, full, W8A8) and the random sample
     if not worker and not st.measured(study, "reference"):

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from slimformer.quantize.config import QuantConfig
+
 OBJECTIVES = ("accuracy", "latency", "size", "macs")
 PREDICTORS = ("auto", "ridge", "svr", "mlp")
 BitChoice = Literal[2, 3, 4, 5, 6, 7, 8, "float"]
@@ -60,14 +62,11 @@ class SearchConfig(BaseModel):
         nsga_trials / population: NSGA-II budget on the predictors.
         front_max: Most predicted-Pareto sub-networks measured for real.
         eval_limit: Rows of the evaluation data used to measure a sub-network.
-        quant_method / calib_samples: How each sub-network is quantized.
-        clip_steps / recon_steps: ``repquant`` only (``QuantConfig``): steps of the learned dual
-            clipping of per-channel activations and of the learned weight rounding
-            (reconstruction) per Linear; 0 skips that part. Reconstruction is what keeps 4-bit
-            weights close to the float sub-network; it is also most of the time of measuring a
-            sub-network with ``repquant``.
-        softmax: Attention-probability quantizer (``QuantConfig.softmax``; ``auto``: log-sqrt2
-            for repq/repquant). ``uniform`` is the fast form in ONNX Runtime on CPUs.
+        quant: How each sub-network is quantized (:class:`~slimformer.quantize.QuantConfig`;
+            its bit-widths are the sub-network's, per layer group, and its embedding bits).
+            With ``repquant``, ``recon_steps`` (learned weight rounding) is what keeps 4-bit
+            weights close to the float sub-network and most of the measuring time; a
+            ``uniform`` softmax is the fast form in ONNX Runtime on CPUs.
         latency_batch / latency_repeats: ONNX Runtime latency measurement.
         storage: Optuna storage: a journal file path (default, ``{study}`` is filled in) or a
             database URL (``sqlite:///f.db``, ``postgresql://user@host/db``) shared by workers.
@@ -96,11 +95,7 @@ class SearchConfig(BaseModel):
     population: Annotated[int, Field(ge=2, le=10_000)] = 50
     front_max: Annotated[int, Field(ge=1, le=1000)] = 8
     eval_limit: Annotated[int, Field(ge=1)] | None = 1000
-    quant_method: Literal["minmax", "percentile", "repq", "repquant"] = "repq"
-    calib_samples: Annotated[int, Field(ge=1, le=100_000)] = 128
-    clip_steps: Annotated[int, Field(ge=0, le=10_000)] = 100
-    recon_steps: Annotated[int, Field(ge=0, le=100_000)] = 100
-    softmax: Literal["auto", "log_sqrt2", "log2", "uniform", "none"] = "auto"
+    quant: QuantConfig = Field(default_factory=QuantConfig)
     latency_batch: Annotated[int, Field(ge=1, le=1024)] = 1
     latency_repeats: Annotated[int, Field(ge=1, le=1000)] = 20
     storage: str = "nas-studies/{study}.journal"
@@ -139,9 +134,7 @@ class SearchConfig(BaseModel):
 
         keep = self.model_dump(mode="json", include={
             "objectives", "space", "train_steps", "sandwich", "batch_size", "lr", "distill",
-            "importance_batches", "eval_limit", "quant_method", "calib_samples",
-            "clip_steps", "recon_steps",
-            "latency_batch", "seed", "softmax"})
+            "importance_batches", "eval_limit", "quant", "latency_batch", "seed"})
         text = json.dumps(keep, sort_keys=True) + model_id
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -101,13 +101,15 @@ def _masked_copy(net: SuperNet, sub: SubNet) -> nn.Module:
     return twin.model
 
 
-def quant_config(net: SuperNet, sub: SubNet, model: nn.Module, method: str, calib_samples: int,
-                 softmax: str = "auto", clip_steps: int = 100, recon_steps: int = 100):
-    """QuantConfig giving each surviving layer group its bit-widths, the embeddings theirs.
+def quant_config(net: SuperNet, sub: SubNet, model: nn.Module, base=None):
+    """``base`` (method, calibration, softmax ...) with the sub-network's bit-widths.
 
-    ``clip_steps`` / ``recon_steps``: ``repquant``'s dual clipping and weight-rounding steps.
+    Each surviving layer group gets its bit-widths as overrides, float groups are kept float,
+    the embedding tables get their bits.
     """
     from slimformer.quantize.config import LayerOverride, QuantConfig
+
+    base = base if base is not None else QuantConfig()
 
     names = {n for n, _ in model.named_parameters()}
     overrides, keep_float = [], []
@@ -119,10 +121,9 @@ def quant_config(net: SuperNet, sub: SubNet, model: nn.Module, method: str, cali
         elif wb != 8 or ab != 8:
             overrides += [LayerOverride(pattern=w, weight_bits=wb, act_bits=ab) for w in alive]
     ebits = getattr(sub, "ebits", "float")
-    return QuantConfig(method=method, weight_bits=8, act_bits=8, overrides=overrides,
-                       keep_float=keep_float, calib_samples=calib_samples, softmax=softmax,
-                       embedding_bits=None if ebits == "float" else int(ebits),
-                       clip_steps=clip_steps, recon_steps=recon_steps)
+    return base.model_copy(update={
+        "weight_bits": 8, "act_bits": 8, "overrides": overrides, "keep_float": keep_float,
+        "embedding_bits": None if ebits == "float" else int(ebits)})
 
 
 def ort_latency(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int = 20,
@@ -190,13 +191,12 @@ class Measurement:
         return float(getattr(self, objective))
 
 
-def measure(net: SuperNet, sub: SubNet, eval_data, calib_data, method: str, calib_samples: int,
-            latency: bool, latency_inputs: dict[str, torch.Tensor] | None = None,
-            latency_repeats: int = 20, return_model: bool = False, softmax: str = "auto",
-            clip_steps: int = 100, recon_steps: int = 100):
-    """Extract, quantize and evaluate ``sub``; returns a :class:`Measurement` (and the model).
+def measure(net: SuperNet, sub: SubNet, eval_data, calib_data, quant, latency: bool,
+            latency_inputs: dict[str, torch.Tensor] | None = None, latency_repeats: int = 20,
+            return_model: bool = False):
+    """Extract, quantize (``quant``: the search's QuantConfig) and evaluate ``sub``.
 
-    ``clip_steps`` / ``recon_steps`` are passed to ``QuantConfig`` (``repquant`` only).
+    Returns a :class:`Measurement` (and, with ``return_model``, the quantized and float models).
     """
     from slimformer.data.datasets import make_loader
     from slimformer.models.evaluate import model_size, predict
@@ -207,7 +207,7 @@ def measure(net: SuperNet, sub: SubNet, eval_data, calib_data, method: str, cali
     model, sliced = extract(net, sub)
     first = next(_batches(calib_data, 2, 2))
     smap = discover(model, first, require_attention=False)
-    cfg = quant_config(net, sub, model, method, calib_samples, softmax, clip_steps, recon_steps)
+    cfg = quant_config(net, sub, model, quant)
     res = quantize(model, cfg, calib_data, smap, inplace=False)
     preds, labels = predict(res.model, make_loader(eval_data, 256))
     lat, form, notes = None, None, []
