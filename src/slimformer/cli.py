@@ -19,6 +19,7 @@ from slimformer.errors import SlimformerError
 DEBUG_ENV = "SLIMFORMER_DEBUG"
 _debug = {"on": False}
 _trust = {"on": False}
+_quiet = {"on": False}
 
 
 def _debugging() -> bool:
@@ -120,10 +121,13 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help=f"Show the traceba
                                               f"(also: {DEBUG_ENV}=1).")] = False,
           trust_code: Annotated[bool, typer.Option(
               "--trust-code", help="Allow a saved folder whose base model names a "
-              "package.module:factory to run that code.")] = False):
+              "package.module:factory to run that code.")] = False,
+          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+          = False):
     """Compress any transformer and deploy it."""
     _debug["on"] = debug
     _trust["on"] = trust_code
+    _quiet["on"] = quiet
 
 
 DEFAULT_RECIPE = Path("recipes/quickstart.yaml")
@@ -141,7 +145,17 @@ def _console():
 
 @contextmanager
 def _progress():
-    """A rich progress bar; yields a ``progress(description, completed, total)`` callback."""
+    """Yields a ``progress(description, completed, total)`` callback for long steps.
+
+    A rich progress bar on a terminal; plain log lines on stderr otherwise (a step's start, each
+    quarter and its end, with the elapsed time); nothing with ``--quiet``.
+    """
+    if _quiet["on"]:
+        yield lambda *a: None
+        return
+    if not sys.stderr.isatty():
+        yield _log_lines()
+        return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
@@ -154,6 +168,23 @@ def _progress():
             bar.update(tasks[desc], completed=done, total=total)
 
         yield update
+
+
+def _log_lines():
+    """A progress callback printing plain lines: start, each quarter, end (for logs and CI)."""
+    import time
+
+    t0, shown = time.perf_counter(), {}
+
+    def update(desc: str, done: int, total: int) -> None:
+        quarter = 4 * done // total if total else 4
+        if shown.get(desc, -1) >= quarter:
+            return
+        shown[desc] = quarter
+        print(f"[{time.perf_counter() - t0:7.1f} s] {desc}: {done}/{total}", file=sys.stderr,
+              flush=True)
+
+    return update
 
 
 def _table(*headers: str, title: str | None = None):
@@ -481,7 +512,7 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
           structures: Annotated[str, typer.Option(help="Comma list of: heads, dims, mlp.")]
           = "heads,mlp",
           score: Annotated[str, typer.Option(help="UPop ranking: gradient (the paper's) | "
-                                             "taylor (squared gradients).")] = "gradient",
+                                             "taylor (squared gradients, the default).")] = "taylor",
           search_steps: Annotated[int, typer.Option(help="UPop search steps.")] = 200,
           finetune_steps: Annotated[int, typer.Option(help="Fine-tuning steps.")] = 500,
           batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 64,
@@ -798,20 +829,33 @@ def _print_lint(con, findings) -> None:
 
 @export_app.command("lint")
 def export_lint(onnx_file: Annotated[Path, typer.Argument(help="An ONNX file.")],
-                as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+                as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+                fail_on: Annotated[str, typer.Option(
+                    help="Exit 1 when a finding of this severity or worse is found: error | "
+                    "warning | never.")] = "error"):
     """Check an ONNX file against TensorRT's rules for explicit (Q/DQ) quantization."""
-    from slimformer.errors import ExportError
+    from slimformer.errors import ConfigError, ExportError
     from slimformer.export.lint import lint_qdq
 
+    levels = {"error": ("error",), "warning": ("error", "warning"), "never": ()}
     con, _ = _console()
     with _errors():
+        if fail_on not in levels:
+            raise ConfigError([f"--fail-on: must be one of {', '.join(levels)}, got "
+                               f"{fail_on!r}"], "options")
         if not onnx_file.is_file():
             raise ExportError(f"{onnx_file} does not exist")
         findings = lint_qdq(onnx_file)
     if as_json:
         print(json.dumps([f.as_dict() for f in findings], indent=2))
-        return
-    _print_lint(con, findings)
+    else:
+        _print_lint(con, findings)
+    bad = sum(f.severity in levels[fail_on] for f in findings)
+    if bad:
+        if not as_json:
+            con.print(f"{bad} finding(s) of severity {' or '.join(levels[fail_on])}: exit 1 "
+                      "(--fail-on never to only report)", markup=False)
+        raise typer.Exit(1)
 
 
 @export_app.command("tensorrt")
