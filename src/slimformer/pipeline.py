@@ -133,6 +133,9 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
                      slice_spec=slice_spec, out=out)
     with scratch_in(staging / ".scratch"):  # temporary files of the stages, removed after
         for i, stage in enumerate(recipe.stages):
+            if progress:
+                progress(f"stage {i + 1}/{len(recipe.stages)}: {stage.type}", i,
+                         len(recipe.stages))
             s0 = time.perf_counter()
             rec = STAGE_HANDLERS[type(stage)](ctx, stage)
             rec.index, rec.seconds = i, time.perf_counter() - s0

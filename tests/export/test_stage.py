@@ -35,6 +35,11 @@ def test_recipe_quantize_then_export(tmp_path):
     script = (out / "export" / "model.plan.trtexec.sh").read_text()
     assert "--maxShapes=x:32x8x8" in script
     assert any("TensorRT is not installed" in n for n in ex["notes"])
+    lint = ["export", "lint", str(out / "export" / "model.onnx")]
+    res = runner.invoke(app, lint)  # errors found: exit 1, unless told to only report
+    assert res.exit_code == (1 if m["lint_errors"] else 0), res.output
+    assert runner.invoke(app, [*lint, "--fail-on", "never"]).exit_code == 0
+    assert runner.invoke(app, [*lint, "--fail-on", "often"]).exit_code == 2
 
 
 def test_cli_export_onnx_lint_and_tensorrt(tmp_path):
@@ -46,8 +51,9 @@ def test_cli_export_onnx_lint_and_tensorrt(tmp_path):
     assert res.exit_code == 0 and json.loads(res.output) == []  # float: nothing to lint
     res = runner.invoke(app, ["export", "tensorrt", str(f), "-o", str(tmp_path / "m.plan")])
     assert res.exit_code == 2 and "trtexec" in res.output
-    res = runner.invoke(app, ["export", "onnx", "vit-digits-seq", "-o",
-                              str(tmp_path / "no" / "m.onnx")])
-    assert res.exit_code == 2 and "does not exist" in res.output
+    res = runner.invoke(app, ["export", "onnx", "vit-digits-seq", "-o", str(f / "m.onnx")])
+    assert res.exit_code == 2 and "is not a folder" in res.output  # under a file
+    res = runner.invoke(app, ["export", "onnx", "vit-digits-seq", "-o", str(f)])
+    assert res.exit_code == 2 and "--overwrite" in res.output  # an existing file
     res = runner.invoke(app, ["export", "tensorrt", str(f), "-o", "x.plan", "--batch", "4,2,1"])
     assert res.exit_code == 2 and "min,opt,max" in res.output

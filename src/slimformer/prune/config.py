@@ -54,7 +54,7 @@ class PruneConfig(BaseModel):
     search_steps: Annotated[int, Field(ge=1, le=1_000_000)] = 200
     interval: Annotated[int, Field(ge=1, le=10_000)] = 10
     sparsity_weight: Annotated[float, Field(ge=0.0)] = 1e-4
-    score: Literal["gradient", "taylor"] = "gradient"
+    score: Literal["gradient", "taylor"] = "taylor"  # the README results use it
     score_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     finetune_steps: Annotated[int, Field(ge=0, le=10_000_000)] = 500
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
