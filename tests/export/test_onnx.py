@@ -95,7 +95,8 @@ def digits():
 def test_qdq_form_standard_ops_and_fused_by_ort(digits, tmp_path):
     lm, calib, test = digits
     inf = _quantized(lm, calib, QuantConfig(method="repq", calib_samples=64, softmax="log_sqrt2"))
-    res = export_onnx(inf, tmp_path / "q.onnx", latency_inputs(test, 8))
+    res = export_onnx(inf, tmp_path / "q.onnx", latency_inputs(test, 8),
+                      OnnxConfig(target="portable"))  # the plain form (as simulated)
     m = onnx.load(tmp_path / "q.onnx")
     assert {o.domain for o in m.opset_import} <= {"", "ai.onnx"}  # no custom domain
     assert {n.domain for n in m.graph.node} <= {""}

@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from slimformer.data.datasets import TensorDictDataset, get_dataset
 from slimformer.export import parity
+from slimformer.export.config import OnnxConfig
 from slimformer.export.lint import lint_qdq
 from slimformer.export.onnx import export_onnx
 from slimformer.models.generality import GENERALITY
@@ -27,6 +28,7 @@ from slimformer.quantize.config import QuantConfig
 from slimformer.quantize.inference import to_inference
 
 TRT_ERRORS = {"TRT001", "TRT002", "TRT003"}
+TRT = OnnxConfig(target="tensorrt")  # the int8 zero-point-0 form (ort-cpu writes uint8 acts)
 
 
 @functools.cache
@@ -88,7 +90,7 @@ def test_symmetric_export_is_trt_clean_and_matches_simulation(tmp_path, ort_exac
     calib, test = get_dataset(lm.dataset, "calib"), get_dataset(lm.dataset, "test")
     cfg = QuantConfig(method="repq", symmetric=True, softmax="uniform")
     inf = to_inference(quantize(lm.module, cfg, calib).model)
-    res = export_onnx(inf, tmp_path / "q.onnx", latency_inputs(test, 16))
+    res = export_onnx(inf, tmp_path / "q.onnx", latency_inputs(test, 16), TRT)
     found = lint_qdq(onnx.load(tmp_path / "q.onnx"))
     assert not [f for f in found if f.rule in TRT_ERRORS], found
     _int8_only(tmp_path / "q.onnx")
@@ -109,7 +111,7 @@ def test_symmetric_export_of_a_text_model_with_embeddings(tmp_path, ort_exact):
     cfg = QuantConfig(method="repq", symmetric=True, softmax="uniform", calib_samples=16,
                       embedding_bits=8, act_bits=6)
     inf = to_inference(quantize(lm.module, cfg, calib).model)
-    res = export_onnx(inf, tmp_path / "q.onnx", lm.example_inputs(4, seed=2))
+    res = export_onnx(inf, tmp_path / "q.onnx", lm.example_inputs(4, seed=2), TRT)
     found = lint_qdq(onnx.load(tmp_path / "q.onnx"))
     assert not [f for f in found if f.rule in TRT_ERRORS], found
     _int8_only(tmp_path / "q.onnx")

@@ -6,7 +6,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-OPSETS = (17, 18, 19, 20, 21)
+OPSETS = (17, 18, 19, 20, 21, 22, 23)
+TARGETS = ("auto", "ort-cpu", "openvino", "tensorrt", "portable")
+ISAS = ("auto", "amx", "vnni", "avx2", "other")
 
 
 class OnnxConfig(BaseModel):
@@ -18,11 +20,22 @@ class OnnxConfig(BaseModel):
     this fail (quantized exports are compared in output quantization steps and only reported).
     Every output of the model is exported, named by its path
     (:func:`slimformer.models.outputs.leaves`), and every parity figure covers all of them.
+
+    ``target``: where the file will run; it decides the QDQ form (weight and activation storage,
+    opset, float or quantized attention; see :mod:`slimformer.export.targets`): ``ort-cpu``
+    (ONNX Runtime on a CPU, the form chosen by ``isa``), ``openvino``, ``tensorrt``, ``portable``
+    (plain QDQ as the quantizer simulates it); ``auto`` is ``ort-cpu``. ``isa`` (``ort-cpu``
+    only): ``auto`` detects the exporting machine's CPU (``/proc/cpuinfo`` flags), or name the
+    deployment CPU: ``amx`` / ``vnni`` (AVX-512 VNNI or AVX-VNNI) / ``avx2`` / ``other``.
+    ``opset``: None takes the target's (23 for ``ort-cpu`` where the installed onnx and ONNX
+    Runtime run the standard ``Attention`` op, else 20).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    opset: Literal[17, 18, 19, 20, 21] = 20
+    opset: Literal[17, 18, 19, 20, 21, 22, 23] | None = None
+    target: Literal["auto", "ort-cpu", "openvino", "tensorrt", "portable"] = "auto"
+    isa: Literal["auto", "amx", "vnni", "avx2", "other"] = "auto"
     dynamic: bool = True
     check: bool = True  # onnx.checker + ONNX Runtime parity (at a second shape when dynamic)
     lint: bool = True  # TensorRT explicit-quantization rules (see export/lint.py)

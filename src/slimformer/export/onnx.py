@@ -9,6 +9,11 @@ graph output named by its path (:func:`slimformer.models.outputs.leaves`: ``logi
 be read by the graph (else :class:`ExportError`, or a note with ``OnnxConfig.unused_inputs``).
 The file is written only after ``onnx.checker`` and the ONNX Runtime parity check of every output
 pass (at the traced shape and at a second one); nothing is left behind on failure.
+
+``OnnxConfig.target`` (and ``isa``) choose the QDQ form and opset
+(:func:`slimformer.export.targets.resolve_form`); the target, ISA and form are written to the
+file's ``metadata_props`` (``slimformer.target``, ...) and to :attr:`OnnxResult.form`, and
+quantize settings that run slowly on the target are named in :attr:`OnnxResult.warnings`.
 """
 
 from __future__ import annotations
@@ -47,13 +52,16 @@ class OnnxResult:
     lint: list = field(default_factory=list)  # lint.Finding
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    form: dict = field(default_factory=dict)  # targets.QdqForm.as_dict()
+    ops: dict[str, int] = field(default_factory=dict)  # standard ops of note: Attention, ...
 
     def summary(self) -> dict:
         """JSON-ready summary for reports."""
         return {"path": str(self.path), "opset": self.opset, "quantized": self.quantized,
                 "inputs": self.inputs, "size_bytes": self.size_bytes, "parity": self.parity,
                 "fusion": self.fusion, "lint": [f.as_dict() for f in self.lint],
-                "warnings": self.warnings, "seconds": round(self.seconds, 2)}
+                "warnings": self.warnings, "seconds": round(self.seconds, 2), "form": self.form,
+                "ops": self.ops}
 
 
 class _Entry(nn.Module):
@@ -115,10 +123,13 @@ def export_onnx(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tens
     """
     import onnx
 
+    from slimformer.export.targets import model_settings, resolve_form, slow_settings
     from slimformer.quantize.state import QuantizedModel
     from slimformer.report.io import atomic_path
 
     config = config or OnnxConfig()
+    form = resolve_form(config, isinstance(model, QuantizedModel))
+    config = config.model_copy(update={"opset": form.opset})
     t0 = time.perf_counter()
     path = Path(path)
     if path.suffix != ".onnx":
@@ -133,17 +144,24 @@ def export_onnx(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tens
         from slimformer.quantize.inference import to_inference
 
         reference = to_inference(model)
+    notes: list[str] = []
     if quantized:
         from slimformer.export.qdq import QdqModel
 
-        target = QdqModel(reference)
+        target = QdqModel(reference, form)
+        notes += [f"slow on target {form.target}: {w}" for w in
+                  slow_settings(form, **model_settings(reference))]
+        if form.float_attention:
+            notes.append(f"opset {form.opset}: scaled_dot_product_attention exported as the float "
+                         "standard Attention op (its q/k/v and probability quantizers are not "
+                         "applied); parity is against the QDQ model in PyTorch")
+            reference = target
     else:
         target = model
     entry = _Entry(target, list(inputs)).eval()
     args = tuple(inputs.values())
     entry.out_names = out_names = _output_names(target, inputs)
     big = _param_bytes(model) > EXTERNAL_DATA_BYTES
-    notes: list[str] = []
     dyn = dynamic_axes_of(inputs) if config.dynamic else {}
     with atomic_path(path) as tmp:
         try:
@@ -154,13 +172,18 @@ def export_onnx(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tens
                 onnx.checker.check_model(str(tmp) if big else proto, full_check=True)
             result = OnnxResult(path=path, opset=config.opset, quantized=quantized,
                                 inputs=_input_shapes(proto), dynamic_axes=dyn,
-                                size_bytes=_file_bytes(tmp), warnings=notes)
+                                size_bytes=_file_bytes(tmp), warnings=notes, form=form.as_dict())
             if config.check:
-                proto = _verify(result, proto, entry, args, inputs, reference, tmp, config, big)
+                proto = _verify(result, proto, entry, args, inputs, reference, tmp, config, big,
+                                _full_range_int8(reference if not form.float_attention else
+                                                 target.qmodel, form) if quantized else False)
             if config.lint:
                 from slimformer.export.lint import lint_qdq
 
                 result.lint = lint_qdq(proto)
+            result.ops = _ops_of_note(proto)
+            _write_metadata(tmp, form)
+            result.size_bytes = _file_bytes(tmp)
             if big:
                 _move_external(tmp, path)
         except BaseException:
@@ -171,29 +194,58 @@ def export_onnx(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tens
     return result
 
 
-def _verify(result, proto, entry, args, inputs, reference, tmp, config, big):
+def _full_range_int8(qmodel, form) -> bool:
+    """Whether the export holds int8 weights or activations beyond +-64 (8-bit int8 grids)."""
+    symmetric = bool(getattr(qmodel.config, "symmetric", False))
+    eight = any(lq.wq.bits == 8 for lq in qmodel.quant.linears.values())
+    return form.weights == "int8" and eight or (symmetric and form.weights == "model")
+
+
+def _write_metadata(tmp: Path, form) -> None:
+    """Record the target, ISA and form in the file's ``metadata_props`` (re-saved in place)."""
+    import onnx
+
+    proto = onnx.load(str(tmp), load_external_data=False)
+    meta = form.metadata()
+    kept = [p for p in proto.metadata_props if p.key not in meta]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.save(proto, str(tmp))
+
+
+def _ops_of_note(proto) -> dict[str, int]:
+    """Counts of the standard fused ops (opset 23 ``Attention``, ``RMSNormalization``)."""
+    from collections import Counter
+
+    ops = Counter(n.op_type for n in proto.graph.node)
+    return {k: ops[k] for k in ("Attention", "RMSNormalization", "LayerNormalization") if ops[k]}
+
+
+def _verify(result, proto, entry, args, inputs, reference, tmp, config, big, signed=False):
     """Check parity with ONNX Runtime; re-export static if only the traced shape holds.
 
     A float graph that differs from PyTorch only at the second shape is re-exported with static
-    shapes (with a note); :class:`ExportError` if a float export still differs.
+    shapes (with a note); :class:`ExportError` if a float export still differs. ``signed``: the
+    graph holds full-range int8 (saturating fused kernels on x86 CPUs without VNNI).
     """
     import onnx
 
     from slimformer.export.parity import check_parity
 
     quantized, dyn = result.quantized, result.dynamic_axes
-    signed = quantized and getattr(reference.config, "symmetric", False)
     result.parity, result.fusion = check_parity(reference, tmp, inputs, dyn, quantized, config)
     if signed and min(p.get("argmax_agreement", 1.0) for p in result.parity.values()) < 0.99:
         fused = min(p.get("argmax_agreement", 1.0) for p in result.parity.values())
         result.parity, result.fusion = check_parity(reference, tmp, inputs, dyn, quantized, config,
                                                     qdq_fusion=False)
         result.warnings.append(
-            f"symmetric int8 export: ONNX Runtime's fused int8 kernels on this CPU disagree with "
-            f"the graph (argmax agreement {fused:.3f}; int8 x int8 products saturate on x86 "
-            "without VNNI); parity measured with the Q/DQ fusion off (session option "
-            "session.disable_quant_qdq=1). Symmetric exports are for TensorRT; use the default "
-            "asymmetric (uint8) form for ONNX Runtime on CPUs")
+            f"full-range int8 export: ONNX Runtime's fused int8 kernels on this CPU disagree with "
+            f"the graph (argmax agreement {fused:.3f}; int8 products saturate on x86 without "
+            "VNNI); parity measured with the Q/DQ fusion off (session option "
+            "session.disable_quant_qdq=1). For ONNX Runtime on this CPU export with target "
+            "ort-cpu (isa detected) instead")
     bad = [k for k, p in result.parity.items()
            if not quantized and p["cosine"] < config.parity_min_cosine]
     if bad == ["other"]:  # the traced graph holds only at the traced shape

@@ -30,6 +30,13 @@ become ``int8`` Q/DQ with zero point 0, as TensorRT requires: weights and embedd
 ``int8`` initializers ``code - 2^(b-1)``, activations as ``int8`` per-tensor Q/DQ (the Clip below
 8 bits keeps ``[-2^(b-1), 2^(b-1) - 1]``), uniform probabilities as ``int8`` Q/DQ whose grid is
 the non-negative half ``[0, 2^(b-1) - 1]``. The values are the simulated model's exactly.
+
+A deployment form (:class:`~slimformer.export.targets.QdqForm`) may store the same values
+otherwise, for the target's kernels: ``weights="int8"`` shifts every weight to ``int8``,
+``"narrow"`` keeps 8-bit weights ``uint8`` (symmetric ones with zero point 128);
+``activations="uint8"`` writes symmetric activation grids as ``uint8`` with zero point
+``2^(b-1)``; ``float_attention`` leaves ``scaled_dot_product_attention`` in float (the exporter
+writes the standard ``Attention`` op at opset 23).
 """
 
 from __future__ import annotations
@@ -72,16 +79,22 @@ class _QdqWeight(nn.Module):
     weights keep their shape with axis 0.
     """
 
-    def __init__(self, lq):
+    def __init__(self, lq, weights: str = "model"):
         super().__init__()
         self.conv = lq.param[0].dim() > 2
         codes = lq.int_weight.reshape(lq.param[0].shape) if self.conv else lq.int_weight.t()
         zero = lq.wq.zero.reshape(-1).to(torch.int64)
         symmetric = getattr(lq.wq, "symmetric", False)
-        # int8 storage: symmetric grids (zero point 0), and asymmetric grids of <= 7 bits, whose
-        # codes shifted by 2^(b-1) fit in [-64, 63]: ONNX Runtime's fast u8 x s8 kernels cannot
-        # saturate on them (u8 x s8 pairs stay below 2^15), unlike full-range int8
-        self.signed = symmetric or lq.wq.bits <= 7
+        # int8 storage ("model"): symmetric grids (zero point 0), and asymmetric grids of <= 7
+        # bits, whose codes shifted by 2^(b-1) fit in [-64, 63]: ONNX Runtime's AVX2 u8 x s8
+        # kernels cannot saturate on them (u8 x s8 pairs stay below 2^15), unlike full-range
+        # int8; "int8" (VNNI/AMX: no saturation) shifts every grid, "narrow" only <= 7 bits
+        if weights == "int8":
+            self.signed = True
+        elif weights == "narrow":
+            self.signed = lq.wq.bits <= 7
+        else:
+            self.signed = symmetric or lq.wq.bits <= 7
         if self.signed:
             half = 2 ** (lq.wq.bits - 1)
             codes = (codes.to(torch.int16) - half).to(torch.int8)
@@ -166,18 +179,31 @@ class _QdqMode(QuantMode):
         return super().__torch_function__(func, types, args, kwargs)
 
 
+class _FloatAttentionQdqMode(_QdqMode):
+    """:class:`_QdqMode` that leaves ``scaled_dot_product_attention`` to the exporter (float)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") == "scaled_dot_product_attention":
+            return func(*args, **(kwargs or {}))
+        return super().__torch_function__(func, types, args, kwargs)
+
+
 class QdqModel(nn.Module):
     """A quantized model whose forward emits ONNX Q/DQ ops (see module doc); for export only."""
 
-    def __init__(self, qmodel):
+    def __init__(self, qmodel, form=None):
         super().__init__()
         from slimformer.quantize.act import ActQuantizer, ProbQuantizer
+
+        weights = form.weights if form is not None else "model"
+        signed_acts = form is None or form.activations == "model"
+        self.float_attention = bool(form is not None and form.float_attention)
 
         _ops()  # register the ops before the exporter builds its op table
         self.qmodel = copy.deepcopy(qmodel)
         self.qmodel._rebind()
         q = self.qmodel.quant
-        self.weights = nn.ModuleDict({k: _QdqWeight(lq) for k, lq in q.linears.items()})
+        self.weights = nn.ModuleDict({k: _QdqWeight(lq, weights) for k, lq in q.linears.items()})
         for k, lq in q.linears.items():
             # an instance attribute (not a submodule) shadowing LinearQuant.weight()
             object.__setattr__(lq, "weight", self.weights[k])
@@ -187,10 +213,12 @@ class QdqModel(nn.Module):
         for m in q.modules():
             if isinstance(m, ActQuantizer):
                 s, z = m.scale_zero()
-                m.forward = _act_forward(m, float(s), int(z), getattr(m, "symmetric", False))
+                m.forward = _act_forward(m, float(s), int(z),
+                                         signed_acts and getattr(m, "symmetric", False))
             elif isinstance(m, ProbQuantizer) and m.kind == "uniform" and m.mode == "quant":
-                m.forward = _uniform_probs(float(m.delta), m.bits, getattr(m, "symmetric", False))
-        self.qmodel._rebind(_QdqMode)
+                m.forward = _uniform_probs(float(m.delta), m.bits, getattr(m, "symmetric", False),
+                                           signed_acts)
+        self.qmodel._rebind(_FloatAttentionQdqMode if self.float_attention else _QdqMode)
 
     def forward(self, *args, **kwargs):
         """Run the model with Q/DQ ops; parameters are looked up again (export swaps them)."""
@@ -209,9 +237,19 @@ def _act_forward(act, scale: float, zero: int, signed: bool):
     return forward
 
 
-def _uniform_probs(delta: float, bits: int, signed: bool):
-    """Uniform probabilities on [0, delta]: uint8 (2^b - 1 steps) or int8 (2^(b-1) - 1 steps)."""
-    if signed:
+def _uniform_probs(delta: float, bits: int, symmetric: bool, signed: bool = True):
+    """Uniform probabilities on [0, delta]: uint8 (2^b - 1 steps) or int8 (2^(b-1) - 1 steps).
+
+    A symmetric grid (2^(b-1) - 1 steps) with ``signed=False`` is written as uint8, zero point 0.
+    """
+    if symmetric and not signed:
+        scale = delta / (2 ** (bits - 1) - 1)
+
+        def forward(p: torch.Tensor) -> torch.Tensor:
+            return _qdq(p, scale, 0, bits - 1)  # Clip to [0, 2^(b-1) - 1] steps, then uint8
+
+        return forward
+    if symmetric:
         scale = delta / (2 ** (bits - 1) - 1)
 
         def forward(p: torch.Tensor) -> torch.Tensor:

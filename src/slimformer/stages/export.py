@@ -72,6 +72,14 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
         rec.latency[f"onnxruntime batch={b}"] = latency(
             onnx_path, latency_inputs(ctx.eval_data, b), stage.latency_repeats,
             threads=stage.threads)
+    if res.form.get("target") == "openvino":
+        from slimformer.export.openvino import openvino_available, ov_latency
+
+        for b in stage.latency_batch_sizes if openvino_available() else []:
+            rec.latency[f"openvino batch={b}"] = ov_latency(
+                onnx_path, latency_inputs(ctx.eval_data, b), stage.latency_repeats,
+                threads=stage.threads)
+    rec.metrics |= {f"form_{k}": str(v) for k, v in res.form.items()}
     rec.size = {"bytes": res.size_bytes}
     rec.notes = list(res.warnings) + [f"{f.rule} {f.severity} at {f.node}: {f.message}"
                                       for f in _first_per_rule(res.lint)]

@@ -1,0 +1,202 @@
+"""OpenVINO as a runtime and export target (the optional ``openvino`` package).
+
+``export_openvino(model, "model.xml", inputs) -> OpenVinoResult`` writes the model's ONNX file in
+the ``openvino`` form (:mod:`slimformer.export.targets`: a symmetric model's int8 Q/DQ, which
+OpenVINO's CPU plugin runs in int8) beside the IR, converts it with ``openvino.convert_model`` and
+writes the IR (``.xml`` + ``.bin``, weights kept in f32: no fp16 compression of the Q/DQ scales)
+with ``openvino.save_model``, then checks every output of the IR, run by OpenVINO in f32, against
+PyTorch at the traced shape and a second one (the figures of
+:func:`slimformer.export.parity.compare_all`). OpenVINO also reads the ONNX file directly;
+:func:`ov_latency` times either. The target, ISA and form are recorded in the IR's ``rt_info``
+(``slimformer/<key>``) as in the ONNX file's metadata.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slimformer.errors import ExportError
+
+PRECISIONS = ("f32", "bf16")
+
+
+def openvino_available() -> bool:
+    """Whether ``import openvino`` works here."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _ov():
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise ExportError("OpenVINO is not installed: pip install 'slimformer[openvino]' (or "
+                          "scripts/install.sh)") from exc
+    return ov
+
+
+@dataclass
+class OpenVinoResult:
+    """A written OpenVINO IR, the ONNX file it came from, and its parity with PyTorch."""
+
+    path: Path  # the .xml (its .bin beside it)
+    onnx: object  # onnx.OnnxResult of the ONNX file beside it
+    parity: dict[str, dict] = field(default_factory=dict)  # per checked shape, OpenVINO f32
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    version: str = ""
+
+    def summary(self) -> dict:
+        """JSON-ready summary for reports."""
+        return {"path": str(self.path), "openvino": self.version, "parity": self.parity,
+                "warnings": self.warnings, "seconds": round(self.seconds, 2),
+                "onnx": self.onnx.summary()}
+
+
+def compile_model(model, precision: str = "f32", threads: int = 2):
+    """An OpenVINO CPU compiled model of a file (IR ``.xml`` or ``.onnx``) or ``ov.Model``.
+
+    ``precision``: ``f32`` (exact float: the parity checks use it) or ``bf16`` (where the CPU has
+    it; int8 parts stay int8 in both); ``threads``: ``INFERENCE_NUM_THREADS``.
+    """
+    ov = _ov()
+    if precision not in PRECISIONS:
+        raise ExportError(f"OpenVINO precision {precision!r}: choose one of {PRECISIONS}")
+    core = ov.Core()
+    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        raise ExportError("this CPU has no bf16 arithmetic (no avx512_bf16 / amx_bf16): use f32")
+    cfg = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision,
+           "PERFORMANCE_HINT": "LATENCY"}
+    try:
+        return core.compile_model(str(model) if isinstance(model, str | Path) else model, "CPU",
+                                  cfg)
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own types
+        raise ExportError(f"OpenVINO cannot compile {model}: {str(exc).splitlines()[0][:300]}") \
+            from exc
+
+
+def _feeds(compiled, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    names = {n for i in compiled.inputs for n in i.get_names()}
+    return {k: v.detach().cpu().numpy() for k, v in inputs.items() if k in names}
+
+
+def run_all(compiled, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Every output of ``compiled`` on ``inputs``, ``{name: array}`` in the model's order."""
+    res = compiled(_feeds(compiled, inputs))
+    return {o.get_any_name(): np.asarray(res[o]) for o in compiled.outputs}
+
+
+def ov_latency(model, inputs: dict[str, torch.Tensor], repeats: int = 30, warmup: int = 5,
+               threads: int = 2, precision: str = "f32") -> dict[str, float]:
+    """Median / p90 wall time (ms) of one OpenVINO CPU inference (see :func:`compile_model`)."""
+    compiled = compile_model(model, precision, threads)
+    req = compiled.create_infer_request()
+    f = _feeds(compiled, inputs)
+    for _ in range(warmup):
+        req.infer(f)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        req.infer(f)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"median_ms": statistics.median(times),
+            "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))], "repeats": repeats,
+            "threads": threads, "precision": precision}
+
+
+def ov_predict(model, dataset, batch_size: int = 256, threads: int = 2,
+               precision: str = "f32") -> torch.Tensor:
+    """Argmax predictions of the class-score output on every row of ``dataset`` (OpenVINO)."""
+    from slimformer.data.datasets import make_loader
+    from slimformer.models.outputs import scores_name
+
+    compiled = compile_model(model, precision, threads)
+    names = [o.get_any_name() for o in compiled.outputs]
+    name = scores_name(names)
+    if name is None:
+        raise ExportError(f"the model has no class-score output (outputs: {names})")
+    preds = []
+    for inputs, _ in make_loader(dataset, batch_size):
+        preds.append(torch.from_numpy(run_all(compiled, inputs)[name]).argmax(-1))
+    if not preds:
+        raise ExportError("the evaluation data set is empty")
+    return torch.cat(preds)
+
+
+def export_openvino(model, path: str | Path, inputs: dict[str, torch.Tensor], config=None,
+                    ) -> OpenVinoResult:
+    """Write ``model`` as an OpenVINO IR at ``path`` (``.xml``) and check it through OpenVINO.
+
+    Args:
+        model: a float module or a quantized model.
+        path: the ``.xml`` file (``.bin`` and the source ``.onnx`` are written beside it).
+        inputs: ``{name: (B, ...)}`` example inputs.
+        config: :class:`~slimformer.export.config.OnnxConfig`; its target must be ``openvino``
+            or ``auto`` (taken as ``openvino``).
+
+    Raises:
+        ExportError: bad path or target, OpenVINO missing, or a float IR whose outputs differ
+            from PyTorch's (cosine below ``config.parity_min_cosine``).
+    """
+    from slimformer.export.config import OnnxConfig
+    from slimformer.export.onnx import export_onnx
+    from slimformer.export.parity import compare_all, other_shape, reference_outputs
+    from slimformer.quantize.state import QuantizedModel
+
+    ov = _ov()
+    t0 = time.perf_counter()
+    config = config or OnnxConfig(target="openvino")
+    if config.target == "auto":
+        config = config.model_copy(update={"target": "openvino"})
+    if config.target != "openvino":
+        raise ExportError(f"export_openvino writes the 'openvino' form; config.target is "
+                          f"{config.target!r}: use target 'openvino' (or 'auto')")
+    path = Path(path)
+    if path.suffix != ".xml":
+        raise ExportError(f"{path}: the OpenVINO IR file must end in .xml (.bin goes beside it)")
+    onnx_res = export_onnx(model, path.with_suffix(".onnx"), inputs, config)
+    ov_model = ov.convert_model(str(onnx_res.path))
+    for k, v in onnx_res.form.items():
+        ov_model.set_rt_info(str(v), ["slimformer", k])
+    bin_path = path.with_suffix(".bin")
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as d:
+        ov.save_model(ov_model, str(Path(d) / "model.xml"), compress_to_fp16=False)
+        (Path(d) / "model.bin").replace(bin_path)
+        (Path(d) / "model.xml").replace(path)
+    res = OpenVinoResult(path=path, onnx=onnx_res, warnings=list(onnx_res.warnings),
+                         version=ov.__version__)
+    if config.check:
+        reference = model
+        if isinstance(model, QuantizedModel) and not model.inference:
+            from slimformer.quantize.inference import to_inference
+
+            reference = to_inference(model)
+        compiled = compile_model(path, "f32", config.threads)
+        shapes = {"traced": inputs}
+        if onnx_res.dynamic_axes:
+            shapes["other"] = other_shape(inputs, onnx_res.dynamic_axes)
+        for label, inp in shapes.items():
+            p = compare_all(reference_outputs(reference, inp), run_all(compiled, inp))
+            p["shape"] = {k: list(v.shape) for k, v in inp.items()}
+            res.parity[label] = p
+        bad = [k for k, p in res.parity.items()
+               if not onnx_res.quantized and p["cosine"] < config.parity_min_cosine]
+        if bad:
+            for f in (path, bin_path):
+                f.unlink(missing_ok=True)
+            raise ExportError(f"OpenVINO (f32) differs from PyTorch at the {bad[0]} shape: "
+                              f"cosine {res.parity[bad[0]]['cosine']:.6f} < "
+                              f"{config.parity_min_cosine}")
+    res.seconds = time.perf_counter() - t0
+    return res
