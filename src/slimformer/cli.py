@@ -19,6 +19,7 @@ from slimformer.errors import SlimformerError
 DEBUG_ENV = "SLIMFORMER_DEBUG"
 _debug = {"on": False}
 _trust = {"on": False}
+_quiet = {"on": False}
 
 
 def _debugging() -> bool:
@@ -120,10 +121,13 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help=f"Show the traceba
                                               f"(also: {DEBUG_ENV}=1).")] = False,
           trust_code: Annotated[bool, typer.Option(
               "--trust-code", help="Allow a saved folder whose base model names a "
-              "package.module:factory to run that code.")] = False):
+              "package.module:factory to run that code.")] = False,
+          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+          = False):
     """Compress any transformer and deploy it."""
     _debug["on"] = debug
     _trust["on"] = trust_code
+    _quiet["on"] = quiet
 
 
 DEFAULT_RECIPE = Path("recipes/quickstart.yaml")
@@ -141,7 +145,17 @@ def _console():
 
 @contextmanager
 def _progress():
-    """A rich progress bar; yields a ``progress(description, completed, total)`` callback."""
+    """Yields a ``progress(description, completed, total)`` callback for long steps.
+
+    A rich progress bar on a terminal; plain log lines on stderr otherwise (a step's start, each
+    quarter and its end, with the elapsed time); nothing with ``--quiet``.
+    """
+    if _quiet["on"]:
+        yield lambda *a: None
+        return
+    if not sys.stderr.isatty():
+        yield _log_lines()
+        return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
@@ -154,6 +168,23 @@ def _progress():
             bar.update(tasks[desc], completed=done, total=total)
 
         yield update
+
+
+def _log_lines():
+    """A progress callback printing plain lines: start, each quarter, end (for logs and CI)."""
+    import time
+
+    t0, shown = time.perf_counter(), {}
+
+    def update(desc: str, done: int, total: int) -> None:
+        quarter = 4 * done // total if total else 4
+        if shown.get(desc, -1) >= quarter:
+            return
+        shown[desc] = quarter
+        print(f"[{time.perf_counter() - t0:7.1f} s] {desc}: {done}/{total}", file=sys.stderr,
+              flush=True)
+
+    return update
 
 
 def _table(*headers: str, title: str | None = None):
@@ -481,7 +512,7 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
           structures: Annotated[str, typer.Option(help="Comma list of: heads, dims, mlp.")]
           = "heads,mlp",
           score: Annotated[str, typer.Option(help="UPop ranking: gradient (the paper's) | "
-                                             "taylor (squared gradients).")] = "gradient",
+                                             "taylor (squared gradients, the default).")] = "taylor",
           search_steps: Annotated[int, typer.Option(help="UPop search steps.")] = 200,
           finetune_steps: Annotated[int, typer.Option(help="Fine-tuning steps.")] = 500,
           batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 64,
@@ -544,8 +575,8 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
                                                     "steps.")] = 200,
            front_max: Annotated[int, typer.Option(help="Predicted-front sub-networks "
                                                   "measured.")] = 8,
-           val_rows: Annotated[int, typer.Option(help="Train rows held out to measure "
-                                                 "sub-networks.")] = 1000,
+           val_rows: Annotated[int, typer.Option(help="Rows sub-networks are measured on (test "
+                                                 "rows the model never trained on).")] = 1000,
            storage: Annotated[str | None, typer.Option(
                help="Journal file or database URL of the Optuna study (default: a journal in "
                "OUT/state/search/; the super-network is saved there too).")] = None,
@@ -562,7 +593,6 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
 
     from slimformer.errors import ConfigError
     from slimformer.nas.api import search as run_search
-    from slimformer.nas.api import split_holdout
     from slimformer.nas.config import SearchConfig
     from slimformer.nas.output import predictor_lines, write_search
     from slimformer.report.io import atomic_dir
@@ -583,8 +613,9 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
             open_storage(cfg.storage_url())
         lm = _load(model, config)
         rd = _run_data(lm, data)
-        train, val = split_holdout(rd.get("train"), val_rows)
-        calib = rd.get("calib")
+        train, calib = rd.get("train"), rd.get("calib")
+        val, val_note = rd.validation(val_rows)  # rows the model was never trained on
+        con.print(f"validation rows: {val_note}", markup=False, highlight=False)
         from slimformer.report.outdir import state_dir
 
         state = state_dir(out) / "search"  # journal and super-network live under --out
@@ -599,7 +630,7 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
                       "sub-networks")
             return
         with atomic_dir(out) as tmp:
-            write_search(res, tmp)
+            write_search(res, tmp, _spec(model, config))
     cols = [c for c in ("accuracy", "latency", "size", "macs") if c in res.objectives]
     t = _table("sub-network", "phase", *cols, title="Measured Pareto front (validation rows)")
     for r in [res.reference, *res.front]:
@@ -806,72 +837,35 @@ def _print_lint(con, findings) -> None:
     con.print(t)
 
 
-@export_app.command("openvino")
-def export_openvino_cmd(
-        model: Annotated[str, typer.Argument(help="Model (as for inspect), or a folder written by "
-                                             "`slimformer quantize` (exported as QDQ).")],
-        out: Annotated[Path, typer.Option("--out", "-o", help="The IR .xml to write (.bin and "
-                                          "the source .onnx beside it).")],
-        static: Annotated[bool, typer.Option("--static", help="Fixed shapes (no symbolic batch/"
-                                             "sequence axes).")] = False,
-        rows: Annotated[int, typer.Option(help="Example rows traced and checked.")] = 2,
-        latency_batch: Annotated[int | None, typer.Option(help="Also time OpenVINO at this batch "
-                                                          "size (example rows).")] = None,
-        config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-        overwrite: Annotated[bool, typer.Option(help="Replace an existing file at --out.")]
-        = False,
-        trust_code: Annotated[bool, typer.Option("--trust-code", help="Allow a saved folder "
-                                                 "that names a package.module:factory to run "
-                                                 "it.")] = False):
-    """Write an OpenVINO IR (from the openvino-form ONNX), check every output through OpenVINO."""
-    from slimformer.export.config import OnnxConfig
-    from slimformer.export.openvino import export_openvino, ov_latency
-    from slimformer.report.outdir import reserve
-
-    con, err = _console()
-    with _errors(), reserve(out, overwrite, kind="file"), \
-            reserve(out.with_suffix(".onnx"), overwrite, kind="file"):
-        with err.status("loading, exporting, converting and checking with OpenVINO"):
-            lm, net = _load_any(model, config, trust_code)
-            res = export_openvino(net, out, _example_rows(lm, rows),
-                                  OnnxConfig(target="openvino", dynamic=not static))
-            lat = (ov_latency(out, _example_rows(lm, latency_batch), threads=2)
-                   if latency_batch else None)
-    if as_json:
-        print(json.dumps(res.summary() | ({"latency": lat} if lat else {}), indent=2))
-        return
-    con.print(f"wrote {res.path} and {res.onnx.path} (OpenVINO {res.version}, "
-              f"{'QDQ' if res.onnx.quantized else 'float'}, opset {res.onnx.opset})")
-    t = _table("shape", "cosine", "max abs", "within 1 output step", "argmax agreement",
-               title="OpenVINO (f32) vs PyTorch")
-    for label, p in res.parity.items():
-        t.add_row(f"{label} {p['shape']}", f"{p['cosine']:.7f}", f"{p['max_abs']:.3g}",
-                  f"{p['within_1_step']:.4f}", f"{p.get('argmax_agreement', float('nan')):.4f}")
-    con.print(t)
-    if lat:
-        con.print(f"OpenVINO latency batch {latency_batch}: {lat['median_ms']:.2f} ms median "
-                  f"(2 threads)")
-    for w in res.warnings:
-        con.print(f"  warning: {w}", markup=False, highlight=False)
-
-
 @export_app.command("lint")
 def export_lint(onnx_file: Annotated[Path, typer.Argument(help="An ONNX file.")],
-                as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+                as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+                fail_on: Annotated[str, typer.Option(
+                    help="Exit 1 when a finding of this severity or worse is found: error | "
+                    "warning | never.")] = "error"):
     """Check an ONNX file against TensorRT's rules for explicit (Q/DQ) quantization."""
-    from slimformer.errors import ExportError
+    from slimformer.errors import ConfigError, ExportError
     from slimformer.export.lint import lint_qdq
 
+    levels = {"error": ("error",), "warning": ("error", "warning"), "never": ()}
     con, _ = _console()
     with _errors():
+        if fail_on not in levels:
+            raise ConfigError([f"--fail-on: must be one of {', '.join(levels)}, got "
+                               f"{fail_on!r}"], "options")
         if not onnx_file.is_file():
             raise ExportError(f"{onnx_file} does not exist")
         findings = lint_qdq(onnx_file)
     if as_json:
         print(json.dumps([f.as_dict() for f in findings], indent=2))
-        return
-    _print_lint(con, findings)
+    else:
+        _print_lint(con, findings)
+    bad = sum(f.severity in levels[fail_on] for f in findings)
+    if bad:
+        if not as_json:
+            con.print(f"{bad} finding(s) of severity {' or '.join(levels[fail_on])}: exit 1 "
+                      "(--fail-on never to only report)", markup=False)
+        raise typer.Exit(1)
 
 
 @export_app.command("tensorrt")

@@ -45,6 +45,7 @@ class DataConfig(_Strict):
     source: DataSource | None = None
     calib: DataSource | None = None
     eval: DataSource | None = None
+    val: DataSource | None = None  # rows a search measures sub-networks on (default: see RunData)
     calib_rows: Annotated[int, Field(ge=1)] = 256
     eval_split: Literal["test", "train", "calib"] = "test"
     eval_limit: Annotated[int, Field(ge=1)] | None = None
@@ -164,6 +165,42 @@ class RunData:
             rows = min(self.cfg.calib_rows, max(1, len(full) // 2))
             self._cache["split"] = split_source(full, rows, self.seed)
         return self._cache["split"]
+
+    def validation(self, rows: int, seed: int = 0):
+        """``(rows the model was not trained on, where they come from)`` for a search.
+
+        ``data.val`` when given; else ``rows`` rows (seeded) of the test split that the
+        evaluation does not use, or, when the evaluation uses it all, of the evaluation rows
+        (said in the note: they then overlap the rows the chosen model is evaluated on).
+        """
+        import torch
+
+        if self.cfg.val is not None:
+            ds = self._load(self.cfg.val)
+            check_fit(self.loaded, ds)
+            return ds, f"{len(ds)} rows of {getattr(self.cfg.val, 'path', self.cfg.val)}"
+        from slimformer.data.datasets import get_dataset
+
+        c = self.cfg
+        if c.source is None and c.eval is None and self.builtin is not None:
+            full, what = get_dataset(self.builtin, c.eval_split), f"the {c.eval_split} split"
+        else:
+            full, what = self.get("eval"), "the evaluation rows"
+        used = len(self.get("eval")) if full is not self.get("eval") else len(full)
+        gen = torch.Generator().manual_seed(seed)
+        spare = torch.arange(used, len(full))
+        if len(spare) >= rows:
+            idx, note = spare[torch.randperm(len(spare), generator=gen)[:rows]], \
+                f"{rows} rows of {what} the evaluation does not use (seed {seed})"
+        else:
+            n = min(rows, len(full))
+            idx = torch.randperm(len(full), generator=gen)[:n]
+            note = (f"{n} rows of {what} (seed {seed}); the model was not trained on them, but "
+                    "they overlap the evaluation rows (give data.val or a smaller "
+                    "data.eval_limit to keep them apart)")
+        ds = full.select(idx.sort().values)
+        check_fit(self.loaded, ds)
+        return ds, note
 
     def get(self, role: str):
         """The data set for ``role`` (``eval``, ``calib`` or ``train``), loaded once, checked."""

@@ -14,9 +14,10 @@ from slimformer.stages.context import RunContext
 class SearchStage(SearchConfig):
     """Multi-objective search over sub-networks and bit-widths (see ``SearchConfig``).
 
-    ``val_rows`` rows drawn from the train split (seeded) measure sub-networks (the rest
-    fine-tunes the super-network); later stages see the chosen sub-network, quantized, in inference form. The
-    default study name is the recipe's name.
+    Sub-networks are measured on ``val_rows`` rows the model was never trained on
+    (``RunData.validation``: ``data.val``, else test rows the evaluation does not use; the
+    report says which); the train split fine-tunes the super-network. Later stages see the
+    chosen sub-network, quantized, in inference form. The default study name is the recipe's.
     """
 
     type: Literal["search"] = "search"
@@ -30,11 +31,12 @@ class SearchStage(SearchConfig):
 
 def run(ctx: RunContext, stage: SearchStage) -> StageRecord:
     """Search sub-networks and bit-widths; later stages get the chosen one (inference form)."""
-    from slimformer.nas.api import search, split_holdout
+    from slimformer.nas.api import search
     from slimformer.nas.output import predictor_lines, write_search
     from slimformer.quantize.inference import to_inference
 
-    train, val = split_holdout(ctx.data.get("train"), stage.val_rows)
+    train = ctx.data.get("train")  # fine-tunes the super-network
+    val, val_note = ctx.data.validation(stage.val_rows, ctx.data.seed)  # never trained on
     calib = ctx.data.get("calib")
     cfg = stage.search_config()
     if "study" not in stage.model_fields_set:
@@ -54,7 +56,9 @@ def run(ctx: RunContext, stage: SearchStage) -> StageRecord:
                    "val_accuracy_int8_full": res.reference.get("accuracy")}
     rec.metrics |= {f"{o}_vs_int8_full": round(chosen[o] / res.reference[o], 3)
                     for o in res.objectives if o != "accuracy" and res.reference.get(o)}
-    rec.notes = ["measured Pareto front (validation rows):", *res.table(),
+    rec.metrics["validation_rows"] = val_note
+    rec.notes = [f"validation rows: {val_note}", "measured Pareto front (validation rows):",
+                 *res.table(),
                  *predictor_lines(res), *res.notes]
     if stage.save:
         spec = ctx.model_spec
