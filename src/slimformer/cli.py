@@ -684,7 +684,9 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
                backend: Annotated[str, typer.Option(help="Vivado | Vitis")] = "Vitis",
                part: Annotated[str, typer.Option(help="FPGA part.")] = "xcvu13p-flga2577-2-e",
                clock_ns: Annotated[float, typer.Option(help="Clock period in ns.")] = 5.0,
-               reuse_factor: Annotated[int, typer.Option(help="Global reuse factor.")] = 1,
+               reuse_factor: Annotated[str, typer.Option(
+                   help="Global reuse factor, or auto: the smallest power of two whose estimate "
+                   "fits the part.")] = "auto",
                strategy: Annotated[str, typer.Option(help="Latency | Resource")] = "Latency",
                weight_bits: Annotated[int, typer.Option(help="Weight bits (2..8).")] = 8,
                act_bits: Annotated[int, typer.Option(help="Activation bits (2..8).")] = 8,
@@ -714,7 +716,9 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
     with _errors(), reserve(out, overwrite):
         try:
             hcfg = HlsConfig(backend=backend, part=part, clock_period_ns=clock_ns,
-                             reuse_factor=reuse_factor, strategy=strategy, gelu=gelu)
+                             reuse_factor=reuse_factor if reuse_factor == "auto" else
+                             _int_option(reuse_factor, "reuse-factor"), strategy=strategy,
+                             gelu=gelu)
             qcfg = QuantConfig(method=method, weight_bits=weight_bits, act_bits=act_bits,
                                softmax="none", power_of_two_scales=True)
         except ValidationError as exc:
@@ -837,6 +841,56 @@ def _print_lint(con, findings) -> None:
     con.print(t)
 
 
+@export_app.command("openvino")
+def export_openvino_cmd(
+        model: Annotated[str, typer.Argument(help="Model (as for inspect), or a folder written by "
+                                             "`slimformer quantize` (exported as QDQ).")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="The IR .xml to write (.bin and "
+                                          "the source .onnx beside it).")],
+        static: Annotated[bool, typer.Option("--static", help="Fixed shapes (no symbolic batch/"
+                                             "sequence axes).")] = False,
+        rows: Annotated[int, typer.Option(help="Example rows traced and checked.")] = 2,
+        latency_batch: Annotated[int | None, typer.Option(help="Also time OpenVINO at this batch "
+                                                          "size (example rows).")] = None,
+        config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+        overwrite: Annotated[bool, typer.Option(help="Replace an existing file at --out.")]
+        = False,
+        trust_code: Annotated[bool, typer.Option("--trust-code", help="Allow a saved folder "
+                                                 "that names a package.module:factory to run "
+                                                 "it.")] = False):
+    """Write an OpenVINO IR (from the openvino-form ONNX), check every output through OpenVINO."""
+    from slimformer.export.config import OnnxConfig
+    from slimformer.export.openvino import export_openvino, ov_latency
+    from slimformer.report.outdir import reserve
+
+    con, err = _console()
+    with _errors(), reserve(out, overwrite, kind="file"), \
+            reserve(out.with_suffix(".onnx"), overwrite, kind="file"):
+        with err.status("loading, exporting, converting and checking with OpenVINO"):
+            lm, net = _load_any(model, config, trust_code)
+            res = export_openvino(net, out, _example_rows(lm, rows),
+                                  OnnxConfig(target="openvino", dynamic=not static))
+            lat = (ov_latency(out, _example_rows(lm, latency_batch), threads=2)
+                   if latency_batch else None)
+    if as_json:
+        print(json.dumps(res.summary() | ({"latency": lat} if lat else {}), indent=2))
+        return
+    con.print(f"wrote {res.path} and {res.onnx.path} (OpenVINO {res.version}, "
+              f"{'QDQ' if res.onnx.quantized else 'float'}, opset {res.onnx.opset})")
+    t = _table("shape", "cosine", "max abs", "within 1 output step", "argmax agreement",
+               title="OpenVINO (f32) vs PyTorch")
+    for label, p in res.parity.items():
+        t.add_row(f"{label} {p['shape']}", f"{p['cosine']:.7f}", f"{p['max_abs']:.3g}",
+                  f"{p['within_1_step']:.4f}", f"{p.get('argmax_agreement', float('nan')):.4f}")
+    con.print(t)
+    if lat:
+        con.print(f"OpenVINO latency batch {latency_batch}: {lat['median_ms']:.2f} ms median "
+                  f"(2 threads)")
+    for w in res.warnings:
+        con.print(f"  warning: {w}", markup=False, highlight=False)
+
+
 @export_app.command("lint")
 def export_lint(onnx_file: Annotated[Path, typer.Argument(help="An ONNX file.")],
                 as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -904,6 +958,16 @@ def export_tensorrt(
         res = build_engine(onnx_file, out, cfg)
     con.print(f"wrote {res.engine} ({res.size_bytes:,} bytes, TensorRT {res.tensorrt_version})")
     con.print(f"trtexec equivalent: {res.trtexec}", markup=False, highlight=False)
+
+
+def _int_option(text: str, what: str) -> int:
+    from slimformer.errors import ConfigError
+
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError([f"--{what}: expected an integer or auto, got {text!r}"],
+                          "options") from None
 
 
 def _ints(text: str, what: str) -> list[int]:

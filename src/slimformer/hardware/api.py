@@ -111,12 +111,13 @@ def build_hls(model: nn.Module, config: HlsConfig, out_dir: str | Path, calib_da
         raise DataError(f"the data has no input(s) {missing}; it has {sorted(calib)}")
     check_reuse_patterns(graph, config)
     prec = assign(graph, qmodel, calib, config)
+    config, reuse_note = _resolve_reuse(graph, prec, config)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     seconds = {"lower": time.perf_counter() - t0}
     hls_model = build_model_graph(graph, prec, config, out)
     est = estimate(graph, prec, config)
-    notes = list(prec.notes)
+    notes = list(prec.notes) + ([reuse_note] if reuse_note else [])
     gelus = sorted({o.module for o in graph.ops if o.attrs.get("gelu")})
     if gelus:
         notes.append(f"GELU replaced by x * sigmoid(1.702 x) (gelu: sigmoid; max abs error 0.02) "
@@ -152,6 +153,25 @@ def build_hls(model: nn.Module, config: HlsConfig, out_dir: str | Path, calib_da
                      f"run: {cmd}")
     seconds["total"] = time.perf_counter() - t0
     return HlsResult(out, graph, prec, est, csim, tool, cmd, synthesis, seconds, notes, hls_model)
+
+
+def _resolve_reuse(graph, prec, config: HlsConfig) -> tuple[HlsConfig, str | None]:
+    """``reuse_factor: auto`` -> the smallest power of two whose estimate fits the part."""
+    if config.reuse_factor != "auto":
+        return config, None
+    avail = part_resources(config.part)
+    if avail is None:
+        return config.model_copy(update={"reuse_factor": 1}), (
+            f"reuse factor auto: 1 ({config.part} has no resource table here to fit against)")
+    for r in (2 ** k for k in range(13)):
+        cfg = config.model_copy(update={"reuse_factor": r})
+        est = estimate(graph, prec, cfg)
+        if est.dsp <= 0.9 * avail[0] and est.lut <= 0.9 * avail[1]:
+            return cfg, (f"reuse factor auto: {r} (estimate {est.dsp:,} DSP / {est.lut:,} LUT of "
+                         f"{avail[0]:,} / {avail[1]:,} on {config.part})")
+    cfg = config.model_copy(update={"reuse_factor": 4096})
+    return cfg, (f"reuse factor auto: even 4096 does not fit {config.part} by the estimate; "
+                 "choose a larger part or the Resource strategy")
 
 
 def _names(backend: str) -> tuple[str, ...]:

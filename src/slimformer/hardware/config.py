@@ -25,7 +25,8 @@ class HlsConfig(BaseModel):
         clock_period_ns: Target clock period (5 ns = 200 MHz).
         io_type: Only ``io_parallel``: attention and LayerNorm have no streaming form here.
         strategy: hls4ml ``Latency`` (all multipliers unrolled) or ``Resource``.
-        reuse_factor: Global reuse factor (multiplications per multiplier).
+        reuse_factor: Global reuse factor (multiplications per multiplier); ``auto``: the
+            smallest power of two whose estimate fits 90% of the part's DSPs and LUTs.
         reuse_overrides: Ordered glob patterns over module paths; the first match wins; a pattern
             that matches no layer is an error.
         free_frac_bits: Fractional bits of tensors our quantization leaves in float (residual
@@ -48,7 +49,7 @@ class HlsConfig(BaseModel):
     clock_period_ns: Annotated[float, Field(gt=0.5, le=100.0)] = 5.0
     io_type: Literal["io_parallel"] = "io_parallel"
     strategy: Literal["Latency", "Resource"] = "Latency"
-    reuse_factor: Annotated[int, Field(ge=1, le=4096)] = 1
+    reuse_factor: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = "auto"
     reuse_overrides: list[ReuseOverride] = Field(default_factory=list)
     free_frac_bits: Annotated[int, Field(ge=2, le=24)] = 10
     accum_frac_bits: Annotated[int, Field(ge=2, le=32)] | None = None
