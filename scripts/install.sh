@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything slimformer needs into ./.venv (idempotent; re-running is quick).
-#  - Debian package dataset-fashion-mnist (the data of the default model); g++ if missing (hls4ml)
+#  - Debian package dataset-fashion-mnist (the data of the default model); g++ if missing (hls4ml);
+#    chromium if missing (the HTML report test renders report.html headless)
 #  - torch 2.14.1 + torchvision 0.29.1 first, from this machine's local wheels, so no dependency
 #    ever pulls another (multi-GB CUDA) torch from the index; timm needs this pair (GUIDE.md s4)
 #  - slimformer itself, editable, with the test extras
@@ -15,6 +16,10 @@ fi
 if ! command -v g++ >/dev/null; then  # hls4ml compiles its C simulation with g++
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q g++
+fi
+if ! command -v chromium >/dev/null; then  # tests/report/test_html.py renders report.html
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium
 fi
 PY="${PYTHON:-python3.11}"; command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

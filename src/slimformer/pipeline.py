@@ -142,12 +142,14 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
             ctx.records.append(rec)
     from slimformer.models.evaluate import model_size
     from slimformer.report.render import write_report_files
+    from slimformer.report.summary import headline
 
     report = Report(
         slimformer_version=__version__, name=recipe.name,
         recipe=recipe.model_dump(mode="json"),
         model={"spec": recipe.model.model_dump(mode="json"), "class": type(loaded.module).__name__,
-               **model_size(loaded.module), "macs_per_sample": smap.macs},
+               **model_size(loaded.module), "macs_per_sample": smap.macs,
+               "applied_stages": list(applied)},
         structure=_structure_summary(smap),
         data={"dataset": dataset_name, "eval_split": recipe.data.eval_split,
               "eval_samples": len(eval_data)},
@@ -156,6 +158,7 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
         environment=environment(),
         seeds={"recipe": recipe.seed},
     )
+    report.headline = headline(report)
     report.total_seconds = time.perf_counter() - t0
     write_report_files(report, staging, artifacts=ctx.artifacts)
     return RunResult(report, out)

@@ -15,7 +15,12 @@ _PACKAGES = ("torch", "transformers", "timm", "onnx", "onnxruntime", "optuna", "
 
 
 class StageRecord(BaseModel):
-    """What one stage did: its config, the metrics measured after it, its duration and notes."""
+    """What one stage did: its config, the metrics measured after it, its duration and notes.
+
+    ``latency`` maps ``"batch=N"`` (PyTorch) or ``"<runtime> batch=N"`` (e.g. ``onnxruntime``)
+    to statistics in ms; ``images`` maps a caption to a PNG that the stage's artifact holds, as a
+    path relative to the run folder (the HTML report embeds it).
+    """
 
     index: int
     type: str
@@ -25,6 +30,7 @@ class StageRecord(BaseModel):
     latency: dict[str, dict[str, float]] = Field(default_factory=dict)  # "batch=1" -> stats
     size: dict[str, int] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
+    images: dict[str, str] = Field(default_factory=dict)  # caption -> PNG path in the run folder
 
 
 class Report(BaseModel):
@@ -35,6 +41,7 @@ class Report(BaseModel):
     created: str = Field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(
         timespec="seconds"))
     name: str = "run"
+    headline: str = ""  # one line: size x, accuracy delta, deployed latency ratio (summary.py)
     recipe: dict[str, Any] = Field(default_factory=dict)
     model: dict[str, Any] = Field(default_factory=dict)
     structure: dict[str, Any] = Field(default_factory=dict)

@@ -26,6 +26,7 @@ class QuantizeStage(QuantConfig):
 
 def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
     """Calibrate on the recipe's calibration split, switch the run to the inference form."""
+    from slimformer.models.evaluate import model_size
     from slimformer.quantize.api import quantize
     from slimformer.quantize.inference import to_inference
     from slimformer.quantize.serialize import save_quantized
@@ -39,6 +40,7 @@ def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
     rec.metrics = {"calib_samples": res.calib_samples, "calib_seconds": round(res.seconds, 2),
                    "method": cfg.method, "bits": f"W{cfg.weight_bits}A{cfg.act_bits}"}
     rec.notes = res.notes
+    rec.size = model_size(ctx.model)  # bit-packed weights: the report's headline size
     if stage.save:
         spec, model, sspec = ctx.model_spec, ctx.model, ctx.slice_spec
         ctx.artifacts["quantized"] = lambda d: save_quantized(model, d, spec, sspec)

@@ -63,4 +63,5 @@ def run(ctx: RunContext, stage: SearchStage) -> StageRecord:
     if stage.save:
         spec = ctx.model_spec
         ctx.artifacts["search"] = lambda d: write_search(res, d, spec)
+        rec.images["measured Pareto front"] = "search/front.png"  # embedded by the HTML report
     return rec
