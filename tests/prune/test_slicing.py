@@ -30,8 +30,8 @@ NOT_SLICEABLE = {"t5": "sliced forward failed", "t5-eager": "sliced forward fail
                  "phi3": "fused qkv weight"}  # grouped-query attention with one fused q/k/v
 # bugs the generality set found (strict: a fix shows up here)
 SLICING_BUGS = {
-    "levit": "attention biases cached in eval mode (non-leaf tensors in a dict attribute) make "
-             "copy.deepcopy of the model fail",
+    "levit": "its MLPs (Linear + BatchNorm1d modules) cannot be sliced: the sliced forward "
+             "fails",
     "phi3": "its fused gate/up MLP is not discovered and its fused grouped-query q/k/v is "
             "refused by slicing: nothing is cut",
     "siglip": "after slicing, rediscovery misses the vision pooling head (an "
