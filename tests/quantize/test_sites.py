@@ -198,3 +198,26 @@ def test_sqnr_helper():
     assert abs(sqnr_db(ref, ref * 1.1) - 20) < 1e-9
     tiny = ref.float() * 1e-23  # squares underflow float32: computed in float64
     assert abs(sqnr_db(tiny, tiny * 1.1) - 20) < 1e-3
+
+
+class _Noisy(nn.Module):
+    """Adds fresh noise in ``forward`` (as models that sample patches or drop tokens do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _TinyThenHuge()
+        with torch.no_grad():
+            self.inner.up.weight[0] /= 1e8
+            self.inner.up.bias[0] = 0.0
+            self.inner.down.weight[:, 0] = 0.1
+
+    def forward(self, x):
+        return self.inner(x + torch.randn_like(x))
+
+
+def test_output_check_compares_stochastic_forwards_like_with_like():
+    torch.manual_seed(0)
+    model = _Noisy().eval()
+    calib = _data({"x": torch.randn(16, 4, 16)}, 16)
+    res = quantize(model, QuantConfig(method="minmax", softmax="none"), calib)
+    assert res.output_sqnr_db > 25  # two different draws would read about 0 dB and raise

@@ -45,7 +45,7 @@ class ActQuantizer(nn.Module):
         self._min = self._max = None
         self._rows: list[torch.Tensor] = []
         self._groups: list[torch.Tensor] = []
-        self._n_groups = 0
+        self.group = 0  # index of the calibration batch being observed (set by the caller)
         self._seen = 0
 
     def observe(self, x: torch.Tensor) -> None:
@@ -64,9 +64,7 @@ class ActQuantizer(nn.Module):
         take = min(len(flat), max(1, SAMPLE_ROWS // 4))
         idx = torch.randperm(len(flat), generator=torch.Generator().manual_seed(self._seen))[:take]
         self._rows.append(flat[idx])
-        per = max(1, len(flat) // x.shape[0]) if x.dim() > 1 else len(flat)
-        self._groups.append(idx // per + self._n_groups)  # which input sample each row is from
-        self._n_groups += x.shape[0] if x.dim() > 1 else 1
+        self._groups.append(torch.full((len(idx),), self.group))  # the calibration batch
         self._seen += 1
 
     def _to_per_tensor(self) -> None:
@@ -89,7 +87,7 @@ class ActQuantizer(nn.Module):
         return rows[-SAMPLE_ROWS * 2:]
 
     def sample_groups(self) -> torch.Tensor:
-        """``(n,)``: the input sample (leading axis of the observed tensor) of each sampled row."""
+        """``(n,)``: the calibration batch (:attr:`group`) each sampled row came from."""
         return torch.cat(self._groups)[-SAMPLE_ROWS * 2:]
 
     @torch.no_grad()

@@ -58,6 +58,24 @@ def _run(qmodel: QuantizedModel, calib_data, config: QuantConfig) -> None:
             qmodel(**inputs)
 
 
+def _observe(qmodel: QuantizedModel, calib_data, config: QuantConfig) -> None:
+    """Observe the calibration data in at least two batches, each quantizer told which batch.
+
+    The per-site choice (:mod:`~slimformer.quantize.select`) cross-validates across batches, so
+    rows of one input never sit on both sides.
+    """
+    from slimformer.quantize.act import ActQuantizer
+
+    n = min(config.calib_samples, len(calib_data))
+    acts = [m for m in qmodel.quant.modules() if isinstance(m, ActQuantizer)]
+    with torch.no_grad():
+        for i, inputs in enumerate(_batches(calib_data, min(config.calib_batch_size,
+                                                            max(1, -(-n // 2))), n)):
+            for act in acts:
+                act.group = i
+            qmodel(**inputs)
+
+
 def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
              progress: Progress = None, inplace: bool = False) -> QuantResult:
     """Quantize ``model`` post-training.
@@ -95,7 +113,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
 
     tick("calibrate", 0, 1)
     state.set_mode("observe")
-    _run(qmodel, calib_data, config)
+    _observe(qmodel, calib_data, config)
     how = {"minmax": "minmax", "percentile": "percentile"}.get(config.method, "search")
     for act in state.acts.values():
         act.calibrate(how, config.percentile)
@@ -122,15 +140,18 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
     calibrate_weights(state, search=config.method in ("repq", "repquant"))
 
     if config.method == "repquant" and config.recon_steps:
+        # the rounding is learned on 3/4 of the calibration rows and kept only if it lowers the
+        # model output error on the other quarter (a few outputs, e.g. 2 logits a row, overfit)
+        fit, held = _Rows(calib_data, 0, n - n // 4), _Rows(calib_data, n - n // 4, n)
         calls: dict[str, int] = {}
-        x_fp = _capture_float_inputs(qmodel, calib_data, config, calls=calls)
+        x_fp = _capture_float_inputs(qmodel, fit, config, calls=calls)
         by_name = {lq.name: lq for lq in state.linears.values()}
         lqs = [by_name[n] for n in x_fp]  # execution order (of first calls)
         kept = 0
         for i, lq in enumerate(lqs):
             # sequential: this layer's inputs with every upstream layer fully quantized; a layer
             # run several times per forward (shared) is captured over all its calls
-            x_q = _capture_one(qmodel, lq, calib_data, config, calls=calls[lq.name])
+            x_q = _capture_one(qmodel, lq, fit, config, calls=calls[lq.name])
             if x_q.shape != x_fp[lq.name].shape:  # calls per forward depend on the data
                 notes.append(f"{lq.name}: weight rounding not learned (its calls per forward "
                              "vary between batches)")
@@ -140,20 +161,20 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
             tick("weight rounding", i + 1, len(lqs))
         notes.append(f"learned weight rounding kept for {kept} of {len(lqs)} layers (lower "
                      "held-out output error than nearest rounding)")
-        with_round = _output_error(qmodel, calib_data, config)
+        with_round = _output_error(qmodel, held, config)
         saved = {lq.name: lq.alpha for lq in lqs}
         for lq in lqs:
             lq.alpha = None
-        nearest = _output_error(qmodel, calib_data, config)
+        nearest = _output_error(qmodel, held, config)
         if with_round < MARGIN * nearest:  # clearly better: small gains do not carry over
             for lq in lqs:
                 lq.alpha = saved[lq.name]
             notes.append(f"learned rounding kept: model output error {nearest:.4g} -> "
-                         f"{with_round:.4g} on the calibration data")
+                         f"{with_round:.4g} on held-out calibration rows")
         else:
             notes.append(f"learned rounding dropped: it did not cut the model output error on "
-                         f"the calibration data by {100 * (1 - MARGIN):.0f}% ({nearest:.4g} -> "
-                         f"{with_round:.4g})")
+                         f"held-out calibration rows by {100 * (1 - MARGIN):.0f}% ({nearest:.4g} "
+                         f"-> {with_round:.4g})")
     state.set_mode("quant")
     weak, out_db = _check(qmodel, calib_data, config, notes)
     for act in state.acts.values():
@@ -191,6 +212,19 @@ def _check(qmodel: QuantizedModel, calib_data, config: QuantConfig,
             ". Check the scale of the model's activations and the calibration data, or set "
             "min_output_sqnr_db: null to accept it")
     return weak, out_db
+
+
+class _Rows:
+    """Rows ``start .. stop`` of a data set (indexable, with a length), without copying."""
+
+    def __init__(self, data, start: int, stop: int):
+        self.data, self.start, self.stop = data, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        return self.data[self.start + i]
 
 
 def _sample_rows(x: torch.Tensor, rows: int, seed: int) -> torch.Tensor:

@@ -140,13 +140,20 @@ def float_leaves(out) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def output_sqnr(qmodel, batches) -> float | None:
-    """SQNR (dB) of all floating outputs of ``qmodel`` in quant mode vs float, over ``batches``."""
+    """SQNR (dB) of all floating outputs of ``qmodel`` in quant mode vs float, over ``batches``.
+
+    Both forwards of a batch draw the same random numbers (forked, seeded RNG), so a model that
+    samples in ``forward`` is compared like with like; the caller's RNG state is untouched.
+    """
     state, sig, err = qmodel.quant, 0.0, 0.0
-    for inputs in batches:
-        state.set_mode("float")
-        ref = float_leaves(qmodel(**inputs))
-        state.set_mode("quant")
-        got = float_leaves(qmodel(**inputs))
+    for i, inputs in enumerate(batches):
+        outs = []
+        for mode in ("float", "quant"):
+            state.set_mode(mode)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(i)
+                outs.append(float_leaves(qmodel(**inputs)))
+        ref, got = outs
         for r, g in zip(ref, got, strict=True):
             sig += float((r.double() ** 2).sum())
             err += float(((g.double() - r.double()) ** 2).sum())
