@@ -84,7 +84,18 @@ def _compressed(float_export=True, labels=True):
 
 def test_headline_size_accuracy_and_deployed_latency_vs_float():
     assert summary.headline(_compressed()) == \
-        "vit-fmnist: 6.7x smaller, -0.5 pt, ONNX Runtime 1.4x faster than float"
+        "vit-fmnist: 6.7x smaller, -0.5 pt, ONNX Runtime 1.4x faster than float (batch 1)"
+
+
+def test_headline_with_the_float_model_timed_beside_it_in_the_export_stage():
+    """The export stage times the float model interleaved with the quantized one (its keys
+    ``onnxruntime float batch=N``): the headline compares them, largest batch first."""
+    r = _compressed(float_export=False)
+    r.stages[-1].latency = {"onnxruntime batch=1": _lat(0.8), "onnxruntime float batch=1":
+                            _lat(0.5), "onnxruntime batch=32": _lat(10.0),
+                            "onnxruntime float batch=32": _lat(16.0)}
+    assert summary.headline(r) == ("vit-fmnist: 6.7x smaller, -0.5 pt, ONNX Runtime 1.6x faster "
+                                   "than float (batch 32; 0.6x at batch 1)")
 
 
 def test_headline_without_a_float_export_or_labels():
@@ -93,7 +104,7 @@ def test_headline_without_a_float_export_or_labels():
         "(float not deployed to compare)")
     assert summary.headline(_compressed(labels=False)) == (
         "vit-fmnist: 6.7x smaller, output SQNR 31.2 dB vs float, ONNX Runtime 1.4x faster "
-        "than float")
+        "than float (batch 1)")
     only = Report(name="q", stages=[_report().stages[0]])
     assert summary.headline(only) == "q: no compression stage, 40 B, accuracy 0.8700, " \
         "PyTorch 1.50 ms at batch 1"

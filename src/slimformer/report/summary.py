@@ -41,7 +41,9 @@ class Latency:
 def parse_latency_key(key: str) -> tuple[str, int]:
     """``"onnxruntime batch=32"`` -> ``("ONNX Runtime", 32)``; ``"batch=1"`` -> ``("PyTorch", 1)``."""
     runtime, _, batch = key.rpartition(" ")
-    return RUNTIME_NAMES.get(runtime, runtime), int(batch.split("=", 1)[1])
+    base, floated = runtime.removesuffix(" float"), runtime.endswith(" float")
+    name = RUNTIME_NAMES.get(base, base) + (" float" if floated else "")
+    return name, int(batch.split("=", 1)[1])
 
 
 def quantized_at(report: Report) -> list[bool]:
@@ -175,20 +177,27 @@ def _latency_part(report: Report, base_i: int) -> str:
                       len(report.stages))
     ref = "float" if not quant[base_i] else "the input model"
     if deployed_i is not None:
-        final = [x for x in lats[deployed_i] if x.deployed]
+        here = [x for x in lats[deployed_i] if x.deployed]
+        final = [x for x in here if not x.runtime.endswith(" float")]
         if deployed_i < first_comp:  # the input model itself deployed: no comparison
             return _at(final, min(x.batch for x in final))
-        baseline = next((lats[i] for i in range(first_comp) if any(x.deployed for x in lats[i])),
-                        None)
-        pairs = {(x.runtime, x.batch): x for x in baseline or [] if x.deployed}
+        # the float model timed beside it in the same stage (interleaved), else an earlier export
+        pairs = {(x.runtime.removesuffix(" float"), x.batch): x for x in here
+                 if x.runtime.endswith(" float")}
+        if not pairs:
+            baseline = next((lats[i] for i in range(first_comp)
+                             if any(x.deployed for x in lats[i])), None)
+            pairs = {(x.runtime, x.batch): x for x in baseline or [] if x.deployed}
         common = [x for x in final if (x.runtime, x.batch) in pairs]
         if not common:
             b = min(x.batch for x in final)
             return _at(final, b) + f" ({ref} not deployed to compare)"
-        b = 1 if any(x.batch == 1 for x in common) else min(x.batch for x in common)
+        b = max(x.batch for x in common)  # throughput batch first, the others after it
         texts = [_ratio(x.runtime, pairs[(x.runtime, b)].median_ms / x.median_ms, ref)
                  for x in common if x.batch == b]
-        return ", ".join(texts) + ("" if b == 1 else f" (batch {b})")
+        rest = [f"{pairs[(x.runtime, x.batch)].median_ms / x.median_ms:.1f}x at batch {x.batch}"
+                for x in common if x.batch != b]
+        return ", ".join(texts) + f" (batch {b}" + "".join(f"; {r}" for r in rest) + ")"
     torch = [(i, x) for i in range(base_i, len(lats)) for x in lats[i] if x.runtime == "PyTorch"]
     if not torch:
         return ""

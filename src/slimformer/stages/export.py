@@ -29,6 +29,7 @@ class ExportStage(OnnxConfig):
         default_factory=lambda: [1, 32])
     latency_repeats: Annotated[int, Field(ge=1, le=1000)] = 20
     tensorrt: TensorRTConfig | None = None
+    compare_float: bool = True  # also time the run's float model, exported the same way
 
     def onnx_config(self) -> OnnxConfig:
         """The plain ONNX config, without the stage fields."""
@@ -68,10 +69,23 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
         rec.metrics["agreement_with_pytorch"] = agreement(preds, torch_preds)
         if ctx.reference_preds is not None:
             rec.metrics["agreement"] = agreement(preds, ctx.reference_preds)
-    for b in stage.latency_batch_sizes:
-        rec.latency[f"onnxruntime batch={b}"] = latency(
-            onnx_path, latency_inputs(ctx.eval_data, b), stage.latency_repeats,
-            threads=stage.threads)
+    float_path = None
+    if stage.compare_float and res.quantized and stage.latency_batch_sizes:
+        import tempfile
+
+        from slimformer.report.outdir import scratch_root
+
+        float_path = Path(tempfile.mkdtemp(prefix="float-", dir=scratch_root())) / "float.onnx"
+        export_onnx(ctx.loaded.module, float_path,
+                    latency_inputs(ctx.eval_data, stage.example_rows),
+                    stage.onnx_config().model_copy(update={"check": False, "lint": False}))
+    for b in stage.latency_batch_sizes:  # quantized and float interleaved, batch by batch
+        x = latency_inputs(ctx.eval_data, b)
+        rec.latency[f"onnxruntime batch={b}"] = latency(onnx_path, x, stage.latency_repeats,
+                                                        threads=stage.threads)
+        if float_path is not None:
+            rec.latency[f"onnxruntime float batch={b}"] = latency(
+                float_path, x, stage.latency_repeats, threads=stage.threads)
     if res.form.get("target") == "openvino":
         from slimformer.export.openvino import openvino_available, ov_latency
 
