@@ -137,3 +137,14 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         """Fake-quantized ``w``."""
         return fake_uniform(w, self.scale, self.zero, self.bits)
+
+
+def log2_two_scale_pv(probs_codes: torch.Tensor, flushed: torch.Tensor, delta: torch.Tensor,
+                      v: torch.Tensor, matmul) -> torch.Tensor:
+    """``A V`` from log-sqrt2 codes: ``delta * (E V + sqrt2 * O V)`` (shifts + one multiply)."""
+    shift = torch.exp2(-torch.ceil(probs_codes / 2))
+    shift = torch.where(flushed, torch.zeros_like(shift), shift)
+    odd = torch.remainder(probs_codes, 2).bool()
+    even_part = torch.where(odd, torch.zeros_like(shift), shift)
+    odd_part = torch.where(odd, shift, torch.zeros_like(shift))
+    return delta * (matmul(even_part, v) + SQRT2 * matmul(odd_part, v))

@@ -142,7 +142,7 @@ class AttentionQuant(nn.Module):
         """``probs @ v`` with v quantized; log2 two-scale form in inference (see inference.py)."""
         vq = self.v_in(v)
         if self._last is not None and probs is self._last[0]:
-            from slimformer.quantize.inference import log2_two_scale_pv
+            from slimformer.quantize.quantizers import log2_two_scale_pv
 
             _, codes, flushed = self._last
             return log2_two_scale_pv(codes, flushed, self.probs.delta, vq, matmul)
