@@ -242,10 +242,16 @@ def validate(recipe: Annotated[Path, typer.Argument(help="Recipe YAML to check."
 
 
 def _say_code(con, recipe) -> None:
-    """One line when the recipe names a factory: running it imports and calls that code."""
+    """Notes before a run: a factory the recipe runs, quantize settings slow for the export.
+
+    One line when the recipe names a factory (running it imports and calls that code), and one
+    per quantize setting that makes a later export slow on its target.
+    """
     for target in recipe.code_it_runs():
         con.print(f"note: this recipe runs code: model.factory {target!r} is imported and "
                   "called when the model loads", markup=False, highlight=False)
+    for line in recipe.slow_settings():
+        con.print(f"note: slow for the export target: {line}", markup=False, highlight=False)
 
 
 DATA_HELP = ("Data: a built-in set (fashion-mnist, vader-movie, trec, digits-seq) or your own file "

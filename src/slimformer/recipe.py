@@ -84,6 +84,24 @@ class Recipe(_Strict):
 
         return Path(format_dir(self.output.dir, name=self.name))
 
+    def slow_settings(self) -> list[str]:
+        """Quantize settings that make a later export slow on its target (checked up front).
+
+        E.g. a log-sqrt2 softmax exported for a CPU target: one line per setting, naming the
+        two stages (:func:`slimformer.export.targets.config_slow_settings`).
+        """
+        from slimformer.export.targets import config_slow_settings
+
+        out, quant = [], None
+        for i, st in enumerate(self.stages):
+            if st.type == "quantize":
+                quant = (i, st.quant_config())
+            elif st.type == "export" and quant is not None:
+                out += [f"stages[{quant[0]}] (quantize) -> stages[{i}] (export, target "
+                        f"{st.target}): {w}"
+                        for w in config_slow_settings(quant[1], st.onnx_config())]
+        return out
+
     def code_it_runs(self) -> list[str]:
         """Factories (``package.module:function``) this recipe imports and calls, if any."""
         from slimformer.models.spec import FactorySpec

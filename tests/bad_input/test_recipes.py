@@ -94,3 +94,15 @@ def test_recipe_name_cannot_point_elsewhere(name):
     with pytest.raises(ConfigError, match="name: ") as e:
         parse_recipe({"name": name})
     assert "pattern" not in str(e.value) or name == ""
+
+
+def test_validate_names_quantize_settings_slow_for_the_export_target(tmp_path, cli):
+    f = tmp_path / "r.yaml"
+    f.write_text(yaml.safe_dump({"stages": [{"type": "quantize", "method": "repq",
+                                             "softmax": "log_sqrt2"},
+                                            {"type": "export", "target": "ort-cpu"}],
+                                 "output": {"dir": str(tmp_path / "out")}}))
+    res = cli("validate", f)
+    assert res.exit_code == 0, res.output
+    assert "slow for the export target: stages[0] (quantize) -> stages[1]" in res.output
+    assert "log_sqrt2" in res.output
