@@ -115,19 +115,48 @@ def export_onnx(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tens
                 config: OnnxConfig | None = None) -> OnnxResult:
     """Write ``model`` to ``path`` as ONNX (QDQ when quantized) and check it.
 
+    When the target chose opset 23 (no ``opset`` given) and ONNX Runtime cannot run that graph
+    (e.g. its ``RotaryEmbedding`` kernel rejects the cos/sin caches torch.onnx writes for rotary
+    decoders), the model is exported again at opset 20 and a warning says why.
+
     Args:
         model: a float module or a quantized model (simulated or inference form).
         path: the ``.onnx`` file; its folder must exist.
         inputs: ``{name: (B, ...)}`` example inputs (real rows are best: they drive the check).
         config: :class:`OnnxConfig`.
+
+    Raises:
+        ExportError: the model cannot be exported, or ONNX Runtime cannot run the export.
     """
+    from slimformer.errors import SlimformerError
+    from slimformer.export.targets import resolve_form
+    from slimformer.quantize.state import QuantizedModel
+
+    config = config or OnnxConfig()
+    try:
+        return _export_once(model, path, inputs, config)
+    except SlimformerError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime and the exporter raise their own types
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        auto = config.opset is None and resolve_form(config, isinstance(model, QuantizedModel)
+                                                     ).opset >= 23
+        if not auto:
+            raise ExportError(f"exporting or running the ONNX graph failed ({why}); try another "
+                              "opset (--opset 20) or target") from exc
+        res = _export_once(model, path, inputs, config.model_copy(update={"opset": 20}))
+        res.warnings.insert(0, f"opset 23 failed in ONNX Runtime ({why}): exported at opset 20")
+        return res
+
+
+def _export_once(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tensor],
+                 config: OnnxConfig) -> OnnxResult:
     import onnx
 
     from slimformer.export.targets import model_settings, resolve_form, slow_settings
     from slimformer.quantize.state import QuantizedModel
     from slimformer.report.io import atomic_path
 
-    config = config or OnnxConfig()
     form = resolve_form(config, isinstance(model, QuantizedModel))
     config = config.model_copy(update={"opset": form.opset})
     t0 = time.perf_counter()
