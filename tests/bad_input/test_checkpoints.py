@@ -71,8 +71,9 @@ def test_corrupt_prune_checkpoint_is_a_typed_error(task, tmp_path, damage):
 
 def _search_cfg(tmp_path, **kw):
     return SearchConfig(**{"train_steps": 2, "batch_size": 16, "importance_batches": 1,
-                           "samples": 4, "eval_limit": 32, "quant_method": "minmax",
-                           "calib_samples": 16, "storage": str(tmp_path / "{study}.journal"),
+                           "samples": 4, "eval_limit": 32,
+                           "quant": {"method": "minmax", "calib_samples": 16},
+                           "storage": str(tmp_path / "{study}.journal"),
                            "supernet_path": str(tmp_path / "{study}.pt")} | kw)
 
 
