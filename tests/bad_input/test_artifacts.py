@@ -174,7 +174,7 @@ def test_flipped_byte_is_refused(q):
         load_quantized(q)
 
 
-@pytest.mark.parametrize("key", ["model.head.weight", "quant.linears.head_weight.int_weight",
+@pytest.mark.parametrize("key", ["model.head.bias", "quant.linears.head_weight.int_weight",
                                  "quant.linears.head_weight.wq.scale"])
 def test_wrong_shape_tensor_is_refused_even_with_matching_hashes(q, key):
     from safetensors.torch import load_file, save_file

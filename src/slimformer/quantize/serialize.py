@@ -1,18 +1,29 @@
 """Save a quantized model to a directory and load it back to identical outputs.
 
-Layout: ``quantized.safetensors`` (the whole wrapper's state: the model's weights as changed by
-reparameterization, every quantizer's parameters, integer weights in inference form) and
-``quant.json`` (format version, the base model spec, the quantization config, the form, the
-dtype and shape of every tensor, and the SHA-256 of each file and section). Loading checks the
-hashes, refuses a model factory unless trusted, rebuilds the base model from its spec,
-rediscovers its structure, builds the same quantizers, checks every tensor's shape against the
-rebuilt model (or, for quantizer slots whose shape comes from calibration, against what the
-slot can hold) and loads the tensors strictly.
+Layout: ``quantized.safetensors`` and ``quant.json`` (format version, the base model spec, the
+quantization config, the form, the packed-code records, the dtype and shape of every tensor, and
+the SHA-256 of each file and section). The tensor file holds the wrapper's state except the
+float weights of quantized Linears and embedding tables: their integer codes are stored packed
+at their bit-width (:mod:`~slimformer.quantize.pack`) under ``...int_weight`` beside the
+per-channel scale and zero point, and the float weight is rebuilt on load as
+``(code - zero) * scale``. A weight stays in float only when that would change the outputs: it
+is shared with another site or a float embedding, or (simulated form) its fake-quantized value
+is not exactly ``(code - zero) * scale``. So the file is about the size
+:func:`~slimformer.models.evaluate.model_size` reports. Loading checks the hashes, refuses a
+model factory unless trusted, rebuilds the base model from its spec, rediscovers its structure,
+builds the same quantizers, checks every tensor's shape against the rebuilt model (or, for
+quantizer slots whose shape comes from calibration, against what the slot can hold), loads the
+tensors and refuses any missing or extra one.
+
+After loading, a quantized weight's float value *is* its dequantized codes: the quantized outputs
+are identical, but putting the quantizers in float mode runs the dequantized weights, not the
+original float ones (load the base model from :func:`saved_spec` for a float reference).
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -23,10 +34,11 @@ from slimformer.errors import ModelLoadError
 from slimformer.quantize.config import QuantConfig
 from slimformer.report.integrity import ST_DTYPES, st_dtype
 
-FORMAT_VERSION = 2  # 2: file hashes and the tensor manifest
+FORMAT_VERSION = 3  # 2: file hashes and the tensor manifest; 3: packed codes, no float weights
 META, TENSORS = "quant.json", "quantized.safetensors"
 REDO = "re-create the folder with save_quantized (`slimformer quantize`)"
-_KEYS = ("format_version", "model_spec", "config", "inference_form", "slice_spec", "tensors")
+_KEYS = ("format_version", "model_spec", "config", "inference_form", "slice_spec", "codes",
+         "aliases", "tensors")
 
 
 def save_quantized(qmodel, directory: str | Path, model_spec, slice_spec=None) -> Path:
@@ -35,27 +47,113 @@ def save_quantized(qmodel, directory: str | Path, model_spec, slice_spec=None) -
     ``slice_spec``: the :class:`~slimformer.prune.slicing.SliceSpec` when the model was pruned
     before quantization (the base model is sliced the same way on load).
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     from slimformer.report.integrity import seal, tensor_manifest
     from slimformer.report.io import atomic_dir
 
     directory = Path(directory)
+    inference = bool(getattr(qmodel, "inference", False))
+    state, codes = _packed_state(qmodel, inference)
+    state, aliases = _dedup(state)
     meta = {
         "format_version": FORMAT_VERSION,
         "slimformer_version": __version__,
         "model_spec": model_spec.model_dump(mode="json"),
         "config": qmodel.config.model_dump(mode="json"),
-        "inference_form": bool(getattr(qmodel, "inference", False)),
+        "inference_form": inference,
         "input_specs": None,
         "slice_spec": slice_spec.to_dict() if slice_spec is not None else None,
+        "codes": codes,
+        "aliases": aliases,
     }
     with atomic_dir(directory) as tmp:
-        save_model(qmodel, str(tmp / TENSORS))
+        save_file(state, str(tmp / TENSORS))
         meta["tensors"] = tensor_manifest(tmp / TENSORS)
         (tmp / META).write_text(json.dumps(seal(meta, tmp, [TENSORS]), indent=2) + "\n",
                                 encoding="utf-8")
     return directory
+
+
+def _sites(qmodel):
+    """``(state-dict prefix, LinearQuant | EmbeddingQuant)`` of every quantized weight."""
+    q = qmodel.quant
+    return [*((f"quant.linears.{k}", s) for k, s in q.linears.items()),
+            *((f"quant.embeddings.{k}", s) for k, s in getattr(q, "embeddings", {}).items())]
+
+
+def _fake_quantized(site, dense: torch.Tensor | None = None) -> torch.Tensor:
+    """What the forward uses for ``site``'s weight in quant mode, as ``(rows, cols)``.
+
+    ``dense``: a ``(rows, cols)`` stand-in for the float weight (the dequantized codes), with no
+    learned rounding: what a loaded simulated-form model computes.
+    """
+    from slimformer.quantize.quantizers import fake_uniform
+    from slimformer.quantize.state import LinearQuant
+
+    wq = site.wq
+    if dense is not None:
+        return fake_uniform(dense, wq.scale, wq.zero, wq.bits)
+    if site.int_weight is not None:
+        return (site.int_weight.float() - wq.zero) * wq.scale
+    if isinstance(site, LinearQuant):
+        return site.quantized_matrix()
+    return fake_uniform(site.param[0].detach(), wq.scale, wq.zero, wq.bits)
+
+
+@torch.no_grad()
+def _packed_state(qmodel, inference: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The tensors to write (codes packed, derivable float weights left out) and their records.
+
+    Record per packed site, keyed by its ``...int_weight`` name: ``bits``, ``shape`` of the
+    codes ``(rows, cols)``, and ``param``: the state-dict name of the float weight rebuilt from
+    the codes on load, or None where the float weight is stored (it is needed as it is).
+    """
+    from slimformer.quantize.pack import pack_codes
+
+    state = {k: v.detach() for k, v in qmodel.state_dict().items()}
+    sites = _sites(qmodel)
+    owners = Counter(id(s.param[0]) for _, s in sites)
+    quantized_tables = {id(s.param[0]) for _, s in sites if not hasattr(s, "act")}
+    float_tables = {id(m.weight) for m in qmodel.model.modules()
+                    if isinstance(m, nn.Embedding) and id(m.weight) not in quantized_tables}
+    records = {}
+    for prefix, site in sites:
+        w, wq = site.param[0], site.wq
+        m = _fake_quantized(site)  # (rows, cols)
+        codes = site.int_weight.float() if site.int_weight is not None else \
+            torch.round(m / wq.scale + wq.zero).clamp(0, 2**wq.bits - 1)
+        dense = (codes - wq.zero) * wq.scale
+        derivable = (owners[id(w)] == 1 and id(w) not in float_tables
+                     and w.dtype == torch.float32 and torch.equal(dense, m)
+                     and (inference or torch.equal(_fake_quantized(site, dense), m)))
+        if not (inference or derivable):
+            continue  # simulated form, weight needed as it is: stored as before
+        pname = "model." + site.name
+        key = f"{prefix}.int_weight"
+        state[key] = pack_codes(codes, wq.bits)
+        records[key] = {"bits": wq.bits, "shape": list(codes.shape),
+                        "param": pname if derivable else None}
+        if derivable:
+            state.pop(pname, None)
+            state.pop(f"{prefix}.alpha", None)  # learned rounding: its result is in the codes
+    return state, records
+
+
+def _dedup(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors sharing storage (tied weights) written once; ``{alias: written name}``."""
+    out, seen, aliases = {}, {}, {}
+    for k in sorted(state):
+        t = state[k]
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                 tuple(t.stride()), t.dtype) if t.numel() else None
+        if ident is not None and ident in seen:
+            aliases[k] = seen[ident]
+            continue
+        if ident is not None:
+            seen[ident] = k
+        out[k] = t.contiguous()
+    return out, aliases
 
 
 def saved_spec(directory: str | Path, trust_code: bool = False):
@@ -85,7 +183,7 @@ def load_quantized(directory: str | Path, trust_code: bool = False):
             a base model that cannot be rebuilt.
     """
     from pydantic import ValidationError
-    from safetensors.torch import load_model as load_tensors
+    from safetensors.torch import load_file
 
     from slimformer.models.loading import load_model, saved_model_spec
     from slimformer.models.structure import discover
@@ -112,12 +210,20 @@ def load_quantized(directory: str | Path, trust_code: bool = False):
     smap = discover(lm.module, x, require_attention=config.softmax_kind != "none")
     qmodel = build(lm.module, smap, config)
     tensors_path = directory / TENSORS
-    fit_slots(qmodel, meta["tensors"], tensors_path)
-    try:
-        load_tensors(qmodel, str(tensors_path), strict=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"{tensors_path} does not fit the rebuilt model: "
-                             f"{str(exc)[:500]}") from None
+    codes, aliases = meta["codes"], meta["aliases"]
+    if not (isinstance(codes, dict) and isinstance(aliases, dict)):
+        raise ModelLoadError(f"{directory / META}: 'codes' and 'aliases' must be mappings; "
+                             f"{REDO}")
+    fit_slots(qmodel, meta["tensors"], tensors_path, codes)
+    state = load_file(str(tensors_path))
+    packed = {k: state.pop(k) for k in codes}
+    derived = {rec["param"] for rec in codes.values() if rec["param"]}
+    missing, extra = qmodel.load_state_dict(state, strict=False)
+    missing = sorted(set(missing) - derived - set(aliases))
+    if missing or extra:
+        raise ModelLoadError(f"{tensors_path} does not fit the rebuilt model: missing "
+                             f"{missing[:5]}, unexpected {list(extra)[:5]}; {REDO}")
+    _restore_codes(qmodel, packed, codes, meta["inference_form"], tensors_path)
     qmodel._rebind()
     if meta["inference_form"]:
         for a in qmodel.quant.attention.values():
@@ -127,19 +233,43 @@ def load_quantized(directory: str | Path, trust_code: bool = False):
     return qmodel
 
 
-def fit_slots(qmodel: nn.Module, manifest: dict[str, dict], source) -> None:
+@torch.no_grad()
+def _restore_codes(qmodel, packed: dict[str, torch.Tensor], codes: dict[str, dict],
+                   inference: bool, source) -> None:
+    """Unpack each site's codes; rebuild its float weight; keep the codes in inference form."""
+    from slimformer.quantize.pack import unpack_codes
+    from slimformer.quantize.state import LinearQuant
+
+    for key, rec in codes.items():
+        site = qmodel.get_submodule(key.rpartition(".")[0])
+        wq = site.wq
+        c = unpack_codes(packed[key], rec["bits"], tuple(rec["shape"]), f"{source}: {key}")
+        if rec["param"]:
+            dense = (c.float() - wq.zero) * wq.scale  # (rows, cols)
+            w = site.param[0]
+            w.copy_(site._unmatrix(dense) if isinstance(site, LinearQuant) else dense)
+        if inference:
+            site.int_weight = c
+        site._cache = None
+
+
+def fit_slots(qmodel: nn.Module, manifest: dict[str, dict], source,
+              codes: dict[str, dict] | None = None) -> None:
     """Check each saved tensor against the rebuilt ``qmodel``; shape the calibrated slots.
 
     Model tensors must have the rebuilt model's dtype and shape (a Linear may gain the bias
     that RepQ's fold adds, of its output size). Quantizer slots whose shape comes from
-    calibration are checked against what they can hold: integer codes and rounding logits
-    the shape of their weight matrix, weight scales one value or one per output row,
-    activation ranges 1-D, probability scales 0-D.
+    calibration are checked against what they can hold: packed codes (``codes``: the records
+    of :func:`save_quantized`) their site's bit-width and weight matrix, rounding logits the
+    shape of their weight matrix, weight scales one value or one per output row, activation
+    ranges 1-D, probability scales 0-D.
 
     Raises:
         ModelLoadError: Naming the first tensors that do not fit.
     """
-    bad = []
+    codes = codes or {}
+    bad = [f"{key}: recorded as packed codes but absent from the file"
+           for key in codes if key not in manifest]
     for key, rec in manifest.items():
         dtype, shape = rec["dtype"], tuple(rec["shape"])
         owner_name, _, attr = key.rpartition(".")
@@ -147,6 +277,11 @@ def fit_slots(qmodel: nn.Module, manifest: dict[str, dict], source) -> None:
             owner = qmodel.get_submodule(owner_name)
         except AttributeError:
             bad.append(f"{key}: the rebuilt model has no such tensor")
+            continue
+        if key in codes:
+            why = _codes_problem(owner, attr, codes[key], dtype, shape)
+            if why:
+                bad.append(f"{key}: {why}")
             continue
         current = getattr(owner, attr, None)
         if current is not None and not isinstance(current, torch.Tensor):
@@ -169,6 +304,26 @@ def fit_slots(qmodel: nn.Module, manifest: dict[str, dict], source) -> None:
     if bad:
         raise ModelLoadError(f"{source} does not fit the rebuilt model ({len(bad)} tensor(s)): "
                              + "; ".join(bad[:5]) + f"; {REDO}")
+
+
+def _codes_problem(owner, attr, rec, dtype, shape) -> str | None:
+    """Why packed codes of ``dtype``/``shape`` recorded as ``rec`` cannot fill ``owner.attr``."""
+    from slimformer.quantize.pack import packed_bytes
+    from slimformer.quantize.state import EmbeddingQuant, LinearQuant
+
+    if not isinstance(owner, (LinearQuant, EmbeddingQuant)) or attr != "int_weight":
+        return "packed codes of something that is not a quantized weight"
+    if not (isinstance(rec, dict) and {"bits", "shape", "param"} <= set(rec)):
+        return "its packed-code record is malformed"
+    want = list((owner.matrix() if isinstance(owner, LinearQuant) else owner.param[0]).shape)
+    if rec["bits"] != owner.wq.bits or rec["shape"] != want:
+        return (f"{rec['bits']}-bit codes of {rec['shape']} recorded, the rebuilt model has "
+                f"{owner.wq.bits}-bit codes of {want}")
+    if rec["param"] not in (None, "model." + owner.name):
+        return f"recorded for weight {rec['param']!r}, the site quantizes model.{owner.name}"
+    n = packed_bytes(want[0] * want[1], owner.wq.bits)
+    return None if (dtype, shape) == ("U8", (n,)) else \
+        f"{dtype} {list(shape)} in the file, U8 [{n}] expected ({owner.wq.bits}-bit codes of {want})"
 
 
 def _slot_problem(qmodel, owner_name, owner, attr, current, dtype, shape) -> str | None:
