@@ -35,8 +35,17 @@ def _leftovers(folder):
     return [f for f in os.listdir(folder) if f.startswith(".")]
 
 
+# One model per kind the export must handle (encoders, decoders with rotary / grouped-query
+# attention, text and audio encoder-decoders, windowed vision, two towers, shared layers,
+# unusual names): every model of the set is exported by benchmarks/generality.py; the suite
+# keeps to these to stay within its time budget.
+EXPORT_SET = ["bert", "bert-eager", "vit", "clip", "gpt2", "t5", "llama", "qwen2",
+              "torch-encoder", "torch-encoder-postnorm", "timm-vit", "whisper", "swin", "albert",
+              "braid-net"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(GENERALITY))
+@pytest.mark.parametrize("name", EXPORT_SET)
 def test_generality_float_and_qdq_parity(name, tmp_path):
     lm = load_model(GENERALITY[name])
     x = lm.example_inputs(2)
