@@ -65,9 +65,12 @@ def test_target_to_form():
             ("model", "model", 20, None, False)
     with pytest.raises(ExportError, match="applies to target 'ort-cpu' only"):
         resolve_form(OnnxConfig(target="openvino", isa="avx2"), True)
-    f = resolve_form(OnnxConfig(target="ort-cpu"), True)
-    assert f.opset == (23 if opset23_supported() else 20) and f.float_attention == (f.opset == 23)
-    assert not resolve_form(OnnxConfig(target="ort-cpu"), False).float_attention
+    f = resolve_form(OnnxConfig(target="ort-cpu"), True)  # quantized: every quantizer kept
+    assert f.opset == 20 and not f.float_attention
+    f = resolve_form(OnnxConfig(target="ort-cpu", opset=23), True) if opset23_supported() else f
+    assert f.float_attention == (f.opset == 23)
+    f = resolve_form(OnnxConfig(target="ort-cpu"), False)  # float: the standard Attention op
+    assert f.opset == (23 if opset23_supported() else 20) and not f.float_attention
 
 
 def test_slow_settings_of_a_quantize_config():
@@ -179,8 +182,8 @@ def test_opset23_attention_parity_float_and_qdq(bert, tmp_path):
         res = export_onnx(lm.module, tmp_path / f"f{opset}.onnx", x, OnnxConfig(opset=opset))
         assert min(p["cosine"] for p in res.parity.values()) >= 0.99999, res.parity
         assert res.opset == opset and (res.ops.get("Attention", 0) > 0) == (opset == 23)
-    # quantized, ort-cpu default: opset 23, float Attention between Q/DQ'd Linears
-    res = export_onnx(q["asym"], tmp_path / "q.onnx", x, OnnxConfig(target="ort-cpu"))
+    # quantized at opset 23 (asked for): float Attention between Q/DQ'd Linears
+    res = export_onnx(q["asym"], tmp_path / "q.onnx", x, OnnxConfig(target="ort-cpu", opset=23))
     assert res.opset == 23 and res.ops["Attention"] > 0 and res.form["float_attention"]
     _exact(res)
     n_linear = sum(lq.param[0].dim() == 2 for lq in q["asym"].quant.linears.values())

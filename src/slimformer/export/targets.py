@@ -159,7 +159,11 @@ def resolve_form(config, quantized: bool, cpu: CpuInfo | None = None) -> QdqForm
     elif config.isa != "auto":
         raise ExportError(f"isa={config.isa!r} applies to target 'ort-cpu' only (target is "
                           f"{target!r}); leave isa at 'auto'")
-    default = 23 if target == "ort-cpu" and opset23_supported() else FALLBACK_OPSET
+    # float models: opset 23 (standard Attention; 1.25x in ONNX Runtime on MiniLM). Quantized
+    # ones: opset 20 keeps every quantizer (at 23 attention runs in float) and measured faster
+    # on vit-fmnist (1.65x vs 1.33x ORT float, benchmarks/deploy.py, 2026-12-01, VNNI CPU)
+    default = 23 if target == "ort-cpu" and opset23_supported() and not quantized \
+        else FALLBACK_OPSET
     opset = config.opset or default
     if opset >= 23 and not opset23_supported():
         raise ExportError(f"opset {opset} needs onnx and onnxruntime that run the standard "
