@@ -29,7 +29,8 @@ def test_recipe_quantize_then_export(tmp_path):
     assert m["agreement_with_pytorch"] >= 0.99  # ONNX Runtime vs the quantized PyTorch model
     assert abs(m["accuracy"] - ev["metrics"]["accuracy"]) < 0.03
     assert m["lint_errors"] > 0  # asymmetric uint8 Q/DQ: TensorRT's TRT001/TRT002
-    assert set(ex["latency"]) == {"onnxruntime batch=1", "onnxruntime batch=8"}
+    assert set(ex["latency"]) == {"onnxruntime batch=1", "onnxruntime batch=8",  # + the float
+                                  "onnxruntime float batch=1", "onnxruntime float batch=8"}
     model = onnx.load(out / "export" / "model.onnx")
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     script = (out / "export" / "model.plan.trtexec.sh").read_text()
