@@ -79,7 +79,8 @@ def test_errors_exit_2_with_message():
     res = runner.invoke(app, ["inspect", "/no/such/model"])
     assert res.exit_code == 2 and "ModelLoadError" in res.output
     res = runner.invoke(app, ["eval", "vit-fmnist", "--data", "imagenet"])
-    assert res.exit_code == 2 and "is no built-in data set (digits-seq, fashion-mnist, trec, vader-movie)" in res.output
+    assert res.exit_code == 2
+    assert "is no built-in data set (digits-seq, fashion-mnist, trec, vader-movie)" in res.output
 
 
 def test_quantize_command(tmp_path):
