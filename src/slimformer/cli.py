@@ -323,17 +323,10 @@ def _load_any(model: str, config: str | None, trust_code: bool = False):
     """
     import dataclasses
 
-    from slimformer.models.loading import load_model
-    from slimformer.models.spec import ArtifactSpec
+    from slimformer.stages.artifact import load
 
-    spec = _spec(model, config)
-    if isinstance(spec, ArtifactSpec):
-        from slimformer.stages.artifact import restore
-
-        r = restore(spec.path, trust_code=spec.trust_code or trust_code)
-        return dataclasses.replace(r.loaded, module=r.module), r.module
-    lm = load_model(spec)
-    return lm, lm.module
+    r = load(_spec(model, config), trust_code)
+    return dataclasses.replace(r.loaded, module=r.module), r.module
 
 
 @app.command()
@@ -819,16 +812,21 @@ def export_onnx_cmd(
               f"{res.form['isa_source']})" if res.form["isa"] else "") +
               f"; weights {res.form['weights']}, activations {res.form['activations']}"
               + (f"; ops {res.ops}" if res.ops else ""), markup=False, highlight=False)
-    t = _table("shape", "cosine", "max abs", "within 1 output step", "argmax agreement",
-               title="ONNX Runtime vs PyTorch")
-    for label, p in res.parity.items():
-        t.add_row(f"{label} {p['shape']}", f"{p['cosine']:.7f}", f"{p['max_abs']:.3g}",
-                  f"{p['within_1_step']:.4f}", f"{p.get('argmax_agreement', float('nan')):.4f}")
-    con.print(t)
+    _print_parity(con, res.parity, "ONNX Runtime vs PyTorch")
     con.print(f"ONNX Runtime kernels: {res.fusion}")
     _print_lint(con, res.lint)
     for w in res.warnings:
         con.print(f"  warning: {w}", markup=False, highlight=False)
+
+
+def _print_parity(con, parity: dict, title: str) -> None:
+    """One row per checked shape: cosine, max abs error, within one output step, agreement."""
+    t = _table("shape", "cosine", "max abs", "within 1 output step", "argmax agreement",
+               title=title)
+    for label, p in parity.items():
+        t.add_row(f"{label} {p['shape']}", f"{p['cosine']:.7f}", f"{p['max_abs']:.3g}",
+                  f"{p['within_1_step']:.4f}", f"{p.get('argmax_agreement', float('nan')):.4f}")
+    con.print(t)
 
 
 def _print_lint(con, findings) -> None:
@@ -884,12 +882,7 @@ def export_openvino_cmd(
         return
     con.print(f"wrote {res.path} and {res.onnx.path} (OpenVINO {res.version}, "
               f"{'QDQ' if res.onnx.quantized else 'float'}, opset {res.onnx.opset})")
-    t = _table("shape", "cosine", "max abs", "within 1 output step", "argmax agreement",
-               title="OpenVINO (f32) vs PyTorch")
-    for label, p in res.parity.items():
-        t.add_row(f"{label} {p['shape']}", f"{p['cosine']:.7f}", f"{p['max_abs']:.3g}",
-                  f"{p['within_1_step']:.4f}", f"{p.get('argmax_agreement', float('nan')):.4f}")
-    con.print(t)
+    _print_parity(con, res.parity, "OpenVINO (f32) vs PyTorch")
     if lat:
         con.print(f"OpenVINO latency batch {latency_batch}: {lat['median_ms']:.2f} ms median "
                   f"(2 threads)")

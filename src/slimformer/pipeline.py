@@ -98,22 +98,17 @@ def _load(recipe: Recipe):
     A saved slimformer folder (``source: artifact``) is restored by replaying its stages; a
     stage that cannot follow them (prune or quantize after quantize) is refused here.
     """
-    from slimformer.models.loading import load_model
-    from slimformer.models.spec import ArtifactSpec
-
-    if not isinstance(recipe.model, ArtifactSpec):
-        loaded = load_model(recipe.model)
-        return loaded, loaded.module, recipe.model, None, []
     from slimformer.errors import StageError
-    from slimformer.stages.artifact import restore
+    from slimformer.stages.artifact import load
 
-    r = restore(recipe.model.path, trust_code=recipe.model.trust_code)
+    r = load(recipe.model)
     for i, st in enumerate(recipe.stages):
         if r.quantized and st.type in ("prune", "quantize", "search"):
             raise StageError(f"stages[{i}]: {recipe.model.path} holds a quantized model "
                              f"(stages applied: {', '.join(r.applied)}); a {st.type} stage must "
                              "come before quantization: start from its float input instead")
-    return r.loaded, r.module, r.loaded.spec, r.slice_spec, r.applied
+    return r.loaded, r.module, r.loaded.spec if r.folder else recipe.model, r.slice_spec, \
+        r.applied
 
 
 def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path) -> RunResult:

@@ -212,29 +212,14 @@ def _supernet(net, config: SearchConfig, train_data, progress, key: dict[str, st
     from slimformer.data.datasets import make_loader
     from slimformer.errors import ModelLoadError
     from slimformer.nas.supernet import task_loss, train_supernet
+    from slimformer.report.integrity import load_keyed
     from slimformer.report.io import atomic_path
 
     path = Path(config.supernet_file())
     if path.is_file():
         way = f"delete {path} or set supernet_path to another file"
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated/garbage files fail in pickle, zip or torch
-            raise ModelLoadError(f"super-network file {path} cannot be read ("
-                                 f"{type(exc).__name__}: {str(exc)[:160]}): damaged or not a "
-                                 f"slimformer super-network; {way}") from None
-        have = ck.get("key") if isinstance(ck, dict) else None
-        if not isinstance(have, dict):
-            raise ModelLoadError(f"super-network file {path} has no model/data/config "
-                                 f"fingerprint (not written by this slimformer); {way}")
-        diff = [_PARTS[k] for k in _PARTS if have.get(k) != key[k]]
-        if diff:
-            raise ModelLoadError(f"super-network file {path} was trained from another "
-                                 f"{' and another '.join(diff)}; {way}")
-        missing = [f for f in ("state_dict", "rank", "train") if f not in ck]
-        if missing:
-            raise ModelLoadError(f"super-network file {path} lacks {', '.join(missing)}: "
-                                 f"damaged; {way}")
+        ck = load_keyed(path, key, _PARTS, "super-network file", "super-network",
+                        "was trained from another", way, ("state_dict", "rank", "train"))
         try:
             net.model.load_state_dict(ck["state_dict"])
             net.load_state(ck["rank"])

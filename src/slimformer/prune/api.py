@@ -19,7 +19,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from slimformer.errors import ConfigError, DataError, ModelLoadError, UnsupportedModelError
+from slimformer.errors import ConfigError, DataError, UnsupportedModelError
 from slimformer.prune.config import PruneConfig
 from slimformer.prune.slicing import SliceSpec, slice_model, sliceable
 from slimformer.prune.train import Progress, finetune, make_loss
@@ -188,27 +188,12 @@ class _Checkpoints:
         """
         if self.folder is None or not (self.folder / name).is_file():
             return None
+        from slimformer.report.integrity import load_keyed
+
         path = self.folder / name
-        way = f"delete {path} or give another checkpoint folder"
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated/garbage files fail in pickle, zip or torch
-            raise ModelLoadError(f"checkpoint {path} cannot be read ({type(exc).__name__}: "
-                                 f"{str(exc)[:160]}): damaged or not a slimformer checkpoint; "
-                                 f"{way}") from None
-        have = state.get("key") if isinstance(state, dict) else None
-        if not isinstance(have, dict):
-            raise ModelLoadError(f"checkpoint {path} has no model/data/config fingerprint (not "
-                                 f"written by this slimformer); {way}")
-        diff = [self.KEYS[k] for k in self.KEYS if have.get(k) != self.key[k]]
-        if diff:
-            raise ModelLoadError(f"checkpoint {path} was made with another "
-                                 f"{' and another '.join(diff)}; resuming it would mix two runs: "
-                                 f"{way}")
-        missing = [f for f in self.FIELDS.get(name, ()) if f not in state]
-        if missing:
-            raise ModelLoadError(f"checkpoint {path} lacks {', '.join(missing)}: damaged; {way}")
-        return state
+        return load_keyed(path, self.key, self.KEYS, "checkpoint", "checkpoint",
+                          "was made with another", f"delete {path} or give another checkpoint "
+                          "folder", self.FIELDS.get(name, ()), "resuming it would mix two runs: ")
 
     def save(self, name: str, state: dict) -> None:
         """Write checkpoint ``name`` atomically with this run's key."""

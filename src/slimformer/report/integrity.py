@@ -247,3 +247,38 @@ def _items(data):
 
     for i in range(len(data)):
         yield from walk(str(i), data[i])
+
+
+def load_keyed(path: Path, key: Mapping[str, str], parts: Mapping[str, str], what: str,
+               kind: str, mismatch: str, way: str, fields: Iterable[str] = (),
+               why: str = "") -> dict:
+    """A torch checkpoint saved as ``{"key": key, ...}``, refused unless it is this run's.
+
+    Read with ``weights_only=True``; ``key`` holds the model/data/config fingerprints and
+    ``parts`` names each for messages; ``fields`` must be present.
+
+    Raises:
+        ModelLoadError: Unreadable (``what`` ``path`` ... not a slimformer ``kind``), without a
+            fingerprint, keyed for another model / data / config (``mismatch`` names which,
+            ``why`` says what resuming would do), or missing ``fields``; each with ``way`` out.
+    """
+    import torch
+
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated/garbage files fail in pickle, zip or torch
+        raise ModelLoadError(f"{what} {path} cannot be read ({type(exc).__name__}: "
+                             f"{str(exc)[:160]}): damaged or not a slimformer {kind}; "
+                             f"{way}") from None
+    have = ck.get("key") if isinstance(ck, dict) else None
+    if not isinstance(have, dict):
+        raise ModelLoadError(f"{what} {path} has no model/data/config fingerprint (not written "
+                             f"by this slimformer); {way}")
+    diff = [parts[k] for k in parts if have.get(k) != key[k]]
+    if diff:
+        raise ModelLoadError(f"{what} {path} {mismatch} {' and another '.join(diff)}; {why}"
+                             f"{way}")
+    missing = [f for f in fields if f not in ck]
+    if missing:
+        raise ModelLoadError(f"{what} {path} lacks {', '.join(missing)}: damaged; {way}")
+    return ck

@@ -365,17 +365,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-@contextlib.contextmanager
-def staged_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary file beside ``path``; on success it replaces ``path`` atomically.
-
-    Raises:
-        OutputError: A folder is at ``path``, or a file without ``overwrite``.
-    """
-    with reserve(path, overwrite, kind="file"), atomic_path(path) as tmp:
-        yield tmp
-
-
 _SCRATCH: contextvars.ContextVar[Path | None] = contextvars.ContextVar("slimformer_scratch",
                                                                        default=None)
 

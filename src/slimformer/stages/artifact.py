@@ -48,6 +48,20 @@ class Restored:
         return "quantize" in self.applied
 
 
+def load(spec, trust_code: bool = False) -> Restored:
+    """Any model spec: a saved folder (``ArtifactSpec``) restored, anything else loaded.
+
+    ``trust_code`` (or the spec's own) allows a saved folder's factory.
+    """
+    from slimformer.models.loading import load_model
+    from slimformer.models.spec import ArtifactSpec
+
+    if isinstance(spec, ArtifactSpec):
+        return restore(spec.path, trust_code=spec.trust_code or trust_code)
+    lm = load_model(spec)
+    return Restored(lm, lm.module)
+
+
 def find(path: str | Path) -> tuple[str, Path] | None:
     """``(stage, folder)`` of the artifact at ``path`` (itself or inside a run folder), or None."""
     p = Path(path)
