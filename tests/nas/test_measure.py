@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import os
 import socket
 
 import numpy as np
@@ -139,6 +140,24 @@ def test_trials_of_a_dead_process_are_failed_through_the_public_api(tmp_path):
     assert fail_stale(storage, study) == 1
     states = {t.number: t.state.name for t in study.trials}
     assert states == {dead.number: "FAIL", alive.number: "RUNNING"}
+
+
+def test_a_trial_killed_before_it_was_owned_takes_no_place_in_the_budget(tmp_path, monkeypatch):
+    # killed between ask() and setting its pid: phase "sample" is recorded, no owner
+    from slimformer.nas import study as st
+
+    storage = open_storage(str(tmp_path / "s.journal"))
+    study = optuna.create_study(storage=storage, study_name="s", directions=["maximize"])
+    orphan, owned = study.ask(), study.ask()
+    for t in (orphan, owned):
+        t.set_user_attr("phase", "sample")
+    owned.set_user_attr("pid", os.getpid())
+    assert st.count(study, "sample", running=True) == 1  # only the owned one is in the budget
+    assert fail_stale(storage, study) == 0  # too young to call orphaned: it may be starting
+    monkeypatch.setattr(st, "ORPHAN_SECONDS", -1.0)
+    assert fail_stale(storage, study) == 1
+    states = {t.number: t.state.name for t in study.trials}
+    assert states == {orphan.number: "FAIL", owned.number: "RUNNING"}
 
 
 def test_embedding_bits_are_restricted_in_the_config_and_the_recipe():

@@ -29,6 +29,7 @@ DIRECTIONS = {"accuracy": "maximize", "latency": "minimize", "size": "minimize",
               "macs": "minimize"}
 HEARTBEAT_ENV = "SLIMFORMER_HEARTBEAT"
 CLAIM_TRIES = 200  # draws tried for an unclaimed sub-network before measuring a duplicate
+ORPHAN_SECONDS = 120  # a journal trial RUNNING this long without an owner (pid) was orphaned
 # we record heartbeats around ask()/tell() ourselves instead of Study.optimize(): not a concern
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with")
 
@@ -151,7 +152,11 @@ def fail_stale(storage, study) -> int:
     host, n = socket.gethostname(), 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") == host and pid is not None and not _alive(int(pid)):
+        if pid is None and _age(t) > ORPHAN_SECONDS:  # killed between ask() and owning it
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            requeue(study, t, "orphan")
+            n += 1
+        elif t.user_attrs.get("host") == host and pid is not None and not _alive(int(pid)):
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             requeue(study, t, "pid")
             n += 1
@@ -185,13 +190,25 @@ def beating(storage, study, trial):
         thread.join(timeout=storage.get_heartbeat_interval())
 
 
+def _age(t) -> float:
+    import datetime as dt
+
+    start = t.datetime_start
+    return 0.0 if start is None else (dt.datetime.now() - start).total_seconds()
+
+
 def count(study, phase: str, running: bool = False) -> int:
-    """COMPLETE (and, with ``running``, RUNNING) trials of one phase."""
+    """COMPLETE (and, with ``running``, owned RUNNING) trials of one phase.
+
+    A RUNNING trial counts only once its worker owns it (its ``pid`` is set): one killed between
+    ``ask()`` and that moment holds no sub-network and would otherwise take a place in the budget.
+    """
     from optuna.trial import TrialState
 
     states = (TrialState.COMPLETE, TrialState.RUNNING) if running else (TrialState.COMPLETE,)
-    return sum(t.user_attrs.get("phase") == phase for t in study.get_trials(
-        deepcopy=False, states=states))
+    return sum(t.user_attrs.get("phase") == phase and (
+        t.state == TrialState.COMPLETE or t.user_attrs.get("pid") is not None)
+        for t in study.get_trials(deepcopy=False, states=states))
 
 
 def measured(study, phase: str | None = None) -> list:
