@@ -46,8 +46,21 @@ def test_search_output_is_a_model_for_the_next_command(tmp_path):
     s = tmp_path / "search"
     _ok("search", "vit-digits-seq", "--out", s, "--samples", "4", "--train-steps", "10",
         "--front-max", "1", "--val-rows", "200")
-    assert (s / "search.json").is_file() and (s / "state" / "search").is_dir()
+    assert (s / "search" / "search.json").is_file() and (s / "state" / "search").is_dir()
     text = _ok("eval", s, "--repeats", "1", "--json")  # the chosen float sub-network
     assert json.loads(text[text.index("{"):])["accuracy"] > 0.3
     _ok("quantize", s, "--out", tmp_path / "q", "--method", "minmax")
     assert (tmp_path / "q" / "quantized" / "quant.json").is_file()
+    # a worker joins that study (its storage and super-network) from another output folder
+    journal = next((s / "state" / "search").rglob("*.journal"))
+    supernet = next((s / "state" / "search").rglob("*.supernet.pt"))
+    w = tmp_path / "worker"
+    args = ("search", "vit-digits-seq", "--samples", "6", "--train-steps", "10", "--val-rows",
+            "200", "--worker")
+    res = runner.invoke(app, [*map(str, args), "--out", str(w)])
+    assert res.exit_code == 2 and "storage" in res.output and "--supernet" in res.output
+    assert not w.exists()
+    text = _ok(*args, "--out", w, "--storage", journal, "--supernet", supernet)
+    assert "holds 8 measured sub-networks" in text  # reference, front row, 6 samples
+    rep = json.loads((w / "report.json").read_text())
+    assert rep["stages"][0]["metrics"]["worker"] and not (w / "state").exists()

@@ -564,8 +564,8 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
 
 @app.command()
 def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
-           out: Annotated[Path, typer.Option(help="Folder for the front (json, md, png) and "
-                                             "the chosen sub-network.")],
+           out: Annotated[Path, typer.Option(help="Folder for the report and search/ (the "
+                                             "front as json, md, png; the chosen sub-network).")],
            objectives: Annotated[str, typer.Option(help="Comma-separated: accuracy plus any of "
                                                    "latency, size, macs.")] = "accuracy,size",
            samples: Annotated[int, typer.Option(help="Sub-networks measured for the "
@@ -578,67 +578,49 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
                                                  "rows the model never trained on).")] = 1000,
            storage: Annotated[str | None, typer.Option(
                help="Journal file or database URL of the Optuna study (default: a journal in "
-               "OUT/state/search/; the super-network is saved there too).")] = None,
+               "OUT/state/search/).")] = None,
+           supernet: Annotated[Path | None, typer.Option(
+               help="File of the fine-tuned super-network (default: beside the journal in "
+               "OUT/state/search/).")] = None,
            study: Annotated[str, typer.Option(help="Study name (resumes when it "
                                               "exists).")] = "search",
-           worker: Annotated[bool, typer.Option(help="Only measure sub-networks into the "
-                                                "shared study.")] = False,
+           worker: Annotated[bool, typer.Option(help="Only measure sub-networks into the study "
+                                                "of a search that ran (give its --storage and "
+                                                "--supernet).")] = False,
            data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
            config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
            = None,
            overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False):
-    """Search sub-networks and per-layer bit-widths; print the measured Pareto front."""
-    from pydantic import ValidationError
+    """Search sub-networks and per-layer bit-widths; print the measured Pareto front.
 
-    from slimformer.errors import ConfigError
-    from slimformer.nas.api import search as run_search
-    from slimformer.nas.config import SearchConfig
-    from slimformer.nas.output import predictor_lines, write_search
-    from slimformer.report.io import atomic_dir
-    from slimformer.report.outdir import reserve
-    from slimformer.validation import format_errors
+    Runs the one-stage recipe search through the pipeline: --out gets the report and search/
+    (a MODEL for every other command: the chosen float sub-network).
+    """
+    import optuna
 
+    from slimformer.stages.search import SearchStage
+
+    if not _debugging():  # our progress says what Optuna's INFO lines would
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     con, _ = _console()
-    with _errors(), reserve(out, overwrite) if not worker else contextlib.nullcontext():
-        try:
-            cfg = SearchConfig(objectives=[o.strip() for o in objectives.split(",") if o.strip()],
-                               samples=samples, train_steps=train_steps, front_max=front_max,
-                               storage=storage or "x", study=study)
-        except ValidationError as exc:
-            raise ConfigError(format_errors(exc, SearchConfig), "options") from None
-        if storage is not None:  # a bad storage fails before anything is written
-            from slimformer.nas.study import open_storage
-
-            open_storage(cfg.storage_url())
-        lm = _load(model, config)
-        rd = _run_data(lm, data)
-        train, calib = rd.get("train"), rd.get("calib")
-        val, val_note = rd.validation(val_rows)  # rows the model was never trained on
-        con.print(f"validation rows: {val_note}", markup=False, highlight=False)
-        from slimformer.report.outdir import state_dir
-
-        state = state_dir(out) / "search"  # journal and super-network live under --out
-        state.mkdir(exist_ok=True)
-        cfg = cfg.model_copy(update={"storage": storage or str(state / "{study}.journal"),
-                                     "supernet_path": str(state / "{study}.supernet.pt")})
-        with _progress() as prog:
-            res = run_search(lm.module, cfg, train, val, progress=prog, calib_data=calib,
-                             worker=worker)
-        if worker:
-            con.print(f"worker done: the study holds {len(res.measured)} measured "
-                      "sub-networks")
-            return
-        with atomic_dir(out) as tmp:
-            write_search(res, tmp, _spec(model, config))
-    cols = [c for c in ("accuracy", "latency", "size", "macs") if c in res.objectives]
-    t = _table("sub-network", "phase", *cols, title="Measured Pareto front (validation rows)")
-    for r in [res.reference, *res.front]:
-        t.add_row(r.get("sub") or "", r.get("phase") or "", *(f"{r[c]:.4g}" for c in cols))
-    con.print(t)
-    for line in predictor_lines(res):
-        con.print(line, markup=False, highlight=False)
-    con.print(f"hypervolume {res.hypervolume:.4f}; chosen {res.chosen['sub']}; written to "
-              f"{out}/")
+    with _errors():
+        given = {k: v for k, v in (("storage", storage),
+                                   ("supernet_path", str(supernet) if supernet else None))
+                 if v is not None}
+        stage = _stage(SearchStage, objectives=[o.strip() for o in objectives.split(",")
+                                                if o.strip()],
+                       samples=samples, train_steps=train_steps, front_max=front_max,
+                       val_rows=val_rows, study=study, worker=worker, **given)
+        result = _run_one(con, "search", model, config, [stage], out, overwrite,
+                          _data_config(data))
+    rec = result.report.stages[-1]
+    for note in rec.notes:
+        con.print(note, markup=False, highlight=False)
+    if worker:
+        return
+    m = rec.metrics
+    con.print(f"hypervolume {m['hypervolume']:.4f}; chosen {m['chosen']}; written to {out}/ "
+              "(report, search/)", markup=False, highlight=False)
 
 
 @zoo_app.command("list")
@@ -700,55 +682,42 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
                                                           "inspect).")] = None,
                data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
                overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False):
-    """Quantize (power-of-two scales) and build an hls4ml project; C-simulate and estimate it."""
-    from pydantic import ValidationError
-    from rich.table import Table
+    """Quantize (power-of-two scales) and build an hls4ml project; C-simulate and estimate it.
 
-    from slimformer.errors import ConfigError
-    from slimformer.hardware.api import build_hls, summary
-    from slimformer.hardware.config import HlsConfig
-    from slimformer.quantize.config import QuantConfig
-    from slimformer.report.outdir import reserve, staged_dir
-    from slimformer.validation import format_errors
+    Runs the one-stage recipe [quantize ->] hls through the pipeline: --out gets the report,
+    the project in hls/ and the quantized model it was built from in quantized/. A MODEL that
+    is quantized already (a quantize output) or --float skips the quantize stage.
+    """
+    from slimformer.stages.artifact import find
+    from slimformer.stages.hls import HlsStage
+    from slimformer.stages.quantize import QuantizeStage
 
     con, _ = _console()
-    with _errors(), reserve(out, overwrite):
-        try:
-            hcfg = HlsConfig(backend=backend, part=part, clock_period_ns=clock_ns,
-                             reuse_factor=reuse_factor if reuse_factor == "auto" else
-                             _int_option(reuse_factor, "reuse-factor"), strategy=strategy,
-                             gelu=gelu)
-            qcfg = QuantConfig(method=method, weight_bits=weight_bits, act_bits=act_bits,
-                               softmax="none", power_of_two_scales=True)
-        except ValidationError as exc:
-            raise ConfigError(format_errors(exc, HlsConfig), "options") from None
-        lm, net = _load_any(model, config)  # a saved folder: its pruned / quantized model
-        rd = _run_data(lm, data)
-        calib, test = rd.get("calib"), rd.get("eval")
-        from slimformer.quantize.state import QuantizedModel
-
-        if isinstance(net, QuantizedModel):
+    with _errors():
+        rf = reuse_factor if reuse_factor == "auto" else _int_option(reuse_factor, "reuse-factor")
+        stages = [_stage(HlsStage, backend=backend, part=part, clock_period_ns=clock_ns,
+                         reuse_factor=rf, strategy=strategy, gelu=gelu, csim=csim)]
+        saved = find(model)
+        quantized = saved is not None and saved[0] == "quantize"
+        if quantized:
             con.print("the saved model is quantized already: its quantizers give the types "
                       "(exact when it was quantized with power-of-two scales)", markup=False)
         elif not float_model:
-            from slimformer.quantize.api import quantize as run_quantize
-            from slimformer.quantize.inference import to_inference
+            stages.insert(0, _stage(QuantizeStage, method=method, weight_bits=weight_bits,
+                                    act_bits=act_bits, softmax="none", power_of_two_scales=True))
+        result = _run_one(con, "hls", model, config, stages, out, overwrite, _data_config(data))
+    rec = result.report.stages[-1]
+    project = out / "hls"
 
-            net = to_inference(run_quantize(net, qcfg, calib).model)
-        with staged_dir(out, overwrite) as staging:  # built beside --out, moved in when done
-            res = build_hls(net, hcfg, staging, calib, test if csim else None, compile=csim)
-            where = str(res.project_dir)
-        res.notes = [n.replace(where, str(out)) for n in res.notes]
-        res.synth_command = res.synth_command.replace(where, str(out))
-        res.project_dir = out
-    table = Table(title=f"hls4ml project {out}")
-    table.add_column("metric")
-    table.add_column("value")
-    for k, v in summary(res).items():
-        table.add_row(k, str(v))
+    def here(v):  # the record names the project relative to the output folder
+        return str(project) if v == "hls" else str(v).replace("cd hls ", f"cd {project} ")
+
+    table = _table("metric", "value", title=f"hls4ml project {project}")
+    for k, v in rec.metrics.items():
+        table.add_row(k, here(v))
     con.print(table)
-    for note in res.notes:
-        con.print(f"  - {note}", markup=False, highlight=False)
+    for note in rec.notes:
+        con.print(f"  - {here(note)}", markup=False, highlight=False)
 
 
 def _example_rows(lm, rows: int) -> dict:

@@ -96,8 +96,9 @@ class RunContext:
     def state_dir(self, name: str, config=None) -> Path:
         """``<output>/state/<name>[/<key>]/``: journals and checkpoints that survive a failed run.
 
-        With ``config`` (a pydantic model) the folder is keyed by it and the base model's spec,
-        so a rerun with other settings starts afresh instead of meeting another run's state.
+        With ``config`` (a pydantic model, or a string: the settings' own fingerprint) the folder
+        is keyed by it and the base model's spec, so a rerun with other settings starts afresh
+        instead of meeting another run's state.
         """
         import hashlib
 
@@ -107,7 +108,8 @@ class RunContext:
         if config is not None:
             spec = self.model_spec.model_dump_json() if hasattr(self.model_spec, "model_dump_json") \
                 else str(self.model_spec)
-            key = hashlib.sha256((config.model_dump_json() + spec).encode()).hexdigest()[:12]
+            text = config if isinstance(config, str) else config.model_dump_json()
+            key = hashlib.sha256((text + spec).encode()).hexdigest()[:12]
             folder = folder / key
         folder.mkdir(parents=True, exist_ok=True)
         return folder

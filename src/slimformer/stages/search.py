@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from slimformer.nas.config import SearchConfig
 from slimformer.report.model import StageRecord
@@ -17,22 +17,38 @@ class SearchStage(SearchConfig):
     Sub-networks are measured on ``val_rows`` rows the model was never trained on
     (``RunData.validation``: ``data.val``, else test rows the evaluation does not use; the
     report says which); the train split fine-tunes the super-network. Later stages see the
-    chosen sub-network, quantized, in inference form. The default study name is the recipe's.
+    chosen sub-network, quantized, in inference form. The default study name is the recipe's;
+    the journal and the super-network default to ``<output>/state/search/``.
+
+    With ``worker`` the stage only measures sub-networks into another search's study (its
+    ``storage`` and ``supernet_path``, which that search's report names) and leaves the model
+    as it was: more processes or machines share the measuring.
     """
 
     type: Literal["search"] = "search"
     val_rows: Annotated[int, Field(ge=10)] = 1000
     save: bool = True
+    worker: bool = False
+
+    @model_validator(mode="after")
+    def _worker_has_a_study(self):
+        missing = [k for k in ("storage", "supernet_path") if k not in self.model_fields_set]
+        if self.worker and missing:
+            raise ValueError(f"a worker measures into the study of a search that ran already: "
+                             f"set {' and '.join(missing)} to that search's (its report and "
+                             "output name them; on the CLI --storage and --supernet)")
+        return self
 
     def search_config(self) -> SearchConfig:
         """The plain config, without the stage fields."""
-        return SearchConfig(**self.model_dump(exclude={"type", "val_rows", "save"}))
+        return SearchConfig(**self.model_dump(exclude={"type", "val_rows", "save", "worker"}))
 
 
 def run(ctx: RunContext, stage: SearchStage) -> StageRecord:
     """Search sub-networks and bit-widths; later stages get the chosen one (inference form)."""
     from slimformer.nas.api import search
     from slimformer.nas.output import predictor_lines, write_search
+    from slimformer.nas.study import redact
     from slimformer.quantize.inference import to_inference
 
     train = ctx.data.get("train")  # fine-tunes the super-network
@@ -41,14 +57,26 @@ def run(ctx: RunContext, stage: SearchStage) -> StageRecord:
     cfg = stage.search_config()
     if "study" not in stage.model_fields_set:
         cfg = cfg.model_copy(update={"study": ctx.name})
-    state = ctx.state_dir("search", cfg)  # journal and super-network live under the output
-    for key, name in (("storage", "{study}.journal"), ("supernet_path", "{study}.supernet.pt")):
-        if key not in stage.model_fields_set:
-            cfg = cfg.model_copy(update={key: str(state / name)})
-    res = search(ctx.model, cfg, train, val, ctx.structure, ctx.progress, calib_data=calib)
+    defaults = {key: name for key, name in (("storage", "{study}.journal"),
+                                            ("supernet_path", "{study}.supernet.pt"))
+                if key not in stage.model_fields_set}
+    if defaults:  # journal and super-network live under the output
+        # keyed by what a measured trial means: a rerun with a larger budget extends the study
+        state = ctx.state_dir("search", cfg.fingerprint(cfg.study))
+        cfg = cfg.model_copy(update={k: str(state / name) for k, name in defaults.items()})
+    res = search(ctx.model, cfg, train, val, ctx.structure, ctx.progress, calib_data=calib,
+                 worker=stage.worker)
+    rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
+    where = (f"study {cfg.study!r} in {redact(cfg.storage_url())}; super-network "
+             f"{cfg.supernet_file()}")
+    if stage.worker:  # measured into the shared study; the model is left as it was
+        rec.metrics = {"worker": True, "measured": len(res.measured),
+                       "validation_rows": val_note}
+        rec.notes = [f"worker: study {cfg.study!r} in {redact(cfg.storage_url())} holds "
+                     f"{len(res.measured)} measured sub-networks", *res.notes]
+        return rec
     ctx.model = to_inference(res.model)
     ctx.structure = res.structure
-    rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
     chosen = res.chosen or {}
     rec.metrics = {"measured": len(res.measured), "front": len(res.front),
                    "hypervolume": round(res.hypervolume, 4), "chosen": chosen.get("sub", ""),
@@ -59,7 +87,9 @@ def run(ctx: RunContext, stage: SearchStage) -> StageRecord:
     rec.metrics["validation_rows"] = val_note
     rec.notes = [f"validation rows: {val_note}", "measured Pareto front (validation rows):",
                  *res.table(),
-                 *predictor_lines(res), *res.notes]
+                 *predictor_lines(res), *res.notes,
+                 f"{where} (workers: --storage and --supernet, or a search stage with worker: "
+                 "true, storage and supernet_path)"]
     if stage.save:
         spec = ctx.model_spec
         ctx.artifacts["search"] = lambda d: write_search(res, d, spec)
