@@ -7,6 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from slimformer.cli import app
+from slimformer.errors import ConfigError
 
 runner = CliRunner()
 
@@ -92,3 +93,54 @@ def test_quantize_command(tmp_path):
                               str(tmp_path / "bad")])
     assert res.exit_code == 2 and "weight_bits: must be 2..8, got 12" in res.output
     assert not (tmp_path / "bad").exists()
+
+
+STAGE_COMMANDS = {"quantize": "QuantizeStage", "prune": "PruneStage", "search": "SearchStage",
+                  "hls": "HlsStage"}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_COMMANDS))
+def test_every_recipe_option_of_a_stage_is_reachable_from_its_command(stage):
+    import importlib
+
+    from slimformer.cli import _stage
+
+    cls = getattr(importlib.import_module(f"slimformer.stages.{stage}"), STAGE_COMMANDS[stage])
+    fields = [k for k in cls.model_fields if k not in ("type", "save")]
+    base = {"storage": "j", "supernet_path": "s"} if stage == "search" else {}
+    default = cls(**base).model_dump(mode="json")
+    sets = [f"{k}={json.dumps(default[k])}" for k in fields]  # JSON is YAML
+    assert _stage(cls, sets, **base).model_dump(mode="json") == default
+    # and each one changes the stage: a wrong value is refused naming the option
+    for k in fields:
+        with pytest.raises(ConfigError, match=k):
+            _stage(cls, [f"{k}={{not: [an, option]}}"], **base)
+    help_text = runner.invoke(app, ["export", "hls", "--help"] if stage == "hls"
+                              else [stage, "--help"]).output
+    assert "--set" in help_text
+
+
+def test_set_errors_name_the_key_and_the_allowed_options(tmp_path):
+    res = runner.invoke(app, ["quantize", "vit-digits-seq", "--out", str(tmp_path / "q"),
+                              "--set", "percentil=99.9"])
+    assert res.exit_code == 2 and "percentil" in res.output and "percentile" in res.output
+    res = runner.invoke(app, ["quantize", "vit-digits-seq", "--out", str(tmp_path / "q"),
+                              "--set", "percentile"])
+    assert res.exit_code == 2 and "KEY=VALUE" in res.output
+    res = runner.invoke(app, ["export", "hls", "vit-digits-seq", "--out", str(tmp_path / "h"),
+                              "--float", "--set", "quantize.percentile=99"])
+    assert res.exit_code == 2 and "nothing is quantized" in res.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_set_reaches_the_recipe_of_the_run(tmp_path):
+    out = tmp_path / "q"
+    res = runner.invoke(app, ["quantize", "vit-digits-seq", "--out", str(out), "--method",
+                              "minmax", "--set", "method=percentile", "--set", "percentile=99.5",
+                              "--set", "keep_float=['blocks.0.q.*']", "--set", "calib_samples=64"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    cfg = rep["stages"][1]["config"]
+    assert (cfg["method"], cfg["percentile"], cfg["keep_float"]) == \
+        ("percentile", 99.5, ["blocks.0.q.*"])
+    assert rep["stages"][1]["metrics"]["calib_samples"] == 64  # the data follows the option

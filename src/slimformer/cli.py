@@ -431,7 +431,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                                                        "rows.")] = None,
              config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
              = None,
-             overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False):
+             overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
+             set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None):
     """Quantize a model post-training, compare it with FP32, save its inference form.
 
     Runs the one-stage recipe evaluate -> quantize -> evaluate through the pipeline: --out gets
@@ -442,15 +443,16 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
 
     con, _ = _console()
     with _errors():
-        stage = _stage(QuantizeStage, method=method, weight_bits=weight_bits, act_bits=act_bits,
+        stage = _stage(QuantizeStage, set_, method=method, weight_bits=weight_bits, act_bits=act_bits,
                        calib_samples=calib_samples, softmax=softmax, symmetric=symmetric,
                        power_of_two_scales=power_of_two_scales, embedding_bits=embedding_bits,
                        clip_steps=clip_steps, recon_steps=recon_steps)
         quiet = EvaluateStage(latency_batch_sizes=[])
         result = _run_one(con, "quantize", model, config, [quiet, stage, quiet], out, overwrite,
-                          _data_config(data, calib_data, eval_data, limit, calib_samples))
+                          _data_config(data, calib_data, eval_data, limit, stage.calib_samples))
     before, q, after = result.report.stages
-    con.print(f"{model} {method} W{weight_bits}A{act_bits} on {result.report.data['dataset']} "
+    con.print(f"{model} {stage.method} W{stage.weight_bits}A{stage.act_bits} on "
+              f"{result.report.data['dataset']} "
               f"({after.metrics['samples']} rows): {_quality(before)} -> {_quality(after)}"
               f"; calibration {q.metrics['calib_seconds']:.1f} s on {q.metrics['calib_samples']} "
               "samples")
@@ -472,13 +474,66 @@ def _quality(rec) -> str:
     return f"agreement {m.get('agreement', float('nan')):.4f}"
 
 
-def _stage(cls, **fields):
-    """A stage schema from CLI options; bad values are a ConfigError naming the option."""
+SET_HELP = ("Any other option of the stage, as in a recipe: KEY=VALUE with a YAML value, "
+            "repeatable; nested keys with dots (--set percentile=99.9, --set 'keep_float=[head]', "
+            "--set space.heads=[0.5,1]). Overrides the named options.")
+
+
+def _sets(items: list[str] | None, prefix: str | None = None, others: tuple = ()) -> dict:
+    """``--set KEY=VALUE`` items as a nested dict.
+
+    With ``prefix`` only ``PREFIX.KEY`` items (the keys of a command's earlier stage), without
+    it every item but those whose first key is one of ``others`` (those earlier stages').
+    """
+    from slimformer.errors import ConfigError
+    from slimformer.validation import safe_load_bounded
+
+    out: dict = {}
+    for item in items or []:
+        key, eq, raw = item.partition("=")
+        path = [k.strip() for k in key.split(".")]
+        if not eq or not all(path):
+            raise ConfigError([f"--set {item[:80]!r}: give KEY=VALUE (e.g. --set "
+                               "percentile=99.9)"], "options")
+        if prefix is not None:
+            if path[0] != prefix:
+                continue
+            path = path[1:]
+        elif path[0] in others:
+            continue  # another stage's (e.g. quantize.method of export hls)
+        value = safe_load_bounded(raw, f"--set {key}")
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"--set {key}: {k} is set to a value and has keys"], "options")
+        node[path[-1]] = value
+    return out
+
+
+def _stage(cls, sets: list[str] | None = None, prefix: str | None = None, others: tuple = (),
+           **fields):
+    """A stage schema from CLI options and ``--set`` items; bad values are a ConfigError.
+
+    ``--set`` keys must be fields of the schema (every recipe option of the stage); they win
+    over the named options.
+    """
     from pydantic import ValidationError
 
     from slimformer.errors import ConfigError
     from slimformer.validation import format_errors
 
+    extra = _sets(sets, prefix, others)
+    fixed = {"type", "save"}
+    unknown = sorted(k for k in extra if k not in cls.model_fields or k in fixed)
+    if unknown:
+        allowed = ", ".join(k for k in cls.model_fields if k not in fixed)
+        raise ConfigError([f"--set {(prefix + '.') if prefix else ''}{k}: not an option of "
+                           f"the {cls.model_fields['type'].default} stage; its options: "
+                           f"{allowed}" for k in unknown], "options")
+    for k, v in extra.items():  # nested keys merge into what the named options gave
+        fields[k] = (fields[k] | v) if isinstance(v, dict) and isinstance(fields.get(k), dict) \
+            else v
     try:
         return cls(**fields)
     except ValidationError as exc:
@@ -524,7 +579,8 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
                                                           "checkpoints.")] = None,
           config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
           = None,
-          overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False):
+          overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
+          set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None):
     """Prune heads and MLP units (UPop or magnitude), fine-tune, save the smaller model.
 
     Runs the one-stage recipe evaluate -> prune -> evaluate through the pipeline: --out gets the
@@ -535,7 +591,7 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
 
     con, _ = _console()
     with _errors():
-        stage = _stage(PruneStage, ratio=ratio, target=target, method=method,
+        stage = _stage(PruneStage, set_, ratio=ratio, target=target, method=method,
                        structures=[x.strip() for x in structures.split(",") if x.strip()],
                        score=score, search_steps=search_steps, finetune_steps=finetune_steps,
                        batch_size=batch_size, lr=lr, distill=distill,
@@ -545,7 +601,8 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
                           _data_config(data, None, None, limit))
     before, p, after = result.report.stages
     m = p.metrics
-    table = _table("", "before", "after", title=f"{model} {method} ratio {ratio} on "
+    target = stage.target
+    table = _table("", "before", "after", title=f"{model} {stage.method} ratio {stage.ratio} on "
                    f"{result.report.data['dataset']}")
     table.add_row("params", f"{m['params_before']:,}", f"{m['params_after']:,}")
     table.add_row("MACs/sample", f"{m['macs_before']:,}", f"{m['macs_after']:,}")
@@ -590,7 +647,8 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
            data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
            config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
            = None,
-           overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False):
+           overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
+           set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None):
     """Search sub-networks and per-layer bit-widths; print the measured Pareto front.
 
     Runs the one-stage recipe search through the pipeline: --out gets the report and search/
@@ -607,7 +665,7 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
         given = {k: v for k, v in (("storage", storage),
                                    ("supernet_path", str(supernet) if supernet else None))
                  if v is not None}
-        stage = _stage(SearchStage, objectives=[o.strip() for o in objectives.split(",")
+        stage = _stage(SearchStage, set_, objectives=[o.strip() for o in objectives.split(",")
                                                 if o.strip()],
                        samples=samples, train_steps=train_steps, front_max=front_max,
                        val_rows=val_rows, study=study, worker=worker, **given)
@@ -616,7 +674,7 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
     rec = result.report.stages[-1]
     for note in rec.notes:
         con.print(note, markup=False, highlight=False)
-    if worker:
+    if stage.worker:
         return
     m = rec.metrics
     con.print(f"hypervolume {m['hypervolume']:.4f}; chosen {m['chosen']}; written to {out}/ "
@@ -681,7 +739,10 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
                config: Annotated[str | None, typer.Option(help="JSON config (as for "
                                                           "inspect).")] = None,
                data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
-               overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False):
+               overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
+               set_: Annotated[list[str] | None, typer.Option(
+                   "--set", help=SET_HELP + " Keys quantize.KEY go to the quantize stage.")]
+               = None):
     """Quantize (power-of-two scales) and build an hls4ml project; C-simulate and estimate it.
 
     Runs the one-stage recipe [quantize ->] hls through the pipeline: --out gets the report,
@@ -695,16 +756,24 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
     con, _ = _console()
     with _errors():
         rf = reuse_factor if reuse_factor == "auto" else _int_option(reuse_factor, "reuse-factor")
-        stages = [_stage(HlsStage, backend=backend, part=part, clock_period_ns=clock_ns,
-                         reuse_factor=rf, strategy=strategy, gelu=gelu, csim=csim)]
+        stages = [_stage(HlsStage, set_, None, ("quantize",), backend=backend, part=part,
+                         clock_period_ns=clock_ns, reuse_factor=rf, strategy=strategy,
+                         gelu=gelu, csim=csim)]
         saved = find(model)
         quantized = saved is not None and saved[0] == "quantize"
         if quantized:
             con.print("the saved model is quantized already: its quantizers give the types "
                       "(exact when it was quantized with power-of-two scales)", markup=False)
         elif not float_model:
-            stages.insert(0, _stage(QuantizeStage, method=method, weight_bits=weight_bits,
-                                    act_bits=act_bits, softmax="none", power_of_two_scales=True))
+            stages.insert(0, _stage(QuantizeStage, set_, "quantize", method=method,
+                                    weight_bits=weight_bits, act_bits=act_bits, softmax="none",
+                                    power_of_two_scales=True))
+        if len(stages) == 1 and _sets(set_, "quantize"):
+            from slimformer.errors import ConfigError
+
+            raise ConfigError(["--set quantize.*: nothing is quantized here (the model is "
+                               "quantized already, or --float); drop those --set items"],
+                              "options")
         result = _run_one(con, "hls", model, config, stages, out, overwrite, _data_config(data))
     rec = result.report.stages[-1]
     project = out / "hls"
