@@ -45,7 +45,7 @@ from slimformer.models.structure import discover
 
 METHODS = ("minmax", "repq", "repquant")
 BITS = ((8, 8), (4, 4))
-CALIB_ROWS, EVAL_ROWS, STEPS = 16, 8, 5
+CALIB_ROWS, EVAL_ROWS, STEPS = 16, 64, 5  # 8 rows x 2 logits read +-2 dB of noise
 PRECISE = ("cosine", "within_1_step")
 
 

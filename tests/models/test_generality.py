@@ -156,12 +156,14 @@ def test_w8a8_every_method_keeps_the_outputs(name, request):
     lm, x2 = _loaded(name)
     fan_in_init(lm.module, x2)
     calib = TensorDictDataset(lm.example_inputs(32, seed=1), torch.zeros(32, dtype=torch.long))
-    held_out = lm.example_inputs(8, seed=2)
+    held_out = lm.example_inputs(64, seed=2)  # 8 rows x 2 logits read +-2 dB of noise
     sqnr = {}
     for method in ("minmax", "repq", "repquant"):
         cfg = QuantConfig(method=method, calib_samples=32, clip_steps=10, recon_steps=10)
         sqnr[method] = _sqnr(lm.module, quantize(lm.module, cfg, calib).model, held_out)
     assert min(sqnr.values()) > 20, sqnr  # min over all outputs, fan-in scaled weights
-    # repq chooses per site the range with the lower calibration error. (repquant with 10
-    # steps lost 1-2 dB to minmax on clip, distilbert and timm-vit in some runs: not asserted)
+    # repq chooses per site the range with the lower calibration error; repquant keeps its dual
+    # clipping and its learned rounding only where the model output error on calibration rows
+    # drops (0.5 dB: the noise of 64 held-out rows of a model with 2 outputs)
     assert sqnr["repq"] >= sqnr["minmax"] - 0.5, sqnr
+    assert sqnr["repquant"] >= sqnr["minmax"] - 0.5, sqnr

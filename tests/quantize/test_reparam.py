@@ -42,3 +42,44 @@ def test_reparameterization_is_exact_in_float(name):
     # and the original model was not touched (quantize copies it)
     with torch.no_grad():
         assert torch.equal(_out(lm.module(**x)).double(), ref)
+
+
+def _observed(groups: list[torch.Tensor]):
+    from slimformer.quantize.act import ActQuantizer
+
+    act = ActQuantizer("site", 4, per_channel=True)
+    for i, x in enumerate(groups):
+        act.group = i
+        act.observe(x)
+    act.calibrate("minmax")
+    return act
+
+
+def _loss(act, x, w) -> float:
+    act.mode = "quant"
+    return float(((act(x) - x) @ w.t()).pow(2).mean())
+
+
+def test_dual_clipping_is_kept_only_when_it_lowers_the_held_out_error():
+    from slimformer.quantize.repq import learn_dual_clipping
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 8, generator=g)
+    # heavy tails in every batch (Student-t, 3 dof): 4-bit min/max wastes its grid on them and
+    # bounds learned on one batch also lower the error on the other, and on unseen rows
+    torch.manual_seed(0)
+    t3 = torch.distributions.StudentT(3.0)
+    act = _observed([t3.sample((1024, 8)) for _ in range(2)])
+    hi0 = act.hi.clone()
+    test = t3.sample((4096, 8))
+    before = _loss(act, test, w)
+    gain = learn_dual_clipping(act, [w], 200)
+    assert gain > 0.2 and (act.hi < hi0).all() and _loss(act, test, w) < 0.95 * before
+    # a few large rows in each batch, of other sizes: bounds fit to one batch's cut the other's
+    bulk = [torch.randn(512, 8, generator=g) for _ in range(2)]
+    for b in bulk:
+        b[:4] *= 4
+    act = _observed(bulk)
+    lo0, hi0 = act.lo.clone(), act.hi.clone()
+    assert learn_dual_clipping(act, [w], 200) == 0.0
+    assert torch.equal(act.lo, lo0) and torch.equal(act.hi, hi0)  # the observed range stays

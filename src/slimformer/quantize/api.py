@@ -90,7 +90,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
     """
     from slimformer.quantize.build import build
     from slimformer.quantize.reconstruct import reconstruct_linear
-    from slimformer.quantize.repq import learn_dual_clipping, reparameterize
+    from slimformer.quantize.repq import reparameterize
     from slimformer.quantize.select import MARGIN, calibrate_weights, select_sites
 
     t0 = time.perf_counter()
@@ -127,12 +127,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
     tick("calibrate", 1, 1)
 
     if config.method == "repquant" and config.clip_steps:
-        per_channel = [act for act in state.acts.values() if act.per_channel]
-        for i, act in enumerate(per_channel):
-            ws = [lq.matrix().detach() for lq in state.linears.values() if lq.act is act]
-            gain = learn_dual_clipping(act, ws, config.clip_steps)
-            notes.append(f"{act.name}: dual clipping cut the output error by {100 * gain:.1f}%")
-            tick("dual clipping", i + 1, len(per_channel))
+        notes += _dual_clipping(qmodel, calib_data, config, tick)
     if config.method in ("repq", "repquant"):
         notes += reparameterize(qmodel, structure)
     if not structure.norms:
@@ -180,6 +175,52 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
     for act in state.acts.values():
         act._rows, act._min, act._max = [], None, None
     return QuantResult(qmodel, n, time.perf_counter() - t0, notes, weak, out_db)
+
+
+def _dual_clipping(qmodel: QuantizedModel, calib_data, config: QuantConfig, tick) -> list[str]:
+    """Learn the dual clipping of every per-channel activation quantizer; notes.
+
+    Each site's bounds must lower its Linears' output error on held-out rows
+    (:func:`~slimformer.quantize.repq.learn_dual_clipping`); then the model as a whole must gain:
+    the output error vs float on the calibration rows with the learned bounds must beat the
+    observed ranges by :data:`~slimformer.quantize.select.MARGIN`, else every range goes back.
+    A layer-local gain does not always carry to the output (a rare large token clipped).
+    """
+    from slimformer.quantize.repq import learn_dual_clipping
+    from slimformer.quantize.select import MARGIN, calibrate_weights
+
+    state, notes = qmodel.quant, []
+    per_channel = [act for act in state.acts.values() if act.per_channel]
+    observed = {act.name: (act.lo.detach().clone(), act.hi.detach().clone())
+                for act in per_channel}
+    kept = 0
+    for i, act in enumerate(per_channel):
+        ws = [lq.matrix().detach() for lq in state.linears.values() if lq.act is act]
+        gain = learn_dual_clipping(act, ws, config.clip_steps)
+        kept += gain > 0
+        notes.append(f"{act.name}: dual clipping cut the held-out output error by "
+                     f"{100 * gain:.1f}%" if gain > 0 else f"{act.name}: dual clipping not "
+                     "kept (no clear gain on held-out calibration rows)")
+        tick("dual clipping", i + 1, len(per_channel))
+    if not kept:
+        return notes
+    calibrate_weights(state, search=True)  # the quantized model before reparameterization
+    clipped = {act.name: (act.lo.detach().clone(), act.hi.detach().clone())
+               for act in per_channel}
+    with_clip = _output_error(qmodel, calib_data, config)
+    for act in per_channel:
+        act.set_range(*observed[act.name])
+    without = _output_error(qmodel, calib_data, config)
+    state.set_mode("observe")
+    if with_clip < MARGIN * without:
+        for act in per_channel:
+            act.set_range(*clipped[act.name])
+        notes.append(f"dual clipping kept at {kept} site(s): model output error {without:.4g} ->"
+                     f" {with_clip:.4g} on the calibration rows")
+    else:
+        notes.append(f"dual clipping dropped: its {kept} site(s) did not cut the model output "
+                     f"error by {100 * (1 - MARGIN):.0f}% ({without:.4g} -> {with_clip:.4g})")
+    return notes
 
 
 def _check(qmodel: QuantizedModel, calib_data, config: QuantConfig,

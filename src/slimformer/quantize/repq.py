@@ -125,17 +125,31 @@ def learn_dual_clipping(act: ActQuantizer, weights: list[torch.Tensor], steps: i
 
     Loss: sum over consumer Linears of ``|| (Q(X) - X) W^T ||^2`` on the sampled calibration rows
     ``X (n, C)``, with straight-through rounding. Bounds move in units of each channel's initial
-    range. Returns the relative reduction of the loss (the best bounds seen are kept).
+    range. The bounds are learned on the rows of some calibration batches and kept only if they
+    lower the loss on the rows of the others by :data:`~slimformer.quantize.select.MARGIN`
+    (clipping what a few rows hold overfits: an outlier of unseen rows is cut). Returns the
+    relative reduction of the held-out loss (0.0 when the bounds were not kept).
     """
-    x = act.samples()
-    x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:2048]]
+    from slimformer.quantize.select import MARGIN
+
+    x_all = act.samples()
+    groups = act.sample_groups()
+    held_mask = groups % 2 == 1  # odd calibration batches validate, even ones fit
+    if not held_mask.any() or held_mask.all():  # one batch: hold out a random quarter
+        g = torch.Generator().manual_seed(0)
+        held_mask = torch.rand(len(x_all), generator=g) < 0.25
+    perm = torch.Generator().manual_seed(0)
+    x = x_all[~held_mask]
+    x = x[torch.randperm(len(x), generator=perm)[:2048]]
+    x_held = x_all[held_mask]
+    x_held = x_held[torch.randperm(len(x_held), generator=perm)[:2048]]
     ws = [w.detach() for w in weights]
     lo0, hi0 = act.lo.detach().clone(), act.hi.detach().clone()
     # work in units of the data (quantization is scale-equivariant): squares of tiny activations
     # would underflow float32 and leave no gradient
     unit = torch.maximum(lo0.abs().max(), hi0.abs().max())
     unit = unit if float(unit) > 0 else torch.ones(())
-    x, lo0, hi0 = x / unit, lo0 / unit, hi0 / unit
+    x, x_held, lo0, hi0 = x / unit, x_held / unit, lo0 / unit, hi0 / unit
     w_unit = max(float(w.abs().max()) for w in ws) if ws else 1.0
     ws = [w / (w_unit if w_unit > 0 else 1.0) for w in ws]
     span = hi0 - lo0  # bounds move in units of each channel's own range (never a fixed floor)
@@ -143,27 +157,37 @@ def learn_dual_clipping(act: ActQuantizer, weights: list[torch.Tensor], steps: i
     u = torch.zeros(2, lo0.numel(), requires_grad=True)
     opt = torch.optim.Adam([u], lr=lr)
 
-    def loss_fn():
-        lo = torch.minimum(lo0 + span * u[0], torch.zeros_like(lo0))
-        hi = torch.maximum(hi0 + span * u[1], lo + 1e-4 * span)
+    def params(lo, hi):
         if act.symmetric:
-            s, z = symmetric_params(lo, hi, act.bits)
-        else:
-            s = positive_scale((hi - lo) / (2**act.bits - 1))
-            z = ((-lo / s).round() - (-lo / s)).detach() + (-lo / s)
-            z = z.clamp(0, 2**act.bits - 1)
-        err = fake_uniform(x, s, z, act.bits) - x
-        return sum(((err @ w.t()) ** 2).mean() for w in ws), lo, hi
+            return symmetric_params(lo, hi, act.bits)
+        s = positive_scale((hi - lo) / (2**act.bits - 1))
+        z = ((-lo / s).round() - (-lo / s)).detach() + (-lo / s)
+        return s, z.clamp(0, 2**act.bits - 1)
+
+    def loss_at(rows, lo, hi):
+        s, z = params(lo, hi)
+        err = fake_uniform(rows, s, z, act.bits) - rows
+        return sum(((err @ w.t()) ** 2).mean() for w in ws)
+
+    def bounds():
+        lo = torch.minimum(lo0 + span * u[0], torch.zeros_like(lo0))
+        return lo, torch.maximum(hi0 + span * u[1], lo + 1e-4 * span)
 
     with torch.no_grad():
-        first = float(loss_fn()[0])
+        first = float(loss_at(x, lo0, hi0))
     best, best_lo, best_hi = first, lo0, hi0
     for _ in range(steps):
         opt.zero_grad()
-        loss, lo, hi = loss_fn()
+        lo, hi = bounds()
+        loss = loss_at(x, lo, hi)
         if loss.item() < best:
             best, best_lo, best_hi = loss.item(), lo.detach().clone(), hi.detach().clone()
         loss.backward()
         opt.step()
+    with torch.no_grad():
+        held0 = float(loss_at(x_held, lo0, hi0))
+        held = float(loss_at(x_held, best_lo, best_hi))
+    if not held < MARGIN * held0:  # no clear held-out gain: keep the observed range
+        return 0.0
     act.set_range(best_lo * unit, best_hi * unit)
-    return 1.0 - best / first if first > 0 else 0.0
+    return 1.0 - held / held0 if held0 > 0 else 0.0
