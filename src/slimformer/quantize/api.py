@@ -198,10 +198,13 @@ def _dual_clipping(qmodel: QuantizedModel, calib_data, config: QuantConfig, tick
         ws = [lq.matrix().detach() for lq in state.linears.values() if lq.act is act]
         gain = learn_dual_clipping(act, ws, config.clip_steps)
         kept += gain > 0
-        notes.append(f"{act.name}: dual clipping cut the held-out output error by "
-                     f"{100 * gain:.1f}%" if gain > 0 else f"{act.name}: dual clipping not "
-                     "kept (no clear gain on held-out calibration rows)")
+        if gain > 0:
+            notes.append(f"{act.name}: dual clipping cut the held-out output error by "
+                         f"{100 * gain:.1f}%")
         tick("dual clipping", i + 1, len(per_channel))
+    if kept < len(per_channel):
+        notes.append(f"dual clipping not kept at {len(per_channel) - kept} of {len(per_channel)}"
+                     " site(s): no clear gain on held-out calibration rows")
     if not kept:
         return notes
     calibrate_weights(state, search=True)  # the quantized model before reparameterization
