@@ -47,8 +47,6 @@ DISCOVERY = {
 DISCOVERY_GAPS = {
     "phi3": "a gated MLP whose gate and up projections are one Linear split by chunk is not "
             "found (fc1's width is twice fc2's input)",
-    "deberta-v2": "an elementwise multiply by the attention mask between a norm and its Linears "
-                  "hides the pairs",
 }
 
 # name -> structures that cannot be cut, with a phrase of the reason (all others cut both)

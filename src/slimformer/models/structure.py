@@ -200,10 +200,12 @@ class _Analyzer:
                 todo.extend(self.cons.get(i, []))
         return None
 
-    def pass_consumers(self, start: int) -> list[int]:
+    def pass_consumers(self, start: int, scaled: list[int] | None = None) -> list[int]:
         """Consumers of node ``start``'s output, looking through pass-through ops.
 
-        ``-1`` stands for "returned from the model" (the value is also a model output).
+        ``-1`` stands for "returned from the model" (the value is also a model output). With
+        ``scaled`` (a list), per-token multiplies (:func:`_per_token_mul`: an attention mask
+        applied to a norm's output) are looked through too and appended to it.
         """
         out, todo, seen = [], [start], set()
         while todo:
@@ -217,9 +219,29 @@ class _Analyzer:
                 n = self.nodes[c]
                 if n.op in PASS_THROUGH and _keeps_channels(n):
                     todo.append(c)
+                elif scaled is not None and _per_token_mul(n, i):
+                    scaled.append(c)
+                    todo.append(c)
                 else:
                     out.append(c)
         return list(dict.fromkeys(out))
+
+
+def _per_token_mul(n: OpNode, src: int) -> bool:
+    """Whether ``n`` multiplies the value of node ``src`` by something constant along channels.
+
+    E.g. ``hidden * mask.unsqueeze(-1)``: every other factor broadcasts over the last axis (its
+    last size is 1, or it is a scalar) and is no parameter, and the output keeps ``src``'s shape.
+    Per-channel scales commute with it; a shift (zero point) folded into the norm does not.
+    """
+    if n.op != "mul" or src not in n.inputs or not n.out_shapes:
+        return False
+    j = n.inputs.index(src)
+    if j >= len(n.in_shapes) or tuple(n.out_shapes[0]) != tuple(n.in_shapes[j]):
+        return False
+    others = [k for k in range(len(n.inputs)) if k != j]
+    return all(k < len(n.in_shapes) and (len(n.in_shapes[k]) == 0 or n.in_shapes[k][-1] == 1)
+               and (k >= len(n.params) or n.params[k] is None) for k in others)
 
 
 def _keeps_channels(n: OpNode) -> bool:
@@ -293,7 +315,11 @@ def _norms(a: _Analyzer) -> list[NormSite]:
     for out_node, (path, kind, dim) in by_out.items():
         a.norm_out[out_node] = path
         _, _, linears, others = merged.setdefault(path, (kind, int(dim), [], []))
-        for c in a.pass_consumers(out_node):
+        scaled: list[int] = []
+        consumers = a.pass_consumers(out_node, scaled)
+        if scaled:  # exact only with the affine kept on the quantized branch (not folded)
+            others.append("per-token multiply (mask)")
+        for c in consumers:
             if c == -1:
                 others.append("model output")
                 continue
