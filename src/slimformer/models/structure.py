@@ -17,6 +17,7 @@ import torch
 from slimformer.errors import UnsupportedModelError
 from slimformer.models.trace import Graph, OpNode, detach_caches, record
 
+SPLITS = {"chunk", "split", "split_with_sizes", "tensor_split", "unbind", "getitem", "narrow"}
 LINEAR_OPS = {"linear", "addmm", "matmul", "mm", "bmm", "einsum", "baddbmm"}
 MATMUL_OPS = {"matmul", "bmm", "einsum", "mm", "baddbmm"}
 CONV_OPS = {"conv1d", "conv2d", "conv3d"}
@@ -87,13 +88,18 @@ class AttentionSite:
 
 @dataclass(frozen=True)
 class MlpSite:
-    """fc1 -> activation -> fc2 (fc1 has two Linears for gated MLPs)."""
+    """fc1 -> activation -> fc2 (fc1 has two Linears for gated MLPs).
+
+    ``fc1_parts`` is 2 when gate and up are one Linear whose output is split in two halves
+    (``gate, up = fc1(x).chunk(2, -1)``): hidden unit ``j`` owns rows ``j`` and ``hidden + j``.
+    """
 
     fc1: tuple[str, ...]
     fc2: str
     activation: tuple[str, ...]
     hidden: int
     gated: bool
+    fc1_parts: int = 1
 
 
 @dataclass
@@ -433,11 +439,19 @@ def _mlps(a: _Analyzer, attn: list[AttentionSite]) -> list[MlpSite]:
         if not fc1 or not acts or len(fc1) != len(found):
             continue
         ins = {a.lin[i][2] for i in fc1}
-        if ins != {fout2} or any(a.lin[i][3] != fin2 for i in fc1):
+        if ins != {fout2}:
             continue
+        parts = 1
+        if any(a.lin[i][3] != fin2 for i in fc1):
+            # one Linear holding gate and up, split in two halves before the gating multiply
+            fused = len(fc1) == 1 and a.lin[fc1[0]][3] == 2 * fin2 and "mul" in crossed and \
+                any(op in SPLITS for op in crossed)
+            if not fused:
+                continue
+            parts = 2
         seen_fc2.add(w2)
         sites.append(MlpSite(tuple(dict.fromkeys(a.lin[i][1] for i in fc1)), w2, acts, fin2,
-                             len(fc1) > 1))
+                             len(fc1) > 1 or parts > 1, parts))
     return sites
 
 

@@ -285,8 +285,10 @@ def _slice_mha(s: _Surgeon, mha: nn.MultiheadAttention, kept: list[int]) -> None
 
 def _slice_mlp(s: _Surgeon, site, kept: list[int]) -> None:
     idx = torch.tensor(kept)
+    parts = site.fc1_parts  # gate and up in one Linear: the same units of each half
+    rows = torch.cat([idx + k * site.hidden for k in range(parts)])
     for w in site.fc1:
-        s.cut(w, s.out_axis(w), idx, site.hidden)
+        s.cut(w, s.out_axis(w), rows, site.hidden * parts)
     s.cut(site.fc2, 1 - s.out_axis(site.fc2), idx, site.hidden)
 
 

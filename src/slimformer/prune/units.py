@@ -146,8 +146,8 @@ def unit_groups(model: nn.Module, structure: StructureMap, structures, skip: dic
             if i in skip.get("mlp", {}):
                 continue
             fc2 = (m.fc2, 1 - _out_axis(refs, m.fc2))
-            scored = [(w, _out_axis(refs, w), 1) for w in m.fc1] + [(*fc2, 1)]
-            c = sum(cost(w, ax, 1) for w, ax, _ in scored)
+            scored = [(w, _out_axis(refs, w), m.fc1_parts) for w in m.fc1] + [(*fc2, 1)]
+            c = sum(cost(w, ax, k) for w, ax, k in scored)
             out.append(UnitGroup("mlp", i, m.hidden, 1, 1, ((*fc2, None),), tuple(scored), c))
     if "dims" in structures:
         for i, mode in (dim_modes or {}).items():
