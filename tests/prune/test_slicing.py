@@ -32,8 +32,6 @@ NOT_SLICEABLE = {"t5": "sliced forward failed", "t5-eager": "sliced forward fail
 SLICING_BUGS = {
     "levit": "its MLPs (Linear + BatchNorm1d modules) cannot be sliced: the sliced forward "
              "fails",
-    "siglip": "after slicing, rediscovery misses the vision pooling head (an "
-              "nn.MultiheadAttention sliced to 1 head)",
 }
 
 

@@ -136,7 +136,8 @@ def _linear_of(node: OpNode) -> tuple[int, str, int, int] | None:
     if node.op not in LINEAR_OPS or node.op == "einsum":
         return None
     wpos = [i for i, p in enumerate(node.params) if p is not None and len(node.in_shapes[i]) == 2]
-    apos = [i for i, p in enumerate(node.params) if p is None]
+    # activations: not parameters, or computed from one with a batch axis (a learned probe)
+    apos = [i for i, p in enumerate(node.params) if p is None or len(node.in_shapes[i]) > 2]
     if not wpos or not apos:
         return None
     if node.op == "linear":

@@ -19,6 +19,7 @@ CONST = -2  # producer index of a buffer or constant created outside any recorde
 
 # Functions whose internals are hidden from the mode but whose arguments say everything we need.
 _OPAQUE_ATTENTION = {"multi_head_attention_forward"}
+_PRODUCTS = {"linear", "matmul", "mm", "bmm", "addmm", "einsum", "baddbmm"}  # canonical names
 # Tensor queries that produce no tensors worth recording.
 _SKIP = {"size", "dim", "numel", "shape", "dtype", "device", "is_floating_point", "__len__",
          "stride", "data_ptr", "element_size", "is_contiguous", "requires_grad", "ndim",
@@ -134,7 +135,9 @@ class _Recorder(TorchFunctionMode):
             node.params.append(pname)
             node.in_shapes.append(tuple(t.shape))
         node.out_shapes = [tuple(o.shape) for o in tout]
-        node.param_only = bool(tin) and all(p is not None for p in node.params)
+        node.param_only = bool(tin) and all(p is not None for p in node.params) and not (
+            node.op in _PRODUCTS and len(node.in_shapes[0]) > 2)  # a learned query times a
+        # weight (an attention-pooling probe) is an activation: weights and their views are 2-D
         for k in ("dim", "num_heads", "embed_dim_to_check", "scale", "is_causal"):
             if k in kwargs and isinstance(kwargs[k], (int, float, bool)):
                 node.meta[k] = kwargs[k]
