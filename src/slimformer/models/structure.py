@@ -112,6 +112,9 @@ class StructureMap:
     linears: list[LinearRef] = field(default_factory=list)
     convs: list[str] = field(default_factory=list)
     executions: dict[str, int] = field(default_factory=dict)  # module path -> calls per forward
+    # Linear weight -> modules normalizing its output per channel (a BatchNorm after a Linear):
+    # cutting the Linear's outputs cuts their channels too
+    followers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     params: int = 0
     macs: int = 0  # per forward of the example inputs
     batch: int = 1
@@ -185,6 +188,8 @@ class _Analyzer:
                 continue
             if n.param_only or self.is_act_matmul(n) or n.op in {"softmax", "sdpa", "mha",
                                                                   "embedding", "layer_norm"}:
+                continue
+            if n.op in CONV_OPS:  # a conv mixes channels like a Linear: no path crosses it
                 continue
             if stop_at_norm and i in self.norm_out:
                 continue
@@ -456,6 +461,21 @@ def _mlps(a: _Analyzer, attn: list[AttentionSite]) -> list[MlpSite]:
     return sites
 
 
+def _followers(a: _Analyzer) -> dict[str, tuple[str, ...]]:
+    """Per Linear weight, the BatchNorm modules applied to its output over the same channels."""
+    out: dict[str, list[str]] = {}
+    for idx, (_, w, _, fout) in a.lin.items():
+        for c in a.pass_consumers(idx):
+            n = a.nodes[c] if c >= 0 else None
+            if n is None or n.op != "batch_norm" or len(n.in_shapes[0]) < 2 or \
+                    n.in_shapes[0][1] != fout:
+                continue
+            bn = next((p for p in n.params[1:] if p), None)  # its weight or bias
+            if bn is not None:
+                out.setdefault(w, []).append(a.owner[bn])
+    return {w: tuple(dict.fromkeys(m)) for w, m in out.items()}
+
+
 def discover(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
              require_attention: bool = True) -> StructureMap:
     """Find norms, attention sites and MLPs of ``model`` from one forward pass on ``inputs``.
@@ -474,6 +494,7 @@ def discover(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
     smap.attention = _dedupe(_attention(a))
     smap.mlps = _mlps(a, smap.attention)
     smap.linears = list({r.weight: r for r in map(a.linear_ref, sorted(a.lin))}.values())
+    smap.followers = _followers(a)
     smap.convs = list(dict.fromkeys(
         a.owner.get(next(p for p in n.params if p), "") for n in graph.nodes
         if n.op in CONV_OPS and any(n.params)))

@@ -127,7 +127,11 @@ def _prepare(model, config: SearchConfig, eval_data, structure):
     probe_space = build_space(structure, blocks, config.space.model_copy(
         update={"heads": [1.0], "mlp": [1.0], "weight_bits": [8], "act_bits": [8, 4]}))
     heads, mlps = SuperNet(model, structure, probe_space).probe(inputs)
-    notes = []
+    notes = [f"attention site {i}: heads kept whole (no single output projection of width "
+             "heads x head_dim takes a head mask)" for i in range(len(structure.attention))
+             if i not in heads]
+    notes += [f"MLP {i}: width kept whole (its fc2 input does not take a unit mask)"
+              for i in range(len(structure.mlps)) if i not in mlps]
     if slicing_available():
         from slimformer.prune.slicing import head_groups, sliceable
 

@@ -94,6 +94,7 @@ class _Surgeon:
         self.model = model
         self.regs = _registrations(model)
         self.refs: dict[str, LinearRef] = {r.weight: r for r in structure.linears}
+        self.followers = structure.followers
         self.done: set[tuple[str, int]] = set()
 
     def param(self, name: str) -> nn.Parameter:
@@ -115,8 +116,21 @@ class _Surgeon:
             for b in list(owner._parameters.values()):
                 if b is not None and b is not p and b.dim() == 1 and b.shape[0] == old:
                     self._replace(b, b.detach().index_select(0, idx))
+            for path in self.followers.get(name, ()):  # a BatchNorm of these outputs
+                self._cut_channels(self.model.get_submodule(path), idx, old)
         self._fix_owner(owner, p.shape[1 - axis] if p.dim() == 2 else None, axis == out_axis,
                         old, len(idx))
+
+    def _cut_channels(self, mod: nn.Module, idx: torch.Tensor, old: int) -> None:
+        """Keep channels ``idx`` of a per-channel module (affine parameters, running stats)."""
+        for b in list(mod._parameters.values()):
+            if b is not None and b.dim() == 1 and b.shape[0] == old:
+                self._replace(b, b.detach().index_select(0, idx))
+        for key, b in list(mod._buffers.items()):
+            if b is not None and b.dim() == 1 and b.shape[0] == old:
+                mod._buffers[key] = b.index_select(0, idx).clone()
+        if getattr(mod, "num_features", None) == old:
+            mod.num_features = len(idx)
 
     def out_axis(self, name: str) -> int:
         ref = self.refs.get(name)
