@@ -669,6 +669,10 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
                                                 if o.strip()],
                        samples=samples, train_steps=train_steps, front_max=front_max,
                        val_rows=val_rows, study=study, worker=worker, **given)
+        if storage is not None:  # a bad storage fails before anything is written
+            from slimformer.nas.study import open_storage
+
+            open_storage(stage.search_config().storage_url())
         result = _run_one(con, "search", model, config, [stage], out, overwrite,
                           _data_config(data))
     rec = result.report.stages[-1]
