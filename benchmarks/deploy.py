@@ -190,7 +190,7 @@ def run_task(name: str, repeats: int, n_calib: int, limit: int, d: Path, notes: 
     isa = cpu.isa
     lint = dict(lint=False)
     if opset23_supported():
-        exp(asym, "ort23", OnnxConfig(target="ort-cpu", **lint),
+        exp(asym, "ort23", OnnxConfig(target="ort-cpu", opset=23, **lint),
             f"ours W8A8 asym, ort-cpu ({isa}) opset 23")
     exp(asym, "ort20", OnnxConfig(target="ort-cpu", opset=20, **lint),
         f"ours W8A8 asym, ort-cpu ({isa}) opset 20")

@@ -20,11 +20,20 @@ def test_prune_quantize_export_onnx_and_hls_command_by_command(tmp_path):
     p, q = tmp_path / "pruned", tmp_path / "quantized"
     _ok("prune", "vit-digits-seq", "--out", p, "--method", "magnitude", "--finetune-steps", "0",
         "--structures", "mlp", "--ratio", "0.5")
-    assert (p / "pruned" / "prune.json").is_file() and (p / "report.json").is_file()
+    assert (p / "pruned" / "slimformer.json").is_file() and (p / "report.json").is_file()
     _ok("quantize", p, "--out", q, "--method", "minmax", "--softmax", "none",
         "--power-of-two-scales")  # quantize the pruned model, FPGA-ready
-    meta = json.loads((q / "quantized" / "quant.json").read_text())
+    meta = json.loads((q / "quantized" / "slimformer.json").read_text())
     assert meta["slice_spec"]  # the pruning travels with the quantized artifact
+    # one manifest format: the stages applied, in order, each with its config and results
+    assert meta["format"] == "slimformer-artifact" and meta["kind"] == "quantized"
+    assert [s["stage"] for s in meta["stages"]] == ["prune", "quantize"]
+    prune_rec, quant_rec = meta["stages"]
+    assert prune_rec["config"]["method"] == "magnitude" and prune_rec["config"]["ratio"] == 0.5
+    assert prune_rec["result"]["params_after"] < prune_rec["result"]["params_before"]
+    assert quant_rec["config"]["method"] == "minmax" and quant_rec["config"]["power_of_two_scales"]
+    pmeta = json.loads((p / "pruned" / "slimformer.json").read_text())
+    assert pmeta["stages"] == [prune_rec] and pmeta["slice_spec"] == meta["slice_spec"]
     ev = []
     for m in ("vit-digits-seq", p, q):
         text = _ok("eval", m, "--repeats", "1", "--json")
@@ -46,11 +55,11 @@ def test_search_output_is_a_model_for_the_next_command(tmp_path):
     s = tmp_path / "search"
     _ok("search", "vit-digits-seq", "--out", s, "--samples", "4", "--train-steps", "10",
         "--front-max", "1", "--val-rows", "200")
-    assert (s / "search" / "search.json").is_file() and (s / "state" / "search").is_dir()
+    assert (s / "search" / "slimformer.json").is_file() and (s / "state" / "search").is_dir()
     text = _ok("eval", s, "--repeats", "1", "--json")  # the chosen float sub-network
     assert json.loads(text[text.index("{"):])["accuracy"] > 0.3
     _ok("quantize", s, "--out", tmp_path / "q", "--method", "minmax")
-    assert (tmp_path / "q" / "quantized" / "quant.json").is_file()
+    assert (tmp_path / "q" / "quantized" / "slimformer.json").is_file()
     # a worker joins that study (its storage and super-network) from another output folder
     journal = next((s / "state" / "search").rglob("*.journal"))
     supernet = next((s / "state" / "search").rglob("*.supernet.pt"))

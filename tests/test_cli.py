@@ -88,7 +88,7 @@ def test_quantize_command(tmp_path):
     res = runner.invoke(app, ["quantize", "vit-digits-seq", "--method", "repq", "--weight-bits",
                               "6", "--act-bits", "6", "--out", str(tmp_path / "q")])
     assert res.exit_code == 0, res.output
-    assert "accuracy" in res.output and (tmp_path / "q" / "quantized" / "quant.json").is_file()
+    assert "accuracy" in res.output and (tmp_path / "q" / "quantized" / "slimformer.json").is_file()
     res = runner.invoke(app, ["quantize", "vit-digits-seq", "--weight-bits", "12", "--out",
                               str(tmp_path / "bad")])
     assert res.exit_code == 2 and "weight_bits: must be 2..8, got 12" in res.output

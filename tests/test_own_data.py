@@ -68,7 +68,7 @@ def test_image_model_with_an_image_folder(tmp_path):
                               str(tmp_path / "q"), "--calib-samples", "16"])
     # the folder's class names are not the model's: evaluation still compares with FP32
     assert res.exit_code == 0, res.output
-    assert "accuracy" in res.output and (tmp_path / "q" / "quantized" / "quant.json").is_file()
+    assert "accuracy" in res.output and (tmp_path / "q" / "quantized" / "slimformer.json").is_file()
 
 
 def test_recipe_base_model_without_labels_reports_fidelity(tmp_path):

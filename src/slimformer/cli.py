@@ -764,7 +764,7 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
                          clock_period_ns=clock_ns, reuse_factor=rf, strategy=strategy,
                          gelu=gelu, csim=csim)]
         saved = find(model)
-        quantized = saved is not None and saved[0] == "quantize"
+        quantized = saved is not None and saved[0] == "quantized"
         if quantized:
             con.print("the saved model is quantized already: its quantizers give the types "
                       "(exact when it was quantized with power-of-two scales)", markup=False)

@@ -93,7 +93,7 @@ def run(recipe: Recipe, progress: Progress | None = None,
 
 
 def _load(recipe: Recipe):
-    """``(loaded, model, base spec, slice spec, applied stages)`` of the recipe's model.
+    """``(loaded, model, base spec, slice spec, applied stage entries)`` of the recipe's model.
 
     A saved slimformer folder (``source: artifact``) is restored by replaying its stages; a
     stage that cannot follow them (prune or quantize after quantize) is refused here.
@@ -108,7 +108,7 @@ def _load(recipe: Recipe):
                              f"(stages applied: {', '.join(r.applied)}); a {st.type} stage must "
                              "come before quantization: start from its float input instead")
     return r.loaded, r.module, r.loaded.spec if r.folder else recipe.model, r.slice_spec, \
-        r.applied
+        r.history
 
 
 def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path) -> RunResult:
@@ -119,13 +119,13 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
     torch.manual_seed(recipe.seed)
     if progress:
         progress("load model", 0, 1)
-    loaded, model, base_spec, slice_spec, applied = _load(recipe)
+    loaded, model, base_spec, slice_spec, history = _load(recipe)
     smap = discover(loaded.module, loaded.example_inputs(2), require_attention=True)
     data = RunData(loaded, recipe.data, recipe.seed)
     dataset_name, eval_data = data.label, data.get("eval")
     ctx = RunContext(recipe.name, base_spec, recipe.data.batch_size, model, loaded,
                      smap, eval_data, progress=progress, staging=staging, data=data,
-                     slice_spec=slice_spec, out=out)
+                     slice_spec=slice_spec, out=out, history=list(history))
     with scratch_in(staging / ".scratch"):  # temporary files of the stages, removed after
         for i, stage in enumerate(recipe.stages):
             if progress:
@@ -144,7 +144,7 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
         recipe=recipe.model_dump(mode="json"),
         model={"spec": recipe.model.model_dump(mode="json"), "class": type(loaded.module).__name__,
                **model_size(loaded.module), "macs_per_sample": smap.macs,
-               "applied_stages": list(applied)},
+               "applied_stages": [h["stage"] for h in history]},
         structure=_structure_summary(smap),
         data={"dataset": dataset_name, "eval_split": recipe.data.eval_split,
               "eval_samples": len(eval_data)},

@@ -96,9 +96,9 @@ def test_factory_in_saved_folders_is_refused_without_trust(tmp_path, monkeypatch
     save_quantized(res.model, tmp_path / "q", spec)
     save_pruned(lm.module, SliceSpec({}, {}, {}), tmp_path / "p", spec)
     _forget(name, marker)
-    for load, folder, meta in ((load_quantized, "q", "quant.json"),
-                               (load_pruned, "p", "prune.json"),
-                               (saved_spec, "q", "quant.json")):
+    for load, folder, meta in ((load_quantized, "q", "slimformer.json"),
+                               (load_pruned, "p", "slimformer.json"),
+                               (saved_spec, "q", "slimformer.json")):
         with pytest.raises(ModelLoadError) as e:
             load(tmp_path / folder)
         msg = str(e.value)
@@ -150,10 +150,10 @@ def test_hf_dir_with_custom_code_never_runs_it(tmp_path, monkeypatch, model_type
 
 
 def test_edited_config_is_refused(q):
-    meta = json.loads((q / "quant.json").read_text())
-    meta["config"]["weight_bits"] = 8
-    (q / "quant.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelLoadError, match=r"quant.json: section 'config' was edited"):
+    meta = json.loads((q / "slimformer.json").read_text())
+    meta["stages"][-1]["config"]["weight_bits"] = 8
+    (q / "slimformer.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match=r"slimformer.json: section 'stages' was edited"):
         load_quantized(q)
 
 
@@ -183,16 +183,16 @@ def test_wrong_shape_tensor_is_refused_even_with_matching_hashes(q, key):
     state = load_file(str(f))
     state[key] = state[key][:-1].contiguous()  # one output row fewer
     save_file(state, str(f))
-    _reseal(q, "quant.json", "quantized.safetensors")
+    _reseal(q, "slimformer.json", "quantized.safetensors")
     with pytest.raises(ModelLoadError, match=rf"does not fit the rebuilt model .*{key}: "):
         load_quantized(q)
 
 
 def test_unreadable_manifests_and_headers_are_typed(q):
-    f = q / "quant.json"
+    f = q / "slimformer.json"
     good = f.read_text()
     f.write_text(good[: len(good) // 2])
-    with pytest.raises(ModelLoadError, match="quant.json is not valid JSON"):
+    with pytest.raises(ModelLoadError, match="slimformer.json is not valid JSON"):
         load_quantized(q)
     meta = json.loads(good)
     del meta["model_spec"]
@@ -202,13 +202,24 @@ def test_unreadable_manifests_and_headers_are_typed(q):
     f.write_text(json.dumps(json.loads(good) | {"format_version": 1}))
     with pytest.raises(ModelLoadError, match="older slimformer without file hashes"):
         load_quantized(q)
+    f.write_text(json.dumps(json.loads(good) | {"kind": "pruned"}))
+    with pytest.raises(ModelLoadError, match="holds a pruned artifact, not a quantized one"):
+        load_quantized(q)
+    f.write_text(json.dumps(json.loads(good) | {"format": "other-tool"}))
+    with pytest.raises(ModelLoadError, match="not a slimformer artifact manifest"):
+        load_quantized(q)
+    f.unlink()
+    (q / "quant.json").write_text(good)  # a folder of format version 3 (one manifest per stage)
+    with pytest.raises(ModelLoadError, match=r"quant.json was written by an older slimformer"):
+        load_quantized(q)
+    (q / "quant.json").unlink()
     f.write_bytes(b"\xff\xfe{" + b"\x00" * 10)
     with pytest.raises(ModelLoadError, match="not UTF-8"):
         load_quantized(q)
     f.write_text(good)
     (q / "quantized.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json header")
     meta = json.loads(good)
-    (q / "quant.json").write_text(json.dumps(seal(meta, q, ["quantized.safetensors"])))
+    (q / "slimformer.json").write_text(json.dumps(seal(meta, q, ["quantized.safetensors"])))
     with pytest.raises(ModelLoadError, match="not a valid safetensors file"):
         load_quantized(q)
 
@@ -226,9 +237,9 @@ def test_pruned_folder_edited_or_wrong_shape_is_refused(tmp_path):
     with torch.no_grad():
         assert torch.equal(load_pruned(tmp_path / "p").module(x=_x()), small(x=_x()))
     shutil.copytree(tmp_path / "p", tmp_path / "edited")
-    meta = json.loads((tmp_path / "edited" / "prune.json").read_text())
+    meta = json.loads((tmp_path / "edited" / "slimformer.json").read_text())
     meta["slice_spec"]["heads"]["0"] = [1]
-    (tmp_path / "edited" / "prune.json").write_text(json.dumps(meta))
+    (tmp_path / "edited" / "slimformer.json").write_text(json.dumps(meta))
     with pytest.raises(ModelLoadError, match="section 'slice_spec' was edited"):
         load_pruned(tmp_path / "edited")
     f = tmp_path / "p" / "pruned.safetensors"
@@ -236,7 +247,7 @@ def test_pruned_folder_edited_or_wrong_shape_is_refused(tmp_path):
     key = "blocks.1.fc1.weight"
     state[key] = torch.cat([state[key], state[key][:1]])  # one MLP unit more than the spec keeps
     save_file(state, str(f))
-    _reseal(tmp_path / "p", "prune.json", "pruned.safetensors")
+    _reseal(tmp_path / "p", "slimformer.json", "pruned.safetensors")
     with pytest.raises(ModelLoadError, match=rf"{key}: F32 \[17, 16\] in the file, the rebuilt "
                                              r"model has F32 \[16, 16\]"):
         load_pruned(tmp_path / "p")

@@ -90,7 +90,15 @@ def test_zoo_parity_and_eval_set_agreement(name, tmp_path):
     agree = float((sim == ort).float().mean())
     print(f"{name}: QDQ vs simulated: {steps:.3f} of outputs within 1 step, argmax agreement on "
           f"{len(test)} eval rows {agree:.4f}")
-    assert agree >= 0.99
+    if q.form["float_attention"] and q.ops.get("Attention"):
+        # the default ort-cpu form runs attention in float (opset 23 Attention; the simulated
+        # model quantizes it): as faithful to FP32 as the simulated model, within a point
+        fp32, _ = evaluate_model(lm.module, test)
+        sim_fp32, ort_fp32 = (float((p == fp32).float().mean()) for p in (sim, ort))
+        print(f"{name}: agreement with FP32: simulated {sim_fp32:.4f}, ONNX Runtime {ort_fp32:.4f}")
+        assert ort_fp32 >= sim_fp32 - 0.01 and agree >= 0.97
+    else:  # every quantizer exported: the simulated model's predictions
+        assert agree >= 0.99
     if sum(p.numel() for p in lm.module.parameters()) > 100_000:  # weights dominate the file
         assert q.size_bytes < 0.45 * res.size_bytes
 

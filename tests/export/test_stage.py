@@ -58,3 +58,32 @@ def test_cli_export_onnx_lint_and_tensorrt(tmp_path):
     assert res.exit_code == 2 and "--overwrite" in res.output  # an existing file
     res = runner.invoke(app, ["export", "tensorrt", str(f), "-o", "x.plan", "--batch", "4,2,1"])
     assert res.exit_code == 2 and "min,opt,max" in res.output
+
+
+def test_recipe_export_for_openvino_runs_in_openvino(tmp_path):
+    """The openvino target: accuracy, agreement and latency measured in OpenVINO itself."""
+    import os
+
+    import pytest
+
+    from slimformer.export.openvino import openvino_available
+
+    if not openvino_available() and not os.environ.get("CI"):
+        pytest.skip("openvino is not installed")
+    out = tmp_path / "out"
+    recipe = parse_recipe({
+        "name": "ov", "model": {"source": "zoo", "name": "vit-digits-seq"},
+        "stages": [{"type": "evaluate", "latency_batch_sizes": [1], "latency_repeats": 1},
+                   {"type": "quantize", "method": "repq", "calib_samples": 64, "save": False,
+                    "symmetric": True, "softmax": "uniform"},
+                   {"type": "export", "target": "openvino", "latency_batch_sizes": [4],
+                    "latency_repeats": 2}],
+        "output": {"dir": str(out)}})
+    run(recipe)
+    ev, _, ex = json.loads((out / "report.json").read_text())["stages"]
+    m = ex["metrics"]
+    assert m["form_target"] == "openvino"
+    # OpenVINO runs the same QDQ file as ONNX Runtime: the same predictions, nearly everywhere
+    assert m["openvino_agreement"] >= 0.97 and m["agreement"] >= 0.97
+    assert abs(m["openvino_accuracy"] - ev["metrics"]["accuracy"]) < 0.03
+    assert {"openvino batch=4", "openvino float batch=4"} <= set(ex["latency"])

@@ -65,10 +65,10 @@ def test_target_to_form():
             ("model", "model", 20, None, False)
     with pytest.raises(ExportError, match="applies to target 'ort-cpu' only"):
         resolve_form(OnnxConfig(target="openvino", isa="avx2"), True)
-    f = resolve_form(OnnxConfig(target="ort-cpu"), True)  # quantized: every quantizer kept
+    f = resolve_form(OnnxConfig(target="ort-cpu"), True)  # quantized: float Attention at 23
+    assert f.opset == (23 if opset23_supported() else 20) and f.float_attention == (f.opset == 23)
+    f = resolve_form(OnnxConfig(target="ort-cpu", opset=20), True)  # every quantizer kept
     assert f.opset == 20 and not f.float_attention
-    f = resolve_form(OnnxConfig(target="ort-cpu", opset=23), True) if opset23_supported() else f
-    assert f.float_attention == (f.opset == 23)
     f = resolve_form(OnnxConfig(target="ort-cpu"), False)  # float: the standard Attention op
     assert f.opset == (23 if opset23_supported() else 20) and not f.float_attention
 

@@ -43,7 +43,7 @@ def test_export_hls_cli_writes_a_project_without_compiling(tmp_path):
                               "--backend", "Vivado", "--clock-ns", "4"])
     assert res.exit_code == 0, res.output
     assert (out / "hls" / "firmware" / "myproject.cpp").is_file()  # the one-stage recipe's
-    assert (out / "quantized" / "quant.json").is_file()  # the model the project was built from
+    assert (out / "quantized" / "slimformer.json").is_file()  # the model the project was built from
     assert "estimate_latency_us" in res.output and "vivado_hls -f build_prj.tcl" in res.output
     assert f"cd {out / 'hls'} " in res.output  # the synthesis command names the real folder
 

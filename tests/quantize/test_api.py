@@ -70,8 +70,8 @@ def test_save_and_load_give_identical_outputs(digits, tmp_path, form):
     model = res.model if form == "simulated" else to_inference(res.model)
     save_quantized(model, tmp_path / "q", ZooSpec(name="vit-digits-seq"))
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == [".slimformer-output",
-                                                                 "quant.json",
-                                                                 "quantized.safetensors"]
+                                                                 "quantized.safetensors",
+                                                                 "slimformer.json"]
     again = load_quantized(tmp_path / "q")
     x = test.inputs["x"]
     with torch.no_grad():

@@ -52,7 +52,7 @@ def _check_round_trip(model, folder, spec, x, slice_spec=None):
     again = load_quantized(folder)
     with torch.no_grad():
         assert torch.equal(again(**x), model(**x))
-    meta = json.loads((folder / "quant.json").read_text())
+    meta = json.loads((folder / "slimformer.json").read_text())
     stored = set(meta["tensors"])
     for lq in model.quant.linears.values():  # no float copy of a weight its codes give
         assert "model." + lq.name not in stored
@@ -115,7 +115,7 @@ def test_embedding_tables_are_packed(tmp_path):
     again = load_quantized(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(again(**x).last_hidden_state, model(**x).last_hidden_state)
-    stored = json.loads((tmp_path / "q" / "quant.json").read_text())["tensors"]
+    stored = json.loads((tmp_path / "q" / "slimformer.json").read_text())["tensors"]
     for key, eq in model.quant.embeddings.items():
         assert "model." + eq.name not in stored
         assert stored[f"quant.embeddings.{key}.int_weight"]["shape"] == [
@@ -129,9 +129,9 @@ def test_code_record_that_disagrees_with_the_model_is_refused(tmp_path):
                    get_dataset("digits-seq", "calib", limit=64))
     q = tmp_path / "q"
     save_quantized(to_inference(res.model), q, DIGITS)
-    meta = json.loads((q / "quant.json").read_text())
+    meta = json.loads((q / "slimformer.json").read_text())
     meta["codes"]["quant.linears.head_weight.int_weight"]["bits"] = 8
-    (q / "quant.json").write_text(json.dumps(seal(meta, q, [TENSORS])))
+    (q / "slimformer.json").write_text(json.dumps(seal(meta, q, [TENSORS])))
     with pytest.raises(ModelLoadError, match=r"does not fit the rebuilt model .*head_weight"
                                              r"\.int_weight: 8-bit codes of \[\d+, 16\] recorded"):
         load_quantized(q)

@@ -1,7 +1,9 @@
 """Write a search's results: front table (Markdown, JSON), front plot, the chosen sub-network.
 
-``search.json`` records the SHA-256 of every file written and the dtype and shape of each tensor
-of ``chosen.safetensors``; :func:`load_chosen` checks them before it builds anything.
+The folder is an artifact (:mod:`slimformer.report.manifest`): ``slimformer.json`` records the
+search stage (config and chosen point), the SHA-256 of every file written and the dtype and shape
+of each tensor of ``chosen.safetensors``; :func:`load_chosen` checks them before it builds
+anything.
 """
 
 from __future__ import annotations
@@ -9,13 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from slimformer import __version__
 from slimformer.errors import ModelLoadError
 from slimformer.nas.api import SearchResult
 from slimformer.nas.pareto import plot_front
+from slimformer.report.manifest import MANIFEST, read_artifact, stage_entry, write_manifest
 
-FORMAT_VERSION = 1
-MANIFEST, TENSORS, SPEC = "search.json", "chosen.safetensors", "chosen.json"
+KIND, TENSORS, SPEC = "search", "chosen.safetensors", "chosen.json"
 REDO = "run the search again (it resumes its study) to write the folder afresh"
 
 
@@ -49,16 +50,16 @@ def predictor_lines(result: SearchResult) -> list[str]:
             result.predictors.items()]
 
 
-def write_search(result: SearchResult, out_dir: str | Path, model_spec=None) -> None:
-    """``front.json``, ``front.md``, ``front.png``, ``chosen.*`` and ``search.json`` into ``out_dir``.
+def write_search(result: SearchResult, out_dir: str | Path, model_spec=None,
+                 config=None) -> None:
+    """``front.json``, ``front.md``, ``front.png``, ``chosen.*`` and the manifest into ``out_dir``.
 
     The folder is expected to be a fresh (temporary) one: callers wrap it in an atomic writer.
     ``model_spec`` (the searched base model's spec) is recorded so the folder can be restored as
-    a model (:mod:`slimformer.stages.artifact`: the chosen float sub-network).
+    a model (:mod:`slimformer.stages.artifact`: the chosen float sub-network); ``config`` (the
+    :class:`~slimformer.nas.config.SearchConfig`) is recorded as the search stage's config.
     """
     from safetensors.torch import save_file
-
-    from slimformer.report.integrity import seal, tensor_manifest
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,24 +77,36 @@ def write_search(result: SearchResult, out_dir: str | Path, model_spec=None) -> 
     plot_front(groups, result.objectives, out / "front.png", result.reference,
                "sub-networks: accuracy against cost")
     files = ["front.json", "front.md", "front.png"]
-    meta = {"format_version": FORMAT_VERSION, "slimformer_version": __version__, "tensors": {},
-            "model_spec": model_spec.model_dump(mode="json") if model_spec is not None else None}
+    weights = None
     if result.float_model is not None:
         state = {k: v.detach().contiguous().clone() for k, v in
                  result.float_model.state_dict().items()}
         save_file(state, str(out / TENSORS))
         (out / SPEC).write_text(json.dumps(result.chosen_spec, indent=2) + "\n",
                                 encoding="utf-8")
-        files += [TENSORS, SPEC]
-        meta["tensors"] = tensor_manifest(out / TENSORS)
-    (out / MANIFEST).write_text(json.dumps(seal(meta, out, files), indent=2) + "\n",
-                                encoding="utf-8")
+        files.append(SPEC)
+        weights = TENSORS
+    chosen = json.loads(json.dumps(_clean(result.chosen), default=str)) if result.chosen else None
+    write_manifest(out, KIND, model_spec, [stage_entry("search", config, {"chosen": chosen})],
+                   weights, files)
+
+
+def read_search(folder: str | Path) -> dict:
+    """The checked manifest of a search output that holds a chosen sub-network.
+
+    Raises:
+        ModelLoadError: Not a search output, no chosen sub-network, or a file that differs.
+    """
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file() and not (folder / TENSORS).exists():
+        raise ModelLoadError(f"{folder} holds no chosen sub-network (the search chose none)")
+    return read_artifact(folder, KIND, TENSORS, (), REDO, "search output")
 
 
 def load_chosen(model, structure, folder: str | Path):
     """Rebuild the chosen float sub-network from ``model`` (the searched base model).
 
-    Checks ``search.json`` (file hashes, tensor manifest), slices ``model`` (a copy) as
+    Checks the manifest (file hashes, tensor manifest), slices ``model`` (a copy) as
     ``chosen.json`` says, drops its blocks, checks every tensor's shape and loads
     ``chosen.safetensors`` strictly; quantize it again with the recorded bits to deploy.
 
@@ -104,13 +117,10 @@ def load_chosen(model, structure, folder: str | Path):
     from slimformer.nas.measure import DroppedBlock
     from slimformer.prune.serialize import check_shapes
     from slimformer.prune.slicing import SliceSpec, slice_model
-    from slimformer.report.integrity import read_manifest, read_sealed
+    from slimformer.report.integrity import read_manifest
 
     folder = Path(folder)
-    if (folder / MANIFEST).is_file() and not (folder / TENSORS).exists():
-        raise ModelLoadError(f"{folder} holds no chosen sub-network (the search chose none)")
-    meta = read_sealed(folder, MANIFEST, TENSORS, ("tensors",), FORMAT_VERSION, REDO,
-                       "search output")
+    meta = read_search(folder)
     if SPEC not in meta["integrity"]["files"]:
         raise ModelLoadError(f"{folder / MANIFEST} does not record {SPEC}; {REDO}")
     spec = read_manifest(folder / SPEC, ("heads", "mlp", "dropped_blocks"), REDO)

@@ -1,46 +1,42 @@
 """Save a pruned model and load it back: the base model's spec plus the slice spec and weights.
 
-Layout: ``pruned.safetensors`` (the sliced model's state) and ``prune.json`` (format version, the
-base model spec, the slice spec, the config, the dtype and shape of every tensor, and the
-SHA-256 of each file and section). Loading checks the hashes, refuses a model factory unless
+Layout: ``pruned.safetensors`` (the sliced model's state) and the artifact manifest
+``slimformer.json`` (:mod:`slimformer.report.manifest`: the base model spec, the prune stage with
+its config and results, the slice spec, the dtype and shape of every tensor, and the SHA-256 of
+each file and section). Loading checks the hashes, refuses a model factory unless
 trusted, rebuilds the base model from its spec, rediscovers its structure, slices it the same
 way, checks every tensor's dtype and shape against the sliced model and loads them strictly.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
 
-from slimformer import __version__
 from slimformer.errors import ModelLoadError
 from slimformer.prune.slicing import SliceSpec
+from slimformer.report.manifest import MANIFEST, read_artifact, stage_entry, write_manifest
 
-FORMAT_VERSION = 2  # 2: file hashes and the tensor manifest
-META, TENSORS = "prune.json", "pruned.safetensors"
+KIND, TENSORS, META = "pruned", "pruned.safetensors", MANIFEST
 REDO = "re-create the folder with save_pruned (`slimformer prune`)"
-_KEYS = ("format_version", "model_spec", "slice_spec", "config", "tensors")
 
 
 def save_pruned(model: nn.Module, spec: SliceSpec, directory: str | Path, model_spec,
-                config=None) -> Path:
-    """Write the pruned ``model`` into ``directory`` atomically (all files or none)."""
+                config=None, result: dict | None = None) -> Path:
+    """Write the pruned ``model`` into ``directory`` atomically (all files or none).
+
+    ``config`` / ``result``: the prune stage's config and results, recorded in the manifest.
+    """
     from safetensors.torch import save_model
 
-    from slimformer.report.integrity import seal, tensor_manifest
     from slimformer.report.io import atomic_dir
 
     directory = Path(directory)
-    meta = {"format_version": FORMAT_VERSION, "slimformer_version": __version__,
-            "model_spec": model_spec.model_dump(mode="json"), "slice_spec": spec.to_dict(),
-            "config": config.model_dump(mode="json") if config is not None else None}
     with atomic_dir(directory) as tmp:
         save_model(model, str(tmp / TENSORS))
-        meta["tensors"] = tensor_manifest(tmp / TENSORS)
-        (tmp / META).write_text(json.dumps(seal(meta, tmp, [TENSORS]), indent=2) + "\n",
-                                encoding="utf-8")
+        write_manifest(tmp, KIND, model_spec, [stage_entry("prune", config, result)], TENSORS,
+                       slice_spec=spec)
     return directory
 
 
@@ -61,11 +57,8 @@ def load_pruned(directory: str | Path, trust_code: bool = False):
     from slimformer.models.loading import load_model, saved_model_spec
     from slimformer.models.structure import discover
     from slimformer.prune.slicing import slice_model
-    from slimformer.report.integrity import read_sealed
-
     directory = Path(directory)
-    meta = read_sealed(directory, META, TENSORS, _KEYS, FORMAT_VERSION, REDO,
-                       "pruned model")
+    meta = read_artifact(directory, KIND, TENSORS, (), REDO, "pruned model")
     spec = saved_model_spec(meta["model_spec"], str(directory / META), trust_code)
     try:
         slices = SliceSpec.from_dict(meta["slice_spec"])

@@ -1,19 +1,20 @@
 """Save a quantized model to a directory and load it back to identical outputs.
 
-Layout: ``quantized.safetensors`` and ``quant.json`` (format version, the base model spec, the
-quantization config, the form, the packed-code records, the dtype and shape of every tensor, and
-the SHA-256 of each file and section). The tensor file holds the wrapper's state except the
-float weights of quantized Linears and embedding tables: their integer codes are stored packed
-at their bit-width (:mod:`~slimformer.quantize.pack`) under ``...int_weight`` beside the
-per-channel scale and zero point, and the float weight is rebuilt on load as
-``(code - zero) * scale``. A weight stays in float only when that would change the outputs: it
-is shared with another site or a float embedding, or (simulated form) its fake-quantized value
-is not exactly ``(code - zero) * scale``. So the file is about the size
-:func:`~slimformer.models.evaluate.model_size` reports. Loading checks the hashes, refuses a
-model factory unless trusted, rebuilds the base model from its spec, rediscovers its structure,
-builds the same quantizers, checks every tensor's shape against the rebuilt model (or, for
-quantizer slots whose shape comes from calibration, against what the slot can hold), loads the
-tensors and refuses any missing or extra one.
+Layout: ``quantized.safetensors`` and the artifact manifest ``slimformer.json``
+(:mod:`slimformer.report.manifest`: the base model spec, the applied stages with the quantization
+config last, the slice spec, the dtype and shape of every tensor, the SHA-256 of each file and
+section) with the sections ``inference_form``, ``codes`` (packed-code records) and ``aliases``.
+The tensor file holds the wrapper's state except the float weights of quantized Linears and
+embedding tables: their integer codes are stored packed at their bit-width
+(:mod:`~slimformer.quantize.pack`) under ``...int_weight`` beside the per-channel scale and zero
+point, and the float weight is rebuilt on load as ``(code - zero) * scale``. A weight stays in
+float only when that would change the outputs: it is shared with another site or a float
+embedding, or (simulated form) its fake-quantized value is not exactly ``(code - zero) * scale``.
+So the file is about the size :func:`~slimformer.models.evaluate.model_size` reports. Loading
+checks the hashes, refuses a model factory unless trusted, rebuilds the base model from its spec,
+rediscovers its structure, builds the same quantizers, checks every tensor's shape against the
+rebuilt model (or, for quantizer slots whose shape comes from calibration, against what the slot
+can hold), loads the tensors and refuses any missing or extra one.
 
 After loading, a quantized weight's float value *is* its dequantized codes: the quantized outputs
 are identical, but putting the quantizers in float mode runs the dequantized weights, not the
@@ -22,57 +23,74 @@ original float ones (load the base model from :func:`saved_spec` for a float ref
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from slimformer import __version__
 from slimformer.errors import ModelLoadError
 from slimformer.quantize.config import QuantConfig
 from slimformer.report.integrity import ST_DTYPES, st_dtype
+from slimformer.report.manifest import MANIFEST, read_artifact, stage_entry, write_manifest
 
-FORMAT_VERSION = 3  # 2: file hashes and the tensor manifest; 3: packed codes, no float weights
-META, TENSORS = "quant.json", "quantized.safetensors"
+KIND, TENSORS = "quantized", "quantized.safetensors"
+META = MANIFEST
 REDO = "re-create the folder with save_quantized (`slimformer quantize`)"
-_KEYS = ("format_version", "model_spec", "config", "inference_form", "slice_spec", "codes",
-         "aliases", "tensors")
+_KEYS = ("inference_form", "codes", "aliases")
 
 
-def save_quantized(qmodel, directory: str | Path, model_spec, slice_spec=None) -> Path:
+def save_quantized(qmodel, directory: str | Path, model_spec, slice_spec=None,
+                   history: list[dict] | None = None, result: dict | None = None) -> Path:
     """Write ``qmodel`` into ``directory`` atomically (all files or none).
 
-    ``slice_spec``: the :class:`~slimformer.prune.slicing.SliceSpec` when the model was pruned
-    before quantization (the base model is sliced the same way on load).
+    Args:
+        qmodel: The quantized model (simulated or inference form).
+        directory: The folder to write.
+        model_spec: The base model's spec.
+        slice_spec: The :class:`~slimformer.prune.slicing.SliceSpec` when the model was pruned
+            before quantization (the base model is sliced the same way on load).
+        history: The stage entries applied before quantization
+            (:func:`~slimformer.report.manifest.stage_entry`); a slice spec without a recorded
+            prune stage gets one.
+        result: The quantize stage's results to record (metrics, sizes).
     """
     from safetensors.torch import save_file
 
-    from slimformer.report.integrity import seal, tensor_manifest
     from slimformer.report.io import atomic_dir
 
     directory = Path(directory)
     inference = bool(getattr(qmodel, "inference", False))
     state, codes = _packed_state(qmodel, inference)
     state, aliases = _dedup(state)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "slimformer_version": __version__,
-        "model_spec": model_spec.model_dump(mode="json"),
-        "config": qmodel.config.model_dump(mode="json"),
-        "inference_form": inference,
-        "input_specs": None,
-        "slice_spec": slice_spec.to_dict() if slice_spec is not None else None,
-        "codes": codes,
-        "aliases": aliases,
-    }
+    stages = list(history or [])
+    if slice_spec is not None and "prune" not in [s.get("stage") for s in stages]:
+        stages.append(stage_entry("prune"))
+    stages.append(stage_entry("quantize", qmodel.config, result))
     with atomic_dir(directory) as tmp:
         save_file(state, str(tmp / TENSORS))
-        meta["tensors"] = tensor_manifest(tmp / TENSORS)
-        (tmp / META).write_text(json.dumps(seal(meta, tmp, [TENSORS]), indent=2) + "\n",
-                                encoding="utf-8")
+        write_manifest(tmp, KIND, model_spec, stages, TENSORS, slice_spec=slice_spec,
+                       inference_form=inference, codes=codes, aliases=aliases)
     return directory
+
+
+def _read(directory: Path) -> dict:
+    return read_artifact(directory, KIND, TENSORS, _KEYS, REDO, "quantized model")
+
+
+def _quant_config(meta: dict, where: Path) -> QuantConfig:
+    """The quantize stage's config recorded in ``meta`` (the last quantize entry)."""
+    from pydantic import ValidationError
+
+    entry = next((s for s in reversed(meta["stages"]) if isinstance(s, dict)
+                  and s.get("stage") == "quantize"), None)
+    if entry is None:
+        raise ModelLoadError(f"{where}: records no quantize stage; {REDO}")
+    try:
+        return QuantConfig.model_validate(entry["config"])
+    except ValidationError as exc:
+        raise ModelLoadError(f"{where}: the quantize stage's config is invalid "
+                             f"({exc.errors()[0]['msg']}); {REDO}") from None
 
 
 def _sites(qmodel):
@@ -163,10 +181,8 @@ def saved_spec(directory: str | Path, trust_code: bool = False):
     trust); the CLI uses it to load the base model beside the quantized one.
     """
     from slimformer.models.loading import saved_model_spec
-    from slimformer.report.integrity import read_sealed
 
-    meta = read_sealed(directory, META, TENSORS, _KEYS, FORMAT_VERSION, REDO,
-                       "quantized model")
+    meta = _read(Path(directory))
     return saved_model_spec(meta["model_spec"], str(Path(directory) / META), trust_code)
 
 
@@ -182,23 +198,16 @@ def load_quantized(directory: str | Path, trust_code: bool = False):
         ModelLoadError: Missing, edited, truncated or wrong-shape files; an untrusted factory;
             a base model that cannot be rebuilt.
     """
-    from pydantic import ValidationError
     from safetensors.torch import load_file
 
     from slimformer.models.loading import load_model, saved_model_spec
     from slimformer.models.structure import discover
     from slimformer.quantize.build import build
-    from slimformer.report.integrity import read_sealed
 
     directory = Path(directory)
-    meta = read_sealed(directory, META, TENSORS, _KEYS, FORMAT_VERSION, REDO,
-                       "quantized model")
+    meta = _read(directory)
     spec = saved_model_spec(meta["model_spec"], str(directory / META), trust_code)
-    try:
-        config = QuantConfig.model_validate(meta["config"])
-    except ValidationError as exc:
-        raise ModelLoadError(f"{directory / META}: config is invalid ({exc.errors()[0]['msg']}); "
-                             f"{REDO}") from None
+    config = _quant_config(meta, directory / META)
     lm = load_model(spec)
     x = lm.example_inputs(2)
     if meta["slice_spec"]:  # pruned before quantization: rebuild the smaller model

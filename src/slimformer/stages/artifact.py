@@ -1,10 +1,11 @@
 """Saved outputs as models: every command's MODEL may be a folder slimformer wrote.
 
-An artifact is a folder with a sealed manifest (base model spec, the applied stages' configs,
-slice spec, SHA-256 of every file) and safetensors weights: ``quant.json`` +
-``quantized.safetensors`` (:mod:`slimformer.quantize.serialize`), ``prune.json`` +
-``pruned.safetensors`` (:mod:`slimformer.prune.serialize`), or a run folder holding them as
-``quantized/`` / ``pruned/`` (the last model-changing stage wins). Restoring replays the
+An artifact is a folder with one sealed manifest, ``slimformer.json``
+(:mod:`slimformer.report.manifest`: base model spec, the applied stages with their configs and
+results, slice spec, SHA-256 of every file) and safetensors weights, of kind ``quantized``
+(:mod:`slimformer.quantize.serialize`), ``pruned`` (:mod:`slimformer.prune.serialize`) or
+``search`` (:mod:`slimformer.nas.output`), or a run folder holding them as ``quantized/`` /
+``search/`` / ``pruned/`` (the last model-changing stage wins). Restoring replays the
 recorded stages on the base model: the base is built from its spec, sliced by the slice spec,
 wrapped by the recorded quantizers, and the weights are loaded strictly after the hashes are
 checked. A base spec that names a factory is refused unless ``trust_code``.
@@ -17,10 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slimformer.errors import ModelLoadError
-
-# (sub-folder of a run folder, manifest file, stage that wrote it), most advanced first
-KINDS = (("quantized", "quant.json", "quantize"), ("search", "search.json", "search"),
-         ("pruned", "prune.json", "prune"))
+from slimformer.report.manifest import MANIFEST, RUN_SUBFOLDERS, applied, kind_of
 
 
 @dataclass
@@ -34,6 +32,7 @@ class Restored:
         applied: The stages recorded in the artifact, in order (``["prune", "quantize"]``).
         slice_spec: How the base model was sliced, if it was pruned.
         folder: The artifact folder that was read.
+        history: The manifest's stage entries (config and results of each applied stage).
     """
 
     loaded: object
@@ -41,6 +40,7 @@ class Restored:
     applied: list[str] = field(default_factory=list)
     slice_spec: object = None
     folder: Path | None = None
+    history: list[dict] = field(default_factory=list)
 
     @property
     def quantized(self) -> bool:
@@ -63,16 +63,18 @@ def load(spec, trust_code: bool = False) -> Restored:
 
 
 def find(path: str | Path) -> tuple[str, Path] | None:
-    """``(stage, folder)`` of the artifact at ``path`` (itself or inside a run folder), or None."""
+    """``(kind, folder)`` of the artifact at ``path`` (itself or inside a run folder), or None.
+
+    Raises:
+        ModelLoadError: A manifest that cannot be read, or one of an older slimformer.
+    """
     p = Path(path)
     if not p.is_dir():
         return None
-    for _, manifest, stage in KINDS:
-        if (p / manifest).is_file():
-            return stage, p
-    for sub, manifest, stage in KINDS:
-        if (p / sub / manifest).is_file():
-            return stage, p / sub
+    for folder in (p, *(p / sub for sub in RUN_SUBFOLDERS)):
+        kind = kind_of(folder) if folder.is_dir() else None
+        if kind is not None:
+            return kind, folder
     return None
 
 
@@ -85,24 +87,25 @@ def restore(path: str | Path, trust_code: bool = False) -> Restored:
     """
     found = find(path)
     if found is None:
-        raise ModelLoadError(f"{path} holds no slimformer artifact (quant.json or prune.json, "
-                             "or a run folder with quantized/ or pruned/ in it)")
-    stage, folder = found
-    if stage == "search":
+        raise ModelLoadError(f"{path} holds no slimformer artifact ({MANIFEST}, or a run folder "
+                             f"with {' / '.join(s + '/' for s in RUN_SUBFOLDERS)} in it)")
+    kind, folder = found
+    if kind == "search":
         return _chosen(folder, trust_code)
-    if stage == "prune":
+    if kind == "pruned":
         from slimformer.prune.serialize import load_pruned
 
         lm = load_pruned(folder, trust_code=trust_code)  # hashes and trust checked first
-        spec = _sliced(folder / "prune.json")
-        return Restored(lm, lm.module, ["prune"], spec, folder)
+        meta = _meta(folder)
+        return Restored(lm, lm.module, applied(meta), _sliced(meta), folder, meta["stages"])
     from slimformer.models.loading import load_model
     from slimformer.quantize.serialize import load_quantized, saved_spec
 
     base = saved_spec(folder, trust_code=trust_code)  # hashes and trust checked first
     qmodel = load_quantized(folder, trust_code=trust_code)
     lm = load_model(base)
-    sspec = _sliced(folder / "quant.json")
+    meta = _meta(folder)
+    sspec = _sliced(meta)
     if sspec is not None:  # the float reference is the pruned base, as it was quantized
         from slimformer.models.structure import discover
         from slimformer.prune.slicing import slice_model
@@ -110,34 +113,36 @@ def restore(path: str | Path, trust_code: bool = False) -> Restored:
         x = lm.example_inputs(2)
         slice_model(lm.module, discover(lm.module, x, require_attention=False), sspec,
                     inplace=True, check_inputs=x)
-    return Restored(lm, qmodel, ["prune", "quantize"] if sspec else ["quantize"], sspec, folder)
+    return Restored(lm, qmodel, applied(meta), sspec, folder, meta["stages"])
 
 
 def _chosen(folder: Path, trust_code: bool) -> Restored:
     """The chosen float sub-network of a search output, rebuilt from its base model."""
     from slimformer.models.loading import load_model, saved_model_spec
     from slimformer.models.structure import discover
-    from slimformer.nas.output import FORMAT_VERSION, MANIFEST, REDO, TENSORS, load_chosen
-    from slimformer.report.integrity import read_sealed
+    from slimformer.nas.output import load_chosen, read_search
 
-    meta = read_sealed(folder, MANIFEST, TENSORS, ("tensors",), FORMAT_VERSION, REDO,
-                       "search output")  # hashes checked before anything is built
+    meta = read_search(folder)  # hashes checked before anything is built
     if not meta.get("model_spec"):
-        raise ModelLoadError(f"{folder / 'search.json'} records no base model (written by an "
-                             "older slimformer): run the search again to restore it as a model")
-    lm = load_model(saved_model_spec(meta["model_spec"], str(folder / "search.json"),
-                                     trust_code))
+        raise ModelLoadError(f"{folder / MANIFEST} records no base model (written by the search "
+                             "API without one): run the search again to restore it as a model")
+    lm = load_model(saved_model_spec(meta["model_spec"], str(folder / MANIFEST), trust_code))
     structure = discover(lm.module, lm.example_inputs(2), require_attention=False)
     sub = load_chosen(lm.module, structure, folder).eval()  # hashes checked here
     import dataclasses
 
-    return Restored(dataclasses.replace(lm, module=sub), sub, ["search"], None, folder)
+    return Restored(dataclasses.replace(lm, module=sub), sub, applied(meta), None, folder,
+                    meta["stages"])
 
 
-def _sliced(manifest: Path):
+def _meta(folder: Path) -> dict:
+    """The manifest of an artifact its loader has just checked."""
+    return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+
+
+def _sliced(meta: dict):
     """The slice spec recorded in a (hash-checked) manifest, or None."""
     from slimformer.prune.slicing import SliceSpec
 
-    meta = json.loads(manifest.read_text(encoding="utf-8"))
     raw = meta.get("slice_spec")
     return SliceSpec.from_dict(raw) if raw else None

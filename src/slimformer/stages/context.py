@@ -89,6 +89,7 @@ class RunContext:
     records: list[StageRecord] = field(default_factory=list)
     artifacts: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # dir -> writer
     slice_spec: object = None  # set by a prune stage: how the base model was sliced
+    history: list[dict] = field(default_factory=list)  # applied model-changing stages (manifest)
     data: RunData | None = None
     staging: Path | None = None  # the output folder being built (swapped in when complete)
     out: Path | None = None  # the output folder (its state/ sub-folder holds resumable state)

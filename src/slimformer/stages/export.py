@@ -61,6 +61,7 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
                    **{f"ort_{k}": v for k, v in res.fusion.items()},
                    "lint_errors": sum(f.severity == "error" for f in res.lint),
                    "lint_warnings": sum(f.severity == "warning" for f in res.lint)}
+    labels = None
     if stage.evaluate:
         preds = predict(onnx_path, ctx.eval_data, ctx.batch_size, stage.threads)
         torch_preds, labels = evaluate_model(ctx.model, ctx.eval_data, ctx.batch_size)
@@ -87,12 +88,7 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
             rec.latency[f"onnxruntime float batch={b}"] = latency(
                 float_path, x, stage.latency_repeats, threads=stage.threads)
     if res.form.get("target") == "openvino":
-        from slimformer.export.openvino import openvino_available, ov_latency
-
-        for b in stage.latency_batch_sizes if openvino_available() else []:
-            rec.latency[f"openvino batch={b}"] = ov_latency(
-                onnx_path, latency_inputs(ctx.eval_data, b), stage.latency_repeats,
-                threads=stage.threads)
+        _openvino(ctx, stage, rec, onnx_path, float_path, labels)
     rec.metrics |= {f"form_{k}": str(v) for k, v in res.form.items()}
     rec.size = {"bytes": res.size_bytes}
     rec.notes = list(res.warnings) + [f"{f.rule} {f.severity} at {f.node}: {f.message}"
@@ -111,6 +107,32 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
             rec.notes.append("TensorRT is not installed here (import tensorrt failed): no engine "
                              f"built; run export/model.plan.trtexec.sh on a GPU machine: {cmd}")
     return rec
+
+
+def _openvino(ctx: RunContext, stage: ExportStage, rec: StageRecord, onnx_path: Path,
+              float_path: Path | None, labels) -> None:
+    """OpenVINO, the target's runtime: accuracy, agreement and latency (float beside it)."""
+    from slimformer.data.datasets import latency_inputs
+    from slimformer.export.openvino import openvino_available, ov_latency, ov_predict
+    from slimformer.models.evaluate import agreement
+
+    if not openvino_available():
+        rec.notes.append("OpenVINO is not installed here (pip install openvino): the file was "
+                         "written for it but not run in it")
+        return
+    if stage.evaluate:  # ``labels``: from the ONNX Runtime evaluation above
+        preds = ov_predict(onnx_path, ctx.eval_data, ctx.batch_size, stage.threads)
+        if getattr(ctx.eval_data, "has_labels", True):
+            rec.metrics["openvino_accuracy"] = float((preds == labels).float().mean())
+        if ctx.reference_preds is not None:
+            rec.metrics["openvino_agreement"] = agreement(preds, ctx.reference_preds)
+    for b in stage.latency_batch_sizes:
+        x = latency_inputs(ctx.eval_data, b)
+        rec.latency[f"openvino batch={b}"] = ov_latency(onnx_path, x, stage.latency_repeats,
+                                                        threads=stage.threads)
+        if float_path is not None:
+            rec.latency[f"openvino float batch={b}"] = ov_latency(
+                float_path, x, stage.latency_repeats, threads=stage.threads)
 
 
 def _first_per_rule(findings: list) -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from slimformer.prune.config import PruneConfig
+from slimformer.report.manifest import stage_entry
 from slimformer.report.model import StageRecord
 from slimformer.stages.context import RunContext
 
@@ -61,7 +62,9 @@ def run(ctx: RunContext, stage: PruneStage) -> StageRecord:
     rec.notes += [f"not sliceable ({kind} site {i}): {why}"
                   for kind, d in res.skipped.items() for i, why in d.items()]
     rec.size["macs_per_sample"] = int(res.macs_after)
+    result = {**rec.metrics, "size": rec.size}
+    ctx.history.append(stage_entry("prune", cfg, result))
     if stage.save:
         spec, model, sspec = ctx.model_spec, res.model, res.spec
-        ctx.artifacts["pruned"] = lambda d: save_pruned(model, sspec, d, spec, cfg)
+        ctx.artifacts["pruned"] = lambda d: save_pruned(model, sspec, d, spec, cfg, result)
     return rec

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from slimformer.quantize.config import QuantConfig
+from slimformer.report.manifest import stage_entry
 from slimformer.report.model import StageRecord
 from slimformer.stages.context import RunContext
 
@@ -41,7 +42,11 @@ def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
                    "method": cfg.method, "bits": f"W{cfg.weight_bits}A{cfg.act_bits}"}
     rec.notes = res.notes
     rec.size = model_size(ctx.model)  # bit-packed weights: the report's headline size
+    history = list(ctx.history)
+    entry = stage_entry("quantize", cfg, {**rec.metrics, "size": rec.size})
+    ctx.history.append(entry)
     if stage.save:
         spec, model, sspec = ctx.model_spec, ctx.model, ctx.slice_spec
-        ctx.artifacts["quantized"] = lambda d: save_quantized(model, d, spec, sspec)
+        ctx.artifacts["quantized"] = lambda d: save_quantized(model, d, spec, sspec, history,
+                                                              entry["result"])
     return rec

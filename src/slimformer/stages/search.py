@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from slimformer.nas.config import SearchConfig
+from slimformer.report.manifest import stage_entry
 from slimformer.report.model import StageRecord
 from slimformer.stages.context import RunContext
 
@@ -90,8 +91,10 @@ def run(ctx: RunContext, stage: SearchStage) -> StageRecord:
                  *predictor_lines(res), *res.notes,
                  f"{where} (workers: --storage and --supernet, or a search stage with worker: "
                  "true, storage and supernet_path)"]
+    public = cfg.model_copy(update={"storage": redact(cfg.storage)})  # no password in files
+    ctx.history.append(stage_entry("search", public, {"chosen": rec.metrics["chosen"]}))
     if stage.save:
         spec = ctx.model_spec
-        ctx.artifacts["search"] = lambda d: write_search(res, d, spec)
+        ctx.artifacts["search"] = lambda d: write_search(res, d, spec, public)
         rec.images["measured Pareto front"] = "search/front.png"  # embedded by the HTML report
     return rec
