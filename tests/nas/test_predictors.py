@@ -29,3 +29,18 @@ def test_front_and_hypervolume():
     # counts (1.0 is on the boundary): 0.8 * 0.5
     assert hypervolume(front, ["accuracy", "size"], {"size": 10}) == pytest.approx(0.4)
     assert hypervolume(front, ["accuracy", "size"], {"size": 20}) > 0.4
+
+
+def test_front_plot_is_drawn_without_touching_the_callers_backend(tmp_path):
+    import matplotlib
+    from matplotlib.image import imread
+
+    from slimformer.nas.pareto import plot_front
+
+    before = matplotlib.get_backend()
+    rows = [{"accuracy": a, "size": s} for a, s in ((0.8, 10.0), (0.85, 20.0), (0.9, 40.0))]
+    plot_front({"measured": rows, "measured front": rows[1:]}, ["accuracy", "size"],
+               tmp_path / "f.png", {"accuracy": 0.9, "size": 50.0}, "t")
+    img = imread(tmp_path / "f.png")
+    assert img.shape[0] > 100 and img[..., :3].std() > 0.05  # drawn, not blank
+    assert matplotlib.get_backend() == before

@@ -63,6 +63,20 @@ def test_inference_form_matches_simulated(digits):
     assert all(a.inference for a in inf.quant.attention.values())
 
 
+def test_quantize_is_seeded_and_leaves_the_global_rng_alone(digits):
+    lm, calib, test = digits
+    cfg = QuantConfig(method="repq", weight_bits=4, act_bits=4, calib_samples=64)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = quantize(lm.module, cfg, calib).model
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is untouched
+    torch.manual_seed(7)  # another global state: the same quantized model (config.seed)
+    b = quantize(lm.module, cfg, calib).model
+    x = test.inputs["x"][:64]
+    with torch.no_grad():
+        assert torch.equal(a(x=x), b(x=x))
+
+
 @pytest.mark.parametrize("form", ["simulated", "inference"])
 def test_save_and_load_give_identical_outputs(digits, tmp_path, form):
     lm, calib, test = digits

@@ -72,13 +72,13 @@ def hypervolume(rows: list[dict], objectives: list[str], ref: dict[str, float]) 
 def plot_front(groups: dict[str, list[dict]], objectives: list[str], path,
                reference: dict | None = None, title: str = "") -> None:
     """Scatter accuracy against each cost objective; one series per group; PNG at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     costs = [o for o in objectives if o != "accuracy"]
-    fig, axes = plt.subplots(1, len(costs), figsize=(5 * len(costs), 3.8), squeeze=False)
+    fig = Figure(figsize=(5 * len(costs), 3.8))  # no pyplot: the caller's backend is untouched
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(costs), squeeze=False)
     unit = {"latency": "latency (ms)", "size": "size (bytes)", "macs": "MACs per sample"}
     for ax, c in zip(axes[0], costs, strict=True):
         for (label, rows), style in zip(groups.items(), ("o", "s", "^", "x", "d"), strict=False):
@@ -96,4 +96,3 @@ def plot_front(groups: dict[str, list[dict]], objectives: list[str], path,
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

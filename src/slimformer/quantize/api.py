@@ -87,7 +87,16 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
         structure: Its :class:`~slimformer.models.structure.StructureMap` (discovered if None).
         progress: ``progress(step, done, total)`` callback.
         inplace: Modify ``model`` itself (reparameterization changes its weights).
+
+    Seeded by ``config.seed``; the caller's global torch RNG state is left as it was.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return _quantize(model, config, calib_data, structure, progress, inplace)
+
+
+def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, progress,
+              inplace: bool) -> QuantResult:
     from slimformer.quantize.build import build
     from slimformer.quantize.reconstruct import reconstruct_linear
     from slimformer.quantize.repq import reparameterize
@@ -98,7 +107,6 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
     if n < config.min_calib_samples:
         raise CalibrationError(f"method {config.method} needs at least "
                                f"{config.min_calib_samples} calibration samples, got {n}")
-    torch.manual_seed(config.seed)
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     if structure is None:
