@@ -164,11 +164,12 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
             tick("weight rounding", i + 1, len(lqs))
         notes.append(f"learned weight rounding kept for {kept} of {len(lqs)} layers (lower "
                      "held-out output error than nearest rounding)")
-        with_round = _output_error(qmodel, held, config)
+        refs: list = []  # the float outputs, computed once for both roundings
+        with_round = _output_error(qmodel, held, config, refs)
         saved = {lq.name: lq.alpha for lq in lqs}
         for lq in lqs:
             lq.alpha = None
-        nearest = _output_error(qmodel, held, config)
+        nearest = _output_error(qmodel, held, config, refs)
         if with_round < MARGIN * nearest:  # clearly better: small gains do not carry over
             for lq in lqs:
                 lq.alpha = saved[lq.name]
@@ -218,10 +219,11 @@ def _dual_clipping(qmodel: QuantizedModel, calib_data, config: QuantConfig, tick
     calibrate_weights(state, search=True)  # the quantized model before reparameterization
     clipped = {act.name: (act.lo.detach().clone(), act.hi.detach().clone())
                for act in per_channel}
-    with_clip = _output_error(qmodel, calib_data, config)
+    refs: list = []  # the float outputs, computed once for both settings
+    with_clip = _output_error(qmodel, calib_data, config, refs)
     for act in per_channel:
         act.set_range(*observed[act.name])
-    without = _output_error(qmodel, calib_data, config)
+    without = _output_error(qmodel, calib_data, config, refs)
     state.set_mode("observe")
     if with_clip < MARGIN * without:
         for act in per_channel:
@@ -284,19 +286,29 @@ def _sample_rows(x: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
     return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:rows]]
 
 
-def _output_error(qmodel: QuantizedModel, calib_data, config: QuantConfig) -> float:
+def _output_error(qmodel: QuantizedModel, calib_data, config: QuantConfig,
+                  refs: list | None = None) -> float:
     """Output error of the quantized vs the float model on the calibration data.
 
     Every output counts: the mean over batches of :func:`~slimformer.models.outputs.normalized_mse`
-    (so base models without class scores are judged on all their outputs).
+    (so base models without class scores are judged on all their outputs). ``refs``: a list that
+    caches the float outputs per batch (filled when empty, read when not), so comparing two
+    quantizer settings runs the float model once.
     """
     from slimformer.models.outputs import leaves, normalized_mse
 
     state, total, count = qmodel.quant, 0.0, 0
+    cached = bool(refs)
     with torch.no_grad():
-        for inputs in _batches(calib_data, config.calib_batch_size, config.calib_samples):
-            state.set_mode("float")
-            ref = leaves(qmodel(**inputs))
+        for i, inputs in enumerate(_batches(calib_data, config.calib_batch_size,
+                                            config.calib_samples)):
+            if cached:
+                ref = refs[i]
+            else:
+                state.set_mode("float")
+                ref = leaves(qmodel(**inputs))
+                if refs is not None:
+                    refs.append(ref)
             state.set_mode("quant")
             total += float(normalized_mse(leaves(qmodel(**inputs)), ref))
             count += 1
