@@ -1,6 +1,7 @@
 """quantize(): every model of the generality set and the zoo, both forms, save/load, bad input."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -86,6 +87,9 @@ def test_save_and_load_give_identical_outputs(digits, tmp_path, form):
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == [".slimformer-output",
                                                                  "quantized.safetensors",
                                                                  "slimformer.json"]
+    mask = os.umask(0)
+    os.umask(mask)  # the weights get a plain file's mode (safetensors writes 0600 files)
+    assert (tmp_path / "q" / "quantized.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
     again = load_quantized(tmp_path / "q")
     x = test.inputs["x"]
     with torch.no_grad():

@@ -61,6 +61,8 @@ def write_search(result: SearchResult, out_dir: str | Path, model_spec=None,
     """
     from safetensors.torch import save_file
 
+    from slimformer.report.io import readable
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "front.json").write_text(json.dumps(summary(result), indent=2, default=str) + "\n",
@@ -82,6 +84,7 @@ def write_search(result: SearchResult, out_dir: str | Path, model_spec=None,
         state = {k: v.detach().contiguous().clone() for k, v in
                  result.float_model.state_dict().items()}
         save_file(state, str(out / TENSORS))
+        readable(out / TENSORS)
         (out / SPEC).write_text(json.dumps(result.chosen_spec, indent=2) + "\n",
                                 encoding="utf-8")
         files.append(SPEC)

@@ -30,11 +30,12 @@ def save_pruned(model: nn.Module, spec: SliceSpec, directory: str | Path, model_
     """
     from safetensors.torch import save_model
 
-    from slimformer.report.io import atomic_dir
+    from slimformer.report.io import atomic_dir, readable
 
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         save_model(model, str(tmp / TENSORS))
+        readable(tmp / TENSORS)
         write_manifest(tmp, KIND, model_spec, [stage_entry("prune", config, result)], TENSORS,
                        slice_spec=spec)
     return directory

@@ -57,7 +57,7 @@ def save_quantized(qmodel, directory: str | Path, model_spec, slice_spec=None,
     """
     from safetensors.torch import save_file
 
-    from slimformer.report.io import atomic_dir
+    from slimformer.report.io import atomic_dir, readable
 
     directory = Path(directory)
     inference = bool(getattr(qmodel, "inference", False))
@@ -69,6 +69,7 @@ def save_quantized(qmodel, directory: str | Path, model_spec, slice_spec=None,
     stages.append(stage_entry("quantize", qmodel.config, result))
     with atomic_dir(directory) as tmp:
         save_file(state, str(tmp / TENSORS))
+        readable(tmp / TENSORS)
         write_manifest(tmp, KIND, model_spec, stages, TENSORS, slice_spec=slice_spec,
                        inference_form=inference, codes=codes, aliases=aliases)
     return directory
