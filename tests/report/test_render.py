@@ -98,6 +98,18 @@ def test_headline_with_the_float_model_timed_beside_it_in_the_export_stage():
                                    "than float (batch 32; 0.6x at batch 1)")
 
 
+def test_headline_names_the_runtime_of_each_ratio_when_there_are_two():
+    r = _compressed(float_export=False)
+    r.stages[-1].latency = {"onnxruntime batch=1": _lat(0.8), "onnxruntime float batch=1":
+                            _lat(0.5), "onnxruntime batch=32": _lat(10.0),
+                            "onnxruntime float batch=32": _lat(16.0),
+                            "openvino batch=1": _lat(0.5), "openvino float batch=1": _lat(1.0),
+                            "openvino batch=32": _lat(4.0), "openvino float batch=32": _lat(5.0)}
+    assert summary.headline(r) == (
+        "vit-fmnist: 6.7x smaller, -0.5 pt, ONNX Runtime 1.6x faster than float, OpenVINO 1.2x "
+        "faster than float (batch 32; ONNX Runtime 0.6x at batch 1; OpenVINO 2.0x at batch 1)")
+
+
 def test_headline_without_a_float_export_or_labels():
     assert summary.headline(_compressed(float_export=False)) == (
         "vit-fmnist: 6.7x smaller, -0.5 pt, ONNX Runtime 1.00 ms, OpenVINO 0.70 ms at batch 1 "

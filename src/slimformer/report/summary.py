@@ -195,7 +195,9 @@ def _latency_part(report: Report, base_i: int) -> str:
         b = max(x.batch for x in common)  # throughput batch first, the others after it
         texts = [_ratio(x.runtime, pairs[(x.runtime, b)].median_ms / x.median_ms, ref)
                  for x in common if x.batch == b]
-        rest = [f"{pairs[(x.runtime, x.batch)].median_ms / x.median_ms:.1f}x at batch {x.batch}"
+        named = len({x.runtime for x in common}) > 1  # several runtimes: say which
+        rest = [(f"{x.runtime} " if named else "")
+                + f"{pairs[(x.runtime, x.batch)].median_ms / x.median_ms:.1f}x at batch {x.batch}"
                 for x in common if x.batch != b]
         return ", ".join(texts) + f" (batch {b}" + "".join(f"; {r}" for r in rest) + ")"
     torch = [(i, x) for i in range(base_i, len(lats)) for x in lats[i] if x.runtime == "PyTorch"]

@@ -17,7 +17,8 @@ class ExportStage(OnnxConfig):
 
     Writes ``<output>/export/model.onnx`` (QDQ when quantized); records ONNX Runtime parity,
     accuracy and agreement on the evaluation data, latency per batch size, file size, which
-    matmuls ONNX Runtime runs in integer kernels, and the TensorRT QDQ lint. With
+    matmuls ONNX Runtime runs in integer kernels, and the TensorRT QDQ lint; the same in OpenVINO
+    for the ``openvino`` target (or with ``openvino: true``). With
     ``tensorrt``, also builds ``model.plan`` where ``import tensorrt`` works, and always writes the
     equivalent ``trtexec`` command to ``export/model.plan.trtexec.sh``.
     """
@@ -30,6 +31,9 @@ class ExportStage(OnnxConfig):
     latency_repeats: Annotated[int, Field(ge=1, le=1000)] = 20
     tensorrt: TensorRTConfig | None = None
     compare_float: bool = True  # also time the run's float model, exported the same way
+    # run the file in OpenVINO too (accuracy, agreement, latency beside its float model): None =
+    # for target openvino only; true = whenever OpenVINO is installed (a note where it is not)
+    openvino: bool | None = None
 
     def onnx_config(self) -> OnnxConfig:
         """The plain ONNX config, without the stage fields."""
@@ -87,7 +91,7 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
         if float_path is not None:
             rec.latency[f"onnxruntime float batch={b}"] = latency(
                 float_path, x, stage.latency_repeats, threads=stage.threads)
-    if res.form.get("target") == "openvino":
+    if stage.openvino or (stage.openvino is None and res.form.get("target") == "openvino"):
         _openvino(ctx, stage, rec, onnx_path, float_path, labels)
     rec.metrics |= {f"form_{k}": str(v) for k, v in res.form.items()}
     rec.size = {"bytes": res.size_bytes}
