@@ -160,6 +160,38 @@ def test_a_trial_killed_before_it_was_owned_takes_no_place_in_the_budget(tmp_pat
     assert states == {orphan.number: "FAIL", owned.number: "RUNNING"}
 
 
+def test_a_full_budget_still_measures_the_sub_network_of_a_dead_worker(tmp_path):
+    """Two live workers took the last place of the budget while a third died mid-trial: the
+    budget is full, yet the dead trial's sub-network is measured and nothing is left RUNNING or
+    queued (the worker waits for it, fails it and measures it again)."""
+    from types import SimpleNamespace
+
+    from slimformer.nas import study as st
+
+    _, _, space, _, _ = _bert(SpaceConfig())
+    storage = open_storage(str(tmp_path / "s.journal"))
+    study = optuna.create_study(storage=storage, study_name="s", directions=["maximize"])
+
+    def evaluate(sub):
+        return SimpleNamespace(accuracy=0.5, size=1.0, macs=1.0, latency=1.0, params=1,
+                               sliced=True, seconds=0.0, latency_form="qdq", notes=[])
+
+    assert st.sample_worker(storage, study, space, evaluate, ["accuracy"], 2, 0) == 2
+    held = {t.user_attrs["sub"] for t in study.trials}
+    rng = np.random.default_rng(5)
+    sub = next(s for s in (space.draw(rng) for _ in range(100)) if s.key() not in held)
+    dead = study.ask()
+    for k, v in (("phase", "sample"), ("host", socket.gethostname()), ("pid", 2**22 + 12345),
+                 ("sub", sub.key()), ("choices", space.to_params(sub))):
+        dead.set_user_attr(k, v)
+    assert st.sample_worker(storage, study, space, evaluate, ["accuracy"], 2, 1) == 1
+    states = {t.number: t.state.name for t in study.trials}
+    assert states[dead.number] == "FAIL"
+    assert not [n for n, s in states.items() if s in ("RUNNING", "WAITING")]
+    complete = [t.user_attrs["sub"] for t in study.trials if t.state.name == "COMPLETE"]
+    assert complete.count(sub.key()) == 1 and len(complete) == 3
+
+
 def test_embedding_bits_are_restricted_in_the_config_and_the_recipe():
     from pydantic import ValidationError
 

@@ -303,6 +303,14 @@ def claim(study, trial, sub, draw: Callable, queued: bool):
     return sub
 
 
+def _retries(study) -> int:
+    """WAITING trials that hold the sub-network of a sample trial that died unmeasured."""
+    from optuna.trial import TrialState
+
+    return sum(t.user_attrs.get("retry_of") is not None
+               for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
 def _waiting_on(storage, study) -> bool:
     """Whether a RUNNING sample trial of another worker may still finish or be failed."""
     from optuna.trial import TrialState
@@ -324,7 +332,9 @@ def sample_worker(storage, study, space, evaluate: Callable, objectives: list[st
     Queued trials (the anchors, sub-networks of dead workers) are measured first, then draws of
     :meth:`~slimformer.nas.space.SearchSpace.draw`. Several processes (on several machines with
     a database) may run this on one study at once; each draws with its own seed. While the rest
-    of the budget is RUNNING elsewhere it waits, so a trial of a worker that dies is measured.
+    of the budget is RUNNING elsewhere it waits, so a trial of a worker that dies is measured;
+    it ends only when no sample trial of another worker is RUNNING (each has finished, or died,
+    been failed and measured again), so a full budget never leaves a dead trial behind.
     """
     import numpy as np
     import optuna
@@ -336,9 +346,16 @@ def sample_worker(storage, study, space, evaluate: Callable, objectives: list[st
     mine = 0
     while True:
         fail_stale(storage, local)
-        if count(local, "sample") >= target:
-            break
-        if count(local, "sample", running=True) >= target:
+        retries = _retries(local)  # sub-networks of dead workers, queued again: always measured
+        if count(local, "sample") >= target and not retries:
+            # the budget is full, but a RUNNING trial of a worker that died would be left
+            # unmeasured (two live workers may both have taken the last place): wait until every
+            # one has finished or been failed and queued again
+            if not _waiting_on(storage, local):
+                break
+            time.sleep(poll)
+            continue
+        if not retries and count(local, "sample", running=True) >= target:
             if not _waiting_on(storage, local):
                 break
             time.sleep(poll)

@@ -132,11 +132,11 @@ def _openvino(ctx: RunContext, stage: ExportStage, rec: StageRecord, onnx_path: 
             rec.metrics["openvino_agreement"] = agreement(preds, ctx.reference_preds)
     for b in stage.latency_batch_sizes:
         x = latency_inputs(ctx.eval_data, b)
-        rec.latency[f"openvino batch={b}"] = ov_latency(onnx_path, x, stage.latency_repeats,
-                                                        threads=stage.threads)
-        if float_path is not None:
-            rec.latency[f"openvino float batch={b}"] = ov_latency(
-                float_path, x, stage.latency_repeats, threads=stage.threads)
+        for key, path in ((f"openvino batch={b}", onnx_path),
+                          (f"openvino float batch={b}", float_path)):
+            if path is not None:  # numbers only (the precision, f32, is the default hint)
+                stats = ov_latency(path, x, stage.latency_repeats, threads=stage.threads)
+                rec.latency[key] = {k: v for k, v in stats.items() if isinstance(v, int | float)}
 
 
 def _first_per_rule(findings: list) -> list:
