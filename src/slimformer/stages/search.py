@@ -68,8 +68,6 @@ def run(ctx: RunContext, stage: SearchStage) -> StageRecord:
     res = search(ctx.model, cfg, train, val, ctx.structure, ctx.progress, calib_data=calib,
                  worker=stage.worker)
     rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
-    where = (f"study {cfg.study!r} in {redact(cfg.storage_url())}; super-network "
-             f"{cfg.supernet_file()}")
     if stage.worker:  # measured into the shared study; the model is left as it was
         rec.metrics = {"worker": True, "measured": len(res.measured),
                        "validation_rows": val_note}
@@ -86,6 +84,8 @@ def run(ctx: RunContext, stage: SearchStage) -> StageRecord:
     rec.metrics |= {f"{o}_vs_int8_full": round(chosen[o] / res.reference[o], 3)
                     for o in res.objectives if o != "accuracy" and res.reference.get(o)}
     rec.metrics["validation_rows"] = val_note
+    where = (f"study {cfg.study!r} in {redact(cfg.storage_url())}; super-network "
+             f"{cfg.supernet_file()}")
     rec.notes = [f"validation rows: {val_note}", "measured Pareto front (validation rows):",
                  *res.table(),
                  *predictor_lines(res), *res.notes,
