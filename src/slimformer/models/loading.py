@@ -76,13 +76,12 @@ def parse_model_arg(text: str, config_json: str | None = None):
         from slimformer.validation import format_errors
 
         raise ConfigError(format_errors(exc), f"model {text!r}") from None
-    from slimformer.report.manifest import LEGACY, MANIFEST, RUN_SUBFOLDERS
+    from slimformer.report.manifest import candidates
 
     path = Path(text)
     if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
         return spec_from_mapping(_read_mapping(path), str(path))
-    if path.is_dir() and any((d / m).is_file() for d in (path, *(path / s for s in RUN_SUBFOLDERS))
-                             for m in (MANIFEST, *LEGACY)):
+    if candidates(path):
         return S.ArtifactSpec(path=str(path))  # a folder slimformer wrote (older ones: refused)
     if path.is_dir():
         return S.HfDirSpec(path=str(path))

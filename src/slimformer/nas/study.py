@@ -347,14 +347,9 @@ def sample_worker(storage, study, space, evaluate: Callable, objectives: list[st
     while True:
         fail_stale(storage, local)
         retries = _retries(local)  # sub-networks of dead workers, queued again: always measured
-        if count(local, "sample") >= target and not retries:
-            # the budget is full, but a RUNNING trial of a worker that died would be left
-            # unmeasured (two live workers may both have taken the last place): wait until every
-            # one has finished or been failed and queued again
-            if not _waiting_on(storage, local):
-                break
-            time.sleep(poll)
-            continue
+        # budget taken (measured or RUNNING; also when full): wait while another worker's trial
+        # runs, since it may die and be queued again (two live workers may both have taken the
+        # last place while it ran), and end only when none does
         if not retries and count(local, "sample", running=True) >= target:
             if not _waiting_on(storage, local):
                 break

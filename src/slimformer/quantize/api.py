@@ -164,7 +164,7 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
             tick("weight rounding", i + 1, len(lqs))
         notes.append(f"learned weight rounding kept for {kept} of {len(lqs)} layers (lower "
                      "held-out output error than nearest rounding)")
-        refs: list = []  # the float outputs, computed once for both roundings
+        refs = _float_outputs(qmodel, held, config)  # once, for both roundings
         with_round = _output_error(qmodel, held, config, refs)
         saved = {lq.name: lq.alpha for lq in lqs}
         for lq in lqs:
@@ -219,7 +219,7 @@ def _dual_clipping(qmodel: QuantizedModel, calib_data, config: QuantConfig, tick
     calibrate_weights(state, search=True)  # the quantized model before reparameterization
     clipped = {act.name: (act.lo.detach().clone(), act.hi.detach().clone())
                for act in per_channel}
-    refs: list = []  # the float outputs, computed once for both settings
+    refs = _float_outputs(qmodel, calib_data, config)  # once, for both settings
     with_clip = _output_error(qmodel, calib_data, config, refs)
     for act in per_channel:
         act.set_range(*observed[act.name])
@@ -286,33 +286,39 @@ def _sample_rows(x: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
     return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:rows]]
 
 
+def _float_outputs(qmodel: QuantizedModel, calib_data, config: QuantConfig) -> list:
+    """The float model's output leaves per calibration batch.
+
+    The reference of :func:`_output_error`, computed once when several settings are compared.
+    """
+    from slimformer.models.outputs import leaves
+
+    state, refs = qmodel.quant, []
+    with torch.no_grad():
+        state.set_mode("float")
+        for inputs in _batches(calib_data, config.calib_batch_size, config.calib_samples):
+            refs.append(leaves(qmodel(**inputs)))
+    return refs
+
+
 def _output_error(qmodel: QuantizedModel, calib_data, config: QuantConfig,
                   refs: list | None = None) -> float:
     """Output error of the quantized vs the float model on the calibration data.
 
     Every output counts: the mean over batches of :func:`~slimformer.models.outputs.normalized_mse`
-    (so base models without class scores are judged on all their outputs). ``refs``: a list that
-    caches the float outputs per batch (filled when empty, read when not), so comparing two
-    quantizer settings runs the float model once.
+    (so base models without class scores are judged on all their outputs). ``refs``: the float
+    outputs from :func:`_float_outputs` (computed here when None).
     """
     from slimformer.models.outputs import leaves, normalized_mse
 
-    state, total, count = qmodel.quant, 0.0, 0
-    cached = bool(refs)
+    refs = _float_outputs(qmodel, calib_data, config) if refs is None else refs
+    state, total = qmodel.quant, 0.0
+    state.set_mode("quant")
     with torch.no_grad():
-        for i, inputs in enumerate(_batches(calib_data, config.calib_batch_size,
-                                            config.calib_samples)):
-            if cached:
-                ref = refs[i]
-            else:
-                state.set_mode("float")
-                ref = leaves(qmodel(**inputs))
-                if refs is not None:
-                    refs.append(ref)
-            state.set_mode("quant")
+        for inputs, ref in zip(_batches(calib_data, config.calib_batch_size,
+                                        config.calib_samples), refs, strict=True):
             total += float(normalized_mse(leaves(qmodel(**inputs)), ref))
-            count += 1
-    return total / max(count, 1)
+    return total / max(len(refs), 1)
 
 
 class _Stop(Exception):

@@ -73,6 +73,19 @@ def write_manifest(folder: str | Path, kind: str, model_spec, stages: Sequence[d
     return meta
 
 
+def candidates(path: str | Path) -> list[Path]:
+    """Folders at ``path`` that hold a manifest (current or older), in the order to read them.
+
+    ``path`` itself, then the artifacts of a run folder (:data:`RUN_SUBFOLDERS`, most advanced
+    first).
+    """
+    p = Path(path)
+    if not p.is_dir():
+        return []
+    return [d for d in (p, *(p / sub for sub in RUN_SUBFOLDERS))
+            if any((d / m).is_file() for m in (MANIFEST, *LEGACY))]
+
+
 def kind_of(folder: str | Path) -> str | None:
     """The ``kind`` of the artifact in ``folder``, or None when it holds no manifest.
 

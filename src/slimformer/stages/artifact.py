@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slimformer.errors import ModelLoadError
-from slimformer.report.manifest import MANIFEST, RUN_SUBFOLDERS, applied, kind_of
+from slimformer.report.manifest import MANIFEST, RUN_SUBFOLDERS, applied, candidates, kind_of
 
 
 @dataclass
@@ -68,14 +68,8 @@ def find(path: str | Path) -> tuple[str, Path] | None:
     Raises:
         ModelLoadError: A manifest that cannot be read, or one of an older slimformer.
     """
-    p = Path(path)
-    if not p.is_dir():
-        return None
-    for folder in (p, *(p / sub for sub in RUN_SUBFOLDERS)):
-        kind = kind_of(folder) if folder.is_dir() else None
-        if kind is not None:
-            return kind, folder
-    return None
+    folders = candidates(path)
+    return (kind_of(folders[0]), folders[0]) if folders else None
 
 
 def restore(path: str | Path, trust_code: bool = False) -> Restored:
