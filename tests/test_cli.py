@@ -144,3 +144,25 @@ def test_set_reaches_the_recipe_of_the_run(tmp_path):
     assert (cfg["method"], cfg["percentile"], cfg["keep_float"]) == \
         ("percentile", 99.5, ["blocks.0.q.*"])
     assert rep["stages"][1]["metrics"]["calib_samples"] == 64  # the data follows the option
+
+
+@pytest.mark.slow
+def test_run_without_arguments_is_the_shipped_quickstart(tmp_path, monkeypatch):
+    """`slimformer run` anywhere (no checkout there): quantizes within 1 point, runs it deployed."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here: the packaged recipe is the default
+    res = runner.invoke(app, ["--quiet", "run"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "runs" / "quickstart" / "report.json").read_text())
+    assert [s["type"] for s in rep["stages"]] == ["evaluate", "quantize", "evaluate", "export"]
+    ev0, _, ev1, ex = rep["stages"]
+    assert ev0["metrics"]["accuracy"] - ex["metrics"]["accuracy"] <= 0.01
+    assert ev0["size"]["bytes"] / ev1["size"]["bytes"] > 6
+    headline = (tmp_path / "runs" / "quickstart" / "report.md").read_text().splitlines()[2]
+    assert headline.startswith("**quickstart: 6.") and "ONNX Runtime" in headline
+    assert {"onnxruntime batch=32", "onnxruntime float batch=32"} <= set(ex["latency"])
+    # the checkout's recipes/quickstart.yaml is that same file
+    checkout = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+    assert checkout.resolve() == (Path(__file__).parents[1] / "src" / "slimformer" / "recipes"
+                                  / "quickstart.yaml").resolve()

@@ -130,7 +130,6 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help=f"Show the traceba
     _quiet["on"] = quiet
 
 
-DEFAULT_RECIPE = Path("recipes/quickstart.yaml")
 OVERWRITE_HELP = ("Replace an earlier slimformer output at --out (never a folder slimformer did "
                   "not write).")
 
@@ -195,12 +194,13 @@ def _table(*headers: str, title: str | None = None):
 
 
 def _default_recipe():
-    """``recipes/quickstart.yaml`` when run from a checkout, else the built-in defaults."""
-    from slimformer.recipe import Recipe, load_recipe
+    """The quickstart recipe shipped in the package (``recipes/quickstart.yaml`` in a checkout)."""
+    from importlib.resources import as_file, files
 
-    if DEFAULT_RECIPE.is_file():
-        return load_recipe(DEFAULT_RECIPE)
-    return Recipe(name="quickstart")
+    from slimformer.recipe import load_recipe
+
+    with as_file(files("slimformer") / "recipes" / "quickstart.yaml") as path:
+        return load_recipe(path)
 
 
 @app.command()

@@ -7,12 +7,14 @@ A recipe names a model, the data, an ordered list of stages and where to write t
     data: {dataset: fashion-mnist, eval_limit: 2000}
     stages:
       - {type: evaluate, latency_batch_sizes: [1, 32]}
-      - {type: quantize, method: repq, weight_bits: 4, act_bits: 4}
+      - {type: quantize, method: repq, weight_bits: 4, act_bits: 8, symmetric: true}
       - {type: evaluate}
+      - {type: export, openvino: true}
     output: {dir: runs/quickstart}
 
-Stages are a tagged union on ``type``; the compression stages (quantize, prune, search, export,
-hls) join the union as their issues land, each with a handler in :mod:`slimformer.pipeline`.
+Stages are a tagged union on ``type`` (evaluate, quantize, prune, search, export, hls), each run
+by its handler in :mod:`slimformer.stages` through :mod:`slimformer.pipeline`. The shipped
+default (``slimformer run`` with no argument) is ``slimformer/recipes/quickstart.yaml``.
 """
 
 from __future__ import annotations

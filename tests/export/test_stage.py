@@ -79,7 +79,15 @@ def test_recipe_export_for_openvino_runs_in_openvino(tmp_path):
                    {"type": "export", "target": "openvino", "latency_batch_sizes": [4],
                     "latency_repeats": 2}],
         "output": {"dir": str(out)}})
-    run(recipe)
+    ticks = []
+    run(recipe, lambda *t: ticks.append(t))
+    # progress: each export step starts and ends (the ONNX file, its float baseline, ONNX
+    # Runtime evaluation and timing, OpenVINO), after the calibration of the quantize stage
+    for step in ("calibrate", "export: ONNX file (checked in ONNX Runtime)",
+                 "export: float ONNX file (the baseline)", "export: evaluate in ONNX Runtime",
+                 "export: latency in ONNX Runtime", "export: OpenVINO"):
+        done = [(d, t) for s, d, t in ticks if s == step]
+        assert done[0][0] == 0 and done[-1][0] == done[-1][1] > 0, (step, done)
     ev, _, ex = json.loads((out / "report.json").read_text())["stages"]
     m = ex["metrics"]
     assert m["form_target"] == "openvino"

@@ -18,7 +18,19 @@ def result(tmp_path_factory):
     cfg = QuantConfig(method="minmax", weight_bits=8, act_bits=8, softmax="none",
                       power_of_two_scales=True)
     q = to_inference(quantize(model, cfg, calib).model)
-    return build_hls(q, HlsConfig(), tmp_path_factory.mktemp("hls") / "prj", calib, test)
+    ticks = []
+    res = build_hls(q, HlsConfig(), tmp_path_factory.mktemp("hls") / "prj", calib, test,
+                    progress=lambda *t: ticks.append(t))
+    res.ticks = ticks
+    return res
+
+
+def test_progress_on_project_compile_and_every_csim_chunk(result):
+    steps = {step for step, _, _ in result.ticks}
+    assert {"hls: project", "hls: compile (g++)", "hls: C-simulation"} <= steps
+    assert ("hls: compile (g++)", 1, 1) in result.ticks
+    csim = [done for step, done, total in result.ticks if step == "hls: C-simulation"]
+    assert csim == [0, 64, 128, 192, 256, 320, 384, 448, 497]  # 497 rows, 64 a call
 
 
 def test_csim_agrees_with_our_fixed_point_reference(result):

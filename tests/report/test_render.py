@@ -107,7 +107,7 @@ def test_headline_names_the_runtime_of_each_ratio_when_there_are_two():
                             "openvino batch=32": _lat(4.0), "openvino float batch=32": _lat(5.0)}
     assert summary.headline(r) == (
         "vit-fmnist: 6.7x smaller, -0.5 pt, ONNX Runtime 1.6x faster than float, OpenVINO 1.2x "
-        "faster than float (batch 32; ONNX Runtime 0.6x at batch 1; OpenVINO 2.0x at batch 1)")
+        "faster than float (batch 32; at batch 1: ONNX Runtime 0.6x, OpenVINO 2.0x)")
 
 
 def test_headline_without_a_float_export_or_labels():

@@ -9,6 +9,7 @@ tool is on PATH, else the exact command to run it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,14 +75,26 @@ def _inputs(data, rows: int | None) -> dict[str, torch.Tensor]:
     return {k: v[:rows] if rows else v for k, v in inputs.items()}
 
 
-def _predict_hls(hls_model, x: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
-    arrays = [np.ascontiguousarray(x[n].numpy().astype(np.float32)) for n in names]
-    y = hls_model.predict(arrays[0] if len(arrays) == 1 else arrays)
-    return torch.tensor(np.asarray(y, dtype=np.float64)).reshape(len(arrays[0]), -1)
+CSIM_CHUNK = 64  # rows per C-simulation call: one progress tick each
+
+
+def _predict_hls(hls_model, x: dict[str, torch.Tensor], names: list[str],
+                 tick=lambda done, total: None) -> torch.Tensor:
+    """C-simulated outputs ``(rows, outputs)``, in chunks of ``CSIM_CHUNK`` rows."""
+    rows = len(x[names[0]])
+    parts = []
+    for start in range(0, rows, CSIM_CHUNK):
+        arrays = [np.ascontiguousarray(x[n][start:start + CSIM_CHUNK].numpy().astype(np.float32))
+                  for n in names]
+        y = hls_model.predict(arrays[0] if len(arrays) == 1 else arrays)
+        parts.append(torch.tensor(np.asarray(y, dtype=np.float64)).reshape(len(arrays[0]), -1))
+        tick(min(start + CSIM_CHUNK, rows), rows)
+    return torch.cat(parts)
 
 
 def build_hls(model: nn.Module, config: HlsConfig, out_dir: str | Path, calib_data,
-              eval_data=None, compile: bool = True, run_synthesis: bool = True) -> HlsResult:
+              eval_data=None, compile: bool = True, run_synthesis: bool = True,
+              progress: Callable[[str, int, int], None] | None = None) -> HlsResult:
     """Build, compile, C-simulate and estimate an hls4ml project of ``model``.
 
     Args:
@@ -94,6 +107,7 @@ def build_hls(model: nn.Module, config: HlsConfig, out_dir: str | Path, calib_da
         eval_data: Data set with labels for the C simulation (None: skip).
         compile: Compile with g++ (needed for C simulation); else only write the project.
         run_synthesis: Run synthesis when a tool for the backend is on PATH.
+        progress: ``progress(step, done, total)`` callback (project, g++, C-sim rows, synthesis).
 
     Raises:
         HardwareError: Unsupported operations (listed by module path), unmappable quantizers.
@@ -101,7 +115,9 @@ def build_hls(model: nn.Module, config: HlsConfig, out_dir: str | Path, calib_da
     from slimformer.hardware.project import build_model_graph, check_reuse_patterns
     from slimformer.hardware.reference import reference_outputs
 
+    tick = progress or (lambda *a: None)
     t0 = time.perf_counter()
+    tick("hls: project", 0, 1)
     base, qmodel = _split(model)
     base.eval()
     calib = _inputs(calib_data, config.calib_samples)
@@ -127,25 +143,30 @@ def build_hls(model: nn.Module, config: HlsConfig, out_dir: str | Path, calib_da
         notes.append(f"estimate: {est.dsp:,} DSP / {est.lut:,} LUT exceed {config.part} "
                      f"({avail[0]:,} / {avail[1]:,}): raise reuse factors (reuse_overrides)")
     csim = None
+    tick("hls: project", 1, 1)
     if not compile:
         hls_model.write()
     else:
         t1 = time.perf_counter()
+        tick("hls: compile (g++)", 0, 1)
         try:
             hls_model.compile()
         except Exception as e:  # noqa: BLE001 - g++ / hls4ml raise plain exceptions
             raise HardwareError(f"compiling the hls4ml project in {out} failed: {e}") from e
+        tick("hls: compile (g++)", 1, 1)
         seconds["compile"] = time.perf_counter() - t1
         if eval_data is not None:
             t1 = time.perf_counter()
             csim = _csim(hls_model, graph, prec, config, base, qmodel, eval_data,
-                         reference_outputs)
+                         reference_outputs, lambda d, t: tick("hls: C-simulation", d, t))
             seconds["csim"] = time.perf_counter() - t1
     tool = find_tool(config.backend)
     cmd = synth_command(config.backend, out)
     synthesis = None
     if tool and run_synthesis:
+        tick("hls: synthesis", 0, 1)
         hls_model.build(csim=False, synth=True, export=False)
+        tick("hls: synthesis", 1, 1)
         rep = find_report(out, config.project_name)
         synthesis = parse_csynth_xml(rep) if rep else None
     elif not tool:
@@ -180,12 +201,14 @@ def _names(backend: str) -> tuple[str, ...]:
     return TOOLS[backend]
 
 
-def _csim(hls_model, graph, prec, config, base, qmodel, eval_data, reference_outputs) -> CsimResult:
+def _csim(hls_model, graph, prec, config, base, qmodel, eval_data, reference_outputs,
+          tick) -> CsimResult:
     from slimformer.models.outputs import require_class_scores as scores
 
     x = _inputs(eval_data, None)
     labels = getattr(eval_data, "labels", None)
-    y_hls = _predict_hls(hls_model, x, graph.input_keys)
+    tick(0, len(x[graph.input_keys[0]]))
+    y_hls = _predict_hls(hls_model, x, graph.input_keys, tick)
     with torch.no_grad():
         y_ref = reference_outputs(graph, prec, x, config.table_size)[graph.outputs[0]]
         y_ref = y_ref.reshape(len(y_hls), -1)

@@ -195,10 +195,14 @@ def _latency_part(report: Report, base_i: int) -> str:
         b = max(x.batch for x in common)  # throughput batch first, the others after it
         texts = [_ratio(x.runtime, pairs[(x.runtime, b)].median_ms / x.median_ms, ref)
                  for x in common if x.batch == b]
-        named = len({x.runtime for x in common}) > 1  # several runtimes: say which
-        rest = [(f"{x.runtime} " if named else "")
-                + f"{pairs[(x.runtime, x.batch)].median_ms / x.median_ms:.1f}x at batch {x.batch}"
-                for x in common if x.batch != b]
+        named = len({x.runtime for x in common}) > 1  # several runtimes: "at batch 1: A 1.0x, B"
+        rest = []
+        for other in sorted({x.batch for x in common if x.batch != b}):
+            r = [(f"{x.runtime} " if named else "")
+                 + f"{pairs[(x.runtime, other)].median_ms / x.median_ms:.1f}x"
+                 for x in common if x.batch == other]
+            rest.append(f"at batch {other}: " + ", ".join(r) if named
+                        else f"{r[0]} at batch {other}")
         return ", ".join(texts) + f" (batch {b}" + "".join(f"; {r}" for r in rest) + ")"
     torch = [(i, x) for i in range(base_i, len(lats)) for x in lats[i] if x.runtime == "PyTorch"]
     if not torch:

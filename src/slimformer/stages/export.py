@@ -52,7 +52,9 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
     from slimformer.export.tensorrt import build_engine, tensorrt_available, trtexec_command
     from slimformer.models.evaluate import agreement
 
+    tick = ctx.progress or (lambda *a: None)
     onnx_path = tmp / "model.onnx"
+    tick("export: ONNX file (checked in ONNX Runtime)", 0, 1)
     res = export_onnx(ctx.model, onnx_path, latency_inputs(ctx.eval_data, stage.example_rows),
                       stage.onnx_config())
     rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
@@ -65,8 +67,10 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
                    **{f"ort_{k}": v for k, v in res.fusion.items()},
                    "lint_errors": sum(f.severity == "error" for f in res.lint),
                    "lint_warnings": sum(f.severity == "warning" for f in res.lint)}
+    tick("export: ONNX file (checked in ONNX Runtime)", 1, 1)
     labels = None
     if stage.evaluate:
+        tick("export: evaluate in ONNX Runtime", 0, 1)
         preds = predict(onnx_path, ctx.eval_data, ctx.batch_size, stage.threads)
         torch_preds, labels = evaluate_model(ctx.model, ctx.eval_data, ctx.batch_size)
         if getattr(ctx.eval_data, "has_labels", True):
@@ -74,24 +78,31 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
         rec.metrics["agreement_with_pytorch"] = agreement(preds, torch_preds)
         if ctx.reference_preds is not None:
             rec.metrics["agreement"] = agreement(preds, ctx.reference_preds)
+        tick("export: evaluate in ONNX Runtime", 1, 1)
     float_path = None
     if stage.compare_float and res.quantized and stage.latency_batch_sizes:
         import tempfile
 
         from slimformer.report.outdir import scratch_root
 
+        tick("export: float ONNX file (the baseline)", 0, 1)
         float_path = Path(tempfile.mkdtemp(prefix="float-", dir=scratch_root())) / "float.onnx"
         export_onnx(ctx.loaded.module, float_path,
                     latency_inputs(ctx.eval_data, stage.example_rows),
                     stage.onnx_config().model_copy(update={"check": False, "lint": False}))
-    for b in stage.latency_batch_sizes:
+        tick("export: float ONNX file (the baseline)", 1, 1)
+    for i, b in enumerate(stage.latency_batch_sizes):
+        tick("export: latency in ONNX Runtime", i, len(stage.latency_batch_sizes))
         x = latency_inputs(ctx.eval_data, b)
         files = {f"onnxruntime batch={b}": onnx_path, f"onnxruntime float batch={b}": float_path}
         rec.latency |= _interleaved(
             {k: p for k, p in files.items() if p is not None},
             lambda path, x=x: latency(path, x, stage.latency_repeats, threads=stage.threads))
+    if stage.latency_batch_sizes:
+        n = len(stage.latency_batch_sizes)
+        tick("export: latency in ONNX Runtime", n, n)
     if stage.openvino or (stage.openvino is None and res.form.get("target") == "openvino"):
-        _openvino(ctx, stage, rec, onnx_path, float_path, labels)
+        _openvino(ctx, stage, rec, onnx_path, float_path, labels, tick)
     rec.metrics |= {f"form_{k}": str(v) for k, v in res.form.items()}
     rec.size = {"bytes": res.size_bytes}
     rec.notes = list(res.warnings) + [f"{f.rule} {f.severity} at {f.node}: {f.message}"
@@ -113,7 +124,7 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
 
 
 def _openvino(ctx: RunContext, stage: ExportStage, rec: StageRecord, onnx_path: Path,
-              float_path: Path | None, labels) -> None:
+              float_path: Path | None, labels, tick) -> None:
     """OpenVINO, the target's runtime: accuracy, agreement and latency (float beside it)."""
     from slimformer.data.datasets import latency_inputs
     from slimformer.export.openvino import openvino_available, ov_latency, ov_predict
@@ -123,13 +134,15 @@ def _openvino(ctx: RunContext, stage: ExportStage, rec: StageRecord, onnx_path: 
         rec.notes.append("OpenVINO is not installed here (pip install openvino): the file was "
                          "written for it but not run in it")
         return
+    tick("export: OpenVINO", 0, 1 + len(stage.latency_batch_sizes))
     if stage.evaluate:  # ``labels``: from the ONNX Runtime evaluation above
         preds = ov_predict(onnx_path, ctx.eval_data, ctx.batch_size, stage.threads)
         if getattr(ctx.eval_data, "has_labels", True):
             rec.metrics["openvino_accuracy"] = float((preds == labels).float().mean())
         if ctx.reference_preds is not None:
             rec.metrics["openvino_agreement"] = agreement(preds, ctx.reference_preds)
-    for b in stage.latency_batch_sizes:
+    for i, b in enumerate(stage.latency_batch_sizes):
+        tick("export: OpenVINO", 1 + i, 1 + len(stage.latency_batch_sizes))
         x = latency_inputs(ctx.eval_data, b)
         files = {f"openvino batch={b}": onnx_path, f"openvino float batch={b}": float_path}
         timed = _interleaved({k: p for k, p in files.items() if p is not None},
@@ -137,6 +150,7 @@ def _openvino(ctx: RunContext, stage: ExportStage, rec: StageRecord, onnx_path: 
                                                           threads=stage.threads))
         for key, stats in timed.items():  # numbers only (the precision, f32, is the default)
             rec.latency[key] = {k: v for k, v in stats.items() if isinstance(v, int | float)}
+    tick("export: OpenVINO", 1 + len(stage.latency_batch_sizes), 1 + len(stage.latency_batch_sizes))
 
 
 ROUNDS = 2  # timing rounds: the files alternate, each keeps its best round

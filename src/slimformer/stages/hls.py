@@ -29,7 +29,8 @@ def run(ctx: RunContext, stage: HlsStage) -> StageRecord:
 
     calib = ctx.data.get("calib")
     res = build_hls(ctx.model, stage.hls_config(), ctx.artifact_dir("hls"), calib,
-                    ctx.eval_data if stage.csim else None, compile=stage.csim)
+                    ctx.eval_data if stage.csim else None, compile=stage.csim,
+                    progress=ctx.progress)
     rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
     where = str(res.project_dir)  # the staging folder: name it as the run folder's hls/
     rec.metrics = {k: v.replace(where, "hls") if isinstance(v, str) else v
