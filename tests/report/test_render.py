@@ -171,6 +171,21 @@ def test_plot_zooms_accuracy_and_colours_by_stage_type():
     assert png.startswith(b"\x89PNG")
 
 
+def test_float_baseline_is_plotted_at_the_input_models_accuracy_and_the_headline_batch():
+    """A float file timed beside the quantized one is the input model: its point sits at the
+    input model's accuracy, not the quantized one's; table and plot use the headline's batch."""
+    r = _compressed(float_export=False)
+    r.stages[-1].latency = {"onnxruntime batch=1": _lat(0.8), "onnxruntime float batch=1":
+                            _lat(0.5), "onnxruntime batch=32": _lat(10.0),
+                            "onnxruntime float batch=32": _lat(16.0)}
+    ax_lat = render.figure(r).axes[1]
+    points = {tuple(c.get_offsets()[0]) for c in ax_lat.collections}
+    assert (10.0, 0.865) in points and (16.0, 0.87) in points and (9.0, 0.87) in points
+    assert "batch 32" in ax_lat.get_xlabel()
+    head, rows = render.stage_table(r)
+    assert head[4] == "latency (batch 32)" and "ONNX Runtime float 16.0 ms" in rows[-1][4]
+
+
 def test_plot_does_not_set_a_process_wide_backend():
     code = ("import sys; from tests.report.test_render import _compressed; "
             "from slimformer.report.render import plot_png; plot_png(_compressed()); "

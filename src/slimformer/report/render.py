@@ -26,7 +26,7 @@ def _fmt(v) -> str:
 
 def stage_table(report: Report) -> tuple[list[str], list[list[str]]]:
     """One narrow row per stage: #, stage, accuracy (or fidelity), size, latency, seconds."""
-    b = S.main_batch(report)
+    b = plot_batch(report)
     q = S.quality_metric(report)
     head = ["#", "stage", "accuracy" if q in (None, "accuracy") else "fidelity", "size",
             f"latency (batch {b})" if b else "latency", "s"]
@@ -115,6 +115,16 @@ _SIMULATED = (f"Latency marked (simulated) is {_SIM_SHORT}: the export stage's O
 STAGE_COLOURS = {"evaluate": "#4c72b0", "quantize": "#dd8452", "prune": "#55a868",
                  "search": "#c44e52", "export": "#8172b3", "hls": "#937860"}
 _MARKERS = {"PyTorch": "o", "ONNX Runtime": "s", "OpenVINO": "^"}
+_BASELINE = "#b0b0b0"  # the float file timed beside an exported compressed one
+
+
+def plot_batch(report: Report) -> int | None:
+    """The batch of the stage table and latency plot: the headline's where a runtime was timed
+    (the largest batch every such stage measured), else :func:`S.main_batch` (PyTorch only)."""
+    sets = [{x.batch for x in lats if x.deployed} for lats in S.latencies(report)
+            if any(x.deployed for x in lats)]
+    common = set.intersection(*sets) if sets else set()
+    return max(common) if common else S.main_batch(report)
 _QUALITY_LABEL = {"accuracy": "accuracy", "output_sqnr_db_min": "output SQNR vs float (dB)",
                   "agreement_with_float": "agreement with float", "agreement": "agreement"}
 
@@ -142,7 +152,14 @@ def figure(report: Report):
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     q = S.quality_metric(report)
-    b = S.main_batch(report)
+    b = plot_batch(report)
+    # a float baseline timed beside a compressed file ("ONNX Runtime float": the input model
+    # exported the same way) has the input model's quality: the last one measured before the
+    # first compressing stage
+    first = next((i for i, s in enumerate(report.stages) if s.type in S.COMPRESSING),
+                 len(report.stages))
+    base_y = next((s.metrics[q] for s in reversed(report.stages[:first])
+                   if q and S.finite(s.metrics.get(q))), None)
     sizes = [s.size["bytes"] for s in report.stages if s.size.get("bytes")]
     unit, scale = ("MB", 1e6) if max(sizes, default=0) >= 1e6 else ("kB", 1e3)
     fig = Figure(figsize=(11, 4.2))
@@ -161,11 +178,18 @@ def figure(report: Report):
                         marker="s" if s.type == "export" else "o")
             ax1.annotate(label, (s.size["bytes"] / scale, y), textcoords="offset points",
                          xytext=(6, 4 - 16 * (s.index % 2)), fontsize=8)
-        for x in (x for x in lats if x.batch == b and S.finite(x.median_ms)):
-            ax2.scatter([x.median_ms], [y], s=60, zorder=3, marker=_MARKERS.get(x.runtime, "D"),
-                        facecolors="none" if x.simulated else c, edgecolors=c)
-            ax2.annotate(label + (" sim." if x.simulated else ""), (x.median_ms, y),
-                         textcoords="offset points", xytext=(6, 4 - 16 * (s.index % 2)),
+        here = [x for x in lats if x.batch == b and S.finite(x.median_ms)]
+        for j, x in enumerate(here):
+            baseline = x.runtime.endswith(" float")
+            if baseline and not S.finite(base_y):
+                continue
+            xy = (x.median_ms, base_y if baseline else y)
+            ax2.scatter(*([v] for v in xy), s=60, zorder=3,
+                        marker=_MARKERS.get(x.runtime.removesuffix(" float"), "D"),
+                        facecolors="none" if x.simulated else (_BASELINE if baseline else c),
+                        edgecolors=_BASELINE if baseline else c)
+            text = (f"{s.index}: float" if baseline else label) + (" sim." if x.simulated else "")
+            ax2.annotate(text, xy, textcoords="offset points", xytext=(6, 4 - 11 * (j % 3)),
                          fontsize=8)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
@@ -191,10 +215,14 @@ def figure(report: Report):
                for t in STAGE_COLOURS if t in types]
     if handles:
         ax1.legend(handles=handles, fontsize=8, title="stage", title_fontsize=8)
-    runtimes = sorted({o.runtime for lats in S.latencies(report) for o in lats})
+    runtimes = sorted({o.runtime.removesuffix(" float") for lats in S.latencies(report)
+                       for o in lats})
     simulated = any(o.simulated for lats in S.latencies(report) for o in lats)
     rt = [Line2D([], [], ls="", marker=_MARKERS.get(r, "D"), color="#555", label=r)
           for r in runtimes]
+    if any(o.runtime.endswith(" float") for lats in S.latencies(report) for o in lats):
+        rt.append(Line2D([], [], ls="", marker="s", color=_BASELINE,
+                         label="float model, timed beside it"))
     if simulated:
         rt.append(Line2D([], [], ls="", marker="o", color="#555", markerfacecolor="none",
                          label="PyTorch, quantized (simulated)"))

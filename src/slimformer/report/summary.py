@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from slimformer.report.model import Report, StageRecord
 
 RUNTIME_NAMES = {"": "PyTorch", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
-_COMPRESSING = ("quantize", "prune", "search")
+COMPRESSING = ("quantize", "prune", "search")
 _QUANTIZING = ("quantize", "search")
 
 
@@ -125,7 +125,7 @@ def headline(report: Report) -> str:
     labels the accuracy delta becomes the final output SQNR vs the float model.
     """
     stages = report.stages
-    first_comp = next((i for i, s in enumerate(stages) if s.type in _COMPRESSING), len(stages))
+    first_comp = next((i for i, s in enumerate(stages) if s.type in COMPRESSING), len(stages))
     base_i = next((i for i, s in enumerate(stages[:first_comp]) if s.type == "evaluate"), None)
     if base_i is None:  # the input model was not evaluated: its size is still known
         base_i, later = 0, stages
@@ -173,7 +173,7 @@ def _latency_part(report: Report, base_i: int) -> str:
     lats, quant = latencies(report), quantized_at(report)
     deployed_i = next((i for i in reversed(range(base_i, len(lats)))
                        if any(x.deployed for x in lats[i])), None)
-    first_comp = next((i for i, s in enumerate(report.stages) if s.type in _COMPRESSING),
+    first_comp = next((i for i, s in enumerate(report.stages) if s.type in COMPRESSING),
                       len(report.stages))
     ref = "float" if not quant[base_i] else "the input model"
     if deployed_i is not None:
