@@ -119,8 +119,11 @@ _BASELINE = "#b0b0b0"  # the float file timed beside an exported compressed one
 
 
 def plot_batch(report: Report) -> int | None:
-    """The batch of the stage table and latency plot: the headline's where a runtime was timed
-    (the largest batch every such stage measured), else :func:`S.main_batch` (PyTorch only)."""
+    """The batch of the stage table and the latency plot (the headline's).
+
+    Where a runtime was timed: the largest batch every such stage measured; else
+    :func:`slimformer.report.summary.main_batch` (PyTorch latencies only).
+    """
     sets = [{x.batch for x in lats if x.deployed} for lats in S.latencies(report)
             if any(x.deployed for x in lats)]
     common = set.intersection(*sets) if sets else set()
