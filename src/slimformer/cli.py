@@ -835,16 +835,20 @@ def export_onnx_cmd(
     from slimformer.report.outdir import reserve
     from slimformer.validation import format_errors
 
-    con, err = _console()
+    con, _ = _console()
     with _errors(), reserve(out, overwrite, kind="file"):
         try:
             tgt, _, isa = target.partition(":")
             cfg = OnnxConfig(opset=opset, dynamic=not static, target=tgt, isa=isa or "auto")
         except ValidationError as exc:
             raise ConfigError(format_errors(exc, OnnxConfig), "options") from None
-        with err.status("loading, exporting and checking with ONNX Runtime"):
+        with _progress() as prog:
+            prog("load model", 0, 1)
             lm, net = _load_any(model, config, trust_code)
+            prog("load model", 1, 1)
+            prog("export: ONNX file (checked in ONNX Runtime)", 0, 1)
             res = export_onnx(net, out, _example_rows(lm, rows), cfg)
+            prog("export: ONNX file (checked in ONNX Runtime)", 1, 1)
     if as_json:
         print(json.dumps(res.summary(), indent=2))
         return
@@ -910,15 +914,22 @@ def export_openvino_cmd(
     from slimformer.export.openvino import export_openvino, ov_latency
     from slimformer.report.outdir import reserve
 
-    con, err = _console()
+    con, _ = _console()
     with _errors(), reserve(out, overwrite, kind="file"), \
             reserve(out.with_suffix(".onnx"), overwrite, kind="file"):
-        with err.status("loading, exporting, converting and checking with OpenVINO"):
+        with _progress() as prog:
+            prog("load model", 0, 1)
             lm, net = _load_any(model, config, trust_code)
+            prog("load model", 1, 1)
+            prog("export: ONNX, OpenVINO IR, checked in OpenVINO", 0, 1)
             res = export_openvino(net, out, _example_rows(lm, rows),
                                   OnnxConfig(target="openvino", dynamic=not static))
-            lat = (ov_latency(out, _example_rows(lm, latency_batch), threads=2)
-                   if latency_batch else None)
+            prog("export: ONNX, OpenVINO IR, checked in OpenVINO", 1, 1)
+            lat = None
+            if latency_batch:
+                prog(f"latency in OpenVINO, batch {latency_batch}", 0, 1)
+                lat = ov_latency(out, _example_rows(lm, latency_batch), threads=2)
+                prog(f"latency in OpenVINO, batch {latency_batch}", 1, 1)
     if as_json:
         print(json.dumps(res.summary() | ({"latency": lat} if lat else {}), indent=2))
         return

@@ -48,6 +48,12 @@ def test_cli_export_onnx_lint_and_tensorrt(tmp_path):
     res = runner.invoke(app, ["export", "onnx", "vit-digits-seq", "-o", str(f)])
     assert res.exit_code == 0, res.output
     assert "ONNX Runtime vs PyTorch" in res.output and f.is_file()
+    # progress as plain lines on stderr (not a terminal): each step's start and end
+    assert "export: ONNX file (checked in ONNX Runtime): 1/1" in res.stderr
+    assert "export:" not in res.stdout
+    quiet = runner.invoke(app, ["--quiet", "export", "onnx", "vit-digits-seq", "-o",
+                                str(tmp_path / "q.onnx")])
+    assert quiet.exit_code == 0 and quiet.stderr == ""
     res = runner.invoke(app, ["export", "lint", str(f), "--json"])
     assert res.exit_code == 0 and json.loads(res.output) == []  # float: nothing to lint
     res = runner.invoke(app, ["export", "tensorrt", str(f), "-o", str(tmp_path / "m.plan")])
