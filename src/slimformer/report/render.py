@@ -26,7 +26,7 @@ def _fmt(v) -> str:
 
 def stage_table(report: Report) -> tuple[list[str], list[list[str]]]:
     """One narrow row per stage: #, stage, accuracy (or fidelity), size, latency, seconds."""
-    b = plot_batch(report)
+    b = S.shown_batch(report)
     q = S.quality_metric(report)
     head = ["#", "stage", "accuracy" if q in (None, "accuracy") else "fidelity", "size",
             f"latency (batch {b})" if b else "latency", "s"]
@@ -116,18 +116,6 @@ STAGE_COLOURS = {"evaluate": "#4c72b0", "quantize": "#dd8452", "prune": "#55a868
                  "search": "#c44e52", "export": "#8172b3", "hls": "#937860"}
 _MARKERS = {"PyTorch": "o", "ONNX Runtime": "s", "OpenVINO": "^"}
 _BASELINE = "#b0b0b0"  # the float file timed beside an exported compressed one
-
-
-def plot_batch(report: Report) -> int | None:
-    """The batch of the stage table and the latency plot (the headline's).
-
-    Where a runtime was timed: the largest batch every such stage measured; else
-    :func:`slimformer.report.summary.main_batch` (PyTorch latencies only).
-    """
-    sets = [{x.batch for x in lats if x.deployed} for lats in S.latencies(report)
-            if any(x.deployed for x in lats)]
-    common = set.intersection(*sets) if sets else set()
-    return max(common) if common else S.main_batch(report)
 _QUALITY_LABEL = {"accuracy": "accuracy", "output_sqnr_db_min": "output SQNR vs float (dB)",
                   "agreement_with_float": "agreement with float", "agreement": "agreement"}
 
@@ -155,13 +143,11 @@ def figure(report: Report):
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     q = S.quality_metric(report)
-    b = plot_batch(report)
+    b = S.shown_batch(report)
     # a float baseline timed beside a compressed file ("ONNX Runtime float": the input model
     # exported the same way) has the input model's quality: the last one measured before the
     # first compressing stage
-    first = next((i for i, s in enumerate(report.stages) if s.type in S.COMPRESSING),
-                 len(report.stages))
-    base_y = next((s.metrics[q] for s in reversed(report.stages[:first])
+    base_y = next((s.metrics[q] for s in reversed(report.stages[:S.first_compressing(report)])
                    if q and S.finite(s.metrics.get(q))), None)
     sizes = [s.size["bytes"] for s in report.stages if s.size.get("bytes")]
     unit, scale = ("MB", 1e6) if max(sizes, default=0) >= 1e6 else ("kB", 1e3)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from slimformer.report.model import Report, StageRecord
 
 RUNTIME_NAMES = {"": "PyTorch", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
-COMPRESSING = ("quantize", "prune", "search")
+_COMPRESSING = ("quantize", "prune", "search")
 _QUANTIZING = ("quantize", "search")
 
 
@@ -76,6 +76,24 @@ def main_batch(report: Report) -> int | None:
     return (1 if 1 in batches else min(batches)) if batches else None
 
 
+def shown_batch(report: Report) -> int | None:
+    """The batch of the stage table and the latency plot (the headline's).
+
+    Where a runtime was timed: the largest batch every such stage measured; else
+    :func:`main_batch` (PyTorch latencies only).
+    """
+    sets = [{x.batch for x in lats if x.deployed} for lats in latencies(report)
+            if any(x.deployed for x in lats)]
+    common = set.intersection(*sets) if sets else set()
+    return max(common) if common else main_batch(report)
+
+
+def first_compressing(report: Report) -> int:
+    """Index of the first quantize / prune / search stage (``len(stages)`` when none)."""
+    return next((i for i, s in enumerate(report.stages) if s.type in _COMPRESSING),
+                len(report.stages))
+
+
 def quality_metric(report: Report) -> str | None:
     """The metric that plots and rows compare: ``accuracy``, else output SQNR, else agreement."""
     for key in ("accuracy", "output_sqnr_db_min", "agreement_with_float", "agreement"):
@@ -125,7 +143,7 @@ def headline(report: Report) -> str:
     labels the accuracy delta becomes the final output SQNR vs the float model.
     """
     stages = report.stages
-    first_comp = next((i for i, s in enumerate(stages) if s.type in COMPRESSING), len(stages))
+    first_comp = first_compressing(report)
     base_i = next((i for i, s in enumerate(stages[:first_comp]) if s.type == "evaluate"), None)
     if base_i is None:  # the input model was not evaluated: its size is still known
         base_i, later = 0, stages
@@ -173,8 +191,7 @@ def _latency_part(report: Report, base_i: int) -> str:
     lats, quant = latencies(report), quantized_at(report)
     deployed_i = next((i for i in reversed(range(base_i, len(lats)))
                        if any(x.deployed for x in lats[i])), None)
-    first_comp = next((i for i, s in enumerate(report.stages) if s.type in COMPRESSING),
-                      len(report.stages))
+    first_comp = first_compressing(report)
     ref = "float" if not quant[base_i] else "the input model"
     if deployed_i is not None:
         here = [x for x in lats[deployed_i] if x.deployed]

@@ -91,15 +91,15 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
                     latency_inputs(ctx.eval_data, stage.example_rows),
                     stage.onnx_config().model_copy(update={"check": False, "lint": False}))
         tick("export: float ONNX file (the baseline)", 1, 1)
+    n = len(stage.latency_batch_sizes)
     for i, b in enumerate(stage.latency_batch_sizes):
-        tick("export: latency in ONNX Runtime", i, len(stage.latency_batch_sizes))
+        tick("export: latency in ONNX Runtime", i, n)
         x = latency_inputs(ctx.eval_data, b)
         files = {f"onnxruntime batch={b}": onnx_path, f"onnxruntime float batch={b}": float_path}
         rec.latency |= _interleaved(
             {k: p for k, p in files.items() if p is not None},
             lambda path, x=x: latency(path, x, stage.latency_repeats, threads=stage.threads))
-    if stage.latency_batch_sizes:
-        n = len(stage.latency_batch_sizes)
+    if n:
         tick("export: latency in ONNX Runtime", n, n)
     if stage.openvino or (stage.openvino is None and res.form.get("target") == "openvino"):
         _openvino(ctx, stage, rec, onnx_path, float_path, labels, tick)
@@ -134,7 +134,8 @@ def _openvino(ctx: RunContext, stage: ExportStage, rec: StageRecord, onnx_path: 
         rec.notes.append("OpenVINO is not installed here (pip install openvino): the file was "
                          "written for it but not run in it")
         return
-    tick("export: OpenVINO", 0, 1 + len(stage.latency_batch_sizes))
+    steps = 1 + len(stage.latency_batch_sizes)  # evaluation, then each batch timed
+    tick("export: OpenVINO", 0, steps)
     if stage.evaluate:  # ``labels``: from the ONNX Runtime evaluation above
         preds = ov_predict(onnx_path, ctx.eval_data, ctx.batch_size, stage.threads)
         if getattr(ctx.eval_data, "has_labels", True):
@@ -142,7 +143,7 @@ def _openvino(ctx: RunContext, stage: ExportStage, rec: StageRecord, onnx_path: 
         if ctx.reference_preds is not None:
             rec.metrics["openvino_agreement"] = agreement(preds, ctx.reference_preds)
     for i, b in enumerate(stage.latency_batch_sizes):
-        tick("export: OpenVINO", 1 + i, 1 + len(stage.latency_batch_sizes))
+        tick("export: OpenVINO", 1 + i, steps)
         x = latency_inputs(ctx.eval_data, b)
         files = {f"openvino batch={b}": onnx_path, f"openvino float batch={b}": float_path}
         timed = _interleaved({k: p for k, p in files.items() if p is not None},
@@ -150,7 +151,7 @@ def _openvino(ctx: RunContext, stage: ExportStage, rec: StageRecord, onnx_path: 
                                                           threads=stage.threads))
         for key, stats in timed.items():  # numbers only (the precision, f32, is the default)
             rec.latency[key] = {k: v for k, v in stats.items() if isinstance(v, int | float)}
-    tick("export: OpenVINO", 1 + len(stage.latency_batch_sizes), 1 + len(stage.latency_batch_sizes))
+    tick("export: OpenVINO", steps, steps)
 
 
 ROUNDS = 2  # timing rounds: the files alternate, each keeps its best round
