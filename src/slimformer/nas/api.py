@@ -259,7 +259,19 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
         calib_data: Calibration rows for quantizing sub-networks (default: ``train_data``).
         worker: Only measure random sub-networks into the shared study (needs the saved
             super-network), then return.
+
+    Raises:
+        StageError: The study's storage failed (unreadable journal file, database gone); the
+            message names the file or the server (without its password).
     """
+    from slimformer.nas.journal import storage_errors
+
+    with storage_errors(config.storage_url()):
+        return _search(model, config, train_data, eval_data, structure, progress, calib_data,
+                       worker)
+
+
+def _search(model, config, train_data, eval_data, structure, progress, calib_data, worker):
     from slimformer.nas import study as st
     from slimformer.nas.measure import measure
     from slimformer.nas.pareto import hypervolume, pareto_front
@@ -267,7 +279,8 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
     t0 = time.perf_counter()
     tick = progress or (lambda *a: None)
     objectives = list(config.objectives)
-    storage = st.open_storage(config.storage_url())  # bad storage fails before any work
+    opened: list[str] = []  # what repairing a cut journal did
+    storage = st.open_storage(config.storage_url(), opened)  # bad storage fails before any work
     original = copy.deepcopy(model).eval()
     structure, space, net, notes = _prepare(copy.deepcopy(model).eval(), config, eval_data,
                                             structure)
@@ -278,7 +291,7 @@ def search(model: nn.Module, config: SearchConfig, train_data, eval_data, struct
     if "fingerprint_parts" not in study.user_attrs:
         study.set_user_attr("fingerprint_parts", keys["study"])
     stale = st.fail_stale(storage, study)
-    result = SearchResult(objectives, space_size=space.size(), notes=notes)
+    result = SearchResult(objectives, space_size=space.size(), notes=opened + notes)
     if stale:
         result.notes.append(f"{stale} trial(s) left running by a stopped process marked failed")
     if worker and not Path(config.supernet_file()).is_file():

@@ -119,6 +119,23 @@ class SearchConfig(BaseModel):
                              "each once")
         return v
 
+    @field_validator("storage", "supernet_path")
+    @classmethod
+    def _placeholders(cls, v: str) -> str:
+        import string
+
+        try:
+            names = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+        except ValueError as exc:
+            raise ValueError(f"{exc}; the only placeholder is {{study}} (write "
+                             "{{ and }} for literal braces)") from None
+        bad = [n for n in names if n != "study"]
+        if bad:
+            raise ValueError("unknown placeholder(s) "
+                             f"{', '.join('{' + n + '}' for n in bad)}; the only placeholder is "
+                             "{study}")
+        return v
+
     def storage_url(self) -> str:
         """The storage with ``{study}`` filled in."""
         return self.storage.format(study=self.study)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import socket
 import threading
 import time
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from slimformer.errors import ConfigError, StageError
+from slimformer.nas.journal import redact, repair_journal, storage_errors
 
 DIRECTIONS = {"accuracy": "maximize", "latency": "minimize", "size": "minimize",
               "macs": "minimize"}
@@ -47,13 +47,11 @@ def heartbeat_seconds() -> int:
     return int(raw)
 
 
-def redact(url: str) -> str:
-    """``url`` with its password (``user:password@``) hidden, for messages."""
-    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
-
-
-def open_storage(storage: str):
+def open_storage(storage: str, notes: list[str] | None = None):
     """An Optuna storage from a journal file path or a database URL.
+
+    A journal file whose last record a stopped worker cut off is repaired first (see
+    :func:`~slimformer.nas.journal.repair_journal`); what was done is appended to ``notes``.
 
     Raises:
         ConfigError: The file cannot be created or the database cannot be opened.
@@ -84,11 +82,16 @@ def open_storage(storage: str):
             raise IsADirectoryError(f"{path} is a folder")
         with open(path, "a", encoding="utf-8"):
             pass
-        backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+        lock = JournalFileOpenLock(str(path))
+        note = repair_journal(path, lock)
+        backend = JournalFileBackend(str(path), lock_obj=lock)
     except OSError as exc:
         raise ConfigError([f"storage: cannot open journal file {storage!r}: {exc}; give a "
                            "writable file path or a database URL"], "search config") from None
-    return optuna.storages.JournalStorage(backend)
+    if note and notes is not None:
+        notes.append(note)
+    with storage_errors(storage):
+        return optuna.storages.JournalStorage(backend)
 
 
 def open_study(storage, name: str, objectives: list[str], fingerprint: str):
