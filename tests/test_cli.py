@@ -166,3 +166,27 @@ def test_run_without_arguments_is_the_shipped_quickstart(tmp_path, monkeypatch):
     checkout = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
     assert checkout.resolve() == (Path(__file__).parents[1] / "src" / "slimformer" / "recipes"
                                   / "quickstart.yaml").resolve()
+
+
+def test_eval_unlabelled_data_and_same_rows_as_quantize(tmp_path):
+    """eval on a file without labels says so (no accuracy); it scores quantize's rows."""
+    from slimformer.data.text import minilm_path
+
+    spec = tmp_path / "m.yaml"
+    spec.write_text(yaml.safe_dump({
+        "source": "hf_config", "model_type": "bert", "task": "sequence-classification",
+        "config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                   "intermediate_size": 64, "num_labels": 2}}))
+    txt = tmp_path / "lines.txt"
+    txt.write_text("".join(f"line {i} about {w}\n" for i, w in enumerate(["cats", "dogs"] * 200)))
+    data = json.dumps({"path": str(txt), "tokenizer": str(minilm_path()), "max_length": 16})
+    res = runner.invoke(app, ["eval", str(spec), "--data", data, "--repeats", "1"])
+    assert res.exit_code == 0, res.output
+    assert "(200 samples): no labels: accuracy not measured" in " ".join(res.output.split())
+    res = runner.invoke(app, ["eval", str(spec), "--data", data, "--repeats", "1", "--json"])
+    got = json.loads(res.output[res.output.index("{"):])
+    assert got["accuracy"] is None and got["samples"] == 200  # 200 rows set aside to calibrate
+    res = runner.invoke(app, ["quantize", str(spec), "--data", data, "--method", "minmax",
+                              "--out", str(tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+    assert "(200 rows)" in " ".join(res.output.split())  # the rows eval scored (was 272)

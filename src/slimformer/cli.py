@@ -263,8 +263,11 @@ CALIB_HELP = "Separate calibration data (file, folder or built-in set)."
 EVAL_HELP = "Separate evaluation data (file, folder or built-in set)."
 
 
+CALIB_ROWS = 256  # rows of one own data file kept for calibration (recipe data.calib_rows)
+
+
 def _run_data(lm, data: str | None, calib_data: str | None = None, eval_data: str | None = None,
-              limit: int | None = None, split: str = "test", calib_rows: int = 256):
+              limit: int | None = None, split: str = "test", calib_rows: int = CALIB_ROWS):
     """The run's rows by role (``pipeline.RunData``) from the CLI's data options."""
     from slimformer.pipeline import RunData
 
@@ -272,7 +275,7 @@ def _run_data(lm, data: str | None, calib_data: str | None = None, eval_data: st
 
 
 def _data_config(data: str | None, calib_data: str | None = None, eval_data: str | None = None,
-                 limit: int | None = None, calib_rows: int = 256, split: str = "test"):
+                 limit: int | None = None, calib_rows: int = CALIB_ROWS, split: str = "test"):
     """The recipe's ``data:`` section from the CLI's data options."""
     from pydantic import ValidationError
 
@@ -382,6 +385,8 @@ def eval_(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
 
     con, _ = _console()
     with _errors():
+        _bounded(limit=(limit, 1, 10**9), batch_size=(batch_size, 1, 4096),
+                 repeats=(repeats, 1, 1000))
         lm = _load(model, config)
         rd = _run_data(lm, data, None, eval_data, limit, split)
         name, ds = rd.label, rd.get("eval")
@@ -396,8 +401,9 @@ def eval_(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    con.print(f"{model} on {name}/{split} ({len(labels)} samples): accuracy "
-              f"{result['accuracy']:.4f}")
+    acc = result["accuracy"]
+    con.print(f"{model} on {name}/{split} ({len(labels)} samples): " +
+              (f"accuracy {acc:.4f}" if acc is not None else "no labels: accuracy not measured"))
     for b, s in lat.items():
         con.print(f"  latency {b}: median {s['median_ms']:.2f} ms (p90 {s['p90_ms']:.2f}, "
                   f"{s['repeats']} runs, {s['threads']} threads)")
@@ -449,7 +455,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                        clip_steps=clip_steps, recon_steps=recon_steps)
         quiet = EvaluateStage(latency_batch_sizes=[])
         result = _run_one(con, "quantize", model, config, [quiet, stage, quiet], out, overwrite,
-                          _data_config(data, calib_data, eval_data, limit, stage.calib_samples))
+                          _data_config(data, calib_data, eval_data, limit,
+                                       max(CALIB_ROWS, stage.calib_samples)))
     before, q, after = result.report.stages
     con.print(f"{model} {stage.method} W{stage.weight_bits}A{stage.act_bits} on "
               f"{result.report.data['dataset']} "
@@ -714,6 +721,7 @@ def zoo_train(name: Annotated[str, typer.Argument(help="Zoo model name.")],
     con, _ = _console()
     files = [out / f"{name}{ext}" for ext in (".safetensors", ".json")] if out else []
     with _errors(), contextlib.ExitStack() as stack:
+        _bounded(epochs=(epochs, 1, 10_000))
         for f in files:  # files the user may hold in --out are replaced only when asked
             stack.enter_context(reserve(f, overwrite, kind="file"))
         prog = stack.enter_context(_progress())
@@ -837,6 +845,7 @@ def export_onnx_cmd(
 
     con, _ = _console()
     with _errors(), reserve(out, overwrite, kind="file"):
+        _bounded(rows=(rows, 1, 4096))
         try:
             tgt, _, isa = target.partition(":")
             cfg = OnnxConfig(opset=opset, dynamic=not static, target=tgt, isa=isa or "auto")
@@ -917,6 +926,7 @@ def export_openvino_cmd(
     con, _ = _console()
     with _errors(), reserve(out, overwrite, kind="file"), \
             reserve(out.with_suffix(".onnx"), overwrite, kind="file"):
+        _bounded(rows=(rows, 1, 4096), latency_batch=(latency_batch, 1, 1024))
         with _progress() as prog:
             prog("load model", 0, 1)
             lm, net = _load_any(model, config, trust_code)
@@ -1033,6 +1043,20 @@ def _ints(text: str, what: str) -> list[int]:
         raise ConfigError([f"--{what}: expected min,opt,max with 0 < min <= opt <= max, got "
                            f"{text!r}"], "options")
     return vals
+
+
+def _bounded(**options: tuple[float | None, float, float]) -> None:
+    """Refuse numeric options outside their ranges: ``name=(value, lowest, highest)``.
+
+    Raises:
+        ConfigError: Every option (``--name``) out of range, with its allowed range.
+    """
+    from slimformer.errors import ConfigError
+
+    bad = [f"--{k.replace('_', '-')}: {v} is out of range; allowed: {lo:g} to {hi:g}"
+           for k, (v, lo, hi) in options.items() if v is not None and not lo <= v <= hi]
+    if bad:
+        raise ConfigError(bad, "options")
 
 
 def main() -> None:  # pragma: no cover - console entry point

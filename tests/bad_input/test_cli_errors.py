@@ -55,3 +55,26 @@ def test_library_errors_at_the_boundary_are_exit_2(tmp_path, cli):
     res = cli("export", "tensorrt", d, "--out", tmp_path / "e.plan")
     assert res.exit_code == 2, res.output
     no_traceback(res)
+
+
+@pytest.mark.parametrize("args, what", [
+    (["eval", "vit-digits-seq", "--batch-size", "0"], "--batch-size: 0 is out of range; allowed: 1 to 4096"),
+    (["eval", "vit-digits-seq", "--repeats", "0"], "--repeats: 0 is out of range; allowed: 1 to 1000"),
+    (["eval", "vit-digits-seq", "--limit", "-3"], "--limit: -3 is out of range"),
+    (["export", "onnx", "vit-digits-seq", "-o", "{tmp}/m.onnx", "--rows", "0"], "--rows: 0 is out"),
+    (["export", "openvino", "vit-digits-seq", "-o", "{tmp}/m.xml", "--latency-batch", "0"],
+     "--latency-batch: 0 is out of range; allowed: 1 to 1024"),
+    (["zoo", "train", "vit-digits-seq", "--out", "{tmp}/z", "--epochs", "0"], "--epochs: 0 is out"),
+    (["quantize", "vit-digits-seq", "--out", "{tmp}/q", "--weight-bits", "9"], "weight_bits"),
+    (["search", "vit-digits-seq", "--out", "{tmp}/s", "--storage", "x/{0}.journal"],
+     "unknown placeholder(s) {0}; the only placeholder is {study}"),
+    (["search", "vit-digits-seq", "--out", "{tmp}/s", "--storage", "x/{study.journal"],
+     "the only placeholder is {study}"),
+])
+def test_numeric_and_template_options_are_bounded(tmp_path, cli, args, what):
+    """Out-of-range numbers and bad templates: a typed error naming the range, nothing written."""
+    res = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert res.exit_code == 2, res.output
+    assert "error: ConfigError" in res.output and what in res.output, res.output
+    no_traceback(res)
+    assert list(tmp_path.iterdir()) == []
