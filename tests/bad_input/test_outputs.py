@@ -185,3 +185,35 @@ def test_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
         holder.wait()
     run(_recipe(out))  # the lock died with its process
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_unremovable_empty_folder_refused_before_any_stage(tmp_path):
+    """An empty output folder that cannot be replaced (immutable) fails before the model loads."""
+    import subprocess
+
+    out = tmp_path / "locked"
+    out.mkdir()
+    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here (needs root on ext4/xfs/btrfs)")
+    try:
+        with pytest.raises(OutputError, match="cannot be replaced .renaming it failed"):
+            with staged_dir(out):
+                raise AssertionError("the staging folder must not be reached")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["locked"]  # no probe, no lock left
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], check=True)
+
+
+def test_name_leaves_room_for_the_temporary_suffix(tmp_path):
+    from slimformer.report.outdir import MAX_NAME, SUFFIX_ROOM, atomic_path
+
+    ok = tmp_path / ("n" * (MAX_NAME - SUFFIX_ROOM))
+    with staged_dir(ok) as tmp:  # the longest allowed name: its staging name fits
+        (tmp / "f").write_text("x")
+    with atomic_path(ok / ("f" * (MAX_NAME - SUFFIX_ROOM))) as part:
+        part.write_text("y")
+    for n in (MAX_NAME - SUFFIX_ROOM + 1, 250, MAX_NAME):
+        with pytest.raises(OutputError, match="too long"):
+            check_output(tmp_path / ("m" * n))
+        with pytest.raises(OutputError, match="too long"):
+            check_output(tmp_path / ("m" * n), kind="file")

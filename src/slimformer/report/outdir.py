@@ -34,6 +34,8 @@ MARKER = ".slimformer-output"
 STATE = "state"  # sub-folder of an output: resumable state (journals, checkpoints), carried over
 MAX_PATH = 4096
 MAX_NAME = 255
+# the longest name slimformer puts beside an output: ``.NAME.<8 random>.part`` (also .tmp, .old)
+SUFFIX_ROOM = len("..12345678.part")
 _TMP, _OLD = ".tmp", ".old"
 
 
@@ -84,12 +86,15 @@ def _protected(resolved: Path) -> str | None:
     return None
 
 
-def check_output(path: str | Path, overwrite: bool = False, kind: str = "folder") -> Path:
+def check_output(path: str | Path, overwrite: bool = False, kind: str = "folder",
+                 probe: bool = False) -> Path:
     """Check, before any work, that ``path`` may receive a new output; returns it.
 
     Allowed: a path that does not exist (its nearest existing parent must be writable: a
     temporary file is created there and removed), an empty folder, and with ``overwrite`` a
-    folder slimformer wrote (``kind="folder"``) or an existing file (``kind="file"``).
+    folder slimformer wrote (``kind="folder"``) or an existing file (``kind="file"``). With
+    ``probe`` (under the output's lock) an existing folder must also be renamable, as the new
+    output replaces it by a rename.
 
     Raises:
         OutputError: What is at the path, why it is refused and the way out.
@@ -99,9 +104,12 @@ def check_output(path: str | Path, overwrite: bool = False, kind: str = "folder"
     if not text.strip():
         raise OutputError("output path is empty: give a folder such as runs/my-run")
     if len(os.fsencode(text)) > MAX_PATH or any(len(os.fsencode(part)) > MAX_NAME
-                                                 for part in p.parts):
-        raise OutputError(f"output path {_short(text)!r} is too long (at most {MAX_NAME} bytes "
-                          f"a name, {MAX_PATH} in all)")
+                                                 for part in p.parts) \
+            or len(os.fsencode(p.name)) > MAX_NAME - SUFFIX_ROOM:
+        raise OutputError(f"output path {_short(text)!r} is too long (at most "
+                          f"{MAX_NAME - SUFFIX_ROOM} bytes its last name: room is kept for "
+                          f"the temporary files beside it; {MAX_NAME} a folder name, "
+                          f"{MAX_PATH} in all)")
     if "\0" in text:
         raise OutputError("output path contains a NUL byte")
     resolved = p.resolve()
@@ -135,7 +143,25 @@ def check_output(path: str | Path, overwrite: bool = False, kind: str = "folder"
                               f"slimformer (no {MARKER} file in it); slimformer never replaces "
                               "folders it did not write: give a new path")
     _check_writable(p)
+    if probe and kind == "folder" and p.is_dir():
+        _check_movable(p)
     return p
+
+
+def _check_movable(p: Path) -> None:
+    """Refuse a folder output that cannot be renamed (it is replaced by a rename at the end).
+
+    Probed by renaming it away and back; a run killed in between leaves ``.NAME.*.old``, which
+    the next run on ``p`` puts back (an output) or removes (an empty folder).
+    """
+    probe = p.with_name(f".{p.name}.{os.getpid()}probe{_OLD}")
+    try:
+        os.rename(p, probe)
+    except OSError as exc:
+        raise OutputError(f"output folder {str(p)!r} cannot be replaced (renaming it failed: "
+                          f"{exc.strerror or exc}); give a new path in a writable folder") \
+            from None
+    os.rename(probe, p)
 
 
 def _check_writable(p: Path) -> None:
@@ -293,7 +319,7 @@ def reserve(path: str | Path, overwrite: bool = False, kind: str = "folder") -> 
     with _lock(path):
         if kind == "folder":
             clean_leftovers(path)
-        check_output(path, overwrite, kind)  # again, under the lock
+        check_output(path, overwrite, kind, probe=True)  # again, under the lock
         yield path
 
 
