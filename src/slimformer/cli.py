@@ -722,6 +722,8 @@ def zoo_train(name: Annotated[str, typer.Argument(help="Zoo model name.")],
     files = [out / f"{name}{ext}" for ext in (".safetensors", ".json")] if out else []
     with _errors(), contextlib.ExitStack() as stack:
         _bounded(epochs=(epochs, 1, 10_000))
+        if out and not out.exists() and out.parent.is_dir():
+            out.mkdir()  # --out itself may be new (inside an existing folder)
         for f in files:  # files the user may hold in --out are replaced only when asked
             stack.enter_context(reserve(f, overwrite, kind="file"))
         prog = stack.enter_context(_progress())
@@ -904,8 +906,8 @@ def _print_lint(con, findings) -> None:
 def export_openvino_cmd(
         model: Annotated[str, typer.Argument(help="Model (as for inspect), or a folder written by "
                                              "`slimformer quantize` (exported as QDQ).")],
-        out: Annotated[Path, typer.Option("--out", "-o", help="The IR .xml to write (.bin and "
-                                          "the source .onnx beside it).")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="The IR .xml to write (its .bin "
+                                          "beside it).")],
         static: Annotated[bool, typer.Option("--static", help="Fixed shapes (no symbolic batch/"
                                              "sequence axes).")] = False,
         rows: Annotated[int, typer.Option(help="Example rows traced and checked.")] = 2,
@@ -925,7 +927,7 @@ def export_openvino_cmd(
 
     con, _ = _console()
     with _errors(), reserve(out, overwrite, kind="file"), \
-            reserve(out.with_suffix(".onnx"), overwrite, kind="file"):
+            reserve(out.with_suffix(".bin"), overwrite, kind="file"):
         _bounded(rows=(rows, 1, 4096), latency_batch=(latency_batch, 1, 1024))
         with _progress() as prog:
             prog("load model", 0, 1)
@@ -943,7 +945,7 @@ def export_openvino_cmd(
     if as_json:
         print(json.dumps(res.summary() | ({"latency": lat} if lat else {}), indent=2))
         return
-    con.print(f"wrote {res.path} and {res.onnx.path} (OpenVINO {res.version}, "
+    con.print(f"wrote {res.path} and {res.path.with_suffix('.bin')} (OpenVINO {res.version}, "
               f"{'QDQ' if res.onnx.quantized else 'float'}, opset {res.onnx.opset})")
     _print_parity(con, res.parity, "OpenVINO (f32) vs PyTorch")
     if lat:

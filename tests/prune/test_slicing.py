@@ -220,3 +220,47 @@ def test_head_dims_refused_on_nn_multihead_attention():
     assert all("nn.MultiheadAttention" in why for why in bad["dims"].values())
     with pytest.raises(UnsupportedModelError, match=r"head dimensions cannot be cut"):
         slice_model(model, s, SliceSpec(dims={0: ((0, 1), (0, 1))}), check_inputs=x)
+
+
+def test_mlp_with_depthwise_conv_slices_the_conv_channels():
+    """fc1 -> depthwise conv -> GELU -> fc2: a hidden unit owns its conv channel."""
+    from slimformer.prune.units import magnitude_scores, unit_groups
+    from tests.models.test_structure_variants import Block, MixFfn, Stack
+
+    torch.manual_seed(0)
+    model = Stack(Block(mlp=MixFfn()), Block(mlp=MixFfn())).eval()
+    x = {"x": torch.randn(2, 16, 16)}
+    s = discover(model, x)
+    bad = sliceable(model, s, x, kinds=("mlp",))
+    assert bad["mlp"] == {}
+    groups = unit_groups(model, s, ("mlp",), bad)
+    g = groups[0]
+    assert ("blocks.0.mlp.filt.weight", 0, 1) in g.scored
+    # per unit: a row of up (16 + bias), a column of down (16), a 3x3 filter and its bias
+    assert g.cost == 16 + 1 + 16 + 9 + 1
+    assert magnitude_scores(model, groups)[0].shape == (32,)
+    spec = SliceSpec(mlp={0: tuple(range(0, 32, 2)), 1: (3, 7, 30)})
+    out = slice_model(model, s, spec, check_inputs=x)
+    conv = out.blocks[0].mlp.filt
+    assert tuple(conv.weight.shape) == (16, 1, 3, 3) and tuple(conv.bias.shape) == (16,)
+    assert (conv.in_channels, conv.out_channels, conv.groups) == (16, 16, 16)
+    assert tuple(out.blocks[1].mlp.filt.weight.shape) == (3, 1, 3, 3)
+    ref = masked_reference(model, s, spec)
+    with torch.no_grad():
+        a, b = out(**x), ref(**x)
+    assert float((a - b).norm() / b.norm()) < 1e-5
+    assert torch.equal(conv.weight, model.blocks[0].mlp.filt.weight[0::2])
+
+
+def test_talking_heads_refused_for_heads_with_the_true_cause():
+    from tests.models.test_structure_variants import Attn, Block, Stack
+
+    torch.manual_seed(0)
+    model = Stack(Block(attn=Attn(talking=True)), Block()).eval()
+    x = {"x": torch.randn(2, 5, 16)}
+    s = discover(model, x)
+    bad = sliceable(model, s, x, kinds=("heads", "mlp"))
+    assert "talking heads" in bad["heads"][0] and "attn.pre.weight" in bad["heads"][0]
+    # the plain site fails for its own reason: its forward reads the head width from its input
+    assert "sliced forward failed" in bad["heads"][1]
+    assert bad["mlp"] == {}

@@ -87,3 +87,43 @@ def test_dual_clipping_is_kept_only_when_it_lowers_the_held_out_error():
     lo0, hi0 = act.lo.clone(), act.hi.clone()
     assert learn_dual_clipping(act, [w], 200) == 0.0
     assert torch.equal(act.lo, lo0) and torch.equal(act.hi, hi0)  # the observed range stays
+
+
+def test_offset_gain_norm_fold_is_exact_in_float():
+    """A norm computing ``x_hat * (1 + g) + b``: the fold goes into the effective gain."""
+    from slimformer.data.datasets import TensorDictDataset
+    from tests.models.test_structure_variants import (
+        Block,
+        OffsetLayerNorm,
+        OffsetRMSNorm,
+        Stack,
+    )
+
+    torch.manual_seed(0)
+    model = Stack(Block(norm=OffsetLayerNorm), Block(norm=OffsetRMSNorm)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # trained-looking gains and shifts, not the init values
+            p.add_(torch.randn_like(p) * 0.3)
+    x = {"x": torch.randn(4, 16, 16) * 3}
+    calib = TensorDictDataset({"x": torch.randn(16, 16, 16) * 3}, torch.zeros(16, dtype=torch.long))
+    with torch.no_grad():
+        ref = model(**x).double()
+    cfg = QuantConfig(method="repq", weight_bits=4, act_bits=4, repq_sites="all")
+    res = quantize(model, cfg, calib)
+    folded = [n for n in res.notes if "folded into the norm affine" in n]
+    assert len(folded) == 2 and all("(1 + w) / r - 1" in n for n in folded), res.notes
+    assert sum("no bias to fold into" in n for n in res.notes) == 2  # the RMS norms
+    res.model.quant.set_mode("float")
+    with torch.no_grad():
+        got = res.model(**x).double()
+    rel = float((got - ref).norm() / ref.norm())
+    assert rel < 1e-5, f"relative error {rel:.2e}"
+    # the plain fold (the stored weight divided by r, g' = g / r) would have changed the model
+    ln = res.model.model.blocks[0].n1
+    g0 = model.blocks[0].n1.g.detach()
+    r = (1 + g0) / (1 + ln.g.detach())  # what the fold divided the effective gain by
+    assert float((r - 1).abs().max()) > 0.1
+    with torch.no_grad():
+        ln.g.copy_(g0 / r)
+        off = res.model(**x).double()
+    assert float((off - ref).norm() / ref.norm()) > 1e-2

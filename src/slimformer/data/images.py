@@ -16,6 +16,7 @@ import torch
 
 from slimformer.data.datasets import TensorDictDataset
 from slimformer.errors import DataError
+from slimformer.report import limits
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 BATCH = 64
@@ -23,8 +24,9 @@ BATCH = 64
 
 def _images_in(folder: Path, recursive: bool) -> list[Path]:
     found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    named = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    return sorted(limits.regular(p, "an image file", DataError) for p in named)
 
 
 def list_images(root: Path, classes: list[str] | None = None) \
@@ -96,6 +98,7 @@ def _explicit(spec, model_shape, channels: int) -> Callable[[list], torch.Tensor
     if size is None:
         raise DataError(f"{spec.path}: give size: [height, width]; the model's input size is unknown")
     h, w = (size, size) if isinstance(size, int) else size
+    _check_size(spec.path, "size", max(h, w))
     stats = []
     for name, v in (("mean", spec.mean), ("std", spec.std)):
         if len(v) not in (1, channels):
@@ -113,6 +116,12 @@ def _explicit(spec, model_shape, channels: int) -> Callable[[list], torch.Tensor
     return run
 
 
+def _check_size(where, key: str, side: int) -> None:
+    if side > limits.MAX_IMAGE_SIZE:
+        raise DataError(f"{where}: {key} {side} pixels a side is over the limit of "
+                        f"{limits.MAX_IMAGE_SIZE} (slimformer.report.limits.MAX_IMAGE_SIZE)")
+
+
 def _processor(folder: Path) -> Callable[[list], torch.Tensor]:
     from transformers import AutoImageProcessor
 
@@ -120,6 +129,13 @@ def _processor(folder: Path) -> Callable[[list], torch.Tensor]:
         proc = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{folder}: cannot load its image processor config ({exc})") from None
+    for key in ("size", "crop_size"):  # an int, a dict or a SizeDict of sides (and pixel counts)
+        value = getattr(proc, key, None)
+        items = value.items() if isinstance(value, dict) else vars(value).items() \
+            if hasattr(value, "__dict__") else [("", value)]
+        for name, side in items:
+            if isinstance(side, int) and not name.endswith("pixels"):
+                _check_size(folder / "preprocessor_config.json", key, side)
 
     def run(images: list) -> torch.Tensor:
         try:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Protocol
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 from slimformer.errors import ConfigError
+from slimformer.report.limits import MAX_IMAGE_SIZE
 
 BUILTIN_NAMES = ("fashion-mnist", "vader-movie", "trec", "digits-seq")  # data.datasets.DATASETS
 TEXT_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".txt": "txt"}
@@ -26,6 +27,9 @@ class InputLike(Protocol):
     shape: list[int]
     dtype: str
     high: int | None
+
+
+_Side = Annotated[int, Field(ge=1, le=MAX_IMAGE_SIZE)]  # pixels
 
 
 class _Source(BaseModel):
@@ -50,8 +54,7 @@ class ImageFolderData(_Source):
 
     kind: Literal["images"] = "images"
     path: str
-    size: Annotated[int, Field(ge=1)] | tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] \
-        | None = None  # (height, width)
+    size: _Side | tuple[_Side, _Side] | None = None  # (height, width)
     mean: list[float] | None = Field(None, min_length=1, max_length=4)
     std: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1, max_length=4)
     channels: Literal[1, 3] | None = None  # grey or RGB; default the model's input channels

@@ -35,6 +35,7 @@ from slimformer.data.source_spec import (  # noqa: F401 - the public names of th
     parse_source,
 )
 from slimformer.errors import DataError
+from slimformer.report import limits
 
 
 def load_source(source, model_inputs: Mapping[str, InputLike] | None = None,
@@ -70,10 +71,22 @@ def load_source(source, model_inputs: Mapping[str, InputLike] | None = None,
         where = spec.path
         if not Path(spec.path).exists():
             raise DataError(f"{spec.path}: no such file or folder")
+        _check_paths(spec)
         ds = _load(spec, model_inputs, model_dir, accepts, limit)
     if model_inputs is not None:
         check_inputs(ds, model_inputs, accepts, where)
     return ds
+
+
+def _check_paths(spec) -> None:
+    """Refuse FIFOs, devices and sockets (links followed) before anything opens them."""
+    folder = isinstance(spec, (ImageFolderData, TableData))
+    what = "an image folder" if isinstance(spec, ImageFolderData) else \
+        "a data file or datasets folder" if folder else "a data file"
+    path = limits.regular(spec.path, what, DataError, folder=folder)
+    if isinstance(spec, TableData) and path.is_dir():  # datasets opens the files inside
+        for p in sorted(path.rglob("*")):
+            limits.regular(p, "a file of a datasets folder", DataError, folder=True)
 
 
 def _load(spec, model_inputs, model_dir, accepts, limit) -> TensorDictDataset:

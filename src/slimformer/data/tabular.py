@@ -8,7 +8,6 @@ or numeric columns taken as they are, plus an optional label column.
 from __future__ import annotations
 
 import csv
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from slimformer.data.datasets import TensorDictDataset
 from slimformer.data.source_spec import TEXT_SUFFIXES
 from slimformer.errors import DataError
+from slimformer.report import limits
 
 TEXT_COLUMNS = ("text", "sentence")
 LABEL_COLUMNS = ("label", "labels")
@@ -47,41 +47,47 @@ class Table:
         return self.columns[name]
 
 
-def _decode(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise DataError(f"{path} line {line}: not UTF-8 text ({exc.reason}); save the file as "
-                        f"UTF-8") from None
-
-
 def read_text_file(spec, limit: int | None = None) -> Table:
-    """Read a CSV / TSV (header row), JSONL (one object a line) or plain text file (one text a line)."""
+    """Read a CSV / TSV (header row), JSONL (one object a line) or plain text file (one text a line).
+
+    The file is streamed: reading stops after ``limit`` rows, and lines and the bytes read are
+    bounded (:mod:`slimformer.report.limits`).
+    """
     path = Path(spec.path)
     fmt = spec.format or TEXT_SUFFIXES.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"{path}: cannot tell the text format from the suffix {path.suffix!r}; give "
                         f"format: csv|tsv|jsonl|txt")
-    text, cap = _decode(path), float("inf") if limit is None else limit
-    if fmt in ("csv", "tsv"):
-        table = _read_csv(str(path), text, "," if fmt == "csv" else "\t", cap)
-    elif fmt == "jsonl":
-        table = _read_jsonl(str(path), text, cap)
-    else:
-        rows = [(i, t) for i, t in enumerate(text.splitlines(), 1) if t.strip()][:limit]
-        table = Table(str(path), {"text": [t for _, t in rows]}, [i for i, _ in rows])
+    size = limits.regular(path, "a text data file", DataError).stat().st_size
+    if limit is None and size > limits.MAX_TEXT_BYTES:
+        raise DataError(f"{path}: {size:,} bytes, over the text data limit of "
+                        f"{limits.mib(limits.MAX_TEXT_BYTES)} "
+                        f"(slimformer.report.limits.MAX_TEXT_BYTES); take fewer rows (--limit, "
+                        f"limit:) or split the file")
+    lines, cap = limits.read_lines(path, DataError), float("inf") if limit is None else limit
+    try:
+        if fmt in ("csv", "tsv"):
+            table = _read_csv(str(path), lines, "," if fmt == "csv" else "\t", cap)
+        elif fmt == "jsonl":
+            table = _read_jsonl(str(path), lines, cap)
+        else:
+            rows = []
+            for i, t in lines:
+                t = t.rstrip("\r\n")
+                if t.strip():
+                    rows.append((i, t))
+                    if len(rows) >= cap:
+                        break
+            table = Table(str(path), {"text": [t for _, t in rows]}, [i for i, _ in rows])
+    finally:
+        lines.close()
     if not len(table):
         raise DataError(f"{path}: no data rows")
     return table
 
 
-def _read_csv(file: str, text: str, delimiter: str, limit) -> Table:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+def _read_csv(file: str, source, delimiter: str, limit) -> Table:
+    reader = csv.reader((t for _, t in source), delimiter=delimiter, strict=True)
     try:
         header = next(reader, None)
         if not header:
@@ -95,38 +101,38 @@ def _read_csv(file: str, text: str, delimiter: str, limit) -> Table:
             line, start = start, reader.line_num + 1
             if not row:
                 continue
-            if len(lines) >= limit:
-                break
             if len(row) != len(header):
                 raise DataError(f"{file} line {line}: {len(row)} fields, the header has {len(header)} "
                                 f"({', '.join(header)})")
             for h, v in zip(header, row, strict=True):
                 columns[h].append(v)
             lines.append(line)
+            if len(lines) >= limit:  # stop before reading another line
+                break
     except csv.Error as exc:
         raise DataError(f"{file} line {reader.line_num}: malformed {'CSV' if delimiter == ',' else 'TSV'} "
                         f"({exc})") from None
     return Table(file, columns, lines)
 
 
-def _read_jsonl(file: str, text: str, limit) -> Table:
-    records, lines = [], []
-    for i, line in enumerate(text.splitlines(), 1):
+def _read_jsonl(file: str, source, limit) -> Table:
+    records, numbers = [], []
+    for i, line in source:
         if not line.strip():
             continue
-        if len(records) >= limit:
-            break
         try:
-            rec = json.loads(line)
+            rec = limits.loads_json(line, f"{file} line {i}", DataError)
         except json.JSONDecodeError as exc:
             raise DataError(f"{file} line {i}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(rec, dict):
             raise DataError(f"{file} line {i}: expected a JSON object {{\"column\": value, ...}}, got "
                             f"{type(rec).__name__}")
         records.append(rec)
-        lines.append(i)
+        numbers.append(i)
+        if len(records) >= limit:
+            break
     names = list(dict.fromkeys(k for r in records for k in r))
-    return Table(file, {k: [r.get(k) for r in records] for k in names}, lines)
+    return Table(file, {k: [r.get(k) for r in records] for k in names}, numbers)
 
 
 def read_table(spec, limit: int | None = None) -> Table:

@@ -15,6 +15,44 @@ import torch
 
 from slimformer.data.datasets import TensorDictDataset
 from slimformer.errors import DataError
+from slimformer.report import limits
+
+
+def _bound(path: Path, nbytes: int) -> None:
+    if nbytes > limits.MAX_TENSOR_BYTES:
+        raise DataError(f"{path}: {nbytes:,} bytes of arrays, over the limit of "
+                        f"{limits.mib(limits.MAX_TENSOR_BYTES)} for a tensor data file "
+                        f"(slimformer.report.limits.MAX_TENSOR_BYTES); split the file")
+
+
+def _check_npz(path: Path) -> None:
+    """Check every ``.npy`` member's header (shape, dtype) before numpy allocates anything.
+
+    Raises:
+        DataError: A member whose header claims more bytes than the member holds, or arrays
+            over :data:`~slimformer.report.limits.MAX_TENSOR_BYTES` in all.
+    """
+    fmt = np.lib.format
+    total = 0
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with z.open(info) as f:
+                version = fmt.read_magic(f)
+                read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                shape, _, dtype = read(f)
+                header = f.tell()
+            key = info.filename[:-4]
+            if dtype.hasobject:
+                continue  # np.load(allow_pickle=False) refuses it before reading
+            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if nbytes > info.file_size - header:
+                raise DataError(f"{path}: key {key!r} claims shape {tuple(shape)} "
+                                f"({nbytes:,} bytes) in a member of {info.file_size:,} bytes: "
+                                f"damaged or crafted")
+            total += nbytes
+            _bound(path, total)
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
@@ -25,8 +63,10 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
         if suffix == ".safetensors":
             from safetensors.torch import load_file
 
+            _bound(path, path.stat().st_size)
             return load_file(str(path))
         if suffix == ".npz":
+            _check_npz(path)
             with np.load(path, allow_pickle=False) as z:
                 return {k: torch.from_numpy(np.ascontiguousarray(z[k])) for k in z.files}
     except (OSError, ValueError, RuntimeError, zipfile.BadZipFile, EOFError) as exc:

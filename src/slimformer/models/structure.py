@@ -15,23 +15,18 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from slimformer.errors import UnsupportedModelError
-from slimformer.models.trace import Graph, OpNode, detach_caches, record
-
-SPLITS = {"chunk", "split", "split_with_sizes", "tensor_split", "unbind", "getitem", "narrow"}
-LINEAR_OPS = {"linear", "addmm", "matmul", "mm", "bmm", "einsum", "baddbmm"}
-MATMUL_OPS = {"matmul", "bmm", "einsum", "mm", "baddbmm"}
-CONV_OPS = {"conv1d", "conv2d", "conv3d"}
-ACTIVATIONS = {"relu", "gelu", "silu", "sigmoid", "tanh", "erf", "softplus", "hardswish", "mish",
-               "elu", "leaky_relu", "relu6", "hardtanh", "celu", "selu", "glu", "hardsigmoid"}
-# Ops that move, pad or re-type values without mixing channels (window partition and merge
-# included): followed when pairing producers, and from a norm to its Linears while they keep the
-# last (channel) axis.
-PASS_THROUGH = {"view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten",
-                "squeeze", "unsqueeze", "t", "expand", "split", "chunk", "unbind", "getitem",
-                "narrow", "select", "to", "float", "half", "type_as", "clone", "dropout",
-                "alpha_dropout", "detach", "type", "split_with_sizes", "tensor_split", "movedim",
-                "swapaxes", "expand_as", "repeat_interleave", "pad", "constant_pad_nd", "roll",
-                "flip", "repeat", "tile", "unfold", "as_strided"}
+from slimformer.models.dataflow import (  # noqa: F401 - PASS_THROUGH, _linear_of used elsewhere
+    ACTIVATIONS,
+    CONV_OPS,
+    PASS_THROUGH,
+    SPLITS,
+    Analyzer,
+    _linear_of,
+    head_mixers,
+    stream,
+)
+from slimformer.models.norms import NormForm, norm_form
+from slimformer.models.trace import Graph, detach_caches, record
 
 
 @dataclass(frozen=True)
@@ -60,6 +55,9 @@ class NormSite:
 
     ``foldable`` is True when all consumers are Linears (pre-norm), so per-channel scales can be
     folded exactly into the norm affine; False when the output also feeds e.g. a residual add.
+    ``weight`` / ``bias`` name the module's gain and shift parameters (found by behaviour, ``""``
+    when absent); the effective gain is ``gain_offset + weight`` (1.0 where it is stored as
+    ``1 + w``), which a fold into the gain must respect.
     """
 
     module: str
@@ -68,6 +66,9 @@ class NormSite:
     linears: tuple[str, ...]  # weight names of Linear consumers
     other_consumers: tuple[str, ...]  # op names of non-Linear consumers
     foldable: bool
+    weight: str = ""
+    bias: str = ""
+    gain_offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class AttentionSite:
     heads: int
     head_dim: int
     fused_qkv: bool
-    cross: bool  # k/v come from another sequence than q (different producer inputs)
+    cross: bool  # k/v come from another sequence than q (not a selected/pooled copy of q's)
+    mixers: tuple[str, ...] = ()  # Linears across the heads axis of the scores (talking heads)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,9 @@ class MlpSite:
 
     ``fc1_parts`` is 2 when gate and up are one Linear whose output is split in two halves
     (``gate, up = fc1(x).chunk(2, -1)``): hidden unit ``j`` owns rows ``j`` and ``hidden + j``.
+    ``channelwise`` are the weights of depthwise convolutions between fc1 and fc2 (a Mix-FFN:
+    fc1 -> depthwise conv -> activation -> fc2); hidden unit ``j`` owns their channel ``j`` (and
+    ``hidden + j`` where a conv runs over both halves of a fused fc1).
     """
 
     fc1: tuple[str, ...]
@@ -100,6 +105,7 @@ class MlpSite:
     hidden: int
     gated: bool
     fc1_parts: int = 1
+    channelwise: tuple[str, ...] = ()
 
 
 @dataclass
@@ -134,199 +140,34 @@ class StructureMap:
         return sum(len(n.linears) for n in self.norms)
 
 
-def _linear_of(node: OpNode) -> tuple[int, str, int, int] | None:
-    """(activation input position, weight name, in, out) if ``node`` is activation x 2-D param."""
-    if node.op not in LINEAR_OPS or node.op == "einsum":
-        return None
-    wpos = [i for i, p in enumerate(node.params) if p is not None and len(node.in_shapes[i]) == 2]
-    # activations: not parameters, or computed from one with a batch axis (a learned probe)
-    apos = [i for i, p in enumerate(node.params) if p is None or len(node.in_shapes[i]) > 2]
-    if not wpos or not apos:
-        return None
-    if node.op == "linear":
-        w = wpos[0]
-        return apos[0], node.params[w], node.in_shapes[w][1], node.in_shapes[w][0]
-    # addmm(bias, x, W) / matmul(x, W): the weight is the right operand, (in, out)
-    w = max(wpos)
-    if w < apos[0]:
-        return None
-    return apos[0], node.params[w], node.in_shapes[w][0], node.in_shapes[w][1]
-
-
-class _Analyzer:
-    def __init__(self, graph: Graph, model: torch.nn.Module):
-        self.g = graph
-        self.nodes = graph.nodes
-        self.cons = graph.consumers()
-        self.lin = {n.idx: _linear_of(n) for n in self.nodes}
-        self.lin = {k: v for k, v in self.lin.items() if v}
-        self.owner = {}
-        for name, _ in model.named_parameters(remove_duplicate=False):
-            self.owner[name] = name.rpartition(".")[0]
-        self.norm_out: dict[int, str] = {}
-
-    def linear_ref(self, idx: int) -> LinearRef:
-        _, w, fin, fout = self.lin[idx]
-        calls = sum(1 for v in self.lin.values() if v[1] == w)
-        return LinearRef(w, self.owner.get(w, ""), self.nodes[idx].op, fin, fout, calls)
-
-    def is_act_matmul(self, n: OpNode) -> bool:
-        acts = [i for i, p in enumerate(n.params) if p is None and n.inputs[i] != -2]
-        return n.op in MATMUL_OPS and n.idx not in self.lin and len(acts) >= 2
-
-    def back(self, start: int, stop_at_norm: bool = False, limit: int = 64):
-        """Nearest Linear producers behind node ``start`` and the ops crossed on the way."""
-        found, crossed, seen, todo = [], [], set(), [start]
-        while todo and len(seen) < limit:
-            i = todo.pop()
-            if i in seen or i < 0:
-                continue
-            seen.add(i)
-            n = self.nodes[i]
-            if i in self.lin:
-                found.append(i)
-                continue
-            if n.param_only or self.is_act_matmul(n) or n.op in {"softmax", "sdpa", "mha",
-                                                                  "embedding", "layer_norm"}:
-                continue
-            if n.op in CONV_OPS:  # a conv mixes channels like a Linear: no path crosses it
-                continue
-            if stop_at_norm and i in self.norm_out:
-                continue
-            crossed.append(n.op)
-            todo.extend(p for p, w in zip(n.inputs, n.params, strict=True) if w is None)
-        return sorted(found), crossed
-
-    def forward_to(self, start: int, want, limit: int = 32) -> int | None:
-        """First node after ``start`` (through pass-through/elementwise ops) that satisfies ``want``."""
-        seen, todo = set(), list(self.cons.get(start, []))
-        while todo and len(seen) < limit:
-            i = todo.pop(0)
-            if i in seen:
-                continue
-            seen.add(i)
-            n = self.nodes[i]
-            if want(n):
-                return i
-            if n.op in PASS_THROUGH or n.op in {"mul", "div", "to", "masked_fill", "where", "add"}:
-                todo.extend(self.cons.get(i, []))
-        return None
-
-    def pass_consumers(self, start: int, scaled: list[int] | None = None) -> list[int]:
-        """Consumers of node ``start``'s output, looking through pass-through ops.
-
-        ``-1`` stands for "returned from the model" (the value is also a model output). With
-        ``scaled`` (a list), per-token multiplies (:func:`_per_token_mul`: an attention mask
-        applied to a norm's output) are looked through too and appended to it.
-        """
-        out, todo, seen = [], [start], set()
-        while todo:
-            i = todo.pop(0)
-            if i in seen:
-                continue
-            seen.add(i)
-            if i in self.g.outputs:
-                out.append(-1)
-            for c in self.cons.get(i, []):
-                n = self.nodes[c]
-                if n.op in PASS_THROUGH and _keeps_channels(n):
-                    todo.append(c)
-                elif scaled is not None and _per_token_mul(n, i):
-                    scaled.append(c)
-                    todo.append(c)
-                else:
-                    out.append(c)
-        return list(dict.fromkeys(out))
-
-
-def _per_token_mul(n: OpNode, src: int) -> bool:
-    """Whether ``n`` multiplies the value of node ``src`` by something constant along channels.
-
-    E.g. ``hidden * mask.unsqueeze(-1)``: every other factor broadcasts over the last axis (its
-    last size is 1, or it is a scalar) and is no parameter, and the output keeps ``src``'s shape.
-    Per-channel scales commute with it; a shift (zero point) folded into the norm does not.
-    """
-    if n.op != "mul" or src not in n.inputs or not n.out_shapes:
-        return False
-    j = n.inputs.index(src)
-    if j >= len(n.in_shapes) or tuple(n.out_shapes[0]) != tuple(n.in_shapes[j]):
-        return False
-    others = [k for k in range(len(n.inputs)) if k != j]
-    return all(k < len(n.in_shapes) and (len(n.in_shapes[k]) == 0 or n.in_shapes[k][-1] == 1)
-               and (k >= len(n.params) or n.params[k] is None) for k in others)
-
-
-def _keeps_channels(n: OpNode) -> bool:
-    """Whether a shape op keeps the last (channel) axis of its first input as the output's."""
-    return bool(n.in_shapes and n.out_shapes and n.in_shapes[0] and n.out_shapes[0]) and \
-        n.in_shapes[0][-1] == n.out_shapes[0][-1]
-
-
-def _norm_kind(call, cache: dict[int, str | None]) -> str | None:
+def _norm_kind(call, cache: dict) -> str | None:
     """'layernorm' / 'rmsnorm' if the call's module normalizes over the last axis, else None.
 
-    Scale-invariant: the module is probed on a synthetic input of the recorded shape (unit scale,
-    non-zero mean) and on 16 times that input; a norm gives the same output for both, equal to the
-    normalized probe times the module's own 1-D parameters (weight, optional bias), or the bare
-    normalized probe for a module without parameters. The activations the model actually saw
-    (however tiny or large) do not enter the decision, so an activation function (not
-    scale-invariant) or an attention module (it owns Linears) is never taken for a norm.
-    ``cache`` holds the decision per module object (a shared module is probed once).
+    See :func:`~slimformer.models.norms.norm_form` (which also says how the gain is stored).
     """
-    x, y = call.input, call.output
-    if x is None or y is None or x is y or x.shape != y.shape or not x.is_floating_point():
-        return None
-    mod = call.module
-    if id(mod) in cache:
-        return cache[id(mod)]
-    cache[id(mod)] = None
-    dim = x.shape[-1]
-    own = [p.detach().double() for p in mod.parameters(recurse=False)]
-    if dim < 2 or len(own) > 2 or any(p.shape != (dim,) for p in own) or \
-            len(list(mod.parameters())) != len(own):
-        return None
-    gen = torch.Generator().manual_seed(0)
-    probe = (torch.randn(x.shape, generator=gen) * 2 + 0.5).to(x.dtype)
-    try:
-        with torch.no_grad():
-            y1, y2 = mod(probe), mod(probe * 16)
-    except Exception:  # noqa: BLE001 - a module that cannot run on one tensor is not a norm
-        return None
-    if not all(isinstance(t, torch.Tensor) and t.shape == probe.shape for t in (y1, y2)):
-        return None
-    y1, y2, z0 = y1.detach().double(), y2.detach().double(), probe.double()
-    size = y1.norm()
-    if not torch.isfinite(size) or size == 0 or (y1 - y2).norm() > 1e-3 * size:
-        return None  # not scale-invariant
-    affines = [(own[0], own[1]), (own[1], own[0])] if len(own) == 2 else [
-        (own[0] if own else torch.ones(dim, dtype=z0.dtype), torch.zeros(dim, dtype=z0.dtype))]
-    mu = z0.mean(-1, keepdim=True)
-    var, ms = z0.var(-1, unbiased=False, keepdim=True), (z0 * z0).mean(-1, keepdim=True)
-    for kind, z in (("layernorm", (z0 - mu) / torch.sqrt(var)), ("rmsnorm", z0 / torch.sqrt(ms))):
-        for w, b in affines:
-            if (z * w + b - y1).norm() < 1e-3 * size:
-                cache[id(mod)] = kind
-                return kind
-    return None
+    form = norm_form(call, cache)
+    return form.kind if form else None
 
 
-def _norms(a: _Analyzer) -> list[NormSite]:
-    by_out: dict[int, tuple[str, str, int]] = {}
-    cache: dict[int, str | None] = {}
+def _norms(a: Analyzer) -> list[NormSite]:
+    by_out: dict[int, tuple[str, NormForm, int]] = {}
+    cache: dict[int, NormForm | None] = {}
     for call in a.g.calls:
         if call.output_node is None or call.output_node < 0:
             continue
-        kind = _norm_kind(call, cache)
-        if kind is None:
+        form = norm_form(call, cache)
+        if form is None:
             continue
         prev = by_out.get(call.output_node)
         if prev is None or len(call.path) > len(prev[0]):  # the innermost module wins
-            by_out[call.output_node] = (call.path, kind, call.output.shape[-1])
+            by_out[call.output_node] = (call.path, form, call.output.shape[-1])
+            if call.input_node is not None:
+                a.norm_in[call.output_node] = call.input_node
     # a norm run several times (shared across depth or towers) is one site over all its calls
-    merged: dict[str, tuple[str, int, list[str], list[str]]] = {}
-    for out_node, (path, kind, dim) in by_out.items():
+    merged: dict[str, tuple[NormForm, int, list[str], list[str]]] = {}
+    for out_node, (path, form, dim) in by_out.items():
         a.norm_out[out_node] = path
-        _, _, linears, others = merged.setdefault(path, (kind, int(dim), [], []))
+        _, _, linears, others = merged.setdefault(path, (form, int(dim), [], []))
         scaled: list[int] = []
         consumers = a.pass_consumers(out_node, scaled)
         if scaled:  # exact only with the affine kept on the quantized branch (not folded)
@@ -344,33 +185,44 @@ def _norms(a: _Analyzer) -> list[NormSite]:
             else:
                 others.append(n.op)
     sites = []
-    for path, (kind, dim, linears, others) in merged.items():
+    for path, (form, dim, linears, others) in merged.items():
         linears = list(dict.fromkeys(linears))
         if linears:
-            sites.append(NormSite(path, kind, dim, tuple(linears),
-                                  tuple(dict.fromkeys(others)), not others))
+            pre = f"{path}." if path else ""
+            sites.append(NormSite(path, form.kind, dim, tuple(linears),
+                                  tuple(dict.fromkeys(others)), not others,
+                                  pre + form.weight if form.weight else "",
+                                  pre + form.bias if form.bias else "", form.gain_offset))
     return sorted(sites, key=lambda s: s.module)
 
 
-def _producers(a: _Analyzer, idx: int) -> tuple[str, ...]:
+def _linear_ref(a: Analyzer, idx: int) -> LinearRef:
+    _, w, fin, fout = a.lin[idx]
+    calls = sum(1 for v in a.lin.values() if v[1] == w)
+    return LinearRef(w, a.owner.get(w, ""), a.nodes[idx].op, fin, fout, calls)
+
+
+def _producers(a: Analyzer, idx: int) -> tuple[str, ...]:
     found, _ = a.back(idx)
     return tuple(dict.fromkeys(a.lin[i][1] for i in found))
 
 
-def _attention(a: _Analyzer) -> list[AttentionSite]:
+def _attention(a: Analyzer) -> list[AttentionSite]:
     sites: list[AttentionSite] = []
+    mixers = head_mixers(a)
     for n in a.nodes:
         if n.op == "softmax":
-            qk = _score_matmul(a, n.inputs[0])
-            pv = a.forward_to(n.idx, lambda m: a.is_act_matmul(m))
+            qk = _score_matmul(a, n.inputs[0], mixers)
+            pv = a.forward_to(n.idx, lambda m: a.is_act_matmul(m), through=mixers)
             if qk is None or pv is None:
                 continue
             mm = a.nodes[qk]
             q_src, k_src = mm.inputs[0], mm.inputs[1]
             v_src = next(p for p in a.nodes[pv].inputs[1:] if p >= -1)
+            mixed = _mixers_between(a, qk, pv, mixers)
             # heads from the scores (B, heads, Tq, Tk): q may be laid out (B, T, heads, d)
             sites.append(_site(a, n, "softmax", q_src, k_src, v_src, pv, n.in_shapes[0],
-                               mm.in_shapes[0][-1]))
+                               mm.in_shapes[0][-1], mixed))
         elif n.op == "sdpa":
             qshape = n.in_shapes[0]
             sites.append(_site(a, n, "sdpa", n.inputs[0], n.inputs[1], n.inputs[2], n.idx,
@@ -388,14 +240,32 @@ def _attention(a: _Analyzer) -> list[AttentionSite]:
             else:
                 continue
             embed = n.in_shapes[0][-1]
-            cross = len({p for p in n.inputs[:3]}) > 1
+            q_in, kv_in = n.inputs[0], n.inputs[1:3]
+            cross = any(i != q_in and not (stream(a, i) & stream(a, q_in)) for i in kv_in)
             sites.append(AttentionSite(n.module, "mha", q, k, v, out, heads, embed // heads,
                                        len(ws) == 2, cross))
     return sites
 
 
-def _score_matmul(a: _Analyzer, start: int) -> int | None:
-    """The activation-activation matmul that produced the attention scores behind ``start``."""
+def _mixers_between(a: Analyzer, qk: int, pv: int, mixers: set[int]) -> tuple[str, ...]:
+    """Weights of the head-mixing Linears that lie between the scores matmul and P@V."""
+    if not mixers:
+        return ()
+    ahead, todo = set(), [qk]
+    while todo:
+        i = todo.pop()
+        for c in a.cons.get(i, []):
+            if c not in ahead and c < pv:
+                ahead.add(c)
+                todo.append(c)
+    return tuple(dict.fromkeys(a.lin[i][1] for i in sorted(mixers & ahead)))
+
+
+def _score_matmul(a: Analyzer, start: int, mixers: set[int] = frozenset()) -> int | None:
+    """The activation-activation matmul that produced the attention scores behind ``start``.
+
+    Linears mixing the heads of the scores (``mixers``) are crossed to their input.
+    """
     seen, todo = set(), [start]
     while todo and len(seen) < 32:
         i = todo.pop(0)
@@ -405,31 +275,56 @@ def _score_matmul(a: _Analyzer, start: int) -> int | None:
         n = a.nodes[i]
         if a.is_act_matmul(n):
             return i
+        if i in mixers:
+            todo.append(n.inputs[a.lin[i][0]])
+            continue
         if i in a.lin or n.op in {"softmax", "sdpa", "mha", "layer_norm", "embedding"}:
             continue
         todo.extend(p for p, w in zip(n.inputs, n.params, strict=True) if w is None)
     return None
 
 
-def _site(a, n, kind, q_src, k_src, v_src, out_from, shape4, head_dim) -> AttentionSite:
+def _heads(shape: tuple[int, ...], width: int | None, head_dim: int, parts: int) -> int:
+    """Heads of a site from the q projection's width and the scores' (or q's) shape.
+
+    ``parts``: how many of q, k, v the q projection also produces (3 when fused). The projection
+    says ``heads = width / (parts * head_dim)``; the scores' axis 1 (``(B, heads, Tq, Tk)``) is
+    taken where it agrees, or where a fused projection holds fewer key/value heads
+    (grouped-query: ``width / head_dim = heads + 2 kv_heads``). A layout whose axis 1 is no head
+    axis (chunks of a sliding window: ``(B * heads, chunks, w, w)``) is read from the width.
+    """
+    axis = shape[1] if len(shape) == 4 else None
+    if not width or width % head_dim:
+        return max(1, axis or 1)
+    n = width // head_dim
+    if axis and n == axis * parts:
+        return axis
+    if axis and parts == 3 and n > axis and (n - axis) % 2 == 0 and (n - axis) // 2 < axis \
+            and axis % ((n - axis) // 2) == 0:
+        return axis
+    return max(1, n // parts)
+
+
+def _site(a, n, kind, q_src, k_src, v_src, out_from, shape4, head_dim,
+          mixers: tuple[str, ...] = ()) -> AttentionSite:
     """Build a site; ``shape4`` is (B, heads, T, *) when 4-D, else heads come from q's width."""
     q, k, v = (_producers(a, s) if s >= 0 else () for s in (q_src, k_src, v_src))
     o = a.forward_to(out_from, lambda m: m.idx in a.lin)
     out = (a.lin[o][1],) if o is not None else ()
     fused = bool(q) and q == k == v
     q_lin = a.back(q_src)[0] if q else []
-    if len(shape4) == 4:
-        heads = shape4[1]
-    else:
-        width = a.lin[q_lin[0]][3] if q_lin else head_dim
-        heads = max(1, width // (3 * head_dim if fused else head_dim))
+    width = a.lin[q_lin[0]][3] if q_lin else None
+    heads = _heads(tuple(shape4), width, head_dim, 1 + (q == k) + (q == v) if q else 1)
     q_in = {a.nodes[i].inputs[a.lin[i][0]] for i in q_lin}
     kv_in = {a.nodes[i].inputs[a.lin[i][0]] for i in a.back(k_src)[0]} if k else set()
-    return AttentionSite(n.module, kind, q, k, v, out, int(heads), int(head_dim), fused,
-                         bool(q_in and kv_in and q_in != kv_in))
+    q_stream = set().union(*(stream(a, i) for i in q_in)) if q_in else set()
+    cross = bool(q_in and kv_in and q_in != kv_in and
+                 not any(stream(a, i) & q_stream for i in kv_in))
+    return AttentionSite(n.module, kind, q, k, v, out, int(heads), int(head_dim), fused, cross,
+                         mixers)
 
 
-def _mlps(a: _Analyzer, attn: list[AttentionSite]) -> list[MlpSite]:
+def _mlps(a: Analyzer, attn: list[AttentionSite]) -> list[MlpSite]:
     attn_w = {w for s in attn for w in (*s.q, *s.k, *s.v, *s.out)}
     sites = []
     seen_fc2 = set()
@@ -439,7 +334,8 @@ def _mlps(a: _Analyzer, attn: list[AttentionSite]) -> list[MlpSite]:
         src = a.nodes[idx].inputs[apos]
         if src < 0:
             continue
-        found, crossed = a.back(src, stop_at_norm=True)
+        convs: list[int] = []
+        found, crossed = a.back(src, stop_at_norm=True, convs=convs)
         acts = tuple(dict.fromkeys(op for op in crossed if op in ACTIVATIONS))
         fc1 = [i for i in found if a.lin[i][1] not in attn_w]
         if not fc1 or not acts or len(fc1) != len(found):
@@ -455,13 +351,16 @@ def _mlps(a: _Analyzer, attn: list[AttentionSite]) -> list[MlpSite]:
             if not fused:
                 continue
             parts = 2
+        dw = tuple(dict.fromkeys(a.depthwise(a.nodes[i]) for i in sorted(convs)))
+        if any(a.nodes[i].in_shapes[0][1] not in (fin2, fin2 * parts) for i in convs):
+            continue  # a conv over other channels than the hidden units
         seen_fc2.add(w2)
         sites.append(MlpSite(tuple(dict.fromkeys(a.lin[i][1] for i in fc1)), w2, acts, fin2,
-                             len(fc1) > 1 or parts > 1, parts))
+                             len(fc1) > 1 or parts > 1, parts, dw))
     return sites
 
 
-def _followers(a: _Analyzer) -> dict[str, tuple[str, ...]]:
+def _followers(a: Analyzer) -> dict[str, tuple[str, ...]]:
     """Per Linear weight, the BatchNorm modules applied to its output over the same channels."""
     out: dict[str, list[str]] = {}
     for idx, (_, w, _, fout) in a.lin.items():
@@ -488,12 +387,12 @@ def discover(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
     from torch.utils.flop_counter import FlopCounterMode
 
     graph, _ = record(model, inputs)
-    a = _Analyzer(graph, model)
+    a = Analyzer(graph, model)
     smap = StructureMap()
     smap.norms = _norms(a)
     smap.attention = _dedupe(_attention(a))
     smap.mlps = _mlps(a, smap.attention)
-    smap.linears = list({r.weight: r for r in map(a.linear_ref, sorted(a.lin))}.values())
+    smap.linears = list({r.weight: r for r in (_linear_ref(a, i) for i in sorted(a.lin))}.values())
     smap.followers = _followers(a)
     smap.convs = list(dict.fromkeys(
         a.owner.get(next(p for p in n.params if p), "") for n in graph.nodes

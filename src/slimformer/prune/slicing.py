@@ -303,6 +303,9 @@ def _slice_mlp(s: _Surgeon, site, kept: list[int]) -> None:
     rows = torch.cat([idx + k * site.hidden for k in range(parts)])
     for w in site.fc1:
         s.cut(w, s.out_axis(w), rows, site.hidden * parts)
+    for w in site.channelwise:  # depthwise convs between fc1 and fc2: (C, 1, *kernel)
+        c = s.param(w).shape[0]
+        s.cut(w, 0, rows if c == site.hidden * parts else idx, c)  # its bias and sizes too
     s.cut(site.fc2, 1 - s.out_axis(site.fc2), idx, site.hidden)
 
 
@@ -552,7 +555,11 @@ def sliceable(model: nn.Module, structure: StructureMap, inputs: dict,
     cands, mcands, dcands = {}, {}, {}
     for i, a in enumerate(structure.attention):
         step = _group(model, structure, i)
-        if a.heads <= step:
+        if a.mixers:
+            out.setdefault("heads", {})[i] = (
+                f"its scores are mixed across heads by {', '.join(a.mixers)} (talking heads): "
+                "every head feeds every other, so no head can be removed alone")
+        elif a.heads <= step:
             out.setdefault("heads", {})[i] = (f"has {a.heads} head(s) in groups of {step}: "
                                               "nothing to remove")
         else:

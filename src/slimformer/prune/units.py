@@ -98,7 +98,7 @@ def unit_groups(model: nn.Module, structure: StructureMap, structures, skip: dic
 
     def cost(name: str, axis: int, count: int) -> float:
         w = params[name]
-        other = w.shape[1 - axis] if w.dim() == 2 else 1
+        other = w.numel() // w.shape[axis] if w.dim() >= 2 else 1  # a conv: its kernel too
         c = count * other
         if axis == _out_axis(refs, name):  # the bias of the cut outputs goes too
             owner = model.get_submodule(name.rpartition(".")[0])
@@ -146,7 +146,8 @@ def unit_groups(model: nn.Module, structure: StructureMap, structures, skip: dic
             if i in skip.get("mlp", {}):
                 continue
             fc2 = (m.fc2, 1 - _out_axis(refs, m.fc2))
-            scored = [(w, _out_axis(refs, w), m.fc1_parts) for w in m.fc1] + [(*fc2, 1)]
+            scored = [(w, _out_axis(refs, w), m.fc1_parts) for w in m.fc1] + [(*fc2, 1)] + [
+                (w, 0, params[w].shape[0] // m.hidden) for w in m.channelwise]  # depthwise conv
             c = sum(cost(w, ax, k) for w, ax, k in scored)
             out.append(UnitGroup("mlp", i, m.hidden, 1, 1, ((*fc2, None),), tuple(scored), c))
     if "dims" in structures:

@@ -5,7 +5,8 @@ one layer-wise ``(s~, z~)``: ``s~ = mean(s)``, ``z~ = round(mean(z))``, ``r = s 
 per-channel affine ``x' = (x + s (z - z~)) / r`` gives ``round(x'/s~) + z~ == round(x/s) + z``
 exactly; every consumer Linear absorbs it: ``W' = W diag(r)``, ``b' = b - W s (z - z~)``.
 Where the norm feeds only Linears and has weight and bias, the affine is folded into the norm
-(``gamma' = gamma / r``, ``beta' = (beta + s (z - z~)) / r``); otherwise (post-norm models, whose
+(``gamma' = gamma / r``, ``beta' = (beta + s (z - z~)) / r``; a gain stored as ``1 + w`` folds as
+``w' = (1 + w) / r - 1``); otherwise (post-norm models, whose
 norm output is also the residual, or RMSNorm without bias) it stays as the norm's second affine
 output on the quantized branch.
 
@@ -24,16 +25,15 @@ from slimformer.quantize.act import ActQuantizer
 from slimformer.quantize.quantizers import fake_uniform, positive_scale, symmetric_params
 
 
-def _affine_params(norm: nn.Module, dim: int) -> tuple[nn.Parameter, nn.Parameter] | None:
-    own = [p for p in norm.parameters(recurse=False) if p.shape == (dim,)]
-    if len(own) != 2:
+def _affine_params(model: nn.Module, site) -> tuple[nn.Parameter, nn.Parameter] | None:
+    """The gain and shift parameters of norm ``site`` (as discovery found them by behaviour)."""
+    if not site.weight or not site.bias:
         return None
-    # weight and bias by behavior: the weight is the one that scales (it multiplies x - mean)
-    w = getattr(norm, "weight", None)
-    b = getattr(norm, "bias", None)
-    if isinstance(w, nn.Parameter) and isinstance(b, nn.Parameter):
-        return w, b
-    return None
+    params = dict(model.named_parameters())
+    w, b = params.get(site.weight), params.get(site.bias)
+    if w is None or b is None or w.shape != (site.dim,) or b.shape != (site.dim,):
+        return None
+    return w, b
 
 
 @torch.no_grad()
@@ -75,12 +75,15 @@ def reparameterize(qmodel, smap) -> list[str]:
         norm = norm_by_weight.get(users[0].name)
         aff = None
         if norm is not None and norm.foldable and set(norm.linears) == {u.name for u in users}:
-            aff = _affine_params(qmodel.model.get_submodule(norm.module), norm.dim)
+            aff = _affine_params(qmodel.model, norm)
         if aff is not None:
             gamma, beta = aff
-            gamma.div_(r)
+            # the effective gain is offset + w (offset 1 where stored as 1 + w): g' = g / r
+            off = norm.gain_offset
+            gamma.add_(off).div_(r).sub_(off)
             beta.add_(shift).div_(r)
-            how = "folded into the norm affine"
+            how = "folded into the norm affine" + (
+                f" (gain stored as {off:g} + w: w' = ({off:g} + w) / r - {off:g})" if off else "")
         else:
             act.shift, act.inv_r = shift.clone(), (1.0 / r).clone()
             if norm is None:

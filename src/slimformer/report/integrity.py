@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from slimformer.errors import ModelLoadError
+from slimformer.report import limits
 
 INTEGRITY = "integrity"
 _CHUNK = 1 << 20
@@ -61,10 +62,20 @@ def read_manifest(path: str | Path, required: Iterable[str] = (),
     ``redo`` (the way out) ends the messages about a damaged file.
 
     Raises:
-        ModelLoadError: Missing or unreadable file, not UTF-8, invalid JSON, not a mapping, or
-            one of the ``required`` keys absent.
+        ModelLoadError: Missing or unreadable file, not a regular file, over
+            :data:`~slimformer.report.limits.MAX_MANIFEST_BYTES`, not UTF-8, invalid JSON or
+            nested past :data:`~slimformer.report.limits.MAX_JSON_DEPTH`, not a mapping, or one
+            of the ``required`` keys absent.
     """
     path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path} does not exist")
+    size = limits.regular(path, "a manifest", ModelLoadError).stat().st_size
+    if size > limits.MAX_MANIFEST_BYTES:
+        raise ModelLoadError(f"{path} is {size:,} bytes, over the manifest limit of "
+                             f"{limits.mib(limits.MAX_MANIFEST_BYTES)} "
+                             f"(slimformer.report.limits.MAX_MANIFEST_BYTES): not one slimformer "
+                             f"wrote; {redo}")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -75,7 +86,7 @@ def read_manifest(path: str | Path, required: Iterable[str] = (),
     except OSError as exc:
         raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        meta = json.loads(text)
+        meta = limits.loads_json(text, str(path), ModelLoadError)
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column "
                              f"{exc.colno}): truncated or edited; {redo}") from None

@@ -92,7 +92,8 @@ def check_output(path: str | Path, overwrite: bool = False, kind: str = "folder"
 
     Allowed: a path that does not exist (its nearest existing parent must be writable: a
     temporary file is created there and removed), an empty folder, and with ``overwrite`` a
-    folder slimformer wrote (``kind="folder"``) or an existing file (``kind="file"``). With
+    folder slimformer wrote (``kind="folder"``) or an existing file (``kind="file"``). A file's
+    folder must exist (a folder output is created with its parents). With
     ``probe`` (under the output's lock) an existing folder must also be renamable, as the new
     output replaces it by a rename.
 
@@ -124,6 +125,9 @@ def check_output(path: str | Path, overwrite: bool = False, kind: str = "folder"
     if kind == "file":
         if p.is_dir():
             raise OutputError(f"output path {text!r} is a folder; give a file name")
+        if not p.parent.exists():  # a typo must not create a chain of folders
+            raise OutputError(f"output file {text!r}: its folder {str(p.parent)!r} does not "
+                              "exist; create it first or give a path in an existing folder")
         if p.exists() and not overwrite:
             raise OutputError(f"output file {text!r} exists; pass --overwrite (API: "
                               "overwrite=True) to replace it, or give another path")
@@ -181,7 +185,7 @@ def _check_writable(p: Path) -> None:
 def _marker_state(folder: Path) -> str | None:
     try:
         return json.loads((folder / MARKER).read_text(encoding="utf-8")).get("state")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
 
 
