@@ -217,3 +217,17 @@ def test_name_leaves_room_for_the_temporary_suffix(tmp_path):
             check_output(tmp_path / ("m" * n))
         with pytest.raises(OutputError, match="too long"):
             check_output(tmp_path / ("m" * n), kind="file")
+
+
+@pytest.mark.parametrize("cmd", [["export", "onnx", "vit-digits-seq"],
+                                 ["export", "openvino", "vit-digits-seq"],
+                                 ["zoo", "train", "vit-digits-seq"]])
+def test_file_output_in_a_missing_folder_creates_no_folders(tmp_path, cli, cmd):
+    """A typo in -o must not create a chain of folders: the file's folder must exist."""
+    out = tmp_path / "no" / "such" / ("m.xml" if "openvino" in cmd else "m.onnx")
+    if cmd[0] == "zoo":
+        out = out.parent  # zoo train --out is a folder: it may be new, its parent may not
+    res = cli(*cmd, "--out", out)
+    assert res.exit_code == 2, res.output
+    assert "OutputError" in res.output and "does not exist" in res.output, res.output
+    assert list(tmp_path.iterdir()) == []

@@ -39,9 +39,9 @@ EXTERNAL_DATA_BYTES = TWO_GB  # above this the weights go to one ``<file>.onnx.d
 
 @dataclass
 class OnnxResult:
-    """A written ONNX file and what was checked about it."""
+    """A written ONNX file and what was checked about it (``path`` None: a removed temporary)."""
 
-    path: Path
+    path: Path | None
     opset: int
     quantized: bool
     inputs: dict[str, list[int | str]]  # shapes, symbolic axes by name
@@ -57,7 +57,8 @@ class OnnxResult:
 
     def summary(self) -> dict:
         """JSON-ready summary for reports."""
-        return {"path": str(self.path), "opset": self.opset, "quantized": self.quantized,
+        return {"path": str(self.path) if self.path else None, "opset": self.opset,
+                "quantized": self.quantized,
                 "inputs": self.inputs, "size_bytes": self.size_bytes, "parity": self.parity,
                 "fusion": self.fusion, "lint": [f.as_dict() for f in self.lint],
                 "warnings": self.warnings, "seconds": round(self.seconds, 2), "form": self.form,

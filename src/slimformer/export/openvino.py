@@ -2,10 +2,11 @@
 
 ``export_openvino(model, "model.xml", inputs) -> OpenVinoResult`` writes the model's ONNX file in
 the ``openvino`` form (:mod:`slimformer.export.targets`: a symmetric model's int8 Q/DQ, which
-OpenVINO's CPU plugin runs in int8) beside the IR, converts it with ``openvino.convert_model`` and
-writes the IR (``.xml`` + ``.bin``, weights kept in f32: no fp16 compression of the Q/DQ scales)
-with ``openvino.save_model``, then checks every output of the IR, run by OpenVINO in f32, against
-PyTorch at the traced shape and a second one (the figures of
+OpenVINO's CPU plugin runs in int8) into a temporary folder beside the IR (kept only where
+``onnx_path`` asks: never over a user's ``model.onnx``), converts it with
+``openvino.convert_model`` and writes the IR (``.xml`` + ``.bin``, weights kept in f32: no fp16
+compression of the Q/DQ scales) with ``openvino.save_model``, then checks every output of the IR,
+run by OpenVINO in f32, against PyTorch at the traced shape and a second one (the figures of
 :func:`slimformer.export.parity.compare_all`). OpenVINO also reads the ONNX file directly;
 :func:`ov_latency` times either. The target, ISA and form are recorded in the IR's ``rt_info``
 (``slimformer/<key>``) as in the ONNX file's metadata.
@@ -135,15 +136,17 @@ def ov_predict(model, dataset, batch_size: int = 256, threads: int = 2,
 
 
 def export_openvino(model, path: str | Path, inputs: dict[str, torch.Tensor], config=None,
-                    ) -> OpenVinoResult:
+                    onnx_path: str | Path | None = None) -> OpenVinoResult:
     """Write ``model`` as an OpenVINO IR at ``path`` (``.xml``) and check it through OpenVINO.
 
     Args:
         model: a float module or a quantized model.
-        path: the ``.xml`` file (``.bin`` and the source ``.onnx`` are written beside it).
+        path: the ``.xml`` file (``.bin`` is written beside it).
         inputs: ``{name: (B, ...)}`` example inputs.
         config: :class:`~slimformer.export.config.OnnxConfig`; its target must be ``openvino``
             or ``auto`` (taken as ``openvino``).
+        onnx_path: Where to keep the ONNX file the IR is converted from; None: a temporary
+            file, removed (``result.onnx.path`` is then None).
 
     Raises:
         ExportError: bad path or target, OpenVINO missing, or a float IR whose outputs differ
@@ -165,15 +168,18 @@ def export_openvino(model, path: str | Path, inputs: dict[str, torch.Tensor], co
     path = Path(path)
     if path.suffix != ".xml":
         raise ExportError(f"{path}: the OpenVINO IR file must end in .xml (.bin goes beside it)")
-    onnx_res = export_onnx(model, path.with_suffix(".onnx"), inputs, config)
-    ov_model = ov.convert_model(str(onnx_res.path))
-    for k, v in onnx_res.form.items():
-        ov_model.set_rt_info(str(v), ["slimformer", k])
     bin_path = path.with_suffix(".bin")
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as d:
+        onnx_res = export_onnx(model, Path(onnx_path or Path(d) / "model.onnx"), inputs, config)
+        ov_model = ov.convert_model(str(onnx_res.path))
+        for k, v in onnx_res.form.items():
+            ov_model.set_rt_info(str(v), ["slimformer", k])
         ov.save_model(ov_model, str(Path(d) / "model.xml"), compress_to_fp16=False)
+        del ov_model
         (Path(d) / "model.bin").replace(bin_path)
         (Path(d) / "model.xml").replace(path)
+    if onnx_path is None:
+        onnx_res.path = None  # removed with the temporary folder
     res = OpenVinoResult(path=path, onnx=onnx_res, warnings=list(onnx_res.warnings),
                          version=ov.__version__)
     if config.check:
