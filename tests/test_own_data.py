@@ -53,8 +53,8 @@ def test_image_model_with_an_image_folder(tmp_path):
 
     images, labels = load_arrays("test")
     folder = tmp_path / "photos"
-    for i in range(60):  # real Fashion-MNIST images as PNG files in class sub-folders
-        d = folder / f"class{labels[i]}"
+    for i in range(60):  # real Fashion-MNIST images as PNG files in class sub-folders 0/ ... 9/
+        d = folder / str(labels[i])
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.asarray(images[i], dtype=np.uint8)).save(d / f"{i}.png")
     out = _cli("eval", "vit-digits-seq", "--help")  # the CLI is up
@@ -66,9 +66,15 @@ def test_image_model_with_an_image_folder(tmp_path):
                        "channels": 1})  # the zoo model's own normalization
     res = runner.invoke(app, ["quantize", "vit-fmnist", "--data", spec, "--out",
                               str(tmp_path / "q"), "--calib-samples", "16"])
-    # the folder's class names are not the model's: evaluation still compares with FP32
     assert res.exit_code == 0, res.output
     assert "accuracy" in res.output and (tmp_path / "q" / "quantized" / "slimformer.json").is_file()
+    out = _cli("eval", "vit-fmnist", "--eval-data", spec, "--repeats", "1", "--json")
+    assert json.loads(out[out.index("{"):])["accuracy"] > 0.7  # folder n is class n
+    for d in folder.iterdir():  # folder names the model does not know: refused, both listed
+        shutil.copytree(d, tmp_path / "named" / f"class{d.name}")
+    res = runner.invoke(app, ["eval", "vit-fmnist", "--data", spec.replace(str(folder),
+                              str(tmp_path / "named"))])
+    assert res.exit_code == 2 and "class0" in res.output and "T-shirt/top" in res.output
 
 
 def test_recipe_base_model_without_labels_reports_fidelity(tmp_path):

@@ -397,13 +397,15 @@ def eval_(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
     result = {"model": model, "data": name, "split": split, "samples": len(labels),
               "accuracy": float((preds == labels).float().mean())
               if getattr(ds, "has_labels", True) else None, "latency": lat,
-              "size": model_size(lm.module)}
+              "size": model_size(lm.module), "notes": rd.notes}
     if as_json:
         print(json.dumps(result, indent=2))
         return
     acc = result["accuracy"]
     con.print(f"{model} on {name}/{split} ({len(labels)} samples): " +
               (f"accuracy {acc:.4f}" if acc is not None else "no labels: accuracy not measured"))
+    for note in rd.notes:
+        con.print(f"  note: {note}", markup=False)
     for b, s in lat.items():
         con.print(f"  latency {b}: median {s['median_ms']:.2f} ms (p90 {s['p90_ms']:.2f}, "
                   f"{s['repeats']} runs, {s['threads']} threads)")

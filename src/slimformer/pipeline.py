@@ -147,7 +147,7 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
                "applied_stages": [h["stage"] for h in history]},
         structure=_structure_summary(smap),
         data={"dataset": dataset_name, "eval_split": recipe.data.eval_split,
-              "eval_samples": len(eval_data)},
+              "eval_samples": len(eval_data), **({"labels": data.notes} if data.notes else {})},
         stages=ctx.records,
         metrics=dict(ctx.records[-1].metrics) if ctx.records else {},
         environment=environment(),

@@ -24,10 +24,14 @@ class TensorDictDataset(Dataset):
         labels: ``(N,)`` int64 class indices, or ``None`` for unlabelled data (items then carry
             label ``-1`` so the default collation still works; check :attr:`has_labels`).
         classes: Class names in index order, when known.
+        label_names: How the data's class *names* were numbered into ``labels``: ``"sorted"``
+            (alphabetically: not yet the model's order, see :mod:`slimformer.data.labels`),
+            ``"given"`` (by the data spec's ``classes`` list), or ``None`` (the labels are class
+            indices as they are).
     """
 
     def __init__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None = None,
-                 classes: tuple[str, ...] | None = None):
+                 classes: tuple[str, ...] | None = None, label_names: str | None = None):
         if not inputs:
             raise DataError("a data set needs at least one input tensor, got none")
         sizes = {k: len(v) for k, v in inputs.items()}
@@ -36,6 +40,7 @@ class TensorDictDataset(Dataset):
             detail = f", labels {len(labels)}" if labels is not None else ""
             raise DataError(f"inputs and labels differ in length: {sizes}{detail}")
         self.inputs, self.labels, self.classes = inputs, labels, classes
+        self.label_names = label_names if labels is not None else None
         self._n = n
 
     @property
@@ -53,7 +58,8 @@ class TensorDictDataset(Dataset):
     def select(self, index) -> TensorDictDataset:
         """The rows ``index`` (an index tensor, list or slice) as a new data set."""
         labels = self.labels[index] if self.labels is not None else None
-        return TensorDictDataset({k: v[index] for k, v in self.inputs.items()}, labels, self.classes)
+        return TensorDictDataset({k: v[index] for k, v in self.inputs.items()}, labels, self.classes,
+                                 self.label_names)
 
 
 def _text(name: str):

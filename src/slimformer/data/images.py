@@ -1,7 +1,8 @@
 """A folder of images as model inputs ``{name: (N, C, H, W)}`` float32, with labels if in class folders.
 
-Layouts: ``root/<class>/**/*.png`` (labels = sorted class folder names, or the spec's ``classes``)
-or ``root/*.png`` (no labels). Preprocessing follows the model's image processor config
+Layouts: ``root/<class>/**/*.png`` (labels = sorted class folder names, or the spec's ``classes``;
+renumbered into the model's class order by :mod:`slimformer.data.labels`) or ``root/*.png`` (no
+labels). Preprocessing follows the model's image processor config
 (``preprocessor_config.json``, read by transformers' ``AutoImageProcessor``) or explicit
 ``size`` / ``mean`` / ``std`` (resize bilinear, scale to [0, 1], normalize per channel).
 """
@@ -170,4 +171,5 @@ def load_image_folder(spec, model_inputs=None, model_dir=None, limit: int | None
     mode = "L" if channels == 1 else "RGB"
     chunks = [run([_open(f, mode) for f in files[i:i + BATCH]]) for i in range(0, len(files), BATCH)]
     y = torch.tensor(labels, dtype=torch.long) if labels is not None else None
-    return TensorDictDataset({name: torch.cat(chunks)}, y, classes)
+    numbered = "given" if spec.classes is not None else "sorted"  # folder names -> indices
+    return TensorDictDataset({name: torch.cat(chunks)}, y, classes, numbered)

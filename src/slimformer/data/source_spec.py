@@ -45,7 +45,10 @@ class BuiltinData(_Source):
 
 
 class ImageFolderData(_Source):
-    """A folder of images: class sub-folders (labels in sorted order, or ``classes``) or flat.
+    """A folder of images: class sub-folders or flat (no labels).
+
+    Folder names are numbered by ``classes`` (the model's class order), else by the model's own
+    class names, else alphabetically (:mod:`slimformer.data.labels`).
 
     Preprocessing: explicit ``mean`` and ``std`` (with ``size`` or the model's input size) if
     given, else the image processor config (``preprocessor_config.json``) of ``processor`` or of
@@ -60,14 +63,14 @@ class ImageFolderData(_Source):
     channels: Literal[1, 3] | None = None  # grey or RGB; default the model's input channels
     processor: str | None = None  # folder with preprocessor_config.json
     input: str | None = None  # model input name; default the model's only image-shaped input
-    classes: list[str] | None = None  # label order; default sorted sub-folder names
+    classes: list[str] | None = None  # the model's class order; default: the model's names
 
 
 class _TextFields(_Source):
     text: str | None = None  # column; default "text" / "sentence", or the only column
     text_pair: str | None = None  # second column for sentence pairs
     label: str | Literal[False] | None = None  # column; None: "label"/"labels" if present
-    classes: list[str] | None = None  # label order for string labels; default sorted
+    classes: list[str] | None = None  # the model's class order of string labels (as images)
     tokenizer: str | None = None  # tokenizer folder; default the model's directory
     max_length: int = Field(128, ge=1, le=65536)
     padding: Literal["max_length", "longest"] = "max_length"

@@ -207,8 +207,9 @@ def encode(table: Table, spec, model_dir, keep: set[str] | None) -> TensorDictDa
         x = {name: _numeric(table, col) for name, col in inputs.items()}
     else:
         x = _tokenize(table, spec, model_dir, keep)
-    labels, classes = (None, None) if label_col is None else _labels(table, label_col, spec.classes)
-    return TensorDictDataset(x, labels, classes)
+    labels, classes, numbered = (None, None, None) if label_col is None else \
+        _labels(table, label_col, spec.classes)
+    return TensorDictDataset(x, labels, classes, numbered)
 
 
 def _text_column(table: Table, spec) -> str:
@@ -292,7 +293,9 @@ def _numeric(table: Table, col: str) -> torch.Tensor:
     return t.long()
 
 
-def _labels(table: Table, col: str, classes: list[str] | None) -> tuple[torch.Tensor, tuple | None]:
+def _labels(table: Table, col: str, classes: list[str] | None) \
+        -> tuple[torch.Tensor, tuple | None, str | None]:
+    """Labels ``(N,)``, class names and how names were numbered (``label_names``, see datasets)."""
     values = table.column(col, "label")
     for i, v in enumerate(values):
         if v is None or (isinstance(v, str) and not v.strip()):
@@ -309,7 +312,7 @@ def _labels(table: Table, col: str, classes: list[str] | None) -> tuple[torch.Te
             i = int(bad.nonzero()[0])
             raise DataError(f"{table.where(i)}: column {col!r} holds class index {int(y[i])}; allowed: "
                             f"0 to {len(named) - 1 if named else 'any'}")
-        return y, named
+        return y, named, None
     order = tuple(classes) if classes is not None else tuple(sorted(set(strs)))
     index = {c: i for i, c in enumerate(order)}
     for i, s in enumerate(strs):
@@ -317,4 +320,5 @@ def _labels(table: Table, col: str, classes: list[str] | None) -> tuple[torch.Te
             shown = ", ".join(order[:20]) + (", ..." if len(order) > 20 else "")
             raise DataError(f"{table.where(i)}: column {col!r} holds {s!r}, not one of the classes "
                             f"({shown})")
-    return torch.tensor([index[s] for s in strs], dtype=torch.long), order
+    return torch.tensor([index[s] for s in strs], dtype=torch.long), order, \
+        "given" if classes is not None else "sorted"

