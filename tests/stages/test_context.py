@@ -27,3 +27,30 @@ def test_validation_rows_say_when_they_overlap_the_evaluation():
     lm = load_model(ZooSpec(name="vit-digits-seq"))
     val, note = RunData(lm, DataConfig()).validation(300)
     assert len(val) == 300 and "overlap the evaluation rows" in note
+
+
+def _bert64():
+    from slimformer.models.spec import HfConfigSpec
+
+    return load_model(HfConfigSpec(model_type="bert", task="sequence-classification", config={
+        "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 64, "num_labels": 2, "max_position_embeddings": 64}))
+
+
+def _long_text(tmp_path):
+    from slimformer.data.text import minilm_path
+
+    f = tmp_path / "long.txt"
+    f.write_text("".join(" ".join(f"word{i}x{j}" for j in range(80)) + "\n" for i in range(8)))
+    return {"path": str(f), "tokenizer": str(minilm_path())}
+
+
+def test_text_max_length_defaults_to_the_model_positions(tmp_path):
+    """128 tokens by default, but never beyond the model's 64 positions (was a shape error)."""
+    from slimformer.models.evaluate import run_batch
+
+    lm = _bert64()
+    ds = RunData(lm, DataConfig(eval=_long_text(tmp_path), calib=_long_text(tmp_path))).get(
+        "eval")
+    assert ds.inputs["input_ids"].shape == (8, 64)
+    assert run_batch(lm.module, ds.inputs).logits.shape == (8, 2)

@@ -318,6 +318,19 @@ def _cfg(config, *names, default=None):
     return default
 
 
+def max_positions(model: torch.nn.Module) -> int | None:
+    """Longest token sequence ``model``'s own config allows (its position table), or None.
+
+    Read from a Hugging Face config (``max_position_embeddings``, ``n_positions``,
+    ``max_seq_len``, ``n_ctx``, also of its ``text_config``); None for models without one.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    n = _cfg(config, "max_position_embeddings", "n_positions", "max_seq_len", "n_ctx")
+    return n if isinstance(n, int) and n > 0 else None
+
+
 def infer_inputs(model: torch.nn.Module) -> dict[str, S.InputSpec]:
     """Guess inputs from the forward signature and the model's own config (HF, timm)."""
     params = inspect.signature(model.forward).parameters

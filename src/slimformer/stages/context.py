@@ -124,6 +124,28 @@ class RunContext:
         return folder
 
 
+def _fit_length(source, model):
+    """A text source's ``max_length`` within ``model``'s positions (default min(128, them)).
+
+    Raises:
+        DataError: The source asks for more tokens than the model has positions.
+    """
+    from slimformer.data.sources import parse_source
+    from slimformer.models.loading import max_positions
+
+    spec = source if hasattr(source, "model_fields_set") else parse_source(source)
+    limit = max_positions(model)
+    if limit is None or "max_length" not in type(spec).model_fields:
+        return spec
+    if "max_length" not in spec.model_fields_set:
+        return spec.model_copy(update={"max_length": min(spec.max_length, limit)})
+    if spec.max_length > limit:
+        raise DataError(f"{spec.path}: max_length {spec.max_length} is more tokens than the model "
+                        f"has positions ({limit}, its config's position table); give max_length "
+                        f"<= {limit}")
+    return spec
+
+
 class RunData:
     """The rows a run uses, by role: ``eval``, ``calib`` and ``train``, checked against the model.
 
@@ -159,7 +181,8 @@ class RunData:
         import inspect
 
         accepts = list(inspect.signature(m.module.forward).parameters)
-        return load_source(source, m.input_specs, model_dir, accepts=accepts)
+        return load_source(_fit_length(source, m.module), m.input_specs, model_dir,
+                           accepts=accepts)
 
     def _split(self):
         from slimformer.data.sources import split_source
