@@ -873,7 +873,13 @@ def export_onnx_cmd(
               + (f"; ops {res.ops}" if res.ops else ""), markup=False, highlight=False)
     _print_parity(con, res.parity, "ONNX Runtime vs PyTorch")
     con.print(f"ONNX Runtime kernels: {res.fusion}")
-    _print_lint(con, res.lint)
+    from slimformer.export.lint import lint_summary
+
+    brief = lint_summary(res.lint, res.form.get("target"))
+    if brief and res.lint:
+        con.print(brief, markup=False, highlight=False)
+    else:
+        _print_lint(con, res.lint)
     for w in res.warnings:
         con.print(f"  warning: {w}", markup=False, highlight=False)
 

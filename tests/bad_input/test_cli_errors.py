@@ -12,13 +12,16 @@ from .conftest import no_traceback
     (["inspect", "no-such-model"], "is not a zoo model"),
     (["export", "lint", "{garbage}"], "is not a readable ONNX file"),
     (["export", "lint", "{missing}"], "does not exist"),
+    (["export", "lint", "{empty}"], "is not an ONNX model"),
     (["run", "{missing}"], "does not exist"),
     (["run", "{garbage}"], "not UTF-8"),
 ])
 def test_typed_error_exit_2(tmp_path, cli, args, what):
     garbage = tmp_path / "g.onnx"
     garbage.write_bytes(bytes(range(256)) * 4)
-    subst = {"{garbage}": str(garbage), "{missing}": str(tmp_path / "missing.onnx")}
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    subst = {"{garbage}": str(garbage), "{missing}": str(tmp_path / "missing.onnx"),
+             "{empty}": str(tmp_path / "empty.onnx")}
     args = [subst.get(a, a) for a in args]
     res = cli(*args)
     assert res.exit_code == 2, res.output

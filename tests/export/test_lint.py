@@ -73,3 +73,29 @@ def test_findings_serialize():
     f = lint_qdq(_qdq_matmul(np.uint8(3), np.uint8, 1))
     assert all(set(x.as_dict()) == {"rule", "severity", "node", "message"} for x in f)
     assert all(x.severity in ("error", "warning", "info") for x in f)
+
+
+def test_findings_are_counted_not_listed_unless_the_target_is_tensorrt():
+    from slimformer.export.lint import lint_summary
+
+    findings = lint_qdq(_qdq_matmul(np.uint8(128), np.uint8, 128))  # ONNX Runtime's form
+    errors = sum(f.severity == "error" for f in findings)
+    assert errors > 0 and lint_summary(findings, "tensorrt") is None  # all listed
+    line = lint_summary(findings, "ort-cpu")
+    assert line.startswith(f"TensorRT QDQ lint: {len(findings)} finding(s) ({errors} error(s)")
+    assert "only for a TensorRT target (this file is for ort-cpu)" in line
+
+
+def test_empty_or_foreign_protobuf_is_not_an_onnx_model(tmp_path):
+    import pytest
+
+    from slimformer.errors import ExportError
+    from slimformer.export.lint import load_onnx
+
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ExportError, match="is not an ONNX model"):
+        load_onnx(empty)
+    good = tmp_path / "g.onnx"
+    good.write_bytes(_qdq_matmul(np.int8(0), np.int8, 0).SerializeToString())
+    assert len(load_onnx(good).graph.node) == 4

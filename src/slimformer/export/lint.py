@@ -201,7 +201,27 @@ def load_onnx(path):
     from slimformer.errors import ExportError
 
     try:
-        return onnx.load(str(path), load_external_data=False)
+        proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, OSError) as exc:
         raise ExportError(f"{path} is not a readable ONNX file ({type(exc).__name__}: "
                           f"{str(exc)[:200]})") from None
+    if not proto.opset_import or not proto.graph.node:  # protobuf reads b"" (and more) as empty
+        raise ExportError(f"{path} is not an ONNX model (no operator set or no graph nodes: an "
+                          "empty file, or another protobuf); give a .onnx file written by an "
+                          "exporter")
+    return proto
+
+
+def lint_summary(findings: list, target: str | None) -> str | None:
+    """One line for a file whose ``target`` is not TensorRT (None for TensorRT: list them all).
+
+    The lint checks TensorRT's rules only; for ONNX Runtime or OpenVINO files its findings (often
+    hundreds: asymmetric uint8 Q/DQ) are no defect, so they are counted, not listed.
+    """
+    if target == "tensorrt":
+        return None
+    errors = sum(f.severity == "error" for f in findings)
+    warnings = sum(f.severity == "warning" for f in findings)
+    return (f"TensorRT QDQ lint: {len(findings)} finding(s) ({errors} error(s), {warnings} "
+            f"warning(s)); they matter only for a TensorRT target (this file is for "
+            f"{target or 'another runtime'}): `slimformer export lint FILE` lists them")

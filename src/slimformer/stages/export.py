@@ -47,6 +47,7 @@ def run(ctx: RunContext, stage: ExportStage) -> StageRecord:
 
 def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
     from slimformer.data.datasets import latency_inputs
+    from slimformer.export.lint import lint_summary
     from slimformer.export.onnx import export_onnx
     from slimformer.export.parity import latency, predict
     from slimformer.export.tensorrt import build_engine, tensorrt_available, trtexec_command
@@ -105,8 +106,10 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
         _openvino(ctx, stage, rec, onnx_path, float_path, labels, tick)
     rec.metrics |= {f"form_{k}": str(v) for k, v in res.form.items()}
     rec.size = {"bytes": res.size_bytes}
-    rec.notes = list(res.warnings) + [f"{f.rule} {f.severity} at {f.node}: {f.message}"
-                                      for f in _first_per_rule(res.lint)]
+    brief = None if stage.tensorrt is not None else lint_summary(res.lint,
+                                                                  res.form.get("target"))
+    rec.notes = list(res.warnings) + ([brief] if brief and res.lint else [
+        f"{f.rule} {f.severity} at {f.node}: {f.message}" for f in _first_per_rule(res.lint)])
     if stage.tensorrt is not None:
         engine = tmp / "model.plan"
         if tensorrt_available():
