@@ -20,6 +20,7 @@ DEBUG_ENV = "SLIMFORMER_DEBUG"
 _debug = {"on": False}
 _trust = {"on": False}
 _quiet = {"on": False}
+_said: set[str] = set()  # factories a note already named (one note per factory and process)
 
 
 def _debugging() -> bool:
@@ -128,6 +129,7 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help=f"Show the traceba
     _debug["on"] = debug
     _trust["on"] = trust_code
     _quiet["on"] = quiet
+    _said.clear()
 
 
 OVERWRITE_HELP = ("Replace an earlier slimformer output at --out (never a folder slimformer did "
@@ -248,8 +250,10 @@ def _say_code(con, recipe) -> None:
     per quantize setting that makes a later export slow on its target.
     """
     for target in recipe.code_it_runs():
-        con.print(f"note: this recipe runs code: model.factory {target!r} is imported and "
-                  "called when the model loads", markup=False, highlight=False)
+        if target not in _said:
+            _said.add(target)
+            con.print(f"note: this recipe runs code: model.factory {target!r} is imported and "
+                      "called when the model loads", markup=False, highlight=False)
     for line in recipe.slow_settings():
         con.print(f"note: slow for the export target: {line}", markup=False, highlight=False)
 
@@ -308,6 +312,12 @@ def _spec(model: str, config: str | None):
     from slimformer.models.spec import ArtifactSpec
 
     spec = parse_model_arg(model, config)
+    factory = getattr(spec, "factory", None)
+    if factory and factory != model and factory not in _said:  # named in a spec file: say so
+        _said.add(factory)
+        _console()[1].print(f"note: the model spec {model!r} runs code: factory {factory!r} is "
+                            "imported and called when the model loads", markup=False,
+                            highlight=False)
     if isinstance(spec, ArtifactSpec) and _trust["on"]:
         spec = spec.model_copy(update={"trust_code": True})
     return spec

@@ -81,3 +81,20 @@ def test_numeric_and_template_options_are_bounded(tmp_path, cli, args, what):
     assert "error: ConfigError" in res.output and what in res.output, res.output
     no_traceback(res)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_model_spec_file_naming_a_factory_says_it_runs_code(tmp_path, cli):
+    import yaml
+
+    spec = tmp_path / "m.yaml"
+    spec.write_text(yaml.safe_dump({"source": "factory",
+                                    "factory": "slimformer.models.generic:torch_encoder",
+                                    "inputs": {"src": {"shape": [1, 8, 64]}}}))
+    res = cli("inspect", spec, "--json")
+    assert res.exit_code == 0, res.output
+    said = "runs code: factory 'slimformer.models.generic:torch_encoder' is imported and called"
+    assert said in res.stderr and res.stderr.count("runs code") == 1
+    assert res.stdout.lstrip().startswith("{")  # the JSON stays clean
+    res = cli("inspect", "slimformer.models.generic:torch_encoder", "--config",
+              '{"d_model": 64}')
+    assert "runs code" not in res.stderr  # named on the command line: no surprise to note
