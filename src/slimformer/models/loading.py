@@ -148,7 +148,23 @@ def saved_model_spec(data, source: str, trust_code: bool = False):
         raise ModelLoadError(f"{source}: model_spec is invalid ({exc.error_count()} problem(s), "
                              f"first: {exc.errors()[0]['msg'][:200]})") from None
     refuse_untrusted(spec, source, trust_code)
-    return spec
+    return _located(spec, Path(source).parent)
+
+
+def _located(spec, folder: Path):
+    """``spec`` with relative paths found: from the working directory, else from ``folder``.
+
+    New manifests record absolute paths; older ones the path as typed (relative to the working
+    directory of the run that saved them). Those are tried as they are first, then relative to
+    the saved folder.
+    """
+    update = {}
+    for k in ("path", "weights"):
+        v = getattr(spec, k, None)
+        if isinstance(v, str) and v and not Path(v).is_absolute() and not Path(v).exists() \
+                and (folder / v).exists():
+            update[k] = str(folder / v)
+    return spec.model_copy(update=update) if update else spec
 
 
 def load_model(spec) -> LoadedModel:

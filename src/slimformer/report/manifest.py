@@ -65,12 +65,28 @@ def write_manifest(folder: str | Path, kind: str, model_spec, stages: Sequence[d
         slice_spec = slice_spec.to_dict()
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "slimformer_version": __version__, "kind": kind,
-            "model_spec": model_spec.model_dump(mode="json") if model_spec is not None else None,
+            "model_spec": _absolute(model_spec.model_dump(mode="json"))
+            if model_spec is not None else None,
             "stages": list(stages), "slice_spec": slice_spec, "weights": weights,
             "tensors": tensor_manifest(folder / weights) if weights else {}, **sections}
     meta = seal(meta, folder, [*([weights] if weights else []), *files])
     (folder / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
+
+
+SPEC_PATHS = ("path", "weights")  # fields of a model spec that name files or folders
+
+
+def _absolute(spec: dict) -> dict:
+    """``spec`` with its relative file and folder paths made absolute (from this working dir).
+
+    A saved folder must load from any working directory; the paths were typed relative to this
+    one.
+    """
+    import os
+
+    return {k: os.path.abspath(v) if k in SPEC_PATHS and isinstance(v, str) and v else v
+            for k, v in spec.items()}
 
 
 def candidates(path: str | Path) -> list[Path]:
