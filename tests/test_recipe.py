@@ -35,7 +35,8 @@ def test_all_problems_reported_with_paths():
     p = e.value.problems
     assert len(p) == 7
     text = "\n".join(p)
-    assert "nmae: unknown key; allowed keys: data, model, name, output, seed, stages, version" in text
+    assert ("nmae: unknown key; allowed keys: data, max_loss, model, name, output, seed, stages, "
+            "version") in text
     assert "seed: Input should be greater than or equal to 0, got -1" in text
     assert ("model.name: unknown zoo model 'no-such-model'; the zoo has: clip-fmnist, minilm-trec, "
             "minilm-vader, vit-digits-seq, vit-fmnist") in text

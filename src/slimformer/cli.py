@@ -134,6 +134,12 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help=f"Show the traceba
 
 OVERWRITE_HELP = ("Replace an earlier slimformer output at --out (never a folder slimformer did "
                   "not write).")
+MaxLoss = Annotated[str | None, typer.Option(
+    "--max-loss", help="Loss budget of each stage vs its input (recipe max_loss): accuracy "
+    "points (default 5), or a YAML mapping, e.g. '{accuracy_points: 2, min_sqnr_db: 20}' (the "
+    "SQNR floor where there are no labels). Past it: a warning.", show_default=False)]
+FailOnLoss = Annotated[bool, typer.Option(
+    "--fail-on-loss", help="A loss past the budget is an error (exit 2; nothing is written).")]
 
 
 def _console():
@@ -454,6 +460,7 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
     """Quantize a model post-training, compare it with FP32, save its inference form.
 
     Runs the one-stage recipe evaluate -> quantize -> evaluate through the pipeline: --out gets
+             max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
     the report and the quantized model in quantized/ (a MODEL for every other command).
     """
     from slimformer.stages.evaluate import EvaluateStage
@@ -468,7 +475,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
         quiet = EvaluateStage(latency_batch_sizes=[])
         result = _run_one(con, "quantize", model, config, [quiet, stage, quiet], out, overwrite,
                           _data_config(data, calib_data, eval_data, limit,
-                                       max(CALIB_ROWS, stage.calib_samples)))
+                                       max(CALIB_ROWS, stage.calib_samples)),
+                          max_loss, fail_on_loss)
     before, q, after = result.report.stages
     con.print(f"{model} {stage.method} W{stage.weight_bits}A{stage.act_bits} on "
               f"{result.report.data['dataset']} "
@@ -560,8 +568,11 @@ def _stage(cls, sets: list[str] | None = None, prefix: str | None = None, others
 
 
 def _run_one(con, name: str, model: str, config: str | None, stages: list, out: Path,
-             overwrite: bool, data_cfg):
-    """Build the one-stage recipe of a compress command and run it through the pipeline."""
+             overwrite: bool, data_cfg, max_loss: str | None = None, fail_on_loss: bool = False):
+    """Build the one-stage recipe of a compress command and run it through the pipeline.
+
+    A stage's loss past the budget (``--max-loss``) is printed as a warning here.
+    """
     from slimformer.pipeline import run as run_pipeline
     from slimformer.recipe import OutputConfig, Recipe
     from slimformer.report.outdir import check_output
@@ -569,10 +580,34 @@ def _run_one(con, name: str, model: str, config: str | None, stages: list, out: 
     check_output(out, overwrite)  # before the model is loaded
     literal = str(out).replace("{", "{{").replace("}", "}}")  # a CLI path is no template
     recipe = Recipe(name=name, model=_spec(model, config), data=data_cfg, stages=stages,
-                    output=OutputConfig(dir=literal, overwrite=overwrite))
+                    output=OutputConfig(dir=literal, overwrite=overwrite), max_loss=budget)
+    budget = _budget(max_loss, fail_on_loss)
     _say_code(con, recipe)
     with _progress() as prog:
-        return run_pipeline(recipe, prog)
+        result = run_pipeline(recipe, prog)
+    for w in (w for s in result.report.stages for w in s.warnings):
+        con.print(f"warning: {w}", markup=False, highlight=False)
+    return result
+
+
+def _budget(max_loss: str | None, fail: bool):
+    """The :class:`~slimformer.stages.quality.LossBudget` of ``--max-loss`` / ``--fail-on-loss``."""
+    from pydantic import ValidationError
+
+    from slimformer.errors import ConfigError
+    from slimformer.stages.quality import LossBudget
+    from slimformer.validation import format_errors, safe_load_bounded
+
+    value = {} if max_loss is None else safe_load_bounded(max_loss, "--max-loss")
+    if isinstance(value, dict) and "fail" not in value:
+        value = {**value, "fail": fail}
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        value = {"accuracy_points": value, "fail": fail}
+    try:
+        return LossBudget.model_validate(value)
+    except ValidationError as exc:
+        raise ConfigError([f"--max-loss: {p}" for p in format_errors(exc, LossBudget)],
+                          "options") from None
 
 
 @app.command()
@@ -603,6 +638,7 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
     """Prune heads and MLP units (UPop or magnitude), fine-tune, save the smaller model.
 
     Runs the one-stage recipe evaluate -> prune -> evaluate through the pipeline: --out gets the
+          max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
     report and the pruned model in pruned/ (a MODEL for every other command).
     """
     from slimformer.stages.evaluate import EvaluateStage
@@ -617,7 +653,7 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
                        checkpoint=str(checkpoint) if checkpoint else None)
         quiet = EvaluateStage(latency_batch_sizes=[])
         result = _run_one(con, "prune", model, config, [quiet, stage, quiet], out, overwrite,
-                          _data_config(data, None, None, limit))
+                          _data_config(data, None, None, limit), max_loss, fail_on_loss)
     before, p, after = result.report.stages
     m = p.metrics
     target = stage.target
@@ -671,6 +707,7 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
     """Search sub-networks and per-layer bit-widths; print the measured Pareto front.
 
     Runs the one-stage recipe search through the pipeline: --out gets the report and search/
+           max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
     (a MODEL for every other command: the chosen float sub-network).
     """
     import optuna
@@ -693,7 +730,7 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
 
             open_storage(stage.search_config().storage_url())
         result = _run_one(con, "search", model, config, [stage], out, overwrite,
-                          _data_config(data))
+                          _data_config(data), max_loss, fail_on_loss)
     rec = result.report.stages[-1]
     for note in rec.notes:
         con.print(note, markup=False, highlight=False)
@@ -770,6 +807,7 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
                    "--set", help=SET_HELP + " Keys quantize.KEY go to the quantize stage.")]
                = None):
     """Quantize (power-of-two scales) and build an hls4ml project; C-simulate and estimate it.
+               max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
 
     Runs the one-stage recipe [quantize ->] hls through the pipeline: --out gets the report,
     the project in hls/ and the quantized model it was built from in quantized/. A MODEL that
@@ -800,7 +838,8 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
             raise ConfigError(["--set quantize.*: nothing is quantized here (the model is "
                                "quantized already, or --float); drop those --set items"],
                               "options")
-        result = _run_one(con, "hls", model, config, stages, out, overwrite, _data_config(data))
+        result = _run_one(con, "hls", model, config, stages, out, overwrite, _data_config(data),
+                          max_loss, fail_on_loss)
     rec = result.report.stages[-1]
     project = out / "hls"
 

@@ -28,7 +28,7 @@ from slimformer.recipe import (
     SearchStage,
 )
 from slimformer.report.model import Report, StageRecord, environment
-from slimformer.stages import evaluate, export, hls, prune, quantize, search
+from slimformer.stages import evaluate, export, hls, prune, quality, quantize, search
 from slimformer.stages.context import (  # noqa: F401 - re-exported: the CLI and tests use them
     Progress,
     RunContext,
@@ -132,7 +132,7 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
                 progress(f"stage {i + 1}/{len(recipe.stages)}: {stage.type}", i,
                          len(recipe.stages))
             s0 = time.perf_counter()
-            rec = STAGE_HANDLERS[type(stage)](ctx, stage)
+            rec = quality.run(ctx, i, stage, STAGE_HANDLERS[type(stage)], recipe.max_loss)
             rec.index, rec.seconds = i, time.perf_counter() - s0
             ctx.records.append(rec)
     from slimformer.models.evaluate import model_size

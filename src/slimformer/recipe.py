@@ -11,10 +11,13 @@ A recipe names a model, the data, an ordered list of stages and where to write t
       - {type: evaluate}
       - {type: export, openvino: true}
     output: {dir: runs/quickstart}
+    max_loss: {accuracy_points: 5}   # optional: warn when a stage loses more than its input
 
 Stages are a tagged union on ``type`` (evaluate, quantize, prune, search, export, hls), each run
 by its handler in :mod:`slimformer.stages` through :mod:`slimformer.pipeline`. The shipped
 default (``slimformer run`` with no argument) is ``slimformer/recipes/quickstart.yaml``.
+``max_loss`` (:class:`~slimformer.stages.quality.LossBudget`) is how much quality each stage may
+lose against its input before the run warns, or with ``fail: true`` stops.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from slimformer.stages.evaluate import EvaluateStage
 from slimformer.stages.export import ExportStage
 from slimformer.stages.hls import HlsStage
 from slimformer.stages.prune import PruneStage
+from slimformer.stages.quality import LossBudget
 from slimformer.stages.quantize import QuantizeStage
 from slimformer.stages.search import SearchStage
 from slimformer.validation import NAME_PATTERN, format_errors, safe_load_bounded
@@ -79,6 +83,7 @@ class Recipe(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     stages: list[Stage] = Field(default_factory=lambda: [EvaluateStage()])
     output: OutputConfig = Field(default_factory=OutputConfig)
+    max_loss: LossBudget = Field(default_factory=LossBudget)  # per stage, vs its input
 
     def output_dir(self) -> Path:
         """The output folder with ``{name}`` filled in."""

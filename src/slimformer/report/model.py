@@ -19,7 +19,8 @@ class StageRecord(BaseModel):
 
     ``latency`` maps ``"batch=N"`` (PyTorch) or ``"<runtime> batch=N"`` (e.g. ``onnxruntime``)
     to statistics in ms; ``images`` maps a caption to a PNG that the stage's artifact holds, as a
-    path relative to the run folder (the HTML report embeds it).
+    path relative to the run folder (the HTML report embeds it). ``warnings`` says what the
+    stage lost past the run's budget (:mod:`slimformer.stages.quality`).
     """
 
     index: int
@@ -31,6 +32,7 @@ class StageRecord(BaseModel):
     size: dict[str, int] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
     images: dict[str, str] = Field(default_factory=dict)  # caption -> PNG path in the run folder
+    warnings: list[str] = Field(default_factory=list)  # e.g. a loss past the budget
 
 
 class Report(BaseModel):

@@ -84,6 +84,7 @@ def to_markdown(report: Report) -> str:
         lines += ["", _SIMULATED]
     for s, q in zip(report.stages, S.quantized_at(report), strict=True):
         lines += ["", f"### Stage {s.index}: {_stage_label(s)}", ""]
+        lines += [f"- **WARNING**: {w}" for w in s.warnings]
         if s.config:
             lines.append(f"- config: `{json.dumps(s.config, separators=(',', ':'))}`")
         lines += [f"- {k}: {v}" for k, v in _scalars(s.metrics)]
@@ -271,7 +272,8 @@ def to_html(report: Report, base: str | Path | None = None) -> str:
                      if png else f"<p>{esc(cap)}: image {esc(rel)} not found</p>")
     details = []
     for s, q in zip(report.stages, S.quantized_at(report), strict=True):
-        body = [f"<h4>metrics</h4>{kv(s.metrics)}" if s.metrics else ""]
+        body = [f"<p><b>WARNING</b>: {esc(w)}</p>" for w in s.warnings]
+        body.append(f"<h4>metrics</h4>{kv(s.metrics)}" if s.metrics else "")
         if s.latency:
             body.append("<h4>latency</h4>" + table(["latency", "median ms", "p90 ms"],
                                                    _lat_rows(s)))

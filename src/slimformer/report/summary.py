@@ -140,7 +140,8 @@ def headline(report: Report) -> str:
     """One line: size x vs the first evaluated model, accuracy delta, deployed latency ratio.
 
     E.g. ``"vit-fmnist: 6.7x smaller, -0.5 pt, ONNX Runtime 1.4x faster than float"``. Without
-    labels the accuracy delta becomes the final output SQNR vs the float model.
+    labels the accuracy delta becomes the final output SQNR vs the float model. A stage that lost
+    more than the run's budget adds ``"; WARNING: ..."`` with its warnings.
     """
     stages = report.stages
     first_comp = first_compressing(report)
@@ -155,7 +156,9 @@ def headline(report: Report) -> str:
                          _latency_part(report, base_i)) if p]
     if first_comp == len(stages):
         parts.insert(0, "no compression stage")
-    return f"{report.name}: " + ", ".join(parts)
+    warnings = [w for s in stages for w in s.warnings]  # a loss past the budget (max_loss)
+    warning = "; WARNING: " + "; ".join(warnings) if warnings else ""
+    return f"{report.name}: " + ", ".join(parts) + warning
 
 
 def _size_part(base: StageRecord, later: list[StageRecord]) -> str:

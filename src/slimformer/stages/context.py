@@ -93,6 +93,7 @@ class RunContext:
     data: RunData | None = None
     staging: Path | None = None  # the output folder being built (swapped in when complete)
     out: Path | None = None  # the output folder (its state/ sub-folder holds resumable state)
+    measured: object = None  # stages.quality.Quality of the current model (kept, not redone)
 
     def state_dir(self, name: str, config=None) -> Path:
         """``<output>/state/<name>[/<key>]/``: journals and checkpoints that survive a failed run.

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from slimformer.report.model import StageRecord
-from slimformer.stages.context import RunContext, _Strict, evaluate_model
-
-if TYPE_CHECKING:
-    import torch
+from slimformer.stages.context import RunContext, _Strict
+from slimformer.stages.quality import measure
 
 
 class EvaluateStage(_Strict):
@@ -28,17 +26,16 @@ def run(ctx: RunContext, stage: EvaluateStage) -> StageRecord:
     from slimformer.models.evaluate import agreement, measure_latency, model_size
 
     rec = StageRecord(index=0, type=stage.type, config=stage.model_dump())
-    if _has_class_scores(ctx.model, ctx.eval_data):
-        preds, labels = evaluate_model(ctx.model, ctx.eval_data, ctx.batch_size,
-                                       ctx.progress)
-        if getattr(ctx.eval_data, "has_labels", True):  # without labels: agreement, fidelity
-            rec.metrics["accuracy"] = float((preds == labels).float().mean())
+    q = measure(ctx)  # kept from the stage before when it measured this model already
+    if q.preds is not None:
+        if q.accuracy is not None:
+            rec.metrics["accuracy"] = q.accuracy
         if ctx.reference_preds is None:
-            ctx.reference_preds = preds
-        rec.metrics["agreement"] = agreement(preds, ctx.reference_preds)
-        rec.metrics["samples"] = len(labels)
-    if not getattr(ctx.eval_data, "has_labels", True) or "agreement" not in rec.metrics:
-        rec.metrics |= _fidelity(ctx)
+            ctx.reference_preds = q.preds
+        rec.metrics["agreement"] = agreement(q.preds, ctx.reference_preds)
+        rec.metrics["samples"] = len(q.labels)
+    if q.fidelity is not None:  # without labels or class scores: fidelity vs the float model
+        rec.metrics |= q.fidelity
     for b in stage.latency_batch_sizes:
         if ctx.progress:
             ctx.progress(f"latency batch {b}", 0, 1)
@@ -48,31 +45,3 @@ def run(ctx: RunContext, stage: EvaluateStage) -> StageRecord:
     rec.size = model_size(ctx.model)
     rec.size["macs_per_sample"] = int(ctx.structure.macs)
     return rec
-
-
-def _has_class_scores(model: torch.nn.Module, dataset) -> bool:
-    """Whether ``model`` returns class scores that fit the data's labels (else: fidelity)."""
-    import torch
-
-    from slimformer.models import outputs as O
-    from slimformer.models.evaluate import run_batch
-
-    with torch.no_grad():
-        out = run_batch(model, {k: v[:2] for k, v in dataset.inputs.items()})
-    labels = dataset.labels[:2] if dataset.labels is not None else torch.zeros(2, dtype=torch.long)
-    return O.fits_labels(O.class_scores(out), labels)
-
-
-def _fidelity(ctx: RunContext) -> dict:
-    """All outputs of the current model vs the loaded float model: cosine, SQNR, agreement."""
-    from slimformer.data.datasets import make_loader
-    from slimformer.models.evaluate import compare_to_reference
-
-    res = compare_to_reference(ctx.model, ctx.loaded.module,
-                               make_loader(ctx.eval_data, ctx.batch_size))
-    out = {"output_cosine_min": round(res["cosine"], 6),
-           "output_sqnr_db_min": round(res["sqnr_db"], 2), "samples": len(ctx.eval_data),
-           "outputs": len(res["outputs"])}
-    if res.get("agreement") is not None:
-        out["agreement_with_float"] = res["agreement"]
-    return out

@@ -10,6 +10,7 @@ from pydantic import Field
 from slimformer.export.config import OnnxConfig, TensorRTConfig
 from slimformer.report.model import StageRecord
 from slimformer.stages.context import RunContext, evaluate_model
+from slimformer.stages.quality import measure
 
 
 class ExportStage(OnnxConfig):
@@ -73,7 +74,9 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
     if stage.evaluate:
         tick("export: evaluate in ONNX Runtime", 0, 1)
         preds = predict(onnx_path, ctx.eval_data, ctx.batch_size, stage.threads)
-        torch_preds, labels = evaluate_model(ctx.model, ctx.eval_data, ctx.batch_size)
+        q = measure(ctx)  # the model's own predictions, measured once (stages.quality)
+        torch_preds, labels = (q.preds, q.labels) if q.preds is not None else \
+            evaluate_model(ctx.model, ctx.eval_data, ctx.batch_size)
         if getattr(ctx.eval_data, "has_labels", True):
             rec.metrics["accuracy"] = float((preds == labels).float().mean())
         rec.metrics["agreement_with_pytorch"] = agreement(preds, torch_preds)

@@ -62,9 +62,9 @@ def run(ctx: RunContext, stage: PruneStage) -> StageRecord:
     rec.notes += [f"not sliceable ({kind} site {i}): {why}"
                   for kind, d in res.skipped.items() for i, why in d.items()]
     rec.size["macs_per_sample"] = int(res.macs_after)
-    result = {**rec.metrics, "size": rec.size}
-    ctx.history.append(stage_entry("prune", cfg, result))
-    if stage.save:
-        spec, model, sspec = ctx.model_spec, res.model, res.spec
+    entry = stage_entry("prune", cfg, {**rec.metrics, "size": rec.size})
+    ctx.history.append(entry)
+    if stage.save:  # the entry's result as it stands when written (with any loss warning)
+        spec, model, sspec, result = ctx.model_spec, res.model, res.spec, entry["result"]
         ctx.artifacts["pruned"] = lambda d: save_pruned(model, sspec, d, spec, cfg, result)
     return rec
