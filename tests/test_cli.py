@@ -89,6 +89,14 @@ def test_quantize_command(tmp_path):
                               "6", "--act-bits", "6", "--out", str(tmp_path / "q")])
     assert res.exit_code == 0, res.output
     assert "accuracy" in res.output and (tmp_path / "q" / "quantized" / "slimformer.json").is_file()
+    # the stage record counts quantized and float parameters, and the notes say why
+    rec = next(s for s in json.loads((tmp_path / "q" / "report.json").read_text())["stages"]
+               if s["type"] == "quantize")
+    m = rec["metrics"]
+    assert 0 < m["weights_quantized"] < m["weights_total"] == m["weights_quantized"] + m[
+        "weights_float"]
+    assert any(n.startswith(f"weights quantized: {m['weights_quantized']:,} of ") for n in
+               rec["notes"])
     res = runner.invoke(app, ["quantize", "vit-digits-seq", "--weight-bits", "12", "--out",
                               str(tmp_path / "bad")])
     assert res.exit_code == 2 and "weight_bits: must be 2..8, got 12" in res.output
@@ -190,3 +198,44 @@ def test_eval_unlabelled_data_and_same_rows_as_quantize(tmp_path):
                               "--out", str(tmp_path / "q")])
     assert res.exit_code == 0, res.output
     assert "(200 rows)" in " ".join(res.output.split())  # the rows eval scored (was 272)
+
+
+def test_model_without_attention_in_every_command_that_fits(tmp_path):
+    """Fourier token mixing (no attention): inspect, eval, quantize, prune mlp and export onnx
+    work with a note; a softmax quantizer or head pruning asked for is refused with the cause."""
+    import numpy as np
+
+    spec = tmp_path / "fnet.json"
+    spec.write_text(json.dumps({"source": "factory", "inputs": {"x": {"shape": [1, 16, 16]}},
+                                "factory": "tests.models.test_structure_variants:fourier_net"}))
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.standard_normal((48, 16, 16)).astype("float32"),
+             labels=rng.integers(0, 3, 48))
+    m, d = str(spec), ["--data", str(data)]
+    res = runner.invoke(app, ["inspect", m])
+    assert res.exit_code == 0, res.output
+    assert "note: no attention found" in res.output and "body.blocks.1.mlp.up.weight" in res.output
+    res = runner.invoke(app, ["inspect", m, "--json"])
+    assert json.loads(res.output[res.output.index("{"):])["attention"] == []
+    res = runner.invoke(app, ["eval", m, *d, "--repeats", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["quantize", m, *d, "--out", str(tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+    rec = next(s for s in json.loads((tmp_path / "q" / "report.json").read_text())["stages"]
+               if s["type"] == "quantize")
+    assert any(n.startswith("no attention found: no softmax quantizer built") for n in rec["notes"])
+    res = runner.invoke(app, ["quantize", m, *d, "--softmax", "uniform", "--out",
+                              str(tmp_path / "q2")])
+    assert res.exit_code == 2 and "UnsupportedModelError" in res.output
+    assert "no attention was found" in res.output and not (tmp_path / "q2").exists()
+    res = runner.invoke(app, ["prune", m, *d, "--out", str(tmp_path / "p2")])
+    assert res.exit_code == 2 and "ConfigError" in res.output
+    assert "the model has no heads" in res.output and "leave heads out of structures" in res.output
+    res = runner.invoke(app, ["prune", m, *d, "--structures", "mlp", "--search-steps", "4",
+                              "--finetune-steps", "0", "--out", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    assert "MLP units cut at 2 of 2 sites" in res.output
+    res = runner.invoke(app, ["export", "onnx", m, "--out", str(tmp_path / "f.onnx")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "f.onnx").is_file()

@@ -38,14 +38,24 @@ def test_data_that_does_not_fit_the_model(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_undiscoverable_architecture(tmp_path):
-    r = _recipe(tmp_path, model={"source": "factory", "factory": "torch.nn:Linear",
-                                 "kwargs": {"in_features": 784, "out_features": 10},
-                                 "inputs": {"input": {"shape": [1, 784]}}},
-                data={"dataset": "fashion-mnist"})
-    with pytest.raises(UnsupportedModelError, match="no attention found"):
-        run(r)
-    assert not (tmp_path / "out").exists()
+def test_model_without_attention_runs_and_a_stage_needing_it_refuses(tmp_path):
+    import numpy as np
+
+    model = {"source": "factory", "factory": "tests.models.test_structure_variants:fourier_net",
+             "inputs": {"x": {"shape": [1, 16, 16]}}}  # Fourier token mixing and MLPs
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((64, 16, 16)).astype("float32"),
+             labels=rng.integers(0, 3, 64))
+    data = {"source": str(tmp_path / "d.npz"), "batch_size": 16}
+    run(_recipe(tmp_path, model=model, data=data))
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["structure"]["attention_sites"] == 0
+    assert rep["structure"]["attention_kinds"].startswith("none found")
+    stages = [{"type": "quantize", "method": "minmax", "softmax": "log_sqrt2"}]
+    with pytest.raises(UnsupportedModelError, match="no attention was found"):
+        run(_recipe(tmp_path, model=model, data=data, stages=stages,
+                    output={"dir": str(tmp_path / "out2")}))
+    assert not (tmp_path / "out2").exists()
 
 
 def test_recipe_quantize_stage_then_evaluate(tmp_path):

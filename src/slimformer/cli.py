@@ -360,7 +360,7 @@ def inspect(model: Annotated[str, typer.Argument(help="Zoo name, HF dir, timm:NA
     con, err = _console()
     with _errors(), err.status("loading the model and tracing one forward pass"):
         lm = _load(model, config)
-        smap = discover(lm.module, lm.example_inputs(2))
+        smap = discover(lm.module, lm.example_inputs(2), require_attention=False)
     if as_json:
         print(json.dumps(smap.to_dict(), indent=2))
         return
@@ -379,6 +379,10 @@ def inspect(model: Annotated[str, typer.Argument(help="Zoo name, HF dir, timm:NA
         t.add_row(a.module, a.kind, qkv, "\n".join(a.out), f"{a.heads} x {a.head_dim}",
                   str(a.fused_qkv), str(a.cross))
     con.print(t)
+    if not smap.attention:
+        err.print("note: no attention found (no softmax of scores, scaled_dot_product_attention "
+                  "or nn.MultiheadAttention): quantize builds no softmax quantizer, prune cuts "
+                  "MLP units only (structures: [mlp])", markup=False)
     t = _table("fc1", "activation", "fc2", "hidden", title="MLPs")
     for m in smap.mlps:
         t.add_row("\n".join(m.fc1), ", ".join(m.activation), m.fc2, str(m.hidden))

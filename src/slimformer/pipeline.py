@@ -62,7 +62,8 @@ def _structure_summary(smap) -> dict:
         "norm_linear_pairs": smap.norm_linear_pairs,
         "foldable_norms": sum(n.foldable for n in smap.norms),
         "attention_sites": len(smap.attention),
-        "attention_kinds": ", ".join(sorted({a.kind for a in smap.attention})),
+        "attention_kinds": ", ".join(sorted({a.kind for a in smap.attention})) or
+        "none found (no softmax of scores, scaled_dot_product_attention or nn.MultiheadAttention)",
         "heads": ", ".join(str(h) for h in sorted({a.heads for a in smap.attention})),
         "mlps": len(smap.mlps),
         "linears": len(smap.linears),
@@ -120,7 +121,9 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
     if progress:
         progress("load model", 0, 1)
     loaded, model, base_spec, slice_spec, history = _load(recipe)
-    smap = discover(loaded.module, loaded.example_inputs(2), require_attention=True)
+    # a model without attention (MLP-only, Fourier mixing) runs too: the stages that need
+    # attention (a softmax quantizer asked for, pruning heads) refuse with their own reason
+    smap = discover(loaded.module, loaded.example_inputs(2), require_attention=False)
     data = RunData(loaded, recipe.data, recipe.seed)
     dataset_name, eval_data = data.label, data.get("eval")
     ctx = RunContext(recipe.name, base_spec, recipe.data.batch_size, model, loaded,

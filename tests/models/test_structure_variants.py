@@ -262,17 +262,35 @@ def test_chunked_sliding_window_heads_from_the_projection_not_the_chunk_axis():
     assert (a.heads, a.head_dim, a.fused_qkv) == (H, D // H, True)
 
 
-def test_fourier_mixing_model_has_mlps_and_no_attention():
-    class FourierBlock(nn.Module):
+class FourierBlock(nn.Module):
+    """FNet-style block: tokens mixed by a 2-D FFT (no attention), then an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.n1, self.n2, self.mlp = nn.LayerNorm(D), nn.LayerNorm(D), Mlp()
+
+    def forward(self, x):
+        x = self.n1(x + torch.fft.fft2(x).real)
+        return self.n2(x + self.mlp(x))
+
+
+def fourier_net(classes: int = 3) -> nn.Module:
+    """Factory (also for the CLI tests): two Fourier blocks and a classifier of the mean token."""
+
+    class FourierNet(nn.Module):
         def __init__(self):
             super().__init__()
-            self.n1, self.n2, self.mlp = nn.LayerNorm(D), nn.LayerNorm(D), Mlp()
+            self.body, self.head = Stack(FourierBlock(), FourierBlock()), nn.Linear(D, classes)
 
         def forward(self, x):
-            x = self.n1(x + torch.fft.fft2(x).real)
-            return self.n2(x + self.mlp(x))
+            return self.head(self.body(x).mean(1))
 
-    s = _discover(Stack(FourierBlock(), FourierBlock()), require_attention=False)
+    torch.manual_seed(0)
+    return FourierNet().eval()
+
+
+def test_fourier_mixing_model_has_mlps_and_no_attention():
+    s = _discover(fourier_net(), require_attention=False)
     assert s.attention == [] and len(s.mlps) == 2
-    assert [n.linears for n in s.norms] == [("blocks.0.mlp.up.weight",),
-                                           ("blocks.1.mlp.up.weight",)]
+    assert [n.linears for n in s.norms] == [("body.blocks.0.mlp.up.weight",),
+                                           ("body.blocks.1.mlp.up.weight",)]

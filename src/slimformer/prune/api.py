@@ -241,7 +241,8 @@ def prune(model: nn.Module, config, train_data=None, eval_data=None, structure=N
     if structure is None:
         structure = discover(model, x, require_attention="heads" in cfg.structures)
     missing = [f"structures: the model has no {s} (found {len(structure.attention)} attention "
-               f"site(s), {len(structure.mlps)} MLP(s))" for s, n in
+               f"site(s), {len(structure.mlps)} MLP(s)); leave {s} out of structures"
+               for s, n in
                (("heads", len(structure.attention)), ("mlp", len(structure.mlps)))
                if s in cfg.structures and n == 0]
     if missing:

@@ -27,11 +27,14 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
     params = dict(model.named_parameters())
     names = [r.weight for r in smap.linears] + [f"{c}.weight" for c in smap.convs]
     check_patterns(names, config)
-    if config.softmax_kind != "none" and not smap.attention:
+    if config.softmax != "auto" and config.softmax_kind != "none" and not smap.attention:
         raise UnsupportedModelError("the config quantizes attention probabilities (softmax="
                                     f"{config.softmax_kind}) but no attention was found; set "
-                                    "softmax: none to quantize the Linears only")
+                                    "softmax: none (or auto) to quantize the Linears only")
     state = QuantState()
+    if not smap.attention:
+        state.notes.append("no attention found: no softmax quantizer built (softmax: "
+                           f"{config.softmax}); the Linears are quantized")
     per_channel = config.method in ("repq", "repquant")
     norm_of = {w: n for n in smap.norms for w in n.linears}
     fc2s = {m.fc2 for m in smap.mlps}
