@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +23,18 @@ def cli():
     return invoke
 
 
+def _sigint_default() -> None:
+    """In the child: SIGINT as in a foreground terminal (a test run started in the background
+    by a shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def slimformer(*args, cwd, **kw) -> subprocess.Popen:
-    """The real CLI in a subprocess (for signals and concurrency)."""
+    """The real CLI in a subprocess (for signals and concurrency), SIGINT at its default."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "slimformer", *map(str, args)], cwd=cwd,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **kw)
+                            preexec_fn=_sigint_default, **kw)
 
 
 def no_traceback(res) -> None:
