@@ -76,12 +76,17 @@ class _QdqWeight(nn.Module):
 
     Matrices are stored transposed, ``(in, out)`` with DequantizeLinear on axis 1, so that the
     graph is ``DQ(W) -> MatMul`` with no Transpose between (which ONNX Runtime fuses); conv
-    weights keep their shape with axis 0.
+    weights keep their shape with axis 0. Batched (expert) weights are stored as their matrix
+    ``(in, E * out)`` too and reshaped back to the parameter's layout after DequantizeLinear
+    (the model's own ``bmm`` / ``einsum`` / indexing then reads them: exact values, a float
+    matmul in ONNX Runtime).
     """
 
     def __init__(self, lq, weights: str = "model"):
         super().__init__()
-        self.conv = lq.param[0].dim() > 2
+        self.axis = getattr(lq, "axis", None)
+        self.shape = tuple(lq.param[0].shape)
+        self.conv = lq.param[0].dim() > 2 and self.axis is None
         codes = lq.int_weight.reshape(lq.param[0].shape) if self.conv else lq.int_weight.t()
         zero = lq.wq.zero.reshape(-1).to(torch.int64)
         symmetric = getattr(lq.wq, "symmetric", False)
@@ -117,6 +122,9 @@ class _QdqWeight(nn.Module):
         """The dequantized weight in the model's own layout."""
         if self.conv:
             return self._dq(0)
+        if self.axis is not None:  # (rows, in) -> the parameter's (..., in, ...)
+            moved = self.shape[:self.axis] + self.shape[self.axis + 1:] + (self.shape[self.axis],)
+            return self.matrix_t().t().reshape(moved).movedim(-1, self.axis)
         return self.matrix_t() if self.transposed else self.matrix_t().t()
 
 

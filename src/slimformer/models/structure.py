@@ -27,6 +27,7 @@ from slimformer.models.dataflow import (  # noqa: F401 - PASS_THROUGH, _linear_o
 )
 from slimformer.models.norms import NormForm, norm_form
 from slimformer.models.trace import Graph, detach_caches, record
+from slimformer.models.weights import BatchedRef, batched_weights
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class StructureMap:
     mlps: list[MlpSite] = field(default_factory=list)
     linears: list[LinearRef] = field(default_factory=list)
     convs: list[str] = field(default_factory=list)
+    batched: list[BatchedRef] = field(default_factory=list)  # 3+-axis matmul weights (experts)
     executions: dict[str, int] = field(default_factory=dict)  # module path -> calls per forward
     # Linear weight -> modules normalizing its output per channel (a BatchNorm after a Linear):
     # cutting the Linear's outputs cuts their channels too
@@ -394,6 +396,8 @@ def discover(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
     smap.mlps = _mlps(a, smap.attention)
     smap.linears = list({r.weight: r for r in (_linear_ref(a, i) for i in sorted(a.lin))}.values())
     smap.followers = _followers(a)
+    smap.batched = batched_weights(graph, {n: tuple(p.shape) for n, p in model.named_parameters()},
+                                   a.owner)
     smap.convs = list(dict.fromkeys(
         a.owner.get(next(p for p in n.params if p), "") for n in graph.nodes
         if n.op in CONV_OPS and any(n.params)))

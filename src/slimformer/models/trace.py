@@ -145,6 +145,8 @@ class _Recorder(TorchFunctionMode):
             ints = [a for a in args[1:] if isinstance(a, int)]
             if ints:
                 node.meta["dim"] = ints[0]
+        if node.op == "einsum" and args and isinstance(args[0], str):
+            node.meta["equation"] = args[0]  # which axes a weight operand contracts
         if name in _OPAQUE_ATTENTION:
             node.op = "mha"
             node.meta["num_heads"] = args[4] if len(args) > 4 else kwargs.get("num_heads")

@@ -9,6 +9,7 @@ from torch import nn
 from slimformer.errors import ConfigError, UnsupportedModelError
 from slimformer.quantize.act import ActQuantizer, ProbQuantizer
 from slimformer.quantize.config import QuantConfig
+from slimformer.quantize.coverage import KEEP_FLOAT, weight_coverage
 from slimformer.quantize.quantizers import WeightQuantizer
 from slimformer.quantize.state import (
     AttentionQuant,
@@ -25,7 +26,13 @@ from slimformer.quantize.state import (
 def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
     """Wrap ``model`` with (uncalibrated) quantizers for every Linear, conv and attention site."""
     params = dict(model.named_parameters())
-    names = [r.weight for r in smap.linears] + [f"{c}.weight" for c in smap.convs]
+    convs = {f"{c}.weight" for c in smap.convs}
+    batched = {b.weight: b for b in getattr(smap, "batched", [])}
+    # nn.MultiheadAttention: packed in_proj (or separate q/k/v) and out_proj, applied inside
+    # multi_head_attention_forward (quantized by intercept.mha_forward)
+    mha = [w for s in smap.attention if s.kind == "mha" for w in (*s.q, *s.k, *s.v, *s.out)]
+    names = list(dict.fromkeys([r.weight for r in smap.linears] + mha + sorted(convs) +
+                               list(batched)))
     check_patterns(names, config)
     if config.softmax != "auto" and config.softmax_kind != "none" and not smap.attention:
         raise UnsupportedModelError("the config quantizes attention probabilities (softmax="
@@ -40,14 +47,25 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
     fc2s = {m.fc2 for m in smap.mlps}
     shared: dict[str, ActQuantizer] = {}
     refs = {r.weight: r for r in smap.linears}
+    left: dict[str, str] = {}  # found matmul weights left float -> why
     for name in names:
         if any(fnmatch.fnmatchcase(name, p) for p in config.keep_float):
             state.notes.append(f"{name}: kept in float (keep_float)")
+            left[name] = KEEP_FLOAT
             continue
         if name not in params:
             raise UnsupportedModelError(f"weight {name} found in the data flow is not a parameter")
+        axis = None
+        if name not in convs and params[name].dim() >= 3:
+            b = batched.get(name)
+            if b is None or b.axis is None:
+                why = b.reason if b is not None else "3+-axis weight applied by an op not traced"
+                state.notes.append(f"{name}: left float ({why})")
+                left[name] = why
+                continue
+            axis = b.axis
         wbits, abits = match_override(name, config)
-        norm = norm_of.get(name)
+        norm = norm_of.get(name) if axis is None else None  # experts: own per-tensor input
         if norm is not None:
             akey = f"norm:{norm.module}:{abits}"
             if akey not in shared:
@@ -57,11 +75,11 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
         else:
             # MLP fc2 inputs (after the activation function) are calibrated per channel too
             # and reparameterized like post-norm ones (repq/repquant)
-            act = ActQuantizer(f"in:{name}", abits, per_channel=per_channel and name in fc2s)
+            act = ActQuantizer(f"in:{name}", abits,
+                               per_channel=per_channel and name in fc2s and axis is None)
             state.acts[key_of(f"in:{name}")] = act
-        ref = refs.get(name)
-        transposed = ref is not None and ref.op in ("addmm", "matmul", "mm")
-        lq = LinearQuant(name, params[name], act, wbits, transposed)
+        lq = LinearQuant(name, params[name], act, wbits, _transposed(params[name],
+                                                                     refs.get(name)), axis)
         state.linears[key_of(name)] = lq
         state.by_id[id(params[name])] = lq
     if config.embedding_bits is not None:
@@ -86,4 +104,20 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
     if config.power_of_two_scales or config.symmetric:
         for eq in state.embeddings.values():
             eq.calibrate()
+    state.coverage = weight_coverage(model, state, left)
+    state.notes.append(state.coverage.summary())
     return QuantizedModel(model, state, config)
+
+
+def _transposed(param, ref) -> bool:
+    """Whether a 2-D weight is stored ``(in, out)`` (GPT-2 Conv1D), by its shape where it tells.
+
+    ``ref`` (the discovered LinearRef) gives the sizes the op contracted and produced; a square
+    weight falls back to the op (``addmm`` / ``matmul`` / ``mm`` take ``(in, out)``).
+    """
+    if ref is None or param.dim() != 2:
+        return False
+    io, oi = (ref.in_features, ref.out_features), (ref.out_features, ref.in_features)
+    if io != oi and tuple(param.shape) in (io, oi):
+        return tuple(param.shape) == io
+    return ref.op in ("addmm", "matmul", "mm")

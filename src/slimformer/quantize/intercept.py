@@ -3,9 +3,15 @@
 :class:`QuantMode` is a :class:`~torch.overrides.TorchFunctionMode`: every ``F.linear``,
 ``addmm`` or ``x @ W`` whose weight is a quantized parameter gets a quantized input and weight,
 wherever it is called from (``nn.Linear``, GPT-2's Conv1D, ``nn.MultiheadAttention``'s packed
-projection). Inside an attention site module, the inputs of the two attention matmuls and the
-probabilities are quantized; fused ``scaled_dot_product_attention`` and
-``multi_head_attention_forward`` are computed explicitly so their parts can be quantized.
+projection). Any other op that reads a quantized weight (``W[e]`` of an expert tensor, ``W.t()``,
+``index_select``) reads its fake-quantized value, and its result is remembered as a weight view:
+a matmul (``linear``, ``matmul``, ``bmm``, ``einsum``, ``baddbmm``, grouped mm) of a weight or a
+weight view quantizes its other operands with that weight's input quantizer. Inside an attention
+site module, the inputs of the two attention matmuls and the probabilities are quantized; fused
+``scaled_dot_product_attention`` and ``multi_head_attention_forward`` are computed explicitly so
+their parts can be quantized (under a function mode ``nn.MultiheadAttention`` and
+``nn.TransformerEncoderLayer`` never take their fused fast paths; a direct call of a fused kernel
+on a quantized weight is refused).
 """
 
 from __future__ import annotations
@@ -19,6 +25,16 @@ from torch.overrides import TorchFunctionMode
 from slimformer.errors import UnsupportedModelError
 
 _MATMULS = {"matmul", "__matmul__", "bmm", "einsum", "__rmatmul__"}
+# products with a weight operand: name -> index of the first factor (the bias comes first)
+_PRODUCTS = {"linear": 0, "matmul": 0, "__matmul__": 0, "__rmatmul__": 0, "mm": 0, "bmm": 0,
+             "einsum": 0, "_grouped_mm": 0, "baddbmm": 1, "addmm": 1, "addbmm": 1}
+_FUSED = {"_native_multi_head_attention", "_transformer_encoder_layer_fwd"}
+# ops that select, move or re-type a weight (their result is a weight view); other ops on a weight
+# (an embedding lookup of a tied table, a norm of it) read the float weight as before
+_VIEW_OPS = {"__getitem__", "index_select", "select", "narrow", "contiguous", "to", "float",
+             "half", "bfloat16", "type_as", "clone", "detach", "t", "transpose", "swapaxes",
+             "permute", "movedim", "view", "reshape", "expand", "unsqueeze", "squeeze", "chunk",
+             "split", "unbind", "take_along_dim", "gather", "index"}
 
 
 class QuantMode(TorchFunctionMode):
@@ -29,6 +45,14 @@ class QuantMode(TorchFunctionMode):
         self.q = qstate
         self.attn = None  # AttentionQuant of the attention module running now
         self.after_softmax = False
+
+    def __enter__(self):
+        self.q.views = {}
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.q.views = {}
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -61,7 +85,53 @@ class QuantMode(TorchFunctionMode):
                 return out
         if name == "multi_head_attention_forward" and self.q.has_mha:
             raise UnsupportedModelError("multi_head_attention_forward outside a known attention site")
-        return func(*args, **kwargs)
+        out = self._weights(func, name, args, kwargs)
+        return func(*args, **kwargs) if out is NotImplemented else out
+
+    def _site_of(self, t):
+        """The LinearQuant whose weight ``t`` is (or was computed from), and whether a view."""
+        if not isinstance(t, torch.Tensor):
+            return None, False
+        site = self.q.by_id.get(id(t))
+        if site is not None:
+            return site, False
+        view = self.q.views.get(id(t))
+        return (view[1], True) if view is not None and view[0] is t else (None, False)
+
+    def _weights(self, func, name, args, kwargs):
+        """Ops reading a quantized weight other than the direct forms (see module doc)."""
+        eq = args[0] if name == "einsum" and args and isinstance(args[0], str) else None
+        ops = list(args[1:] if eq is not None else args)
+        nested = eq is not None and len(ops) == 1 and isinstance(ops[0], (list, tuple))
+        if nested:
+            ops = list(ops[0])
+        found = [(j, *self._site_of(t)) for j, t in enumerate(ops)]
+        found = [f for f in found if f[1] is not None]
+        if not found or name not in _PRODUCTS and name not in _VIEW_OPS and name not in _FUSED:
+            return NotImplemented
+        if name in _FUSED:
+            raise UnsupportedModelError(
+                f"{name} (a fused kernel) reads the quantized weight {found[0][1].name}: its "
+                "matmul inputs cannot be quantized; run the model without its fused fast path")
+        for j, site, is_view in found:
+            if not is_view:
+                ops[j] = site.weight()
+        if name in _PRODUCTS:
+            first = _PRODUCTS[name]
+            factors = range(len(ops)) if eq is not None else range(first, min(first + 2, len(ops)))
+            weights = {j for j, _, _ in found}
+            site = found[0][1]
+            for j in factors:
+                if j not in weights and isinstance(ops[j], torch.Tensor):
+                    ops[j] = site.act_in(ops[j])
+        new = ([eq, ops] if nested else [eq, *ops]) if eq is not None else ops
+        out = func(*new, **kwargs)
+        if name not in _PRODUCTS:
+            site = found[0][1]
+            for o in (out if isinstance(out, (list, tuple)) else (out,)):
+                if isinstance(o, torch.Tensor):
+                    self.q.views[id(o)] = (o, site)
+        return out
 
     def _attention(self, func, name, args, kwargs):
         a = self.attn
@@ -75,7 +145,7 @@ class QuantMode(TorchFunctionMode):
                 t = list(t[0])
             if len(t) != 2 or not all(isinstance(x, torch.Tensor) for x in t):
                 return NotImplemented
-            if self.q.is_param(t[0]) or self.q.is_param(t[1]):
+            if any(self.q.is_param(x) or self._site_of(x)[0] is not None for x in t):
                 return NotImplemented
             if not self.after_softmax:
                 t = [a.q_in(t[0]), a.k_in(t[1])]
@@ -137,9 +207,9 @@ def mha_forward(qstate, a, query, key, value, embed_dim_to_check, num_heads, in_
         q, k, v = F.linear(qx, wq, bq), F.linear(kx, wk, bk), F.linear(vx, wv, bv)
     else:
         bq, bk, bv = in_proj_bias.chunk(3) if in_proj_bias is not None else (None,) * 3
-        q = F.linear(query, q_proj_weight, bq)  # routed through QuantMode by the caller
-        k = F.linear(key, k_proj_weight, bk)
-        v = F.linear(value, v_proj_weight, bv)
+        q, k, v = (_proj(qstate, x, w, b) for x, w, b in ((query, q_proj_weight, bq),
+                                                          (key, k_proj_weight, bk),
+                                                          (value, v_proj_weight, bv)))
     tk = k.shape[0]
     q = q.reshape(tq, b, h, d).permute(1, 2, 0, 3)  # (B, H, Tq, D)
     k = k.reshape(tk, b, h, d).permute(1, 2, 0, 3)
@@ -162,11 +232,16 @@ def mha_forward(qstate, a, query, key, value, embed_dim_to_check, num_heads, in_
             mask = to_f(mask) + to_f(kp)
     out, probs = _attend(a, q, k, v, mask, is_causal and attn_mask is None, 1.0 / math.sqrt(d))
     out = out.permute(2, 0, 1, 3).reshape(tq, b, e)
-    site = qstate.linear_site(out_proj_weight)
-    if site is not None:
-        out = F.linear(site.act_in(out), site.weight(), out_proj_bias)
-    else:
-        out = F.linear(out, out_proj_weight, out_proj_bias)
+    out = _proj(qstate, out, out_proj_weight, out_proj_bias)
     if need_weights:
         return out, probs.mean(1) if average_attn_weights else probs
     return out, None
+
+
+def _proj(qstate, x, w, b):
+    """``F.linear(x, w, b)`` with ``w``'s quantizers when it is a quantized weight.
+
+    Called inside :meth:`QuantMode.__torch_function__`, where the mode itself is off.
+    """
+    site = qstate.linear_site(w)
+    return F.linear(site.act_in(x), site.weight(), b) if site is not None else F.linear(x, w, b)

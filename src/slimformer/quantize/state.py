@@ -28,13 +28,15 @@ class LinearQuant(nn.Module):
     """Quantization of one linear map: its weight (per output channel) and its input.
 
     ``transposed`` weights are stored ``(in, out)`` (GPT-2 Conv1D). Conv weights are quantized
-    per output channel over their flattened ``(out, in * k)`` view.
+    per output channel over their flattened ``(out, in * k)`` view. Batched weights of 3+ axes
+    (experts ``(E, out, in)``) give ``axis``, the axis their matmul contracts: they are quantized
+    per slice along it, i.e. per (expert, output channel), as the matrix ``(E * out, in)``.
     """
 
     def __init__(self, name: str, param: nn.Parameter, act: ActQuantizer, bits: int,
-                 transposed: bool):
+                 transposed: bool, axis: int | None = None):
         super().__init__()
-        self.name, self.transposed = name, transposed
+        self.name, self.transposed, self.axis = name, transposed, axis
         self.param = [param]  # not a submodule/parameter of ours: the model owns it
         self.act = act
         self.wq = WeightQuantizer(bits)
@@ -46,10 +48,14 @@ class LinearQuant(nn.Module):
     def matrix(self, w: torch.Tensor | None = None) -> torch.Tensor:
         """The weight as ``(out, in)``."""
         w = self.param[0] if w is None else w
+        if self.axis is not None:  # (..., in, ...) -> (rows, in)
+            return w.movedim(self.axis, -1).reshape(-1, w.shape[self.axis])
         return w.t() if self.transposed else w.reshape(w.shape[0], -1)
 
     def _unmatrix(self, m: torch.Tensor) -> torch.Tensor:
         w = self.param[0]
+        if self.axis is not None:
+            return m.reshape(w.movedim(self.axis, -1).shape).movedim(-1, self.axis)
         return m.t() if self.transposed else m.reshape(w.shape)
 
     def quantized_matrix(self) -> torch.Tensor:
@@ -163,6 +169,10 @@ class QuantState(nn.Module):
         self.param_ids: set[int] = set()
         self.has_mha = False
         self.notes: list[str] = []
+        # values computed from a quantized weight in this forward (an expert ``W[e]``, ``W.t()``):
+        # id -> (the value, kept alive while its id is in use; its LinearQuant)
+        self.views: dict[int, tuple[torch.Tensor, LinearQuant]] = {}
+        self.coverage = None  # WeightCoverage, set by build()
 
     def linear_site(self, w) -> LinearQuant | None:
         """The :class:`LinearQuant` whose parameter is ``w`` (by identity)."""

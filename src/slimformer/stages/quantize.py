@@ -40,6 +40,10 @@ def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
     rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
     rec.metrics = {"calib_samples": res.calib_samples, "calib_seconds": round(res.seconds, 2),
                    "method": cfg.method, "bits": f"W{cfg.weight_bits}A{cfg.act_bits}"}
+    cov = res.model.quant.coverage  # the reasons for float parameters are in the notes
+    if cov is not None:
+        rec.metrics |= {"weights_quantized": cov.quantized, "weights_total": cov.total,
+                        "weights_float": cov.total - cov.quantized}
     rec.notes = res.notes
     rec.size = model_size(ctx.model)  # bit-packed weights: the report's headline size
     history = list(ctx.history)
