@@ -18,6 +18,9 @@ from pydantic import TypeAdapter, ValidationError
 
 from slimformer.errors import ConfigError, ModelLoadError
 from slimformer.models import spec as S
+from slimformer.models.hf import hf_class, load_hf_folder, resolve_task
+
+__all__ = ["LoadedModel", "load_hf_folder", "load_model", "parse_model_arg"]
 
 
 @dataclass
@@ -28,6 +31,7 @@ class LoadedModel:
     spec: object
     input_specs: dict[str, S.InputSpec]
     dataset: str | None = None  # built-in evaluation data set (zoo models)
+    task: str = "auto"  # Hugging Face task it is judged by (models.hf); "auto": by its outputs
 
     def example_inputs(self, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
         """Synthetic inputs ``{name: (batch, ...)}`` matching :attr:`input_specs`."""
@@ -45,13 +49,32 @@ class LoadedModel:
         return out
 
 
-def parse_model_arg(text: str, config_json: str | None = None):
+def parse_model_arg(text: str, config_json: str | None = None, task: str | None = None):
     """Turn a CLI model argument into a spec.
 
     Accepted: a zoo name; ``zoo:NAME``; ``timm:NAME``; ``hf:MODEL_TYPE`` (inline config from
     ``config_json``); a local Hugging Face directory; ``package.module:factory``; or a YAML/JSON
-    file holding a model spec mapping.
+    file holding a model spec mapping. ``task`` (CLI ``--task``, see :mod:`.hf`) sets the task
+    of a Hugging Face model (folder, ``hf:`` or a spec file naming one).
+
+    Raises:
+        ConfigError: ``task`` is not a task, or is given for a model that is not Hugging Face.
     """
+    spec = _parse_model_arg(text, config_json)
+    if task is None:
+        return spec
+    if task not in S.HF_TASKS:
+        raise ConfigError([f"--task: {task!r} is not a task; allowed: {', '.join(S.HF_TASKS)}"],
+                          "options")
+    if not isinstance(spec, S.HfDirSpec | S.HfConfigSpec):
+        what = "a saved slimformer folder (its task is recorded in it)" \
+            if isinstance(spec, S.ArtifactSpec) else f"a {spec.source} model"
+        raise ConfigError([f"--task: {text!r} is {what}; --task applies to a Hugging Face "
+                           "folder or hf:MODEL_TYPE only"], "options")
+    return spec.model_copy(update={"task": task})
+
+
+def _parse_model_arg(text: str, config_json: str | None = None):
     import json
 
     from slimformer.models.zoo import ZOO
@@ -183,7 +206,7 @@ def load_model(spec) -> LoadedModel:
                   for k, (shape, dtype, high) in entry.inputs.items()}
         return LoadedModel(model, spec, inputs, entry.dataset)
     if isinstance(spec, S.HfDirSpec):
-        model = _hf_from_dir(spec)
+        model = load_hf_folder(spec.path, spec.task)
     elif isinstance(spec, S.HfConfigSpec):
         model = _hf_from_config(spec)
     else:
@@ -202,7 +225,9 @@ def load_model(spec) -> LoadedModel:
         inputs = _timm_inputs(model, spec)
     else:
         inputs = infer_inputs(model)
-    return LoadedModel(model, spec, dict(inputs))
+    task = resolve_task(spec.task, model) if isinstance(spec, S.HfDirSpec | S.HfConfigSpec) \
+        else "auto"
+    return LoadedModel(model, spec, dict(inputs), task=task)
 
 
 def _timm_inputs(model: torch.nn.Module, spec: S.TimmSpec) -> dict[str, S.InputSpec]:
@@ -256,60 +281,6 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     _load_state(model, state, str(p))
 
 
-def _hf_class(task: str, config):
-    import transformers as tf
-
-    table = {
-        "base": tf.AutoModel,
-        "sequence-classification": tf.AutoModelForSequenceClassification,
-        "image-classification": tf.AutoModelForImageClassification,
-        "causal-lm": tf.AutoModelForCausalLM,
-        "seq2seq-lm": tf.AutoModelForSeq2SeqLM,
-    }
-    if task == "auto":
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        if arch and hasattr(tf, arch):
-            return getattr(tf, arch)
-        return tf.AutoModel
-    return table[task]
-
-
-def _hf_from_dir(spec: S.HfDirSpec) -> torch.nn.Module:
-    from transformers import AutoConfig
-
-    path = Path(spec.path)
-    _refuse_custom_code(path)
-    try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True,
-                                            trust_remote_code=False)
-        return _hf_class(spec.task, config).from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=False)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load Hugging Face model from {path}: {exc}") from exc
-
-
-def _refuse_custom_code(path: Path) -> None:
-    """A directory whose ``config.json`` maps classes to its own Python files is refused."""
-    import json
-
-    from slimformer.report.integrity import read_manifest
-
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)")
-    cfg = read_manifest(path / "config.json", redo="fix or replace the file")
-    if "auto_map" in cfg:
-        from transformers import CONFIG_MAPPING
-
-        kind = cfg.get("model_type")
-        way = (f"delete the auto_map entry from its config.json to load it with transformers' "
-               f"own {kind!r} code" if kind in CONFIG_MAPPING else
-               "convert it to an architecture transformers ships")
-        raise ModelLoadError(
-            f"{path}: config.json has an auto_map naming the directory's own Python code "
-            f"({json.dumps(cfg['auto_map'])[:200]}); slimformer does not run a model directory's "
-            f"own Python files; {way}")
-
-
 def _hf_from_config(spec: S.HfConfigSpec) -> torch.nn.Module:
     from transformers import AutoConfig
 
@@ -321,7 +292,7 @@ def _hf_from_config(spec: S.HfConfigSpec) -> torch.nn.Module:
     kwargs = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
     torch.manual_seed(spec.seed)
     try:
-        return _hf_class(spec.task, config).from_config(config, trust_remote_code=False, **kwargs)
+        return hf_class(spec.task, config).from_config(config, trust_remote_code=False, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"cannot build {spec.model_type!r} ({spec.task}): {exc}") from exc
 

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 HF_TASKS = ("auto", "base", "sequence-classification", "image-classification", "causal-lm",
-            "seq2seq-lm")
+            "masked-lm", "seq2seq-lm", "sentence-embedding", "image-features")
 
 
 class _Spec(BaseModel):
