@@ -1,0 +1,1 @@
+"""Real pretrained models that install offline, built into Hugging Face folders."""
