@@ -1148,6 +1148,52 @@ def export_tensorrt(
     con.print(f"trtexec equivalent: {res.trtexec}", markup=False, highlight=False)
 
 
+@app.command()
+def generate(model: Annotated[str, typer.Argument(help="A causal LM (as for inspect): float, "
+                                                  "or a saved pruned / quantized folder.")],
+             prompt: Annotated[str, typer.Option(help="Text to continue.")],
+             max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most "
+                                                         "(1..4096).")] = 32,
+             greedy: Annotated[bool, typer.Option("--greedy/--sample", help="Argmax, or sample "
+                                                  "with --temperature and --seed.")] = True,
+             temperature: Annotated[float, typer.Option(help="Sampling temperature "
+                                                        "(0.001..100).")] = 1.0,
+             seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+             chat: Annotated[bool, typer.Option(help="Apply the tokenizer's chat template (the "
+                                                "prompt as a user turn).")] = False,
+             tokenizer: Annotated[str | None, typer.Option(
+                 help="Tokenizer folder (default: the model's own folder).")] = None,
+             config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
+             = None,
+             as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+    """Continue a prompt with a causal LM (KV cache): the text, prefill and decode tokens/s."""
+    from slimformer.stages.generate import MAX_NEW_TOKENS, TEMPERATURE_RANGE, GenerateStage
+
+    con, err = _console()
+    with _errors():
+        _bounded(max_new_tokens=(max_new_tokens, 1, MAX_NEW_TOKENS),
+                 temperature=(temperature, *TEMPERATURE_RANGE), seed=(seed, 0, 2**63 - 1))
+        stage = _stage(GenerateStage, None, prompt=prompt, max_new_tokens=max_new_tokens,
+                       greedy=greedy, temperature=temperature, seed=seed, chat=chat,
+                       tokenizer=tokenizer)
+        from slimformer.stages.generate import generate_text
+
+        with err.status("loading the model"):
+            loaded, module = _load_any(model, config)
+        g, text = generate_text(module, loaded, stage)
+    result = {"model": model, "prompt": prompt, "text": text, "new_ids": g.new_ids,
+              "prompt_tokens": len(g.prompt_ids), "new_tokens": len(g.new_ids),
+              "stopped": g.stopped, "prefill_tokens_per_s": g.prefill_tokens_per_s,
+              "decode_tokens_per_s": g.decode_tokens_per_s}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    con.print(prompt + text, markup=False, highlight=False)
+    err.print(f"prefill: {len(g.prompt_ids)} tokens, {g.prefill_tokens_per_s:.1f} tokens/s; "
+              f"decode: {len(g.new_ids)} new tokens ({g.stopped}), "
+              f"{g.decode_tokens_per_s:.1f} tokens/s", markup=False, highlight=False)
+
+
 def _int_option(text: str, what: str) -> int:
     from slimformer.errors import ConfigError
 

@@ -21,6 +21,7 @@ from slimformer.data.datasets import latency_inputs  # noqa: F401 - re-exported 
 from slimformer.recipe import (
     EvaluateStage,
     ExportStage,
+    GenerateStage,
     HlsStage,
     PruneStage,
     QuantizeStage,
@@ -28,7 +29,7 @@ from slimformer.recipe import (
     SearchStage,
 )
 from slimformer.report.model import Report, StageRecord, environment
-from slimformer.stages import evaluate, export, hls, prune, quality, quantize, search
+from slimformer.stages import evaluate, export, generate, hls, prune, quality, quantize, search
 from slimformer.stages.context import (  # noqa: F401 - re-exported: the CLI and tests use them
     Progress,
     RunContext,
@@ -53,6 +54,7 @@ STAGE_HANDLERS: dict[type, Callable[[RunContext, object], StageRecord]] = {
     SearchStage: search.run,
     HlsStage: hls.run,
     ExportStage: export.run,
+    GenerateStage: generate.run,
 }
 
 

@@ -13,7 +13,8 @@ A recipe names a model, the data, an ordered list of stages and where to write t
     output: {dir: runs/quickstart}
     max_loss: {accuracy_points: 5}   # optional: warn when a stage loses more than its input
 
-Stages are a tagged union on ``type`` (evaluate, quantize, prune, search, export, hls), each run
+Stages are a tagged union on ``type`` (evaluate, quantize, prune, search, export, hls,
+generate), each run
 by its handler in :mod:`slimformer.stages` through :mod:`slimformer.pipeline`. The shipped
 default (``slimformer run`` with no argument) is ``slimformer/recipes/quickstart.yaml``.
 ``max_loss`` (:class:`~slimformer.stages.quality.LossBudget`) is how much quality each stage may
@@ -32,6 +33,7 @@ from slimformer.models.spec import ModelSpec, ZooSpec
 from slimformer.stages.context import DATASET_NAMES, DataConfig
 from slimformer.stages.evaluate import EvaluateStage
 from slimformer.stages.export import ExportStage
+from slimformer.stages.generate import GenerateStage
 from slimformer.stages.hls import HlsStage
 from slimformer.stages.prune import PruneStage
 from slimformer.stages.quality import LossBudget
@@ -46,9 +48,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-Stage = Annotated[EvaluateStage | QuantizeStage | PruneStage | SearchStage | HlsStage | ExportStage,
+Stage = Annotated[EvaluateStage | QuantizeStage | PruneStage | SearchStage | HlsStage | ExportStage
+                  | GenerateStage,
                   Field(discriminator="type")]
-STAGE_TYPES = ("evaluate", "quantize", "prune", "search", "hls", "export")
+STAGE_TYPES = ("evaluate", "quantize", "prune", "search", "hls", "export", "generate")
 
 
 class OutputConfig(_Strict):

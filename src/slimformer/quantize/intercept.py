@@ -169,7 +169,11 @@ def _attend(a, q, k, v, mask, is_causal, scale):
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool \
             else scores + mask
-    probs = a.quant_probs(torch.softmax(scores, dim=-1))
+    probs = torch.softmax(scores, dim=-1)
+    if mask is not None:  # a query that may see no key (a left pad's) attends to nothing, as in
+        # SDPA's own safe softmax: zeros, not NaN
+        probs = probs.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
+    probs = a.quant_probs(probs)
     return a.pv(probs, v, torch.matmul), probs
 
 

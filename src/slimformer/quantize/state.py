@@ -12,7 +12,7 @@ import re
 import torch
 from torch import nn
 
-from slimformer.errors import ConfigError
+from slimformer.errors import ConfigError, UnsupportedModelError
 from slimformer.quantize.act import ActQuantizer, ProbQuantizer
 from slimformer.quantize.config import QuantConfig
 from slimformer.quantize.intercept import QuantMode
@@ -243,6 +243,23 @@ class QuantizedModel(nn.Module):
         """Run the model with its quantizers."""
         with self._mode:
             return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """The wrapped model's own ``generate`` (a Hugging Face causal LM), quantized.
+
+        Every forward it makes (the prefill and each KV-cache decode step) runs with the
+        quantizers, which have static ranges: a one-token step quantizes as the full sequence.
+
+        Raises:
+            UnsupportedModelError: The wrapped model has no ``generate`` (not a generative model).
+        """
+        gen = getattr(self.model, "generate", None)
+        if not callable(gen):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} has no generate(): only a causal language model "
+                "(a Hugging Face *ForCausalLM / *LMHeadModel) generates text")
+        with self._mode:  # generate calls the wrapped model itself, not this wrapper
+            return gen(*args, **kwargs)
 
 
 def match_override(name: str, config: QuantConfig) -> tuple[int, int]:
