@@ -72,9 +72,21 @@ def test_shared_layer_reconstruction_beats_nearest_rounding(name):
     base = dict(method="repquant", weight_bits=3, act_bits=8, calib_samples=64, clip_steps=0)
     nearest = quantize(model, QuantConfig(**base, recon_steps=0), calib)
     learned = quantize(model, QuantConfig(**base, recon_steps=200), calib)
-    assert any("learned rounding kept" in n for n in learned.notes), learned.notes
+    # the rounding, learned on inputs captured over all calls of a layer, beats nearest rounding
+    # on the layer's held-out captured rows at most layers (misaligned captures would not)
+    layers = [c for c in learned.site_choices if c.what == "learned rounding" and c.site != "model"]
+    assert len(layers) == len(learned.model.quant.linears) > 0
+    assert all(c.errors["learned"] <= c.errors["nearest"] for c in layers)
+    assert sum(c.errors["learned"] < 0.9 * c.errors["nearest"] for c in layers) > len(layers) / 2
+    # the model keeps it only if the held-out calibration rows gain too (here they do not: it
+    # was kept before by its error on the calibration rows); never below nearest rounding there
+    model_level = next(c for c in learned.site_choices if c.what == "learned rounding"
+                       and c.site == "model")
     x_cal = {k: v for k, v in calib.inputs.items()}
-    assert _out_sqnr(model, learned.model, x_cal) > _out_sqnr(model, nearest.model, x_cal) + 0.5
+    if model_level.kept == "nearest":
+        assert _out_sqnr(model, learned.model, x_cal) == _out_sqnr(model, nearest.model, x_cal)
+    else:
+        assert model_level.errors["learned"] < 0.95 * model_level.errors["nearest"]
 
 
 class _TinyThenHuge(nn.Module):

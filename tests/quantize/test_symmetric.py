@@ -11,8 +11,9 @@ from slimformer.models.spec import ZooSpec
 from slimformer.models.structure import discover
 from slimformer.pipeline import evaluate_model
 from slimformer.quantize.act import ActQuantizer, ProbQuantizer
-from slimformer.quantize.api import _run, quantize
+from slimformer.quantize.api import quantize
 from slimformer.quantize.build import build
+from slimformer.quantize.capture import run as _run
 from slimformer.quantize.config import QuantConfig
 from slimformer.quantize.quantizers import WeightQuantizer, uniform_codes
 from slimformer.quantize.repq import reparameterize

@@ -4,6 +4,11 @@ Flow (all methods): build quantizers from the structure map -> observe calibrati
 -> set ranges -> [repquant: learn dual clipping of per-channel post-norm quantizers] -> [repq,
 repquant: reparameterize per-channel scales to one layer-wise scale] -> calibrate weight
 quantizers -> [repquant: learn weight rounding with activation quantizers in place] -> quant mode.
+
+repq / repquant (from 8 calibration rows) fit all of that on 3/4 of the calibration rows and
+validate every per-site choice on the seeded rest (:mod:`~slimformer.quantize.holdout`); the
+result is compared with min/max fitted on the same rows and falls back to it unless clearly
+better on the held-out rows.
 """
 
 from __future__ import annotations
@@ -17,8 +22,14 @@ import torch
 from torch import nn
 
 from slimformer.errors import CalibrationError
+from slimformer.quantize.capture import batches as _batches
+from slimformer.quantize.capture import capture_float_inputs as _capture_float_inputs
+from slimformer.quantize.capture import capture_one as _capture_one
+from slimformer.quantize.capture import float_outputs as _float_outputs
+from slimformer.quantize.capture import output_error as _output_error
 from slimformer.quantize.check import WeakSite
 from slimformer.quantize.config import QuantConfig
+from slimformer.quantize.holdout import SiteChoice
 from slimformer.quantize.state import QuantizedModel
 
 Progress = Callable[[str, int, int], None] | None
@@ -32,6 +43,9 @@ class QuantResult:
         weak_sites: Quantizers that represent their calibration data badly (SQNR below the floor
             of their bit-width, or data spread under one step), worst first; also in ``notes``.
         output_sqnr_db: SQNR of the model's outputs vs float on the calibration data (dB).
+        site_choices: repq / repquant: every per-site choice with the held-out error of each
+            candidate (:class:`~slimformer.quantize.holdout.SiteChoice`), the method's own
+            (``site == "model"``: repq vs the min/max baseline) last.
     """
 
     model: QuantizedModel
@@ -40,22 +54,7 @@ class QuantResult:
     notes: list[str] = field(default_factory=list)
     weak_sites: list[WeakSite] = field(default_factory=list)
     output_sqnr_db: float | None = None
-
-
-def _batches(calib_data, batch_size: int, limit: int):
-    """Yield input dicts from a TensorDictDataset (first ``limit`` rows)."""
-    from slimformer.data.datasets import trim_padding
-
-    n = min(limit, len(calib_data))
-    for i in range(0, n, batch_size):
-        rows = [calib_data[j] for j in range(i, min(n, i + batch_size))]
-        yield trim_padding(rows)[0]
-
-
-def _run(qmodel: QuantizedModel, calib_data, config: QuantConfig) -> None:
-    with torch.no_grad():
-        for inputs in _batches(calib_data, config.calib_batch_size, config.calib_samples):
-            qmodel(**inputs)
+    site_choices: list[SiteChoice] = field(default_factory=list)
 
 
 def _observe(qmodel: QuantizedModel, calib_data, config: QuantConfig) -> None:
@@ -97,16 +96,16 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
 
 def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, progress,
               inplace: bool) -> QuantResult:
-    from slimformer.quantize.build import build
-    from slimformer.quantize.reconstruct import reconstruct_linear
-    from slimformer.quantize.repq import reparameterize
-    from slimformer.quantize.select import MARGIN, calibrate_weights, select_sites
+    from slimformer.quantize.holdout import split
 
     t0 = time.perf_counter()
     n = min(config.calib_samples, len(calib_data))
     if n < config.min_calib_samples:
         raise CalibrationError(f"method {config.method} needs at least "
                                f"{config.min_calib_samples} calibration samples, got {n}")
+    repq = config.method in ("repq", "repquant")
+    fit, held = split(calib_data, n, config.seed) if repq else (calib_data, None)
+    original = copy.deepcopy(model) if inplace and held is not None else model
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     if structure is None:
@@ -114,10 +113,49 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
 
         first = next(_batches(calib_data, 2, 2))
         structure = discover(model, first, require_attention=False)  # build() says why
+    tick = (lambda s, d, t: progress(s, d, t)) if progress else (lambda *a: None)
+    choices: list[SiteChoice] = []
+    qmodel, notes = _calibrate(model, config, fit, structure, tick, held, choices)
+    if held is not None:
+        notes.insert(0, f"{len(fit)} calibration rows fit, {len(held)} held out (seeded) to "
+                        "validate every per-site choice")
+        qmodel = _against_minmax(qmodel, original, config, calib_data, fit, held, structure,
+                                 notes, choices)
+    weak, out_db = _check(qmodel, calib_data, config, notes)
+    for act in qmodel.quant.acts.values():
+        act._rows, act._min, act._max = [], None, None
+    return QuantResult(qmodel, n, time.perf_counter() - t0, notes, weak, out_db, choices)
+
+
+def _calibrate(model: nn.Module, config: QuantConfig, calib_data, structure, tick, held,
+               choices: list[SiteChoice]) -> tuple[QuantizedModel, list[str]]:
+    """Build and calibrate the quantized model on ``calib_data``; returns it (quant mode), notes.
+
+    ``held``: held-out rows (:func:`~slimformer.quantize.holdout.split`) every per-site choice is
+    validated on, recorded in ``choices``; None: choices by cross-validation on ``calib_data``.
+    """
+    from slimformer.quantize.build import build
+    from slimformer.quantize.holdout import Rows, decide, held_samples
+    from slimformer.quantize.reconstruct import reconstruct_linear
+    from slimformer.quantize.repq import reparameterize
+    from slimformer.quantize.select import (
+        MARGIN,
+        calibrate_weights,
+        select_sites,
+        validate_sites,
+        validate_weights,
+    )
+
+    n = min(config.calib_samples, len(calib_data))
     qmodel = build(model, structure, config)
     state = qmodel.quant
     notes = list(state.notes)
-    tick = (lambda s, d, t: progress(s, d, t)) if progress else (lambda *a: None)
+
+    def held_rows():
+        if held is None:
+            return None
+        return held_samples(qmodel, held, lambda d: _batches(d, config.calib_batch_size,
+                                                             config.calib_samples))
 
     tick("calibrate", 0, 1)
     state.set_mode("observe")
@@ -131,21 +169,34 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
         if not a.probs_float:
             a.probs.calibrate()
     if config.method in ("repq", "repquant") and config.repq_sites == "auto":  # RepQ where it helps
-        notes += select_sites(state, softmax_auto=config.softmax == "auto")
+        notes += select_sites(state, softmax_auto=config.softmax == "auto", held=held_rows(),
+                              record=choices)
+        if held is not None:  # each site's choice must also lower the model output error
+            refs = _float_outputs(qmodel, held, config)
+            notes += validate_sites(
+                qmodel, held, lambda q, d: _output_error(q, d, config, refs, as_set=True), choices)
     tick("calibrate", 1, 1)
 
     if config.method == "repquant" and config.clip_steps:
-        notes += _dual_clipping(qmodel, calib_data, config, tick)
+        notes += _dual_clipping(qmodel, calib_data if held is None else held, config, tick,
+                                choices)
     if config.method in ("repq", "repquant"):
         notes += reparameterize(qmodel, structure)
     if not structure.norms:
         notes.append("no norm feeds a Linear: norm reparameterization skipped")
-    calibrate_weights(state, search=config.method in ("repq", "repquant"))
+    calibrate_weights(state, search=config.method in ("repq", "repquant"),
+                      held=held_rows() if config.method != "minmax" else None, record=choices)
+    if held is not None and config.method in ("repq", "repquant"):
+        refs = _float_outputs(qmodel, held, config)
+        notes += validate_weights(qmodel, held, lambda q, d: _output_error(q, d, config, refs),
+                                  choices)
 
     if config.method == "repquant" and config.recon_steps:
-        # the rounding is learned on 3/4 of the calibration rows and kept only if it lowers the
-        # model output error on the other quarter (a few outputs, e.g. 2 logits a row, overfit)
-        fit, held = _Rows(calib_data, 0, n - n // 4), _Rows(calib_data, n - n // 4, n)
+        # the rounding is learned on the fit rows and kept only if it lowers the model output
+        # error on the held-out ones (a few outputs, e.g. 2 logits a row, overfit)
+        fit = calib_data
+        if held is None:
+            fit, held = Rows(calib_data, range(n - n // 4)), Rows(calib_data, range(n - n // 4, n))
         calls: dict[str, int] = {}
         x_fp = _capture_float_inputs(qmodel, fit, config, calls=calls)
         by_name = {lq.name: lq for lq in state.linears.values()}
@@ -161,6 +212,10 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
                 continue
             before, after = reconstruct_linear(lq, x_q, x_fp[lq.name], config.recon_steps)
             kept += after < before
+            choices.append(SiteChoice(lq.name, "learned rounding",
+                                      {"nearest": before, "learned": after},
+                                      "learned" if after < before else "nearest",
+                                      " (on a held-out quarter of its captured rows)"))
             tick("weight rounding", i + 1, len(lqs))
         notes.append(f"learned weight rounding kept for {kept} of {len(lqs)} layers (lower "
                      "held-out output error than nearest rounding)")
@@ -170,7 +225,10 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
         for lq in lqs:
             lq.alpha = None
         nearest = _output_error(qmodel, held, config, refs)
-        if with_round < MARGIN * nearest:  # clearly better: small gains do not carry over
+        choice = decide("model", "learned rounding", {"nearest": nearest, "learned": with_round},
+                        MARGIN)
+        choices.append(choice)
+        if choice.kept == "learned":  # clearly better: small gains do not carry over
             for lq in lqs:
                 lq.alpha = saved[lq.name]
             notes.append(f"learned rounding kept: model output error {nearest:.4g} -> "
@@ -180,21 +238,64 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
                          f"held-out calibration rows by {100 * (1 - MARGIN):.0f}% ({nearest:.4g} "
                          f"-> {with_round:.4g})")
     state.set_mode("quant")
-    weak, out_db = _check(qmodel, calib_data, config, notes)
-    for act in state.acts.values():
-        act._rows, act._min, act._max = [], None, None
-    return QuantResult(qmodel, n, time.perf_counter() - t0, notes, weak, out_db)
+    return qmodel, notes
 
 
-def _dual_clipping(qmodel: QuantizedModel, calib_data, config: QuantConfig, tick) -> list[str]:
+def _against_minmax(qmodel: QuantizedModel, original: nn.Module, config: QuantConfig,
+                    calib_data, fit, held, structure, notes: list[str],
+                    choices: list[SiteChoice]) -> QuantizedModel:
+    """The repq / repquant model, or the min/max one where that has the lower held-out error.
+
+    Both are fitted on the same ``fit`` rows and judged by the model output error vs float on the
+    ``held`` rows; unless repq / repquant is lower by :data:`~slimformer.quantize.holdout.MARGIN`
+    the min/max model calibrated on all calibration rows is returned (``repq_sites: all``, the
+    published method for ablations, is kept and the loss noted).
+    """
+    from slimformer.quantize.select import MARGIN
+
+    baseline = config.model_copy(update={"method": "minmax"})
+    refs = _float_outputs(qmodel, held, config)
+    mine = _output_error(qmodel, held, config, refs)
+    mm, _ = _calibrate(copy.deepcopy(original).eval(), baseline, fit, structure,
+                       lambda *a: None, None, [])
+    theirs = _output_error(mm, held, config, refs)
+    qmodel.quant.set_mode("quant")
+    better = mine < MARGIN * theirs  # a tie goes to min/max: it is then fitted on all the rows
+    keep = better or config.repq_sites == "all"
+    choices.append(SiteChoice("model", "method", {"minmax": theirs, config.method: mine},
+                              config.method if keep else "minmax",
+                              "" if better else f"; {config.method} not {100 * (1 - MARGIN):.0f}%"
+                              " below min/max on held-out rows" +
+                              (" (kept: repq_sites all)" if keep else "")))
+    head = (f"model output error vs float on the held-out calibration rows: {config.method} "
+            f"{mine:.4g}, minmax {theirs:.4g}: ")
+    if better:
+        notes.append(head + f"{config.method} kept")
+        return qmodel
+    if keep:
+        notes.append(head + f"{config.method} kept as asked (repq_sites: all), though min/max "
+                     "is better here")
+        return qmodel
+    notes.append(head + f"fell back to minmax calibrated on all rows ({config.method} was not "
+                 f"{100 * (1 - MARGIN):.0f}% better: its choices did not carry to the model "
+                 "output)")
+    mm, _ = _calibrate(copy.deepcopy(original).eval(), baseline, calib_data, structure,
+                       lambda *a: None, None, [])
+    return mm
+
+
+def _dual_clipping(qmodel: QuantizedModel, judge_data, config: QuantConfig, tick,
+                   choices: list[SiteChoice]) -> list[str]:
     """Learn the dual clipping of every per-channel activation quantizer; notes.
 
-    Each site's bounds must lower its Linears' output error on held-out rows
+    Each site's bounds must lower its Linears' output error on rows of other calibration batches
     (:func:`~slimformer.quantize.repq.learn_dual_clipping`); then the model as a whole must gain:
-    the output error vs float on the calibration rows with the learned bounds must beat the
-    observed ranges by :data:`~slimformer.quantize.select.MARGIN`, else every range goes back.
-    A layer-local gain does not always carry to the output (a rare large token clipped).
+    the output error vs float on ``judge_data`` (the held-out calibration rows) with the learned
+    bounds must beat the observed ranges by :data:`~slimformer.quantize.holdout.MARGIN`, else
+    every range goes back (recorded in ``choices``). A layer-local gain does not always carry to
+    the output (a rare large token clipped).
     """
+    from slimformer.quantize.holdout import decide
     from slimformer.quantize.repq import learn_dual_clipping
     from slimformer.quantize.select import MARGIN, calibrate_weights
 
@@ -219,17 +320,19 @@ def _dual_clipping(qmodel: QuantizedModel, calib_data, config: QuantConfig, tick
     calibrate_weights(state, search=True)  # the quantized model before reparameterization
     clipped = {act.name: (act.lo.detach().clone(), act.hi.detach().clone())
                for act in per_channel}
-    refs = _float_outputs(qmodel, calib_data, config)  # once, for both settings
-    with_clip = _output_error(qmodel, calib_data, config, refs)
+    refs = _float_outputs(qmodel, judge_data, config)  # once, for both settings
+    with_clip = _output_error(qmodel, judge_data, config, refs)
     for act in per_channel:
         act.set_range(*observed[act.name])
-    without = _output_error(qmodel, calib_data, config, refs)
+    without = _output_error(qmodel, judge_data, config, refs)
     state.set_mode("observe")
-    if with_clip < MARGIN * without:
+    choices.append(decide("model", "dual clipping", {"observed ranges": without,
+                                                     "learned bounds": with_clip}, MARGIN))
+    if choices[-1].kept == "learned bounds":
         for act in per_channel:
             act.set_range(*clipped[act.name])
         notes.append(f"dual clipping kept at {kept} site(s): model output error {without:.4g} ->"
-                     f" {with_clip:.4g} on the calibration rows")
+                     f" {with_clip:.4g} on the held-out calibration rows")
     else:
         notes.append(f"dual clipping dropped: its {kept} site(s) did not cut the model output "
                      f"error by {100 * (1 - MARGIN):.0f}% ({without:.4g} -> {with_clip:.4g})")
@@ -266,129 +369,3 @@ def _check(qmodel: QuantizedModel, calib_data, config: QuantConfig,
             ". Check the scale of the model's activations and the calibration data, or set "
             "min_output_sqnr_db: null to accept it")
     return weak, out_db
-
-
-class _Rows:
-    """Rows ``start .. stop`` of a data set (indexable, with a length), without copying."""
-
-    def __init__(self, data, start: int, stop: int):
-        self.data, self.start, self.stop = data, start, stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, i: int):
-        return self.data[self.start + i]
-
-
-def _sample_rows(x: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
-    """``rows`` rows of ``x`` drawn with a fixed seed (the same rows for equally long inputs)."""
-    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:rows]]
-
-
-def _float_outputs(qmodel: QuantizedModel, calib_data, config: QuantConfig) -> list:
-    """The float model's output leaves per calibration batch.
-
-    The reference of :func:`_output_error`, computed once when several settings are compared.
-    """
-    from slimformer.models.outputs import leaves
-
-    state, refs = qmodel.quant, []
-    with torch.no_grad():
-        state.set_mode("float")
-        for inputs in _batches(calib_data, config.calib_batch_size, config.calib_samples):
-            refs.append(leaves(qmodel(**inputs)))
-    return refs
-
-
-def _output_error(qmodel: QuantizedModel, calib_data, config: QuantConfig,
-                  refs: list | None = None) -> float:
-    """Output error of the quantized vs the float model on the calibration data.
-
-    Every output counts: the mean over batches of :func:`~slimformer.models.outputs.normalized_mse`
-    (so base models without class scores are judged on all their outputs). ``refs``: the float
-    outputs from :func:`_float_outputs` (computed here when None).
-    """
-    from slimformer.models.outputs import leaves, normalized_mse
-
-    refs = _float_outputs(qmodel, calib_data, config) if refs is None else refs
-    state, total = qmodel.quant, 0.0
-    state.set_mode("quant")
-    with torch.no_grad():
-        for inputs, ref in zip(_batches(calib_data, config.calib_batch_size,
-                                        config.calib_samples), refs, strict=True):
-            total += float(normalized_mse(leaves(qmodel(**inputs)), ref))
-    return total / max(len(refs), 1)
-
-
-class _Stop(Exception):
-    """Ends a forward pass once the layer being captured has run."""
-
-
-def _capture_one(qmodel: QuantizedModel, target, calib_data, config: QuantConfig,
-                 rows: int = 4096, calls: int = 1) -> torch.Tensor:
-    """Inputs of one Linear in the quantized model (rows sampled as in :func:`_capture_inputs`).
-
-    ``calls``: executions of the layer per forward; each forward stops after the last of them.
-    """
-    qmodel.quant.set_mode("quant")
-    parts: list[torch.Tensor] = []
-    seen = [0]
-
-    def grab(x):
-        parts.append(x.detach().reshape(-1, x.shape[-1]))
-        seen[0] += 1
-        if seen[0] % calls == 0:
-            raise _Stop
-        return target.act(x)
-
-    target.act_in = grab
-    try:
-        with torch.no_grad():
-            for inputs in _batches(calib_data, config.calib_batch_size, config.calib_samples):
-                try:
-                    qmodel(**inputs)
-                except _Stop:
-                    pass
-    finally:
-        del target.act_in
-    return _sample_rows(torch.cat(parts), rows, config.seed)
-
-
-def _capture_float_inputs(qmodel: QuantizedModel, calib_data, config: QuantConfig,
-                          rows: int = 4096, calls: dict[str, int] | None = None
-                          ) -> dict[str, torch.Tensor]:
-    """Inputs ``(rows, in)`` of every quantized Linear in the float model, in execution order.
-
-    Rows are drawn as in :func:`_capture_one`, so both captures of a layer hold the same rows;
-    every call of a layer run several times per forward counts. ``calls``, when given, receives
-    the executions per forward of each layer.
-    """
-    state = qmodel.quant
-    state.set_mode("float")
-    for lq in state.linears.values():
-        lq.mode = "float"
-    captured: dict[str, list[torch.Tensor]] = {}
-    for lq in state.linears.values():
-        def grab(x, lq=lq):
-            captured.setdefault(lq.name, []).append(x.detach().reshape(-1, x.shape[-1]))
-            return lq.act(x)
-
-        lq.act_in = grab
-    try:
-        _run(qmodel, calib_data, config)
-    finally:
-        for lq in state.linears.values():
-            del lq.act_in  # back to the class method
-    out = {}
-    widths = {lq.name: lq.matrix().shape[1] for lq in state.linears.values()}
-    forwards = len(range(0, min(config.calib_samples, len(calib_data)), config.calib_batch_size))
-    for name, parts in captured.items():
-        if calls is not None:
-            calls[name] = max(1, len(parts) // max(forwards, 1))
-        x = torch.cat(parts)
-        if x.shape[-1] != widths[name]:
-            continue  # convolutions: inputs are images, not rows
-        out[name] = _sample_rows(x, rows, config.seed)
-    state.set_mode("quant")
-    return out

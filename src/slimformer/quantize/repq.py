@@ -129,11 +129,11 @@ def learn_dual_clipping(act: ActQuantizer, weights: list[torch.Tensor], steps: i
     Loss: sum over consumer Linears of ``|| (Q(X) - X) W^T ||^2`` on the sampled calibration rows
     ``X (n, C)``, with straight-through rounding. Bounds move in units of each channel's initial
     range. The bounds are learned on the rows of some calibration batches and kept only if they
-    lower the loss on the rows of the others by :data:`~slimformer.quantize.select.MARGIN`
+    lower the loss on the rows of the others by :data:`~slimformer.quantize.holdout.MARGIN`
     (clipping what a few rows hold overfits: an outlier of unseen rows is cut). Returns the
     relative reduction of the held-out loss (0.0 when the bounds were not kept).
     """
-    from slimformer.quantize.select import MARGIN
+    from slimformer.quantize.holdout import MARGIN
 
     x_all = act.samples()
     groups = act.sample_groups()

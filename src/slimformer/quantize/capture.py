@@ -1,0 +1,144 @@
+"""Running a quantized model over calibration rows: batches, output error, layer inputs.
+
+Shared by :mod:`~slimformer.quantize.api` and :mod:`~slimformer.quantize.holdout`; every function
+takes the data set (or a :class:`~slimformer.quantize.holdout.Rows` view of it) to run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimformer.quantize.config import QuantConfig
+from slimformer.quantize.state import QuantizedModel
+
+
+def batches(calib_data, batch_size: int, limit: int):
+    """Yield input dicts from a TensorDictDataset (first ``limit`` rows)."""
+    from slimformer.data.datasets import trim_padding
+
+    n = min(limit, len(calib_data))
+    for i in range(0, n, batch_size):
+        rows = [calib_data[j] for j in range(i, min(n, i + batch_size))]
+        yield trim_padding(rows)[0]
+
+
+def run(qmodel: QuantizedModel, calib_data, config: QuantConfig) -> None:
+    """One pass of ``qmodel`` over the calibration rows, in its current mode."""
+    with torch.no_grad():
+        for inputs in batches(calib_data, config.calib_batch_size, config.calib_samples):
+            qmodel(**inputs)
+
+
+def sample_rows(x: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
+    """``rows`` rows of ``x`` drawn with a fixed seed (the same rows for equally long inputs)."""
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:rows]]
+
+
+def float_outputs(qmodel: QuantizedModel, calib_data, config: QuantConfig) -> list:
+    """The float model's output leaves per calibration batch.
+
+    The reference of :func:`output_error`, computed once when several settings are compared.
+    """
+    from slimformer.models.outputs import leaves
+
+    state, refs = qmodel.quant, []
+    with torch.no_grad():
+        state.set_mode("float")
+        for inputs in batches(calib_data, config.calib_batch_size, config.calib_samples):
+            refs.append(leaves(qmodel(**inputs)))
+    return refs
+
+
+def output_error(qmodel: QuantizedModel, calib_data, config: QuantConfig,
+                  refs: list | None = None, as_set: bool = False) -> float:
+    """Output error of the quantized vs the float model on the calibration data.
+
+    Every output counts: the mean over batches of :func:`~slimformer.models.outputs.normalized_mse`
+    (so base models without class scores are judged on all their outputs). ``refs``: the float
+    outputs from :func:`float_outputs` (computed here when None). ``as_set``: run the quantizers
+    in the modes (and with the weights) they have, instead of putting all in quant mode.
+    """
+    from slimformer.models.outputs import leaves, normalized_mse
+
+    refs = float_outputs(qmodel, calib_data, config) if refs is None else refs
+    state, total = qmodel.quant, 0.0
+    if not as_set:
+        state.set_mode("quant")
+    with torch.no_grad():
+        for inputs, ref in zip(batches(calib_data, config.calib_batch_size,
+                                        config.calib_samples), refs, strict=True):
+            total += float(normalized_mse(leaves(qmodel(**inputs)), ref))
+    return total / max(len(refs), 1)
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the layer being captured has run."""
+
+
+def capture_one(qmodel: QuantizedModel, target, calib_data, config: QuantConfig,
+                 rows: int = 4096, calls: int = 1) -> torch.Tensor:
+    """Inputs of one Linear in the quantized model (rows sampled as in :func:`capture_float_inputs`).
+
+    ``calls``: executions of the layer per forward; each forward stops after the last of them.
+    """
+    qmodel.quant.set_mode("quant")
+    parts: list[torch.Tensor] = []
+    seen = [0]
+
+    def grab(x):
+        parts.append(x.detach().reshape(-1, x.shape[-1]))
+        seen[0] += 1
+        if seen[0] % calls == 0:
+            raise _Stop
+        return target.act(x)
+
+    target.act_in = grab
+    try:
+        with torch.no_grad():
+            for inputs in batches(calib_data, config.calib_batch_size, config.calib_samples):
+                try:
+                    qmodel(**inputs)
+                except _Stop:
+                    pass
+    finally:
+        del target.act_in
+    return sample_rows(torch.cat(parts), rows, config.seed)
+
+
+def capture_float_inputs(qmodel: QuantizedModel, calib_data, config: QuantConfig,
+                          rows: int = 4096, calls: dict[str, int] | None = None
+                          ) -> dict[str, torch.Tensor]:
+    """Inputs ``(rows, in)`` of every quantized Linear in the float model, in execution order.
+
+    Rows are drawn as in :func:`capture_one`, so both captures of a layer hold the same rows;
+    every call of a layer run several times per forward counts. ``calls``, when given, receives
+    the executions per forward of each layer.
+    """
+    state = qmodel.quant
+    state.set_mode("float")
+    for lq in state.linears.values():
+        lq.mode = "float"
+    captured: dict[str, list[torch.Tensor]] = {}
+    for lq in state.linears.values():
+        def grab(x, lq=lq):
+            captured.setdefault(lq.name, []).append(x.detach().reshape(-1, x.shape[-1]))
+            return lq.act(x)
+
+        lq.act_in = grab
+    try:
+        run(qmodel, calib_data, config)
+    finally:
+        for lq in state.linears.values():
+            del lq.act_in  # back to the class method
+    out = {}
+    widths = {lq.name: lq.matrix().shape[1] for lq in state.linears.values()}
+    forwards = len(range(0, min(config.calib_samples, len(calib_data)), config.calib_batch_size))
+    for name, parts in captured.items():
+        if calls is not None:
+            calls[name] = max(1, len(parts) // max(forwards, 1))
+        x = torch.cat(parts)
+        if x.shape[-1] != widths[name]:
+            continue  # convolutions: inputs are images, not rows
+        out[name] = sample_rows(x, rows, config.seed)
+    state.set_mode("quant")
+    return out
