@@ -313,7 +313,8 @@ def _model(state: dict[str, np.ndarray], config: dict, stage: Path, source: str)
     Dinov2Config(**config).save_pretrained(raw)
     save_file(state, str(raw / "model.safetensors"), metadata={"format": "pt"})
     try:
-        model, info = Dinov2Model.from_pretrained(raw, output_loading_info=True, local_files_only=True)
+        model, info = Dinov2Model.from_pretrained(raw, output_loading_info=True,
+                                                  local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise ModelLoadError(f"{source}: the mapped weights do not load into Dinov2Model: {exc}"
                              ) from exc

@@ -133,7 +133,8 @@ def _check_weights(dest: Path, source: str) -> None:
     from safetensors import safe_open
     from transformers import AutoConfig, MPNetModel
 
-    config = AutoConfig.from_pretrained(str(dest), local_files_only=True)
+    config = AutoConfig.from_pretrained(str(dest), local_files_only=True,
+                                        trust_remote_code=False)
     with torch.device("meta"):
         want = {k: tuple(v.shape) for k, v in MPNetModel(config).state_dict().items()}
     with safe_open(str(dest / "model.safetensors"), "pt") as f:

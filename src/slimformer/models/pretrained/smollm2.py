@@ -49,9 +49,10 @@ def build(dest: Path, progress: Callable[[str, int, int], None] | None = None) -
 
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                            local_files_only=True)
+                                            local_files_only=True, trust_remote_code=False)
         q = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=torch.float32, local_files_only=True)
+                                                 dtype=torch.float32, local_files_only=True,
+                                                 trust_remote_code=False)
     except Exception as exc:  # a damaged file or an incompatible gguf / transformers
         raise ModelLoadError(f"transformers cannot read {path}: {type(exc).__name__}: {exc}"
                              ) from exc
@@ -59,7 +60,8 @@ def build(dest: Path, progress: Callable[[str, int, int], None] | None = None) -
     config = q.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are float now
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                               trust_remote_code=False)
     model.load_state_dict(q.state_dict(), strict=True)
     del q
     step(1)
