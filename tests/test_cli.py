@@ -82,7 +82,8 @@ def test_errors_exit_2_with_message():
     assert res.exit_code == 2 and "ModelLoadError" in res.output
     res = runner.invoke(app, ["eval", "vit-fmnist", "--data", "imagenet"])
     assert res.exit_code == 2
-    assert "is no built-in data set (digits-seq, fashion-mnist, trec, vader-movie)" in res.output
+    assert ("is no built-in data set (digits-seq, fashion-mnist, nyt-editorials, trec, "
+            "vader-movie)") in res.output
 
 
 def test_quantize_command(tmp_path):
@@ -240,3 +241,37 @@ def test_model_without_attention_in_every_command_that_fits(tmp_path):
     res = runner.invoke(app, ["export", "onnx", m, "--out", str(tmp_path / "f.onnx")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "f.onnx").is_file()
+
+
+@pytest.fixture(scope="module")
+def bare_bert(tmp_path_factory):
+    """A tiny random BertModel folder: a base model without any head."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("bare-bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, vocab_size=100, max_position_embeddings=16)
+              ).save_pretrained(folder)
+    return folder
+
+
+def test_task_option_reaches_the_loader_of_every_model_command(bare_bert, tmp_path):
+    """--task on prune / search / export / generate: a missing head is refused, base loads."""
+    out, onnx, xml = tmp_path / "o", tmp_path / "m.onnx", tmp_path / "m.xml"
+    model = str(bare_bert)
+    for cmd in (["prune", model, "--out", str(out)], ["search", model, "--out", str(out)],
+                ["export", "hls", model, "--out", str(out), "--float"],
+                ["export", "onnx", model, "--out", str(onnx)],
+                ["export", "openvino", model, "--out", str(xml)],
+                ["generate", model, "--prompt", "hi"]):
+        res = runner.invoke(app, [*cmd, "--task", "causal-lm"])
+        assert res.exit_code == 2, (cmd, res.output)
+        assert "ModelLoadError" in res.output and "--task base" in res.output, (cmd, res.output)
+        assert not out.exists() and not onnx.exists() and not xml.exists(), cmd  # nothing written
+        res = runner.invoke(app, [*cmd, "--task", "segmentation"])
+        assert res.exit_code == 2 and "'segmentation' is not a task" in res.output, cmd
+    res = runner.invoke(app, ["export", "onnx", model, "--out", str(onnx), "--task", "base"])
+    assert res.exit_code == 0, res.output
+    assert onnx.is_file()

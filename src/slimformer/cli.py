@@ -153,6 +153,11 @@ def _note(text: str) -> None:
 
 OVERWRITE_HELP = ("Replace an earlier slimformer output at --out (never a folder slimformer did "
                   "not write).")
+TaskOpt = Annotated[str | None, typer.Option(
+    "--task", help="Hugging Face model (folder or hf:TYPE): what it is and how it is judged: "
+    "base, sequence-classification, image-classification, causal-lm (perplexity), masked-lm, "
+    "sentence-embedding (mean-pooled, L2-normalized: embedding cosine, neighbours, probe), "
+    "image-features (pooled features: cosine, k-NN). Default: the config's architectures.")]
 MaxLoss = Annotated[str | None, typer.Option(
     "--max-loss", help="Loss budget of each stage vs its input (recipe max_loss): accuracy "
     "points (default 5), or a YAML mapping, e.g. '{accuracy_points: 2, min_sqnr_db: 20}' (the "
@@ -331,12 +336,12 @@ def _data_config(data: str | None, calib_data: str | None = None, eval_data: str
     return cfg
 
 
-def _spec(model: str, config: str | None):
+def _spec(model: str, config: str | None, task: str | None = None):
     """The spec of a CLI MODEL argument; a saved folder gets the global ``--trust-code``."""
     from slimformer.models.loading import parse_model_arg
     from slimformer.models.spec import ArtifactSpec
 
-    spec = parse_model_arg(model, config)
+    spec = parse_model_arg(model, config, task)
     factory = getattr(spec, "factory", None)
     if factory and factory != model and factory not in _said:  # named in a spec file: say so
         _said.add(factory)
@@ -348,12 +353,12 @@ def _spec(model: str, config: str | None):
     return spec
 
 
-def _load(model: str, config: str | None):
+def _load(model: str, config: str | None, task: str | None = None):
     """A loaded model; a saved folder is restored (its module: the quantized / pruned model)."""
-    return _load_any(model, config)[0]
+    return _load_any(model, config, task=task)[0]
 
 
-def _load_any(model: str, config: str | None, trust_code: bool = False):
+def _load_any(model: str, config: str | None, trust_code: bool = False, task: str | None = None):
     """``(loaded, model)``: ``loaded`` has the input specs and data set; ``model`` what to run.
 
     A saved folder (any slimformer artifact, or a run folder holding one) is restored by
@@ -363,7 +368,7 @@ def _load_any(model: str, config: str | None, trust_code: bool = False):
 
     from slimformer.stages.artifact import load
 
-    r = load(_spec(model, config), trust_code)
+    r = load(_spec(model, config, task), trust_code)
     return dataclasses.replace(r.loaded, module=r.module), r.module
 
 
@@ -372,13 +377,14 @@ def inspect(model: Annotated[str, typer.Argument(help="Zoo name, HF dir, timm:NA
                                                  "hf:MODEL_TYPE, pkg.mod:factory or spec file.")],
             config: Annotated[str | None, typer.Option(help="JSON kwargs/config for timm:, hf:, "
                                                        "factory models.")] = None,
-            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+            task: TaskOpt = None):
     """Print the discovered structure (norms -> Linears, attention, MLPs), params and MACs."""
     from slimformer.models.structure import discover
 
     con, err = _console()
     with _errors(), err.status("loading the model and tracing one forward pass"):
-        lm = _load(model, config)
+        lm = _load(model, config, task)
         smap = discover(lm.module, lm.example_inputs(2), require_attention=False)
     if as_json:
         print(json.dumps(smap.to_dict(), indent=2))
@@ -408,6 +414,9 @@ def inspect(model: Annotated[str, typer.Argument(help="Zoo name, HF dir, timm:NA
     con.print(t)
 
 
+LATENCY_BUDGET_S = 10.0  # eval: seconds per batch size before the default repeats stop
+
+
 @app.command("eval")
 def eval_(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
           data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
@@ -415,40 +424,90 @@ def eval_(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
           split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
           limit: Annotated[int | None, typer.Option(help="Evaluate the first N rows.")] = None,
           batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 256,
-          repeats: Annotated[int, typer.Option(help="Latency repeats.")] = 20,
+          repeats: Annotated[int | None, typer.Option(
+              help="Latency repeats. Default: 20, or fewer once a batch size took 10 s (a "
+              "large model at batch 32).", show_default=False)] = None,
           config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")] = None,
-          as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
-    """Metric, latency (median of repeated runs at batch 1 and 32) and size of a model."""
+          as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+          task: TaskOpt = None):
+    """Metric, latency (median of repeated runs at batch 1 and 32) and size of a model.
+
+    A model whose task is sentence-embedding, image-features or causal-lm prints its task's
+    metrics against its float model (itself, or a saved folder's base) on held-out rows.
+    """
     from slimformer.models.evaluate import measure_latency, model_size
     from slimformer.pipeline import evaluate_model, latency_inputs
+    from slimformer.stages.artifact import find
 
     con, _ = _console()
     with _errors():
         _bounded(limit=(limit, 1, 10**9), batch_size=(batch_size, 1, 4096),
                  repeats=(repeats, 1, 1000))
-        lm = _load(model, config)
+        lm = _load(model, config, task)
         rd = _run_data(lm, data, None, eval_data, limit, split)
         name, ds = rd.label, rd.get("eval")
+        metrics = _task_metrics(lm, rd, batch_size, saved=find(model) is not None)
         with _progress() as prog:
-            preds, labels = evaluate_model(lm.module, ds, batch_size, prog)
-            lat = {f"batch={b}": measure_latency(lm.module, latency_inputs(ds, b), repeats)
+            if metrics is None:
+                preds, labels = evaluate_model(lm.module, ds, batch_size, prog)
+            lat = {f"batch={b}": measure_latency(lm.module, latency_inputs(ds, b), repeats or 20,
+                                                 budget_s=None if repeats else LATENCY_BUDGET_S)
                    for b in (1, 32)}
-    result = {"model": model, "data": name, "split": split, "samples": len(labels),
+    result = {"model": model, "data": name, "split": split, "samples": len(ds),
               "accuracy": float((preds == labels).float().mean())
-              if getattr(ds, "has_labels", True) else None, "latency": lat,
+              if metrics is None and getattr(ds, "has_labels", True) else None, "latency": lat,
               "size": model_size(lm.module), "notes": rd.notes}
+    if metrics is not None:
+        result |= {"task": lm.task, "metrics": metrics}
     if as_json:
         print(json.dumps(result, indent=2))
         return
     acc = result["accuracy"]
-    con.print(f"{model} on {name}/{split} ({len(labels)} samples): " +
-              (f"accuracy {acc:.4f}" if acc is not None else "no labels: accuracy not measured"))
+    con.print(f"{model} on {name}/{split} ({len(ds)} samples): " +
+              (_task_line(lm.task, metrics) if metrics is not None else
+               f"accuracy {acc:.4f}" if acc is not None else "no labels: accuracy not measured"))
     for note in rd.notes:
         con.print(f"  note: {note}", markup=False)
     for b, s in lat.items():
         con.print(f"  latency {b}: median {s['median_ms']:.2f} ms (p90 {s['p90_ms']:.2f}, "
                   f"{s['repeats']} runs, {s['threads']} threads)")
     con.print(f"  size: {result['size']['params']:,} params, {result['size']['bytes']:,} bytes")
+
+
+def _task_metrics(lm, rd, batch_size: int, saved: bool = True) -> dict | None:
+    """Task metrics vs the float model for a model with a task of ``taskquality.TASKS``.
+
+    ``saved``: the model was restored from a saved folder (its float base is rebuilt); else it
+    is the float model itself, embedded once.
+    """
+    from slimformer.stages.taskquality import TASKS, task_metrics
+
+    if lm.task not in TASKS:
+        return None
+    from slimformer.models.loading import load_model
+
+    ref = load_model(lm.spec).module if saved else lm.module  # a saved folder's base, rebuilt
+    return task_metrics(lm.module, ref, lm.task, rd, min(batch_size, 64))
+
+
+def _task_line(task: str, m: dict) -> str:
+    """One line of a task's metrics (see ``stages.taskquality.task_metrics``)."""
+    if task == "causal-lm":
+        return (f"perplexity {m['perplexity']:.3f} (float {m['perplexity_float']:.3f}) on "
+                f"{m['tokens']:,} held-out tokens (window {m['window']}, stride {m['stride']}), "
+                f"next-token agreement with float {m['top1_agreement']:.4f}")
+    word = "embedding" if task == "sentence-embedding" else "feature"
+    line = (f"{word} cosine vs float mean {m[word + '_cosine_mean']:.4f} min "
+            f"{m[word + '_cosine_min']:.4f}")
+    if "neighbour_agreement" in m:
+        line += f", nearest-neighbour agreement {m['neighbour_agreement']:.4f}"
+    if "probe_accuracy" in m:
+        line += (f", probe accuracy {m['probe_accuracy']:.4f} (float "
+                 f"{m['probe_accuracy_float']:.4f}, fitted on {m['probe_train_rows']} float rows)")
+    if "knn_accuracy" in m:
+        line += (f", k-NN accuracy {m['knn_accuracy']:.4f} (float {m['knn_accuracy_float']:.4f}, "
+                 f"bank {m['knn_bank_rows']} float rows)")
+    return line
 
 
 @app.command()
@@ -479,11 +538,12 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
              config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
              = None,
              overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
-             set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None):
+             max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
+             set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+             task: TaskOpt = None):
     """Quantize a model post-training, compare it with FP32, save its inference form.
 
     Runs the one-stage recipe evaluate -> quantize -> evaluate through the pipeline: --out gets
-             max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
     the report and the quantized model in quantized/ (a MODEL for every other command).
     """
     from slimformer.stages.evaluate import EvaluateStage
@@ -499,7 +559,7 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
         result = _run_one(con, "quantize", model, config, [quiet, stage, quiet], out, overwrite,
                           _data_config(data, calib_data, eval_data, limit,
                                        max(CALIB_ROWS, stage.calib_samples)),
-                          max_loss, fail_on_loss)
+                          max_loss, fail_on_loss, task)
     before, q, after = result.report.stages
     con.print(f"{model} {stage.method} W{stage.weight_bits}A{stage.act_bits} on "
               f"{result.report.data['dataset']} "
@@ -518,6 +578,9 @@ def _quality(rec) -> str:
         agree = m.get("agreement")
         return f"accuracy {m['accuracy']:.4f}" + (f" (agreement {agree:.4f})"
                                                   if agree is not None and agree < 1 else "")
+    for key in ("perplexity", "embedding_cosine_mean", "feature_cosine_mean"):
+        if key in m:
+            return f"{key.replace('_', ' ')} {m[key]:.4f}"
     if "output_sqnr_db_min" in m:
         return (f"output SQNR {m['output_sqnr_db_min']:.1f} dB, cosine "
                 f"{m['output_cosine_min']:.5f}")
@@ -591,7 +654,8 @@ def _stage(cls, sets: list[str] | None = None, prefix: str | None = None, others
 
 
 def _run_one(con, name: str, model: str, config: str | None, stages: list, out: Path,
-             overwrite: bool, data_cfg, max_loss: str | None = None, fail_on_loss: bool = False):
+             overwrite: bool, data_cfg, max_loss: str | None = None, fail_on_loss: bool = False,
+             task: str | None = None):
     """Build the one-stage recipe of a compress command and run it through the pipeline.
 
     A stage's loss past the budget (``--max-loss``) is printed as a warning here.
@@ -600,11 +664,11 @@ def _run_one(con, name: str, model: str, config: str | None, stages: list, out: 
     from slimformer.recipe import OutputConfig, Recipe
     from slimformer.report.outdir import check_output
 
+    budget = _budget(max_loss, fail_on_loss)
     check_output(out, overwrite)  # before the model is loaded
     literal = str(out).replace("{", "{{").replace("}", "}}")  # a CLI path is no template
-    recipe = Recipe(name=name, model=_spec(model, config), data=data_cfg, stages=stages,
+    recipe = Recipe(name=name, model=_spec(model, config, task), data=data_cfg, stages=stages,
                     output=OutputConfig(dir=literal, overwrite=overwrite), max_loss=budget)
-    budget = _budget(max_loss, fail_on_loss)
     _say_code(con, recipe)
     with _progress() as prog:
         result = run_pipeline(recipe, prog)
@@ -657,11 +721,12 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
           config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
           = None,
           overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
-          set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None):
+          max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
+          set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+          task: TaskOpt = None):
     """Prune heads and MLP units (UPop or magnitude), fine-tune, save the smaller model.
 
     Runs the one-stage recipe evaluate -> prune -> evaluate through the pipeline: --out gets the
-          max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
     report and the pruned model in pruned/ (a MODEL for every other command).
     """
     from slimformer.stages.evaluate import EvaluateStage
@@ -676,7 +741,7 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
                        checkpoint=str(checkpoint) if checkpoint else None)
         quiet = EvaluateStage(latency_batch_sizes=[])
         result = _run_one(con, "prune", model, config, [quiet, stage, quiet], out, overwrite,
-                          _data_config(data, None, None, limit), max_loss, fail_on_loss)
+                          _data_config(data, None, None, limit), max_loss, fail_on_loss, task)
     before, p, after = result.report.stages
     m = p.metrics
     target = stage.target
@@ -726,11 +791,12 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
            config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
            = None,
            overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
-           set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None):
+           max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
+           set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+           task: TaskOpt = None):
     """Search sub-networks and per-layer bit-widths; print the measured Pareto front.
 
     Runs the one-stage recipe search through the pipeline: --out gets the report and search/
-           max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
     (a MODEL for every other command: the chosen float sub-network).
     """
     import optuna
@@ -753,7 +819,7 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
 
             open_storage(stage.search_config().storage_url())
         result = _run_one(con, "search", model, config, [stage], out, overwrite,
-                          _data_config(data), max_loss, fail_on_loss)
+                          _data_config(data), max_loss, fail_on_loss, task)
     rec = result.report.stages[-1]
     for note in rec.notes:
         con.print(note, markup=False, highlight=False)
@@ -870,11 +936,11 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
                                                           "inspect).")] = None,
                data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
                overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
+               max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
                set_: Annotated[list[str] | None, typer.Option(
                    "--set", help=SET_HELP + " Keys quantize.KEY go to the quantize stage.")]
-               = None):
+               = None, task: TaskOpt = None):
     """Quantize (power-of-two scales) and build an hls4ml project; C-simulate and estimate it.
-               max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
 
     Runs the one-stage recipe [quantize ->] hls through the pipeline: --out gets the report,
     the project in hls/ and the quantized model it was built from in quantized/. A MODEL that
@@ -906,7 +972,7 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
                                "quantized already, or --float); drop those --set items"],
                               "options")
         result = _run_one(con, "hls", model, config, stages, out, overwrite, _data_config(data),
-                          max_loss, fail_on_loss)
+                          max_loss, fail_on_loss, task)
     rec = result.report.stages[-1]
     project = out / "hls"
 
@@ -953,7 +1019,8 @@ def export_onnx_cmd(
         = False,
         trust_code: Annotated[bool, typer.Option("--trust-code", help="Allow a saved folder "
                                                  "that names a package.module:factory to run "
-                                                 "it.")] = False):
+                                                 "it.")] = False,
+        task: TaskOpt = None):
     """Write ONNX (QDQ for quantized models), check it with onnx.checker and ONNX Runtime."""
     from pydantic import ValidationError
 
@@ -973,7 +1040,7 @@ def export_onnx_cmd(
             raise ConfigError(format_errors(exc, OnnxConfig), "options") from None
         with _progress() as prog:
             prog("load model", 0, 1)
-            lm, net = _load_any(model, config, trust_code)
+            lm, net = _load_any(model, config, trust_code, task)
             prog("load model", 1, 1)
             prog("export: ONNX file (checked in ONNX Runtime)", 0, 1)
             res = export_onnx(net, out, _example_rows(lm, rows), cfg)
@@ -1043,7 +1110,8 @@ def export_openvino_cmd(
         = False,
         trust_code: Annotated[bool, typer.Option("--trust-code", help="Allow a saved folder "
                                                  "that names a package.module:factory to run "
-                                                 "it.")] = False):
+                                                 "it.")] = False,
+        task: TaskOpt = None):
     """Write an OpenVINO IR (from the openvino-form ONNX), check every output through OpenVINO."""
     from slimformer.export.config import OnnxConfig
     from slimformer.export.openvino import export_openvino, ov_latency
@@ -1055,7 +1123,7 @@ def export_openvino_cmd(
         _bounded(rows=(rows, 1, 4096), latency_batch=(latency_batch, 1, 1024))
         with _progress() as prog:
             prog("load model", 0, 1)
-            lm, net = _load_any(model, config, trust_code)
+            lm, net = _load_any(model, config, trust_code, task)
             prog("load model", 1, 1)
             prog("export: ONNX, OpenVINO IR, checked in OpenVINO", 0, 1)
             res = export_openvino(net, out, _example_rows(lm, rows),
@@ -1165,7 +1233,8 @@ def generate(model: Annotated[str, typer.Argument(help="A causal LM (as for insp
                  help="Tokenizer folder (default: the model's own folder).")] = None,
              config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
              = None,
-             as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+             as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+             task: TaskOpt = None):
     """Continue a prompt with a causal LM (KV cache): the text, prefill and decode tokens/s."""
     from slimformer.stages.generate import MAX_NEW_TOKENS, TEMPERATURE_RANGE, GenerateStage
 
@@ -1179,7 +1248,7 @@ def generate(model: Annotated[str, typer.Argument(help="A causal LM (as for insp
         from slimformer.stages.generate import generate_text
 
         with err.status("loading the model"):
-            loaded, module = _load_any(model, config)
+            loaded, module = _load_any(model, config, task=task)
         g, text = generate_text(module, loaded, stage)
     result = {"model": model, "prompt": prompt, "text": text, "new_ids": g.new_ids,
               "prompt_tokens": len(g.prompt_ids), "new_tokens": len(g.new_ids),

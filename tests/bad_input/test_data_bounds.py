@@ -245,3 +245,20 @@ def test_cli_refuses_a_deep_manifest_and_writes_nothing(saved, tmp_path, cli):
     assert "JSON nested more than 64 levels deep" in res.output
     no_traceback(res)
     assert _left(tmp_path, "m.onnx") == []
+
+
+def test_builtin_images_prepared_by_a_model_processor_are_bounded(tmp_path, monkeypatch):
+    """Fashion-MNIST through a 224x224 RGB processor: refused past MAX_TENSOR_BYTES, not OOM."""
+    from transformers import BitImageProcessor
+
+    from slimformer.data.datasets import get_dataset
+
+    BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}
+                      ).save_pretrained(tmp_path)
+    monkeypatch.setattr(limits, "MAX_TENSOR_BYTES", 8 << 20)  # 8 MiB: 13 images of 3x224x224
+    with pytest.raises(DataError, match=r"fashion-mnist test: 20 images prepared by the image "
+                       r"processor .* \(3x224x224 each\) would take 11 MiB, over the limit of "
+                       r"8 MiB \(slimformer.report.limits.MAX_TENSOR_BYTES\); use fewer rows"):
+        get_dataset("fashion-mnist", "test", limit=20, processor=tmp_path)
+    ds = get_dataset("fashion-mnist", "test", limit=13, processor=tmp_path)
+    assert ds.inputs["pixel_values"].shape == (13, 3, 224, 224)

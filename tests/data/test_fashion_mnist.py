@@ -41,7 +41,8 @@ def test_missing_data_names_the_package(tmp_path, monkeypatch):
 
 
 def test_unknown_dataset_and_split():
-    with pytest.raises(DataError, match="built-in ones: digits-seq, fashion-mnist, trec, vader-movie"):
+    with pytest.raises(DataError, match="built-in ones: digits-seq, fashion-mnist, "
+                       "nyt-editorials, trec, vader-movie"):
         get_dataset("cifar")
     with pytest.raises(DataError, match="no split 'val'"):
         get_dataset("fashion-mnist", "val")

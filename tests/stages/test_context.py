@@ -2,9 +2,12 @@
 
 import torch
 
-from slimformer.models.loading import load_model
+from slimformer.data.datasets import seeded_rows
+from slimformer.models.loading import load_model, parse_model_arg
 from slimformer.models.spec import ZooSpec
 from slimformer.stages.context import DataConfig, RunData
+from slimformer.stages.taskquality import EVAL_ROWS, TRAIN_ROWS, task_metrics
+from tests.data.test_datasets import build_tiny_dinov2
 
 
 def _rows(ds) -> set[bytes]:
@@ -54,3 +57,27 @@ def test_text_max_length_defaults_to_the_model_positions(tmp_path):
         "eval")
     assert ds.inputs["input_ids"].shape == (8, 64)
     assert run_batch(lm.module, ds.inputs).logits.shape == (8, 2)
+
+
+def test_image_features_default_to_fashion_mnist_through_the_processor(tmp_path):
+    lm = load_model(parse_model_arg(str(build_tiny_dinov2(tmp_path)), task="image-features"))
+    data = RunData(lm, DataConfig())
+    assert data.builtin == "fashion-mnist"
+    rows = EVAL_ROWS["image-features"]
+    assert data.get("eval").inputs["pixel_values"].shape == (rows, 3, 32, 32)  # processor's crop
+    assert any(f"first {rows} rows" in n for n in data.notes)
+    bank = data.sample("train", TRAIN_ROWS["image-features"])
+    assert bank.inputs["pixel_values"].shape == (TRAIN_ROWS["image-features"], 3, 32, 32)
+    res = task_metrics(lm.module, lm.module, "image-features", data, 64)
+    assert res["feature_cosine_mean"] > 0.9999 and res["samples"] == rows
+    assert res["knn_bank_rows"] == TRAIN_ROWS["image-features"]
+    assert res["knn_accuracy"] == res["knn_accuracy_float"] > 0.3  # 10 classes: chance is 0.1
+    small = RunData(lm, DataConfig(eval_limit=20))
+    assert len(small.get("eval")) == 20 and not small.notes
+
+
+def test_sample_of_a_plain_split_is_the_seeded_rows():
+    lm = load_model(ZooSpec(name="vit-digits-seq"))
+    data = RunData(lm, DataConfig())
+    full, part = data.get("train"), data.sample("train", 50)
+    torch.testing.assert_close(part.inputs["x"], full.inputs["x"][seeded_rows(len(full), 50)])

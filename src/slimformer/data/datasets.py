@@ -85,11 +85,29 @@ def _digits(split: str) -> TensorDictDataset:
     return TensorDictDataset({"x": x}, y)
 
 
-def _fashion_mnist(split: str) -> TensorDictDataset:
+def _fashion_mnist(split: str, processor=None, channels: int = 3, keep=None) -> TensorDictDataset:
     images, labels = fashion_mnist.load_arrays(split)
-    return TensorDictDataset(
-        {"pixel_values": fashion_mnist.normalize(images)}, torch.from_numpy(labels)
-    )
+    if keep is not None:  # only these rows are prepared
+        idx = keep(len(images)).numpy()
+        images, labels = images[idx], labels[idx]
+    if processor is None:
+        x = fashion_mnist.normalize(images)
+    else:
+        from slimformer.data.processor import image_processor
+        from slimformer.report import limits
+
+        run = image_processor(processor)
+        first = fashion_mnist.prepare(images[:1], run, channels)  # (1, C, H, W)
+        need = len(images) * first[0].numel() * first.element_size()
+        if need > limits.MAX_TENSOR_BYTES:
+            raise DataError(
+                f"fashion-mnist {split}: {len(images):,} images prepared by the image processor of "
+                f"{processor} ({'x'.join(map(str, first.shape[1:]))} each) would take "
+                f"{need / 2**20:,.0f} MiB, over the limit of {limits.mib(limits.MAX_TENSOR_BYTES)} "
+                "(slimformer.report.limits.MAX_TENSOR_BYTES); use fewer rows (--limit, "
+                "data.eval_limit) or give your own smaller data (--data)")
+        x = fashion_mnist.prepare(images, run, channels)
+    return TensorDictDataset({"pixel_values": x}, torch.from_numpy(labels))
 
 
 @dataclass(frozen=True)
@@ -136,27 +154,58 @@ DATASETS: dict[str, DatasetInfo] = {
 
 
 TEXT_SETS = ("vader-movie", "trec", "nyt-editorials")  # tokenized: take a model's tokenizer
+IMAGE_SETS = ("fashion-mnist",)  # images: prepared by a model's image processor when given
+
+
+def seeded_rows(total: int, n: int, seed: int = 0) -> torch.Tensor:
+    """``min(n, total)`` distinct row indices drawn with ``seed``, ascending: ``(n,)`` int64."""
+    idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+    return idx.sort().values
 
 
 def get_dataset(name: str, split: str = "test", limit: int | None = None,
-                tokenizer=None) -> TensorDictDataset:
+                tokenizer=None, processor=None, channels: int = 3,
+                sample: int | None = None) -> TensorDictDataset:
     """Return split ``split`` of built-in data set ``name``, optionally its first ``limit`` rows.
 
-    ``tokenizer``: a model's Hugging Face folder whose tokenizer encodes a text set (default
-    MiniLM's); ignored by the other sets.
+    Args:
+        name: A key of :data:`DATASETS`.
+        split: One of its splits.
+        limit: Keep the first ``limit`` rows (of the sample, when ``sample`` is given).
+        tokenizer: A model's Hugging Face folder whose tokenizer encodes a text set (default
+            MiniLM's); ignored by the other sets.
+        processor: A model's Hugging Face folder with a ``preprocessor_config.json``: an image
+            set (:data:`IMAGE_SETS`) is prepared by its image processor (Fashion-MNIST: grey
+            copied to ``channels`` RGB channels, resized / cropped / normalized as the model
+            expects: ``(N, C, H, W)``), only the rows kept (``sample``, ``limit``) are prepared,
+            and at most :data:`slimformer.report.limits.MAX_TENSOR_BYTES` of them. Ignored by
+            the other sets.
+        channels: 3 or 1, the model's input channels (with ``processor``).
+        sample: Keep ``sample`` rows drawn with seed 0 (:func:`seeded_rows`), in split order.
+
+    Raises:
+        DataError: Unknown set or split, ``limit`` < 1, prepared images over the byte limit.
     """
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; built-in ones: {', '.join(sorted(DATASETS))}")
     info = DATASETS[name]
     if split not in info.splits:
         raise DataError(f"data set {name!r} has no split {split!r}; allowed: {info.splits}")
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be >= 1, got {limit}")
+
+    def keep(total: int) -> torch.Tensor:  # the rows kept: a seeded sample, then the first limit
+        idx = seeded_rows(total, sample) if sample is not None else torch.arange(total)
+        return idx[:limit] if limit is not None else idx
+
+    if processor is not None and name in IMAGE_SETS:
+        return info.load(split, processor, channels, keep)
     ds = info.load(split, tokenizer) if tokenizer is not None and name in TEXT_SETS else \
         info.load(split)
-    if limit is not None:
-        if limit < 1:
-            raise DataError(f"limit must be >= 1, got {limit}")
-        n = min(limit, len(ds))
-        ds = ds.select(slice(0, n))
+    if sample is not None:
+        ds = ds.select(keep(len(ds)))
+    elif limit is not None:
+        ds = ds.select(slice(0, min(limit, len(ds))))
     return ds
 
 

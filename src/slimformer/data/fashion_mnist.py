@@ -75,3 +75,22 @@ def normalize(images: np.ndarray):
 
     x = torch.from_numpy(np.array(images, dtype=np.uint8)).float().div_(255.0)
     return x.sub_(MEAN).div_(STD).unsqueeze(1)
+
+
+def prepare(images: np.ndarray, processor, channels: int = 3, batch: int = 64):
+    """``(N, 28, 28) uint8`` -> ``(N, C, H, W)`` float32 by an image processor.
+
+    Args:
+        images: Grey images.
+        processor: PIL images -> pixel values, e.g.
+            :func:`slimformer.data.processor.image_processor` of a model folder.
+        channels: 3 (grey copied to RGB, as the processor then expects) or 1.
+        batch: Images per processor call.
+    """
+    import torch
+    from PIL import Image
+
+    mode = "L" if channels == 1 else "RGB"
+    chunks = [processor([Image.fromarray(a).convert(mode) for a in images[i:i + batch]])
+              for i in range(0, len(images), batch)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, channels, 28, 28)

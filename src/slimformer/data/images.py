@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from slimformer.data.datasets import TensorDictDataset
+from slimformer.data.processor import check_size, has_processor, image_processor
 from slimformer.errors import DataError
 from slimformer.report import limits
 
@@ -99,7 +100,7 @@ def _explicit(spec, model_shape, channels: int) -> Callable[[list], torch.Tensor
     if size is None:
         raise DataError(f"{spec.path}: give size: [height, width]; the model's input size is unknown")
     h, w = (size, size) if isinstance(size, int) else size
-    _check_size(spec.path, "size", max(h, w))
+    check_size(spec.path, "size", max(h, w))
     stats = []
     for name, v in (("mean", spec.mean), ("std", spec.std)):
         if len(v) not in (1, channels):
@@ -113,37 +114,6 @@ def _explicit(spec, model_shape, channels: int) -> Callable[[list], torch.Tensor
             a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, H, W)
             arrays.append((a - stats[0]) / stats[1])
         return torch.from_numpy(np.stack(arrays))
-
-    return run
-
-
-def _check_size(where, key: str, side: int) -> None:
-    if side > limits.MAX_IMAGE_SIZE:
-        raise DataError(f"{where}: {key} {side} pixels a side is over the limit of "
-                        f"{limits.MAX_IMAGE_SIZE} (slimformer.report.limits.MAX_IMAGE_SIZE)")
-
-
-def _processor(folder: Path) -> Callable[[list], torch.Tensor]:
-    from transformers import AutoImageProcessor
-
-    try:
-        proc = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{folder}: cannot load its image processor config ({exc})") from None
-    for key in ("size", "crop_size"):  # an int, a dict or a SizeDict of sides (and pixel counts)
-        value = getattr(proc, key, None)
-        items = value.items() if isinstance(value, dict) else vars(value).items() \
-            if hasattr(value, "__dict__") else [("", value)]
-        for name, side in items:
-            if isinstance(side, int) and not name.endswith("pixels"):
-                _check_size(folder / "preprocessor_config.json", key, side)
-
-    def run(images: list) -> torch.Tensor:
-        try:
-            return proc(images=images, return_tensors="pt")["pixel_values"].float()
-        except (ValueError, RuntimeError, TypeError) as exc:
-            raise DataError(f"the image processor of {folder} failed on these images ({exc}); give "
-                            f"channels / size / mean / std explicitly") from None
 
     return run
 
@@ -162,12 +132,12 @@ def load_image_folder(spec, model_inputs=None, model_dir=None, limit: int | None
     channels = spec.channels or (model_shape[1] if model_shape and model_shape[1] in (1, 3) else 3)
     explicit = spec.mean is not None or spec.std is not None or spec.size is not None
     folder = Path(spec.processor) if spec.processor else Path(model_dir) if model_dir else None
-    if not explicit and (folder is None or not (folder / "preprocessor_config.json").is_file()):
+    if not explicit and not has_processor(folder):
         where = (f"{folder} has no preprocessor_config.json" if folder
                  else "the model has no image processor config")
         raise DataError(f"{spec.path}: {where}; give the preprocessing: size, mean and std (and "
                         f"channels: 1 for grey)")
-    run = _explicit(spec, model_shape, channels) if explicit else _processor(folder)
+    run = _explicit(spec, model_shape, channels) if explicit else image_processor(folder)
     mode = "L" if channels == 1 else "RGB"
     chunks = [run([_open(f, mode) for f in files[i:i + BATCH]]) for i in range(0, len(files), BATCH)]
     y = torch.tensor(labels, dtype=torch.long) if labels is not None else None

@@ -123,16 +123,30 @@ def evaluate(model: torch.nn.Module, loader: Iterable, reference: torch.nn.Modul
 
 @torch.no_grad()
 def measure_latency(model: torch.nn.Module, inputs: dict[str, torch.Tensor], repeats: int = 20,
-                    warmup: int = 3) -> dict[str, float]:
-    """Median / p90 wall time in ms of ``model(**inputs)`` over ``repeats`` runs after warm-up."""
+                    warmup: int = 3, budget_s: float | None = None) -> dict[str, float]:
+    """Median / p90 wall time in ms of ``model(**inputs)`` over ``repeats`` runs after warm-up.
+
+    ``budget_s``: stop warming up and repeating once this many seconds are spent (at least one
+    warm-up run and 3 timed runs); ``repeats`` in the result says how many ran.
+    """
     model.eval()
+    start = time.perf_counter()
+
+    def spent() -> bool:
+        return budget_s is not None and time.perf_counter() - start > budget_s
+
     for _ in range(warmup):
         run_batch(model, inputs)
+        if spent():
+            break
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         run_batch(model, inputs)
         times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 3 and spent():
+            break
+    repeats = len(times)
     times.sort()
     return {
         "median_ms": statistics.median(times),

@@ -33,6 +33,7 @@ class LoadedModel:
     input_specs: dict[str, S.InputSpec]
     dataset: str | None = None  # built-in evaluation data set (zoo models)
     task: str = "auto"  # Hugging Face task it is judged by (models.hf); "auto": by its outputs
+    folder: Path | None = None  # the Hugging Face folder it was loaded from (tokenizer, processor)
 
     def example_inputs(self, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
         """Synthetic inputs ``{name: (batch, ...)}`` matching :attr:`input_specs`."""
@@ -206,7 +207,7 @@ def load_model(spec) -> LoadedModel:
         shapes = CATALOG[spec.name].inputs
         inputs = {k: S.InputSpec(shape=list(shape), dtype=dtype, high=high)
                   for k, (shape, dtype, high) in shapes.items()} if shapes else infer_inputs(model)
-        return LoadedModel(model, spec, inputs, task=task)
+        return LoadedModel(model, spec, inputs, task=task, folder=Path(folder))
     if isinstance(spec, S.ZooSpec):
         from slimformer.models.zoo import get_entry, load_zoo_model
 
@@ -237,7 +238,8 @@ def load_model(spec) -> LoadedModel:
         inputs = infer_inputs(model)
     task = resolve_task(spec.task, model) if isinstance(spec, S.HfDirSpec | S.HfConfigSpec) \
         else "auto"
-    return LoadedModel(model, spec, dict(inputs), task=task)
+    folder = Path(spec.path) if isinstance(spec, S.HfDirSpec) else None
+    return LoadedModel(model, spec, dict(inputs), task=task, folder=folder)
 
 
 def _timm_inputs(model: torch.nn.Module, spec: S.TimmSpec) -> dict[str, S.InputSpec]:

@@ -178,13 +178,68 @@ class RunData:
                for role in ("source", "calib", "eval") if getattr(c, role) is not None]
         return ", ".join(own) if own else str(self.builtin)
 
+    def _folder(self) -> Path | None:
+        """The Hugging Face folder the model was loaded from (an HF folder, a real zoo model)."""
+        folder = getattr(self.loaded, "folder", None)
+        if folder is None and getattr(self.loaded.spec, "source", None) == "hf_dir":
+            folder = getattr(self.loaded.spec, "path", None)
+        return Path(folder) if folder is not None else None
+
     def tokenizer(self) -> str | None:
         """The model's own Hugging Face folder when it holds a tokenizer (for built-in text)."""
-        path = getattr(self.loaded.spec, "path", None)
-        if path is None or getattr(self.loaded.spec, "source", None) != "hf_dir":
-            return None
+        path = self._folder()
         names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
-        return path if any((Path(path) / n).is_file() for n in names) else None
+        return str(path) if path and any((path / n).is_file() for n in names) else None
+
+    def processor(self) -> str | None:
+        """The model's own Hugging Face folder when it holds an image processor config.
+
+        Built-in image sets (Fashion-MNIST) are then prepared by that processor (RGB, resized,
+        cropped, normalized as the model was trained), see :func:`~slimformer.data.datasets.get_dataset`.
+        """
+        from slimformer.data.processor import has_processor
+
+        path = self._folder()
+        return str(path) if has_processor(path) else None
+
+    def _builtin(self, split: str, **rows):
+        """Split ``split`` of the built-in set, prepared for the model (``rows``: limit, sample)."""
+        from slimformer.data.datasets import get_dataset
+
+        spec = next(iter(self.loaded.input_specs.values()), None)
+        shape = getattr(spec, "shape", None) or ()
+        channels = shape[1] if len(shape) == 4 and shape[1] in (1, 3) else 3
+        return get_dataset(self.builtin, split, tokenizer=self.tokenizer(),
+                           processor=self.processor(), channels=channels, **rows)
+
+    def eval_limit(self) -> int | None:
+        """Evaluation rows: ``data.eval_limit``, else the task's default (:data:`EVAL_ROWS`)."""
+        from slimformer.stages.taskquality import EVAL_ROWS
+
+        return self.cfg.eval_limit or EVAL_ROWS.get(getattr(self.loaded, "task", None))
+
+    def sample(self, role: str, rows: int):
+        """``rows`` rows of ``role`` drawn with seed 0 (all when fewer), in their order, once.
+
+        Of a built-in set only these rows are prepared (an image processor's 224x224 RGB
+        Fashion-MNIST would not fit in memory whole).
+        """
+        key = f"{role}/{rows}"
+        if key in self._cache:
+            return self._cache[key]
+        c = self.cfg
+        given = c.eval if role == "eval" else c.calib
+        if given is None and c.source is None and self.builtin is not None and role != "eval":
+            split = c.calib_split if role == "calib" else "train"
+            ds = self._builtin(split, sample=rows)
+            self._note(check_fit(self.loaded, ds, self.builtin))
+        else:
+            from slimformer.data.datasets import seeded_rows
+
+            full = self.get(role)
+            ds = full.select(seeded_rows(len(full), rows))
+        self._cache[key] = ds
+        return ds
 
     def _load(self, source):
         from slimformer.data.sources import load_source
@@ -219,12 +274,9 @@ class RunData:
             ds = self._load(self.cfg.val)
             self._note(check_fit(self.loaded, ds, self._where(self.cfg.val)))
             return ds, f"{len(ds)} rows of {getattr(self.cfg.val, 'path', self.cfg.val)}"
-        from slimformer.data.datasets import get_dataset
-
         c = self.cfg
         if c.source is None and c.eval is None and self.builtin is not None:
-            full, what = get_dataset(self.builtin, c.eval_split, tokenizer=self.tokenizer()), \
-                f"the {c.eval_split} split"
+            full, what = self._builtin(c.eval_split), f"the {c.eval_split} split"
         else:
             full, what = self.get("eval"), "the evaluation rows"
         used = len(self.get("eval")) if full is not self.get("eval") else len(full)
@@ -247,8 +299,6 @@ class RunData:
         """The data set for ``role`` (``eval``, ``calib`` or ``train``), loaded once, checked."""
         if role in self._cache:
             return self._cache[role]
-        from slimformer.data.datasets import get_dataset
-
         c = self.cfg
         given = c.eval if role == "eval" else c.calib
         if given is not None:
@@ -257,15 +307,19 @@ class RunData:
             ds = self._split()[1 if role == "eval" else 0]
         elif self.builtin is None:
             raise DataError(f"no {role} data: give data.{'eval' if role == 'eval' else 'calib'}")
-        elif role == "eval":
-            ds = get_dataset(self.builtin, c.eval_split, tokenizer=self.tokenizer())
+        elif role == "eval":  # only the rows evaluated are prepared
+            ds = self._builtin(c.eval_split, limit=self.eval_limit())
         else:
-            ds = get_dataset(self.builtin, c.calib_split if role == "calib" else "train",
-                             tokenizer=self.tokenizer())
-        if role == "eval" and c.eval_limit is not None and c.eval_limit < len(ds):
+            ds = self._builtin(c.calib_split if role == "calib" else "train")
+        limit = self.eval_limit() if role == "eval" else None
+        if limit is not None and limit < len(ds):
             import torch
 
-            ds = ds.select(torch.arange(c.eval_limit))
+            ds = ds.select(torch.arange(limit))
+        if role == "eval" and c.eval_limit is None and limit is not None and len(ds) == limit:
+            self._note(f"evaluated on the first {limit} rows, the default of task "
+                       f"{self.loaded.task} (bounded time); give --limit / data.eval_limit "
+                       "for more")
         self._note(check_fit(self.loaded, ds, self._where(given or c.source or self.builtin)))
         self._cache[role] = ds
         return ds

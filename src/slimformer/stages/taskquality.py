@@ -5,7 +5,12 @@ The model's task (:mod:`slimformer.models.hf`) picks them: ``sentence-embedding`
 k-NN accuracy where labels exist), ``causal-lm`` by perplexity and next-token agreement
 (:mod:`slimformer.models.taskeval`). Always on the run's evaluation rows (a built-in set's test
 split, or the rows of the user's data kept apart from calibration); the probe and the k-NN bank
-use the FLOAT model's embeddings of up to :data:`TRAIN_ROWS` training rows.
+use the FLOAT model's embeddings of up to :data:`TRAIN_ROWS` training rows (seeded sample).
+
+Row counts bound the time: a vision backbone sees the built-in Fashion-MNIST through its own
+image processor (e.g. DINOv2-small: 3x224x224, about 0.1-0.2 s an image on 2 CPU cores), so
+``image-features`` evaluates the first :data:`EVAL_ROWS` test rows (unless ``--limit`` /
+``data.eval_limit`` says otherwise) with a k-NN bank of :data:`TRAIN_ROWS` training rows.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ if TYPE_CHECKING:
     import torch
 
 TASKS = ("sentence-embedding", "image-features", "causal-lm")
-DEFAULT_DATA = {"sentence-embedding": "vader-movie", "causal-lm": "nyt-editorials"}
-TRAIN_ROWS = 2000  # labelled training rows for the probe / k-NN bank (seeded sample)
+DEFAULT_DATA = {"sentence-embedding": "vader-movie", "causal-lm": "nyt-editorials",
+                "image-features": "fashion-mnist"}
+TRAIN_ROWS = {"sentence-embedding": 2000, "image-features": 500}  # probe / k-NN bank rows
+EVAL_ROWS = {"image-features": 250}  # default evaluation rows (else all of the split)
 MAX_TOKENS = 8192  # tokens of the evaluation rows scored for perplexity
 MAX_WINDOW = 1024  # longest perplexity window (less when the model has fewer positions)
 
@@ -68,18 +75,13 @@ def task_metrics(model: torch.nn.Module, reference: torch.nn.Module, task: str, 
 
 def _labelled(ref, got, y, task, reference, data, batch_size, cache) -> dict:
     """Probe (sentence embeddings) or k-NN (image features) accuracy on the float train rows."""
-    import torch
-
     from slimformer.data.datasets import make_loader
     from slimformer.models import taskeval as T
 
     key = (id(reference), "train")
-    if key not in cache:
-        train = data.get("train")
-        n = min(TRAIN_ROWS, len(train))
-        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]
-        cache[key] = T.embed(reference, make_loader(train.select(idx.sort().values), batch_size),
-                             task)
+    if key not in cache:  # a seeded sample (seed 0): only these rows are prepared
+        cache[key] = T.embed(reference, make_loader(data.sample("train", TRAIN_ROWS[task]),
+                                                    batch_size), task)
     bank, bank_y = cache[key]
     if task == "sentence-embedding":
         acc = T.probe_accuracy(bank, bank_y, {"m": got, "f": ref}, y)
