@@ -92,6 +92,28 @@ def test_quantized_folder_generates_with_the_cache_as_without(quantized):
     assert got["text"] == text and len(cached.new_ids) >= 1
 
 
+def test_pruned_folder_generates_with_the_cache_as_without(lm, tmp_path):
+    """Heads and MLP units cut (grouped-query attention kept consistent): the cache still agrees."""
+    from slimformer.models.loading import parse_model_arg
+    from slimformer.stages.artifact import load
+    from slimformer.stages.generate import GenerateStage, generate_text
+
+    out = tmp_path / "p"
+    res = CliRunner().invoke(app, ["-q", "prune", str(lm), "--out", str(out), "--method",
+                                   "magnitude", "--ratio", "0.3", "--finetune-steps", "0",
+                                   "--limit", "16"])
+    assert res.exit_code == 0, res.output
+    got = _generate(out, "--prompt", PROMPT, "--max-new-tokens", 10)
+    r = load(parse_model_arg(str(out)))
+    assert r.applied == ["prune"]
+    stage = GenerateStage(prompt=PROMPT, max_new_tokens=10)
+    uncached, _ = generate_text(r.module, r.loaded, stage, use_cache=False)
+    assert got["new_ids"] == uncached.new_ids
+    ids = torch.tensor([uncached.prompt_ids])
+    ref = r.module.generate(ids, max_new_tokens=10, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert got["new_ids"] == ref
+
+
 def test_sampling_is_seeded_and_chat_template_applies(lm):
     a = _generate(lm, "--prompt", PROMPT, "--sample", "--temperature", 2, "--seed", 3)
     b = _generate(lm, "--prompt", PROMPT, "--sample", "--temperature", 2, "--seed", 3)
