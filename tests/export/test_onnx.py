@@ -84,7 +84,12 @@ def test_zoo_parity_and_eval_set_agreement(name, tmp_path):
     inf = _quantized(lm, calib, QuantConfig(method="repq", calib_samples=64, embedding_bits=8))
     q = export_onnx(inf, tmp_path / "q.onnx", x)
     steps = min(p["within_1_step"] for p in q.parity.values())
-    assert steps >= 0.7, q.parity
+    if q.form["float_attention"] and q.ops.get("Attention"):
+        # ONNX Runtime runs attention in float where the simulated model quantizes it: outputs
+        # differ by more than one output step by design; judge the distance by SQNR instead
+        assert min(p["sqnr_db"] for p in q.parity.values()) >= 30, q.parity
+    else:
+        assert steps >= 0.7, q.parity
     sim, _ = evaluate_model(inf, test)
     ort = predict(tmp_path / "q.onnx", test)
     agree = float((sim == ort).float().mean())
