@@ -135,7 +135,7 @@ def _calibrate(model: nn.Module, config: QuantConfig, calib_data, structure, tic
     validated on, recorded in ``choices``; None: choices by cross-validation on ``calib_data``.
     """
     from slimformer.quantize.build import build
-    from slimformer.quantize.holdout import Rows, decide, held_samples
+    from slimformer.quantize.holdout import MIN_ROUNDING_HELD, Rows, decide, held_samples
     from slimformer.quantize.reconstruct import reconstruct_linear
     from slimformer.quantize.repq import reparameterize
     from slimformer.quantize.select import (
@@ -227,12 +227,21 @@ def _calibrate(model: nn.Module, config: QuantConfig, calib_data, structure, tic
         nearest = _output_error(qmodel, held, config, refs)
         choice = decide("model", "learned rounding", {"nearest": nearest, "learned": with_round},
                         MARGIN)
+        few = len(held) < MIN_ROUNDING_HELD
+        if few and choice.kept == "learned":
+            choice = SiteChoice("model", "learned rounding", choice.errors, "nearest",
+                                f"; {len(held)} held-out rows are too few to judge it (at least "
+                                f"{MIN_ROUNDING_HELD}: give more calibration rows)")
         choices.append(choice)
         if choice.kept == "learned":  # clearly better: small gains do not carry over
             for lq in lqs:
                 lq.alpha = saved[lq.name]
             notes.append(f"learned rounding kept: model output error {nearest:.4g} -> "
                          f"{with_round:.4g} on held-out calibration rows")
+        elif few:
+            notes.append(f"learned rounding dropped: {len(held)} held-out calibration rows are "
+                         f"too few to judge it (at least {MIN_ROUNDING_HELD}; model output error "
+                         f"{nearest:.4g} -> {with_round:.4g} there)")
         else:
             notes.append(f"learned rounding dropped: it did not cut the model output error on "
                          f"held-out calibration rows by {100 * (1 - MARGIN):.0f}% ({nearest:.4g} "
