@@ -83,8 +83,8 @@ def _own_data(tmp: Path) -> None:
     rows = [("a wonderful, moving film", "pos"), ("dull and far too long", "neg")] * 80
     (tmp / "reviews.csv").write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in rows))
     images, labels = load_arrays("test")
-    for i in range(64):  # real Fashion-MNIST images as PNG files in class sub-folders
-        d = tmp / "photos" / f"class{labels[i]}"
+    for i in range(64):  # real Fashion-MNIST images as PNG files in class sub-folders 0/ .. 9/
+        d = tmp / "photos" / f"{labels[i]}"  # (names must be the model's: T-shirt/top is no name)
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.asarray(images[i], dtype=np.uint8)).save(d / f"{i}.png")
 

@@ -38,8 +38,9 @@ def test_all_problems_reported_with_paths():
     assert ("nmae: unknown key; allowed keys: data, max_loss, model, name, output, seed, stages, "
             "version") in text
     assert "seed: Input should be greater than or equal to 0, got -1" in text
-    assert ("model.name: unknown zoo model 'no-such-model'; the zoo has: clip-fmnist, minilm-trec, "
-            "minilm-vader, vit-digits-seq, vit-fmnist") in text
+    assert ("model.name: unknown zoo model 'no-such-model'; the zoo has: clip-fmnist, dinov2-small, "
+            "minilm-l6, minilm-trec, minilm-vader, mpnet-base, smollm2-135m, vit-digits-seq, "
+            "vit-fmnist") in text
     assert "model.extra: unknown key; allowed keys: name, source" in text
     assert "data.batch_size: Input should be a valid integer" in text
     assert "data.eval_limit: Input should be greater than or equal to 1, got 0" in text
