@@ -324,16 +324,9 @@ def latency_worker(args) -> None:
                 if Path(d.path).suffix == ".onnx":
                     times[c].append(time_session(d.sess, x, reps, 1)["median_ms"])
                 else:
-                    from slimformer.export.openvino import _feeds
+                    from slimformer.export.openvino import time_compiled
 
-                    f = _feeds(d.sess, x)
-                    d.sess(f)
-                    ts = []
-                    for _ in range(reps):
-                        t0 = time.perf_counter()
-                        d.sess(f)
-                        ts.append((time.perf_counter() - t0) * 1e3)
-                    times[c].append(statistics.median(ts))
+                    times[c].append(statistics.median(time_compiled(d.sess, x, reps, 1)))
         for c, ts in times.items():
             out.setdefault(c, {})[f"b{b}"] = statistics.median(ts)
         del deps

@@ -100,7 +100,15 @@ def run_all(compiled, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 def ov_latency(model, inputs: dict[str, torch.Tensor], repeats: int = 30, warmup: int = 5,
                threads: int = 2, precision: str = "f32") -> dict[str, float]:
     """Median / p90 wall time (ms) of one OpenVINO CPU inference (see :func:`compile_model`)."""
-    compiled = compile_model(model, precision, threads)
+    times = time_compiled(compile_model(model, precision, threads), inputs, repeats, warmup)
+    return {"median_ms": statistics.median(times),
+            "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))], "repeats": repeats,
+            "threads": threads, "precision": precision}
+
+
+def time_compiled(compiled, inputs: dict[str, torch.Tensor], repeats: int = 30,
+                  warmup: int = 5) -> list[float]:
+    """Sorted wall times (ms) of ``repeats`` inferences of a compiled OpenVINO model."""
     req = compiled.create_infer_request()
     f = _feeds(compiled, inputs)
     for _ in range(warmup):
@@ -110,10 +118,7 @@ def ov_latency(model, inputs: dict[str, torch.Tensor], repeats: int = 30, warmup
         t0 = time.perf_counter()
         req.infer(f)
         times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return {"median_ms": statistics.median(times),
-            "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))], "repeats": repeats,
-            "threads": threads, "precision": precision}
+    return sorted(times)
 
 
 def ov_predict(model, dataset, batch_size: int = 256, threads: int = 2,
