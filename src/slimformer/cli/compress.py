@@ -1,0 +1,217 @@
+"""``quantize``, ``prune`` and ``search``: one-stage recipes run through the pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from slimformer.cli.common import _console, _debugging, _errors, _table
+from slimformer.cli.options import (
+    CALIB_HELP,
+    CALIB_ROWS,
+    DATA_HELP,
+    EVAL_HELP,
+    OVERWRITE_HELP,
+    SET_HELP,
+    FailOnLoss,
+    MaxLoss,
+    TaskOpt,
+    _data_config,
+    _quality,
+    _run_one,
+    _stage,
+)
+
+
+def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
+             out: Annotated[Path, typer.Option(help="Folder for the quantized model.")],
+             method: Annotated[str, typer.Option(help="minmax | percentile | repq | "
+                                                 "repquant")] = "repq",
+             weight_bits: Annotated[int, typer.Option(help="Weight bits (2..8).")] = 8,
+             act_bits: Annotated[int, typer.Option(help="Activation bits (2..8).")] = 8,
+             calib_samples: Annotated[int, typer.Option(help="Calibration rows.")] = 128,
+             softmax: Annotated[str, typer.Option(help="auto | log_sqrt2 | log2 | uniform | "
+                                                  "none (attention probabilities).")] = "auto",
+             symmetric: Annotated[bool, typer.Option(help="Symmetric (zero point 0) weights "
+                                                     "and activations.")] = False,
+             power_of_two_scales: Annotated[bool, typer.Option(
+                 help="Power-of-two scales (exact ap_fixed types for export hls).")] = False,
+             embedding_bits: Annotated[int | None, typer.Option(
+                 help="Quantize embedding tables to this many bits (2..8).")] = None,
+             clip_steps: Annotated[int, typer.Option(help="repquant: dual-clipping steps.")]
+             = 100,
+             recon_steps: Annotated[int, typer.Option(help="repquant: weight-reconstruction "
+                                                      "steps.")] = 100,
+             data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
+             calib_data: Annotated[str | None, typer.Option(help=CALIB_HELP)] = None,
+             eval_data: Annotated[str | None, typer.Option(help=EVAL_HELP)] = None,
+             limit: Annotated[int | None, typer.Option(help="Evaluate on the first N test "
+                                                       "rows.")] = None,
+             config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
+             = None,
+             overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
+             max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
+             set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+             task: TaskOpt = None):
+    """Quantize a model post-training, compare it with FP32, save its inference form.
+
+    Runs the one-stage recipe evaluate -> quantize -> evaluate through the pipeline: --out gets
+    the report and the quantized model in quantized/ (a MODEL for every other command).
+    """
+    from slimformer.stages.evaluate import EvaluateStage
+    from slimformer.stages.quantize import QuantizeStage
+
+    con, _ = _console()
+    with _errors():
+        stage = _stage(QuantizeStage, set_, method=method, weight_bits=weight_bits, act_bits=act_bits,
+                       calib_samples=calib_samples, softmax=softmax, symmetric=symmetric,
+                       power_of_two_scales=power_of_two_scales, embedding_bits=embedding_bits,
+                       clip_steps=clip_steps, recon_steps=recon_steps)
+        quiet = EvaluateStage(latency_batch_sizes=[])
+        result = _run_one(con, "quantize", model, config, [quiet, stage, quiet], out, overwrite,
+                          _data_config(data, calib_data, eval_data, limit,
+                                       max(CALIB_ROWS, stage.calib_samples)),
+                          max_loss, fail_on_loss, task)
+    before, q, after = result.report.stages
+    con.print(f"{model} {stage.method} W{stage.weight_bits}A{stage.act_bits} on "
+              f"{result.report.data['dataset']} "
+              f"({after.metrics['samples']} rows): {_quality(before)} -> {_quality(after)}"
+              f"; calibration {q.metrics['calib_seconds']:.1f} s on {q.metrics['calib_samples']} "
+              "samples")
+    for note in q.notes:
+        con.print(f"  - {note}", markup=False, highlight=False)
+    con.print(f"saved to {out}/ (report, quantized/)")
+
+
+
+def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
+          out: Annotated[Path, typer.Option(help="Folder for the pruned model.")],
+          ratio: Annotated[float, typer.Option(help="Fraction of the prunable params/MACs to "
+                                               "remove, in (0, 1); 0.5 = 2x.")] = 0.5,
+          target: Annotated[str, typer.Option(help="params | macs")] = "params",
+          method: Annotated[str, typer.Option(help="upop | magnitude")] = "upop",
+          structures: Annotated[str, typer.Option(help="Comma list of: heads, dims, mlp.")]
+          = "heads,mlp",
+          score: Annotated[str, typer.Option(help="UPop ranking: gradient (the paper's) | "
+                                             "taylor (squared gradients, the default).")] = "taylor",
+          search_steps: Annotated[int, typer.Option(help="UPop search steps.")] = 200,
+          finetune_steps: Annotated[int, typer.Option(help="Fine-tuning steps.")] = 500,
+          batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 64,
+          lr: Annotated[float, typer.Option(help="Fine-tuning learning rate.")] = 3e-4,
+          distill: Annotated[float, typer.Option(help="Distillation weight in [0, 1].")] = 0.5,
+          data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
+          limit: Annotated[int | None, typer.Option(help="Evaluate on the first N test "
+                                                    "rows.")] = None,
+          checkpoint: Annotated[Path | None, typer.Option(help="Folder for resumable "
+                                                          "checkpoints.")] = None,
+          config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
+          = None,
+          overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
+          max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
+          set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+          task: TaskOpt = None):
+    """Prune heads and MLP units (UPop or magnitude), fine-tune, save the smaller model.
+
+    Runs the one-stage recipe evaluate -> prune -> evaluate through the pipeline: --out gets the
+    report and the pruned model in pruned/ (a MODEL for every other command).
+    """
+    from slimformer.stages.evaluate import EvaluateStage
+    from slimformer.stages.prune import PruneStage
+
+    con, _ = _console()
+    with _errors():
+        stage = _stage(PruneStage, set_, ratio=ratio, target=target, method=method,
+                       structures=[x.strip() for x in structures.split(",") if x.strip()],
+                       score=score, search_steps=search_steps, finetune_steps=finetune_steps,
+                       batch_size=batch_size, lr=lr, distill=distill,
+                       checkpoint=str(checkpoint) if checkpoint else None)
+        quiet = EvaluateStage(latency_batch_sizes=[])
+        result = _run_one(con, "prune", model, config, [quiet, stage, quiet], out, overwrite,
+                          _data_config(data, None, None, limit), max_loss, fail_on_loss, task)
+    before, p, after = result.report.stages
+    m = p.metrics
+    target = stage.target
+    table = _table("", "before", "after", title=f"{model} {stage.method} ratio {stage.ratio} on "
+                   f"{result.report.data['dataset']}")
+    table.add_row("params", f"{m['params_before']:,}", f"{m['params_after']:,}")
+    table.add_row("MACs/sample", f"{m['macs_before']:,}", f"{m['macs_after']:,}")
+    table.add_row(f"prunable {target}", "", f"{m[f'prunable_{target}_reduction']:.2f}x smaller")
+    table.add_row("quality", _quality(before), _quality(after))
+    for key in ("heads_kept", "mlp_units_kept", "head_dims_kept"):
+        if key in m:
+            table.add_row(key.replace("_", " "), "", str(m[key]))
+    table.add_row("seconds", "", f"search {m['search_seconds']:.1f}, fine-tune "
+                  f"{m['finetune_seconds']:.1f}")
+    con.print(table)
+    for note in p.notes:
+        con.print(f"  - {note}", markup=False, highlight=False)
+    con.print(f"saved to {out}/ (report, pruned/)")
+
+
+def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
+           out: Annotated[Path, typer.Option(help="Folder for the report and search/ (the "
+                                             "front as json, md, png; the chosen sub-network).")],
+           objectives: Annotated[str, typer.Option(help="Comma-separated: accuracy plus any of "
+                                                   "latency, size, macs.")] = "accuracy,size",
+           samples: Annotated[int, typer.Option(help="Sub-networks measured for the "
+                                                "predictors.")] = 30,
+           train_steps: Annotated[int, typer.Option(help="Super-network fine-tuning "
+                                                    "steps.")] = 200,
+           front_max: Annotated[int, typer.Option(help="Predicted-front sub-networks "
+                                                  "measured.")] = 8,
+           val_rows: Annotated[int, typer.Option(help="Rows sub-networks are measured on (test "
+                                                 "rows the model never trained on).")] = 1000,
+           storage: Annotated[str | None, typer.Option(
+               help="Journal file or database URL of the Optuna study (default: a journal in "
+               "OUT/state/search/).")] = None,
+           supernet: Annotated[Path | None, typer.Option(
+               help="File of the fine-tuned super-network (default: beside the journal in "
+               "OUT/state/search/).")] = None,
+           study: Annotated[str, typer.Option(help="Study name (resumes when it "
+                                              "exists).")] = "search",
+           worker: Annotated[bool, typer.Option(help="Only measure sub-networks into the study "
+                                                "of a search that ran (give its --storage and "
+                                                "--supernet).")] = False,
+           data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
+           config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
+           = None,
+           overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
+           max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
+           set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+           task: TaskOpt = None):
+    """Search sub-networks and per-layer bit-widths; print the measured Pareto front.
+
+    Runs the one-stage recipe search through the pipeline: --out gets the report and search/
+    (a MODEL for every other command: the chosen float sub-network).
+    """
+    import optuna
+
+    from slimformer.stages.search import SearchStage
+
+    if not _debugging():  # our progress says what Optuna's INFO lines would
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    con, _ = _console()
+    with _errors():
+        given = {k: v for k, v in (("storage", storage),
+                                   ("supernet_path", str(supernet) if supernet else None))
+                 if v is not None}
+        stage = _stage(SearchStage, set_, objectives=[o.strip() for o in objectives.split(",")
+                                                if o.strip()],
+                       samples=samples, train_steps=train_steps, front_max=front_max,
+                       val_rows=val_rows, study=study, worker=worker, **given)
+        if storage is not None:  # a bad storage fails before anything is written
+            from slimformer.nas.study import open_storage
+
+            open_storage(stage.search_config().storage_url())
+        result = _run_one(con, "search", model, config, [stage], out, overwrite,
+                          _data_config(data), max_loss, fail_on_loss, task)
+    rec = result.report.stages[-1]
+    for note in rec.notes:
+        con.print(note, markup=False, highlight=False)
+    if stage.worker:
+        return
+    m = rec.metrics
+    con.print(f"hypervolume {m['hypervolume']:.4f}; chosen {m['chosen']}; written to {out}/ "
+              "(report, search/)", markup=False, highlight=False)

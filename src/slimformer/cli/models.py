@@ -1,0 +1,194 @@
+"""``inspect``, ``eval`` and ``generate``: look at a model, measure it, run it."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from slimformer.cli.common import _bounded, _console, _errors, _progress, _table
+from slimformer.cli.options import DATA_HELP, EVAL_HELP, TaskOpt, _load, _load_any, _run_data, _stage
+
+
+def inspect(model: Annotated[str, typer.Argument(help="Zoo name, HF dir, timm:NAME, "
+                                                 "hf:MODEL_TYPE, pkg.mod:factory or spec file.")],
+            config: Annotated[str | None, typer.Option(help="JSON kwargs/config for timm:, hf:, "
+                                                       "factory models.")] = None,
+            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+            task: TaskOpt = None):
+    """Print the discovered structure (norms -> Linears, attention, MLPs), params and MACs."""
+    from slimformer.models.structure import discover
+
+    con, err = _console()
+    with _errors(), err.status("loading the model and tracing one forward pass"):
+        lm = _load(model, config, task)
+        smap = discover(lm.module, lm.example_inputs(2), require_attention=False)
+    if as_json:
+        print(json.dumps(smap.to_dict(), indent=2))
+        return
+    con.print(f"[bold]{type(lm.module).__name__}[/]: {smap.params:,} params, "
+              f"{smap.macs:,} MACs per sample, inputs "
+              f"{ {k: v.shape for k, v in lm.input_specs.items()} }")
+    t = _table("norm", "kind", "feeds Linears", "other consumers", "foldable", title="Norms")
+    for n in smap.norms:
+        t.add_row(n.module, n.kind, "\n".join(n.linears), ", ".join(n.other_consumers),
+                  str(n.foldable))
+    con.print(t)
+    t = _table("module", "kind", "q / k / v", "out", "heads x dim", "fused", "cross",
+               title="Attention")
+    for a in smap.attention:
+        qkv = a.q[0] if a.fused_qkv else "\n".join((*a.q, *a.k, *a.v))
+        t.add_row(a.module, a.kind, qkv, "\n".join(a.out), f"{a.heads} x {a.head_dim}",
+                  str(a.fused_qkv), str(a.cross))
+    con.print(t)
+    if not smap.attention:
+        err.print("note: no attention found (no softmax of scores, scaled_dot_product_attention "
+                  "or nn.MultiheadAttention): quantize builds no softmax quantizer, prune cuts "
+                  "MLP units only (structures: [mlp])", markup=False)
+    t = _table("fc1", "activation", "fc2", "hidden", title="MLPs")
+    for m in smap.mlps:
+        t.add_row("\n".join(m.fc1), ", ".join(m.activation), m.fc2, str(m.hidden))
+    con.print(t)
+
+
+LATENCY_BUDGET_S = 10.0  # eval: seconds per batch size before the default repeats stop
+
+
+def eval_(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
+          data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
+          eval_data: Annotated[str | None, typer.Option(help=EVAL_HELP)] = None,
+          split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+          limit: Annotated[int | None, typer.Option(help="Evaluate the first N rows.")] = None,
+          batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 256,
+          repeats: Annotated[int | None, typer.Option(
+              help="Latency repeats. Default: 20, or fewer once a batch size took 10 s (a "
+              "large model at batch 32).", show_default=False)] = None,
+          config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")] = None,
+          as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+          task: TaskOpt = None):
+    """Metric, latency (median of repeated runs at batch 1 and 32) and size of a model.
+
+    A model whose task is sentence-embedding, image-features or causal-lm prints its task's
+    metrics against its float model (itself, or a saved folder's base) on held-out rows.
+    """
+    from slimformer.models.evaluate import measure_latency, model_size
+    from slimformer.pipeline import evaluate_model, latency_inputs
+    from slimformer.stages.artifact import find
+
+    con, _ = _console()
+    with _errors():
+        _bounded(limit=(limit, 1, 10**9), batch_size=(batch_size, 1, 4096),
+                 repeats=(repeats, 1, 1000))
+        lm = _load(model, config, task)
+        rd = _run_data(lm, data, None, eval_data, limit, split)
+        name, ds = rd.label, rd.get("eval")
+        metrics = _task_metrics(lm, rd, batch_size, saved=find(model) is not None)
+        with _progress() as prog:
+            if metrics is None:
+                preds, labels = evaluate_model(lm.module, ds, batch_size, prog)
+            lat = {f"batch={b}": measure_latency(lm.module, latency_inputs(ds, b), repeats or 20,
+                                                 budget_s=None if repeats else LATENCY_BUDGET_S)
+                   for b in (1, 32)}
+    result = {"model": model, "data": name, "split": split, "samples": len(ds),
+              "accuracy": float((preds == labels).float().mean())
+              if metrics is None and getattr(ds, "has_labels", True) else None, "latency": lat,
+              "size": model_size(lm.module), "notes": rd.notes}
+    if metrics is not None:
+        result |= {"task": lm.task, "metrics": metrics}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    acc = result["accuracy"]
+    con.print(f"{model} on {name}/{split} ({len(ds)} samples): " +
+              (_task_line(lm.task, metrics) if metrics is not None else
+               f"accuracy {acc:.4f}" if acc is not None else "no labels: accuracy not measured"))
+    for note in rd.notes:
+        con.print(f"  note: {note}", markup=False)
+    for b, s in lat.items():
+        con.print(f"  latency {b}: median {s['median_ms']:.2f} ms (p90 {s['p90_ms']:.2f}, "
+                  f"{s['repeats']} runs, {s['threads']} threads)")
+    con.print(f"  size: {result['size']['params']:,} params, {result['size']['bytes']:,} bytes")
+
+
+def _task_metrics(lm, rd, batch_size: int, saved: bool = True) -> dict | None:
+    """Task metrics vs the float model for a model with a task of ``taskquality.TASKS``.
+
+    ``saved``: the model was restored from a saved folder (its float base is rebuilt); else it
+    is the float model itself, embedded once.
+    """
+    from slimformer.stages.taskquality import TASKS, task_metrics
+
+    if lm.task not in TASKS:
+        return None
+    from slimformer.models.loading import load_model
+
+    ref = load_model(lm.spec).module if saved else lm.module  # a saved folder's base, rebuilt
+    return task_metrics(lm.module, ref, lm.task, rd, min(batch_size, 64))
+
+
+def _task_line(task: str, m: dict) -> str:
+    """One line of a task's metrics (see ``stages.taskquality.task_metrics``)."""
+    if task == "causal-lm":
+        return (f"perplexity {m['perplexity']:.3f} (float {m['perplexity_float']:.3f}) on "
+                f"{m['tokens']:,} held-out tokens (window {m['window']}, stride {m['stride']}), "
+                f"next-token agreement with float {m['top1_agreement']:.4f}")
+    word = "embedding" if task == "sentence-embedding" else "feature"
+    line = (f"{word} cosine vs float mean {m[word + '_cosine_mean']:.4f} min "
+            f"{m[word + '_cosine_min']:.4f}")
+    if "neighbour_agreement" in m:
+        line += f", nearest-neighbour agreement {m['neighbour_agreement']:.4f}"
+    if "probe_accuracy" in m:
+        line += (f", probe accuracy {m['probe_accuracy']:.4f} (float "
+                 f"{m['probe_accuracy_float']:.4f}, fitted on {m['probe_train_rows']} float rows)")
+    if "knn_accuracy" in m:
+        line += (f", k-NN accuracy {m['knn_accuracy']:.4f} (float {m['knn_accuracy_float']:.4f}, "
+                 f"bank {m['knn_bank_rows']} float rows)")
+    return line
+
+
+
+def generate(model: Annotated[str, typer.Argument(help="A causal LM (as for inspect): float, "
+                                                  "or a saved pruned / quantized folder.")],
+             prompt: Annotated[str, typer.Option(help="Text to continue.")],
+             max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most "
+                                                         "(1..4096).")] = 32,
+             greedy: Annotated[bool, typer.Option("--greedy/--sample", help="Argmax, or sample "
+                                                  "with --temperature and --seed.")] = True,
+             temperature: Annotated[float, typer.Option(help="Sampling temperature "
+                                                        "(0.001..100).")] = 1.0,
+             seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+             chat: Annotated[bool, typer.Option(help="Apply the tokenizer's chat template (the "
+                                                "prompt as a user turn).")] = False,
+             tokenizer: Annotated[str | None, typer.Option(
+                 help="Tokenizer folder (default: the model's own folder).")] = None,
+             config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
+             = None,
+             as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+             task: TaskOpt = None):
+    """Continue a prompt with a causal LM (KV cache): the text, prefill and decode tokens/s."""
+    from slimformer.stages.generate import MAX_NEW_TOKENS, TEMPERATURE_RANGE, GenerateStage
+
+    con, err = _console()
+    with _errors():
+        _bounded(max_new_tokens=(max_new_tokens, 1, MAX_NEW_TOKENS),
+                 temperature=(temperature, *TEMPERATURE_RANGE), seed=(seed, 0, 2**63 - 1))
+        stage = _stage(GenerateStage, None, prompt=prompt, max_new_tokens=max_new_tokens,
+                       greedy=greedy, temperature=temperature, seed=seed, chat=chat,
+                       tokenizer=tokenizer)
+        from slimformer.stages.generate import generate_text
+
+        with err.status("loading the model"):
+            loaded, module = _load_any(model, config, task=task)
+        g, text = generate_text(module, loaded, stage)
+    result = {"model": model, "prompt": prompt, "text": text, "new_ids": g.new_ids,
+              "prompt_tokens": len(g.prompt_ids), "new_tokens": len(g.new_ids),
+              "stopped": g.stopped, "prefill_tokens_per_s": g.prefill_tokens_per_s,
+              "decode_tokens_per_s": g.decode_tokens_per_s}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    con.print(prompt + text, markup=False, highlight=False)
+    err.print(f"prefill: {len(g.prompt_ids)} tokens, {g.prefill_tokens_per_s:.1f} tokens/s; "
+              f"decode: {len(g.new_ids)} new tokens ({g.stopped}), "
+              f"{g.decode_tokens_per_s:.1f} tokens/s", markup=False, highlight=False)
