@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from slimformer.data.datasets import get_dataset  # noqa: E402
 from slimformer.export.config import OnnxConfig  # noqa: E402
 from slimformer.export.onnx import export_onnx  # noqa: E402
-from slimformer.export.parity import latency, predict  # noqa: E402
+from slimformer.export.ortrun import ort_latency, predict  # noqa: E402
 from slimformer.export.targets import cpu_info, opset23_supported  # noqa: E402
 from slimformer.models.loading import load_model  # noqa: E402
 from slimformer.models.spec import ZooSpec  # noqa: E402
@@ -77,7 +77,7 @@ def ort_static(float_path: Path, out: Path, calib, n_calib: int) -> None:
         quantize_static,
     )
 
-    from slimformer.export.parity import session
+    from slimformer.export.ortrun import session
 
     rows = _calib_rows(calib, {i.name for i in session(float_path, 1).get_inputs()}, n_calib)
 
@@ -227,7 +227,7 @@ def run_task(name: str, repeats: int, n_calib: int, limit: int, d: Path, notes: 
         for _ in range(2):  # interleaved rounds: machine load affects every model alike
             for r in rows:
                 if r["runtime"] == "ort":
-                    ms = latency(r["path"], lat_in[b], repeats, warmup=3, threads=THREADS)
+                    ms = ort_latency(r["path"], lat_in[b], repeats, warmup=3, threads=THREADS)
                 else:
                     ms = ov_latency(r["path"], lat_in[b], repeats, warmup=3, threads=THREADS,
                                     precision=r["precision"])

@@ -26,7 +26,7 @@ import torch
 from slimformer.data.datasets import get_dataset
 from slimformer.export.config import OnnxConfig
 from slimformer.export.onnx import export_onnx
-from slimformer.export.parity import latency, predict
+from slimformer.export.ortrun import ort_latency, predict
 from slimformer.models.loading import load_model
 from slimformer.models.spec import ZooSpec
 from slimformer.pipeline import check_fit, evaluate_model, latency_inputs
@@ -61,7 +61,7 @@ def ort_static(float_path: Path, out: Path, calib, n_calib: int, batch: int = 32
         quantize_static,
     )
 
-    from slimformer.export.parity import feeds, session
+    from slimformer.export.ortrun import feeds, session
 
     names = {i.name for i in session(float_path, 1).get_inputs()}
 
@@ -117,7 +117,7 @@ def run_task(name: str, repeats: int, n_calib: int, d: Path) -> list[dict]:
     for b in (1, 32):
         for _ in range(2):
             for r in rows:
-                ms = latency(r["path"], lat_in[b], repeats=repeats // 2, warmup=3)["median_ms"]
+                ms = ort_latency(r["path"], lat_in[b], repeats=repeats // 2, warmup=3)["median_ms"]
                 r.setdefault(f"b{b}", []).append(ms)
     for r in rows:
         for b in (1, 32):

@@ -74,14 +74,14 @@ def ort_dynamic_latency(model, inputs, repeats) -> float:
 
     from slimformer.export.config import OnnxConfig
     from slimformer.export.onnx import export_onnx
-    from slimformer.export.parity import latency
+    from slimformer.export.ortrun import ort_latency
 
     with tempfile.TemporaryDirectory() as d:
         export_onnx(model, f"{d}/f.onnx", inputs, OnnxConfig(check=False, lint=False))
         quantize_dynamic(f"{d}/f.onnx", f"{d}/q.onnx", weight_type=QuantType.QInt8,
                          per_channel=True)
-        return latency(f"{d}/q.onnx", inputs, repeats, warmup=3,
-                       threads=torch.get_num_threads())["median_ms"]
+        return ort_latency(f"{d}/q.onnx", inputs, repeats, warmup=3,
+                           threads=torch.get_num_threads())["median_ms"]
 
 
 def recheck_points(points: dict, evald, calib, cfg, lat_in, test, repeats: int,
@@ -94,7 +94,7 @@ def recheck_points(points: dict, evald, calib, cfg, lat_in, test, repeats: int,
     """
     from slimformer.export.config import OnnxConfig
     from slimformer.export.onnx import export_onnx
-    from slimformer.export.parity import session, time_session
+    from slimformer.export.ortrun import session, time_session
 
     out, sessions = {}, {}
     with tempfile.TemporaryDirectory() as d:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,18 +29,6 @@ TASKS = {"vit-fmnist": "fashion-mnist", "minilm-trec": "trec", "minilm-vader": "
 # 2x, 600 steps: search lr 2e-4 -> 0.8735, 5e-4 -> 0.8754)
 LR = {"vit-fmnist": (5e-4, 5e-4), "clip-fmnist": (2e-4, 2e-4), "minilm-trec": (5e-5, 5e-5),
       "minilm-vader": (5e-5, 5e-5)}
-
-
-def ort_latency(model, inputs: dict, repeats: int, threads: int = 2) -> float:
-    """Median ms of ONNX Runtime (CPU, ``threads``) on ``inputs``; export with dynamo."""
-    from slimformer.export.config import OnnxConfig
-    from slimformer.export.onnx import export_onnx
-    from slimformer.export.parity import latency
-
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "m.onnx"
-        export_onnx(model.eval(), path, inputs, OnnxConfig(check=False, lint=False))
-        return float(latency(path, inputs, repeats, warmup=3, threads=threads)["median_ms"])
 
 
 def _accuracy(model, data) -> float:
@@ -56,6 +43,7 @@ def main() -> None:
     from slimformer.models.loading import load_model
     from slimformer.models.spec import ZooSpec
     from slimformer.models.structure import discover
+    from slimformer.nas.measure import exported_latency
     from slimformer.pipeline import latency_inputs
     from slimformer.prune import PruneConfig, prune
     from slimformer.prune.train import finetune, make_loss
@@ -114,7 +102,8 @@ def main() -> None:
             lat_in = {k: v[:, :keep] for k, v in lat_in.items()}
         base = lm.module.eval()
         smap = discover(base, lm.example_inputs(2))
-        base_lat = ort_latency(base, lat_in, args.latency_repeats, args.ort_threads)
+        base_lat = exported_latency(base.eval(), lat_in, args.latency_repeats,
+                                    threads=args.ort_threads)
         base_acc = _accuracy(base, test)
         emit({"task": task, "method": "unpruned", "x": 1.0, "params": smap.params,
               "macs": smap.macs, "accuracy": base_acc, "ort_ms": base_lat, "speedup": 1.0,
@@ -145,7 +134,8 @@ def main() -> None:
                 res = prune(base, cfg, train, None, structure=smap,
                             inputs=lm.example_inputs(2))
                 acc = _accuracy(res.model, test)
-                lat = ort_latency(res.model, lat_in, args.latency_repeats, args.ort_threads)
+                lat = exported_latency(res.model.eval(), lat_in, args.latency_repeats,
+                                       threads=args.ort_threads)
                 emit({"task": task, "method": method, "x": x, "params": res.params_after,
                       "macs": res.macs_after, "prunable_x": round(res.reduction, 3),
                       "accuracy": acc, "delta": acc - base_acc, "ort_ms": lat,

@@ -103,7 +103,7 @@ class Deployed:
     def __init__(self, path: Path):
         self.path = path
         if path.suffix == ".onnx":
-            from slimformer.export.parity import run_all, session
+            from slimformer.export.ortrun import run_all, session
 
             self.sess = session(path, THREADS)
             self.names = {i.name for i in self.sess.get_inputs()}
@@ -212,7 +212,7 @@ def make_artifact(config: str, lm, data: dict, work: Path, args) -> Path:
             quantize_static,
         )
 
-        from slimformer.export.parity import session
+        from slimformer.export.ortrun import session
 
         src = _float_onnx(work)
         rows = _calib_feeds(data["calib"], {i.name for i in session(src).get_inputs()},
@@ -297,7 +297,7 @@ def latency_worker(args) -> None:
     import torch
 
     from slimformer.data.datasets import get_dataset
-    from slimformer.export.parity import time_session
+    from slimformer.export.ortrun import time_session
 
     torch.set_num_threads(THREADS)
     work = Path(args.work)
@@ -326,7 +326,7 @@ def latency_worker(args) -> None:
                 else:
                     from slimformer.export.openvino import time_compiled
 
-                    times[c].append(statistics.median(time_compiled(d.sess, x, reps, 1)))
+                    times[c].append(time_compiled(d.sess, x, reps, 1)["median_ms"])
         for c, ts in times.items():
             out.setdefault(c, {})[f"b{b}"] = statistics.median(ts)
         del deps

@@ -12,7 +12,7 @@ from slimformer.data.datasets import TensorDictDataset, get_dataset
 from slimformer.errors import ExportError
 from slimformer.export.config import OnnxConfig
 from slimformer.export.onnx import export_onnx
-from slimformer.export.parity import predict
+from slimformer.export.ortrun import predict
 from slimformer.models.generality import GENERALITY
 from slimformer.models.loading import load_model
 from slimformer.models.spec import ZooSpec

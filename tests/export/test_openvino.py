@@ -18,7 +18,7 @@ if not openvino_available() and not os.environ.get("CI"):
                 allow_module_level=True)
 
 from slimformer.export.openvino import export_openvino, ov_latency, ov_predict  # noqa: E402
-from slimformer.export.parity import predict  # noqa: E402
+from slimformer.export.ortrun import predict  # noqa: E402
 from slimformer.models.generality import GENERALITY  # noqa: E402
 from slimformer.models.loading import load_model  # noqa: E402
 from slimformer.quantize.api import quantize  # noqa: E402

@@ -11,7 +11,7 @@ from slimformer.data.datasets import TensorDictDataset
 from slimformer.errors import ExportError
 from slimformer.export.config import OnnxConfig
 from slimformer.export.onnx import export_onnx
-from slimformer.export.parity import run_all, session
+from slimformer.export.ortrun import run_all, session
 from slimformer.models import outputs as O
 from slimformer.models.generality import GENERALITY, fan_in_init
 from slimformer.models.loading import load_model

@@ -15,7 +15,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from slimformer.data.datasets import TensorDictDataset, get_dataset
-from slimformer.export import parity
+from slimformer.export import ortrun
 from slimformer.export.config import OnnxConfig
 from slimformer.export.lint import lint_qdq
 from slimformer.export.onnx import export_onnx
@@ -96,7 +96,7 @@ def test_symmetric_export_is_trt_clean_and_matches_simulation(tmp_path, ort_exac
     _int8_only(tmp_path / "q.onnx")
     assert res.fusion["integer_matmuls"] >= 1 or _fused_s8s8_saturates()
     sim, _ = evaluate_model(inf, test)
-    ort_preds = parity.predict(tmp_path / "q.onnx", test)
+    ort_preds = ortrun.predict(tmp_path / "q.onnx", test)
     agree = float((sim == ort_preds).float().mean())
     assert agree >= 0.99, f"ONNX Runtime vs simulated argmax agreement {agree:.4f}"
     for p in res.parity.values():

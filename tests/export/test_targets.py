@@ -189,7 +189,8 @@ def test_opset23_attention_parity_float_and_qdq(bert, tmp_path):
     n_linear = sum(lq.param[0].dim() == 2 for lq in q["asym"].quant.linears.values())
     assert res.fusion["integer_matmuls"] >= n_linear, res.fusion
     # against the simulated model (attention quantized there) it stays close
-    from slimformer.export.parity import reference_outputs, run_all, session
+    from slimformer.export.ortrun import run_all, session
+    from slimformer.export.parity import reference_outputs
 
     sim = reference_outputs(q["asym"], x)["logits"]
     ort = run_all(session(tmp_path / "q.onnx"), x)["logits"]

@@ -21,7 +21,7 @@ _LAZY = {
     "build_engine": "slimformer.export.tensorrt",
     "trtexec_command": "slimformer.export.tensorrt",
     "tensorrt_available": "slimformer.export.tensorrt",
-    "ort_latency": "slimformer.export.parity:latency",
+    "ort_latency": "slimformer.export.ortrun",
 }
 
 __all__ = ["OnnxConfig", "TensorRTConfig", *_LAZY]

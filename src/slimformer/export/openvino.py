@@ -14,7 +14,6 @@ run by OpenVINO in f32, against PyTorch at the traced shape and a second one (th
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -100,15 +99,15 @@ def run_all(compiled, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 def ov_latency(model, inputs: dict[str, torch.Tensor], repeats: int = 30, warmup: int = 5,
                threads: int = 2, precision: str = "f32") -> dict[str, float]:
     """Median / p90 wall time (ms) of one OpenVINO CPU inference (see :func:`compile_model`)."""
-    times = time_compiled(compile_model(model, precision, threads), inputs, repeats, warmup)
-    return {"median_ms": statistics.median(times),
-            "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))], "repeats": repeats,
+    return {**time_compiled(compile_model(model, precision, threads), inputs, repeats, warmup),
             "threads": threads, "precision": precision}
 
 
 def time_compiled(compiled, inputs: dict[str, torch.Tensor], repeats: int = 30,
-                  warmup: int = 5) -> list[float]:
-    """Sorted wall times (ms) of ``repeats`` inferences of a compiled OpenVINO model."""
+                  warmup: int = 5) -> dict[str, float]:
+    """Median / p90 wall time (ms) of ``repeats`` inferences of a compiled OpenVINO model."""
+    from slimformer.models.evaluate import latency_stats
+
     req = compiled.create_infer_request()
     f = _feeds(compiled, inputs)
     for _ in range(warmup):
@@ -118,7 +117,7 @@ def time_compiled(compiled, inputs: dict[str, torch.Tensor], repeats: int = 30,
         t0 = time.perf_counter()
         req.infer(f)
         times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)
+    return latency_stats(times)
 
 
 def ov_predict(model, dataset, batch_size: int = 256, threads: int = 2,

@@ -124,7 +124,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, reference: torch.nn.Modul
 @torch.no_grad()
 def measure_latency(model: torch.nn.Module, inputs: dict[str, torch.Tensor], repeats: int = 20,
                     warmup: int = 3, budget_s: float | None = None) -> dict[str, float]:
-    """Median / p90 wall time in ms of ``model(**inputs)`` over ``repeats`` runs after warm-up.
+    """Median / p90 wall time in ms of ``model(**inputs)`` in PyTorch over ``repeats`` runs after warm-up.
 
     ``budget_s``: stop warming up and repeating once this many seconds are spent (at least one
     warm-up run and 3 timed runs); ``repeats`` in the result says how many ran.
@@ -146,14 +146,14 @@ def measure_latency(model: torch.nn.Module, inputs: dict[str, torch.Tensor], rep
         times.append((time.perf_counter() - t0) * 1e3)
         if len(times) >= 3 and spent():
             break
-    repeats = len(times)
-    times.sort()
-    return {
-        "median_ms": statistics.median(times),
-        "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
-        "repeats": repeats,
-        "threads": torch.get_num_threads(),
-    }
+    return {**latency_stats(times), "threads": torch.get_num_threads()}
+
+
+def latency_stats(times_ms: list[float]) -> dict[str, float]:
+    """``median_ms``, ``p90_ms`` and ``repeats`` of a list of wall times in ms (any order)."""
+    times = sorted(times_ms)
+    return {"median_ms": statistics.median(times),
+            "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))], "repeats": len(times)}
 
 
 def model_size(model: torch.nn.Module) -> dict[str, int]:

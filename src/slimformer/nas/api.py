@@ -395,11 +395,11 @@ def reference_subnet(space: SearchSpace) -> SubNet:
 def _float_costs(original, structure, evald, lat_in, config, objectives, ref) -> dict:
     """Cost objectives of the full float model: the hypervolume's reference point."""
     from slimformer.models.evaluate import model_size
-    from slimformer.nas.measure import ort_latency
+    from slimformer.nas.measure import exported_latency
 
     out = {"size": model_size(original)["bytes"], "macs": structure.macs}
     if "latency" in objectives:
-        out["latency"] = ort_latency(original, lat_in, config.latency_repeats)
+        out["latency"] = exported_latency(original, lat_in, config.latency_repeats)
     out = {k: float(max(v, ref.get(k) or 0)) for k, v in out.items()}
     return out
 

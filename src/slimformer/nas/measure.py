@@ -126,26 +126,26 @@ def quant_config(net: SuperNet, sub: SubNet, model: nn.Module, base=None):
         "embedding_bits": None if ebits == "float" else int(ebits)})
 
 
-def ort_latency(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int = 20,
-                warmup: int = 3) -> float:
+def exported_latency(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int = 20,
+                     warmup: int = 3, threads: int | None = None) -> float:
     """Median wall time (ms) of ``model`` on ``inputs`` in ONNX Runtime on this machine's CPU.
 
     ``model`` is a float module or a quantized model (exported as QDQ); it is written by
     :func:`slimformer.export.onnx.export_onnx` without the checker, the parity check or the
-    lint, then timed with :func:`slimformer.export.parity.latency` on
-    ``torch.get_num_threads()`` threads. The axes stay symbolic as in any export: a static
+    lint, then timed with :func:`slimformer.export.ortrun.ort_latency` on ``threads``
+    (default ``torch.get_num_threads()``) threads. The axes stay symbolic as in any export: a static
     batch-1 QDQ graph of MiniLM lost ONNX Runtime's Q/DQ fusion of its MLP weights here (3x
     slower than float), the symbolic one is fully integer.
     """
     from slimformer.export.config import OnnxConfig
     from slimformer.export.onnx import export_onnx
-    from slimformer.export.parity import latency
+    from slimformer.export.ortrun import ort_latency
 
     with tempfile.TemporaryDirectory(prefix="slimformer-nas-", dir=scratch_root()) as d:
         path = Path(d) / "model.onnx"
         export_onnx(model, path, inputs, OnnxConfig(check=False, lint=False))
-        return float(latency(path, inputs, repeats, warmup,
-                             threads=torch.get_num_threads())["median_ms"])
+        return float(ort_latency(path, inputs, repeats, warmup,
+                                 threads=threads or torch.get_num_threads())["median_ms"])
 
 
 def deployed_latency(qmodel, float_model: nn.Module, inputs: dict[str, torch.Tensor],
@@ -158,13 +158,13 @@ def deployed_latency(qmodel, float_model: nn.Module, inputs: dict[str, torch.Ten
     from slimformer.errors import ExportError
 
     try:
-        return ort_latency(qmodel, inputs, repeats), "qdq", []
+        return exported_latency(qmodel, inputs, repeats), "qdq", []
     except Exception as exc:  # noqa: BLE001 - exporter failures come in many types
         note = (f"latency: the QDQ export failed ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); the float sub-network "
                 "was timed instead")
     try:
-        return ort_latency(float_model, inputs, repeats), "float", [note]
+        return exported_latency(float_model, inputs, repeats), "float", [note]
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001

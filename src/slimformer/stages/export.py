@@ -50,7 +50,7 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
     from slimformer.data.datasets import latency_inputs
     from slimformer.export.lint import lint_summary
     from slimformer.export.onnx import export_onnx
-    from slimformer.export.parity import latency, predict
+    from slimformer.export.ortrun import ort_latency, predict
     from slimformer.export.tensorrt import build_engine, tensorrt_available, trtexec_command
     from slimformer.models.evaluate import agreement
 
@@ -102,7 +102,7 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
         files = {f"onnxruntime batch={b}": onnx_path, f"onnxruntime float batch={b}": float_path}
         rec.latency |= _interleaved(
             {k: p for k, p in files.items() if p is not None},
-            lambda path, x=x: latency(path, x, stage.latency_repeats, threads=stage.threads))
+            lambda path, x=x: ort_latency(path, x, stage.latency_repeats, threads=stage.threads))
     if n:
         tick("export: latency in ONNX Runtime", n, n)
     if stage.openvino or (stage.openvino is None and res.form.get("target") == "openvino"):
