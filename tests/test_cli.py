@@ -275,3 +275,22 @@ def test_task_option_reaches_the_loader_of_every_model_command(bare_bert, tmp_pa
     res = runner.invoke(app, ["export", "onnx", model, "--out", str(onnx), "--task", "base"])
     assert res.exit_code == 0, res.output
     assert onnx.is_file()
+
+
+def test_eval_is_the_evaluate_stage_on_every_test_row(tmp_path):
+    """eval runs the one-stage recipe evaluate: all rows of the test split (no row set aside),
+    the same accuracy and rows as that recipe run through the pipeline."""
+    from slimformer.data.datasets import get_dataset
+    from slimformer.pipeline import run
+    from slimformer.recipe import parse_recipe
+
+    res = runner.invoke(app, ["eval", "vit-digits-seq", "--repeats", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output[res.output.index("{"):])
+    assert got["samples"] == len(get_dataset("digits-seq", "test")) == 497
+    assert set(got["latency"]) == {"batch=1", "batch=32"} and got["size"]["params"] > 0
+    rec = run(parse_recipe({"model": {"source": "zoo", "name": "vit-digits-seq"},
+                            "stages": [{"type": "evaluate", "latency_batch_sizes": []}],
+                            "output": {"dir": str(tmp_path / "r")}})).report.stages[0]
+    assert (got["accuracy"], got["samples"]) == (rec.metrics["accuracy"], rec.metrics["samples"])
+    assert got["accuracy"] > 0.9

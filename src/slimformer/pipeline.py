@@ -127,6 +127,7 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
     # attention (a softmax quantizer asked for, pruning heads) refuse with their own reason
     smap = discover(loaded.module, loaded.example_inputs(2), require_attention=False)
     data = RunData(loaded, recipe.data, recipe.seed)
+               "task": getattr(loaded, "task", None),
     dataset_name, eval_data = data.label, data.get("eval")
     ctx = RunContext(recipe.name, base_spec, recipe.data.batch_size, model, loaded,
                      smap, eval_data, progress=progress, staging=staging, data=data,

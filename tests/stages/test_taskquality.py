@@ -46,9 +46,18 @@ def test_eval_task_prints_embedding_metrics_vs_itself(tiny_encoder):
     assert m["probe_accuracy"] == m["probe_accuracy_float"]  # same embeddings, same probe
 
 
-def test_eval_without_task_refuses_a_base_encoder_on_labels(tiny_encoder):
-    res = runner.invoke(app, ["eval", str(tiny_encoder), "--data", "vader-movie", "--limit", "20"])
-    assert res.exit_code == 2 and "class scores" in res.output
+def test_eval_without_task_judges_a_base_encoder_by_output_fidelity(tiny_encoder):
+    """No class scores for the labels: eval, as the evaluate stage, compares every output with
+    the float model (here the model itself: exact) instead of an accuracy."""
+    res = runner.invoke(app, ["eval", str(tiny_encoder), "--data", "vader-movie", "--limit", "20",
+                              "--repeats", "1"])
+    assert res.exit_code == 0, res.output
+    assert "(20 samples): no class scores: accuracy not measured; outputs vs the float model: " \
+        "cosine min 1.00000" in " ".join(res.output.split())
+    res = runner.invoke(app, ["eval", str(tiny_encoder), "--data", "vader-movie", "--limit", "20",
+                              "--repeats", "1", "--json"])
+    out = json.loads(res.output[res.output.index("{"):])
+    assert out["accuracy"] is None and out["fidelity"]["output_cosine_min"] == pytest.approx(1.0)
 
 
 def _minilm_run(tmp_path, eval_rows):

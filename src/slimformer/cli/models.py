@@ -7,8 +7,17 @@ from typing import Annotated
 
 import typer
 
-from slimformer.cli.common import _bounded, _console, _errors, _progress, _table
-from slimformer.cli.options import DATA_HELP, EVAL_HELP, TaskOpt, _load, _load_any, _run_data, _stage
+from slimformer.cli.common import _bounded, _console, _errors, _table
+from slimformer.cli.options import (
+    DATA_HELP,
+    EVAL_HELP,
+    TaskOpt,
+    _data_config,
+    _load,
+    _load_any,
+    _run_one,
+    _stage,
+)
 
 
 def inspect(model: Annotated[str, typer.Argument(help="Zoo name, HF dir, timm:NAME, "
@@ -69,62 +78,59 @@ def eval_(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
           task: TaskOpt = None):
     """Metric, latency (median of repeated runs at batch 1 and 32) and size of a model.
 
-    A model whose task is sentence-embedding, image-features or causal-lm prints its task's
-    metrics against its float model (itself, or a saved folder's base) on held-out rows.
+    Runs the one-stage recipe evaluate through the pipeline (its output folder is temporary):
+    the rows a recipe or ``quantize`` evaluates. A model whose task is sentence-embedding,
+    image-features or causal-lm prints its task's metrics against its float model (itself, or
+    a saved folder's base) on held-out rows.
     """
-    from slimformer.models.evaluate import measure_latency, model_size
-    from slimformer.pipeline import evaluate_model, latency_inputs
-    from slimformer.stages.artifact import find
+    from slimformer.stages.evaluate import EvaluateStage
+    from slimformer.stages.taskquality import TASKS
 
-    con, _ = _console()
+    con, err = _console()
     with _errors():
         _bounded(limit=(limit, 1, 10**9), batch_size=(batch_size, 1, 4096),
                  repeats=(repeats, 1, 1000))
-        lm = _load(model, config, task)
-        rd = _run_data(lm, data, None, eval_data, limit, split)
-        name, ds = rd.label, rd.get("eval")
-        metrics = _task_metrics(lm, rd, batch_size, saved=find(model) is not None)
-        with _progress() as prog:
-            if metrics is None:
-                preds, labels = evaluate_model(lm.module, ds, batch_size, prog)
-            lat = {f"batch={b}": measure_latency(lm.module, latency_inputs(ds, b), repeats or 20,
-                                                 budget_s=None if repeats else LATENCY_BUDGET_S)
-                   for b in (1, 32)}
-    result = {"model": model, "data": name, "split": split, "samples": len(ds),
-              "accuracy": float((preds == labels).float().mean())
-              if metrics is None and getattr(ds, "has_labels", True) else None, "latency": lat,
-              "size": model_size(lm.module), "notes": rd.notes}
+        stage = EvaluateStage(latency_batch_sizes=[1, 32], latency_repeats=repeats or 20,
+                              latency_budget_s=None if repeats else LATENCY_BUDGET_S)
+        data_cfg = _data_config(data, None, eval_data, limit, split=split, batch_size=batch_size)
+        # notes go to stderr: stdout is the result (JSON with --json)
+        rep = _run_one(err, "eval", model, config, [stage], None, False, data_cfg,
+                       task=task).report
+    rec, task_name = rep.stages[0], rep.model.get("task")
+    metrics = rec.metrics if task_name in TASKS else None
+    samples = rep.data["eval_samples"]
+    result = {"model": model, "data": rep.data["dataset"], "split": split, "samples": samples,
+              "accuracy": rec.metrics.get("accuracy") if metrics is None else None,
+              "latency": rec.latency, "size": rec.size, "notes": rep.data.get("labels", [])}
+    fidelity = {k: v for k, v in rec.metrics.items() if k.startswith("output_")}
     if metrics is not None:
-        result |= {"task": lm.task, "metrics": metrics}
+        result |= {"task": task_name, "metrics": metrics}
+    elif fidelity:  # no labels or no class scores: every output vs the float model
+        result["fidelity"] = fidelity
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    acc = result["accuracy"]
-    con.print(f"{model} on {name}/{split} ({len(ds)} samples): " +
-              (_task_line(lm.task, metrics) if metrics is not None else
-               f"accuracy {acc:.4f}" if acc is not None else "no labels: accuracy not measured"))
-    for note in rd.notes:
+    con.print(f"{model} on {result['data']}/{split} ({samples} samples): " +
+              (_task_line(task_name, metrics) if metrics is not None else
+               _accuracy_line(rec.metrics)))
+    for note in result["notes"]:
         con.print(f"  note: {note}", markup=False)
-    for b, s in lat.items():
+    for b, s in rec.latency.items():
         con.print(f"  latency {b}: median {s['median_ms']:.2f} ms (p90 {s['p90_ms']:.2f}, "
                   f"{s['repeats']} runs, {s['threads']} threads)")
     con.print(f"  size: {result['size']['params']:,} params, {result['size']['bytes']:,} bytes")
 
 
-def _task_metrics(lm, rd, batch_size: int, saved: bool = True) -> dict | None:
-    """Task metrics vs the float model for a model with a task of ``taskquality.TASKS``.
-
-    ``saved``: the model was restored from a saved folder (its float base is rebuilt); else it
-    is the float model itself, embedded once.
-    """
-    from slimformer.stages.taskquality import TASKS, task_metrics
-
-    if lm.task not in TASKS:
-        return None
-    from slimformer.models.loading import load_model
-
-    ref = load_model(lm.spec).module if saved else lm.module  # a saved folder's base, rebuilt
-    return task_metrics(lm.module, ref, lm.task, rd, min(batch_size, 64))
+def _accuracy_line(m: dict) -> str:
+    """Accuracy, or why there is none and the outputs' fidelity vs the float model."""
+    if m.get("accuracy") is not None:
+        return f"accuracy {m['accuracy']:.4f}"
+    line = ("no labels" if "agreement" in m else "no class scores") + ": accuracy not measured"
+    if "output_cosine_min" in m:
+        sqnr = m["output_sqnr_db_min"]
+        line += (f"; outputs vs the float model: cosine min {m['output_cosine_min']:.5f}, SQNR "
+                 f"min {sqnr if isinstance(sqnr, str) else f'{sqnr:.1f}'} dB")
+    return line
 
 
 def _task_line(task: str, m: dict) -> str:

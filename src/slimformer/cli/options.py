@@ -38,16 +38,9 @@ EVAL_HELP = "Separate evaluation data (file, folder or built-in set)."
 CALIB_ROWS = 256  # rows of one own data file kept for calibration (recipe data.calib_rows)
 
 
-def _run_data(lm, data: str | None, calib_data: str | None = None, eval_data: str | None = None,
-              limit: int | None = None, split: str = "test", calib_rows: int = CALIB_ROWS):
-    """The run's rows by role (``pipeline.RunData``) from the CLI's data options."""
-    from slimformer.pipeline import RunData
-
-    return RunData(lm, _data_config(data, calib_data, eval_data, limit, calib_rows, split))
-
-
 def _data_config(data: str | None, calib_data: str | None = None, eval_data: str | None = None,
-                 limit: int | None = None, calib_rows: int = CALIB_ROWS, split: str = "test"):
+                 limit: int | None = None, calib_rows: int = CALIB_ROWS, split: str = "test",
+                 batch_size: int = 256):
     """The recipe's ``data:`` section from the CLI's data options."""
     from pydantic import ValidationError
 
@@ -68,7 +61,7 @@ def _data_config(data: str | None, calib_data: str | None = None, eval_data: str
     try:
         cfg = DataConfig(dataset=builtin, source=None if builtin else parsed(data),
                          calib=parsed(calib_data), eval=parsed(eval_data), eval_split=split,
-                         eval_limit=limit, calib_rows=calib_rows)
+                         eval_limit=limit, calib_rows=calib_rows, batch_size=batch_size)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, DataConfig), "data options") from None
     return cfg
@@ -193,14 +186,22 @@ def _stage(cls, sets: list[str] | None = None, prefix: str | None = None, others
         raise ConfigError(format_errors(exc, cls), "options") from None
 
 
-def _run_one(con, name: str, model: str, config: str | None, stages: list, out: Path,
+def _run_one(con, name: str, model: str, config: str | None, stages: list, out: Path | None,
              overwrite: bool, data_cfg, max_loss: str | None = None, fail_on_loss: bool = False,
              task: str | None = None):
-    """Build the one-stage recipe of a compress command and run it through the pipeline.
+    """Build the one-stage recipe of a command and run it through the pipeline.
 
-    A stage's loss past the budget (``--max-loss``) is printed as a warning here.
+    A stage's loss past the budget (``--max-loss``) is printed as a warning here. ``out`` None:
+    a command that only prints (``eval``); the run's folder is temporary, removed after.
     """
     from slimformer.pipeline import run as run_pipeline
+
+    if out is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="slimformer-") as tmp:
+            return _run_one(con, name, model, config, stages, Path(tmp) / "run", False,
+                            data_cfg, max_loss, fail_on_loss, task)
     from slimformer.recipe import OutputConfig, Recipe
     from slimformer.report.outdir import check_output
 

@@ -23,6 +23,8 @@ class EvaluateStage(_Strict):
     latency_batch_sizes: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
         default_factory=lambda: [1, 32])
     latency_repeats: Annotated[int, Field(ge=1, le=1000)] = 20
+    # stop repeating a batch size once this many seconds are spent (at least 3 timed runs)
+    latency_budget_s: Annotated[float, Field(gt=0, le=3600)] | None = None
 
 
 def run(ctx: RunContext, stage: EvaluateStage) -> StageRecord:
@@ -47,7 +49,7 @@ def run(ctx: RunContext, stage: EvaluateStage) -> StageRecord:
         if ctx.progress:
             ctx.progress(f"latency batch {b}", 0, 1)
         stats = measure_latency(ctx.model, latency_inputs(ctx.eval_data, b),
-                                repeats=stage.latency_repeats)
+                                repeats=stage.latency_repeats, budget_s=stage.latency_budget_s)
         rec.latency[f"batch={b}"] = stats
     rec.size = model_size(ctx.model)
     rec.size["macs_per_sample"] = int(ctx.structure.macs)
