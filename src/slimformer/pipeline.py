@@ -18,6 +18,7 @@ import torch
 
 from slimformer import __version__
 from slimformer.data.datasets import latency_inputs  # noqa: F401 - re-exported for the CLI
+from slimformer.data.rng import keeps_rng
 from slimformer.recipe import (
     EvaluateStage,
     ExportStage,
@@ -75,6 +76,7 @@ def _structure_summary(smap) -> dict:
     }
 
 
+@keeps_rng
 def run(recipe: Recipe, progress: Progress | None = None,
         out_dir: str | Path | None = None, overwrite: bool | None = None) -> RunResult:
     """Run ``recipe`` and write its report; returns the report and the output folder.
@@ -127,7 +129,6 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
     # attention (a softmax quantizer asked for, pruning heads) refuse with their own reason
     smap = discover(loaded.module, loaded.example_inputs(2), require_attention=False)
     data = RunData(loaded, recipe.data, recipe.seed)
-               "task": getattr(loaded, "task", None),
     dataset_name, eval_data = data.label, data.get("eval")
     ctx = RunContext(recipe.name, base_spec, recipe.data.batch_size, model, loaded,
                      smap, eval_data, progress=progress, staging=staging, data=data,
@@ -149,6 +150,7 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
         slimformer_version=__version__, name=recipe.name,
         recipe=recipe.model_dump(mode="json"),
         model={"spec": recipe.model.model_dump(mode="json"), "class": type(loaded.module).__name__,
+               "task": getattr(loaded, "task", None),
                **model_size(loaded.module), "macs_per_sample": smap.macs,
                "applied_stages": [h["stage"] for h in history]},
         structure=_structure_summary(smap),

@@ -29,6 +29,7 @@ from slimformer.cli.common import (
 )
 from slimformer.cli.options import _stage  # noqa: F401 - tests build stages as the commands do
 
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # set by the entry point only
 app = _Typer(help="Compress any transformer and deploy it.", no_args_is_help=True,
              add_completion=False, pretty_exceptions_enable=False)
 zoo_app = _Typer(help="The built-in zoo of small real models.", no_args_is_help=True)
@@ -73,6 +74,8 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help=f"Show the traceba
     _trust["on"] = trust_code
     _quiet["on"] = quiet
     _said.clear()
+    for name in OFFLINE_ENV:  # models and tokenizers come from local files only
+        os.environ.setdefault(name, "1")
     _zoo_settings(quiet)
 
 

@@ -11,7 +11,6 @@ batches short.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +52,6 @@ def minilm_path():
 
 def tokenizer():
     """The MiniLM tokenizer, loaded from disk only."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True,

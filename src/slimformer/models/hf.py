@@ -88,12 +88,8 @@ def load_hf_folder(path: str | Path, task: str = "auto") -> torch.nn.Module:
             the model) missing from the folder: the message names them and suggests ``--task
             base``.
     """
-    import os
-
     from transformers import AutoConfig
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if task not in ("auto", *_AUTO_CLASS):
         raise ModelLoadError(f"unknown task {task!r}; allowed: auto, {', '.join(_AUTO_CLASS)}")
     path = Path(path)

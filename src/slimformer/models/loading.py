@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from pydantic import TypeAdapter, ValidationError
 
+from slimformer.data.rng import keeps_rng
 from slimformer.errors import ConfigError, ModelLoadError
 from slimformer.models import spec as S
 from slimformer.models.hf import hf_class, load_hf_folder, resolve_task
@@ -192,13 +192,16 @@ def _located(spec, folder: Path):
     return spec.model_copy(update=update) if update else spec
 
 
+@keeps_rng
 def load_model(spec) -> LoadedModel:
-    """Load the model a spec describes; every failure is a :class:`ModelLoadError`."""
+    """Load the model a spec describes; every failure is a :class:`ModelLoadError`.
+
+    A model built from a seed (``spec.seed``) is seeded on a forked RNG (the caller's is kept);
+    files are read locally only (``local_files_only``), never from the hub.
+    """
     if isinstance(spec, S.ArtifactSpec):
         raise ModelLoadError(f"{spec.path} is a saved slimformer folder: restore it with "
                              "slimformer.stages.artifact.restore (the CLI and recipes do)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if isinstance(spec, S.ZooSpec) and spec.name in CATALOG:  # real pretrained: an HF folder
         from slimformer.models.pretrained.install import resolve
 

