@@ -18,7 +18,7 @@ _LAZY = {
     "CsimResult": "slimformer.hardware.api",
     "summary": "slimformer.hardware.api",
     "lower": "slimformer.hardware.graph",
-    "SUPPORTED": "slimformer.hardware.graph",
+    "SUPPORTED": "slimformer.hardware.trace",
     "Estimate": "slimformer.hardware.estimate",
     "parse_csynth_xml": "slimformer.hardware.synth",
     "parse_baseline_json": "slimformer.hardware.synth",

@@ -1,4 +1,4 @@
-"""torch -> hls4ml-ready graph: trace the model (:mod:`.graph`), then the rewrite passes.
+"""torch -> hls4ml-ready graph: trace the model (:mod:`.trace`), then the rewrite passes.
 
 The passes (:mod:`.rewrite`) run over the graph in order, each a small match/transform step, as
 hls4ml's optimizer passes do; the graph module knows nothing of them.
@@ -9,10 +9,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimformer.hardware.graph import HlsGraph, trace_ops
-from slimformer.hardware.rewrite import fold_transposes_into_einsums, fuse_scale_into_softmax
+from slimformer.hardware.graph import HlsGraph
+from slimformer.hardware.rewrite import (
+    expand_gelu,
+    fold_transposes_into_einsums,
+    fuse_scale_into_softmax,
+    matmul_to_einsum,
+)
+from slimformer.hardware.trace import trace_ops
 
-PASSES = (fuse_scale_into_softmax, fold_transposes_into_einsums)
+PASSES = (expand_gelu, matmul_to_einsum, fuse_scale_into_softmax, fold_transposes_into_einsums)
 
 
 def lower(model: nn.Module, example: dict[str, torch.Tensor], gelu: str = "refuse") -> HlsGraph:

@@ -1,8 +1,33 @@
-"""Exact rewrites of a lowered graph into forms hls4ml computes directly."""
+"""Exact rewrites of a traced graph into forms hls4ml computes directly.
+
+Each pass matches a pattern and transforms it in place, as hls4ml's optimizer passes do;
+:data:`slimformer.hardware.lower.PASSES` runs them in order.
+"""
 
 from __future__ import annotations
 
-from slimformer.hardware.graph import HlsGraph, Op
+from slimformer.hardware.graph import GELU_SIGMOID, HlsGraph, Op
+
+
+def expand_gelu(graph: HlsGraph) -> None:
+    """``gelu(x)`` -> ``x * sigmoid(1.702 x)``: scale, sigmoid lookup table, multiply."""
+    for i in reversed(range(len(graph.ops))):
+        op = graph.ops[i]
+        if op.kind == "gelu":
+            name, x, shape, where = op.name, op.inputs[0], op.shape, op.module
+            graph.ops[i:i + 1] = [
+                Op(f"{name}_scale", "scale", [x], shape, where, {"value": GELU_SIGMOID}),
+                Op(f"{name}_sigmoid", "sigmoid", [f"{name}_scale"], shape, where),
+                Op(name, "mul", [x, f"{name}_sigmoid"], shape, where, {"gelu": True})]
+
+
+def matmul_to_einsum(graph: HlsGraph) -> None:
+    """``a @ b`` of two rank-r activations -> einsum ``...ij,...jk->...ik`` (batch axis first)."""
+    for op in graph.ops:
+        if op.kind == "matmul":
+            lead = "abcdefgh"[:len(op.shape) - 1]  # the batch and the other leading axes
+            op.kind = "einsum"
+            op.attrs = {"equation": f"{lead}ij,{lead}jk->{lead}ik"}
 
 
 def fuse_scale_into_softmax(graph: HlsGraph) -> None:
