@@ -8,7 +8,7 @@ from slimformer.data.datasets import get_dataset
 from slimformer.errors import HardwareError
 from slimformer.hardware.config import HlsConfig
 from slimformer.hardware.graph import run_float
-from slimformer.hardware.lower import lower
+from slimformer.hardware.lowering import lower
 from slimformer.hardware.precision import assign
 from slimformer.models.zoo import load_zoo_model
 from slimformer.quantize import QuantConfig, quantize

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from slimformer.hardware.graph import run_float
-from slimformer.hardware.lower import lower
+from slimformer.hardware.lowering import lower
 from slimformer.hardware.trace import trace_ops
 
 
@@ -52,3 +52,12 @@ def test_trace_keeps_torch_ops_and_the_passes_rewrite_them_exactly():
     with torch.no_grad():
         ref = ref_model(x).double()
     assert (b - ref).abs().max() < 1e-5 * ref.abs().max()  # the model, GELU in sigmoid form
+
+
+def test_public_lower_is_the_function_whatever_was_imported_first():
+    import slimformer.hardware as hw
+    import slimformer.hardware.lowering
+    import slimformer.hardware.trace
+
+    assert hw.lower is slimformer.hardware.lowering.lower  # no submodule of that name shadows it
+    assert hw.SUPPORTED is slimformer.hardware.trace.SUPPORTED

@@ -17,7 +17,7 @@ _LAZY = {
     "HlsResult": "slimformer.hardware.api",
     "CsimResult": "slimformer.hardware.api",
     "summary": "slimformer.hardware.api",
-    "lower": "slimformer.hardware.graph",
+    "lower": "slimformer.hardware.lowering",
     "SUPPORTED": "slimformer.hardware.trace",
     "Estimate": "slimformer.hardware.estimate",
     "parse_csynth_xml": "slimformer.hardware.synth",

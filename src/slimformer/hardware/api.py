@@ -21,7 +21,7 @@ from slimformer.errors import DataError, HardwareError
 from slimformer.hardware.config import HlsConfig
 from slimformer.hardware.estimate import Estimate, estimate, part_resources
 from slimformer.hardware.graph import HlsGraph
-from slimformer.hardware.lower import lower
+from slimformer.hardware.lowering import lower
 from slimformer.hardware.precision import Precisions, assign
 from slimformer.hardware.synth import SynthReport, find_report, find_tool, parse_csynth_xml, synth_command
 

@@ -1,7 +1,7 @@
 """Exact rewrites of a traced graph into forms hls4ml computes directly.
 
 Each pass matches a pattern and transforms it in place, as hls4ml's optimizer passes do;
-:data:`slimformer.hardware.lower.PASSES` runs them in order.
+:data:`slimformer.hardware.lowering.PASSES` runs them in order.
 """
 
 from __future__ import annotations

@@ -272,7 +272,7 @@ def trace_ops(model: nn.Module, example: dict[str, torch.Tensor],
               gelu: str = "refuse") -> HlsGraph:
     """Trace ``model`` on ``example`` (batch 1) into an :class:`HlsGraph`, before any rewrite.
 
-    :func:`slimformer.hardware.lower.lower` is this plus the rewrite passes.
+    :func:`slimformer.hardware.lowering.lower` is this plus the rewrite passes.
     ``gelu="sigmoid"`` admits GELU (lowered to ``x * sigmoid(1.702 x)``, explicit, approximate).
 
     Raises:
