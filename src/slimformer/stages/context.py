@@ -21,6 +21,12 @@ from slimformer.report.model import StageRecord
 if TYPE_CHECKING:  # the schemas stay torch-free: recipes validate without importing torch
     import torch
 
+    from slimformer.data.datasets import TensorDictDataset
+    from slimformer.models.loading import LoadedModel
+    from slimformer.models.spec import ModelSpec
+    from slimformer.models.structure import StructureMap
+    from slimformer.prune.slicing import SliceSpec
+
 # progress(description, completed, total): called by long steps; None = silent.
 Progress = Callable[[str, int, int], None]
 DATASET_NAMES = BUILTIN_NAMES
@@ -78,22 +84,24 @@ class RunContext:
     """What stages share: the current model, its structure, the data and reference predictions."""
 
     name: str  # the run's name (default study name of a search)
-    model_spec: object  # the base model's spec (saved with artifacts)
+    model_spec: ModelSpec  # the base model's spec (saved with artifacts)
     batch_size: int
     model: torch.nn.Module
-    loaded: object
-    structure: object
-    eval_data: object
+    loaded: LoadedModel  # the base model as loaded (its spec, inputs, task, folder)
+    structure: StructureMap  # sites of the current model
+    eval_data: TensorDictDataset
     reference_preds: torch.Tensor | None = None
     progress: Progress | None = None
     records: list[StageRecord] = field(default_factory=list)
     artifacts: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # dir -> writer
-    slice_spec: object = None  # set by a prune stage: how the base model was sliced
+    slice_spec: SliceSpec | None = None  # set by a prune stage: how the base model was sliced
     history: list[dict] = field(default_factory=list)  # applied model-changing stages (manifest)
     data: RunData | None = None
     staging: Path | None = None  # the output folder being built (swapped in when complete)
     out: Path | None = None  # the output folder (its state/ sub-folder holds resumable state)
-    measured: object = None  # stages.quality.Quality of the current model (kept, not redone)
+    # stages.quality.Quality of the current model (kept, not redone); typed object because
+    # stages.quality imports this module (a sibling cycle even under TYPE_CHECKING)
+    measured: object = None
     task_cache: dict = field(default_factory=dict)  # the float model's task results (taskquality)
 
     def state_dir(self, name: str, config=None) -> Path:
