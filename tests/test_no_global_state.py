@@ -85,6 +85,12 @@ def _pipeline(tmp_path):
                       "output": {"dir": str(out)}}))
 
 
+def _clip_build():
+    from slimformer.models.zoo import ZOO
+
+    ZOO["clip-fmnist"].build()
+
+
 def _search_imports():
     import importlib
     import sys
@@ -95,7 +101,7 @@ def _search_imports():
 
 VERBS = {"load_model": _load_model, "prune": _prune, "export": _export,
          "pipeline": _pipeline, "nas.study import": _search_imports,
-         "quantize": _quantize}
+         "quantize": _quantize, "zoo build clip-fmnist": _clip_build}
 
 
 @pytest.mark.parametrize("verb", list(VERBS))
@@ -126,3 +132,31 @@ def test_seeded_build_is_reproducible_and_independent_of_the_caller_rng():
     torch.manual_seed(2)
     b = load_model(spec).module.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_clip_build_is_seeded_and_independent_of_the_caller_rng():
+    """The two-tower model's projections come from seed 0 whatever the caller's RNG holds."""
+    from slimformer.models.zoo import ZOO
+
+    torch.manual_seed(1)
+    a = ZOO["clip-fmnist"].build().state_dict()
+    torch.manual_seed(2)
+    b = ZOO["clip-fmnist"].build().state_dict()
+    proj = [k for k in a if not k.startswith(("text_encoder.", "image_encoder."))]
+    assert proj and all(torch.equal(a[k], b[k]) for k in proj), proj
+
+
+def test_prune_leaves_the_models_train_and_eval_modes():
+    """prune runs the model in eval mode and gives every module its own mode back."""
+    from slimformer.prune.api import prune
+    from slimformer.prune.config import PruneConfig
+
+    lm = _tiny()
+    lm.module.train()
+    first = next(m for m in lm.module.modules() if m is not lm.module)
+    first.eval()  # a mixed state: the root trains, one child does not
+    modes = [m.training for m in lm.module.modules()]
+    res = prune(lm.module, PruneConfig(method="magnitude", structures=["mlp"], ratio=0.25,
+                                       finetune_steps=0), inputs=lm.example_inputs(2))
+    assert [m.training for m in lm.module.modules()] == modes
+    assert not res.model.training  # the pruned copy is handed back ready to evaluate

@@ -6,10 +6,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-OPSETS = (17, 18, 19, 20, 21, 22, 23)
-TARGETS = ("auto", "ort-cpu", "openvino", "tensorrt", "portable")
-ISAS = ("auto", "amx", "vnni", "avx2", "other")
-
 
 class OnnxConfig(BaseModel):
     """How to write an ONNX file.

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-ROUNDING = {"AP_RND_CONV": "half-even", "AP_RND": "half-up", "AP_TRN": "floor"}
-
 
 @dataclass(frozen=True)
 class FixedType:

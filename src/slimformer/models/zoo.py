@@ -69,7 +69,9 @@ def _build_text(num_classes: int):
     return build
 
 
+@keeps_rng
 def _build_clip():
+    """Two towers; the projections seeded with 0 on a forked RNG (the caller's is left alone)."""
     import torch
 
     from slimformer.data.text import tokenize
@@ -150,9 +152,6 @@ ZOO: dict[str, ZooEntry] = {
                             warmup_steps=100),
     ),
 }
-
-DEFAULT_MODEL = "vit-fmnist"
-
 
 def get_entry(name: str) -> ZooEntry:
     """Return the zoo entry ``name`` or raise :class:`ModelLoadError` listing the known ones."""

@@ -213,7 +213,8 @@ def prune(model: nn.Module, config, train_data=None, eval_data=None, structure=N
     """Prune ``model`` to ``config.ratio`` of its prunable cost; returns the smaller model.
 
     Args:
-        model: Any transformer (not modified).
+        model: Any transformer (not modified: its weights stay, and so does each module's
+            train / eval mode, though it runs in eval mode during the call).
         config: :class:`PruneConfig` (or a mapping of its fields).
         train_data: ``TensorDictDataset`` for the search and fine-tuning (its train split).
         eval_data: Optional ``TensorDictDataset``; accuracy before and after is measured on it.
@@ -227,10 +228,6 @@ def prune(model: nn.Module, config, train_data=None, eval_data=None, structure=N
         DataError: Training asked for without ``train_data``; no example inputs.
         UnsupportedModelError: No attention found, or no site can be sliced.
     """
-    from slimformer.models.structure import discover
-    from slimformer.prune.units import to_spec, unit_groups
-    from slimformer.prune.upop import magnitude_keep, upop_search
-
     cfg = as_config(config)
     if cfg.needs_training and (train_data is None or len(train_data) == 0):
         why = "the upop search trains" if cfg.method == "upop" else \
@@ -239,7 +236,22 @@ def prune(model: nn.Module, config, train_data=None, eval_data=None, structure=N
                         "get_dataset(name, 'train')), or use method='magnitude' with "
                         "finetune_steps=0")
     x = _inputs(train_data, eval_data, inputs)
+    modes = {m: m.training for m in model.modules()}
     model.eval()
+    try:
+        return _prune(model, cfg, train_data, eval_data, structure, progress, x, checkpoint)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _prune(model: nn.Module, cfg, train_data, eval_data, structure, progress: Progress,
+           x: dict, checkpoint) -> PruneResult:
+    """:func:`prune` on ``model`` in eval mode, with its example inputs ``x``."""
+    from slimformer.models.structure import discover
+    from slimformer.prune.units import to_spec, unit_groups
+    from slimformer.prune.upop import magnitude_keep, upop_search
+
     if structure is None:
         structure = discover(model, x, require_attention="heads" in cfg.structures)
     missing = [f"structures: the model has no {s} (found {len(structure.attention)} attention "
