@@ -1,0 +1,133 @@
+"""Build one configuration's deployable artifact for benchmarks/real.py (ours and the peers).
+
+- ``float``: our ONNX export (opset default, and 20 for OpenVINO) plus the float references;
+- ``ours-wXaY-{default,minmax}``: ``slimformer.quantize`` then ``export onnx`` (QDQ);
+- ``ort-dynamic`` / ``ort-static``: ONNX Runtime's quantizers on our float export;
+- ``nncf-*``: NNCF ``quantize`` / ``compress_weights`` on the float export read by OpenVINO;
+- ``brevitas-*``: Brevitas's post-training flow (:mod:`real_brevitas`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import real_eval as E
+
+CALIB: dict[str, float] = {}  # seconds of the quantizer call alone (a build also exports)
+
+
+def export(model, path: Path, example, **kw) -> Path:
+    from slimformer.export.config import OnnxConfig
+    from slimformer.export.onnx import export_onnx
+
+    export_onnx(model, path, example, OnnxConfig(lint=False, **kw))
+    return path
+
+
+def float_onnx(work: Path) -> Path:
+    p = work / "float.onnx"
+    if not p.exists():
+        raise FileNotFoundError(f"{p} (the float configuration did not finish)")
+    return p
+
+
+def size(path: Path) -> int:
+    """Bytes of an artifact and its side files (external data, OpenVINO .bin)."""
+    stem = path.name.split(".")[0]
+    return sum(p.stat().st_size for p in path.parent.iterdir()
+               if p.name.split(".")[0] == stem and p.is_file()
+               and p.suffix in (".onnx", ".data", ".xml", ".bin", ".pt"))
+
+
+def make_artifact(config: str, lm, data: dict, work: Path, args):
+    """Build ``config`` under ``work``: the artifact's path (or a torch model: Brevitas fallback)."""
+    ex = {k: v[:2] for k, v in data["calib"].inputs.items() if k in lm.input_specs}
+    n = args.lm_calib if lm.task == "causal-lm" else args.calib
+    if config == "float":
+        export(lm.module, work / "float.onnx", ex)
+        if lm.task != "causal-lm":
+            export(lm.module, work / "float-o20.onnx", ex, opset=20)
+            E.reference(lm, data, work)
+        return work / "float.onnx"
+    if config.startswith("ours-"):
+        from slimformer.quantize.api import quantize
+        from slimformer.quantize.config import QuantConfig
+        from slimformer.quantize.inference import to_inference
+
+        w, a = int(config[6]), int(config[8])
+        kw = {} if config.endswith("default") else {"method": "minmax"}
+        cfg = QuantConfig(weight_bits=w, act_bits=a, calib_samples=n, **kw)
+        t0 = time.perf_counter()
+        q = to_inference(quantize(lm.module, cfg, data["calib"]).model)
+        CALIB[config] = time.perf_counter() - t0
+        return export(q, work / f"{config}.onnx", ex)
+    if config.startswith("ort-"):
+        return _ort(config, data, work)
+    if config.startswith("brevitas-"):
+        import real_brevitas
+
+        t0 = time.perf_counter()
+        model = real_brevitas.quantize(lm.module, data["calib"], n, gptq=config.endswith("gptq"))
+        CALIB[config] = time.perf_counter() - t0
+        return real_brevitas.deploy(model, ex, work / f"{config}.onnx")
+    return _nncf(config, data, work)
+
+
+def _ort(config: str, data: dict, work: Path) -> Path:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    from slimformer.export.ortrun import session
+
+    out = work / f"{config}.onnx"
+    src = float_onnx(work)
+    if config == "ort-dynamic":
+        quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True)
+        return out
+    feeds = E.calib_feeds(data["calib"], {i.name for i in session(src).get_inputs()},
+                          len(data["calib"]), 8)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    t0 = time.perf_counter()
+    quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
+    CALIB[config] = time.perf_counter() - t0
+    return out
+
+
+def _nncf(config: str, data: dict, work: Path) -> Path:
+    import nncf
+    import openvino as ov
+
+    src = work / "float-o20.onnx"
+    m = ov.Core().read_model(str(src if src.exists() else float_onnx(work)))
+    out = work / f"{config}.xml"
+    t0 = time.perf_counter()
+    if config == "nncf-quantize":
+        names = {n for i in m.inputs for n in i.get_names()}
+        feeds = E.calib_feeds(data["calib"], names, len(data["calib"]), 1)
+        q = nncf.quantize(m, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
+                          subset_size=len(feeds))  # SmoothQuant is part of the TRANSFORMER preset
+    elif config == "nncf-w8":
+        q = nncf.compress_weights(m, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    else:  # nncf-w4gN: INT4 asymmetric, groups of N along the input channels, every layer
+        q = nncf.compress_weights(m, mode=nncf.CompressWeightsMode.INT4_ASYM,
+                                  group_size=int(config.split("g")[-1]), ratio=1.0)
+    CALIB[config] = time.perf_counter() - t0
+    ov.save_model(q, str(out), compress_to_fp16=False)
+    return out
