@@ -1,7 +1,8 @@
 """Brevitas's post-training flow on a Hugging Face model, as its LLM example composes it.
 
 Steps (brevitas 0.12.1, ``brevitas.graph``): SmoothQuant-style activation equalization in
-layerwise mode (alpha 0.5, a Mul in front of each Linear); ``layerwise_quantize`` of every
+layerwise mode (alpha 0.5, a Mul in front of each Linear; only Linears: a wrapped Conv2d breaks
+DINOv2's patch embedding, which reads ``projection.weight``); ``layerwise_quantize`` of every
 ``nn.Linear`` (``lm_head`` excepted, as the example does) to ``QuantLinear`` with INT8
 per-channel weights (``Int8WeightPerChannelFloat``) and INT8 per-tensor inputs
 (``Int8ActPerTensorFloat``, scales from percentile statistics under ``calibration_mode``);
@@ -67,7 +68,10 @@ def quantize(model, calib, n: int, gptq: bool = False):
             m(**b)
 
     with torch.no_grad():
-        with activation_equalization_mode(model, alpha=0.5, layerwise=True, add_mul_node=True):
+        skip = [n for n, m in model.named_modules() if not isinstance(m, torch.nn.Linear)
+                or n.split(".")[-1] == "lm_head"]  # a wrapped Conv2d breaks DINOv2's .weight read
+        with activation_equalization_mode(model, alpha=0.5, layerwise=True, add_mul_node=True,
+                                          blacklist_layers=skip):
             run(model)
         layer_map = {torch.nn.Linear: (qnn.QuantLinear, {
             "weight_quant": Int8WeightPerChannelFloat, "input_quant": Int8ActPerTensorFloat,
