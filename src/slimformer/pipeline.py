@@ -1,16 +1,15 @@
 """Run the stages of a recipe in order and record what each did.
 
-Data flows one way: load -> discover structure -> stages -> report. Each stage type has one
-handler (in :mod:`slimformer.stages`) in the explicit table :data:`STAGE_HANDLERS`; a handler
-takes the run context and its stage config and returns a
+Data flows one way: load -> discover structure -> stages -> model files -> report. Each stage
+type has one handler in the explicit table :data:`slimformer.stages.HANDLERS`; its ``run`` takes
+the run context and its stage config and returns a
 :class:`~slimformer.report.model.StageRecord`. The pipeline keeps the order, the timing, the
-output folder and the report.
+output folder, writes the stages' model files and then the report.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,18 +18,9 @@ import torch
 from slimformer import __version__
 from slimformer.data.datasets import latency_inputs  # noqa: F401 - re-exported for the CLI
 from slimformer.data.rng import keeps_rng
-from slimformer.recipe import (
-    EvaluateStage,
-    ExportStage,
-    GenerateStage,
-    HlsStage,
-    PruneStage,
-    QuantizeStage,
-    Recipe,
-    SearchStage,
-)
-from slimformer.report.model import Report, StageRecord, environment
-from slimformer.stages import evaluate, export, generate, hls, prune, quality, quantize, search
+from slimformer.recipe import Recipe
+from slimformer.report.model import Report, environment
+from slimformer.stages import HANDLERS, quality
 from slimformer.stages.context import (  # noqa: F401 - re-exported: the CLI and tests use them
     Progress,
     RunContext,
@@ -46,17 +36,6 @@ class RunResult:
 
     report: Report
     out_dir: Path
-
-
-STAGE_HANDLERS: dict[type, Callable[[RunContext, object], StageRecord]] = {
-    EvaluateStage: evaluate.run,
-    QuantizeStage: quantize.run,
-    PruneStage: prune.run,
-    SearchStage: search.run,
-    HlsStage: hls.run,
-    ExportStage: export.run,
-    GenerateStage: generate.run,
-}
 
 
 def _structure_summary(smap) -> dict:
@@ -108,7 +87,7 @@ def _load(recipe: Recipe):
 
     r = load(recipe.model)
     for i, st in enumerate(recipe.stages):
-        if r.quantized and st.type in ("prune", "quantize", "search"):
+        if r.quantized and HANDLERS[st.type].after_quantized:
             raise StageError(f"stages[{i}]: {recipe.model.path} holds a quantized model "
                              f"(stages applied: {', '.join(r.applied)}); a {st.type} stage must "
                              "come before quantization: start from its float input instead")
@@ -139,7 +118,7 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
                 progress(f"stage {i + 1}/{len(recipe.stages)}: {stage.type}", i,
                          len(recipe.stages))
             s0 = time.perf_counter()
-            rec = quality.run(ctx, i, stage, STAGE_HANDLERS[type(stage)], recipe.max_loss)
+            rec = quality.run(ctx, i, stage, HANDLERS[stage.type].run, recipe.max_loss)
             rec.index, rec.seconds = i, time.perf_counter() - s0
             ctx.records.append(rec)
     from slimformer.models.evaluate import model_size

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slimformer.errors import ConfigError, SlimformerError
 from slimformer.models.spec import ModelSpec, ZooSpec
+from slimformer.stages import HANDLERS
 from slimformer.stages.context import DATASET_NAMES, DataConfig
 from slimformer.stages.evaluate import EvaluateStage
 from slimformer.stages.export import ExportStage
@@ -150,16 +151,12 @@ def _cross_checks(recipe: Recipe) -> list[str]:
     if recipe.data.source is not None and (recipe.data.calib or recipe.data.eval):
         problems.append("data.source: give either one source (split into calibration and "
                         "evaluation rows) or data.calib / data.eval, not both")
-    seen_quantize = False
+    seen_quantize = False  # the stages' order rules: slimformer.stages.HANDLERS
     for i, st in enumerate(recipe.stages):
-        if st.type in ("quantize", "search"):  # search quantizes the chosen sub-network
-            if seen_quantize:
-                problems.append(f"stages[{i}]: the model is quantized already (one quantize "
-                                "stage per recipe)")
-            seen_quantize = True
-        if st.type == "prune" and seen_quantize:
-            problems.append(f"stages[{i}]: prune must come before quantize/search: a quantized "
-                            "model cannot be pruned (put the prune stage first)")
+        rules = HANDLERS[st.type]
+        if seen_quantize and rules.after_quantized:
+            problems.append(f"stages[{i}]: {rules.after_quantized}")
+        seen_quantize |= rules.quantizes
     return problems
 
 

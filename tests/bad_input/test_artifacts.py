@@ -94,7 +94,7 @@ def test_factory_in_saved_folders_is_refused_without_trust(tmp_path, monkeypatch
     data = TensorDictDataset({"src": torch.randn(16, 8, 32)}, torch.zeros(16, dtype=torch.long))
     res = quantize(lm.module, QuantConfig(method="minmax"), data)
     save_quantized(res.model, tmp_path / "q", spec)
-    save_pruned(lm.module, SliceSpec({}, {}, {}), tmp_path / "p", spec)
+    save_pruned(lm.module, tmp_path / "p", spec, SliceSpec({}, {}, {}))
     _forget(name, marker)
     for load, folder, meta in ((load_quantized, "q", "slimformer.json"),
                                (load_pruned, "p", "slimformer.json"),
@@ -233,7 +233,7 @@ def test_pruned_folder_edited_or_wrong_shape_is_refused(tmp_path):
     x = {"x": _x(2)}
     spec = SliceSpec(heads={0: (0,)}, mlp={1: tuple(range(0, 32, 2))}, dims={})
     small = slice_model(lm.module, discover(lm.module, x), spec, check_inputs=x)
-    save_pruned(small, spec, tmp_path / "p", ZOO)
+    save_pruned(small, tmp_path / "p", ZOO, spec)
     with torch.no_grad():
         assert torch.equal(load_pruned(tmp_path / "p").module(x=_x()), small(x=_x()))
     shutil.copytree(tmp_path / "p", tmp_path / "edited")
@@ -256,7 +256,7 @@ def test_pruned_folder_edited_or_wrong_shape_is_refused(tmp_path):
 def test_search_output_is_checked(tmp_path):
     from slimformer.models.structure import discover
     from slimformer.nas.api import SearchResult
-    from slimformer.nas.output import load_chosen, write_search
+    from slimformer.nas.output import load_chosen, save_search
 
     lm = load_model(ZOO)
     x = {"x": _x(2)}
@@ -267,7 +267,7 @@ def test_search_output_is_checked(tmp_path):
     res = SearchResult(["accuracy", "size"], front=[row], measured=[row],
                        reference=row | {"phase": "reference"}, chosen=row,
                        float_model=chosen, chosen_spec=spec)
-    write_search(res, tmp_path / "s")
+    save_search(res, tmp_path / "s")
     with torch.no_grad():
         assert torch.equal(load_chosen(lm.module, smap, tmp_path / "s")(x=_x()), chosen(x=_x()))
     (tmp_path / "s" / "chosen.json").write_text(json.dumps(spec | {"mlp": {"1": [0]}}))

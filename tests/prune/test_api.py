@@ -131,7 +131,7 @@ def test_head_dims_with_heads_and_mlp_bert(method, tmp_path):
     assert heads.attention_head_size == qk
     assert heads.query.out_features == res.kept["heads"][0][0] * qk
     small = {k: v[:2] for k, v in x.items()}
-    out = save_pruned(res.model, res.spec, tmp_path / "p", lm.spec, cfg)
+    out = save_pruned(res.model, tmp_path / "p", lm.spec, res.spec, config=cfg)
     back = load_pruned(out)
     with torch.no_grad():
         torch.testing.assert_close(back.module(**small).logits, res.model(**small).logits)
@@ -202,7 +202,7 @@ def test_save_load_roundtrip(tmp_path):
     lm, data = _encoder_task()
     cfg = PruneConfig(method="magnitude", finetune_steps=2, batch_size=8)
     res = prune(lm.module, cfg, data)
-    save_pruned(res.model, res.spec, tmp_path / "p", lm.spec, cfg)
+    save_pruned(res.model, tmp_path / "p", lm.spec, res.spec, config=cfg)
     loaded = load_pruned(tmp_path / "p", trust_code=True)  # torch-encoder is a factory
     x = data.inputs["src"][:4]
     with torch.no_grad():

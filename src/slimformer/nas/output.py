@@ -50,48 +50,54 @@ def predictor_lines(result: SearchResult) -> list[str]:
             result.predictors.items()]
 
 
-def write_search(result: SearchResult, out_dir: str | Path, model_spec=None,
-                 config=None) -> None:
-    """``front.json``, ``front.md``, ``front.png``, ``chosen.*`` and the manifest into ``out_dir``.
+def save_search(search: SearchResult, /, directory: str | Path, model_spec=None,
+                slice_spec=None, history: list[dict] | None = None, config=None,
+                result: dict | None = None) -> Path:
+    """``front.json``, ``front.md``, ``front.png``, ``chosen.*`` and the manifest into ``directory``.
 
-    The folder is expected to be a fresh (temporary) one: callers wrap it in an atomic writer.
-    ``model_spec`` (the searched base model's spec) is recorded so the folder can be restored as
-    a model (:mod:`slimformer.stages.artifact`: the chosen float sub-network); ``config`` (the
-    :class:`~slimformer.nas.config.SearchConfig`) is recorded as the search stage's config.
+    The signature of every save function (``save_pruned``, ``save_quantized``). The folder is
+    expected to be a fresh (temporary) one: callers wrap it in an atomic writer.
+    ``model_spec`` (the searched base model's spec), ``slice_spec`` (how it was pruned before the
+    search) and ``history`` (the stage entries applied before) are recorded so the folder can be
+    restored as a model (:mod:`slimformer.stages.artifact`: the chosen float sub-network);
+    ``config`` (the :class:`~slimformer.nas.config.SearchConfig`) and ``result`` (merged with the
+    chosen point) are recorded as the search stage's.
     """
     from safetensors.torch import save_file
 
     from slimformer.report.io import readable
 
-    out = Path(out_dir)
+    out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "front.json").write_text(json.dumps(summary(result), indent=2, default=str) + "\n",
+    (out / "front.json").write_text(json.dumps(summary(search), indent=2, default=str) + "\n",
                                     encoding="utf-8")
-    md = ["# Measured Pareto front", "", *result.table(), "", *predictor_lines(result), "",
-          f"hypervolume {result.hypervolume:.4f}; {len(result.measured)} sub-networks measured "
-          f"of {result.space_size:,} in the space", ""]
-    if result.chosen:
-        md.append(f"chosen: {result.chosen['sub']} (accuracy {result.chosen['accuracy']:.4f})")
+    md = ["# Measured Pareto front", "", *search.table(), "", *predictor_lines(search), "",
+          f"hypervolume {search.hypervolume:.4f}; {len(search.measured)} sub-networks measured "
+          f"of {search.space_size:,} in the space", ""]
+    if search.chosen:
+        md.append(f"chosen: {search.chosen['sub']} (accuracy {search.chosen['accuracy']:.4f})")
     (out / "front.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    groups = {"measured": [r for r in result.measured if r["phase"] == "sample"],
-              "predicted front, measured": [r for r in result.measured if r["phase"] == "front"],
-              "measured front": result.front}
-    plot_front(groups, result.objectives, out / "front.png", result.reference,
+    groups = {"measured": [r for r in search.measured if r["phase"] == "sample"],
+              "predicted front, measured": [r for r in search.measured if r["phase"] == "front"],
+              "measured front": search.front}
+    plot_front(groups, search.objectives, out / "front.png", search.reference,
                "sub-networks: accuracy against cost")
     files = ["front.json", "front.md", "front.png"]
     weights = None
-    if result.float_model is not None:
+    if search.float_model is not None:
         state = {k: v.detach().contiguous().clone() for k, v in
-                 result.float_model.state_dict().items()}
+                 search.float_model.state_dict().items()}
         save_file(state, str(out / TENSORS))
         readable(out / TENSORS)
-        (out / SPEC).write_text(json.dumps(result.chosen_spec, indent=2) + "\n",
+        (out / SPEC).write_text(json.dumps(search.chosen_spec, indent=2) + "\n",
                                 encoding="utf-8")
         files.append(SPEC)
         weights = TENSORS
-    chosen = json.loads(json.dumps(_clean(result.chosen), default=str)) if result.chosen else None
-    write_manifest(out, KIND, model_spec, [stage_entry("search", config, {"chosen": chosen})],
-                   weights, files)
+    chosen = json.loads(json.dumps(_clean(search.chosen), default=str)) if search.chosen else None
+    entry = stage_entry("search", config, {"chosen": chosen, **(result or {})})
+    write_manifest(out, KIND, model_spec, [*(history or []), entry], weights, files,
+                   slice_spec=slice_spec)
+    return out
 
 
 def read_search(folder: str | Path) -> dict:
@@ -106,12 +112,13 @@ def read_search(folder: str | Path) -> dict:
     return read_artifact(folder, KIND, TENSORS, (), REDO, "search output")
 
 
-def load_chosen(model, structure, folder: str | Path):
+def load_chosen(model, structure, folder: str | Path, meta: dict | None = None):
     """Rebuild the chosen float sub-network from ``model`` (the searched base model).
 
     Checks the manifest (file hashes, tensor manifest), slices ``model`` (a copy) as
     ``chosen.json`` says, drops its blocks, checks every tensor's shape and loads
     ``chosen.safetensors`` strictly; quantize it again with the recorded bits to deploy.
+    ``meta``: the manifest as :func:`read_search` returned it (read here when None).
 
     Raises:
         ModelLoadError: A file missing, edited, truncated or of the wrong shape, or the folder
@@ -123,7 +130,7 @@ def load_chosen(model, structure, folder: str | Path):
     from slimformer.report.integrity import read_manifest
 
     folder = Path(folder)
-    meta = read_search(folder)
+    meta = read_search(folder) if meta is None else meta
     if SPEC not in meta["integrity"]["files"]:
         raise ModelLoadError(f"{folder / MANIFEST} does not record {SPEC}; {REDO}")
     spec = read_manifest(folder / SPEC, ("heads", "mlp", "dropped_blocks"), REDO)

@@ -5,7 +5,7 @@ Public API (loaded lazily, so importing the package stays cheap)::
     from slimformer.prune import PruneConfig, prune
     result = prune(model, PruneConfig(ratio=0.5), train_data, eval_data)
     result.model        # fewer heads, smaller MLPs: really smaller tensors
-    save_pruned(result.model, result.spec, "out/p", model_spec); loaded = load_pruned("out/p")
+    save_pruned(result.model, "out/p", model_spec, result.spec); loaded = load_pruned("out/p")
     slice_model(model, structure, SliceSpec(heads={0: (0, 2)}, mlp={1: (0, 1, 5)}))
 """
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from slimformer.errors import ModelLoadError
+from slimformer.errors import ConfigError, ModelLoadError
 from slimformer.prune.slicing import SliceSpec
 from slimformer.report.manifest import MANIFEST, read_artifact, stage_entry, write_manifest
 
@@ -22,23 +22,36 @@ KIND, TENSORS, META = "pruned", "pruned.safetensors", MANIFEST
 REDO = "re-create the folder with save_pruned (`slimformer prune`)"
 
 
-def save_pruned(model: nn.Module, spec: SliceSpec, directory: str | Path, model_spec,
-                config=None, result: dict | None = None) -> Path:
+def save_pruned(model: nn.Module, /, directory: str | Path, model_spec=None, slice_spec=None,
+                history: list[dict] | None = None, config=None, result: dict | None = None) -> Path:
     """Write the pruned ``model`` into ``directory`` atomically (all files or none).
 
-    ``config`` / ``result``: the prune stage's config and results, recorded in the manifest.
+    The signature of every save function (``save_quantized``, ``save_search``): the model, the
+    folder, the base model's spec, the :class:`SliceSpec` that made ``model`` from it (required
+    here), the stage entries applied before pruning, the prune stage's config and results.
+
+    Raises:
+        ConfigError: No ``slice_spec``.
     """
     from safetensors.torch import save_model
 
     from slimformer.report.io import atomic_dir, readable
 
+    if slice_spec is None:
+        raise ConfigError(["slice_spec: a pruned model is saved with the SliceSpec that made it "
+                           "(PruneResult.spec)"], "save_pruned")
     directory = Path(directory)
+    stages = [*(history or []), stage_entry("prune", config, result)]
     with atomic_dir(directory) as tmp:
         save_model(model, str(tmp / TENSORS))
         readable(tmp / TENSORS)
-        write_manifest(tmp, KIND, model_spec, [stage_entry("prune", config, result)], TENSORS,
-                       slice_spec=spec)
+        write_manifest(tmp, KIND, model_spec, stages, TENSORS, slice_spec=slice_spec)
     return directory
+
+
+def read_pruned(directory: str | Path) -> dict:
+    """The checked manifest of a folder :func:`save_pruned` wrote (hashes, format, tensors)."""
+    return read_artifact(Path(directory), KIND, TENSORS, (), REDO, "pruned model")
 
 
 def load_pruned(directory: str | Path, trust_code: bool = False):
@@ -53,30 +66,54 @@ def load_pruned(directory: str | Path, trust_code: bool = False):
         ModelLoadError: Missing, edited, truncated or wrong-shape files; an untrusted factory;
             a base model that cannot be rebuilt.
     """
-    from safetensors.torch import load_model as load_tensors
-
     from slimformer.models.loading import load_model, saved_model_spec
+
+    directory = Path(directory)
+    meta = read_pruned(directory)
+    loaded = load_model(saved_model_spec(meta["model_spec"], str(directory / META), trust_code))
+    replay_slices(loaded, meta, directory / META)
+    load_weights(loaded.module, directory, meta)
+    return loaded
+
+
+def replay_slices(loaded, meta: dict, source, redo: str = REDO) -> SliceSpec:
+    """Slice ``loaded.module`` in place as the manifest ``meta`` records: the pruning replay.
+
+    The structure is rediscovered on ``loaded``'s example inputs and the recorded slice spec
+    applied (every artifact pruned before its own stage is rebuilt through here). ``source``
+    names the manifest in errors, ``redo`` ends them.
+
+    Raises:
+        ModelLoadError: No valid slice spec recorded, or one that does not fit the model.
+    """
     from slimformer.models.structure import discover
     from slimformer.prune.slicing import slice_model
-    directory = Path(directory)
-    meta = read_artifact(directory, KIND, TENSORS, (), REDO, "pruned model")
-    spec = saved_model_spec(meta["model_spec"], str(directory / META), trust_code)
+
     try:
         slices = SliceSpec.from_dict(meta["slice_spec"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ModelLoadError(f"{directory / META}: slice_spec is invalid ({exc}); {REDO}") from None
-    loaded = load_model(spec)
+        raise ModelLoadError(f"{source}: slice_spec is invalid ({exc}); {redo}") from None
     x = loaded.example_inputs(2)
     smap = discover(loaded.module, x, require_attention=False)
-    model = slice_model(loaded.module, smap, slices, inplace=True, check_inputs=x)
-    tensors = directory / TENSORS
+    loaded.module = slice_model(loaded.module, smap, slices, inplace=True, check_inputs=x)
+    return slices
+
+
+def load_weights(model: nn.Module, directory: str | Path, meta: dict) -> nn.Module:
+    """Load a pruned folder's tensors into ``model`` (sliced as recorded) strictly; eval mode.
+
+    Raises:
+        ModelLoadError: A tensor whose dtype or shape differs from the model's (named).
+    """
+    from safetensors.torch import load_model as load_tensors
+
+    tensors = Path(directory) / TENSORS
     check_shapes(model, meta["tensors"], tensors)
     try:
         load_tensors(model, str(tensors), strict=True)
     except RuntimeError as e:
         raise ModelLoadError(f"{tensors} does not fit the sliced model: {str(e)[:500]}") from None
-    loaded.module = model.eval()
-    return loaded
+    return model.eval()
 
 
 def check_shapes(model: nn.Module, manifest: dict[str, dict], source, redo: str = REDO) -> None:

@@ -40,8 +40,9 @@ REDO = "re-create the folder with save_quantized (`slimformer quantize`)"
 _KEYS = ("inference_form", "codes", "aliases")
 
 
-def save_quantized(qmodel, directory: str | Path, model_spec, slice_spec=None,
-                   history: list[dict] | None = None, result: dict | None = None) -> Path:
+def save_quantized(qmodel, /, directory: str | Path, model_spec=None, slice_spec=None,
+                   history: list[dict] | None = None, config=None,
+                   result: dict | None = None) -> Path:
     """Write ``qmodel`` into ``directory`` atomically (all files or none).
 
     Args:
@@ -53,6 +54,7 @@ def save_quantized(qmodel, directory: str | Path, model_spec, slice_spec=None,
         history: The stage entries applied before quantization
             (:func:`~slimformer.report.manifest.stage_entry`); a slice spec without a recorded
             prune stage gets one.
+        config: The quantize stage's config to record (default: ``qmodel.config``).
         result: The quantize stage's results to record (metrics, sizes).
     """
     from safetensors.torch import save_file
@@ -66,7 +68,8 @@ def save_quantized(qmodel, directory: str | Path, model_spec, slice_spec=None,
     stages = list(history or [])
     if slice_spec is not None and "prune" not in [s.get("stage") for s in stages]:
         stages.append(stage_entry("prune"))
-    stages.append(stage_entry("quantize", qmodel.config, result))
+    stages.append(stage_entry("quantize", qmodel.config if config is None else config,
+                              result))
     with atomic_dir(directory) as tmp:
         save_file(state, str(tmp / TENSORS))
         readable(tmp / TENSORS)
@@ -75,8 +78,9 @@ def save_quantized(qmodel, directory: str | Path, model_spec, slice_spec=None,
     return directory
 
 
-def _read(directory: Path) -> dict:
-    return read_artifact(directory, KIND, TENSORS, _KEYS, REDO, "quantized model")
+def read_quantized(directory: str | Path) -> dict:
+    """The checked manifest of a folder :func:`save_quantized` wrote (hashes, format, sections)."""
+    return read_artifact(Path(directory), KIND, TENSORS, _KEYS, REDO, "quantized model")
 
 
 def _quant_config(meta: dict, where: Path) -> QuantConfig:
@@ -183,7 +187,7 @@ def saved_spec(directory: str | Path, trust_code: bool = False):
     """
     from slimformer.models.loading import saved_model_spec
 
-    meta = _read(Path(directory))
+    meta = read_quantized(directory)
     return saved_model_spec(meta["model_spec"], str(Path(directory) / META), trust_code)
 
 
@@ -199,26 +203,38 @@ def load_quantized(directory: str | Path, trust_code: bool = False):
         ModelLoadError: Missing, edited, truncated or wrong-shape files; an untrusted factory;
             a base model that cannot be rebuilt.
     """
+    from slimformer.models.loading import load_model, saved_model_spec
+    from slimformer.prune.serialize import replay_slices
+
+    directory = Path(directory)
+    meta = read_quantized(directory)
+    _quant_config(meta, directory / META)  # checked before the base model is built
+    lm = load_model(saved_model_spec(meta["model_spec"], str(directory / META), trust_code))
+    if meta["slice_spec"]:  # pruned before quantization: rebuild the smaller model
+        replay_slices(lm, meta, directory / META, REDO)
+    return quantized_from(lm, meta, directory)
+
+
+def quantized_from(loaded, meta: dict, directory: str | Path):
+    """Wrap ``loaded.module`` with the recorded quantizers and load the folder's tensors.
+
+    ``loaded``: the base model, rebuilt (and sliced) as the checked manifest ``meta`` of
+    ``directory`` records; its module becomes the quantized model's (its weights are replaced by
+    the dequantized codes). Returns the quantized model in quant mode.
+
+    Raises:
+        ModelLoadError: A tensor that does not fit the rebuilt model; an invalid config.
+    """
     from safetensors.torch import load_file
 
-    from slimformer.models.loading import load_model, saved_model_spec
     from slimformer.models.structure import discover
     from slimformer.quantize.build import build
 
     directory = Path(directory)
-    meta = _read(directory)
-    spec = saved_model_spec(meta["model_spec"], str(directory / META), trust_code)
     config = _quant_config(meta, directory / META)
-    lm = load_model(spec)
-    x = lm.example_inputs(2)
-    if meta["slice_spec"]:  # pruned before quantization: rebuild the smaller model
-        from slimformer.prune.slicing import SliceSpec, slice_model
-
-        base = discover(lm.module, x, require_attention=False)
-        slice_model(lm.module, base, SliceSpec.from_dict(meta["slice_spec"]), inplace=True,
-                    check_inputs=x)
-    smap = discover(lm.module, x, require_attention=config.softmax_kind != "none")
-    qmodel = build(lm.module, smap, config)
+    smap = discover(loaded.module, loaded.example_inputs(2),
+                    require_attention=config.softmax_kind != "none")
+    qmodel = build(loaded.module, smap, config)
     tensors_path = directory / TENSORS
     codes, aliases = meta["codes"], meta["aliases"]
     if not (isinstance(codes, dict) and isinstance(aliases, dict)):

@@ -5,15 +5,15 @@ An artifact is a folder with one sealed manifest, ``slimformer.json``
 results, slice spec, SHA-256 of every file) and safetensors weights, of kind ``quantized``
 (:mod:`slimformer.quantize.serialize`), ``pruned`` (:mod:`slimformer.prune.serialize`) or
 ``search`` (:mod:`slimformer.nas.output`), or a run folder holding them as ``quantized/`` /
-``search/`` / ``pruned/`` (the last model-changing stage wins). Restoring replays the
-recorded stages on the base model: the base is built from its spec, sliced by the slice spec,
-wrapped by the recorded quantizers, and the weights are loaded strictly after the hashes are
-checked. A base spec that names a factory is refused unless ``trust_code``.
+``search/`` / ``pruned/`` (the last model-changing stage wins). Restoring = checking every hash,
+building the base model from its spec once, then replaying the recorded stages in order, each
+by its own ``restore`` in :data:`slimformer.stages.HANDLERS` (prune slices, quantize wraps a copy
+in the recorded quantizers, search cuts the chosen sub-network); the stage that wrote the folder
+loads its weights. A base spec that names a factory is refused unless ``trust_code``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +62,20 @@ def load(spec, trust_code: bool = False) -> Restored:
     return Restored(lm, lm.module)
 
 
+@dataclass(frozen=True)
+class Artifact:
+    """A saved folder being restored: its kind and its checked manifest (hashes verified)."""
+
+    folder: Path
+    kind: str
+    meta: dict
+
+    @property
+    def manifest(self) -> Path:
+        """The manifest file (named in errors)."""
+        return self.folder / MANIFEST
+
+
 def find(path: str | Path) -> tuple[str, Path] | None:
     """``(kind, folder)`` of the artifact at ``path`` (itself or inside a run folder), or None.
 
@@ -72,71 +86,55 @@ def find(path: str | Path) -> tuple[str, Path] | None:
     return (kind_of(folders[0]), folders[0]) if folders else None
 
 
+def read(folder: Path, kind: str) -> dict:
+    """The manifest of the ``kind`` artifact in ``folder``, checked before anything is built.
+
+    Format, every file's and section's hash, the weights' tensor header, the kind's sections.
+    """
+    from slimformer.nas.output import read_search
+    from slimformer.prune.serialize import read_pruned
+    from slimformer.quantize.serialize import read_quantized
+
+    readers = {"pruned": read_pruned, "quantized": read_quantized, "search": read_search}
+    return readers[kind](folder)
+
+
 def restore(path: str | Path, trust_code: bool = False) -> Restored:
     """Rebuild the model saved at ``path`` (an artifact or a run folder holding one).
 
     Raises:
         ModelLoadError: Not an artifact; edited, truncated or wrong-shape files (named); a base
-            spec naming a factory without ``trust_code``.
+            spec naming a factory without ``trust_code``; recorded stages that cannot be
+            replayed.
     """
+    from slimformer.models.loading import load_model, saved_model_spec
+    from slimformer.stages import HANDLERS
+
     found = find(path)
     if found is None:
         raise ModelLoadError(f"{path} holds no slimformer artifact ({MANIFEST}, or a run folder "
                              f"with {' / '.join(s + '/' for s in RUN_SUBFOLDERS)} in it)")
     kind, folder = found
-    if kind == "search":
-        return _chosen(folder, trust_code)
-    if kind == "pruned":
-        from slimformer.prune.serialize import load_pruned
-
-        lm = load_pruned(folder, trust_code=trust_code)  # hashes and trust checked first
-        meta = _meta(folder)
-        return Restored(lm, lm.module, applied(meta), _sliced(meta), folder, meta["stages"])
-    from slimformer.models.loading import load_model
-    from slimformer.quantize.serialize import load_quantized, saved_spec
-
-    base = saved_spec(folder, trust_code=trust_code)  # hashes and trust checked first
-    qmodel = load_quantized(folder, trust_code=trust_code)
-    lm = load_model(base)
-    meta = _meta(folder)
-    sspec = _sliced(meta)
-    if sspec is not None:  # the float reference is the pruned base, as it was quantized
-        from slimformer.models.structure import discover
-        from slimformer.prune.slicing import slice_model
-
-        x = lm.example_inputs(2)
-        slice_model(lm.module, discover(lm.module, x, require_attention=False), sspec,
-                    inplace=True, check_inputs=x)
-    return Restored(lm, qmodel, applied(meta), sspec, folder, meta["stages"])
-
-
-def _chosen(folder: Path, trust_code: bool) -> Restored:
-    """The chosen float sub-network of a search output, rebuilt from its base model."""
-    from slimformer.models.loading import load_model, saved_model_spec
-    from slimformer.models.structure import discover
-    from slimformer.nas.output import load_chosen, read_search
-
-    meta = read_search(folder)  # hashes checked before anything is built
-    if not meta.get("model_spec"):
-        raise ModelLoadError(f"{folder / MANIFEST} records no base model (written by the search "
-                             "API without one): run the search again to restore it as a model")
-    lm = load_model(saved_model_spec(meta["model_spec"], str(folder / MANIFEST), trust_code))
-    structure = discover(lm.module, lm.example_inputs(2), require_attention=False)
-    sub = load_chosen(lm.module, structure, folder).eval()  # hashes checked here
-    import dataclasses
-
-    return Restored(dataclasses.replace(lm, module=sub), sub, applied(meta), None, folder,
-                    meta["stages"])
-
-
-def _meta(folder: Path) -> dict:
-    """The manifest of an artifact its loader has just checked."""
-    return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-
-
-def _sliced(meta: dict):
-    """The slice spec recorded in a (hash-checked) manifest, or None."""
-    from slimformer.prune.slicing import SliceSpec
-
-    raw = meta.get("slice_spec")
-    return SliceSpec.from_dict(raw) if raw else None
+    art = Artifact(folder, kind, read(folder, kind))  # hashes checked before anything is built
+    entries = art.meta["stages"]
+    names = applied(art.meta)
+    replayable = [k for k, h in HANDLERS.items() if h.restore is not None]
+    for i, name in enumerate(names):
+        if name not in replayable:
+            raise ModelLoadError(f"{art.manifest}: stages[{i}] is {name[:40]!r}, not a stage "
+                                 f"that changes the model ({', '.join(replayable)}); "
+                                 "re-create the folder with the command that wrote it")
+    if not names or HANDLERS[names[-1]].saves != kind:
+        raise ModelLoadError(f"{art.manifest}: the last recorded stage "
+                             f"({names[-1] if names else 'none'}) did not write this {kind} "
+                             "folder; re-create the folder with the command that wrote it")
+    if not art.meta.get("model_spec"):
+        raise ModelLoadError(f"{art.manifest} records no base model (written by the {kind} API "
+                             "without one): run it again with a model spec to restore it as a "
+                             "model")
+    lm = load_model(saved_model_spec(art.meta["model_spec"], str(art.manifest), trust_code))
+    r = Restored(lm, lm.module, [], None, folder, entries)
+    for name, entry in zip(names, entries, strict=True):
+        HANDLERS[name].restore(r, entry, art)
+        r.applied.append(name)
+    return r

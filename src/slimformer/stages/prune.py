@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from slimformer.errors import ModelLoadError
 from slimformer.prune.config import PruneConfig
 from slimformer.report.manifest import stage_entry
 from slimformer.report.model import StageRecord
 from slimformer.stages.context import RunContext
+
+if TYPE_CHECKING:
+    from slimformer.stages.artifact import Artifact, Restored
+
+# order rules (see slimformer.stages.HANDLERS)
+SAVES = "pruned"  # the artifact it writes: <output>/pruned/
+QUANTIZES = False
+AFTER_QUANTIZED = ("prune must come before quantize/search: a quantized model cannot be pruned "
+                   "(put the prune stage first)")
 
 
 class PruneStage(PruneConfig):
@@ -62,9 +72,29 @@ def run(ctx: RunContext, stage: PruneStage) -> StageRecord:
     rec.notes += [f"not sliceable ({kind} site {i}): {why}"
                   for kind, d in res.skipped.items() for i, why in d.items()]
     rec.size["macs_per_sample"] = int(res.macs_after)
+    history = list(ctx.history)
     entry = stage_entry("prune", cfg, {**rec.metrics, "size": rec.size})
     ctx.history.append(entry)
     if stage.save:  # the entry's result as it stands when written (with any loss warning)
         spec, model, sspec, result = ctx.model_spec, res.model, res.spec, entry["result"]
-        ctx.artifacts["pruned"] = lambda d: save_pruned(model, sspec, d, spec, cfg, result)
+        ctx.artifacts[SAVES] = lambda d: save_pruned(model, d, spec, sspec, history, cfg, result)
     return rec
+
+
+def restore(r: Restored, entry: dict, art: Artifact) -> None:
+    """Replay a recorded prune: slice the base model as recorded; a pruned folder's weights load.
+
+    The sliced base is also the float reference of what follows (a quantized folder's).
+
+    Raises:
+        ModelLoadError: Two prune stages recorded (one slice spec cannot replay both).
+    """
+    from slimformer.prune.serialize import load_weights, replay_slices
+
+    if r.slice_spec is not None:
+        raise ModelLoadError(f"{art.manifest} records two prune stages but one slice spec: "
+                             "prune the float model once, in one prune stage")
+    r.slice_spec = replay_slices(r.loaded, art.meta, art.manifest)
+    if art.kind == SAVES:
+        load_weights(r.loaded.module, art.folder, art.meta)
+    r.module = r.loaded.module

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from slimformer.errors import ModelLoadError
 from slimformer.quantize.config import QuantConfig
 from slimformer.report.manifest import stage_entry
 from slimformer.report.model import StageRecord
 from slimformer.stages.context import RunContext
+
+if TYPE_CHECKING:
+    from slimformer.stages.artifact import Artifact, Restored
+
+# order rules (see slimformer.stages.HANDLERS)
+SAVES = "quantized"  # the artifact it writes: <output>/quantized/
+QUANTIZES = True
+AFTER_QUANTIZED = "the model is quantized already (one quantize stage per recipe)"
 
 
 class QuantizeStage(QuantConfig):
@@ -51,6 +60,27 @@ def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
     ctx.history.append(entry)
     if stage.save:
         spec, model, sspec = ctx.model_spec, ctx.model, ctx.slice_spec
-        ctx.artifacts["quantized"] = lambda d: save_quantized(model, d, spec, sspec, history,
-                                                              entry["result"])
+        ctx.artifacts[SAVES] = lambda d: save_quantized(model, d, spec, sspec, history,
+                                                        result=entry["result"])
     return rec
+
+
+def restore(r: Restored, entry: dict, art: Artifact) -> None:
+    """Replay a recorded quantize: the recorded quantizers around a copy of the (sliced) base.
+
+    The folder's codes and quantizer states are loaded into the copy; ``r.loaded`` stays the
+    float reference.
+
+    Raises:
+        ModelLoadError: The stage is recorded in a folder that holds no quantized weights.
+    """
+    import copy
+    import dataclasses
+
+    from slimformer.quantize.serialize import quantized_from
+
+    if art.kind != SAVES:
+        raise ModelLoadError(f"{art.manifest}: a quantize stage is recorded before the "
+                             f"{art.kind} stage that wrote the folder; re-create the folder")
+    work = dataclasses.replace(r.loaded, module=copy.deepcopy(r.loaded.module))
+    r.module = quantized_from(work, art.meta, art.folder)

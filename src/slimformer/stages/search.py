@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from slimformer.errors import ModelLoadError
 from slimformer.nas.config import SearchConfig
 from slimformer.report.manifest import stage_entry
 from slimformer.report.model import StageRecord
 from slimformer.stages.context import RunContext
+
+if TYPE_CHECKING:
+    from slimformer.stages.artifact import Artifact, Restored
+
+# order rules (see slimformer.stages.HANDLERS)
+SAVES = "search"  # the artifact it writes: <output>/search/
+QUANTIZES = True  # the chosen sub-network is quantized
+AFTER_QUANTIZED = "the model is quantized already (one quantize stage per recipe)"
 
 
 class SearchStage(SearchConfig):
@@ -48,7 +57,7 @@ class SearchStage(SearchConfig):
 def run(ctx: RunContext, stage: SearchStage) -> StageRecord:
     """Search sub-networks and bit-widths; later stages get the chosen one (inference form)."""
     from slimformer.nas.api import search
-    from slimformer.nas.output import predictor_lines, write_search
+    from slimformer.nas.output import predictor_lines, save_search
     from slimformer.nas.study import redact
     from slimformer.quantize.inference import to_inference
 
@@ -92,9 +101,35 @@ def run(ctx: RunContext, stage: SearchStage) -> StageRecord:
                  f"{where} (workers: --storage and --supernet, or a search stage with worker: "
                  "true, storage and supernet_path)"]
     public = cfg.model_copy(update={"storage": redact(cfg.storage)})  # no password in files
+    history = list(ctx.history)
     ctx.history.append(stage_entry("search", public, {"chosen": rec.metrics["chosen"]}))
     if stage.save:
-        spec = ctx.model_spec
-        ctx.artifacts["search"] = lambda d: write_search(res, d, spec, public)
+        spec, sspec = ctx.model_spec, ctx.slice_spec
+        ctx.artifacts[SAVES] = lambda d: save_search(res, d, spec, sspec, history, public)
         rec.images["measured Pareto front"] = "search/front.png"  # embedded by the HTML report
     return rec
+
+
+def restore(r: Restored, entry: dict, art: Artifact) -> None:
+    """Replay a recorded search: the chosen float sub-network cut from the (sliced) base model.
+
+    Its ``chosen.json`` and weights are those of the search folder itself; the sub-network is
+    also the float reference of what follows.
+
+    Raises:
+        ModelLoadError: The search is recorded in another stage's folder (its chosen
+            sub-network is not there).
+    """
+    import dataclasses
+
+    from slimformer.models.structure import discover
+    from slimformer.nas.output import load_chosen
+
+    if art.kind != SAVES:
+        raise ModelLoadError(f"{art.manifest}: a search stage recorded in a {art.kind} folder "
+                             "cannot be replayed (its chosen sub-network lives in the search "
+                             "folder); restore the search folder itself")
+    lm = r.loaded
+    structure = discover(lm.module, lm.example_inputs(2), require_attention=False)
+    sub = load_chosen(lm.module, structure, art.folder, art.meta)
+    r.loaded, r.module = dataclasses.replace(lm, module=sub), sub
