@@ -5,7 +5,7 @@ import json
 from typer.testing import CliRunner
 
 from slimformer.cli import app
-from slimformer.report.outdir import MARKER, check_output
+from slimformer.store.outdir import MARKER, check_output
 
 runner = CliRunner()
 PRUNE = ["prune", "vit-digits-seq", "--method", "magnitude", "--finetune-steps", "0",
@@ -29,7 +29,7 @@ def test_prune_checkpoints_live_under_out_and_resume(tmp_path):
 
 
 def test_an_output_holding_only_state_is_continued_without_overwrite(tmp_path):
-    from slimformer.report.outdir import state_dir
+    from slimformer.store.outdir import state_dir
 
     out = tmp_path / "unfinished"
     (state_dir(out) / "search").mkdir()  # what a killed search leaves

@@ -61,14 +61,14 @@ def run(recipe: Recipe, progress: Progress | None = None,
     """Run ``recipe`` and write its report; returns the report and the output folder.
 
     The output folder is checked and locked before any work (see
-    :mod:`slimformer.report.outdir`): it must be new, empty, or an earlier slimformer output
+    :mod:`slimformer.store.outdir`): it must be new, empty, or an earlier slimformer output
     with ``overwrite`` (default: the recipe's ``output.overwrite``). It is built beside the old
     one and swapped in only when every stage and the report are complete.
 
     Raises:
         OutputError: The output path is refused or another run is writing it.
     """
-    from slimformer.report.outdir import staged_dir
+    from slimformer.store.outdir import staged_dir
 
     out = Path(out_dir) if out_dir is not None else recipe.output_dir()
     overwrite = recipe.output.overwrite if overwrite is None else overwrite
@@ -97,7 +97,7 @@ def _load(recipe: Recipe):
 
 def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path) -> RunResult:
     from slimformer.models.structure import discover
-    from slimformer.report.outdir import scratch_in
+    from slimformer.store.outdir import scratch_in
 
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
@@ -142,7 +142,9 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
     )
     report.headline = headline(report)
     report.total_seconds = time.perf_counter() - t0
-    write_report_files(report, staging, artifacts=ctx.artifacts)
+    for name, writer in ctx.artifacts.items():  # the model files first: the HTML embeds their images
+        writer(staging / name)
+    write_report_files(report, staging)
     return RunResult(report, out)
 
 

@@ -52,7 +52,6 @@ class _Strict(BaseModel):
 Stage = Annotated[EvaluateStage | QuantizeStage | PruneStage | SearchStage | HlsStage | ExportStage
                   | GenerateStage,
                   Field(discriminator="type")]
-STAGE_TYPES = ("evaluate", "quantize", "prune", "search", "hls", "export", "generate")
 
 
 class OutputConfig(_Strict):
@@ -68,7 +67,7 @@ class OutputConfig(_Strict):
     @field_validator("dir")
     @classmethod
     def _template(cls, v: str) -> str:
-        from slimformer.report.outdir import format_dir
+        from slimformer.store.outdir import format_dir
 
         try:
             format_dir(v, name="x")
@@ -91,7 +90,7 @@ class Recipe(_Strict):
 
     def output_dir(self) -> Path:
         """The output folder with ``{name}`` filled in."""
-        from slimformer.report.outdir import format_dir
+        from slimformer.store.outdir import format_dir
 
         return Path(format_dir(self.output.dir, name=self.name))
 

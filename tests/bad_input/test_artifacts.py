@@ -23,7 +23,7 @@ from slimformer.quantize.api import quantize
 from slimformer.quantize.config import QuantConfig
 from slimformer.quantize.inference import to_inference
 from slimformer.quantize.serialize import load_quantized, save_quantized, saved_spec
-from slimformer.report.integrity import seal, tensor_manifest
+from slimformer.store.integrity import seal, tensor_manifest
 
 ZOO = ZooSpec(name="vit-digits-seq")
 

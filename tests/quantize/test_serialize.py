@@ -17,7 +17,7 @@ from slimformer.quantize.config import QuantConfig
 from slimformer.quantize.inference import to_inference
 from slimformer.quantize.pack import pack_codes, packed_bytes, unpack_codes
 from slimformer.quantize.serialize import TENSORS, load_quantized, save_quantized
-from slimformer.report.integrity import seal
+from slimformer.store.integrity import seal
 
 DIGITS = ZooSpec(name="vit-digits-seq")
 

@@ -78,11 +78,8 @@ def test_report_html_shows_plots_and_search_front(tmp_path):
     r.stages[2].type = "search"
     r.stages[2].images = {"measured Pareto front": "search/front.png"}
 
-    def write_search(d):
-        d.mkdir()
-        (d / "front.png").write_bytes(render.plot_png(_report()))
-
-    out = render.write_report(r, tmp_path / "run", artifacts={"search": write_search})
+    out = render.write_report(r, tmp_path / "run",
+                              extra={"search/front.png": render.plot_png(_report())})
     _check_in_chromium(out / "report.html", tmp_path, images=2)
 
 

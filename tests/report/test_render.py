@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from slimformer.report import render, summary
-from slimformer.report.io import atomic_path
 from slimformer.report.model import REPORT_SCHEMA_VERSION, Report, StageRecord, environment
 
 
@@ -43,14 +42,6 @@ def test_failed_write_leaves_previous_report_untouched(tmp_path, monkeypatch):
         render.write_report(_report().model_copy(update={"name": "new"}), out)
     assert (out / "report.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temp folders left
-
-
-def test_atomic_path_cleans_up(tmp_path):
-    target = tmp_path / "f.bin"
-    with pytest.raises(ValueError), atomic_path(target) as tmp:
-        tmp.write_bytes(b"half")
-        raise ValueError
-    assert list(tmp_path.iterdir()) == []
 
 
 def _lat(ms):
@@ -208,14 +199,10 @@ def test_stage_images_embedded_from_the_run_folder(tmp_path):
     assert "![front](search/front.png)" in render.to_markdown(r)
 
 
-def test_write_report_renders_after_artifacts(tmp_path):
+def test_write_report_embeds_images_written_beside_it(tmp_path):
     r = _compressed()
     r.stages[2].images = {"front": "search/front.png"}
-
-    def write_search(d):
-        d.mkdir()
-        (d / "front.png").write_bytes(render.plot_png(_report()))
-
-    out = render.write_report(r, tmp_path / "run", artifacts={"search": write_search})
+    out = render.write_report(r, tmp_path / "run",
+                              extra={"search/front.png": render.plot_png(_report())})
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "not found" not in html

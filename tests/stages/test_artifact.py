@@ -17,9 +17,9 @@ from slimformer.quantize.api import quantize
 from slimformer.quantize.config import QuantConfig
 from slimformer.quantize.inference import to_inference
 from slimformer.quantize.serialize import save_quantized
-from slimformer.report.integrity import seal
 from slimformer.stages import HANDLERS
 from slimformer.stages.artifact import restore
+from slimformer.store.integrity import seal
 
 ZOO = ZooSpec(name="vit-digits-seq")
 SLICES = SliceSpec(heads={0: (0,)}, mlp={1: tuple(range(0, 32, 2))}, dims={})

@@ -136,7 +136,7 @@ def export_onnx_cmd(
     from slimformer.errors import ConfigError
     from slimformer.export.config import OnnxConfig
     from slimformer.export.onnx import export_onnx
-    from slimformer.report.outdir import reserve
+    from slimformer.store.outdir import reserve
     from slimformer.validation import format_errors
 
     con, _ = _console()
@@ -223,7 +223,7 @@ def export_openvino_cmd(
     """Write an OpenVINO IR (from the openvino-form ONNX), check every output through OpenVINO."""
     from slimformer.export.config import OnnxConfig
     from slimformer.export.openvino import export_openvino, ov_latency
-    from slimformer.report.outdir import reserve
+    from slimformer.store.outdir import reserve
 
     con, _ = _console()
     with _errors(), reserve(out, overwrite, kind="file"), \
@@ -303,7 +303,7 @@ def export_tensorrt(
     from slimformer.export.config import TensorRTConfig
     from slimformer.export.lint import lint_qdq
     from slimformer.export.tensorrt import build_engine
-    from slimformer.report.outdir import reserve
+    from slimformer.store.outdir import reserve
     from slimformer.validation import format_errors
 
     con, _ = _console()

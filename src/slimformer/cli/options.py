@@ -203,7 +203,7 @@ def _run_one(con, name: str, model: str, config: str | None, stages: list, out: 
             return _run_one(con, name, model, config, stages, Path(tmp) / "run", False,
                             data_cfg, max_loss, fail_on_loss, task)
     from slimformer.recipe import OutputConfig, Recipe
-    from slimformer.report.outdir import check_output
+    from slimformer.store.outdir import check_output
 
     budget = _budget(max_loss, fail_on_loss)
     check_output(out, overwrite)  # before the model is loaded

@@ -45,7 +45,7 @@ def run(recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML (default
 def validate(recipe: Annotated[Path, typer.Argument(help="Recipe YAML to check.")]):
     """Check a recipe without loading any model; lists every problem with its path."""
     from slimformer.recipe import load_recipe
-    from slimformer.report.outdir import check_output
+    from slimformer.store.outdir import check_output
 
     con, _ = _console()
     with _errors():

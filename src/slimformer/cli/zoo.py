@@ -77,7 +77,7 @@ def zoo_train(name: Annotated[str, typer.Argument(help="Zoo model name.")],
                                                       "NAME.json in --out.")] = False):
     """Retrain a zoo model from its seed and write its safetensors weights and card."""
     from slimformer.models.zoo import train_zoo_model
-    from slimformer.report.outdir import reserve
+    from slimformer.store.outdir import reserve
 
     con, _ = _console()
     files = [out / f"{name}{ext}" for ext in (".safetensors", ".json")] if out else []

@@ -94,7 +94,7 @@ def _fashion_mnist(split: str, processor=None, channels: int = 3, keep=None) -> 
         x = fashion_mnist.normalize(images)
     else:
         from slimformer.data.processor import image_processor
-        from slimformer.report import limits
+        from slimformer.store import limits
 
         run = image_processor(processor)
         first = fashion_mnist.prepare(images[:1], run, channels)  # (1, C, H, W)
@@ -104,7 +104,7 @@ def _fashion_mnist(split: str, processor=None, channels: int = 3, keep=None) -> 
                 f"fashion-mnist {split}: {len(images):,} images prepared by the image processor of "
                 f"{processor} ({'x'.join(map(str, first.shape[1:]))} each) would take "
                 f"{need / 2**20:,.0f} MiB, over the limit of {limits.mib(limits.MAX_TENSOR_BYTES)} "
-                "(slimformer.report.limits.MAX_TENSOR_BYTES); use fewer rows (--limit, "
+                "(slimformer.store.limits.MAX_TENSOR_BYTES); use fewer rows (--limit, "
                 "data.eval_limit) or give your own smaller data (--data)")
         x = fashion_mnist.prepare(images, run, channels)
     return TensorDictDataset({"pixel_values": x}, torch.from_numpy(labels))
@@ -178,7 +178,7 @@ def get_dataset(name: str, split: str = "test", limit: int | None = None,
             set (:data:`IMAGE_SETS`) is prepared by its image processor (Fashion-MNIST: grey
             copied to ``channels`` RGB channels, resized / cropped / normalized as the model
             expects: ``(N, C, H, W)``), only the rows kept (``sample``, ``limit``) are prepared,
-            and at most :data:`slimformer.report.limits.MAX_TENSOR_BYTES` of them. Ignored by
+            and at most :data:`slimformer.store.limits.MAX_TENSOR_BYTES` of them. Ignored by
             the other sets.
         channels: 3 or 1, the model's input channels (with ``processor``).
         sample: Keep ``sample`` rows drawn with seed 0 (:func:`seeded_rows`), in split order.

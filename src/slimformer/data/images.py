@@ -18,7 +18,7 @@ import torch
 from slimformer.data.datasets import TensorDictDataset
 from slimformer.data.processor import check_size, has_processor, image_processor
 from slimformer.errors import DataError
-from slimformer.report import limits
+from slimformer.store import limits
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 BATCH = 64

@@ -3,7 +3,7 @@
 Used for the user's image folders (:mod:`slimformer.data.images`) and for built-in image sets
 prepared for a Hugging Face model (:mod:`slimformer.data.datasets`): transformers'
 ``AutoImageProcessor`` read from the local folder only, its sizes bounded by
-:data:`slimformer.report.limits.MAX_IMAGE_SIZE`.
+:data:`slimformer.store.limits.MAX_IMAGE_SIZE`.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 
 from slimformer.errors import DataError
-from slimformer.report import limits
+from slimformer.store import limits
 
 CONFIG = "preprocessor_config.json"
 
 
 def check_size(where, key: str, side: int) -> None:
-    """Refuse an image side over :data:`~slimformer.report.limits.MAX_IMAGE_SIZE` pixels."""
+    """Refuse an image side over :data:`~slimformer.store.limits.MAX_IMAGE_SIZE` pixels."""
     if side > limits.MAX_IMAGE_SIZE:
         raise DataError(f"{where}: {key} {side} pixels a side is over the limit of "
-                        f"{limits.MAX_IMAGE_SIZE} (slimformer.report.limits.MAX_IMAGE_SIZE)")
+                        f"{limits.MAX_IMAGE_SIZE} (slimformer.store.limits.MAX_IMAGE_SIZE)")
 
 
 def has_processor(folder) -> bool:

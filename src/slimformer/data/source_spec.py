@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Protocol
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 from slimformer.errors import ConfigError
-from slimformer.report.limits import MAX_IMAGE_SIZE
+from slimformer.store.limits import MAX_IMAGE_SIZE
 
 # the names of data.datasets.DATASETS
 BUILTIN_NAMES = ("fashion-mnist", "vader-movie", "trec", "nyt-editorials", "digits-seq")

@@ -35,7 +35,7 @@ from slimformer.data.source_spec import (  # noqa: F401 - the public names of th
     parse_source,
 )
 from slimformer.errors import DataError
-from slimformer.report import limits
+from slimformer.store import limits
 
 
 def load_source(source, model_inputs: Mapping[str, InputLike] | None = None,

@@ -17,7 +17,7 @@ import torch
 from slimformer.data.datasets import TensorDictDataset
 from slimformer.data.source_spec import TEXT_SUFFIXES
 from slimformer.errors import DataError
-from slimformer.report import limits
+from slimformer.store import limits
 
 TEXT_COLUMNS = ("text", "sentence")
 LABEL_COLUMNS = ("label", "labels")
@@ -51,7 +51,7 @@ def read_text_file(spec, limit: int | None = None) -> Table:
     """Read a CSV / TSV (header row), JSONL (one object a line) or plain text file (one text a line).
 
     The file is streamed: reading stops after ``limit`` rows, and lines and the bytes read are
-    bounded (:mod:`slimformer.report.limits`).
+    bounded (:mod:`slimformer.store.limits`).
     """
     path = Path(spec.path)
     fmt = spec.format or TEXT_SUFFIXES.get(path.suffix.lower())
@@ -62,7 +62,7 @@ def read_text_file(spec, limit: int | None = None) -> Table:
     if limit is None and size > limits.MAX_TEXT_BYTES:
         raise DataError(f"{path}: {size:,} bytes, over the text data limit of "
                         f"{limits.mib(limits.MAX_TEXT_BYTES)} "
-                        f"(slimformer.report.limits.MAX_TEXT_BYTES); take fewer rows (--limit, "
+                        f"(slimformer.store.limits.MAX_TEXT_BYTES); take fewer rows (--limit, "
                         f"limit:) or split the file")
     lines, cap = limits.read_lines(path, DataError), float("inf") if limit is None else limit
     try:

@@ -15,14 +15,14 @@ import torch
 
 from slimformer.data.datasets import TensorDictDataset
 from slimformer.errors import DataError
-from slimformer.report import limits
+from slimformer.store import limits
 
 
 def _bound(path: Path, nbytes: int) -> None:
     if nbytes > limits.MAX_TENSOR_BYTES:
         raise DataError(f"{path}: {nbytes:,} bytes of arrays, over the limit of "
                         f"{limits.mib(limits.MAX_TENSOR_BYTES)} for a tensor data file "
-                        f"(slimformer.report.limits.MAX_TENSOR_BYTES); split the file")
+                        f"(slimformer.store.limits.MAX_TENSOR_BYTES); split the file")
 
 
 def _check_npz(path: Path) -> None:
@@ -30,7 +30,7 @@ def _check_npz(path: Path) -> None:
 
     Raises:
         DataError: A member whose header claims more bytes than the member holds, or arrays
-            over :data:`~slimformer.report.limits.MAX_TENSOR_BYTES` in all.
+            over :data:`~slimformer.store.limits.MAX_TENSOR_BYTES` in all.
     """
     fmt = np.lib.format
     total = 0

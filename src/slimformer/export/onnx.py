@@ -156,7 +156,7 @@ def _export_once(model: nn.Module, path: str | Path, inputs: dict[str, torch.Ten
 
     from slimformer.export.targets import model_settings, resolve_form, slow_settings
     from slimformer.quantize.state import QuantizedModel
-    from slimformer.report.io import atomic_path
+    from slimformer.store.atomic import atomic_path
 
     form = resolve_form(config, isinstance(model, QuantizedModel))
     config = config.model_copy(update={"opset": form.opset})

@@ -20,7 +20,7 @@ import torch
 
 from slimformer.errors import ExportError
 from slimformer.export.ortrun import fusion_counts, run_all, session
-from slimformer.report.outdir import scratch_root
+from slimformer.store.outdir import scratch_root
 
 
 def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:

@@ -91,7 +91,7 @@ def tensorrt_available() -> str | None:
 def build_engine(onnx_path: str | Path, engine_path: str | Path,
                  config: TensorRTConfig | None = None) -> EngineResult:
     """Build and serialize a TensorRT engine (see module doc)."""
-    from slimformer.report.io import atomic_path, write_text_atomic
+    from slimformer.store.atomic import atomic_path, write_text_atomic
 
     config = config or TensorRTConfig()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)

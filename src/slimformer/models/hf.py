@@ -119,7 +119,7 @@ def refuse_custom_code(path: Path) -> None:
     """A directory whose ``config.json`` maps classes to its own Python files is refused."""
     import json
 
-    from slimformer.report.integrity import read_manifest
+    from slimformer.store.integrity import read_manifest
 
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)")

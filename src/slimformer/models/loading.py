@@ -101,7 +101,7 @@ def _parse_model_arg(text: str, config_json: str | None = None):
         from slimformer.validation import format_errors
 
         raise ConfigError(format_errors(exc), f"model {text!r}") from None
-    from slimformer.report.manifest import candidates
+    from slimformer.store.manifest import candidates
 
     path = Path(text)
     if path.suffix in (".yaml", ".yml", ".json") and path.is_file():

@@ -265,7 +265,7 @@ def train_zoo_model(name: str, out_dir: Path | None = None, epochs: int | None =
 
     from slimformer.data.datasets import get_dataset, make_loader
     from slimformer.models.evaluate import evaluate_accuracy
-    from slimformer.report.io import atomic_path
+    from slimformer.store.atomic import atomic_path
 
     entry = get_entry(name)
     cfg = entry.train if epochs is None else TrainSettings(**{**entry.train.__dict__,

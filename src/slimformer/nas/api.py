@@ -153,7 +153,7 @@ def _prepare(model, config: SearchConfig, eval_data, structure):
 
 def _model_id(model: nn.Module, structure) -> str:
     """The model's shape (params, MACs, heads, MLP widths) and the SHA-256 of its weights."""
-    from slimformer.report.integrity import module_fingerprint
+    from slimformer.store.integrity import module_fingerprint
 
     return (f"{structure.params}:{structure.macs}:{[a.heads for a in structure.attention]}:"
             f"{[m.hidden for m in structure.mlps]}:{module_fingerprint(model)}")
@@ -169,7 +169,7 @@ def fingerprints(model: nn.Module, structure, config: SearchConfig, train_data, 
         super-network's the training rows; its config holds only the fields that change the
         fine-tuning (:meth:`SearchConfig.supernet_fingerprint`).
     """
-    from slimformer.report.integrity import data_fingerprint
+    from slimformer.store.integrity import data_fingerprint
 
     model_id = _model_id(model, structure)
     train = data_fingerprint(train_data)
@@ -216,8 +216,8 @@ def _supernet(net, config: SearchConfig, train_data, progress, key: dict[str, st
     from slimformer.data.datasets import make_loader
     from slimformer.errors import ModelLoadError
     from slimformer.nas.supernet import task_loss, train_supernet
-    from slimformer.report.integrity import load_keyed
-    from slimformer.report.io import atomic_path
+    from slimformer.store.atomic import atomic_path
+    from slimformer.store.integrity import load_keyed
 
     path = Path(config.supernet_file())
     if path.is_file():

@@ -25,7 +25,7 @@ from torch import nn
 
 from slimformer.nas.space import SubNet
 from slimformer.nas.supernet import SuperNet
-from slimformer.report.outdir import scratch_root
+from slimformer.store.outdir import scratch_root
 
 
 class DroppedBlock(nn.Module):

@@ -1,6 +1,6 @@
 """Write a search's results: front table (Markdown, JSON), front plot, the chosen sub-network.
 
-The folder is an artifact (:mod:`slimformer.report.manifest`): ``slimformer.json`` records the
+The folder is an artifact (:mod:`slimformer.store.manifest`): ``slimformer.json`` records the
 search stage (config and chosen point), the SHA-256 of every file written and the dtype and shape
 of each tensor of ``chosen.safetensors``; :func:`load_chosen` checks them before it builds
 anything.
@@ -14,7 +14,7 @@ from pathlib import Path
 from slimformer.errors import ModelLoadError
 from slimformer.nas.api import SearchResult
 from slimformer.nas.pareto import plot_front
-from slimformer.report.manifest import MANIFEST, read_artifact, stage_entry, write_manifest
+from slimformer.store.manifest import MANIFEST, read_artifact, stage_entry, write_manifest
 
 KIND, TENSORS, SPEC = "search", "chosen.safetensors", "chosen.json"
 REDO = "run the search again (it resumes its study) to write the folder afresh"
@@ -65,7 +65,7 @@ def save_search(search: SearchResult, /, directory: str | Path, model_spec=None,
     """
     from safetensors.torch import save_file
 
-    from slimformer.report.io import readable
+    from slimformer.store.atomic import readable
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,7 @@ def load_chosen(model, structure, folder: str | Path, meta: dict | None = None):
     from slimformer.nas.measure import DroppedBlock
     from slimformer.prune.serialize import check_shapes
     from slimformer.prune.slicing import SliceSpec, slice_model
-    from slimformer.report.integrity import read_manifest
+    from slimformer.store.integrity import read_manifest
 
     folder = Path(folder)
     meta = read_search(folder) if meta is None else meta

@@ -173,7 +173,7 @@ class _Checkpoints:
               "finetune.pt": ("model", "optimizer", "scheduler", "step")}
 
     def __init__(self, folder: str | Path | None, cfg: PruneConfig, model: nn.Module, data):
-        from slimformer.report.integrity import data_fingerprint, module_fingerprint, sha256_json
+        from slimformer.store.integrity import data_fingerprint, module_fingerprint, sha256_json
 
         self.folder = Path(folder) if folder is not None else None
         self.key = {} if self.folder is None else {
@@ -189,7 +189,7 @@ class _Checkpoints:
         """
         if self.folder is None or not (self.folder / name).is_file():
             return None
-        from slimformer.report.integrity import load_keyed
+        from slimformer.store.integrity import load_keyed
 
         path = self.folder / name
         return load_keyed(path, self.key, self.KEYS, "checkpoint", "checkpoint",
@@ -200,7 +200,7 @@ class _Checkpoints:
         """Write checkpoint ``name`` atomically with this run's key."""
         if self.folder is None:
             return
-        from slimformer.report.io import atomic_path
+        from slimformer.store.atomic import atomic_path
 
         with atomic_path(self.folder / name) as tmp:
             torch.save({**state, "key": self.key}, tmp)

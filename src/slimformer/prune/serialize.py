@@ -1,7 +1,7 @@
 """Save a pruned model and load it back: the base model's spec plus the slice spec and weights.
 
 Layout: ``pruned.safetensors`` (the sliced model's state) and the artifact manifest
-``slimformer.json`` (:mod:`slimformer.report.manifest`: the base model spec, the prune stage with
+``slimformer.json`` (:mod:`slimformer.store.manifest`: the base model spec, the prune stage with
 its config and results, the slice spec, the dtype and shape of every tensor, and the SHA-256 of
 each file and section). Loading checks the hashes, refuses a model factory unless
 trusted, rebuilds the base model from its spec, rediscovers its structure, slices it the same
@@ -16,7 +16,7 @@ from torch import nn
 
 from slimformer.errors import ConfigError, ModelLoadError
 from slimformer.prune.slicing import SliceSpec
-from slimformer.report.manifest import MANIFEST, read_artifact, stage_entry, write_manifest
+from slimformer.store.manifest import MANIFEST, read_artifact, stage_entry, write_manifest
 
 KIND, TENSORS, META = "pruned", "pruned.safetensors", MANIFEST
 REDO = "re-create the folder with save_pruned (`slimformer prune`)"
@@ -35,14 +35,15 @@ def save_pruned(model: nn.Module, /, directory: str | Path, model_spec=None, sli
     """
     from safetensors.torch import save_model
 
-    from slimformer.report.io import atomic_dir, readable
+    from slimformer.store.atomic import readable
+    from slimformer.store.outdir import staged_dir
 
     if slice_spec is None:
         raise ConfigError(["slice_spec: a pruned model is saved with the SliceSpec that made it "
                            "(PruneResult.spec)"], "save_pruned")
     directory = Path(directory)
     stages = [*(history or []), stage_entry("prune", config, result)]
-    with atomic_dir(directory) as tmp:
+    with staged_dir(directory) as tmp:
         save_model(model, str(tmp / TENSORS))
         readable(tmp / TENSORS)
         write_manifest(tmp, KIND, model_spec, stages, TENSORS, slice_spec=slice_spec)
@@ -124,7 +125,7 @@ def check_shapes(model: nn.Module, manifest: dict[str, dict], source, redo: str 
     Raises:
         ModelLoadError: Naming the first tensors that differ.
     """
-    from slimformer.report.integrity import st_dtype
+    from slimformer.store.integrity import st_dtype
 
     own = model.state_dict()
     bad = []

@@ -1,7 +1,7 @@
 """Save a quantized model to a directory and load it back to identical outputs.
 
 Layout: ``quantized.safetensors`` and the artifact manifest ``slimformer.json``
-(:mod:`slimformer.report.manifest`: the base model spec, the applied stages with the quantization
+(:mod:`slimformer.store.manifest`: the base model spec, the applied stages with the quantization
 config last, the slice spec, the dtype and shape of every tensor, the SHA-256 of each file and
 section) with the sections ``inference_form``, ``codes`` (packed-code records) and ``aliases``.
 The tensor file holds the wrapper's state except the float weights of quantized Linears and
@@ -31,8 +31,8 @@ from torch import nn
 
 from slimformer.errors import ModelLoadError
 from slimformer.quantize.config import QuantConfig
-from slimformer.report.integrity import ST_DTYPES, st_dtype
-from slimformer.report.manifest import MANIFEST, read_artifact, stage_entry, write_manifest
+from slimformer.store.integrity import ST_DTYPES, st_dtype
+from slimformer.store.manifest import MANIFEST, read_artifact, stage_entry, write_manifest
 
 KIND, TENSORS = "quantized", "quantized.safetensors"
 META = MANIFEST
@@ -52,14 +52,15 @@ def save_quantized(qmodel, /, directory: str | Path, model_spec=None, slice_spec
         slice_spec: The :class:`~slimformer.prune.slicing.SliceSpec` when the model was pruned
             before quantization (the base model is sliced the same way on load).
         history: The stage entries applied before quantization
-            (:func:`~slimformer.report.manifest.stage_entry`); a slice spec without a recorded
+            (:func:`~slimformer.store.manifest.stage_entry`); a slice spec without a recorded
             prune stage gets one.
         config: The quantize stage's config to record (default: ``qmodel.config``).
         result: The quantize stage's results to record (metrics, sizes).
     """
     from safetensors.torch import save_file
 
-    from slimformer.report.io import atomic_dir, readable
+    from slimformer.store.atomic import readable
+    from slimformer.store.outdir import staged_dir
 
     directory = Path(directory)
     inference = bool(getattr(qmodel, "inference", False))
@@ -70,7 +71,7 @@ def save_quantized(qmodel, /, directory: str | Path, model_spec=None, slice_spec
         stages.append(stage_entry("prune"))
     stages.append(stage_entry("quantize", qmodel.config if config is None else config,
                               result))
-    with atomic_dir(directory) as tmp:
+    with staged_dir(directory) as tmp:
         save_file(state, str(tmp / TENSORS))
         readable(tmp / TENSORS)
         write_manifest(tmp, KIND, model_spec, stages, TENSORS, slice_spec=slice_spec,

@@ -1,1 +1,4 @@
-"""Reports: the run record, its JSON / Markdown / HTML renderers, atomic file writing."""
+"""Reports: the run record, its summary and its JSON / Markdown / HTML renderers.
+
+Storage (atomic writes, artifacts, output folders) is :mod:`slimformer.store`.
+"""

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 from slimformer.report import summary as S
-from slimformer.report.io import atomic_dir
 from slimformer.report.model import Report
+from slimformer.store.outdir import staged_dir
 
 
 def to_json(report: Report) -> str:
@@ -312,30 +312,28 @@ total {report.total_seconds:.1f} s.</p>
 """
 
 
-def write_report(report: Report, out_dir: str | Path, extra: dict[str, bytes] | None = None,
-                 artifacts: dict | None = None) -> Path:
+def write_report(report: Report, out_dir: str | Path, extra: dict[str, bytes] | None = None) -> Path:
     """Write ``report.json``, ``report.md``, ``report.html`` (+ ``extra`` files) all-or-nothing.
 
     The files are rendered into a staging folder that replaces ``out_dir`` only when all of them
     are written (and only if ``out_dir`` is new, empty or an earlier slimformer output: see
-    :func:`~slimformer.report.outdir.staged_dir`). ``artifacts`` maps a sub-folder name to a
-    writer ``f(path)`` (e.g. the quantized model), written in the same way.
+    :func:`~slimformer.store.outdir.staged_dir`).
     """
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        write_report_files(report, tmp, extra, artifacts)
+    with staged_dir(out_dir) as tmp:
+        write_report_files(report, tmp, extra)
     return out_dir
 
 
-def write_report_files(report: Report, folder: Path, extra: dict[str, bytes] | None = None,
-                       artifacts: dict | None = None) -> None:
-    """Write ``artifacts``, ``extra`` files and the report files into an existing ``folder``.
+def write_report_files(report: Report, folder: Path, extra: dict[str, bytes] | None = None) -> None:
+    """Write ``extra`` files and the report files into an existing ``folder``.
 
-    Artifacts come first so that the HTML can embed the images they hold (e.g. the search front).
+    ``extra``: ``{relative path: bytes}`` (e.g. ``search/front.png``), written first so that the
+    HTML can embed the images among them; the model files (which may hold images too) are the
+    pipeline's to write before this.
     """
-    for name, writer in (artifacts or {}).items():
-        writer(folder / name)
     for name, data in (extra or {}).items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
     (folder / "report.json").write_text(to_json(report), encoding="utf-8")
     (folder / "report.md").write_text(to_markdown(report), encoding="utf-8")

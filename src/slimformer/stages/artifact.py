@@ -1,7 +1,7 @@
 """Saved outputs as models: every command's MODEL may be a folder slimformer wrote.
 
 An artifact is a folder with one sealed manifest, ``slimformer.json``
-(:mod:`slimformer.report.manifest`: base model spec, the applied stages with their configs and
+(:mod:`slimformer.store.manifest`: base model spec, the applied stages with their configs and
 results, slice spec, SHA-256 of every file) and safetensors weights, of kind ``quantized``
 (:mod:`slimformer.quantize.serialize`), ``pruned`` (:mod:`slimformer.prune.serialize`) or
 ``search`` (:mod:`slimformer.nas.output`), or a run folder holding them as ``quantized/`` /
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slimformer.errors import ModelLoadError
-from slimformer.report.manifest import MANIFEST, RUN_SUBFOLDERS, applied, candidates, kind_of
+from slimformer.store.manifest import MANIFEST, RUN_SUBFOLDERS, applied, candidates, kind_of
 
 
 @dataclass

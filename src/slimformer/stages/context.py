@@ -113,7 +113,7 @@ class RunContext:
         """
         import hashlib
 
-        from slimformer.report.outdir import state_dir
+        from slimformer.store.outdir import state_dir
 
         folder = state_dir(self.out) / name
         if config is not None:

@@ -87,7 +87,7 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
     if stage.compare_float and res.quantized and stage.latency_batch_sizes:
         import tempfile
 
-        from slimformer.report.outdir import scratch_root
+        from slimformer.store.outdir import scratch_root
 
         tick("export: float ONNX file (the baseline)", 0, 1)
         float_path = Path(tempfile.mkdtemp(prefix="float-", dir=scratch_root())) / "float.onnx"

@@ -6,9 +6,9 @@ from typing import TYPE_CHECKING, Literal
 
 from slimformer.errors import ModelLoadError
 from slimformer.prune.config import PruneConfig
-from slimformer.report.manifest import stage_entry
 from slimformer.report.model import StageRecord
 from slimformer.stages.context import RunContext
+from slimformer.store.manifest import stage_entry
 
 if TYPE_CHECKING:
     from slimformer.stages.artifact import Artifact, Restored

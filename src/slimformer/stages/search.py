@@ -8,9 +8,9 @@ from pydantic import Field, model_validator
 
 from slimformer.errors import ModelLoadError
 from slimformer.nas.config import SearchConfig
-from slimformer.report.manifest import stage_entry
 from slimformer.report.model import StageRecord
 from slimformer.stages.context import RunContext
+from slimformer.store.manifest import stage_entry
 
 if TYPE_CHECKING:
     from slimformer.stages.artifact import Artifact, Restored

@@ -4,7 +4,7 @@ A model ``NAME`` lives in ``<root>/NAME/`` (root: ``~/.cache/slimformer/zoo`` un
 Hugging Face folder plus :data:`FINISHED`, written last, which records the SHA-256 and size of
 every built file. A folder is used only when every recorded file has its recorded hash;
 otherwise it is rebuilt. Building happens in a staging folder beside ``<root>/NAME`` (see
-:func:`slimformer.report.outdir.staged_dir`): an interrupted build leaves no ``NAME`` folder
+:func:`slimformer.store.outdir.staged_dir`): an interrupted build leaves no ``NAME`` folder
 (or the previous one), and the next build removes what it left.
 
 Where a command loads a zoo name deep inside the pipeline, the cache root, progress callback,
@@ -96,7 +96,7 @@ def problems(name: str, root: Path | None = None, hashes: bool = True) -> list[s
         root: Cache root.
         hashes: Check every file's SHA-256 (else only presence and size: quick, for listing).
     """
-    from slimformer.report.integrity import sha256_file
+    from slimformer.store.integrity import sha256_file
 
     entry, folder = get_pretrained(name), model_dir(name, root)
     if not folder.is_dir():
@@ -176,8 +176,8 @@ def build(entry: Pretrained, name: str, folder: Path, progress: Progress | None 
     Returns:
         The record written to :data:`FINISHED`.
     """
-    from slimformer.report.integrity import sha256_file
-    from slimformer.report.outdir import MARKER, staged_dir
+    from slimformer.store.integrity import sha256_file
+    from slimformer.store.outdir import MARKER, staged_dir
 
     t0 = time.perf_counter()
     with staged_dir(folder, overwrite=True) as tmp:

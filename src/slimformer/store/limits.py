@@ -111,10 +111,10 @@ def read_lines(path: str | Path, error: type[Exception], max_bytes: int | None =
             content = len(raw.rstrip(b"\r\n")) if raw.endswith(b"\n") else len(raw)
             if content > max_line:
                 raise error(f"{path} line {number}: longer than {mib(max_line)} (the line limit, "
-                            f"slimformer.report.limits.MAX_LINE_BYTES); split or shorten it")
+                            f"slimformer.store.limits.MAX_LINE_BYTES); split or shorten it")
             if total > max_bytes:
                 raise error(f"{path}: more than {mib(max_bytes)} read by line {number} (the text "
-                            f"data limit, slimformer.report.limits.MAX_TEXT_BYTES); take fewer "
+                            f"data limit, slimformer.store.limits.MAX_TEXT_BYTES); take fewer "
                             f"rows (--limit, limit:) or split the file")
             if number == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")
@@ -140,7 +140,7 @@ def loads_json(text: str, where: str, error: type[Exception], max_depth: int | N
     """
     max_depth = MAX_JSON_DEPTH if max_depth is None else max_depth
     deep = error(f"{where}: JSON nested more than {max_depth} levels deep (the limit, "
-                 f"slimformer.report.limits.MAX_JSON_DEPTH)")
+                 f"slimformer.store.limits.MAX_JSON_DEPTH)")
     try:
         value = json.loads(text)
     except RecursionError:

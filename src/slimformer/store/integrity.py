@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from slimformer.errors import ModelLoadError
-from slimformer.report import limits
+from slimformer.store import limits
 
 INTEGRITY = "integrity"
 _CHUNK = 1 << 20
@@ -63,8 +63,8 @@ def read_manifest(path: str | Path, required: Iterable[str] = (),
 
     Raises:
         ModelLoadError: Missing or unreadable file, not a regular file, over
-            :data:`~slimformer.report.limits.MAX_MANIFEST_BYTES`, not UTF-8, invalid JSON or
-            nested past :data:`~slimformer.report.limits.MAX_JSON_DEPTH`, not a mapping, or one
+            :data:`~slimformer.store.limits.MAX_MANIFEST_BYTES`, not UTF-8, invalid JSON or
+            nested past :data:`~slimformer.store.limits.MAX_JSON_DEPTH`, not a mapping, or one
             of the ``required`` keys absent.
     """
     path = Path(path)
@@ -74,7 +74,7 @@ def read_manifest(path: str | Path, required: Iterable[str] = (),
     if size > limits.MAX_MANIFEST_BYTES:
         raise ModelLoadError(f"{path} is {size:,} bytes, over the manifest limit of "
                              f"{limits.mib(limits.MAX_MANIFEST_BYTES)} "
-                             f"(slimformer.report.limits.MAX_MANIFEST_BYTES): not one slimformer "
+                             f"(slimformer.store.limits.MAX_MANIFEST_BYTES): not one slimformer "
                              f"wrote; {redo}")
     try:
         text = path.read_text(encoding="utf-8")

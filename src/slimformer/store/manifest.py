@@ -56,7 +56,7 @@ def write_manifest(folder: str | Path, kind: str, model_spec, stages: Sequence[d
         sections: Kind-specific JSON-ready sections.
     """
     from slimformer import __version__
-    from slimformer.report.integrity import seal, tensor_manifest
+    from slimformer.store.integrity import seal, tensor_manifest
 
     if kind not in KINDS:  # pragma: no cover - callers pass a constant
         raise ValueError(f"unknown artifact kind {kind!r}")
@@ -109,7 +109,7 @@ def kind_of(folder: str | Path) -> str | None:
         ModelLoadError: A manifest that cannot be read, of another format, or a folder written
             by an older slimformer (one manifest per stage).
     """
-    from slimformer.report.integrity import read_manifest
+    from slimformer.store.integrity import read_manifest
 
     folder = Path(folder)
     path = folder / MANIFEST
@@ -134,13 +134,13 @@ def read_artifact(folder: str | Path, kind: str, weights: str, keys: Iterable[st
     """The checked manifest of the ``kind`` artifact in ``folder``.
 
     Checks: a manifest of this format version and kind, with the header and ``keys``; every
-    file's and section's SHA-256 (:func:`~slimformer.report.integrity.verify`); the weights
+    file's and section's SHA-256 (:func:`~slimformer.store.integrity.verify`); the weights
     file's tensor header against the manifest.
 
     Raises:
         ModelLoadError: Naming the file and what differs, ending with ``redo``.
     """
-    from slimformer.report.integrity import read_sealed
+    from slimformer.store.integrity import read_sealed
 
     folder = Path(folder)
     found = kind_of(folder)
