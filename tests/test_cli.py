@@ -178,8 +178,9 @@ def test_run_without_arguments_is_the_shipped_quickstart(tmp_path, monkeypatch):
                                   / "quickstart.yaml").resolve()
 
 
-def test_eval_unlabelled_data_and_same_rows_as_quantize(tmp_path):
-    """eval on a file without labels says so (no accuracy); it scores quantize's rows."""
+def test_eval_unlabelled_data_scores_every_row_and_quantize_sets_some_aside(tmp_path):
+    """eval on a file without labels says so (no accuracy) and scores all 400 rows (it
+    calibrates nothing); quantize scores the 200 it does not calibrate on."""
     from slimformer.data.text import minilm_path
 
     spec = tmp_path / "m.yaml"
@@ -192,14 +193,44 @@ def test_eval_unlabelled_data_and_same_rows_as_quantize(tmp_path):
     data = json.dumps({"path": str(txt), "tokenizer": str(minilm_path()), "max_length": 16})
     res = runner.invoke(app, ["eval", str(spec), "--data", data, "--repeats", "1"])
     assert res.exit_code == 0, res.output
-    assert "(200 samples): no labels: accuracy not measured" in " ".join(res.output.split())
+    assert "(400 samples): no labels: accuracy not measured" in " ".join(res.output.split())
     res = runner.invoke(app, ["eval", str(spec), "--data", data, "--repeats", "1", "--json"])
     got = json.loads(res.output[res.output.index("{"):])
-    assert got["accuracy"] is None and got["samples"] == 200  # 200 rows set aside to calibrate
+    assert got["accuracy"] is None and got["samples"] == 400  # no row set aside
     res = runner.invoke(app, ["quantize", str(spec), "--data", data, "--method", "minmax",
                               "--out", str(tmp_path / "q")])
     assert res.exit_code == 0, res.output
-    assert "(200 rows)" in " ".join(res.output.split())  # the rows eval scored (was 272)
+    assert "(200 rows)" in " ".join(res.output.split())  # 200 calibrate, 200 are scored
+
+
+def test_eval_of_an_own_labelled_file_scores_all_80_rows(tmp_path):
+    """A run that calibrates nothing (eval) scores every row of the user's file: 80 of 80, the
+    accuracy of the model over all of them (as the pipeline's own predictions give it)."""
+    from slimformer.data.datasets import make_loader
+    from slimformer.data.sources import load_source
+    from slimformer.data.text import minilm_path
+    from slimformer.models.evaluate import predict
+    from slimformer.models.loading import load_model, parse_model_arg
+
+    spec = tmp_path / "m.yaml"
+    spec.write_text(yaml.safe_dump({
+        "source": "hf_config", "model_type": "bert", "task": "sequence-classification",
+        "config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                   "intermediate_size": 64, "num_labels": 2}}))
+    csv = tmp_path / "reviews.csv"
+    rows = [(f"review {i}: a wonderful film" if i % 2 else f"review {i}: dull", i % 2)
+            for i in range(80)]
+    csv.write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in rows))
+    data = json.dumps({"path": str(csv), "tokenizer": str(minilm_path()), "max_length": 16})
+    res = runner.invoke(app, ["eval", str(spec), "--data", data, "--repeats", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output[res.output.index("{"):])
+    assert got["samples"] == 80
+    lm = load_model(parse_model_arg(str(spec)))
+    ds = load_source(json.loads(data), lm.input_specs)
+    preds, labels = predict(lm.module, make_loader(ds, 256))
+    assert len(labels) == 80 and labels.tolist() == [y for _, y in rows]
+    assert got["accuracy"] == float((preds == labels).float().mean())
 
 
 def test_model_without_attention_in_every_command_that_fits(tmp_path):

@@ -107,8 +107,10 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
     # a model without attention (MLP-only, Fourier mixing) runs too: the stages that need
     # attention (a softmax quantizer asked for, pruning heads) refuse with their own reason
     smap = discover(loaded.module, loaded.example_inputs(2), require_attention=False)
-    data = RunData(loaded, recipe.data, recipe.seed)
-    dataset_name, eval_data = data.label, data.get("eval")
+    rules = [(HANDLERS[s.type], s) for s in recipe.stages]
+    data = RunData(loaded, recipe.data, recipe.seed, any(h.calibrates(s) for h, s in rules),
+                   any(h.needs_data for h, _ in rules))
+    dataset_name, eval_data = data.label, data.eval_rows()
     ctx = RunContext(recipe.name, base_spec, recipe.data.batch_size, model, loaded,
                      smap, eval_data, progress=progress, staging=staging, data=data,
                      slice_spec=slice_spec, out=out, history=list(history))
@@ -134,7 +136,8 @@ def _run_in(recipe: Recipe, progress: Progress | None, out: Path, staging: Path)
                "applied_stages": [h["stage"] for h in history]},
         structure=_structure_summary(smap),
         data={"dataset": dataset_name, "eval_split": recipe.data.eval_split,
-              "eval_samples": len(eval_data), **({"labels": data.notes} if data.notes else {})},
+              "eval_samples": len(eval_data) if eval_data is not None else 0,
+              **({"labels": data.notes} if data.notes else {})},
         stages=ctx.records,
         metrics=dict(ctx.records[-1].metrics) if ctx.records else {},
         environment=environment(),

@@ -104,3 +104,62 @@ def test_recipe_export_for_openvino_runs_in_openvino(tmp_path):
     # TensorRT's lint is no concern of an OpenVINO file: at most one line counting its findings
     assert not any(n.startswith("TRT0") for n in ex["notes"]), ex["notes"]
     assert sum(n.startswith("TensorRT QDQ lint") for n in ex["notes"]) <= 1
+
+
+_NO_DATA_MODEL = {"source": "factory", "factory": "tests.models.test_structure_variants:fourier_net",
+                  "inputs": {"x": {"shape": [1, 16, 16]}}}
+
+
+def test_recipe_without_data_exports_from_synthetic_rows(tmp_path):
+    """A model without any data set: an export-only run checks and times the file on synthetic
+    example inputs and says accuracy was not measured; a stage that needs rows is refused."""
+    import pytest
+
+    from slimformer.errors import DataError
+
+    rep = run(parse_recipe({
+        "model": _NO_DATA_MODEL, "output": {"dir": str(tmp_path / "out")},
+        "stages": [{"type": "export", "latency_batch_sizes": [2], "latency_repeats": 2}]})).report
+    ex = rep.stages[0]
+    assert rep.data["eval_samples"] == 0 and rep.data["dataset"].startswith("none")
+    assert set(ex.result["parity"]) == {"traced", "other"}  # the whole export result is kept
+    assert min(p["cosine"] for p in ex.result["parity"].values()) > 0.9999  # float vs PyTorch
+    assert ex.result["path"] == "export/model.onnx" and (tmp_path / "out" / "export" /
+                                                         "model.onnx").is_file()
+    assert "accuracy" not in ex.metrics and "onnxruntime batch=2" in ex.latency
+    assert any(n.startswith("no data: the file was checked and timed on synthetic") for n in
+               ex.notes)
+    with pytest.raises(DataError, match="no data: this model has no built-in data set"):
+        run(parse_recipe({"model": _NO_DATA_MODEL, "output": {"dir": str(tmp_path / "o2")},
+                          "stages": [{"type": "quantize", "method": "minmax"},
+                                     {"type": "export"}]}))
+    assert not (tmp_path / "o2").exists()
+
+
+def test_recipe_export_writes_the_openvino_ir(tmp_path):
+    """openvino_ir: export/model.{xml,bin} beside the ONNX file, checked in OpenVINO against
+    PyTorch (the record's result has OpenVINO's parity and the ONNX file's own)."""
+    import os
+
+    import pytest
+
+    from slimformer.errors import ConfigError
+    from slimformer.export.openvino import openvino_available
+
+    with pytest.raises(ConfigError, match="openvino_ir: the IR is converted from the openvino"):
+        parse_recipe({"model": {"source": "zoo", "name": "vit-digits-seq"},
+                      "stages": [{"type": "export", "openvino_ir": True, "target": "tensorrt"}]})
+    if not openvino_available() and not os.environ.get("CI"):
+        pytest.skip("openvino is not installed")
+    out = tmp_path / "out"
+    rep = run(parse_recipe({
+        "model": {"source": "zoo", "name": "vit-digits-seq"}, "output": {"dir": str(out)},
+        "stages": [{"type": "export", "openvino_ir": True, "target": "openvino",
+                    "evaluate": False, "latency_batch_sizes": []}]})).report
+    res = rep.stages[0].result
+    assert res["path"] == "export/model.xml" and res["onnx"]["path"] == "export/model.onnx"
+    assert all((out / "export" / f).is_file() for f in ("model.xml", "model.bin", "model.onnx"))
+    assert set(res["parity"]) == {"traced", "other"} and set(res["onnx"]["parity"]) == {
+        "traced", "other"}
+    assert min(p["cosine"] for p in res["parity"].values()) > 0.9999  # OpenVINO f32 vs PyTorch
+    assert res["onnx"]["form"]["target"] == "openvino"

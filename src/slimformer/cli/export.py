@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from slimformer.cli.common import _bounded, _console, _errors, _int_option, _ints, _progress, _table
+from slimformer.cli.common import _bounded, _console, _errors, _int_option, _ints, _table
 from slimformer.cli.options import (
     DATA_HELP,
     OVERWRITE_HELP,
@@ -17,7 +17,6 @@ from slimformer.cli.options import (
     MaxLoss,
     TaskOpt,
     _data_config,
-    _load_any,
     _run_one,
     _sets,
     _stage,
@@ -97,16 +96,25 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
         con.print(f"  - {here(note)}", markup=False, highlight=False)
 
 
-def _example_rows(lm, rows: int) -> dict:
-    """``rows`` real rows of the model's own data set, or synthetic inputs without one."""
-    from slimformer.data.datasets import get_dataset
-    from slimformer.pipeline import check_fit, latency_inputs
+def _export(err, model: str, config: str | None, stage, out: Path, files: dict[str, str],
+            trust_code: bool, task: str | None, rows: int):
+    """Run the one-stage recipe export; move its ``files`` (run-folder path -> ``out`` suffix).
 
-    if lm.dataset is None:
-        return lm.example_inputs(rows)
-    ds = get_dataset(lm.dataset, "calib")
-    check_fit(lm, ds)
-    return latency_inputs(ds, rows)
+    The run's folder is temporary, beside ``out`` (the files move in by a rename, the IR's
+    ``.bin`` before its ``.xml``); the caller holds ``out``'s reservation. Only the first
+    ``rows`` evaluation rows are prepared (the example rows; synthetic without data). Returns
+    the stage record, its ``result`` naming the files where they now are.
+    """
+    import tempfile
+
+    data_cfg = _data_config(None, limit=rows)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        run = Path(tmp) / "run"
+        rec = _run_one(err, "export", model, config, [stage], run, False, data_cfg, task=task,
+                       trust_code=trust_code).report.stages[0]
+        for src, suffix in files.items():
+            (run / src).replace(out.with_suffix(suffix))
+    return rec
 
 
 def export_onnx_cmd(
@@ -130,49 +138,44 @@ def export_onnx_cmd(
                                                  "that names a package.module:factory to run "
                                                  "it.")] = False,
         task: TaskOpt = None):
-    """Write ONNX (QDQ for quantized models), check it with onnx.checker and ONNX Runtime."""
-    from pydantic import ValidationError
+    """Write ONNX (QDQ for quantized models), check it with onnx.checker and ONNX Runtime.
 
-    from slimformer.errors import ConfigError
-    from slimformer.export.config import OnnxConfig
-    from slimformer.export.onnx import export_onnx
+    Runs the one-stage recipe export (no evaluation, no timing) through the pipeline; its
+    example rows are the model's own evaluation rows, or synthetic inputs without a data set.
+    """
+    from slimformer.export.lint import Finding, lint_summary
+    from slimformer.stages.export import ExportStage
     from slimformer.store.outdir import reserve
-    from slimformer.validation import format_errors
 
-    con, _ = _console()
+    con, err = _console()
     with _errors(), reserve(out, overwrite, kind="file"):
         _bounded(rows=(rows, 1, 4096))
-        try:
-            tgt, _, isa = target.partition(":")
-            cfg = OnnxConfig(opset=opset, dynamic=not static, target=tgt, isa=isa or "auto")
-        except ValidationError as exc:
-            raise ConfigError(format_errors(exc, OnnxConfig), "options") from None
-        with _progress() as prog:
-            prog("load model", 0, 1)
-            lm, net = _load_any(model, config, trust_code, task)
-            prog("load model", 1, 1)
-            prog("export: ONNX file (checked in ONNX Runtime)", 0, 1)
-            res = export_onnx(net, out, _example_rows(lm, rows), cfg)
-            prog("export: ONNX file (checked in ONNX Runtime)", 1, 1)
+        tgt, _, isa = target.partition(":")
+        stage = _stage(ExportStage, None, opset=opset, dynamic=not static, target=tgt,
+                       isa=isa or "auto", example_rows=rows, evaluate=False,
+                       latency_batch_sizes=[], compare_float=False, openvino=False)
+        rec = _export(err, model, config, stage, out, {"export/model.onnx": out.suffix},
+                      trust_code, task, rows)
+    res = rec.result | {"path": str(out)}
     if as_json:
-        print(json.dumps(res.summary(), indent=2))
+        print(json.dumps(res, indent=2))
         return
-    con.print(f"wrote {res.path} ({res.size_bytes:,} bytes, opset {res.opset}, "
-              f"{'QDQ' if res.quantized else 'float'}); inputs {res.inputs}")
-    con.print(f"target {res.form['target']}" + (f" (isa {res.form['isa']}, "
-              f"{res.form['isa_source']})" if res.form["isa"] else "") +
-              f"; weights {res.form['weights']}, activations {res.form['activations']}"
-              + (f"; ops {res.ops}" if res.ops else ""), markup=False, highlight=False)
-    _print_parity(con, res.parity, "ONNX Runtime vs PyTorch")
-    con.print(f"ONNX Runtime kernels: {res.fusion}")
-    from slimformer.export.lint import lint_summary
-
-    brief = lint_summary(res.lint, res.form.get("target"))
-    if brief and res.lint:
+    form = res["form"]
+    con.print(f"wrote {out} ({res['size_bytes']:,} bytes, opset {res['opset']}, "
+              f"{'QDQ' if res['quantized'] else 'float'}); inputs {res['inputs']}")
+    con.print(f"target {form['target']}" + (f" (isa {form['isa']}, "
+              f"{form['isa_source']})" if form["isa"] else "") +
+              f"; weights {form['weights']}, activations {form['activations']}"
+              + (f"; ops {res['ops']}" if res["ops"] else ""), markup=False, highlight=False)
+    _print_parity(con, res["parity"], "ONNX Runtime vs PyTorch")
+    con.print(f"ONNX Runtime kernels: {res['fusion']}")
+    lint = [Finding(**f) for f in res["lint"]]
+    brief = lint_summary(lint, form.get("target"))
+    if brief and lint:
         con.print(brief, markup=False, highlight=False)
     else:
-        _print_lint(con, res.lint)
-    for w in res.warnings:
+        _print_lint(con, lint)
+    for w in res["warnings"]:
         con.print(f"  warning: {w}", markup=False, highlight=False)
 
 
@@ -220,38 +223,42 @@ def export_openvino_cmd(
                                                  "that names a package.module:factory to run "
                                                  "it.")] = False,
         task: TaskOpt = None):
-    """Write an OpenVINO IR (from the openvino-form ONNX), check every output through OpenVINO."""
-    from slimformer.export.config import OnnxConfig
-    from slimformer.export.openvino import export_openvino, ov_latency
+    """Write an OpenVINO IR (from the openvino-form ONNX), check every output through OpenVINO.
+
+    Runs the one-stage recipe export (target openvino, openvino_ir) through the pipeline; with
+    --latency-batch the stage also times the file at that batch size.
+    """
+    from slimformer.errors import ExportError
+    from slimformer.stages.export import ExportStage
     from slimformer.store.outdir import reserve
 
-    con, _ = _console()
+    con, err = _console()
     with _errors(), reserve(out, overwrite, kind="file"), \
             reserve(out.with_suffix(".bin"), overwrite, kind="file"):
         _bounded(rows=(rows, 1, 4096), latency_batch=(latency_batch, 1, 1024))
-        with _progress() as prog:
-            prog("load model", 0, 1)
-            lm, net = _load_any(model, config, trust_code, task)
-            prog("load model", 1, 1)
-            prog("export: ONNX, OpenVINO IR, checked in OpenVINO", 0, 1)
-            res = export_openvino(net, out, _example_rows(lm, rows),
-                                  OnnxConfig(target="openvino", dynamic=not static))
-            prog("export: ONNX, OpenVINO IR, checked in OpenVINO", 1, 1)
-            lat = None
-            if latency_batch:
-                prog(f"latency in OpenVINO, batch {latency_batch}", 0, 1)
-                lat = ov_latency(out, _example_rows(lm, latency_batch), threads=2)
-                prog(f"latency in OpenVINO, batch {latency_batch}", 1, 1)
+        if out.suffix != ".xml":
+            raise ExportError(f"{out}: the OpenVINO IR file must end in .xml (.bin goes beside "
+                              "it)")
+        stage = _stage(ExportStage, None, target="openvino", openvino_ir=True,
+                       dynamic=not static, example_rows=rows, evaluate=False,
+                       latency_batch_sizes=[latency_batch] if latency_batch else [],
+                       latency_repeats=30, compare_float=False)
+        rec = _export(err, model, config, stage, out,
+                      {"export/model.bin": ".bin", "export/model.xml": ".xml"}, trust_code, task,
+                      max(rows, latency_batch or 0))
+    res = rec.result
+    res["path"], res["onnx"]["path"] = str(out), None  # the ONNX file went with the run folder
+    lat = rec.latency.get(f"openvino batch={latency_batch}")
     if as_json:
-        print(json.dumps(res.summary() | ({"latency": lat} if lat else {}), indent=2))
+        print(json.dumps(res | ({"latency": lat} if lat else {}), indent=2))
         return
-    con.print(f"wrote {res.path} and {res.path.with_suffix('.bin')} (OpenVINO {res.version}, "
-              f"{'QDQ' if res.onnx.quantized else 'float'}, opset {res.onnx.opset})")
-    _print_parity(con, res.parity, "OpenVINO (f32) vs PyTorch")
+    con.print(f"wrote {out} and {out.with_suffix('.bin')} (OpenVINO {res['openvino']}, "
+              f"{'QDQ' if res['onnx']['quantized'] else 'float'}, opset {res['onnx']['opset']})")
+    _print_parity(con, res["parity"], "OpenVINO (f32) vs PyTorch")
     if lat:
         con.print(f"OpenVINO latency batch {latency_batch}: {lat['median_ms']:.2f} ms median "
-                  f"(2 threads)")
-    for w in res.warnings:
+                  f"({lat['threads']:g} threads)")
+    for w in res["warnings"]:
         con.print(f"  warning: {w}", markup=False, highlight=False)
 
 

@@ -30,7 +30,8 @@ DATA_HELP = ("Data: a built-in set (fashion-mnist, vader-movie, trec, digits-seq
              "or folder (CSV/TSV/JSONL/text, image folder, datasets folder / parquet, "
              ".safetensors / .npz), or a JSON object with options ('{\"path\": \"photos\", "
              "\"size\": 28, \"mean\": [0.5], \"std\": [0.5], \"channels\": 1}'); one source "
-             "is split into calibration and evaluation rows (default: the zoo model's own set).")
+             "is split into calibration and evaluation rows; a command that calibrates nothing "
+             "(eval) evaluates every row (default: the zoo model's own set).")
 CALIB_HELP = "Separate calibration data (file, folder or built-in set)."
 EVAL_HELP = "Separate evaluation data (file, folder or built-in set)."
 
@@ -67,8 +68,8 @@ def _data_config(data: str | None, calib_data: str | None = None, eval_data: str
     return cfg
 
 
-def _spec(model: str, config: str | None, task: str | None = None):
-    """The spec of a CLI MODEL argument; a saved folder gets the global ``--trust-code``."""
+def _spec(model: str, config: str | None, task: str | None = None, trust_code: bool = False):
+    """The spec of a CLI MODEL argument; a saved folder gets ``--trust-code`` (global or own)."""
     from slimformer.models.loading import parse_model_arg
     from slimformer.models.spec import ArtifactSpec
 
@@ -79,7 +80,7 @@ def _spec(model: str, config: str | None, task: str | None = None):
         _console()[1].print(f"note: the model spec {model!r} runs code: factory {factory!r} is "
                             "imported and called when the model loads", markup=False,
                             highlight=False)
-    if isinstance(spec, ArtifactSpec) and _trust["on"]:
+    if isinstance(spec, ArtifactSpec) and (_trust["on"] or trust_code):
         spec = spec.model_copy(update={"trust_code": True})
     return spec
 
@@ -188,11 +189,12 @@ def _stage(cls, sets: list[str] | None = None, prefix: str | None = None, others
 
 def _run_one(con, name: str, model: str, config: str | None, stages: list, out: Path | None,
              overwrite: bool, data_cfg, max_loss: str | None = None, fail_on_loss: bool = False,
-             task: str | None = None):
+             task: str | None = None, trust_code: bool = False):
     """Build the one-stage recipe of a command and run it through the pipeline.
 
     A stage's loss past the budget (``--max-loss``) is printed as a warning here. ``out`` None:
     a command that only prints (``eval``); the run's folder is temporary, removed after.
+    ``trust_code``: the command's own ``--trust-code`` (a saved folder's factory may run).
     """
     from slimformer.pipeline import run as run_pipeline
 
@@ -201,15 +203,16 @@ def _run_one(con, name: str, model: str, config: str | None, stages: list, out: 
 
         with tempfile.TemporaryDirectory(prefix="slimformer-") as tmp:
             return _run_one(con, name, model, config, stages, Path(tmp) / "run", False,
-                            data_cfg, max_loss, fail_on_loss, task)
+                            data_cfg, max_loss, fail_on_loss, task, trust_code)
     from slimformer.recipe import OutputConfig, Recipe
     from slimformer.store.outdir import check_output
 
     budget = _budget(max_loss, fail_on_loss)
     check_output(out, overwrite)  # before the model is loaded
     literal = str(out).replace("{", "{{").replace("}", "}}")  # a CLI path is no template
-    recipe = Recipe(name=name, model=_spec(model, config, task), data=data_cfg, stages=stages,
-                    output=OutputConfig(dir=literal, overwrite=overwrite), max_loss=budget)
+    recipe = Recipe(name=name, model=_spec(model, config, task, trust_code), data=data_cfg,
+                    stages=stages, output=OutputConfig(dir=literal, overwrite=overwrite),
+                    max_loss=budget)
     _say_code(con, recipe)
     with _progress() as prog:
         result = run_pipeline(recipe, prog)

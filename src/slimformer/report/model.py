@@ -33,6 +33,9 @@ class StageRecord(BaseModel):
     notes: list[str] = Field(default_factory=list)
     images: dict[str, str] = Field(default_factory=dict)  # caption -> PNG path in the run folder
     warnings: list[str] = Field(default_factory=list)  # e.g. a loss past the budget
+    # the algorithm's whole result as its summary() gives it (JSON), where the metrics keep
+    # only figures: e.g. the export's parity per shape and every lint finding
+    result: dict[str, Any] = Field(default_factory=dict)
 
 
 class Report(BaseModel):

@@ -31,6 +31,10 @@ class Handler:
         saves: The artifact kind it writes (its sub-folder of a run folder), or None.
         quantizes: The model is quantized after it.
         after_quantized: Why it cannot follow a quantizing stage (None: it can).
+        calibrates: ``calibrates(stage)``: it reads calibration or training rows (a user's one
+            data source is then split in two; when no stage of a run does, every row is
+            evaluated, see :class:`~slimformer.stages.context.RunData`).
+        needs_data: False: it also runs on a model without any data (synthetic example inputs).
     """
 
     schema: type
@@ -39,17 +43,24 @@ class Handler:
     saves: str | None = None
     quantizes: bool = False
     after_quantized: str | None = None
+    calibrates: Callable[[Any], bool] = lambda stage: False
+    needs_data: bool = True
+
+
+def _always(stage) -> bool:
+    return True
 
 
 HANDLERS: dict[str, Handler] = {
     "evaluate": Handler(evaluate.EvaluateStage, evaluate.run),
     "quantize": Handler(quantize.QuantizeStage, quantize.run, quantize.restore, quantize.SAVES,
-                        quantize.QUANTIZES, quantize.AFTER_QUANTIZED),
+                        quantize.QUANTIZES, quantize.AFTER_QUANTIZED, calibrates=_always),
     "prune": Handler(prune.PruneStage, prune.run, prune.restore, prune.SAVES, prune.QUANTIZES,
-                     prune.AFTER_QUANTIZED),
+                     prune.AFTER_QUANTIZED,
+                     calibrates=lambda stage: stage.needs_training),  # upop, fine-tuning
     "search": Handler(search.SearchStage, search.run, search.restore, search.SAVES,
-                      search.QUANTIZES, search.AFTER_QUANTIZED),
-    "hls": Handler(hls.HlsStage, hls.run),
-    "export": Handler(export.ExportStage, export.run),
-    "generate": Handler(generate.GenerateStage, generate.run),
+                      search.QUANTIZES, search.AFTER_QUANTIZED, calibrates=_always),
+    "hls": Handler(hls.HlsStage, hls.run, calibrates=_always),  # the fixed-point ranges
+    "export": Handler(export.ExportStage, export.run, needs_data=False),
+    "generate": Handler(generate.GenerateStage, generate.run, needs_data=False),
 }

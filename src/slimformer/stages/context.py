@@ -89,7 +89,7 @@ class RunContext:
     model: torch.nn.Module
     loaded: LoadedModel  # the base model as loaded (its spec, inputs, task, folder)
     structure: StructureMap  # sites of the current model
-    eval_data: TensorDictDataset
+    eval_data: TensorDictDataset | None  # None: no data (RunData.eval_rows)
     reference_preds: torch.Tensor | None = None
     progress: Progress | None = None
     records: list[StageRecord] = field(default_factory=list)
@@ -161,26 +161,51 @@ class RunData:
 
     Built-in data set: its eval / calib / train splits. The user's own ``source``: one seeded
     split into ``calib_rows`` calibration rows and the rest for evaluation (never overlapping);
-    training stages use the calibration rows. ``calib`` / ``eval`` sources replace either role.
+    training stages use the calibration rows. A run none of whose stages reads calibration or
+    training rows (``calibrates`` False: evaluate, export, generate; the stages' table
+    :data:`slimformer.stages.HANDLERS` says which do) evaluates every row of the
+    source instead, unless its task fits a probe / k-NN bank on them
+    (:data:`~slimformer.stages.taskquality.TRAIN_ROWS`).
+    ``calib`` / ``eval`` sources replace either role. Without any data (``available`` False: no
+    own source, no built-in set) every role raises the DataError that says what to give.
     """
 
-    def __init__(self, loaded, cfg, seed: int = 0):
+    def __init__(self, loaded, cfg, seed: int = 0, calibrates: bool = True,
+                 needs_data: bool = True):
+        """``needs_data`` False: every stage also runs without data (see :meth:`eval_rows`)."""
         self.loaded, self.cfg, self.seed = loaded, cfg, seed
-        from slimformer.stages.taskquality import DEFAULT_DATA
+        from slimformer.stages.taskquality import DEFAULT_DATA, TRAIN_ROWS
 
+        task = getattr(loaded, "task", None)
         self.builtin = cfg.dataset or loaded.dataset or (
-            None if cfg.own else DEFAULT_DATA.get(getattr(loaded, "task", None)))
+            None if cfg.own else DEFAULT_DATA.get(task))
+        self.available = cfg.own or self.builtin is not None
+        self.needs_data = needs_data
+        self.whole = not calibrates and task not in TRAIN_ROWS  # a source is not split
         self._cache: dict[str, object] = {}
         self.notes: list[str] = []  # what the report should say about the data (label numbering)
-        if not cfg.own and self.builtin is None:
-            raise DataError("no data: this model has no built-in data set; give your own "
-                            "(recipe data.source, CLI --data PATH: a CSV/TSV/JSONL/text file, an "
-                            "image folder, a datasets folder or parquet file, .safetensors/.npz) "
-                            "or a built-in one")
+
+    def eval_rows(self):
+        """The evaluation rows; None without data where every stage runs without it.
+
+        Raises:
+            DataError: No data, and a stage that needs it.
+        """
+        return self.get("eval") if self.available or self.needs_data else None
+
+    @staticmethod
+    def missing() -> DataError:
+        """The error of a run that needs rows and has none."""
+        return DataError("no data: this model has no built-in data set; give your own (recipe "
+                         "data.source, CLI --data PATH: a CSV/TSV/JSONL/text file, an image "
+                         "folder, a datasets folder or parquet file, .safetensors/.npz) or a "
+                         "built-in one")
 
     @property
     def label(self) -> str:
         """What the report calls the data."""
+        if not self.available:
+            return "none (synthetic example inputs)"
         c = self.cfg
         own = [f"{role} {getattr(getattr(c, role), 'path', None) or getattr(c, role).name}"
                for role in ("source", "calib", "eval") if getattr(c, role) is not None]
@@ -307,10 +332,17 @@ class RunData:
         """The data set for ``role`` (``eval``, ``calib`` or ``train``), loaded once, checked."""
         if role in self._cache:
             return self._cache[role]
+        if not self.available:
+            raise self.missing()
         c = self.cfg
         given = c.eval if role == "eval" else c.calib
         if given is not None:
             ds = self._load(given)
+        elif c.source is not None and self.whole:
+            if role != "eval":  # stages.HANDLERS' calibrates is out of date
+                raise RuntimeError(f"{role} rows asked of a run declared not to calibrate: "
+                                   "every row of data.source is evaluated")
+            ds = self._load(c.source)
         elif c.source is not None:
             ds = self._split()[1 if role == "eval" else 0]
         elif self.builtin is None:

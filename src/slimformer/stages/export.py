@@ -1,11 +1,11 @@
-"""The ``export`` stage: ONNX (QDQ when quantized), parity, latency, TensorRT engine."""
+"""The ``export`` stage: ONNX (QDQ when quantized), OpenVINO IR, parity, latency, TensorRT."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from slimformer.export.config import OnnxConfig, TensorRTConfig
 from slimformer.report.model import StageRecord
@@ -19,9 +19,14 @@ class ExportStage(OnnxConfig):
     Writes ``<output>/export/model.onnx`` (QDQ when quantized); records ONNX Runtime parity,
     accuracy and agreement on the evaluation data, latency per batch size, file size, which
     matmuls ONNX Runtime runs in integer kernels, and the TensorRT QDQ lint; the same in OpenVINO
-    for the ``openvino`` target (or with ``openvino: true``). With
+    for the ``openvino`` target (or with ``openvino: true``). ``openvino_ir``: also writes the
+    OpenVINO IR ``export/model.{xml,bin}`` converted from that file (target ``openvino``),
+    checked in OpenVINO (f32) against PyTorch. With
     ``tensorrt``, also builds ``model.plan`` where ``import tensorrt`` works, and always writes the
-    equivalent ``trtexec`` command to ``export/model.plan.trtexec.sh``.
+    equivalent ``trtexec`` command to ``export/model.plan.trtexec.sh``. The record's ``result``
+    is the export's whole summary (parity per shape, ONNX Runtime kernels, every lint finding).
+    A run without data exports from synthetic example inputs (the model's input specs) and
+    times them; accuracy and agreement are then not measured (a note says so).
     """
 
     type: Literal["export"] = "export"
@@ -35,6 +40,14 @@ class ExportStage(OnnxConfig):
     # run the file in OpenVINO too (accuracy, agreement, latency beside its float model): None =
     # for target openvino only; true = whenever OpenVINO is installed (a note where it is not)
     openvino: bool | None = None
+    openvino_ir: bool = False
+
+    @model_validator(mode="after")
+    def _ir_form(self):
+        if self.openvino_ir and self.target not in ("openvino", "auto"):
+            raise ValueError(f"openvino_ir: the IR is converted from the openvino form, not "
+                             f"{self.target!r}: give target openvino (or auto)")
+        return self
 
     def onnx_config(self) -> OnnxConfig:
         """The plain ONNX config, without the stage fields."""
@@ -46,8 +59,38 @@ def run(ctx: RunContext, stage: ExportStage) -> StageRecord:
     return _export_into(ctx, stage, ctx.artifact_dir("export"))
 
 
-def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
+def _rows(ctx: RunContext, batch: int) -> dict:
+    """``batch`` evaluation rows ``{name: (batch, ...)}``; synthetic ones in a run without data."""
     from slimformer.data.datasets import latency_inputs
+
+    if ctx.eval_data is None:
+        return ctx.loaded.example_inputs(batch)
+    return latency_inputs(ctx.eval_data, batch)
+
+
+def _write(ctx: RunContext, stage: ExportStage, tmp: Path, tick):
+    """``(OnnxResult, its summary)``: ``model.onnx``, and the IR beside it with ``openvino_ir``.
+
+    The summary names the files relative to the output folder.
+    """
+    from slimformer.export.onnx import export_onnx
+    from slimformer.export.openvino import export_openvino
+
+    onnx_path, rows = tmp / "model.onnx", _rows(ctx, stage.example_rows)
+    if not stage.openvino_ir:
+        tick("export: ONNX file (checked in ONNX Runtime)", 0, 1)
+        res = export_onnx(ctx.model, onnx_path, rows, stage.onnx_config())
+        tick("export: ONNX file (checked in ONNX Runtime)", 1, 1)
+        return res, res.summary() | {"path": f"{tmp.name}/{onnx_path.name}"}
+    tick("export: ONNX, OpenVINO IR, checked in OpenVINO", 0, 1)
+    ov = export_openvino(ctx.model, tmp / "model.xml", rows, stage.onnx_config(), onnx_path)
+    tick("export: ONNX, OpenVINO IR, checked in OpenVINO", 1, 1)
+    summary = ov.summary()
+    summary["path"], summary["onnx"]["path"] = f"{tmp.name}/model.xml", f"{tmp.name}/model.onnx"
+    return ov.onnx, summary
+
+
+def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
     from slimformer.export.lint import lint_summary
     from slimformer.export.onnx import export_onnx
     from slimformer.export.ortrun import ort_latency, predict
@@ -56,10 +99,9 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
 
     tick = ctx.progress or (lambda *a: None)
     onnx_path = tmp / "model.onnx"
-    tick("export: ONNX file (checked in ONNX Runtime)", 0, 1)
-    res = export_onnx(ctx.model, onnx_path, latency_inputs(ctx.eval_data, stage.example_rows),
-                      stage.onnx_config())
-    rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
+    res, summary = _write(ctx, stage, tmp, tick)
+    rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"),
+                      result=summary)
     rec.metrics = {"opset": res.opset, "quantized": res.quantized,
                    "dynamic_axes": str(res.inputs), "file_bytes": res.size_bytes,
                    "export_seconds": round(res.seconds, 2),
@@ -69,9 +111,11 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
                    **{f"ort_{k}": v for k, v in res.fusion.items()},
                    "lint_errors": sum(f.severity == "error" for f in res.lint),
                    "lint_warnings": sum(f.severity == "warning" for f in res.lint)}
-    tick("export: ONNX file (checked in ONNX Runtime)", 1, 1)
     labels = None
-    if stage.evaluate:
+    if stage.evaluate and ctx.eval_data is None:
+        rec.notes.append("no data: the file was checked and timed on synthetic example inputs; "
+                         "accuracy and agreement were not measured (give data to measure them)")
+    elif stage.evaluate:
         tick("export: evaluate in ONNX Runtime", 0, 1)
         preds = predict(onnx_path, ctx.eval_data, ctx.batch_size, stage.threads)
         q = measure(ctx)  # the model's own predictions, measured once (stages.quality)
@@ -91,14 +135,13 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
 
         tick("export: float ONNX file (the baseline)", 0, 1)
         float_path = Path(tempfile.mkdtemp(prefix="float-", dir=scratch_root())) / "float.onnx"
-        export_onnx(ctx.loaded.module, float_path,
-                    latency_inputs(ctx.eval_data, stage.example_rows),
+        export_onnx(ctx.loaded.module, float_path, _rows(ctx, stage.example_rows),
                     stage.onnx_config().model_copy(update={"check": False, "lint": False}))
         tick("export: float ONNX file (the baseline)", 1, 1)
     n = len(stage.latency_batch_sizes)
     for i, b in enumerate(stage.latency_batch_sizes):
         tick("export: latency in ONNX Runtime", i, n)
-        x = latency_inputs(ctx.eval_data, b)
+        x = _rows(ctx, b)
         files = {f"onnxruntime batch={b}": onnx_path, f"onnxruntime float batch={b}": float_path}
         rec.latency |= _interleaved(
             {k: p for k, p in files.items() if p is not None},
@@ -106,12 +149,13 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
     if n:
         tick("export: latency in ONNX Runtime", n, n)
     if stage.openvino or (stage.openvino is None and res.form.get("target") == "openvino"):
-        _openvino(ctx, stage, rec, onnx_path, float_path, labels, tick)
+        ov_file = tmp / "model.xml" if stage.openvino_ir else onnx_path  # the IR when written
+        _openvino(ctx, stage, rec, ov_file, float_path, labels, tick)
     rec.metrics |= {f"form_{k}": str(v) for k, v in res.form.items()}
     rec.size = {"bytes": res.size_bytes}
     brief = None if stage.tensorrt is not None else lint_summary(res.lint,
                                                                   res.form.get("target"))
-    rec.notes = list(res.warnings) + ([brief] if brief and res.lint else [
+    rec.notes += list(res.warnings) + ([brief] if brief and res.lint else [
         f"{f.rule} {f.severity} at {f.node}: {f.message}" for f in _first_per_rule(res.lint)])
     if stage.tensorrt is not None:
         engine = tmp / "model.plan"
@@ -131,8 +175,10 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
 
 def _openvino(ctx: RunContext, stage: ExportStage, rec: StageRecord, onnx_path: Path,
               float_path: Path | None, labels, tick) -> None:
-    """OpenVINO, the target's runtime: accuracy, agreement and latency (float beside it)."""
-    from slimformer.data.datasets import latency_inputs
+    """OpenVINO, the target's runtime: accuracy, agreement and latency (float beside it).
+
+    ``onnx_path``: the file OpenVINO reads (the ONNX file, or the IR's ``.xml``).
+    """
     from slimformer.export.openvino import openvino_available, ov_latency, ov_predict
     from slimformer.models.evaluate import agreement
 
@@ -142,7 +188,7 @@ def _openvino(ctx: RunContext, stage: ExportStage, rec: StageRecord, onnx_path: 
         return
     steps = 1 + len(stage.latency_batch_sizes)  # evaluation, then each batch timed
     tick("export: OpenVINO", 0, steps)
-    if stage.evaluate:  # ``labels``: from the ONNX Runtime evaluation above
+    if stage.evaluate and ctx.eval_data is not None:  # ``labels``: from ONNX Runtime's above
         preds = ov_predict(onnx_path, ctx.eval_data, ctx.batch_size, stage.threads)
         if getattr(ctx.eval_data, "has_labels", True):
             rec.metrics["openvino_accuracy"] = float((preds == labels).float().mean())
@@ -150,7 +196,7 @@ def _openvino(ctx: RunContext, stage: ExportStage, rec: StageRecord, onnx_path: 
             rec.metrics["openvino_agreement"] = agreement(preds, ctx.reference_preds)
     for i, b in enumerate(stage.latency_batch_sizes):
         tick("export: OpenVINO", 1 + i, steps)
-        x = latency_inputs(ctx.eval_data, b)
+        x = _rows(ctx, b)
         files = {f"openvino batch={b}": onnx_path, f"openvino float batch={b}": float_path}
         timed = _interleaved({k: p for k, p in files.items() if p is not None},
                              lambda path, x=x: ov_latency(path, x, stage.latency_repeats,

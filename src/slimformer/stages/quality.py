@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     import torch
 
 GATED = ("quantize", "prune", "search", "export", "hls")
+# gated stages that leave the model as it is: measured only where their record is compared
+# (an export that evaluates nothing, e.g. ``slimformer export onnx``, costs no evaluation)
+KEEPS_MODEL = ("export",)
 
 
 class LossBudget(_Strict):
@@ -127,18 +130,23 @@ def run(ctx: RunContext, index: int, stage, handler: Callable[[RunContext, objec
     """
     if stage.type not in GATED:
         return handler(ctx, stage)
-    before, entries = measure(ctx), len(ctx.history)
+    keeps = stage.type in KEEPS_MODEL
+    before, entries = None if keeps else measure(ctx), len(ctx.history)
     rec = handler(ctx, stage)
-    ctx.measured = None  # the stage may have changed the model in place: measure it afresh
+    if not keeps:  # the stage may have changed the model in place: measure it afresh
+        ctx.measured = None
     check(ctx, index, rec, before, budget)
     if rec.warnings and len(ctx.history) > entries:  # the stage's manifest entry says it too
         ctx.history[-1].setdefault("result", {}).setdefault("warnings", []).extend(rec.warnings)
     return rec
 
 
-def check(ctx: RunContext, index: int, rec: StageRecord, before: Quality,
+def check(ctx: RunContext, index: int, rec: StageRecord, before: Quality | None,
           budget: LossBudget) -> None:
     """Compare the stage's result with its input ``before``; warn (or raise) past ``budget``.
+
+    ``before`` None: the stage left the model as it was (:data:`KEEPS_MODEL`); it is measured
+    here where the record has something to compare.
 
     Adds ``metrics["vs_input"]`` (what was compared, both values, the loss and the budget) and,
     past the budget, a line to ``rec.warnings``.
@@ -190,12 +198,14 @@ def check(ctx: RunContext, index: int, rec: StageRecord, before: Quality,
     rec.warnings.append(f"{rec.type} (stage {index}): {text}")
 
 
-def _compare(ctx: RunContext, rec: StageRecord, before: Quality):
+def _compare(ctx: RunContext, rec: StageRecord, before: Quality | None):
     """``(what, input value, output value, kind)`` of the stage, or None when not comparable."""
     m = rec.metrics
     if rec.type in ("export", "hls"):
         key = "accuracy" if rec.type == "export" else "csim_accuracy_csim"
-        if before.accuracy is not None and _finite(m.get(key)):
+        if _finite(m.get(key)) and before is None:
+            before = measure(ctx)  # kept from the stage's own evaluation
+        if _finite(m.get(key)) and before.accuracy is not None:
             where = "ONNX Runtime accuracy" if rec.type == "export" else "C-simulation accuracy"
             return where, before.accuracy, m[key], "accuracy"
         if rec.type == "export" and _finite(m.get("agreement_with_pytorch")):
