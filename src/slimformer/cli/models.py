@@ -79,9 +79,10 @@ def eval_(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
     """Metric, latency (median of repeated runs at batch 1 and 32) and size of a model.
 
     Runs the one-stage recipe evaluate through the pipeline (its output folder is temporary):
-    the rows a recipe or ``quantize`` evaluates. A model whose task is sentence-embedding,
-    image-features or causal-lm prints its task's metrics against its float model (itself, or
-    a saved folder's base) on held-out rows.
+    the rows such a recipe evaluates; of your own --data file, every row (nothing calibrates, so
+    no row is set aside; ``quantize`` scores the rows it does not calibrate on). A model whose
+    task is sentence-embedding, image-features or causal-lm prints its task's metrics against
+    its float model (itself, or a saved folder's base) on held-out rows.
     """
     from slimformer.stages.evaluate import EvaluateStage
     from slimformer.stages.taskquality import TASKS
