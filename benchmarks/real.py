@@ -57,7 +57,9 @@ QUICK = {"sentence-embedding": ("float", "ours-w8a8-minmax", "ours-w8a8-default"
          "causal-lm": ("float", "ours-w8a8-minmax", "nncf-w8", "nncf-w4g128", "nncf-w4g64")}
 LAT_BATCHES = {"sentence-embedding": (1, 32), "image-features": (1, 8), "causal-lm": (1,)}
 LABELS = {"float": "float (our ONNX export)", "ours-w8a8-default": "ours W8A8, default method",
-          "ours-w8a8-minmax": "ours W8A8 minmax", "ours-w4a8-minmax": "ours W4A8 minmax",
+          "ours-w8a8-minmax": "ours W8A8 minmax",
+          "ours-w8a8-minmax-unchecked": "ours W8A8 minmax, SQNR floor off",
+          "ours-w4a8-minmax": "ours W4A8 minmax",
           "ort-dynamic": "ORT quantize_dynamic (MatMul/Gemm)",
           "ort-static": "ORT quantize_static QDQ per-channel",
           "nncf-quantize": "NNCF quantize TRANSFORMER+SmoothQuant", "nncf-w8": "NNCF compress_weights INT8",
@@ -198,6 +200,10 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
                 r |= lat.get(r["config"], {})
         else:
             print(f"   latency {'timed out' if rc is None else 'failed'} ({secs:.0f} s)")
+    elif args.resume and (work / "latency.json").exists():  # the latency of an earlier run
+        lat = json.loads((work / "latency.json").read_text())
+        for r in rows:
+            r |= lat.get(r["config"], {})
     return rows
 
 

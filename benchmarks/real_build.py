@@ -1,7 +1,8 @@
 """Build one configuration's deployable artifact for benchmarks/real.py (ours and the peers).
 
 - ``float``: our ONNX export (opset default, and 20 for OpenVINO) plus the float references;
-- ``ours-wXaY-{default,minmax}``: ``slimformer.quantize`` then ``export onnx`` (QDQ);
+- ``ours-wXaY-{default,minmax}[-unchecked]``: ``slimformer.quantize`` then ``export onnx`` (QDQ);
+  ``-unchecked`` turns off the output-SQNR refusal (``min_output_sqnr_db=None``) to measure it;
 - ``ort-dynamic`` / ``ort-static``: ONNX Runtime's quantizers on our float export;
 - ``nncf-*``: NNCF ``quantize`` / ``compress_weights`` on the float export read by OpenVINO;
 - ``brevitas-*``: Brevitas's post-training flow (:mod:`real_brevitas`).
@@ -56,7 +57,9 @@ def make_artifact(config: str, lm, data: dict, work: Path, args):
         from slimformer.quantize.inference import to_inference
 
         w, a = int(config[6]), int(config[8])
-        kw = {} if config.endswith("default") else {"method": "minmax"}
+        kw = {} if "default" in config else {"method": "minmax"}
+        if config.endswith("unchecked"):  # measured even below the output-SQNR floor
+            kw["min_output_sqnr_db"] = None
         cfg = QuantConfig(weight_bits=w, act_bits=a, calib_samples=n, **kw)
         t0 = time.perf_counter()
         q = to_inference(quantize(lm.module, cfg, data["calib"]).model)
