@@ -11,7 +11,9 @@ from slimformer.errors import CalibrationError
 from slimformer.models.generality import GENERALITY, fan_in_init
 from slimformer.models.generic import looped_core, stem_former, twin_towers
 from slimformer.models.loading import load_model
-from slimformer.quantize.api import _capture_float_inputs, _capture_one, quantize
+from slimformer.quantize.api import quantize
+from slimformer.quantize.capture import capture_float_inputs as _capture_float_inputs
+from slimformer.quantize.capture import capture_one as _capture_one
 from slimformer.quantize.check import float_leaves, sqnr_db
 from slimformer.quantize.config import QuantConfig
 

@@ -18,11 +18,14 @@ from slimformer.quantize.quantizers import (
     fake_uniform,
     positive_scale,
     round_ste,
+    sq_error,
     symmetric_params,
     uniform_params,
 )
 
 SAMPLE_ROWS = 4096
+# what an ActQuantizer keeps of its calibration data (see ActQuantizer.forget)
+_OBSERVATIONS = ("_rows", "_groups", "_min", "_max", "_seen", "group")
 
 
 class ActQuantizer(nn.Module):
@@ -36,15 +39,15 @@ class ActQuantizer(nn.Module):
         super().__init__()
         self.name, self.bits, self.per_channel = name, bits, per_channel
         self.mode = "float"  # float | observe | quant
-        self.lo = nn.Parameter(torch.zeros(1), requires_grad=False)
-        self.hi = nn.Parameter(torch.ones(1), requires_grad=False)
-        self.register_buffer("shift", None)
-        self.register_buffer("inv_r", None)
+        self.lo = nn.Parameter(torch.zeros(1), requires_grad=False)  # (C,) or (1,)
+        self.hi = nn.Parameter(torch.ones(1), requires_grad=False)  # (C,) or (1,)
+        self.register_buffer("shift", None)  # (C,): RepQ's affine x' = (x + shift) * inv_r
+        self.register_buffer("inv_r", None)  # (C,)
         self.pow2 = False
         self.symmetric = False
-        self._min = self._max = None
-        self._rows: list[torch.Tensor] = []
-        self._groups: list[torch.Tensor] = []
+        self._min = self._max = None  # (C,) observed per channel
+        self._rows: list[torch.Tensor] = []  # sampled rows, (k, C) per observed call
+        self._groups: list[torch.Tensor] = []  # (k,) calibration batch of each sampled row
         self.group = 0  # index of the calibration batch being observed (set by the caller)
         self._seen = 0
 
@@ -53,19 +56,45 @@ class ActQuantizer(nn.Module):
         if not torch.isfinite(x).all():
             raise CalibrationError(f"NaN or inf in the calibration activations at {self.name} "
                                    "(the first quantized layer where they appear); check the data")
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        flat = x.detach().reshape(-1, x.shape[-1]).float()  # (n, C): every position a row
         if self._min is not None and self._min.shape[-1] != flat.shape[-1]:
             self._to_per_tensor()
         if self._min is not None and self._min.numel() == 1 != flat.shape[-1]:
-            flat = flat.reshape(-1, 1)
-        mn, mx = flat.amin(0), flat.amax(0)
+            flat = flat.reshape(-1, 1)  # (n * C, 1): per-tensor since the width varied
+        mn, mx = flat.amin(0), flat.amax(0)  # (C,)
         self._min = mn if self._min is None else torch.minimum(self._min, mn)
         self._max = mx if self._max is None else torch.maximum(self._max, mx)
         take = min(len(flat), max(1, SAMPLE_ROWS // 4))
         idx = torch.randperm(len(flat), generator=torch.Generator().manual_seed(self._seen))[:take]
-        self._rows.append(flat[idx])
-        self._groups.append(torch.full((len(idx),), self.group))  # the calibration batch
+        self._rows.append(flat[idx])  # (take, C)
+        self._groups.append(torch.full((len(idx),), self.group))  # (take,): the calibration batch
         self._seen += 1
+        # only the last 2 * SAMPLE_ROWS rows are ever used (samples()): older calls are dropped
+        while len(self._rows) > 1 and sum(len(r) for r in self._rows[1:]) >= 2 * SAMPLE_ROWS:
+            self._rows.pop(0)
+            self._groups.pop(0)
+
+    @property
+    def observed(self) -> bool:
+        """Whether calibration rows were observed (and not forgotten)."""
+        return bool(self._rows)
+
+    @property
+    def width(self) -> int | None:
+        """Channels ``C`` of the sampled rows (None before observing)."""
+        return self._rows[0].shape[-1] if self._rows else None
+
+    def forget(self) -> dict:
+        """Drop the calibration observations (ranges stay); returns them for :meth:`recall`."""
+        kept = {k: getattr(self, k) for k in _OBSERVATIONS}
+        self._rows, self._groups, self._min, self._max, self._seen, self.group = (
+            [], [], None, None, 0, 0)
+        return kept
+
+    def recall(self, observations: dict) -> None:
+        """Put back observations :meth:`forget` returned."""
+        for k, v in observations.items():
+            setattr(self, k, v)
 
     def _to_per_tensor(self) -> None:
         """Keep one range and one column of values: the last axis changed size between calls.
@@ -76,10 +105,10 @@ class ActQuantizer(nn.Module):
         if self.per_channel:
             raise CalibrationError(f"{self.name}: per-channel quantizer saw inputs of different "
                                    f"widths ({self._min.shape[-1]} and another)")
-        self._min, self._max = self._min.min().reshape(1), self._max.max().reshape(1)
+        self._min, self._max = self._min.min().reshape(1), self._max.max().reshape(1)  # (1,)
         self._groups = [g.repeat_interleave(r.shape[-1]) for g, r in zip(self._groups, self._rows,
                                                                           strict=True)]
-        self._rows = [r.reshape(-1, 1) for r in self._rows]
+        self._rows = [r.reshape(-1, 1) for r in self._rows]  # (k * C, 1) each
 
     def samples(self) -> torch.Tensor:
         """The sampled rows ``(n, C)``."""
@@ -100,10 +129,10 @@ class ActQuantizer(nn.Module):
             if not self.per_channel:
                 lo, hi = lo.min(), hi.max()
         elif how == "percentile":
-            rows = self.samples()
-            flat = rows if self.per_channel else rows.reshape(-1, 1)
+            rows = self.samples()  # (n, C)
+            flat = rows if self.per_channel else rows.reshape(-1, 1)  # (n, C) or (n * C, 1)
             q = torch.tensor([1 - percentile / 100, percentile / 100])
-            lo, hi = torch.quantile(flat[:200_000], q, dim=0)
+            lo, hi = torch.quantile(flat[:200_000], q, dim=0)  # (C,) or (1,) each
             if not self.per_channel:
                 lo, hi = lo.reshape(()), hi.reshape(())
         elif how == "search":
@@ -115,9 +144,9 @@ class ActQuantizer(nn.Module):
     def range_of(self, rows: torch.Tensor, how: str, per_channel: bool) -> tuple[torch.Tensor,
                                                                                  torch.Tensor]:
         """The range ``minmax`` or ``search`` would pick from ``rows (n, C)`` alone."""
-        lo, hi = rows.amin(0), rows.amax(0)
+        lo, hi = rows.amin(0), rows.amax(0)  # (C,)
         if not per_channel:
-            lo, hi = lo.min(), hi.max()
+            lo, hi = lo.min(), hi.max()  # ()
         if how == "search":
             return self._search(rows, lo, hi, per_channel)
         return lo, hi
@@ -130,13 +159,13 @@ class ActQuantizer(nn.Module):
         if lo0 is None:
             lo0, hi0 = (self._min, self._max) if per_channel else (self._min.min(),
                                                                     self._max.max())
-        best, best_lo, best_hi = None, lo0, hi0
+        best, best_lo, best_hi = None, lo0, hi0  # bounds (C,) per channel, () per tensor
         for f in (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5):
             for g in (1.0, 0.9, 0.8):
                 lo, hi = lo0 * g, hi0 * f
                 s, z = self._params(lo, hi)
-                err = ((fake_uniform(rows, s, z, self.bits) - rows) ** 2)
-                err = err.mean(0) if per_channel else err.mean()
+                err = sq_error(rows, s, z, self.bits)  # (n, C)
+                err = err.mean(0) if per_channel else err.mean()  # (C,) or ()
                 if best is None:
                     best = err
                     continue
@@ -147,7 +176,7 @@ class ActQuantizer(nn.Module):
         return best_lo, best_hi
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Set the clipping range (tensors broadcast over the last axis)."""
+        """Set the clipping range ``lo, hi`` (``(C,)`` or one value; stored as ``(C,)`` / ``(1,)``)."""
         self.lo = nn.Parameter(lo.detach().float().clone().reshape(-1), requires_grad=False)
         self.hi = nn.Parameter(hi.detach().float().clone().reshape(-1), requires_grad=False)
 
@@ -158,7 +187,7 @@ class ActQuantizer(nn.Module):
         return uniform_params(lo, hi, self.bits)
 
     def scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Current scale and zero point (zero rounded with a straight-through gradient)."""
+        """Current scale and zero point, ``(C,)`` or ``(1,)`` (zero rounded with an STE)."""
         if self.symmetric:
             scale, zero = symmetric_params(self.lo, self.hi, self.bits)
             if self.pow2:
@@ -173,7 +202,7 @@ class ActQuantizer(nn.Module):
         return scale, zero
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
-        """The reparameterization affine (identity unless set)."""
+        """The reparameterization affine of ``x (..., C)`` (identity unless set)."""
         if self.shift is not None:
             x = (x + self.shift) * self.inv_r
         return x
@@ -206,7 +235,7 @@ class ProbQuantizer(nn.Module):
         self.register_buffer("delta", torch.ones(()))
         self.register_buffer("kind_code", torch.zeros((), dtype=torch.uint8))  # saved with it
         self.kind = kind
-        self._rows: list[torch.Tensor] = []
+        self._rows: list[torch.Tensor] = []  # sampled probabilities, (k,) per observed call
 
     @property
     def kind(self) -> str:
@@ -223,11 +252,29 @@ class ProbQuantizer(nn.Module):
         self._kind = self.KINDS[int(self.kind_code)]
 
     def observe(self, p: torch.Tensor) -> None:
-        """Keep a sample of probabilities."""
-        flat = p.detach().reshape(-1).float()
+        """Keep a sample of probabilities ``p (..., Tq, Tk)``."""
+        flat = p.detach().reshape(-1).float()  # (n,)
         idx = torch.randint(0, len(flat), (min(len(flat), 50_000),),
                             generator=torch.Generator().manual_seed(len(self._rows)))
-        self._rows.append(flat[idx])
+        self._rows.append(flat[idx])  # (<= 50,000,)
+
+    @property
+    def observed(self) -> bool:
+        """Whether probabilities were observed (and not forgotten)."""
+        return bool(self._rows)
+
+    def samples(self) -> torch.Tensor:
+        """The sampled probabilities ``(n,)``."""
+        return torch.cat(self._rows)
+
+    def forget(self) -> dict:
+        """Drop the sampled probabilities (``delta`` stays); returns them for :meth:`recall`."""
+        kept, self._rows = {"_rows": self._rows}, []
+        return kept
+
+    def recall(self, observations: dict) -> None:
+        """Put back observations :meth:`forget` returned."""
+        self._rows = observations["_rows"]
 
     def quant(self, p: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
         """Fake-quantize probabilities with ``delta`` (default: the calibrated one)."""
@@ -247,7 +294,7 @@ class ProbQuantizer(nn.Module):
         """Pick ``delta`` among candidates (max and percentiles) minimizing the squared error."""
         if not self._rows:
             raise CalibrationError(f"{self.name} saw no attention probabilities during calibration")
-        p = torch.cat(self._rows)
+        p = torch.cat(self._rows)  # (n,)
         top = p.max().clamp_min(1e-6)
         cands = [top] + [torch.quantile(p[:200_000], q) for q in (0.9999, 0.999, 0.99)]
         if self.kind != "uniform":

@@ -34,18 +34,41 @@ def sample_rows(x: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
     return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:rows]]
 
 
+def real_positions(out: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """``out`` without its padded positions: what the model's users read of it.
+
+    An output ``(B, T, ...)`` (3 axes or more) whose first two axes are those of the input's
+    ``attention_mask (B, T)`` keeps the positions where the mask is set, ``(n, ...)``; any other
+    output, and every output of unpadded inputs, is returned as it is. A padded position's
+    output is computed but nothing reads it (attention and pooling mask it), and a quantized
+    model may be far off there: the 128 shortest MiniLM calibration sentences under per-channel
+    ranges, -0.4 dB at the padded positions against 21.1 dB at the real ones, 13x their error.
+    """
+    mask = inputs.get("attention_mask")
+    if (not isinstance(mask, torch.Tensor) or mask.dim() != 2 or out.dim() < 3
+            or out.shape[:2] != mask.shape or bool(mask.all())):
+        return out
+    return out[mask.bool()]
+
+
+def _outputs(out, inputs: dict) -> dict[str, torch.Tensor]:
+    """The output leaves of one batch (:func:`~slimformer.models.outputs.leaves`), padding left out."""
+    from slimformer.models.outputs import leaves
+
+    return {k: real_positions(v, inputs) for k, v in leaves(out).items()}
+
+
 def float_outputs(qmodel: QuantizedModel, calib_data, config: QuantConfig) -> list:
     """The float model's output leaves per calibration batch.
 
-    The reference of :func:`output_error`, computed once when several settings are compared.
+    The reference of :func:`output_error`, computed once when several settings are compared;
+    padded positions left out (:func:`real_positions`).
     """
-    from slimformer.models.outputs import leaves
-
     state, refs = qmodel.quant, []
     with torch.no_grad():
         state.set_mode("float")
         for inputs in batches(calib_data, config.calib_batch_size, config.calib_samples):
-            refs.append(leaves(qmodel(**inputs)))
+            refs.append(_outputs(qmodel(**inputs), inputs))
     return refs
 
 
@@ -54,11 +77,12 @@ def output_error(qmodel: QuantizedModel, calib_data, config: QuantConfig,
     """Output error of the quantized vs the float model on the calibration data.
 
     Every output counts: the mean over batches of :func:`~slimformer.models.outputs.normalized_mse`
-    (so base models without class scores are judged on all their outputs). ``refs``: the float
+    (so base models without class scores are judged on all their outputs), at the positions the
+    inputs' attention mask keeps (:func:`real_positions`). ``refs``: the float
     outputs from :func:`float_outputs` (computed here when None). ``as_set``: run the quantizers
     in the modes (and with the weights) they have, instead of putting all in quant mode.
     """
-    from slimformer.models.outputs import leaves, normalized_mse
+    from slimformer.models.outputs import normalized_mse
 
     refs = float_outputs(qmodel, calib_data, config) if refs is None else refs
     state, total = qmodel.quant, 0.0
@@ -67,7 +91,7 @@ def output_error(qmodel: QuantizedModel, calib_data, config: QuantConfig,
     with torch.no_grad():
         for inputs, ref in zip(batches(calib_data, config.calib_batch_size,
                                         config.calib_samples), refs, strict=True):
-            total += float(normalized_mse(leaves(qmodel(**inputs)), ref))
+            total += float(normalized_mse(_outputs(qmodel(**inputs), inputs), ref))
     return total / max(len(refs), 1)
 
 

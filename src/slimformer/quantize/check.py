@@ -98,13 +98,13 @@ def site_errors(state) -> tuple[list[WeakSite], dict[str, float]]:
     db: dict[str, float] = {}
 
     def act_check(act, kind="activation"):
-        if not act._rows:
+        if not act.observed:
             return
-        x = act.transform(act.samples()).double()
+        x = act.transform(act.samples()).double()  # (n, C)
         s, z = act.scale_zero()
-        site = _judge(act.name, kind, act.bits, x, fake_uniform(x, s.double(), z.double(),
-                                                                act.bits), s)
-        db[act.name] = sqnr_db(x, fake_uniform(x, s.double(), z.double(), act.bits))
+        got = fake_uniform(x, s.double(), z.double(), act.bits)
+        site = _judge(act.name, kind, act.bits, x, got, s)
+        db[act.name] = sqnr_db(x, got)
         if site:
             weak.append(site)
 
@@ -113,10 +113,11 @@ def site_errors(state) -> tuple[list[WeakSite], dict[str, float]]:
     for a in state.attention.values():
         for act in (a.q_in, a.k_in, a.v_in):
             act_check(act)
-        if not a.probs_float and a.probs._rows:
-            p = torch.cat(a.probs._rows)
-            site = _judge(a.probs.name, "probabilities", a.probs.bits, p, a.probs.quant(p), None)
-            db[a.probs.name] = sqnr_db(p, a.probs.quant(p))
+        if not a.probs_float and a.probs.observed:
+            p = a.probs.samples()
+            got = a.probs.quant(p)
+            site = _judge(a.probs.name, "probabilities", a.probs.bits, p, got, None)
+            db[a.probs.name] = sqnr_db(p, got)
             if site:
                 weak.append(site)
     for lq in state.linears.values():
@@ -144,7 +145,11 @@ def output_sqnr(qmodel, batches) -> float | None:
 
     Both forwards of a batch draw the same random numbers (forked, seeded RNG), so a model that
     samples in ``forward`` is compared like with like; the caller's RNG state is untouched.
+    Padded positions (of the inputs' attention mask) are left out
+    (:func:`~slimformer.quantize.capture.real_positions`).
     """
+    from slimformer.quantize.capture import real_positions
+
     state, sig, err = qmodel.quant, 0.0, 0.0
     for i, inputs in enumerate(batches):
         outs = []
@@ -152,7 +157,7 @@ def output_sqnr(qmodel, batches) -> float | None:
             state.set_mode(mode)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(i)
-                outs.append(float_leaves(qmodel(**inputs)))
+                outs.append([real_positions(t, inputs) for t in float_leaves(qmodel(**inputs))])
         ref, got = outs
         for r, g in zip(ref, got, strict=True):
             sig += float((r.double() ** 2).sum())

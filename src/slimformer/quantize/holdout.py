@@ -119,13 +119,8 @@ def held_samples(qmodel, held: Rows, batches) -> dict[str, torch.Tensor]:
 
     state = qmodel.quant
     mods = [m for m in state.modules() if isinstance(m, (ActQuantizer, ProbQuantizer))]
-    keys = ("_rows", "_groups", "_min", "_max", "_seen", "group")
-    saved = {id(m): {k: getattr(m, k) for k in keys if hasattr(m, k)} for m in mods}
+    saved = {id(m): m.forget() for m in mods}  # the fit rows' observations, put back after
     modes = {id(m): m.mode for m in mods}
-    for m in mods:
-        m._rows = []
-        if isinstance(m, ActQuantizer):
-            m._groups, m._min, m._max, m._seen, m.group = [], None, None, 0, 0
     out: dict[str, torch.Tensor] = {}
     try:
         state.set_mode("observe")
@@ -135,13 +130,12 @@ def held_samples(qmodel, held: Rows, batches) -> dict[str, torch.Tensor]:
         for inputs in batches(held):
             qmodel(**inputs)
         for m in mods:
-            if m._rows:
-                out[m.name] = m.samples() if isinstance(m, ActQuantizer) else torch.cat(m._rows)
+            if m.observed:
+                out[m.name] = m.samples()
     finally:
         for m in mods:
             m.__dict__.pop("observe", None)
-            for k, v in saved[id(m)].items():
-                setattr(m, k, v)
+            m.recall(saved[id(m)])
             m.mode = modes[id(m)]
     return out
 

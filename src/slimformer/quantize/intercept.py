@@ -59,25 +59,25 @@ class QuantMode(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name == "linear":
             site = self.q.linear_site(args[1] if len(args) > 1 else kwargs.get("weight"))
-            if site is not None:
+            if site is not None:  # x (..., in), W (out, in), b (out,) -> (..., out)
                 x = args[0] if args else kwargs["input"]
                 b = args[2] if len(args) > 2 else kwargs.get("bias")
                 return F.linear(site.act_in(x), site.weight(), b)
         elif name == "addmm" and len(args) >= 3:
             site = self.q.linear_site(args[2])
-            if site is not None:
+            if site is not None:  # b (out,) + x (n, in) @ W (in, out): GPT-2's Conv1D
                 return torch.addmm(args[0], site.act_in(args[1]), site.weight(), **kwargs)
         elif name in ("conv1d", "conv2d", "conv3d") and len(args) >= 2:
             site = self.q.linear_site(args[1])
-            if site is not None:
+            if site is not None:  # x (B, C_in, *spatial), W (C_out, C_in / groups, *kernel)
                 return func(site.act_in(args[0]), site.weight(), *args[2:], **kwargs)
         elif name == "embedding" and len(args) >= 2:
             site = self.q.embedding_site(args[1])
-            if site is not None:
+            if site is not None:  # ids (...), table (num, dim) -> (..., dim)
                 return func(args[0], site.weight(), *args[2:], **kwargs)
         elif name in ("matmul", "__matmul__") and len(args) == 2:
             site = self.q.linear_site(args[1])
-            if site is not None:
+            if site is not None:  # x (..., in) @ W (in, out) -> (..., out)
                 return torch.matmul(site.act_in(args[0]), site.weight())
         if self.attn is not None:
             out = self._attention(func, name, args, kwargs)
@@ -147,11 +147,11 @@ class QuantMode(TorchFunctionMode):
                 return NotImplemented
             if any(self.q.is_param(x) or self._site_of(x)[0] is not None for x in t):
                 return NotImplemented
-            if not self.after_softmax:
+            if not self.after_softmax:  # q (..., Tq, D) @ k^T (..., D, Tk): the scores
                 t = [a.q_in(t[0]), a.k_in(t[1])]
                 return func(eq, *t) if eq is not None else func(*t, **kwargs)
             mm = (lambda x, y: func(eq, x, y)) if eq is not None else (lambda x, y: func(x, y))
-            return a.pv(t[0], t[1], mm)
+            return a.pv(t[0], t[1], mm)  # probs (..., Tq, Tk) @ v (..., Tk, D)
         if name == "scaled_dot_product_attention":
             return sdpa(a, *args, **kwargs)
         if name == "multi_head_attention_forward":
@@ -164,25 +164,28 @@ def _attend(a, q, k, v, mask, is_causal, scale):
     scores = a.q_in(q) @ a.k_in(k).transpose(-2, -1) * scale  # (..., Tq, Tk)
     if is_causal:
         tq, tk = scores.shape[-2:]
-        causal = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        causal = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)  # (Tq, Tk)
         scores = scores.masked_fill(~causal, float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool \
             else scores + mask
-    probs = torch.softmax(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1)  # (..., Tq, Tk)
     if mask is not None:  # a query that may see no key (a left pad's) attends to nothing, as in
         # SDPA's own safe softmax: zeros, not NaN
         probs = probs.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
     probs = a.quant_probs(probs)
-    return a.pv(probs, v, torch.matmul), probs
+    return a.pv(probs, v, torch.matmul), probs  # (..., Tq, D), (..., Tq, Tk)
 
 
 def sdpa(a, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
          enable_gqa=False):
-    """Explicit, quantized ``scaled_dot_product_attention`` (eval: no dropout)."""
+    """Explicit, quantized ``scaled_dot_product_attention`` (eval: no dropout).
+
+    ``query (..., H, Tq, D)``, ``key`` and ``value (..., H_kv, Tk, D)``; returns ``(..., H, Tq, D)``.
+    """
     if enable_gqa and key.shape[-3] != query.shape[-3]:
-        rep = query.shape[-3] // key.shape[-3]
-        key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+        rep = query.shape[-3] // key.shape[-3]  # query heads per key/value head
+        key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)  # (.., H, Tk, D)
     scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
     return _attend(a, query, key, value, attn_mask, is_causal, scale)[0]
 
@@ -193,7 +196,11 @@ def mha_forward(qstate, a, query, key, value, embed_dim_to_check, num_heads, in_
                 attn_mask=None, use_separate_proj_weight=False, q_proj_weight=None,
                 k_proj_weight=None, v_proj_weight=None, static_k=None, static_v=None,
                 average_attn_weights=True, is_causal=False):
-    """Explicit, quantized ``F.multi_head_attention_forward`` (sequence-first, eval mode)."""
+    """Explicit, quantized ``F.multi_head_attention_forward`` (sequence-first, eval mode).
+
+    ``query (Tq, B, E)``, ``key`` and ``value (Tk, B, E)``; returns ``(Tq, B, E)`` and the
+    probabilities ``(B, Tq, Tk)`` (averaged over heads) or ``(B, H, Tq, Tk)``, or None.
+    """
     if bias_k is not None or add_zero_attn or static_k is not None or static_v is not None:
         raise UnsupportedModelError("nn.MultiheadAttention with bias_k/bias_v, add_zero_attn or "
                                     "static k/v cannot be quantized; supported: the plain form")
@@ -201,14 +208,14 @@ def mha_forward(qstate, a, query, key, value, embed_dim_to_check, num_heads, in_
     h, d = num_heads, e // num_heads
     if not use_separate_proj_weight:
         site = qstate.linear_site(in_proj_weight)
-        w = site.weight() if site else in_proj_weight
-        wq, wk, wv = w.chunk(3)
+        w = site.weight() if site else in_proj_weight  # (3E, E): packed q, k, v projections
+        wq, wk, wv = w.chunk(3)  # (E, E) each
         bq, bk, bv = in_proj_bias.chunk(3) if in_proj_bias is not None else (None,) * 3
         act = site.act_in if site else (lambda x: x)
         qx = act(query)
         kx = qx if key is query else act(key)
         vx = kx if value is key else act(value)
-        q, k, v = F.linear(qx, wq, bq), F.linear(kx, wk, bk), F.linear(vx, wv, bv)
+        q, k, v = F.linear(qx, wq, bq), F.linear(kx, wk, bk), F.linear(vx, wv, bv)  # (T, B, E)
     else:
         bq, bk, bv = in_proj_bias.chunk(3) if in_proj_bias is not None else (None,) * 3
         q, k, v = (_proj(qstate, x, w, b) for x, w, b in ((query, q_proj_weight, bq),
@@ -216,15 +223,15 @@ def mha_forward(qstate, a, query, key, value, embed_dim_to_check, num_heads, in_
                                                           (value, v_proj_weight, bv)))
     tk = k.shape[0]
     q = q.reshape(tq, b, h, d).permute(1, 2, 0, 3)  # (B, H, Tq, D)
-    k = k.reshape(tk, b, h, d).permute(1, 2, 0, 3)
-    v = v.reshape(tk, b, h, d).permute(1, 2, 0, 3)
+    k = k.reshape(tk, b, h, d).permute(1, 2, 0, 3)  # (B, H, Tk, D)
+    v = v.reshape(tk, b, h, d).permute(1, 2, 0, 3)  # (B, H, Tk, D)
     mask = None
     if attn_mask is not None:
-        mask = attn_mask if attn_mask.dim() == 2 else attn_mask.reshape(b, h, tq, tk)
+        mask = attn_mask if attn_mask.dim() == 2 else attn_mask.reshape(b, h, tq, tk)  # (Tq, Tk)
         if mask.dtype == torch.bool:
             mask = ~mask  # MHA: True = masked out; ours: True = kept
     if key_padding_mask is not None:
-        kp = key_padding_mask.reshape(b, 1, 1, tk)
+        kp = key_padding_mask.reshape(b, 1, 1, tk)  # (B, 1, 1, Tk)
         kp = ~kp if kp.dtype == torch.bool else kp
         if mask is None:
             mask = kp
@@ -235,7 +242,7 @@ def mha_forward(qstate, a, query, key, value, embed_dim_to_check, num_heads, in_
                 m, dtype=q.dtype).masked_fill(~m, float("-inf"))
             mask = to_f(mask) + to_f(kp)
     out, probs = _attend(a, q, k, v, mask, is_causal and attn_mask is None, 1.0 / math.sqrt(d))
-    out = out.permute(2, 0, 1, 3).reshape(tq, b, e)
+    out = out.permute(2, 0, 1, 3).reshape(tq, b, e)  # (B, H, Tq, D) -> (Tq, B, E)
     out = _proj(qstate, out, out_proj_weight, out_proj_bias)
     if need_weights:
         return out, probs.mean(1) if average_attn_weights else probs

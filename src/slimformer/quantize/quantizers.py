@@ -57,6 +57,18 @@ def fake_uniform(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits:
     return (q - zero) * scale
 
 
+@torch.no_grad()
+def sq_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(fake_uniform(x) - x)^2`` elementwise, without gradients, in one buffer.
+
+    The same float operations in the same order as :func:`fake_uniform` (whose straight-through
+    rounding ``(round(v) - v) + v`` equals ``round(v)`` exactly), so the same values; used by the
+    range searches, which evaluate many grids over the same rows.
+    """
+    q = torch.div(x, scale).round_().add_(zero).clamp_(0, 2**bits - 1)
+    return q.sub_(zero).mul_(scale).sub_(x).square_()
+
+
 def uniform_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes ``clamp(round(x / s) + z, 0, 2^b - 1)`` (as float)."""
     return torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
@@ -110,13 +122,13 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def calibrate(self, w: torch.Tensor, search: bool = False) -> None:
         """Set per-channel scale/zero from ``w (out, in)``."""
-        lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+        lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)  # (out, 1)
         best_s, best_z = self._params(lo, hi)
         if search:
-            best_err = ((fake_uniform(w, best_s, best_z, self.bits) - w) ** 2).sum(1, keepdim=True)
+            best_err = sq_error(w, best_s, best_z, self.bits).sum(1, keepdim=True)  # (out, 1)
             for f in torch.linspace(0.5, 0.98, 25):
                 s, z = self._params(lo * f, hi * f)
-                err = ((fake_uniform(w, s, z, self.bits) - w) ** 2).sum(1, keepdim=True)
+                err = sq_error(w, s, z, self.bits).sum(1, keepdim=True)
                 better = err < best_err
                 best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
                 best_err = torch.minimum(err, best_err)

@@ -69,30 +69,36 @@ def candidate_error(act: ActQuantizer, cand: Candidate, fit: torch.Tensor, score
     Args:
         act: The quantizer (its bits and grid flags).
         cand: ``(how, per_channel)``.
-        fit: Rows ``(n, C)`` the ranges are fitted on (float64).
+        fit: Rows ``(n, C)`` the ranges are fitted on (float32).
         score: Rows ``(m, C)`` the error is measured on.
         weights: Consumer Linears ``(W (out, C), its weight quantizer)``; empty: the error of the
             activation itself.
-        cache: Quantized weights of the per-tensor candidates, reused across candidates.
+        cache: What does not depend on the candidate, computed once per ``score`` rows and reused
+            across candidates: each consumer's float output ``score W^T (m, out)`` and quantized
+            weight ``Q(W) (out, C)`` (both keyed by the consumer's index); receives the range
+            fitted, under ``("range", cand)``.
     """
     how, per_channel = cand
+    cache = {} if cache is None else cache
     lo, hi = act.range_of(fit, how, per_channel)
-    s, z = act._params(lo, hi)
-    xq = fake_uniform(score, s, z, act.bits)
+    cache["range", cand] = lo, hi
+    s, z = act._params(lo, hi)  # (C,) or ()
+    xq = fake_uniform(score, s, z, act.bits)  # (m, C)
     if not weights:
         return float(((xq - score) ** 2).sum())
     total = 0.0
     for i, (w, like) in enumerate(weights):
-        ref = score @ w.t()
+        if ("ref", i) not in cache:
+            cache["ref", i] = score @ w.t()  # (m, out): the float output
+        ref = cache["ref", i]
         if per_channel:  # RepQ: one scale mean(s); W' = W diag(r), b' = b - W s (z - z~)
             s_t, z_t = s.mean(), z.mean().round()
-            r, shift = s / s_t, s * (z - z_t)
-            out = ((xq + shift) / r) @ _quantized(w * r, like).t() - shift @ w.t()
+            r, shift = s / s_t, s * (z - z_t)  # (C,)
+            out = ((xq + shift) / r) @ _quantized(w * r, like).t() - shift @ w.t()  # (m, out)
         else:
-            cache = {} if cache is None else cache
-            if i not in cache:
-                cache[i] = _quantized(w, like)
-            out = xq @ cache[i].t()
+            if ("w", i) not in cache:
+                cache["w", i] = _quantized(w, like)  # (out, C)
+            out = xq @ cache["w", i].t()  # (m, out)
         total += float(((out - ref) ** 2).sum())
     return total
 
@@ -103,28 +109,42 @@ LABEL = {("search", True): "per-channel reparameterized (RepQ)",
 
 def _choose(act: ActQuantizer, cands: list[Candidate],
             weights: list[tuple[torch.Tensor, WeightQuantizer]],
-            held: torch.Tensor | None = None) -> tuple[Candidate, SiteChoice]:
-    """The candidate kept at ``act`` and the record of the choice.
+            held: torch.Tensor | None = None
+            ) -> tuple[Candidate, SiteChoice, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The candidate kept at ``act``, the record of the choice, and its range when fitted.
 
-    With ``held`` rows ``(m, C)`` (held-out calibration rows) each candidate is fitted on the
-    quantizer's sampled rows and scored on ``held``; else two-fold cross-validated by batch.
+    With ``held`` rows ``(m, C)`` (held-out calibration rows) each candidate is fitted on all of
+    the quantizer's sampled rows and scored on ``held``: the kept candidate's range ``(lo, hi)``
+    is the one scored (returned, not searched again); else two-fold cross-validated by batch
+    (the range: None, to be fitted on all rows).
     """
-    rows = act.samples().double()
-    weights = [(w.double(), q) for w, q in weights]
+    rows = act.samples()  # (n, C) float32
+    weights = [(w.float(), q) for w, q in weights]
     folds = _folds(rows, act.sample_groups())
     if held is not None and len(held) and held.shape[-1:] == rows.shape[-1:]:
-        folds = [(rows, held.double())]
+        folds = [(rows, held.float())]
     errs: dict[Candidate, float] = {}
-    cache: dict = {}  # per-tensor candidates share the quantized weights
+    shared: dict = {}  # Q(W) of the per-tensor candidates: the same for every fold
     for fit, score in folds:
+        cache = {k: v for k, v in shared.items() if k[0] == "w"}  # float outputs: per fold
         for c in cands:
             errs[c] = errs.get(c, 0.0) + candidate_error(act, c, fit, score, weights, cache)
+        shared.update((k, v) for k, v in cache.items() if k[0] != "ref")
     # cands[0] is min/max per tensor: the others must win clearly (MARGIN)
     choice = decide(act.name, "activation range", {LABEL[c]: errs[c] for c in cands}, MARGIN)
     if len(folds) > 1:  # no held-out rows: say what the errors are
         choice = SiteChoice(choice.site, choice.what, choice.errors, choice.kept,
                             choice.why + " (cross-validated by calibration batch)")
-    return next(c for c in cands if LABEL[c] == choice.kept), choice
+    best = next(c for c in cands if LABEL[c] == choice.kept)
+    return best, choice, shared["range", best] if len(folds) == 1 and fit is rows else None
+
+
+def _set(act: ActQuantizer, best: Candidate, fitted) -> None:
+    """Set ``act``'s range by the kept candidate: the searched range already fitted, if any."""
+    if fitted is not None and best[0] == "search":
+        act.set_range(*fitted)
+    else:
+        act.calibrate(best[0])
 
 
 def _per_tensor(act: ActQuantizer) -> list[Candidate]:
@@ -138,7 +158,7 @@ def _per_tensor(act: ActQuantizer) -> list[Candidate]:
 
 @torch.no_grad()
 def select_sites(state, softmax_auto: bool, held: dict[str, torch.Tensor] | None = None,
-                 record: list[SiteChoice] | None = None) -> list[str]:
+                 record: list[SiteChoice] | None = None, progress=None) -> list[str]:
     """Pick every site's range rule (and softmax quantizer) by calibration error; returns notes.
 
     Call after the activation quantizers observed the calibration data and before
@@ -151,6 +171,7 @@ def select_sites(state, softmax_auto: bool, held: dict[str, torch.Tensor] | None
             (:func:`~slimformer.quantize.holdout.held_samples`): every candidate is scored on
             them; None: two-fold cross-validation on the calibration rows.
         record: Receives one :class:`~slimformer.quantize.holdout.SiteChoice` per choice.
+        progress: ``progress(step, done, total)``, once per site.
     """
     held = held or {}
     record = [] if record is None else record
@@ -159,7 +180,10 @@ def select_sites(state, softmax_auto: bool, held: dict[str, torch.Tensor] | None
         users.setdefault(id(lq.act), []).append(lq)
     chosen: dict[Candidate, list[str]] = {}
     fell_back: list[str] = []
-    for act in state.acts.values():
+    tick = progress or (lambda *a: None)
+    total = len(state.acts) + 3 * len(state.attention)
+    tick("site choice", 0, total)
+    for i, act in enumerate(state.acts.values()):
         consumers = users.get(id(act), [])
         weights = [(lq.matrix().detach(), lq.wq) for lq in consumers]
         if any(w.shape[1] != act._max.shape[-1] for w, _ in weights):
@@ -167,22 +191,26 @@ def select_sites(state, softmax_auto: bool, held: dict[str, torch.Tensor] | None
         cands = _per_tensor(act)
         if act.per_channel and weights:
             cands.append(("search", True))
-        best, choice = _choose(act, cands, weights, held.get(act.name))
+        best, choice, fitted = _choose(act, cands, weights, held.get(act.name))
         if len(cands) > 1:
             record.append(choice)
         if act.per_channel and not best[1]:
             fell_back.append(act.name)
         act.per_channel = best[1]
-        act.calibrate(best[0])
+        _set(act, best, fitted)
         chosen.setdefault(best, []).append(act.name)
+        tick("site choice", i + 1, total)
+    done = len(state.acts)
     for a in state.attention.values():
         for act in (a.q_in, a.k_in, a.v_in):
             cands = _per_tensor(act)
-            best, choice = _choose(act, cands, [], held.get(act.name))
+            best, choice, fitted = _choose(act, cands, [], held.get(act.name))
             if len(cands) > 1:
                 record.append(choice)
-            act.calibrate(best[0])
+            _set(act, best, fitted)
             chosen.setdefault(best, []).append(act.name)
+            done += 1
+            tick("site choice", done, total)
     judged = "held-out calibration rows" if held else "cross-validated calibration error"
     notes = [f"activation ranges chosen per site by {judged}: " +
              ", ".join(f"{len(v)} {LABEL[k]}" for k, v in chosen.items())]
@@ -231,17 +259,17 @@ def calibrate_weights(state, search: bool, held: dict[str, torch.Tensor] | None 
         if not search:
             lq.wq.calibrate(w, search=False)
             continue
-        x = held.get(lq.act.name)
+        x = held.get(lq.act.name)  # (n, in) rows, or None
         if x is not None and x.shape[-1] == w.shape[1]:
-            x = x.double()
-        elif lq.act._rows and lq.act._rows[0].shape[-1] == w.shape[1]:
-            x = lq.act.transform(lq.act.samples()).double()
+            x = x.float()
+        elif lq.act.width == w.shape[1]:
+            x = lq.act.transform(lq.act.samples())
         else:
             x = None
         errs, params = {}, {}
         for flag, name in ((False, "min/max"), (True, "MSE search")):  # min/max is the fallback
             lq.wq.calibrate(w, search=flag)
-            d = (lq.wq(w) - w).double()
+            d = lq.wq(w) - w  # (out, in)
             errs[name] = float(((x @ d.t()) ** 2).sum()) if x is not None else float((d**2).sum())
             params[name] = (lq.wq.scale.clone(), lq.wq.zero.clone())
         choice = decide(lq.name, "weight range", errs, MARGIN)
@@ -251,7 +279,8 @@ def calibrate_weights(state, search: bool, held: dict[str, torch.Tensor] | None 
 
 
 @torch.no_grad()
-def validate_sites(qmodel, held, output_error, record: list[SiteChoice]) -> list[str]:
+def validate_sites(qmodel, held, output_error, record: list[SiteChoice],
+                   progress=None) -> list[str]:
     """Keep a site's RepQ or clipped range only where it lowers the model output error on ``held``.
 
     The per-site choice of :func:`select_sites` judges a site by its consumer Linears' output;
@@ -270,6 +299,7 @@ def validate_sites(qmodel, held, output_error, record: list[SiteChoice]) -> list
         output_error: ``output_error(qmodel, held) -> float`` with the quantizers as set.
         record: The choices of :func:`select_sites`; receives one
             :class:`~slimformer.quantize.holdout.SiteChoice` per site validated.
+        progress: ``progress(step, done, total)``, once per site validated.
 
     Returns:
         Notes.
@@ -315,7 +345,7 @@ def validate_sites(qmodel, held, output_error, record: list[SiteChoice]) -> list
         return float(output_error(qmodel, held))
 
     try:
-        return _drop_sites(sites, error, record, simple)
+        return _drop_sites(sites, error, record, simple, progress or (lambda *a: None))
     finally:
         for b, b0 in biases.values():
             b.copy_(b0)
@@ -324,11 +354,12 @@ def validate_sites(qmodel, held, output_error, record: list[SiteChoice]) -> list
             lq._cache = None
 
 
-def _drop_sites(sites, error, record: list[SiteChoice], simple: str) -> list[str]:
+def _drop_sites(sites, error, record: list[SiteChoice], simple: str, tick) -> list[str]:
     """Set each site back to per-tensor min/max unless that raises ``error()``; notes."""
+    tick("site choice at the model output", 0, len(sites))
     current = error()
     out, dropped = [], []
-    for act, kept in sites:
+    for i, (act, kept) in enumerate(sites):
         chosen = (act.per_channel, act.lo.detach().clone(), act.hi.detach().clone())
         act.per_channel = False
         act.calibrate("minmax")
@@ -342,6 +373,7 @@ def _drop_sites(sites, error, record: list[SiteChoice], simple: str) -> list[str
         else:
             act.per_channel = chosen[0]
             act.set_range(chosen[1], chosen[2])
+        tick("site choice at the model output", i + 1, len(sites))
     record += out
     notes = [f"site choice: {c}" for c in out]
     if dropped:

@@ -186,6 +186,12 @@ class QuantState(nn.Module):
         """Whether ``t`` is one of the model's parameters."""
         return id(t) in self.param_ids
 
+    def forget(self) -> None:
+        """Drop every quantizer's calibration observations (the ranges stay)."""
+        for m in self.modules():
+            if isinstance(m, (ActQuantizer, ProbQuantizer)):
+                m.forget()
+
     def set_mode(self, mode: str) -> None:
         """Put every quantizer in ``mode`` (float / observe / quant)."""
         for m in self.modules():
