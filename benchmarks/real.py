@@ -234,7 +234,8 @@ def table(rows: list[dict]) -> str:
             f0 = base.get((r["model"], b))
             sp.append(f"{f0 / g(b):.2f}x" if f0 and g(b) else "-")
         where = f" ({g('runtime')})" if g("runtime") else ""
-        out.append(f"| {r['model']} | {LABELS[r['config']]}{where} | {r['status']} | {cos} | "
+        status = r["status"] if len(r["status"]) < 120 else r["status"][:117] + "..."
+        out.append(f"| {r['model']} | {LABELS[r['config']]}{where} | {status} | {cos} | "
                    f"{_f(g('neighbour_agreement'), '.4f')} | {accs} | {ppl} | "
                    f"{_f(g('top1_agreement'), '.4f')} | {_f(g('calib_s'), '.0f')}{qs} | "
                    f"{_f(g('calib_cpu_s'), '.0f')} | {r['rss_mib']:.0f} | "
