@@ -27,8 +27,9 @@ from slimformer.cli.options import (
 
 def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
              out: Annotated[Path, typer.Option(help="Folder for the quantized model.")],
-             method: Annotated[str, typer.Option(help="minmax | percentile | repq | "
-                                                 "repquant")] = "repq",
+             method: Annotated[str | None, typer.Option(
+                 help="minmax | percentile | repq | repquant; --weight-only: minmax (round to "
+                      "nearest) | gptq  [default: repq; --weight-only: gptq]")] = None,
              weight_bits: Annotated[int, typer.Option(help="Weight bits (2..8).")] = 8,
              act_bits: Annotated[int, typer.Option(help="Activation bits (2..8).")] = 8,
              calib_samples: Annotated[int, typer.Option(help="Calibration rows.")] = 128,
@@ -36,6 +37,15 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                                                   "none (attention probabilities).")] = "auto",
              symmetric: Annotated[bool, typer.Option(help="Symmetric (zero point 0) weights "
                                                      "and activations.")] = False,
+             weight_only: Annotated[bool, typer.Option(
+                 help="Quantize weights only (activations stay float), as LLM runtimes on "
+                      "CPUs do.")] = False,
+             group_size: Annotated[int | None, typer.Option(
+                 help="--weight-only: one scale per this many input columns (32, 64, 128 ...)"
+                      "; default per output channel.")] = None,
+             awq: Annotated[bool, typer.Option(
+                 help="--weight-only: activation-aware scales (AWQ), folded into the norms.")]
+             = False,
              power_of_two_scales: Annotated[bool, typer.Option(
                  help="Power-of-two scales (exact ap_fixed types for export hls).")] = False,
              embedding_bits: Annotated[int | None, typer.Option(
@@ -65,7 +75,10 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
 
     con, _ = _console()
     with _errors():
-        stage = _stage(QuantizeStage, set_, method=method, weight_bits=weight_bits, act_bits=act_bits,
+        wo = {"weight_only": True, "group_size": group_size, "awq": awq} if weight_only else \
+            {k: v for k, v in (("group_size", group_size), ("awq", awq)) if v}  # refused
+        stage = _stage(QuantizeStage, set_, method=method or ("gptq" if weight_only else "repq"),
+                       weight_bits=weight_bits, act_bits=act_bits, **wo,
                        calib_samples=calib_samples, softmax=softmax, symmetric=symmetric,
                        power_of_two_scales=power_of_two_scales, embedding_bits=embedding_bits,
                        clip_steps=clip_steps, recon_steps=recon_steps)
@@ -75,7 +88,7 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                                        max(CALIB_ROWS, stage.calib_samples)),
                           max_loss, fail_on_loss, task)
     before, q, after = result.report.stages
-    con.print(f"{model} {stage.method} W{stage.weight_bits}A{stage.act_bits} on "
+    con.print(f"{model} {stage.method} {q.metrics['bits']} on "
               f"{result.report.data['dataset']} "
               f"({after.metrics['samples']} rows): {_quality(before)} -> {_quality(after)}"
               f"; calibration {q.metrics['calib_seconds']:.1f} s on {q.metrics['calib_samples']} "

@@ -169,6 +169,10 @@ def _export_once(model: nn.Module, path: str | Path, inputs: dict[str, torch.Ten
     if not inputs:
         raise ExportError("no example inputs: pass {name: tensor} with a batch axis first")
     quantized = isinstance(model, QuantizedModel)
+    if quantized and getattr(model.quant, "weight_only", False):
+        raise ExportError("a weight-only quantized model (float activations, per-group weight "
+                          "ranges) has no ONNX QDQ form here: export its float model, or "
+                          "quantize weights and activations (without --weight-only) for ONNX")
     reference = model
     if quantized and not model.inference:
         from slimformer.quantize.inference import to_inference

@@ -39,7 +39,7 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
                                     f"{config.softmax_kind}) but no attention was found; set "
                                     "softmax: none (or auto) to quantize the Linears only")
     state = QuantState()
-    if not smap.attention:
+    if not smap.attention and not config.weight_only:
         state.notes.append("no attention found: no softmax quantizer built (softmax: "
                            f"{config.softmax}); the Linears are quantized")
     per_channel = config.method in ("repq", "repquant")
@@ -80,6 +80,8 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
             state.acts[key_of(f"in:{name}")] = act
         lq = LinearQuant(name, params[name], act, wbits, _transposed(params[name],
                                                                      refs.get(name)), axis)
+        if config.group_size is not None:
+            lq.group = _group(lq, name in convs, config.group_size, state.notes)
         state.linears[key_of(name)] = lq
         state.by_id[id(params[name])] = lq
     if config.embedding_bits is not None:
@@ -90,7 +92,8 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
                 state.embeddings[key_of(eq.name)] = eq
                 state.emb_by_id[id(mod.weight)] = eq
     state.param_ids = {id(p) for p in model.parameters()}
-    for site in smap.attention:
+    state.weight_only = config.weight_only
+    for site in [] if config.weight_only else smap.attention:  # weight-only: attention float
         state.has_mha |= site.kind == "mha"
         key = key_of(site.module)
         if key in state.attention:
@@ -107,6 +110,26 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
     state.coverage = weight_coverage(model, state, left)
     state.notes.append(state.coverage.summary())
     return QuantizedModel(model, state, config)
+
+
+def _group(lq: LinearQuant, conv: bool, size: int, notes: list[str]) -> int | None:
+    """The Linear's group: ``size``, or a smaller power of two that divides its columns; noted.
+
+    As NNCF's ``ADJUST`` fallback: the largest power of two below ``size`` (at least 8) that
+    divides the input columns, else None (per output channel).
+    """
+    cols = lq.full_matrix().shape[1]
+    if conv or lq.axis is not None:
+        why = "a convolution" if conv else "a batched weight"
+        notes.append(f"{lq.name}: per-output-channel weight ranges, not groups of {size} ({why})")
+        return None
+    g = size
+    while g >= 8 and cols % g:
+        g //= 2
+    if g != size:
+        notes.append(f"{lq.name}: {cols} input columns are not a multiple of {size}: " +
+                     (f"groups of {g}" if g >= 8 else "per-output-channel weight ranges"))
+    return g if g >= 8 else None
 
 
 def _transposed(param, ref) -> bool:

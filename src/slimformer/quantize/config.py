@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 
 def _bits(v: int) -> int:
@@ -14,7 +14,14 @@ def _bits(v: int) -> int:
 
 
 Bits = Annotated[int, AfterValidator(_bits)]
-METHODS = ("minmax", "percentile", "repq", "repquant")
+METHODS = ("minmax", "percentile", "repq", "repquant", "gptq")
+WEIGHT_ONLY_METHODS = ("minmax", "gptq")  # round to nearest, error-compensating rounding
+
+
+def _group(v: int | None) -> int | None:
+    if v is not None and (v < 8 or v > 4096 or v & (v - 1)):
+        raise ValueError("must be a power of two from 8 to 4096 (e.g. 32, 64, 128)")
+    return v
 
 
 class LayerOverride(BaseModel):
@@ -54,6 +61,20 @@ class QuantConfig(BaseModel):
             activations. Scales are ``max(|lo|, |hi|) / (2^(b-1) - 1)``; codes are kept as
             ``uint8`` with zero point ``2^(b-1)`` (int8 ``code - 2^(b-1)`` in the QDQ export),
             uniform attention probabilities use the non-negative half ``[0, 2^(b-1) - 1]``.
+        weight_only: Quantize the weights only; activations (and attention) stay in float, as
+            LLM runtimes on CPUs execute them. Methods (default ``gptq``): ``minmax`` (round
+            to nearest) or ``gptq`` (error-compensating rounding from each Linear's
+            calibration inputs, calibrated one block at a time:
+            :mod:`~slimformer.quantize.blockwise`).
+        group_size: Weight-only: one scale and zero point per ``group_size`` consecutive input
+            columns of each output row (a power of two, e.g. 32/64/128); a Linear whose input
+            size it does not divide gets the largest power of two below it that does (from 8;
+            else per-output-channel ranges), noted. None: per output channel.
+        awq: Weight-only: activation-aware per-input-channel scales (AWQ), searched by each
+            Linear group's output error and folded into the norm that feeds them (nothing added
+            at inference); Linears without such a norm keep their weights as they are.
+        act_order: gptq: columns in order of decreasing Hessian diagonal (group ranges are then
+            fixed from the weights before rounding).
         repq_sites: ``auto``: repq/repquant choose per site (RepQ per-channel ranges, per-tensor
             min/max or MSE search; log-sqrt2 or uniform softmax under ``softmax: auto``) by
             calibration error, so they do not lose to the baselines: from 8 calibration rows on,
@@ -83,9 +104,35 @@ class QuantConfig(BaseModel):
     power_of_two_scales: bool = False
     embedding_bits: Bits | None = None
     symmetric: bool = False
+    weight_only: bool = False
+    group_size: Annotated[int | None, AfterValidator(_group)] = None
+    awq: bool = False
+    act_order: bool = False
     repq_sites: Literal["auto", "all"] = "auto"
     min_output_sqnr_db: float | None = 10.0
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weight_only_method(cls, data):
+        """``weight_only`` without a method: ``gptq`` (repq calibrates activations)."""
+        if isinstance(data, dict) and data.get("weight_only") and "method" not in data:
+            data = {**data, "method": "gptq"}
+        return data
+
+    @model_validator(mode="after")
+    def _weight_only(self) -> QuantConfig:
+        if self.weight_only and self.method not in WEIGHT_ONLY_METHODS:
+            raise ValueError(f"weight_only takes method {' or '.join(WEIGHT_ONLY_METHODS)} "
+                             f"(got {self.method}: it calibrates activations)")
+        if not self.weight_only:
+            asked = [k for k, on in (("method gptq", self.method == "gptq"),
+                                     ("group_size", self.group_size is not None),
+                                     ("awq", self.awq), ("act_order", self.act_order)) if on]
+            if asked:
+                raise ValueError(f"{', '.join(asked)} need weight_only: true (weight-only "
+                                 "quantization; activations stay float)")
+        return self
 
     @property
     def softmax_kind(self) -> str:
@@ -94,6 +141,8 @@ class QuantConfig(BaseModel):
         With ``auto``, repq/repquant then choose per site between log-sqrt2 and uniform by the
         calibration error of the probabilities.
         """
+        if self.weight_only:
+            return "none"
         if self.softmax != "auto":
             return self.softmax
         return "log_sqrt2" if self.method in ("repq", "repquant") else "uniform"

@@ -207,12 +207,20 @@ def learned_rounding(run: Calibration) -> None:
         _rounding(run)
 
 
+def weights_blockwise(run: Calibration) -> None:
+    """Weight-only (minmax, gptq; awq): every Linear one block at a time, activations float."""
+    from slimformer.quantize.blockwise import quantize_weights
+
+    run.notes += quantize_weights(run)
+
+
 PHASES: dict[str, tuple[Callable[[Calibration], None], ...]] = {
     "minmax": (_ranges("minmax"), _weights(search=False)),
     "percentile": (_ranges("percentile"), _weights(search=False)),
     "repq": (choose_sites, reparameterize, _weights(search=True), validate_weights),
     "repquant": (choose_sites, dual_clipping, reparameterize, _weights(search=True),
                  validate_weights, learned_rounding),
+    "weight_only": (weights_blockwise,),  # any weight_only method; no activation observations
 }
 
 
@@ -229,7 +237,8 @@ def calibrate(model: nn.Module, config: QuantConfig, data, structure, tick: Tick
     run = Calibration(qmodel, config, data, held, structure, tick, choices,
                       list(qmodel.quant.notes))
     with calibrating(qmodel):
-        observe(run)
-        for phase in PHASES[config.method]:
+        if not config.weight_only:
+            observe(run)
+        for phase in PHASES["weight_only" if config.weight_only else config.method]:
             phase(run)
     return qmodel, run.notes

@@ -43,9 +43,19 @@ class LinearQuant(nn.Module):
         self.register_buffer("int_weight", None)  # inference form: integer codes
         self.register_buffer("alpha", None)  # learned rounding (repquant): soft-rounding logits
         self.mode = "float"
+        self.group: int | None = None  # weight-only: input columns per (scale, zero point)
         self._cache = None
 
     def matrix(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight as the rows its ranges are per.
+
+        ``(out, in)``; with :attr:`group` (weight-only groups) ``(out * in / group, group)``,
+        each row one group.
+        """
+        m = self.full_matrix(w)
+        return m if self.group is None else m.reshape(-1, self.group)
+
+    def full_matrix(self, w: torch.Tensor | None = None) -> torch.Tensor:
         """The weight as ``(out, in)``."""
         w = self.param[0] if w is None else w
         if self.axis is not None:  # (..., in, ...) -> (rows, in)
@@ -54,6 +64,8 @@ class LinearQuant(nn.Module):
 
     def _unmatrix(self, m: torch.Tensor) -> torch.Tensor:
         w = self.param[0]
+        if self.group is not None:
+            m = m.reshape(self.full_matrix().shape)
         if self.axis is not None:
             return m.reshape(w.movedim(self.axis, -1).shape).movedim(-1, self.axis)
         return m.t() if self.transposed else m.reshape(w.shape)
@@ -173,6 +185,7 @@ class QuantState(nn.Module):
         # id -> (the value, kept alive while its id is in use; its LinearQuant)
         self.views: dict[int, tuple[torch.Tensor, LinearQuant]] = {}
         self.coverage = None  # WeightCoverage, set by build()
+        self.weight_only = False  # activation quantizers stay float in every mode
 
     def linear_site(self, w) -> LinearQuant | None:
         """The :class:`LinearQuant` whose parameter is ``w`` (by identity)."""
@@ -196,7 +209,7 @@ class QuantState(nn.Module):
         """Put every quantizer in ``mode`` (float / observe / quant)."""
         for m in self.modules():
             if isinstance(m, (ActQuantizer, ProbQuantizer, LinearQuant, EmbeddingQuant)):
-                m.mode = mode
+                m.mode = "float" if self.weight_only and isinstance(m, ActQuantizer) else mode
                 if isinstance(m, (LinearQuant, EmbeddingQuant)):
                     m._cache = None
         for a in self.attention.values():

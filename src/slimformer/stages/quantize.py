@@ -48,7 +48,7 @@ def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
     ctx.model = to_inference(res.model)
     rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
     rec.metrics = {"calib_samples": res.calib_samples, "calib_seconds": round(res.seconds, 2),
-                   "method": cfg.method, "bits": f"W{cfg.weight_bits}A{cfg.act_bits}"}
+                   "method": cfg.method, "bits": _bits(cfg)}
     cov = res.model.quant.coverage  # the reasons for float parameters are in the notes
     if cov is not None:
         rec.metrics |= {"weights_quantized": cov.quantized, "weights_total": cov.total,
@@ -63,6 +63,14 @@ def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
         ctx.artifacts[SAVES] = lambda d: save_quantized(model, d, spec, sspec, history,
                                                         result=entry["result"])
     return rec
+
+
+def _bits(cfg: QuantConfig) -> str:
+    """``W8A8``; weight-only ``W4A32 g128`` (float activations, groups of 128 columns)."""
+    if not cfg.weight_only:
+        return f"W{cfg.weight_bits}A{cfg.act_bits}"
+    return f"W{cfg.weight_bits}A32" + (f" g{cfg.group_size}" if cfg.group_size else "") + \
+        (" awq" if cfg.awq else "")
 
 
 def restore(r: Restored, entry: dict, art: Artifact) -> None:
