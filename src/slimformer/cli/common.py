@@ -133,10 +133,17 @@ def _progress():
     if not sys.stderr.isatty():
         yield _log_lines()
         return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                  "{task.total}"), TimeElapsedColumn(), transient=True) as bar:
+                  "{task.total}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
         tasks: dict[str, int] = {}
 
         def update(desc: str, done: int, total: int) -> None:
@@ -148,18 +155,26 @@ def _progress():
 
 
 def _log_lines():
-    """A progress callback printing plain lines: start, each quarter, end (for logs and CI)."""
+    """A progress callback printing plain lines: start, each quarter, end (for logs and CI).
+
+    Between start and end a line carries the step's estimated time left (``eta 12 s``), from the
+    step's own elapsed time and the fraction done.
+    """
     import time
 
-    t0, shown = time.perf_counter(), {}
+    t0, shown, started = time.perf_counter(), {}, {}
 
     def update(desc: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        started.setdefault(desc, now)
         quarter = 4 * done // total if total else 4
         if shown.get(desc, -1) >= quarter:
             return
         shown[desc] = quarter
-        print(f"[{time.perf_counter() - t0:7.1f} s] {desc}: {done}/{total}", file=sys.stderr,
-              flush=True)
+        eta = ""
+        if 0 < done < total:
+            eta = f" (eta {(now - started[desc]) * (total - done) / done:.0f} s)"
+        print(f"[{now - t0:7.1f} s] {desc}: {done}/{total}{eta}", file=sys.stderr, flush=True)
 
     return update
 
