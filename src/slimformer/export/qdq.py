@@ -219,7 +219,7 @@ class QdqModel(nn.Module):
         for k, e in q.embeddings.items():
             object.__setattr__(e, "table", self.tables[k])
         for m in q.modules():
-            if isinstance(m, ActQuantizer):
+            if isinstance(m, ActQuantizer) and not m.keep_float:  # kept float: no Q/DQ
                 s, z = m.scale_zero()
                 m.forward = _act_forward(m, float(s), int(z),
                                          signed_acts and getattr(m, "symmetric", False))

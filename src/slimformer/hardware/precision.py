@@ -60,6 +60,11 @@ def _act_type(act, what: str) -> FixedType:
         raise HardwareError(f"{what}: its quantizer keeps a per-channel affine on the quantized "
                             "branch (repq after an activation or on a post-norm model), which "
                             "hls4ml cannot apply; use method minmax or percentile for FPGA targets")
+    if getattr(act, "keep_float", False):
+        raise HardwareError(f"{what}: its activations were kept float (float_activations, or the "
+                            "output-floor fallback), which no ap_fixed type holds; quantize "
+                            "without float_activations and with min_output_sqnr_db: null to keep "
+                            "every activation on its grid")
     s, z = act.scale_zero()
     s, z = s.detach().reshape(-1), z.detach().reshape(-1)
     if s.numel() != 1:

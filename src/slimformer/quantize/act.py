@@ -45,6 +45,8 @@ class ActQuantizer(nn.Module):
         self.register_buffer("inv_r", None)  # (C,)
         self.pow2 = False
         self.symmetric = False
+        # quant mode passes the input through (the output-floor fallback, float_activations)
+        self.keep_float = False
         self._min = self._max = None  # (C,) observed per channel
         self._rows: list[torch.Tensor] = []  # sampled rows, (k, C) per observed call
         self._groups: list[torch.Tensor] = []  # (k,) calibration batch of each sampled row
@@ -212,7 +214,7 @@ class ActQuantizer(nn.Module):
         if self.mode == "observe":
             self.observe(x)
             return x
-        if self.mode == "float":
+        if self.mode == "float" or self.keep_float:
             return self.transform(x)  # reparameterized models stay exact in float
         scale, zero = self.scale_zero()
         return fake_uniform(self.transform(x), scale, zero, self.bits)

@@ -45,6 +45,8 @@ class QuantResult:
         site_choices: repq / repquant: every per-site choice with the held-out error of each
             candidate (:class:`~slimformer.quantize.holdout.SiteChoice`), the method's own
             (``site == "model"``: repq vs the min/max baseline) last.
+        float_activations: Activation quantizers the output-floor fallback kept float
+            (:mod:`~slimformer.quantize.fallback`), also in ``model.config`` and ``notes``.
     """
 
     model: QuantizedModel
@@ -54,6 +56,7 @@ class QuantResult:
     weak_sites: list[WeakSite] = field(default_factory=list)
     output_sqnr_db: float | None = None
     site_choices: list[SiteChoice] = field(default_factory=list)
+    float_activations: list[str] = field(default_factory=list)
 
 
 def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
@@ -102,9 +105,9 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
                         "validate every per-site choice")
         qmodel = _against_minmax(qmodel, original, config, calib_data, fit, held, structure,
                                  notes, choices)
-    weak, out_db = _check(qmodel, calib_data, config, notes)
+    weak, out_db, kept = _check(qmodel, calib_data, config, notes, tick)
     qmodel.quant.forget()  # the calibration observations
-    return QuantResult(qmodel, n, time.perf_counter() - t0, notes, weak, out_db, choices)
+    return QuantResult(qmodel, n, time.perf_counter() - t0, notes, weak, out_db, choices, kept)
 
 
 def _against_minmax(qmodel: QuantizedModel, original: nn.Module, config: QuantConfig,
@@ -150,33 +153,54 @@ def _against_minmax(qmodel: QuantizedModel, original: nn.Module, config: QuantCo
     return mm
 
 
-def _check(qmodel: QuantizedModel, calib_data, config: QuantConfig,
-           notes: list[str]) -> tuple[list[WeakSite], float | None]:
-    """Weak sites and the output SQNR; raises when the output collapsed at W8A8."""
-    from slimformer.quantize.check import output_sqnr, site_errors
+def _check(qmodel: QuantizedModel, calib_data, config: QuantConfig, notes: list[str],
+           progress=None) -> tuple[list[WeakSite], float | None, list[str]]:
+    """Weak sites, the output SQNR and the activations kept float by the output-floor fallback.
 
-    weak, site_db = site_errors(qmodel.quant)
-    out_db = output_sqnr(qmodel, _batches(calib_data, config.calib_batch_size,
-                                          config.calib_samples))
-    if out_db is not None:
+    At W8A8 an output under ``min_output_sqnr_db`` first keeps the fewest activation quantizers
+    float that bring it over (:mod:`~slimformer.quantize.fallback`; ``qmodel.config`` then
+    records them in ``float_activations``); raises where all activations float miss it too.
+    """
+    from slimformer.quantize.check import output_sqnr, site_errors
+    from slimformer.quantize.fallback import keep_float
+
+    def measure():
+        w, dbs = site_errors(qmodel.quant)
+        o = output_sqnr(qmodel, _batches(calib_data, config.calib_batch_size,
+                                         config.calib_samples))
+        return w, dbs, o
+
+    weak, site_db, out_db = measure()
+    full8 = min(b for lq in qmodel.quant.linears.values() for b in (lq.wq.bits, lq.act.bits)) \
+        if len(qmodel.quant.linears) else 0
+    floor = config.min_output_sqnr_db
+    kept: list[str] = []
+    if floor is not None and full8 >= 8 and out_db is not None and out_db < floor:
+        worst = [(w.name, w.sqnr_db) for w in weak]
+        worst += sorted(((k, v) for k, v in site_db.items() if k not in dict(worst)),
+                        key=lambda kv: kv[1])
+        fb = keep_float(qmodel, calib_data, config, [n for n, _ in worst], floor, progress)
+        if fb is None:
+            raise CalibrationError(
+                f"the quantized model's output is at {out_db:.1f} dB SQNR vs float on the "
+                f"calibration data, below the {floor:g} dB floor for 8-bit weights and "
+                "activations, also with every activation quantizer kept float: the quantizers "
+                "lost the signal. Worst sites (weak ones first): " +
+                "; ".join(f"{n} {d:.1f} dB" for n, d in worst[:5]) +
+                ". Check the scale of the model's activations and the calibration data, or set "
+                "min_output_sqnr_db: null to accept it")
+        notes.append(f"model output SQNR vs float on the calibration data: {out_db:.1f} dB, "
+                     f"below the {floor:g} dB floor")
+        notes += fb.notes
+        kept = fb.kept
+        qmodel.config = config.model_copy(
+            update={"float_activations": [*config.float_activations, *fb.patterns()]})
+        weak, site_db, out_db = measure()
+        notes.append(f"after the fallback: {out_db:.1f} dB on the calibration data")
+    elif out_db is not None:
         notes.append(f"model output SQNR vs float on the calibration data: {out_db:.1f} dB")
     for w in weak[:10]:
         notes.append(f"weak site: {w}")
     if len(weak) > 10:
         notes.append(f"... and {len(weak) - 10} more weak site(s)")
-    full8 = min(b for lq in qmodel.quant.linears.values() for b in (lq.wq.bits, lq.act.bits)) \
-        if len(qmodel.quant.linears) else 0
-    floor = config.min_output_sqnr_db
-    if floor is not None and full8 >= 8 and out_db is not None and out_db < floor:
-        worst = [(w.name, w.sqnr_db) for w in weak]
-        worst += sorted(((k, v) for k, v in site_db.items() if k not in dict(worst)),
-                        key=lambda kv: kv[1])
-        worst = worst[:5]
-        raise CalibrationError(
-            f"the quantized model's output is at {out_db:.1f} dB SQNR vs float on the "
-            f"calibration data, below the {floor:g} dB floor for 8-bit weights and activations: "
-            "the quantizers lost the signal. Worst sites (weak ones first): " +
-            "; ".join(f"{n} {d:.1f} dB" for n, d in worst) +
-            ". Check the scale of the model's activations and the calibration data, or set "
-            "min_output_sqnr_db: null to accept it")
-    return weak, out_db
+    return weak, out_db, kept

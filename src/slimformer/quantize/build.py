@@ -99,6 +99,7 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
         if key in state.attention:
             raise ConfigError([f"two attention sites in one module {site.module}: not supported"])
         state.attention[key] = AttentionQuant(site.module, config.act_bits, config.softmax_kind)
+    _float_activations(state, config.float_activations)
     for m in state.modules():
         if isinstance(m, (ActQuantizer, WeightQuantizer, ProbQuantizer)):
             m.symmetric = config.symmetric
@@ -110,6 +111,24 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
     state.coverage = weight_coverage(model, state, left)
     state.notes.append(state.coverage.summary())
     return QuantizedModel(model, state, config)
+
+
+def _float_activations(state: QuantState, patterns: list[str]) -> None:
+    """Mark the activation quantizers matching ``patterns`` float (noted); typed if one is unused."""
+    if not patterns:
+        return
+    acts = [m for m in state.modules() if isinstance(m, ActQuantizer)]
+    unused = [f"float_activations[{i}]: {p!r} matches no activation quantizer"
+              for i, p in enumerate(patterns)
+              if not any(fnmatch.fnmatchcase(a.name, p) for a in acts)]
+    if unused:
+        raise ConfigError([*unused, "(activation quantizers look like: " +
+                           ", ".join(a.name for a in acts[:3]) + " ...)"], "quantize config")
+    kept = [a for a in acts if any(fnmatch.fnmatchcase(a.name, p) for p in patterns)]
+    for a in kept:
+        a.keep_float = True
+    state.notes.append(f"{len(kept)} activation quantizer(s) kept float (float_activations): " +
+                       ", ".join(a.name for a in kept))
 
 
 def _group(lq: LinearQuant, conv: bool, size: int, notes: list[str]) -> int | None:

@@ -98,7 +98,7 @@ def site_errors(state) -> tuple[list[WeakSite], dict[str, float]]:
     db: dict[str, float] = {}
 
     def act_check(act, kind="activation"):
-        if not act.observed:
+        if not act.observed or act.keep_float:  # kept float: nothing quantized there
             return
         x = act.transform(act.samples()).double()  # (n, C)
         s, z = act.scale_zero()

@@ -85,7 +85,13 @@ class QuantConfig(BaseModel):
             method, for ablations; the held-out comparison with min/max is only noted).
         min_output_sqnr_db: At W8A8 (every Linear at 8 bits), the model output's SQNR vs float on
             the calibration data must reach this, else :class:`CalibrationError` names the worst
-            sites (a collapse, not a quantization trade-off); None disables the check.
+            sites; below it the fallback (:mod:`~slimformer.quantize.fallback`) first keeps the
+            fewest activation quantizers float (ranked by their measured effect on the output)
+            that bring the output back over it, and records them in ``float_activations``; None
+            disables the check.
+        float_activations: Glob patterns of activation quantizer names (``in:<weight>``,
+            ``norm:<module>:<bits>``, ``<module>:q|k|v``) whose input stays float (the weights
+            after them stay quantized); a pattern that matches nothing is an error.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -110,6 +116,7 @@ class QuantConfig(BaseModel):
     act_order: bool = False
     repq_sites: Literal["auto", "all"] = "auto"
     min_output_sqnr_db: float | None = 10.0
+    float_activations: list[str] = Field(default_factory=list)
     seed: int = 0
 
     @model_validator(mode="before")

@@ -53,6 +53,12 @@ def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
     if cov is not None:
         rec.metrics |= {"weights_quantized": cov.quantized, "weights_total": cov.total,
                         "weights_float": cov.total - cov.quantized}
+    if res.float_activations:  # the output-floor fallback (notes: which, and why)
+        from slimformer.quantize.fallback import float_cost
+
+        frac, _ = float_cost(res.model, set(res.float_activations))
+        rec.metrics |= {"activations_float": len(res.float_activations),
+                        "float_input_mac_fraction": round(frac, 4)}
     rec.notes = res.notes
     rec.size = model_size(ctx.model)  # bit-packed weights: the report's headline size
     history = list(ctx.history)
