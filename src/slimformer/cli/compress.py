@@ -13,10 +13,11 @@ from slimformer.cli.options import (
     CALIB_ROWS,
     DATA_HELP,
     EVAL_HELP,
-    OVERWRITE_HELP,
-    SET_HELP,
+    ConfigOpt,
     FailOnLoss,
     MaxLoss,
+    OverwriteOpt,
+    SetOpt,
     TaskOpt,
     _data_config,
     _quality,
@@ -59,11 +60,10 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
              eval_data: Annotated[str | None, typer.Option(help=EVAL_HELP)] = None,
              limit: Annotated[int | None, typer.Option(help="Evaluate on the first N test "
                                                        "rows.")] = None,
-             config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
-             = None,
-             overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
+             config: ConfigOpt = None,
+             overwrite: OverwriteOpt = False,
              max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
-             set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+             set_: SetOpt = None,
              task: TaskOpt = None):
     """Quantize a model post-training, compare it with FP32, save its inference form.
 
@@ -119,11 +119,10 @@ def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
                                                     "rows.")] = None,
           checkpoint: Annotated[Path | None, typer.Option(help="Folder for resumable "
                                                           "checkpoints.")] = None,
-          config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
-          = None,
-          overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
+          config: ConfigOpt = None,
+          overwrite: OverwriteOpt = False,
           max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
-          set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+          set_: SetOpt = None,
           task: TaskOpt = None):
     """Prune heads and MLP units (UPop or magnitude), fine-tune, save the smaller model.
 
@@ -188,11 +187,10 @@ def search(model: Annotated[str, typer.Argument(help="Model (as for inspect).")]
                                                 "of a search that ran (give its --storage and "
                                                 "--supernet).")] = False,
            data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
-           config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
-           = None,
-           overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
+           config: ConfigOpt = None,
+           overwrite: OverwriteOpt = False,
            max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
-           set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+           set_: SetOpt = None,
            task: TaskOpt = None):
     """Search sub-networks and per-layer bit-widths; print the measured Pareto front.
 

@@ -11,11 +11,15 @@ import typer
 from slimformer.cli.common import _bounded, _console, _errors, _int_option, _ints, _table
 from slimformer.cli.options import (
     DATA_HELP,
-    OVERWRITE_HELP,
     SET_HELP,
+    ConfigOpt,
     FailOnLoss,
+    JsonOpt,
     MaxLoss,
+    OverwriteFileOpt,
+    OverwriteOpt,
     TaskOpt,
+    TrustCodeOpt,
     _data_config,
     _run_one,
     _sets,
@@ -44,7 +48,7 @@ def export_hls(model: Annotated[str, typer.Argument(help="Model (as for inspect)
                config: Annotated[str | None, typer.Option(help="JSON config (as for "
                                                           "inspect).")] = None,
                data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
-               overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
+               overwrite: OverwriteOpt = False,
                max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
                set_: Annotated[list[str] | None, typer.Option(
                    "--set", help=SET_HELP + " Keys quantize.KEY go to the quantize stage.")]
@@ -130,13 +134,10 @@ def export_onnx_cmd(
         static: Annotated[bool, typer.Option("--static", help="Fixed shapes (no symbolic batch/"
                                              "sequence axes).")] = False,
         rows: Annotated[int, typer.Option(help="Example rows traced and checked.")] = 2,
-        config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-        overwrite: Annotated[bool, typer.Option(help="Replace an existing file at --out.")]
-        = False,
-        trust_code: Annotated[bool, typer.Option("--trust-code", help="Allow a saved folder "
-                                                 "that names a package.module:factory to run "
-                                                 "it.")] = False,
+        config: ConfigOpt = None,
+        as_json: JsonOpt = False,
+        overwrite: OverwriteFileOpt = False,
+        trust_code: TrustCodeOpt = False,
         task: TaskOpt = None):
     """Write ONNX (QDQ for quantized models), check it with onnx.checker and ONNX Runtime.
 
@@ -215,13 +216,10 @@ def export_openvino_cmd(
         rows: Annotated[int, typer.Option(help="Example rows traced and checked.")] = 2,
         latency_batch: Annotated[int | None, typer.Option(help="Also time OpenVINO at this batch "
                                                           "size (example rows).")] = None,
-        config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-        overwrite: Annotated[bool, typer.Option(help="Replace an existing file at --out.")]
-        = False,
-        trust_code: Annotated[bool, typer.Option("--trust-code", help="Allow a saved folder "
-                                                 "that names a package.module:factory to run "
-                                                 "it.")] = False,
+        config: ConfigOpt = None,
+        as_json: JsonOpt = False,
+        overwrite: OverwriteFileOpt = False,
+        trust_code: TrustCodeOpt = False,
         task: TaskOpt = None):
     """Write an OpenVINO IR (from the openvino-form ONNX), check every output through OpenVINO.
 
@@ -263,7 +261,7 @@ def export_openvino_cmd(
 
 
 def export_lint(onnx_file: Annotated[Path, typer.Argument(help="An ONNX file.")],
-                as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+                as_json: JsonOpt = False,
                 fail_on: Annotated[str, typer.Option(
                     help="Exit 1 when a finding of this severity or worse is found: error | "
                     "warning | never.")] = "error"):
@@ -301,8 +299,7 @@ def export_tensorrt(
         sequence: Annotated[str, typer.Option(help="min,opt,max sequence length.")] = "8,64,128",
         timing_cache: Annotated[Path | None, typer.Option(help="Timing cache file.")] = None,
         workspace_mib: Annotated[int, typer.Option(help="Workspace MiB.")] = 2048,
-        overwrite: Annotated[bool, typer.Option(help="Replace an existing file at --out.")]
-        = False):
+        overwrite: OverwriteFileOpt = False):
     """Build a TensorRT engine with the tensorrt Python API (writes the trtexec equivalent)."""
     from pydantic import ValidationError
 

@@ -11,6 +11,8 @@ from slimformer.cli.common import _bounded, _console, _errors, _table
 from slimformer.cli.options import (
     DATA_HELP,
     EVAL_HELP,
+    ConfigOpt,
+    JsonOpt,
     TaskOpt,
     _data_config,
     _load,
@@ -24,7 +26,7 @@ def inspect(model: Annotated[str, typer.Argument(help="Zoo name, HF dir, timm:NA
                                                  "hf:MODEL_TYPE, pkg.mod:factory or spec file.")],
             config: Annotated[str | None, typer.Option(help="JSON kwargs/config for timm:, hf:, "
                                                        "factory models.")] = None,
-            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+            as_json: JsonOpt = False,
             task: TaskOpt = None):
     """Print the discovered structure (norms -> Linears, attention, MLPs), params and MACs."""
     from slimformer.models.structure import discover
@@ -73,8 +75,8 @@ def eval_(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
           repeats: Annotated[int | None, typer.Option(
               help="Latency repeats. Default: 20, or fewer once a batch size took 10 s (a "
               "large model at batch 32).", show_default=False)] = None,
-          config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")] = None,
-          as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+          config: ConfigOpt = None,
+          as_json: JsonOpt = False,
           task: TaskOpt = None):
     """Metric, latency (median of repeated runs at batch 1 and 32) and size of a model.
 
@@ -169,9 +171,8 @@ def generate(model: Annotated[str, typer.Argument(help="A causal LM (as for insp
                                                 "prompt as a user turn).")] = False,
              tokenizer: Annotated[str | None, typer.Option(
                  help="Tokenizer folder (default: the model's own folder).")] = None,
-             config: Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
-             = None,
-             as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+             config: ConfigOpt = None,
+             as_json: JsonOpt = False,
              task: TaskOpt = None):
     """Continue a prompt with a causal LM (KV cache): the text, prefill and decode tokens/s."""
     from slimformer.stages.generate import MAX_NEW_TOKENS, TEMPERATURE_RANGE, GenerateStage

@@ -23,6 +23,13 @@ MaxLoss = Annotated[str | None, typer.Option(
     "SQNR floor where there are no labels). Past it: a warning.", show_default=False)]
 FailOnLoss = Annotated[bool, typer.Option(
     "--fail-on-loss", help="A loss past the budget is an error (exit 2; nothing is written).")]
+# options several commands share, declared once (their --help text is the same everywhere)
+ConfigOpt = Annotated[str | None, typer.Option(help="JSON config (as for inspect).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+TrustCodeOpt = Annotated[bool, typer.Option("--trust-code", help="Allow a saved folder that names "
+                                            "a package.module:factory to run it.")]
+OverwriteOpt = Annotated[bool, typer.Option(help=OVERWRITE_HELP)]
+OverwriteFileOpt = Annotated[bool, typer.Option(help="Replace an existing file at --out.")]
 
 
 
@@ -124,6 +131,7 @@ def _quality(rec) -> str:
 SET_HELP = ("Any other option of the stage, as in a recipe: KEY=VALUE with a YAML value, "
             "repeatable; nested keys with dots (--set percentile=99.9, --set 'keep_float=[head]', "
             "--set space.heads=[0.5,1]). Overrides the named options.")
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)]
 
 
 def _sets(items: list[str] | None, prefix: str | None = None, others: tuple = ()) -> dict:
