@@ -160,3 +160,20 @@ def test_prune_leaves_the_models_train_and_eval_modes():
                                        finetune_steps=0), inputs=lm.example_inputs(2))
     assert [m.training for m in lm.module.modules()] == modes
     assert not res.model.training  # the pruned copy is handed back ready to evaluate
+
+
+def test_loading_minilm_keeps_the_transformers_progress_bar_setting():
+    from transformers.utils import logging as hf_logging
+
+    from slimformer.models.text import load_minilm
+
+    was = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        load_minilm()
+        assert hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        load_minilm()
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()

@@ -18,9 +18,14 @@ def load_minilm() -> nn.Module:
 
     from slimformer.data.text import minilm_path
 
-    logging.disable_progress_bar()
-    return AutoModel.from_pretrained(str(minilm_path()), local_files_only=True,
-                                     trust_remote_code=False).eval()
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # for this load only: the caller's setting is restored
+    try:
+        return AutoModel.from_pretrained(str(minilm_path()), local_files_only=True,
+                                         trust_remote_code=False).eval()
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
