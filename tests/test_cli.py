@@ -1,6 +1,7 @@
 """The CLI: help texts, validate, inspect, eval, zoo, run; errors exit 2 with a clear message."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -159,7 +160,6 @@ def test_set_reaches_the_recipe_of_the_run(tmp_path):
 @pytest.mark.slow
 def test_run_without_arguments_is_the_shipped_quickstart(tmp_path, monkeypatch):
     """`slimformer run` anywhere (no checkout there): quantizes within 1 point, runs it deployed."""
-    from pathlib import Path
 
     monkeypatch.chdir(tmp_path)  # no recipes/ folder here: the packaged recipe is the default
     res = runner.invoke(app, ["--quiet", "run"])
@@ -178,16 +178,22 @@ def test_run_without_arguments_is_the_shipped_quickstart(tmp_path, monkeypatch):
                                   / "quickstart.yaml").resolve()
 
 
-def test_eval_unlabelled_data_scores_every_row_and_quantize_sets_some_aside(tmp_path):
-    """eval on a file without labels says so (no accuracy) and scores all 400 rows (it
-    calibrates nothing); quantize scores the 200 it does not calibrate on."""
-    from slimformer.data.text import minilm_path
-
+def _tiny_bert_classifier(tmp_path: Path) -> Path:
+    """A spec file of a 1-layer random BERT sequence classifier (2 classes)."""
     spec = tmp_path / "m.yaml"
     spec.write_text(yaml.safe_dump({
         "source": "hf_config", "model_type": "bert", "task": "sequence-classification",
         "config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                    "intermediate_size": 64, "num_labels": 2}}))
+    return spec
+
+
+def test_eval_unlabelled_data_scores_every_row_and_quantize_sets_some_aside(tmp_path):
+    """eval on a file without labels says so (no accuracy) and scores all 400 rows (it
+    calibrates nothing); quantize scores the 200 it does not calibrate on."""
+    from slimformer.data.text import minilm_path
+
+    spec = _tiny_bert_classifier(tmp_path)
     txt = tmp_path / "lines.txt"
     txt.write_text("".join(f"line {i} about {w}\n" for i, w in enumerate(["cats", "dogs"] * 200)))
     data = json.dumps({"path": str(txt), "tokenizer": str(minilm_path()), "max_length": 16})
@@ -212,11 +218,7 @@ def test_eval_of_an_own_labelled_file_scores_all_80_rows(tmp_path):
     from slimformer.models.evaluate import predict
     from slimformer.models.loading import load_model, parse_model_arg
 
-    spec = tmp_path / "m.yaml"
-    spec.write_text(yaml.safe_dump({
-        "source": "hf_config", "model_type": "bert", "task": "sequence-classification",
-        "config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                   "intermediate_size": 64, "num_labels": 2}}))
+    spec = _tiny_bert_classifier(tmp_path)
     csv = tmp_path / "reviews.csv"
     rows = [(f"review {i}: a wonderful film" if i % 2 else f"review {i}: dull", i % 2)
             for i in range(80)]
