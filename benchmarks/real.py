@@ -11,16 +11,20 @@ vision backbones (dinov2-small): feature cosine, neighbour agreement, 5-NN accur
 (smollm2-135m): perplexity, next-token agreement.
 
 Rows (:mod:`real_build`): float (our ONNX export); ours (``quantize`` then ``export onnx``, ONNX
-Runtime) at W8A8 with the default method and with minmax, W4A8 minmax; ONNX Runtime
-``quantize_dynamic`` (MatMul/Gemm only) and ``quantize_static`` (QDQ, per-channel, MinMax) of our
-float export; NNCF ``quantize`` (TRANSFORMER preset, SmoothQuant) and ``compress_weights`` (INT8,
-INT4 per group) in OpenVINO; Brevitas's post-training flow (:mod:`real_brevitas`: SmoothQuant-style
-equalization, W8A8, optionally GPTQ), judged in PyTorch when its ONNX export is unavailable. Our
-QuantConfig has no weight-only mode yet (``act_bits`` is 2..8; issue 27): no weight-only INT8 /
-INT4 rows of ours. Latency: every artifact in one process, alternated round by round
-(``--rounds``), median of the rounds' medians of ``--repeats`` runs (a third of them at the larger
-batch) after one warm-up; encoders at batch 1 and 32 (128 tokens), DINOv2 at batch 1 and 8
-(224x224), the LM at batch 1 over 128 tokens (one prefill); the table gives speed-ups over float.
+Runtime) at W8A8 and W4A8 with the default method and with minmax (a status "N act. float" counts
+the activations our output-floor fallback kept float); ours weight-only (INT8 per channel round to
+nearest, INT4 groups of 128 with GPTQ, and with GPTQ+AWQ), judged in PyTorch since our ONNX export
+refuses weight-only models until a MatMulNBits form lands (size: the ``save_quantized`` folder,
+no latency); ONNX Runtime ``quantize_dynamic`` (MatMul/Gemm only) and ``quantize_static`` (QDQ,
+per-channel, MinMax) of our float export; NNCF ``quantize`` (TRANSFORMER preset, SmoothQuant) and
+``compress_weights`` (INT8, INT4 per group) in OpenVINO; Brevitas's post-training flow
+(:mod:`real_brevitas`: SmoothQuant-style equalization, W8A8, optionally GPTQ), judged in PyTorch
+when its ONNX export is unavailable. Encoders run in length-sorted batches cut to their longest
+row (:func:`real_eval.embed`). Latency: every ONNX / OpenVINO artifact in one process, alternated
+round by round (``--rounds``), median of the rounds' medians of ``--repeats`` runs (a third of
+them at the larger batch) after one warm-up; encoders at batch 1 and 32 (128 tokens), DINOv2 at
+batch 1 and 8 (224x224), the LM at batch 1 over 128 tokens (one prefill); the table gives
+speed-ups over float.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/real.py                    # minilm-l6, smollm2
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/real.py --models mpnet-base dinov2-small --quick
@@ -43,11 +47,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 sys.path.insert(0, str(Path(__file__).parent))  # real_build, real_eval, real_brevitas
 
 THREADS = 2
-ENCODER = ("float", "ours-w8a8-default", "ours-w8a8-minmax", "ours-w4a8-minmax", "ort-dynamic",
-           "ort-static", "nncf-quantize", "nncf-w8", "nncf-w4g128", "brevitas-w8a8",
-           "brevitas-w8a8-gptq")
-LM = ("float", "ours-w8a8-minmax", "ours-w8a8-default", "nncf-w8", "nncf-w4g128", "nncf-w4g64",
-      "ort-dynamic")
+WEIGHT_ONLY = ("ours-w8-rtn", "ours-w4g128-gptq", "ours-w4g128-gptq-awq")
+ENCODER = ("float", "ours-w8a8-default", "ours-w8a8-minmax", "ours-w4a8-default",
+           "ours-w4a8-minmax", *WEIGHT_ONLY, "ort-dynamic", "ort-static", "nncf-quantize",
+           "nncf-w8", "nncf-w4g128", "brevitas-w8a8", "brevitas-w8a8-gptq")
+LM = ("float", "ours-w8a8-minmax", "ours-w8a8-default", *WEIGHT_ONLY, "nncf-w8", "nncf-w4g128",
+      "nncf-w4g64", "ort-dynamic")
 CONFIGS = {"sentence-embedding": ENCODER, "image-features": ENCODER, "causal-lm": LM}
 QUICK = {"sentence-embedding": ("float", "ours-w8a8-minmax", "ours-w8a8-default", "ort-dynamic",
                                 "ort-static", "nncf-quantize", "nncf-w8", "nncf-w4g128",
@@ -59,7 +64,10 @@ LAT_BATCHES = {"sentence-embedding": (1, 32), "image-features": (1, 8), "causal-
 LABELS = {"float": "float (our ONNX export)", "ours-w8a8-default": "ours W8A8, default method",
           "ours-w8a8-minmax": "ours W8A8 minmax",
           "ours-w8a8-minmax-unchecked": "ours W8A8 minmax, SQNR floor off",
-          "ours-w4a8-minmax": "ours W4A8 minmax",
+          "ours-w4a8-minmax": "ours W4A8 minmax", "ours-w4a8-default": "ours W4A8, default method",
+          "ours-w8-rtn": "ours INT8 weight-only per channel (RTN)",
+          "ours-w4g128-gptq": "ours INT4 weight-only g128 GPTQ",
+          "ours-w4g128-gptq-awq": "ours INT4 weight-only g128 GPTQ+AWQ",
           "ort-dynamic": "ORT quantize_dynamic (MatMul/Gemm)",
           "ort-static": "ORT quantize_static QDQ per-channel",
           "nncf-quantize": "NNCF quantize TRANSFORMER+SmoothQuant", "nncf-w8": "NNCF compress_weights INT8",
@@ -86,11 +94,14 @@ def worker(args) -> None:
     res = {"calib_s": time.perf_counter() - t0, "calib_cpu_s": time.process_time() - c0}
     if args.worker in B.CALIB:
         res["quantize_s"] = B.CALIB[args.worker]
+    res |= B.NOTES.get(args.worker, {})
     if isinstance(art, Path):
         res |= {"artifact": str(art), "bytes": B.size(art)}
         model = E.Deployed(art)
-    else:  # a torch model (Brevitas without its ONNX export): judged fake-quantized in PyTorch
+    else:  # a torch model (Brevitas without its ONNX export, ours weight-only): judged in PyTorch
         res["runtime"] = "PyTorch (fake-quant)"
+        if args.worker in B.SAVED:  # our weight-only folder: packed codes + float rest
+            res["bytes"] = sum(f.stat().st_size for f in B.SAVED[args.worker].iterdir())
         model = art
     res |= E.metrics(model, lm, data, work)
     (work / f"{args.worker}.json").write_text(json.dumps(res))
@@ -235,6 +246,8 @@ def table(rows: list[dict]) -> str:
             sp.append(f"{f0 / g(b):.2f}x" if f0 and g(b) else "-")
         where = f" ({g('runtime')})" if g("runtime") else ""
         status = r["status"] if len(r["status"]) < 120 else r["status"][:117] + "..."
+        if g("float_activations"):  # our output-floor fallback kept these activations float
+            status += f" ({g('float_activations')} act. float)"
         out.append(f"| {r['model']} | {LABELS[r['config']]}{where} | {status} | {cos} | "
                    f"{_f(g('neighbour_agreement'), '.4f')} | {accs} | {ppl} | "
                    f"{_f(g('top1_agreement'), '.4f')} | {_f(g('calib_s'), '.0f')}{qs} | "

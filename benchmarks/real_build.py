@@ -3,6 +3,9 @@
 - ``float``: our ONNX export (opset default, and 20 for OpenVINO) plus the float references;
 - ``ours-wXaY-{default,minmax}[-unchecked]``: ``slimformer.quantize`` then ``export onnx`` (QDQ);
   ``-unchecked`` turns off the output-SQNR refusal (``min_output_sqnr_db=None``) to measure it;
+- ``ours-wX[gG]-{rtn,gptq}[-awq]``: weight-only ``quantize`` (round to nearest or GPTQ, groups of
+  G input columns, AWQ scales), judged in PyTorch (ONNX export refuses weight-only models until a
+  MatMulNBits form exists) and saved with ``save_quantized`` for its size;
 - ``ort-dynamic`` / ``ort-static``: ONNX Runtime's quantizers on our float export;
 - ``nncf-*``: NNCF ``quantize`` / ``compress_weights`` on the float export read by OpenVINO;
 - ``brevitas-*``: Brevitas's post-training flow (:mod:`real_brevitas`).
@@ -10,12 +13,15 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
 import real_eval as E
 
 CALIB: dict[str, float] = {}  # seconds of the quantizer call alone (a build also exports)
+NOTES: dict[str, dict] = {}  # ours: output SQNR vs float (calibration rows), activations kept float
+SAVED: dict[str, Path] = {}  # ours weight-only: the save_quantized folder (its size)
 
 
 def export(model, path: Path, example, **kw) -> Path:
@@ -52,19 +58,7 @@ def make_artifact(config: str, lm, data: dict, work: Path, args):
             E.reference(lm, data, work)
         return work / "float.onnx"
     if config.startswith("ours-"):
-        from slimformer.quantize.api import quantize
-        from slimformer.quantize.config import QuantConfig
-        from slimformer.quantize.inference import to_inference
-
-        w, a = int(config[6]), int(config[8])
-        kw = {} if "default" in config else {"method": "minmax"}
-        if config.endswith("unchecked"):  # measured even below the output-SQNR floor
-            kw["min_output_sqnr_db"] = None
-        cfg = QuantConfig(weight_bits=w, act_bits=a, calib_samples=n, **kw)
-        t0 = time.perf_counter()
-        q = to_inference(quantize(lm.module, cfg, data["calib"]).model)
-        CALIB[config] = time.perf_counter() - t0
-        return export(q, work / f"{config}.onnx", ex)
+        return _ours(config, lm, data, work, ex, n)
     if config.startswith("ort-"):
         return _ort(config, data, work)
     if config.startswith("brevitas-"):
@@ -75,6 +69,44 @@ def make_artifact(config: str, lm, data: dict, work: Path, args):
         CALIB[config] = time.perf_counter() - t0
         return real_brevitas.deploy(model, ex, work / f"{config}.onnx")
     return _nncf(config, data, work)
+
+
+def ours_config(config: str, n: int):
+    """The QuantConfig of ``ours-w{W}a{A}-{default,minmax}[-unchecked]`` or, weight-only,
+    ``ours-w{W}[g{G}]-{rtn,gptq}[-awq]`` (``rtn``: method minmax, round to nearest)."""
+    from slimformer.quantize.config import QuantConfig
+
+    m = re.fullmatch(r"ours-w(\d)a(\d)-(default|minmax)(-unchecked)?", config)
+    if m:
+        kw = {} if m[3] == "default" else {"method": "minmax"}
+        if m[4]:  # measured even below the output-SQNR floor
+            kw["min_output_sqnr_db"] = None
+        return QuantConfig(weight_bits=int(m[1]), act_bits=int(m[2]), calib_samples=n, **kw)
+    m = re.fullmatch(r"ours-w(\d)(?:g(\d+))?-(rtn|gptq)(-awq)?", config)
+    if not m:
+        raise ValueError(f"unknown configuration {config!r}")
+    return QuantConfig(weight_only=True, weight_bits=int(m[1]), calib_samples=n,
+                       group_size=int(m[2]) if m[2] else None,
+                       method="minmax" if m[3] == "rtn" else "gptq", awq=bool(m[4]))
+
+
+def _ours(config: str, lm, data: dict, work: Path, ex: dict, n: int):
+    """``quantize`` then ``export onnx`` (QDQ); weight-only (no ONNX form yet): the PyTorch model,
+    saved with ``save_quantized`` for its size (``SAVED``)."""
+    from slimformer.quantize.api import quantize
+    from slimformer.quantize.inference import to_inference
+    from slimformer.quantize.serialize import save_quantized
+
+    cfg = ours_config(config, n)
+    t0 = time.perf_counter()
+    res = quantize(lm.module, cfg, data["calib"])
+    CALIB[config] = time.perf_counter() - t0
+    NOTES[config] = {"output_sqnr_db": res.output_sqnr_db,
+                     "float_activations": len(res.float_activations)}
+    if cfg.weight_only:
+        SAVED[config] = save_quantized(res.model, work / config, lm.spec)
+        return res.model
+    return export(to_inference(res.model), work / f"{config}.onnx", ex)
 
 
 def _ort(config: str, data: dict, work: Path) -> Path:
