@@ -1,0 +1,397 @@
+"""Export a causal LM as one ONNX graph for prefill and decode, with its key/value cache.
+
+``export_decoder(model, path, DecoderConfig()) -> DecoderResult``. The graph::
+
+    inputs   input_ids (B, T) int64, attention_mask (B, P + T) int64, position_ids (B, T) int64,
+             past_key_values.{i}.key / .value (B, kv_heads, P, head_dim)   for each layer i
+    outputs  logits (B, T, vocab), present.{i}.key / .value (B, kv_heads, P + T, head_dim)
+
+Prefill feeds the prompt with ``P = 0`` (empty past tensors); each decode step feeds one token
+and the previous step's presents. Grouped-query attention is kept (``kv_heads``, not heads). The
+layer count, kv heads and head dim come from the cache the model itself returns on one forward
+(:func:`cache_layout`), never from module names. The Hugging Face cache object is built inside
+the traced module from the flat past tensors (:class:`DecoderEntry`).
+
+A weight-only quantized model (:class:`~slimformer.quantize.state.QuantizedModel` with
+``weight_only``) is exported as its float graph in which every quantized Linear's MatMul is
+ONNX Runtime's ``com.microsoft::MatMulNBits`` holding *our* codes and scales
+(:mod:`slimformer.export.nbits`). The file is written only after ONNX Runtime ran a prefill and
+a decode step and every output was compared with PyTorch (SQNR and max relative error; a float
+export must reach ``DecoderConfig.min_sqnr_db``, a quantized one is compared with the quantized
+PyTorch model and reported).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimformer.errors import ConfigError, ExportError, UnsupportedModelError
+
+OPSETS = (17, 18, 19, 20, 21, 22, 23)
+ACCURACY_LEVELS = (0, 1, 4)  # MatMulNBits: unset / fp32 activations / int8 activations
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """How to export a decoder.
+
+    Attributes:
+        opset: None tries 23 and falls back to 20 when ONNX Runtime cannot run the graph.
+        threads: ONNX Runtime intra-op threads of the check.
+        check: Run the ONNX Runtime check (prefill + one decode step) before writing.
+        min_sqnr_db: A float export whose ONNX Runtime outputs reach less SQNR vs PyTorch fails.
+        accuracy_level: MatMulNBits' activation precision: 0 or 1 (float32), 4 (int8 in the
+            runtime's kernel: faster prefill, not what PyTorch computes).
+        check_tokens: Prompt length of the check's prefill.
+    """
+
+    opset: int | None = None
+    threads: int = 2
+    check: bool = True
+    min_sqnr_db: float = 60.0
+    accuracy_level: int = 0
+    check_tokens: int = 8
+
+    def __post_init__(self):
+        """Validate the fields (ConfigError naming the allowed values)."""
+        bad = []
+        if self.opset is not None and self.opset not in OPSETS:
+            bad.append(f"opset: {self.opset}; allowed: {', '.join(map(str, OPSETS))} or None")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            bad.append(f"accuracy_level: {self.accuracy_level}; allowed: "
+                       f"{', '.join(map(str, ACCURACY_LEVELS))}")
+        if not 1 <= self.threads <= 256:
+            bad.append(f"threads: {self.threads}; allowed: 1 to 256")
+        if not 1 <= self.check_tokens <= 4096:
+            bad.append(f"check_tokens: {self.check_tokens}; allowed: 1 to 4096")
+        if bad:
+            raise ConfigError(bad, "decoder export")
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The key/value cache of a causal LM, as its own forward returns it."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    def past_names(self) -> list[str]:
+        """``past_key_values.{i}.key``, ``past_key_values.{i}.value`` for each layer."""
+        return [f"past_key_values.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
+
+    def input_names(self) -> list[str]:
+        """Every graph input, in order."""
+        return ["input_ids", "attention_mask", "position_ids", *self.past_names()]
+
+    def output_names(self) -> list[str]:
+        """``logits`` and ``present.{i}.key`` / ``.value``."""
+        return ["logits", *(f"present.{i}.{k}" for i in range(self.layers)
+                            for k in ("key", "value"))]
+
+    def empty(self, batch: int, length: int = 0) -> list[torch.Tensor]:
+        """Past tensors ``(batch, kv_heads, length, head_dim)`` of zeros, one per graph input."""
+        return [torch.zeros(batch, self.kv_heads, length, self.head_dim)
+                for _ in range(2 * self.layers)]
+
+
+@dataclass
+class DecoderResult:
+    """A written decoder graph and what was checked about it."""
+
+    path: Path
+    opset: int
+    layout: CacheLayout
+    quantized: bool
+    size_bytes: int
+    seconds: float = 0.0
+    parity: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    nbits: dict = field(default_factory=dict)  # MatMulNBits replacements (nbits.NbitsStats)
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """JSON-ready summary for reports."""
+        return {"path": str(self.path), "opset": self.opset, "layout": asdict(self.layout),
+                "quantized": self.quantized, "size_bytes": self.size_bytes,
+                "seconds": round(self.seconds, 2), "parity": self.parity, "nbits": self.nbits,
+                "warnings": self.warnings}
+
+
+def inner(model: nn.Module) -> nn.Module:
+    """The Hugging Face module of ``model`` (a quantized wrapper's own, else ``model``)."""
+    from slimformer.quantize.state import QuantizedModel
+
+    return model.model if isinstance(model, QuantizedModel) else model
+
+
+def cache_pairs(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(key, value)]`` per layer of a Hugging Face cache object or legacy tuple."""
+    if hasattr(cache, "layers"):
+        return [(getattr(lay, "keys", None), getattr(lay, "values", None)) for lay in cache.layers]
+    if hasattr(cache, "to_legacy_cache"):
+        cache = cache.to_legacy_cache()
+    return [(kv[0], kv[1]) for kv in cache]
+
+
+def make_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]], config):
+    """A Hugging Face ``DynamicCache`` holding ``pairs`` (``[(key, value)]`` per layer)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(ddp_cache_data=pairs, config=config)
+    except TypeError:  # older transformers
+        return DynamicCache.from_legacy_cache(tuple(pairs))
+
+
+@torch.no_grad()
+def cache_layout(model: nn.Module) -> CacheLayout:
+    """Layers, kv heads and head dim read from the cache one forward of ``model`` returns.
+
+    Raises:
+        UnsupportedModelError: No cache, or layers whose caches differ in shape or are not plain
+            key/value tensors (sliding windows, state-space layers).
+    """
+    from slimformer.models.generate import cache_argument
+
+    hf = inner(model)
+    ids = torch.tensor([[1, 2, 3]])
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    cache = getattr(out, "cache", None) if cache_argument(hf) == "cache" else None
+    cache = cache if cache is not None else getattr(out, "past_key_values", None)
+    logits = getattr(out, "logits", None)
+    if cache is None or not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise UnsupportedModelError(f"{type(hf).__name__} returns no logits (B, T, vocab) and "
+                                    "key/value cache: the decoder export needs a causal LM")
+    layers = getattr(cache, "layers", [])
+    if any(getattr(lay, "is_sliding", False) for lay in layers):
+        raise UnsupportedModelError(f"{type(hf).__name__} has sliding-window cache layers; the "
+                                    "decoder export supports full key/value caches only")
+    pairs = cache_pairs(cache)
+    shapes = {(tuple(k.shape), tuple(v.shape)) if isinstance(k, torch.Tensor) and
+              isinstance(v, torch.Tensor) else None for k, v in pairs}
+    if not pairs or None in shapes or len(shapes) != 1:
+        raise UnsupportedModelError(f"{type(hf).__name__}'s cache layers are not key/value "
+                                    f"tensors of one shape (found {sorted(map(str, shapes))}); "
+                                    "the decoder export needs (batch, kv_heads, tokens, head_dim)")
+    (k_shape, v_shape), = shapes
+    if len(k_shape) != 4 or k_shape != v_shape or k_shape[2] != ids.shape[1]:
+        raise UnsupportedModelError(f"{type(hf).__name__}'s cached keys {list(k_shape)} / "
+                                    f"values {list(v_shape)} are not (batch, kv_heads, 3, "
+                                    "head_dim) after 3 tokens")
+    return CacheLayout(len(pairs), k_shape[1], k_shape[3], logits.shape[-1])
+
+
+class DecoderEntry(nn.Module):
+    """``forward(input_ids, attention_mask, position_ids, *past) -> (logits, *presents)``.
+
+    Flat tensors in and out (the exporter's view); the cache object is built inside.
+    """
+
+    def __init__(self, model: nn.Module, layout: CacheLayout):
+        super().__init__()
+        from slimformer.models.generate import cache_argument
+
+        self.model, self.layout = model, layout
+        self.hf_config = getattr(inner(model), "config", None)
+        self.cache_arg = cache_argument(inner(model))
+
+    def forward(self, *args):
+        """Run one step; see the module doc for the shapes."""
+        input_ids, attention_mask, position_ids, *past = args
+        cache = make_cache([(past[2 * i], past[2 * i + 1]) for i in range(self.layout.layers)],
+                           self.hf_config)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, use_cache=True, **{self.cache_arg: cache})
+        new = getattr(out, "cache", None) if self.cache_arg == "cache" else None
+        new = new if new is not None else out.past_key_values
+        return (out.logits, *(t for kv in cache_pairs(new) for t in kv))
+
+
+def step_inputs(ids: torch.Tensor, past: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The graph inputs of one step: ``ids (B, T)`` new tokens after ``past`` (B, h, P, d)."""
+    b, t = ids.shape
+    p = past[0].shape[2]
+    return [ids, torch.ones(b, p + t, dtype=torch.long),
+            torch.arange(p, p + t).unsqueeze(0).expand(b, t).contiguous(), *past]
+
+
+def export_decoder(model: nn.Module, path: str | Path,
+                   config: DecoderConfig | None = None) -> DecoderResult:
+    """Write ``model`` (a causal LM, float or weight-only quantized) as a decoder graph.
+
+    Raises:
+        ExportError: Bad path, a quantization without an ONNX Runtime form, an export or
+            ONNX Runtime failure, or a float export that differs from PyTorch.
+        UnsupportedModelError: Not a causal LM with a plain key/value cache.
+    """
+    from slimformer.export.onnx import _first_line
+    from slimformer.quantize.state import QuantizedModel
+
+    config = config or DecoderConfig()
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ExportError(f"{path}: the output file must end in .onnx")
+    if not path.parent.is_dir():
+        raise ExportError(f"{path}: folder {path.parent} does not exist (create it first)")
+    quantized = isinstance(model, QuantizedModel)
+    if quantized and not getattr(model.quant, "weight_only", False):
+        raise ExportError("the decoder export takes a float or a weight-only quantized model "
+                          "(MatMulNBits); a model with quantized activations has no decoder "
+                          "form here: export it with `export onnx` (full sequences, QDQ)")
+    model.eval()
+    t0 = time.perf_counter()
+    layout = cache_layout(model)
+    opsets = [config.opset] if config.opset is not None else [23, 20]
+    notes: list[str] = []
+    for i, opset in enumerate(opsets):
+        try:
+            result = _export_once(model, path, layout, opset, config, notes)
+            break
+        except (ExportError, UnsupportedModelError):
+            if i + 1 == len(opsets):
+                raise
+        except Exception as exc:  # noqa: BLE001 - the exporter and ONNX Runtime raise many types
+            if i + 1 == len(opsets):
+                raise ExportError(f"exporting the decoder failed at opset {opset} "
+                                  f"({type(exc).__name__}: {_first_line(exc)})") from exc
+            notes.append(f"opset {opset} failed ({type(exc).__name__}: {_first_line(exc)}): "
+                         f"exported at opset {opsets[i + 1]}")
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _export_once(model, path: Path, layout: CacheLayout, opset: int, config: DecoderConfig,
+                 notes: list[str]) -> DecoderResult:
+    import onnx
+
+    from slimformer.export.onnx import TWO_GB, _file_bytes, _move_external, _param_bytes
+    from slimformer.store.atomic import atomic_path
+
+    quantized = inner(model) is not model
+    # traced on the float module; a quantized model's Linears are rewritten afterwards
+    entry = DecoderEntry(inner(model), layout).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, layout.vocab, (2, 3), generator=g)
+    args = tuple(step_inputs(ids, [torch.randn(2, layout.kv_heads, 4, layout.head_dim,
+                                               generator=g) for _ in range(2 * layout.layers)]))
+    big = _param_bytes(entry) > TWO_GB
+    with atomic_path(path) as tmp:
+        try:
+            _trace(entry, args, layout, tmp, opset, big)
+            proto = onnx.load(str(tmp))
+            result = DecoderResult(path=path, opset=opset, layout=layout, quantized=quantized,
+                                   size_bytes=0, warnings=notes)
+            if quantized:
+                from slimformer.export.nbits import to_matmul_nbits
+
+                result.nbits = to_matmul_nbits(proto, model, config.accuracy_level).as_dict()
+            _save(proto, tmp, big)
+            if config.check:
+                onnx.checker.check_model(str(tmp) if big else proto)
+                result.parity = check_decoder(tmp, DecoderEntry(model, layout).eval(), layout,
+                                              config)
+                _judge(result, config)
+            result.size_bytes = _file_bytes(tmp)
+            if big:
+                _move_external(tmp, path)
+        except BaseException:
+            for f in tmp.parent.glob(tmp.name + ".*"):
+                f.unlink(missing_ok=True)
+            raise
+    return result
+
+
+def _trace(entry, args, layout: CacheLayout, tmp: Path, opset: int, big: bool) -> None:
+    """``torch.onnx.export(dynamo=True)`` with symbolic batch, sequence and past axes."""
+    from torch.export import Dim
+
+    from slimformer.export.onnx import _quiet_logs
+
+    batch, seq, past, total = (Dim(n) for n in ("batch", "sequence", "past_sequence",
+                                                "total_sequence"))
+    shapes = (({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
+               *[{0: batch, 2: past}] * (2 * layout.layers)),)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_logs():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(entry, args, dynamo=True, dynamic_shapes=shapes,
+                                 input_names=layout.input_names(),
+                                 output_names=layout.output_names(), opset_version=opset,
+                                 external_data=big, optimize=True, verbose=False)
+    if prog is None:
+        raise ExportError("torch.onnx.export returned nothing")
+    prog.save(str(tmp), external_data=big)
+
+
+def _save(proto, tmp: Path, big: bool) -> None:
+    """Re-save ``proto`` at ``tmp`` without per-node debug metadata."""
+    import onnx
+
+    for n in proto.graph.node:  # the exporter's source stack traces
+        del n.metadata_props[:]
+        n.doc_string = ""
+    if big:
+        onnx.save(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=tmp.name + ".data")
+    else:
+        onnx.save(proto, str(tmp))
+
+
+@torch.no_grad()
+def check_decoder(path: Path, reference: nn.Module, layout: CacheLayout,
+                  config: DecoderConfig) -> dict[str, dict[str, dict[str, float]]]:
+    """ONNX Runtime vs ``reference`` (a :class:`DecoderEntry`) on a prefill and a decode step.
+
+    Returns:
+        ``{"prefill"|"decode": {output: {"sqnr_db", "max_rel_error", "cosine"}}}``; the decode
+        step feeds each side its own prefill's presents.
+    """
+    from slimformer.export.ortrun import session
+
+    sess = session(path, config.threads)
+    names = layout.input_names()
+    ids = torch.randint(0, layout.vocab, (1, config.check_tokens),
+                        generator=torch.Generator().manual_seed(1))
+    ref_past = ort_past = layout.empty(1)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for step, new in (("prefill", ids), ("decode", ids[:, -1:])):
+        ref = reference(*step_inputs(new, ref_past))
+        got = sess.run(None, {n: t.numpy() for n, t in zip(names, step_inputs(new, ort_past),
+                                                             strict=True)})
+        out[step] = {n: compare(r, torch.from_numpy(g)) for n, r, g in
+                     zip(layout.output_names(), ref, got, strict=True)}
+        ref_past, ort_past = list(ref[1:]), [torch.from_numpy(g) for g in got[1:]]
+    return out
+
+
+def compare(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
+    """SQNR (dB), max error relative to the reference's largest magnitude, cosine."""
+    from slimformer.models.outputs import metrics
+
+    if ref.shape != got.shape:
+        raise ExportError(f"ONNX Runtime returned shape {list(got.shape)}, PyTorch "
+                          f"{list(ref.shape)}")
+    m = metrics(ref.float(), got.float())
+    scale = float(ref.abs().max()) or 1.0
+    return {"sqnr_db": round(m["sqnr_db"], 2), "cosine": m["cosine"],
+            "max_rel_error": float((ref.float() - got.float()).abs().max()) / scale}
+
+
+def _judge(result: DecoderResult, config: DecoderConfig) -> None:
+    """ExportError when a float export's output falls under ``min_sqnr_db``."""
+    if result.quantized:
+        return
+    worst = min(((step, name, m) for step, outs in result.parity.items()
+                 for name, m in outs.items()), key=lambda x: x[2]["sqnr_db"])
+    if worst[2]["sqnr_db"] < config.min_sqnr_db:
+        raise ExportError(f"ONNX Runtime differs from PyTorch at the {worst[0]} step on "
+                          f"{worst[1]} (SQNR {worst[2]['sqnr_db']:.1f} dB); a float decoder "
+                          f"export must reach {config.min_sqnr_db} dB on every output")

@@ -1,0 +1,86 @@
+"""Text generation through ONNX Runtime on a decoder graph (:mod:`slimformer.export.decoder`).
+
+``OrtDecoder(path)`` opens the graph in an :func:`~slimformer.export.ortrun.session` and reads
+its cache layout from the graph's past inputs; :func:`generate_onnx` runs the prefill (the prompt
+with an empty past) and one-token decode steps, feeding each step's presents back as the next
+past, greedy or sampled as :func:`slimformer.models.generate.generate_tokens` (same seeded
+sampling), prefill and decode timed apart.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slimformer.errors import ExportError
+from slimformer.models.generate import Generation
+
+_PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
+
+
+class OrtDecoder:
+    """An ONNX Runtime session of a decoder graph and its cache layout."""
+
+    def __init__(self, path: str | Path, threads: int = 2):
+        from slimformer.export.ortrun import session
+
+        self.sess = session(path, threads)
+        self.inputs = [i.name for i in self.sess.get_inputs()]
+        past = [i for i in self.sess.get_inputs() if _PAST.fullmatch(i.name)]
+        want = {"input_ids", "attention_mask", "position_ids"}
+        if not past or not want <= set(self.inputs):
+            raise ExportError(f"{path} is not a decoder graph with a key/value cache: inputs "
+                              f"{self.inputs}; expected input_ids, attention_mask, position_ids "
+                              "and past_key_values.{i}.key/value (export it with export_decoder)")
+        self.past_names = [i.name for i in past]
+        self.kv_heads, self.head_dim = past[0].shape[1], past[0].shape[3]
+        self.dtype = np.float16 if "float16" in past[0].type else np.float32
+
+    def empty(self, batch: int = 1) -> list[np.ndarray]:
+        """Empty past tensors ``(batch, kv_heads, 0, head_dim)``."""
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.dtype)
+                for _ in self.past_names]
+
+    def step(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
+        """``(logits (B, T, V), presents)`` for new tokens ``ids (B, T)`` after ``past``."""
+        b, t = ids.shape
+        p = past[0].shape[2]
+        feeds = {"input_ids": ids.astype(np.int64),
+                 "attention_mask": np.ones((b, p + t), np.int64),
+                 "position_ids": np.broadcast_to(np.arange(p, p + t, dtype=np.int64), (b, t)).copy(),
+                 **dict(zip(self.past_names, past, strict=True))}
+        logits, *presents = self.sess.run(None, feeds)
+        return logits, presents
+
+
+def generate_onnx(decoder: OrtDecoder, prompt_ids: list[int], max_new_tokens: int, *,
+                  greedy: bool = True, temperature: float = 1.0, seed: int = 0,
+                  eos_token_id: int | list[int] | None = None) -> Generation:
+    """Generate up to ``max_new_tokens`` after ``prompt_ids`` with the ONNX Runtime decoder."""
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    gen = torch.Generator().manual_seed(seed)
+    result = Generation(list(prompt_ids))
+    step_in, past = np.asarray([prompt_ids], np.int64), decoder.empty(1)
+    t0 = time.perf_counter()
+    for i in range(max_new_tokens):
+        logits, past = decoder.step(step_in, past)
+        last = torch.from_numpy(logits[0, -1]).float()  # (V,)
+        if greedy:
+            tok = int(last.argmax())
+        else:
+            tok = int(torch.multinomial(torch.softmax(last / temperature, dim=-1), 1,
+                                        generator=gen))
+        now = time.perf_counter()
+        if i == 0:
+            result.prefill_seconds, t0 = now - t0, now
+        result.new_ids.append(tok)
+        if tok in eos:
+            result.stopped = "eos"
+            break
+        step_in = np.asarray([[tok]], np.int64)
+    result.decode_seconds = time.perf_counter() - t0 if len(result.new_ids) > 1 else 0.0
+    return result
