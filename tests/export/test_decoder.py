@@ -114,3 +114,90 @@ def test_an_encoder_is_refused(tmp_path):
     with pytest.raises(UnsupportedModelError, match="causal LM"):
         export_decoder(bert, tmp_path / "bert.onnx")
     assert not list(tmp_path.iterdir())
+
+
+def _weight_only(model, **kw):
+    from slimformer.data.datasets import TensorDictDataset
+    from slimformer.quantize.api import quantize
+    from slimformer.quantize.config import QuantConfig
+
+    ids = torch.randint(0, VOCAB, (16, 16), generator=torch.Generator().manual_seed(0))
+    data = TensorDictDataset({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    cfg = QuantConfig(weight_only=True, method="minmax", calib_batch_size=8, **kw)
+    return quantize(model, cfg, data).model
+
+
+@pytest.fixture(scope="module")
+def int4_export(model, tmp_path_factory):
+    qmodel = _weight_only(model, weight_bits=4, group_size=32)
+    path = tmp_path_factory.mktemp("dec") / "int4.onnx"
+    return qmodel, export_decoder(qmodel, path), path
+
+
+def test_int4_g32_matmulnbits_holds_our_codes(model, int4_export):
+    """Every quantized Linear is one MatMulNBits (int4, block 32) with our packed codes."""
+    from onnx import numpy_helper
+
+    from slimformer.quantize.inference import to_inference
+    from slimformer.quantize.pack import unpack_codes
+
+    qmodel, res, path = int4_export
+    proto = onnx.load(str(path))
+    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == len(qmodel.quant.linears) == res.nbits["replaced"] == 15
+    assert res.nbits["by_form"] == {"int4 g32": 15}
+    assert not [n for n in proto.graph.node if n.op_type == "MatMul" and
+                any(i.name == n.input[1] for i in proto.graph.initializer)]
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    lqs = list(to_inference(qmodel).quant.linears.values())
+    matched = set()
+    for node in nodes:  # each node holds one Linear's codes, scales and zero points exactly
+        b, s, z = (torch.from_numpy(inits[i].copy()) for i in node.input[1:4])
+        n, blocks, blob = b.shape
+        assert blob == 16 and s.shape == (n, blocks) and z.shape == (n, (blocks + 1) // 2)
+        codes = unpack_codes(b.reshape(-1), 4, (n * blocks * 32,)).reshape(-1, 32)
+        hit = [lq.name for lq in lqs if lq.int_weight.shape == codes.shape
+               and torch.equal(lq.int_weight, codes)]
+        assert len(hit) == 1
+        lq = next(lq for lq in lqs if lq.name == hit[0])
+        assert torch.equal(s.reshape(-1, 1), lq.wq.scale)
+        zero = unpack_codes(z.reshape(-1), 4, (z.numel() * 2,)).reshape(n, -1)[:, :blocks]
+        assert torch.equal(zero.reshape(-1, 1).float(), lq.wq.zero)
+        matched.add(hit[0])
+    assert len(matched) == 15
+
+
+def test_int4_parity_with_the_quantized_pytorch_model(model, int4_export):
+    qmodel, res, path = int4_export
+    for outs in res.parity.values():  # ORT vs our quantized model: the same arithmetic
+        assert min(m["sqnr_db"] for m in outs.values()) > 90, outs
+    ids = torch.tensor([_prompt()])
+    logits, _ = OrtDecoder(path).step(ids.numpy(), OrtDecoder(path).empty(1))
+    with torch.no_grad():  # vs the float model: the quantization error, far larger
+        from slimformer.export.decoder import compare
+
+        assert compare(model(input_ids=ids).logits, torch.from_numpy(logits))["sqnr_db"] < 40
+    prompt = _prompt()
+    ref = generate_tokens(qmodel, prompt, 32, cache_arg="cache")
+    got = generate_onnx(OrtDecoder(path), prompt, 32)
+    agree = sum(a == b for a, b in zip(ref.new_ids, got.new_ids, strict=True)) / 32
+    assert agree >= 0.95
+    size = res.size_bytes
+    assert res.nbits["packed_bytes"] * 5 < res.nbits["float_bytes"] and size > 0
+
+
+def test_int8_symmetric_per_channel_leaves_out_zero_points(model, tmp_path):
+    qmodel = _weight_only(model, weight_bits=8, symmetric=True)
+    res = export_decoder(qmodel, tmp_path / "int8.onnx")
+    proto = onnx.load(str(tmp_path / "int8.onnx"))
+    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 15 and all(len(n.input) == 3 for n in nodes)  # default zero 128
+    assert set(res.nbits["by_form"]) == {"int8 g64", "int8 g128"}  # K = 64 or 128
+    assert min(m["sqnr_db"] for m in res.parity["decode"].values()) > 90
+
+
+def test_unsupported_bits_are_a_typed_error(model, tmp_path):
+    qmodel = _weight_only(model, weight_bits=3, group_size=32)
+    with pytest.raises(ExportError, match="3-bit weights have no MatMulNBits form; allowed: 2, 4, 8"):
+        export_decoder(qmodel, tmp_path / "w3.onnx")
+    assert not list(tmp_path.iterdir())

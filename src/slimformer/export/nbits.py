@@ -1,0 +1,221 @@
+"""Weight-only quantized Linears as ONNX Runtime's ``com.microsoft::MatMulNBits``, from our codes.
+
+``to_matmul_nbits(proto, qmodel)`` rewrites a float ONNX graph of ``qmodel``'s own float model:
+every ``MatMul`` whose weight input is a quantized Linear's float weight (found by value: the
+constant ``(K, N)`` equals ``W.T`` of the Linear's ``(N, K)`` weight, directly or through a
+``Transpose``; never by module name) becomes ``MatMulNBits(A, B, scales[, zero_points])``:
+
+    B            (N, k_blocks, block_size * bits / 8) uint8, our codes packed along K,
+                 low bits first (two 4-bit codes per byte, the first in the low nibble)
+    scales       (N, k_blocks) float32, our per-group scales
+    zero_points  (N, ceil(k_blocks * bits / 8)) uint8, our zero points packed the same way;
+                 left out when every one is 2^(bits-1) (symmetric grids: the op's default)
+
+with ``K``, ``N``, ``bits``, ``block_size`` = our group size and ``accuracy_level``. The codes
+are those of the model's inference form (:func:`~slimformer.quantize.inference.to_inference`):
+nothing is re-quantized. A Linear with ranges per output channel is written with the largest
+block size in 128/64/32/16 dividing ``K``, its scale and zero point repeated per block (the same
+values). Bits other than 2/4/8, groups below 16 or not a power of two, expert (3-D) weights and
+quantized embedding tables have no MatMulNBits form here: :class:`ExportError` names them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from slimformer.errors import ExportError
+from slimformer.quantize.pack import pack_codes
+
+NBITS = (2, 4, 8)
+BLOCKS = (128, 64, 32, 16)
+DOMAIN = "com.microsoft"
+
+
+@dataclass
+class NbitsStats:
+    """What the rewrite replaced: MatMulNBits nodes by (bits, block size), bytes saved."""
+
+    replaced: int = 0
+    by_form: dict[str, int] = field(default_factory=dict)  # "int4 g32": count
+    float_bytes: int = 0  # the replaced float weights
+    packed_bytes: int = 0  # B + scales + zero points written instead
+
+    def as_dict(self) -> dict:
+        """JSON-ready."""
+        return asdict(self)
+
+
+def _key(a: np.ndarray) -> str:
+    """A digest of a float32 ``(N, K)`` weight's values and shape."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return hashlib.blake2b(a.tobytes() + str(a.shape).encode(), digest_size=16).hexdigest()
+
+
+def _codes(qmodel) -> dict[str, tuple]:
+    """``{digest of the float weight: (LinearQuant, codes (N, K), scale, zero (N, groups))}``."""
+    from slimformer.quantize.inference import to_inference
+
+    inf = qmodel if qmodel.inference else to_inference(qmodel)
+    float_lqs = {lq.name: lq for lq in qmodel.quant.linears.values()}
+    if qmodel.quant.embeddings:
+        names = ", ".join(e.name for e in qmodel.quant.embeddings.values())
+        raise ExportError(f"quantized embedding tables ({names}) have no MatMulNBits form: "
+                          "quantize without embedding_bits for the ONNX export")
+    out: dict[str, tuple] = {}
+    for lq in inf.quant.linears.values():
+        if lq.axis is not None:
+            raise ExportError(f"{lq.name}: batched (expert) weights have no MatMulNBits form; "
+                              "keep them float (keep_float) for the ONNX export")
+        bits = lq.wq.bits
+        if bits not in NBITS:
+            raise ExportError(f"{lq.name}: {bits}-bit weights have no MatMulNBits form; "
+                              f"allowed: {', '.join(map(str, NBITS))} bits")
+        w = float_lqs[lq.name].full_matrix().detach().float()  # (N, K)
+        n, k = w.shape
+        rows = lq.int_weight.shape[0]
+        codes = lq.int_weight.reshape(n, k)
+        scale = lq.wq.scale.reshape(n, rows // n).float()
+        zero = lq.wq.zero.reshape(n, rows // n).float()
+        if not torch.equal(zero, zero.round()):
+            raise ExportError(f"{lq.name}: zero points are not integers; MatMulNBits needs "
+                              "integer zero points")
+        key = _key(w.numpy())
+        if key in out and not torch.equal(out[key][1], codes):
+            raise ExportError(f"{lq.name} and {out[key][0].name} hold the same float weight but "
+                              "different codes: the graph cannot tell their MatMuls apart")
+        out[key] = (lq, codes, scale, zero)
+    return out
+
+
+def _block(lq, k: int, groups: int) -> int:
+    """The MatMulNBits block size of a Linear with ``groups`` ranges per row of ``k`` columns."""
+    if groups == 1:  # per output channel: any block size dividing K repeats the same values
+        size = next((b for b in BLOCKS if k % b == 0), None)
+    else:
+        size = k // groups
+        size = size if size >= 16 and size & (size - 1) == 0 else None
+    if size is None:
+        raise ExportError(f"{lq.name}: {k} input columns in {groups} group(s) have no MatMulNBits "
+                          "block size (a power of two >= 16 dividing K); allowed group sizes: "
+                          f"{', '.join(map(str, BLOCKS))}")
+    return size
+
+
+def _initializers(lq, codes, scale, zero, block: int, prefix: str):
+    """``(B, scales, zero_points or None)`` as TensorProtos named after ``prefix``."""
+    from onnx import numpy_helper
+
+    bits = lq.wq.bits
+    n, k = codes.shape
+    blocks = k // block
+    reps = blocks // scale.shape[1]  # per-channel ranges: one scale repeated over the blocks
+    scale, zero = scale.repeat_interleave(reps, 1), zero.repeat_interleave(reps, 1)
+    packed = pack_codes(codes.reshape(n, blocks, block), bits).reshape(n, blocks,
+                                                                       block * bits // 8)
+    tensors = [numpy_helper.from_array(packed.numpy(), prefix + "_B"),
+               numpy_helper.from_array(scale.numpy().astype(np.float32), prefix + "_scales")]
+    if bool((zero != 2 ** (bits - 1)).any()):
+        per_byte = 8 // bits
+        pad = -blocks % per_byte
+        zp = torch.cat([zero, zero.new_zeros(n, pad)], 1).to(torch.uint8)
+        zp = pack_codes(zp, bits).reshape(n, (blocks + pad) * bits // 8)
+        tensors.append(numpy_helper.from_array(zp.numpy(), prefix + "_zero_points"))
+    return tensors
+
+
+def to_matmul_nbits(proto, qmodel, accuracy_level: int = 0) -> NbitsStats:
+    """Rewrite ``proto`` (the float graph of ``qmodel.model``, in memory) in place; see module doc.
+
+    Raises:
+        ExportError: A quantized Linear with no MatMulNBits form, or whose MatMul is not in
+            the graph.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    sites = _codes(qmodel)
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    stats, found, forms = NbitsStats(), set(), Counter()
+    new_nodes = []
+    for node in graph.node:
+        site = None
+        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+            site = _weight_site(node.input[1], inits, producer, sites)
+        if site is None:
+            new_nodes.append(node)
+            continue
+        key, src_bytes = site
+        lq, codes, scale, zero = sites[key]
+        n, k = codes.shape
+        block = _block(lq, k, scale.shape[1])
+        prefix = f"{node.name or node.output[0]}_nbits"
+        tensors = _initializers(lq, codes, scale, zero, block, prefix)
+        graph.initializer.extend(tensors)
+        new_nodes.append(helper.make_node(
+            "MatMulNBits", [node.input[0], *(t.name for t in tensors)], list(node.output),
+            name=prefix, domain=DOMAIN, K=k, N=n, bits=lq.wq.bits, block_size=block,
+            accuracy_level=accuracy_level))
+        found.add(key)
+        forms[f"int{lq.wq.bits} g{block}"] += 1
+        stats.float_bytes += src_bytes
+        stats.packed_bytes += sum(numpy_helper.to_array(t).nbytes for t in tensors)
+    missing = [sites[k][0].name for k in sites if k not in found]
+    if missing:
+        raise ExportError(f"no MatMul of the exported graph reads the float weight of "
+                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: "
+                          "those quantized Linears cannot become MatMulNBits")
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    _drop_unused(graph)
+    if not any(o.domain == DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    stats.replaced, stats.by_form = sum(forms.values()), dict(forms)
+    return stats
+
+
+def _weight_site(name: str, inits, producer, sites) -> tuple[str, int] | None:
+    """``(digest, float bytes)`` when ``name`` is a quantized Linear's weight as ``(K, N)``."""
+    from onnx import numpy_helper
+
+    if name in inits and len(inits[name].dims) == 2:
+        a = numpy_helper.to_array(inits[name])
+        key = _key(a.T)  # (K, N) constant: W.T
+    elif name in producer and producer[name].op_type == "Transpose":
+        src = producer[name].input[0]
+        perm = [list(a.ints) for a in producer[name].attribute if a.name == "perm"]
+        if src not in inits or len(inits[src].dims) != 2 or perm not in ([[1, 0]], []):
+            return None
+        a = numpy_helper.to_array(inits[src])
+        key = _key(a)  # Transpose((N, K))
+    else:
+        return None
+    return (key, a.nbytes) if a.dtype == np.float32 and key in sites else None
+
+
+def _reads(graph) -> set[str]:
+    """Every value name a node of ``graph`` or of its subgraphs reads, and the graph outputs."""
+    read = {o.name for o in graph.output}
+    for n in graph.node:
+        read.update(n.input)
+        for a in n.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                read |= _reads(g)
+    return read
+
+
+def _drop_unused(graph) -> None:
+    """Remove the Transposes and initializers no longer read (the replaced float weights)."""
+    read = _reads(graph)
+    dead = [n for n in graph.node if n.op_type == "Transpose" and n.output[0] not in read]
+    for n in dead:
+        graph.node.remove(n)
+    read = _reads(graph)
+    kept = [t for t in graph.initializer if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
