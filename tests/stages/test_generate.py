@@ -148,3 +148,22 @@ def test_help_and_recipe_schema():
 
     with pytest.raises(ConfigError, match="max_new_tokens"):
         parse_recipe(yaml.safe_load("stages: [{type: generate, prompt: hi, max_new_tokens: 0}]"))
+
+
+def test_onnxruntime_runtime_float_and_weight_only_match_torch(lm, tmp_path):
+    """--runtime onnxruntime: the float folder's and a weight-only INT4 folder's greedy tokens
+    equal PyTorch's; an unknown runtime is refused naming the allowed ones."""
+    torch_f = _generate(lm, "--prompt", PROMPT, "--max-new-tokens", 12)
+    ort_f = _generate(lm, "--prompt", PROMPT, "--max-new-tokens", 12, "--runtime", "onnxruntime")
+    assert ort_f["new_ids"] == torch_f["new_ids"] and ort_f["runtime"] == "onnxruntime"
+    assert ort_f["decode_tokens_per_s"] > 0
+    out = tmp_path / "w4"
+    res = CliRunner().invoke(app, ["-q", "quantize", str(lm), "--out", str(out), "--weight-only",
+                                   "--method", "minmax", "--weight-bits", "4", "--group-size", "32",
+                                   "--calib-samples", "8", "--limit", "16"])
+    assert res.exit_code == 0, res.output
+    torch_q = _generate(out, "--prompt", PROMPT, "--max-new-tokens", 12)
+    ort_q = _generate(out, "--prompt", PROMPT, "--max-new-tokens", 12, "--runtime", "onnxruntime")
+    assert ort_q["new_ids"] == torch_q["new_ids"]
+    res = CliRunner().invoke(app, ["generate", str(lm), "--prompt", PROMPT, "--runtime", "tvm"])
+    assert res.exit_code != 0 and "onnxruntime" in res.output

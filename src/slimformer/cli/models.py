@@ -171,6 +171,10 @@ def generate(model: Annotated[str, typer.Argument(help="A causal LM (as for insp
                                                 "prompt as a user turn).")] = False,
              tokenizer: Annotated[str | None, typer.Option(
                  help="Tokenizer folder (default: the model's own folder).")] = None,
+             runtime: Annotated[str, typer.Option(
+                 help="torch, or onnxruntime: export the model (float or weight-only "
+                      "quantized) as a decoder graph with its KV cache and run it in ONNX "
+                      "Runtime.")] = "torch",
              config: ConfigOpt = None,
              as_json: JsonOpt = False,
              task: TaskOpt = None):
@@ -183,13 +187,14 @@ def generate(model: Annotated[str, typer.Argument(help="A causal LM (as for insp
                  temperature=(temperature, *TEMPERATURE_RANGE), seed=(seed, 0, 2**63 - 1))
         stage = _stage(GenerateStage, None, prompt=prompt, max_new_tokens=max_new_tokens,
                        greedy=greedy, temperature=temperature, seed=seed, chat=chat,
-                       tokenizer=tokenizer)
+                       tokenizer=tokenizer, runtime=runtime)
         from slimformer.stages.generate import generate_text
 
         with err.status("loading the model"):
             loaded, module = _load_any(model, config, task=task)
         g, text = generate_text(module, loaded, stage)
-    result = {"model": model, "prompt": prompt, "text": text, "new_ids": g.new_ids,
+    result = {"model": model, "runtime": runtime, "prompt": prompt, "text": text,
+              "new_ids": g.new_ids,
               "prompt_tokens": len(g.prompt_ids), "new_tokens": len(g.new_ids),
               "stopped": g.stopped, "prefill_tokens_per_s": g.prefill_tokens_per_s,
               "decode_tokens_per_s": g.decode_tokens_per_s}

@@ -4,7 +4,10 @@ Also what ``slimformer generate`` runs (:func:`generate_text`). The model is the
 it stands (float, pruned or quantized, in a recipe or restored from a saved folder); the prompt
 is tokenized by the model's own tokenizer (its Hugging Face folder, or ``tokenizer``), through
 the tokenizer's chat template with ``chat``. Decoding uses the KV cache
-(:mod:`slimformer.models.generate`).
+(:mod:`slimformer.models.generate`). ``runtime: onnxruntime`` exports the model (float or
+weight-only quantized) as a decoder graph with its cache into a temporary folder
+(:func:`~slimformer.export.decoder.export_decoder`, checked against PyTorch) and generates
+through ONNX Runtime (:mod:`slimformer.export.ortgen`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class GenerateStage(_Strict):
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
     chat: bool = False  # apply the tokenizer's chat template (a user turn)
     tokenizer: Annotated[str | None, Field(min_length=1, max_length=4096)] = None
+    runtime: Literal["torch", "onnxruntime"] = "torch"
 
 
 def hf_model(model):
@@ -123,10 +127,27 @@ def generate_text(model, loaded, stage: GenerateStage, use_cache: bool = True):
     gcfg = getattr(hf, "generation_config", None)
     eos = getattr(gcfg, "eos_token_id", None)
     eos = eos if eos is not None else tok.eos_token_id
-    g = generate_tokens(model, ids, stage.max_new_tokens, greedy=stage.greedy,
-                        temperature=stage.temperature, seed=stage.seed, use_cache=use_cache,
-                        eos_token_id=eos, what=what, cache_arg=arg)
+    if stage.runtime == "onnxruntime":
+        g = _generate_onnx(model, ids, stage, eos)
+    else:
+        g = generate_tokens(model, ids, stage.max_new_tokens, greedy=stage.greedy,
+                            temperature=stage.temperature, seed=stage.seed, use_cache=use_cache,
+                            eos_token_id=eos, what=what, cache_arg=arg)
     return g, tok.decode(g.new_ids, skip_special_tokens=True)
+
+
+def _generate_onnx(model, ids: list[int], stage: GenerateStage, eos):
+    """Export ``model`` as a decoder graph (temporary folder) and generate in ONNX Runtime."""
+    import tempfile
+
+    from slimformer.export.decoder import export_decoder
+    from slimformer.export.ortgen import OrtDecoder, generate_onnx
+
+    with tempfile.TemporaryDirectory(prefix="slimformer-decoder-") as folder:
+        res = export_decoder(model, Path(folder) / "decoder.onnx")
+        return generate_onnx(OrtDecoder(res.path), ids, stage.max_new_tokens,
+                             greedy=stage.greedy, temperature=stage.temperature,
+                             seed=stage.seed, eos_token_id=eos)
 
 
 def run(ctx: RunContext, stage: GenerateStage) -> StageRecord:
@@ -135,7 +156,7 @@ def run(ctx: RunContext, stage: GenerateStage) -> StageRecord:
     if ctx.progress:
         ctx.progress("generate", 0, 1)
     g, text = generate_text(ctx.model, ctx.loaded, stage)
-    rec.metrics = {"text": text, "prompt_tokens": len(g.prompt_ids),
+    rec.metrics = {"text": text, "runtime": stage.runtime, "prompt_tokens": len(g.prompt_ids),
                    "new_tokens": len(g.new_ids), "stopped": g.stopped,
                    "prefill_tokens_per_s": round(g.prefill_tokens_per_s, 2),
                    "decode_tokens_per_s": round(g.decode_tokens_per_s, 2)}
