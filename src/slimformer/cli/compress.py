@@ -24,6 +24,7 @@ from slimformer.cli.options import (
     _run_one,
     _stage,
 )
+from slimformer.quantize.budget import ROWS
 
 
 def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],
@@ -34,6 +35,12 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
              weight_bits: Annotated[int, typer.Option(help="Weight bits (2..8).")] = 8,
              act_bits: Annotated[int, typer.Option(help="Activation bits (2..8).")] = 8,
              calib_samples: Annotated[int, typer.Option(help="Calibration rows.")] = 128,
+             budget: Annotated[str | None, typer.Option(
+                 help="Accuracy budget: 1pt (accuracy points lost, or top-1 agreement points "
+                      "on unlabelled rows), 3%ppl (relative perplexity increase, causal LMs) or "
+                      "30dB (output SQNR); the fewest activation sites, ranked by their share "
+                      "of the output error, go to 8 bits, then float, to meet it on "
+                      "calibration rows past --calib-samples.")] = None,
              softmax: Annotated[str, typer.Option(help="auto | log_sqrt2 | log2 | uniform | "
                                                   "none (attention probabilities).")] = "auto",
              symmetric: Annotated[bool, typer.Option(help="Symmetric (zero point 0) weights "
@@ -80,12 +87,14 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
         stage = _stage(QuantizeStage, set_, method=method or ("gptq" if weight_only else "repq"),
                        weight_bits=weight_bits, act_bits=act_bits, **wo,
                        calib_samples=calib_samples, softmax=softmax, symmetric=symmetric,
+                       **({"budget": budget} if budget is not None else {}),
                        power_of_two_scales=power_of_two_scales, embedding_bits=embedding_bits,
                        clip_steps=clip_steps, recon_steps=recon_steps)
         quiet = EvaluateStage(latency_batch_sizes=[])
         result = _run_one(con, "quantize", model, config, [quiet, stage, quiet], out, overwrite,
                           _data_config(data, calib_data, eval_data, limit,
-                                       max(CALIB_ROWS, stage.calib_samples)),
+                                       max(CALIB_ROWS, stage.calib_samples +
+                                           (max(ROWS.values()) if stage.budget else 0))),
                           max_loss, fail_on_loss, task)
     before, q, after = result.report.stages
     con.print(f"{model} {stage.method} {q.metrics['bits']} on "

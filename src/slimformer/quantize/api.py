@@ -27,6 +27,7 @@ from slimformer.quantize.capture import float_outputs as _float_outputs
 from slimformer.quantize.capture import output_error as _output_error
 from slimformer.quantize.check import WeakSite
 from slimformer.quantize.config import QuantConfig
+from slimformer.quantize.fallback import Fallback
 from slimformer.quantize.holdout import SiteChoice
 from slimformer.quantize.phases import calibrate as _calibrate
 from slimformer.quantize.state import QuantizedModel
@@ -45,8 +46,13 @@ class QuantResult:
         site_choices: repq / repquant: every per-site choice with the held-out error of each
             candidate (:class:`~slimformer.quantize.holdout.SiteChoice`), the method's own
             (``site == "model"``: repq vs the min/max baseline) last.
-        float_activations: Activation quantizers the output-floor fallback kept float
+        float_activations: Activation quantizers the budget fallback kept float
             (:mod:`~slimformer.quantize.fallback`), also in ``model.config`` and ``notes``.
+        eight_bit: Linear weights the budget fallback moved to 8 bits with their inputs (configs
+            below 8 bits), also in ``model.config.overrides``.
+        budget: What the fallback measured on its judge rows: ``before`` / ``after`` (metrics
+            of :meth:`~slimformer.quantize.judge.Judge.measure`), ``bytes_8bit`` (packed weight
+            bytes added), ``sites_8bit`` (activation sites at 8 bits); None when it did nothing.
     """
 
     model: QuantizedModel
@@ -57,6 +63,8 @@ class QuantResult:
     output_sqnr_db: float | None = None
     site_choices: list[SiteChoice] = field(default_factory=list)
     float_activations: list[str] = field(default_factory=list)
+    eight_bit: list[str] = field(default_factory=list)
+    budget: dict | None = None
 
 
 def quantize(model: nn.Module, config: QuantConfig, calib_data, structure=None,
@@ -105,9 +113,14 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
                         "validate every per-site choice")
         qmodel = _against_minmax(qmodel, original, config, calib_data, fit, held, structure,
                                  notes, choices)
-    weak, out_db, kept = _check(qmodel, calib_data, config, notes, tick)
+    weak, out_db, fb = _check(qmodel, calib_data, config, notes, tick)
     qmodel.quant.forget()  # the calibration observations
-    return QuantResult(qmodel, n, time.perf_counter() - t0, notes, weak, out_db, choices, kept)
+    res = QuantResult(qmodel, n, time.perf_counter() - t0, notes, weak, out_db, choices)
+    if fb is not None:
+        res.float_activations, res.eight_bit = fb.kept, fb.eight_bit_linears
+        res.budget = {"before": fb.before, "after": fb.after, "bytes_8bit": fb.bytes_delta,
+                      "sites_8bit": fb.eight_bit}
+    return res
 
 
 def _against_minmax(qmodel: QuantizedModel, original: nn.Module, config: QuantConfig,
@@ -154,15 +167,18 @@ def _against_minmax(qmodel: QuantizedModel, original: nn.Module, config: QuantCo
 
 
 def _check(qmodel: QuantizedModel, calib_data, config: QuantConfig, notes: list[str],
-           progress=None) -> tuple[list[WeakSite], float | None, list[str]]:
-    """Weak sites, the output SQNR and the activations kept float by the output-floor fallback.
+           progress=None) -> tuple[list[WeakSite], float | None, Fallback | None]:
+    """Weak sites, the output SQNR and what the budget fallback moved to 8 bits or float.
 
-    At W8A8 an output under ``min_output_sqnr_db`` first keeps the fewest activation quantizers
-    float that bring it over (:mod:`~slimformer.quantize.fallback`; ``qmodel.config`` then
-    records them in ``float_activations``); raises where all activations float miss it too.
+    The criteria: the config's ``budget`` and, at W8A8, ``min_output_sqnr_db`` (checked first on
+    the calibration rows, as without a budget). Where they fail, the fewest activation sites
+    move to 8 bits, then float (:mod:`~slimformer.quantize.fallback`; ``qmodel.config`` then
+    records them in ``overrides`` / ``float_activations``); raises where even every site float
+    misses them.
     """
+    from slimformer.quantize.budget import Budget, parse_budget
     from slimformer.quantize.check import output_sqnr, site_errors
-    from slimformer.quantize.fallback import keep_float
+    from slimformer.quantize.fallback import fallback
 
     def measure():
         w, dbs = site_errors(qmodel.quant)
@@ -174,33 +190,42 @@ def _check(qmodel: QuantizedModel, calib_data, config: QuantConfig, notes: list[
     full8 = min(b for lq in qmodel.quant.linears.values() for b in (lq.wq.bits, lq.act.bits)) \
         if len(qmodel.quant.linears) else 0
     floor = config.min_output_sqnr_db
-    kept: list[str] = []
-    if floor is not None and full8 >= 8 and out_db is not None and out_db < floor:
-        worst = [(w.name, w.sqnr_db) for w in weak]
-        worst += sorted(((k, v) for k, v in site_db.items() if k not in dict(worst)),
-                        key=lambda kv: kv[1])
-        fb = keep_float(qmodel, calib_data, config, [n for n, _ in worst], floor, progress)
-        if fb is None:
-            raise CalibrationError(
-                f"the quantized model's output is at {out_db:.1f} dB SQNR vs float on the "
-                f"calibration data, below the {floor:g} dB floor for 8-bit weights and "
-                "activations, also with every activation quantizer kept float: the quantizers "
-                "lost the signal. Worst sites (weak ones first): " +
-                "; ".join(f"{n} {d:.1f} dB" for n, d in worst[:5]) +
-                ". Check the scale of the model's activations and the calibration data, or set "
-                "min_output_sqnr_db: null to accept it")
-        notes.append(f"model output SQNR vs float on the calibration data: {out_db:.1f} dB, "
-                     f"below the {floor:g} dB floor")
+    low = floor is not None and full8 >= 8 and out_db is not None and out_db < floor
+    criteria = [parse_budget(config.budget)] if config.budget else []
+    if floor is not None and full8 >= 8 and (criteria or low):
+        criteria.append(Budget("db", floor))
+    fb = fallback(qmodel, calib_data, config, criteria, progress) if criteria else None
+    worst = [(w.name, w.sqnr_db) for w in weak]
+    worst += sorted(((k, v) for k, v in site_db.items() if k not in dict(worst)),
+                    key=lambda kv: kv[1])
+    if fb is not None and not fb.met and not config.budget:
+        raise CalibrationError(
+            f"the quantized model's output is at {out_db:.1f} dB SQNR vs float on the "
+            f"calibration data, below the {floor:g} dB floor for 8-bit weights and "
+            "activations, also with every activation quantizer kept float: the quantizers "
+            "lost the signal. Worst sites (weak ones first): " +
+            "; ".join(f"{n} {d:.1f} dB" for n, d in worst[:5]) +
+            ". Check the scale of the model's activations and the calibration data, or set "
+            "min_output_sqnr_db: null to accept it")
+    if fb is not None and not fb.met:
+        raise CalibrationError(
+            f"budget {config.budget} cannot be met: " + "; ".join(fb.notes) + ". Worst sites "
+            "(weak ones first): " + "; ".join(f"{n} {d:.1f} dB" for n, d in worst[:5]) +
+            ". Allowed: a looser budget (e.g. more points, a lower dB), more bits, or no budget")
+    if low or fb is not None:
+        notes.append(f"model output SQNR vs float on the calibration data: {out_db:.1f} dB" +
+                     (f", below the {floor:g} dB floor" if low else ""))
+    if fb is not None:
         notes += fb.notes
-        kept = fb.kept
-        qmodel.config = config.model_copy(
-            update={"float_activations": [*config.float_activations, *fb.patterns()]})
+        qmodel.config = config.model_copy(update={
+            "overrides": [*fb.overrides, *config.overrides],
+            "float_activations": [*config.float_activations, *fb.patterns()]})
         weak, site_db, out_db = measure()
         notes.append(f"after the fallback: {out_db:.1f} dB on the calibration data")
-    elif out_db is not None:
+    elif out_db is not None and not low:
         notes.append(f"model output SQNR vs float on the calibration data: {out_db:.1f} dB")
     for w in weak[:10]:
         notes.append(f"weak site: {w}")
     if len(weak) > 10:
         notes.append(f"... and {len(weak) - 10} more weak site(s)")
-    return weak, out_db, kept
+    return weak, out_db, fb

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from slimformer.quantize.budget import budget_field
+
 
 def _bits(v: int) -> int:
     if not 2 <= v <= 8:
@@ -88,7 +90,16 @@ class QuantConfig(BaseModel):
             sites; below it the fallback (:mod:`~slimformer.quantize.fallback`) first keeps the
             fewest activation quantizers float (ranked by their measured effect on the output)
             that bring the output back over it, and records them in ``float_activations``; None
-            disables the check.
+            disables the check. With a ``budget`` too, both must hold.
+        budget: How far from float the model may be (:mod:`~slimformer.quantize.budget`):
+            ``<x>pt`` (accuracy points lost vs float on labelled held-out rows, top-1 agreement
+            points on unlabelled ones), ``<x>%ppl`` (relative perplexity increase, causal LMs)
+            or ``<x>dB`` (model output SQNR). At any bit-widths the fallback
+            (:mod:`~slimformer.quantize.fallback`) moves the fewest activation sites, ranked by
+            their share of the output error, first to 8 bits (weights and input; recorded in
+            ``overrides``) and then float (``float_activations``) until it holds on calibration
+            rows no quantizer saw; unreachable: :class:`CalibrationError`. None: only the
+            W8A8 floor. Not with ``weight_only``.
         float_activations: Glob patterns of activation quantizer names (``in:<weight>``,
             ``norm:<module>:<bits>``, ``<module>:q|k|v``) whose input stays float (the weights
             after them stay quantized); a pattern that matches nothing is an error.
@@ -116,6 +127,7 @@ class QuantConfig(BaseModel):
     act_order: bool = False
     repq_sites: Literal["auto", "all"] = "auto"
     min_output_sqnr_db: float | None = 10.0
+    budget: Annotated[str | None, AfterValidator(budget_field)] = None
     float_activations: list[str] = Field(default_factory=list)
     seed: int = 0
 
@@ -129,6 +141,10 @@ class QuantConfig(BaseModel):
 
     @model_validator(mode="after")
     def _weight_only(self) -> QuantConfig:
+        if self.weight_only and self.budget is not None:
+            raise ValueError("budget needs quantized activations (its fallback moves activation "
+                             "sites to 8 bits or float); with weight_only choose the bits and "
+                             "group_size directly")
         if self.weight_only and self.method not in WEIGHT_ONLY_METHODS:
             raise ValueError(f"weight_only takes method {' or '.join(WEIGHT_ONLY_METHODS)} "
                              f"(got {self.method}: it calibrates activations)")

@@ -1,63 +1,69 @@
-"""The output floor as a fallback: the fewest activation quantizers kept float, by measured effect.
+"""Mixed precision by measured sensitivity: the fewest sites at 8 bits or float to meet a budget.
 
-When a W8A8 model's output SQNR vs float is under ``min_output_sqnr_db`` (trained models'
-massive activations: a few channels or tokens hundreds of times the median, which one
-per-tensor grid cannot hold), :func:`keep_float` keeps activation quantizers float, their
-weights quantized, until the floor holds:
+The criteria are the config's ``budget`` (:mod:`~slimformer.quantize.budget`: ``1pt``,
+``3%ppl``, ``30dB``) and, at W8A8, the output floor ``min_output_sqnr_db`` (a dB budget).
+Where the quantized model misses them, :func:`fallback` moves activation sites
+(:mod:`~slimformer.quantize.tiers`: an activation quantizer and the Linears it feeds) up:
 
-1. Candidates: every activation quantizer (Linear inputs, attention q/k/v inputs) in the order of
-   its own SQNR on its calibration sample (the check's weak sites first). The first
-   :data:`MEASURED` are *measured*: each kept float alone, the model output SQNR on the choice
-   rows; they are ranked by that gain, the rest follow in the check's order.
-2. The shortest prefix of that ranking whose output SQNR on the choice rows reaches the floor
-   (doubling, then bisection: a few forwards).
-3. Judged on rows the choice did not rank on: calibration rows past ``calib_samples`` (no
-   quantizer saw them) where the data has them, else the seeded held-out quarter of
-   :func:`~slimformer.quantize.holdout.split` (repq / repquant ranges were fitted without them;
-   min/max ranges saw them, as said in the note). Where the floor fails there, the prefix grows
-   on those rows too (noted).
+1. Ranking, once per tier: every site's first-order share of the output error from one forward
+   and backward over :data:`RANK_ROWS` calibration rows (:mod:`~slimformer.quantize.sensitivity`).
+2. Configs below 8 bits: the shortest prefix of the 8-bit ranking (weights and input at 8 bits)
+   that meets the criteria (doubling, then bisection: a few forwards).
+3. Where every site at 8 bits still misses them: the shortest prefix of the float ranking
+   (re-ranked from there; the input kept float, the weights at 8 bits), then again the shortest
+   8-bit prefix beside those float sites.
+4. Judged on rows no quantizer saw (the search measures on them, so the result is the measured
+   value there): calibration rows past ``calib_samples`` where the data has them, else the seeded
+   held-out quarter of :func:`~slimformer.quantize.holdout.split` (repq / repquant ranges were
+   fitted without them; min/max ranges saw them, as the note says).
 
-Even all activations float under the floor: None (the caller refuses, as without fallback).
+Not met even with every site float: :attr:`Fallback.met` is False and the quantizers are back
+as they were (the caller refuses).
 """
 
 from __future__ import annotations
 
 import glob
-import math
+import time
 from dataclasses import dataclass, field
 
-import torch
+from slimformer.quantize.budget import ROWS, Budget
+from slimformer.quantize.config import LayerOverride
+from slimformer.quantize.judge import Judge
+from slimformer.quantize.tiers import finalize, sites
 
-from slimformer.quantize.act import ActQuantizer
-
-# candidates measured alone (one forward over the choice rows each)
-MEASURED = 24
-# rows the ranking and the prefix are measured on / judged on (each a forward per setting)
-CHOICE_ROWS = 16
-JUDGE_ROWS = 32
+RANK_ROWS = 16  # calibration rows the ranking differentiates on
 
 
 @dataclass
-class FloatFallback:
-    """What :func:`keep_float` kept float and what it bought.
+class Fallback:
+    """What :func:`fallback` moved and what it bought.
 
     Attributes:
-        kept: Names of the activation quantizers kept float, in ranked order.
-        gains: ``{name: output SQNR (dB) on the choice rows with it alone float}`` of the
-            measured candidates.
-        before_db / after_db: Output SQNR (dB) on the judge rows without / with the fallback.
-        float_mac_fraction: Fraction of the Linears' multiply-accumulates per token (weight
-            elements) whose inputs are float.
+        met: Whether the criteria hold on the judge rows (else nothing was changed).
+        eight_bit: Activation sites at 8 bits (not float), as a rebuild names them.
+        eight_bit_linears: The Linear weights of the 8-bit and float sites now at 8 bits.
+        kept: Activation quantizers kept float, as a rebuild names them.
+        before / after: The judge rows' metrics (:meth:`~slimformer.quantize.budget.Judge.measure`)
+            without / with the change.
+        bytes_delta: Packed weight bytes the 8-bit weights add to the artifact.
+        float_mac_fraction: Fraction of the Linears' multiply-accumulates per token whose inputs
+            are float.
         attention_inputs: Attention matmul inputs (q/k/v) among ``kept``.
+        overrides: The config overrides that rebuild the 8-bit weights and inputs.
         notes: What was measured, in words.
     """
 
+    met: bool
+    eight_bit: list[str]
+    eight_bit_linears: list[str]
     kept: list[str]
-    gains: dict[str, float]
-    before_db: float
-    after_db: float
+    before: dict[str, float]
+    after: dict[str, float]
+    bytes_delta: int
     float_mac_fraction: float
     attention_inputs: int
+    overrides: list[LayerOverride] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def patterns(self) -> list[str]:
@@ -65,151 +71,140 @@ class FloatFallback:
         return [glob.escape(n) for n in self.kept]
 
 
-class _Rows:
-    """A row set with its float outputs; :meth:`db` gives the quantized model's output SQNR."""
+def _row_sets(calib_data, config, judge_rows: int):
+    """(ranking rows, judge rows, how the judge rows relate to calibration, in words)."""
+    from slimformer.quantize.holdout import Rows, split
 
-    def __init__(self, qmodel, rows, config):
-        from slimformer.quantize.capture import batches, real_positions
-        from slimformer.quantize.check import float_leaves
-
-        self.qmodel, self.forwards = qmodel, 0
-        self.inputs = list(batches(rows, config.calib_batch_size, len(rows)))
-        self._leaves = lambda out, inp: [real_positions(t, inp) for t in float_leaves(out)]
-        self.refs = self._run("float")
-
-    @torch.no_grad()
-    def _run(self, mode: str) -> list[list[torch.Tensor]]:
-        self.qmodel.quant.set_mode(mode)
-        outs = []
-        for i, inp in enumerate(self.inputs):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(i)
-                outs.append(self._leaves(self.qmodel(**inp), inp))
-        return outs
-
-    def db(self) -> float:
-        """Output SQNR (dB) vs float of the model as its quantizers are set now."""
-        self.forwards += 1
-        sig = err = 0.0
-        for ref, got in zip(self.refs, self._run("quant"), strict=True):
-            for r, g in zip(ref, got, strict=True):
-                sig += float((r.double() ** 2).sum())
-                err += float(((g.double() - r.double()) ** 2).sum())
-        return math.inf if err == 0 else 10 * math.log10(sig / err) if sig else -math.inf
+    n = min(config.calib_samples, len(calib_data))
+    if len(calib_data) > n:
+        judge = Rows(calib_data, range(n, min(len(calib_data), n + judge_rows)))
+        return (Rows(calib_data, range(min(n, RANK_ROWS))), judge,
+                f"{len(judge)} calibration rows past the {n} calibrated on (unseen by any "
+                "quantizer)")
+    fit, held = split(calib_data, n, config.seed)
+    if held is None:
+        return (fit, fit, f"only {n} calibration rows: judged on the rows it was calibrated on "
+                "(from 8 rows on a held-out quarter judges it)")
+    return (Rows(calib_data, fit.indices[:RANK_ROWS]),
+            Rows(calib_data, held.indices[:judge_rows]),
+            f"{min(len(held), judge_rows)} rows of the seeded held-out quarter of the "
+            "calibration rows (repq / repquant ranges were fitted without them, min/max ranges "
+            "with them)")
 
 
-def _set(acts: list[ActQuantizer], kept: set[str]) -> None:
-    for a in acts:
-        a.keep_float = a.name in kept
-
-
-def _shortest(rows: _Rows, acts, order: list[str], start: int, floor: float) -> int | None:
-    """Smallest ``k > start`` whose prefix ``order[:k]`` float reaches ``floor`` (None: none)."""
-    lo, k = start, max(start + 1, 1)
-    while True:
-        _set(acts, set(order[:k]))
-        if rows.db() >= floor:
-            break
-        if k == len(order):
+def _shortest(ok, n: int) -> int | None:
+    """Smallest ``k`` in ``1..n`` with ``ok(k)``, assuming monotone (doubling, bisection)."""
+    lo, k = 0, 1
+    while not ok(k):
+        if k >= n:
             return None
-        lo, k = k, min(len(order), 2 * k)
-    hi = k  # order[:hi] passes, order[:lo] fails (or lo == start)
+        lo, k = k, min(n, 2 * k)
+    hi = k
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        _set(acts, set(order[:mid]))
-        if rows.db() >= floor:
+        if ok(mid):
             hi = mid
         else:
             lo = mid
     return hi
 
 
-def _row_sets(calib_data, config):
-    """(choice rows, judge rows, how the judge rows relate to calibration, in words)."""
-    from slimformer.quantize.holdout import Rows, split
-
-    n = min(config.calib_samples, len(calib_data))
-    if len(calib_data) > n:
-        judge = Rows(calib_data, range(n, min(len(calib_data), n + JUDGE_ROWS)))
-        return (Rows(calib_data, range(min(n, CHOICE_ROWS))), judge,
-                f"{len(judge)} calibration rows past the {n} calibrated on (unseen by any "
-                "quantizer and by the choice)")
-    fit, held = split(calib_data, n, config.seed)
-    if held is None:
-        return (fit, fit, f"only {n} calibration rows: the choice is judged on the rows it was "
-                "made on (from 8 rows on a held-out quarter judges it)")
-    return (Rows(calib_data, fit.indices[:CHOICE_ROWS]),
-            Rows(calib_data, held.indices[:JUDGE_ROWS]),
-            f"the seeded held-out quarter of the calibration rows ({len(held)}; not ranked on; "
-            "repq / repquant ranges were fitted without them, min/max ranges with them)")
+def _metrics(m: dict[str, float], criteria: list[Budget]) -> str:
+    return ", ".join(c.describe(m) for c in criteria)
 
 
-def keep_float(qmodel, calib_data, config, ranked: list[str], floor: float,
-               progress=None) -> FloatFallback | None:
-    """Keep the fewest activation quantizers float so the output reaches ``floor`` dB.
+def fallback(qmodel, calib_data, config, criteria: list[Budget], progress=None) -> Fallback | None:
+    """Move the fewest activation sites to 8 bits, then float, until ``criteria`` hold.
 
     Args:
-        qmodel: The quantized model (quant mode, ranges calibrated); its quantizers'
-            ``keep_float`` are left as returned (all cleared on None).
+        qmodel: The quantized model (quant mode, ranges calibrated, observations kept).
         calib_data: The calibration data set.
         config: Its :class:`~slimformer.quantize.config.QuantConfig`.
-        ranked: Quantizer names in the check's order (weak sites first, then by own SQNR).
-        floor: The output SQNR floor (dB).
+        criteria: Budgets that must all hold on the judge rows.
         progress: ``progress(step, done, total)``.
 
     Returns:
-        The :class:`FloatFallback`, or None when all activations float miss the floor too.
+        None when the criteria already hold (nothing changed), else the :class:`Fallback`
+        (``met`` False: not reachable, the quantizers left as they were).
     """
+    from slimformer.quantize.sensitivity import rank
+
     tick = progress or (lambda *a: None)
-    acts = [m for m in qmodel.quant.modules() if isinstance(m, ActQuantizer) and m.observed
-            and not m.keep_float]
-    names = {a.name for a in acts}
-    order = [n for n in ranked if n in names]
-    order += [a.name for a in acts if a.name not in set(order)]
-    choice, judge, how = _row_sets(calib_data, config)
-    crow = _Rows(qmodel, choice, config)
-    _set(acts, set())
-    before = crow.db()
-    gains: dict[str, float] = {}
-    head = order[:MEASURED]
-    for i, name in enumerate(head):
-        _set(acts, {name})
-        gains[name] = crow.db()
-        tick("float-activation ranking", i + 1, len(head))
-    order = sorted(head, key=lambda n: -gains[n]) + order[MEASURED:]
-    k = _shortest(crow, acts, order, 0, floor)
-    notes = [f"output-floor fallback: output SQNR {before:.1f} dB on {len(choice)} choice rows, "
-             f"below the {floor:g} dB floor; {len(head)} activation quantizers measured float "
-             "alone (best: " + ", ".join(f"{n} {gains[n]:.1f} dB" for n in order[:3]) + ")"]
-    if k is None:
-        _set(acts, set())
+    t0 = time.process_time()
+    kinds = {c.kind for c in criteria}
+    rank_rows, judge_rows, how = _row_sets(calib_data, config, max(ROWS[k] for k in kinds))
+    judge = Judge(qmodel, judge_rows, config.calib_batch_size, kinds)
+    last: dict = {}
+
+    def ok() -> bool:
+        last["m"] = judge.measure()
+        return all(c.met(last["m"]) for c in criteria)
+
+    all_sites = sites(qmodel)
+    kind = criteria[0].kind
+    if ok():
         return None
-    jrow = crow if judge is choice else _Rows(qmodel, judge, config)
-    _set(acts, set())
-    judged_before = jrow.db()
-    _set(acts, set(order[:k]))
-    after = jrow.db()
-    notes.append(f"{k} kept float reach {floor:g} dB on the choice rows; judged on {how}: "
-                 f"{judged_before:.1f} -> {after:.1f} dB")
-    if after < floor:
-        k2 = _shortest(jrow, acts, order, k, floor)
+    before = last["m"]
+    head = (f"budget ({', '.join(map(str, criteria))}) missed: {_metrics(before, criteria)} on "
+            f"{how}")
+    by_name = {s.name: s for s in all_sites}
+
+    def configure(eight: set[str], floats: set[str]) -> None:
+        for s in all_sites:
+            s.set(2 if s.name in floats else 1 if s.name in eight else 0)
+
+    tick("precision ranking", 0, 2)
+    gains = rank(qmodel, rank_rows, all_sites, kind)
+    ranked = 1
+    order8 = sorted((s.name for s in all_sites if s.can8), key=lambda n: -gains[n][0])
+    floats: list[str] = []
+    k8 = None
+    if order8:
+        k8 = _shortest(lambda k: (configure(set(order8[:k]), set()), ok())[1], len(order8))
+    if k8 is None:
+        configure(set(order8), set())
+        gains = rank(qmodel, rank_rows, all_sites, kind)
+        ranked += 1
+        order2 = sorted(by_name, key=lambda n: -gains[n][1])
+        k2 = _shortest(lambda k: (configure(set(order8), set(order2[:k])), ok())[1], len(order2))
         if k2 is None:
-            _set(acts, set())
-            return None
-        _set(acts, set(order[:k2]))
-        after = jrow.db()
-        notes.append(f"below the floor on the judge rows: {k2 - k} more kept float there "
-                     f"({after:.1f} dB; those rows then took part in the choice)")
-        k = k2
-    kept = order[:k]
-    _set(acts, set(kept))
+            worst = last["m"]
+            configure(set(), set())
+            return Fallback(False, [], [], [], before, worst, 0, 0.0, 0, [], [
+                head, f"not met with every activation site float (weights at 8 bits): "
+                f"{_metrics(worst, criteria)}"])
+        floats = order2[:k2]
+        k8 = 0 if not order8 else _shortest(
+            lambda k: (configure(set(order8[:k]), set(floats)), ok())[1], len(order8))
+    eight = [n for n in order8[:k8] if n not in floats]
+    configure(set(eight), set(floats))
+    ok()
+    after = last["m"]
+    chosen = [by_name[n] for n in [*eight, *floats]]
+    linears = [lq.name for s in chosen if s.can8 for lq in s.linears]
+    nbytes = sum(s.bytes_delta() for s in chosen)
+    overrides, _ = finalize(qmodel, chosen)
+    eight_names = [by_name[n].act.name for n in eight]
+    kept = [by_name[n].act.name for n in floats]
     frac, attn = float_cost(qmodel, set(kept))
-    notes.append(f"{len(kept)} of {len(acts)} activation quantizers kept float (weights stay "
-                 f"quantized): {100 * frac:.1f}% of the Linears' multiply-accumulates per token "
-                 f"take float inputs, {attn} attention matmul input(s); " + ", ".join(kept))
-    forwards = crow.forwards + (jrow.forwards if jrow is not crow else 0)
-    notes.append(f"output-floor fallback: {forwards} quantized forwards")
-    return FloatFallback(kept, gains, judged_before, after, frac, attn, notes)
+    cpu = time.process_time() - t0
+    notes = [head, f"ranked by each site's first-order share of the output error ({ranked} "
+             f"forward+backward pass(es) over {len(rank_rows)} calibration rows); best: " +
+             ", ".join(order8[:3] if eight else floats[:3])]
+    if eight:
+        notes.append(f"{len(eight)} of {len(all_sites)} activation sites at 8 bits (weights and "
+                     f"input; {sum(len(by_name[n].linears) for n in eight)} Linear(s)): " +
+                     ", ".join(eight_names))
+    if kept:
+        notes.append(f"{len(kept)} of {len(all_sites)} activation quantizers kept float (weights "
+                     f"stay quantized): {100 * frac:.1f}% of the Linears' multiply-accumulates per "
+                     f"token take float inputs, {attn} attention matmul input(s); " +
+                     ", ".join(kept))
+    notes.append(f"budget met: {_metrics(before, criteria)} -> {_metrics(after, criteria)} on "
+                 f"{how}; +{nbytes / 1e6:.3f} MB of 8-bit weights; {judge.forwards} quantized "
+                 f"forwards, {cpu:.1f} CPU-s")
+    return Fallback(True, eight_names, linears, kept, before, after, nbytes, frac, attn,
+                    overrides, notes)
 
 
 def float_cost(qmodel, kept: set[str]) -> tuple[float, int]:

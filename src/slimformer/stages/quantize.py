@@ -59,6 +59,12 @@ def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
         frac, _ = float_cost(res.model, set(res.float_activations))
         rec.metrics |= {"activations_float": len(res.float_activations),
                         "float_input_mac_fraction": round(frac, 4)}
+    if res.budget is not None:  # the budget fallback (notes: which sites, and the metrics)
+        b = res.budget
+        rec.metrics |= {"budget": cfg.budget or f"{cfg.min_output_sqnr_db:g}dB",
+                        "linears_8bit": len(res.eight_bit), "bytes_8bit": b["bytes_8bit"]}
+        rec.metrics |= {f"budget_{k}_{w}": round(v, 4) for w in ("before", "after")
+                        for k, v in b[w].items() if k != "labelled"}
     rec.notes = res.notes
     rec.size = model_size(ctx.model)  # bit-packed weights: the report's headline size
     history = list(ctx.history)
