@@ -201,3 +201,19 @@ def test_unsupported_bits_are_a_typed_error(model, tmp_path):
     with pytest.raises(ExportError, match="3-bit weights have no MatMulNBits form; allowed: 2, 4, 8"):
         export_decoder(qmodel, tmp_path / "w3.onnx")
     assert not list(tmp_path.iterdir())
+
+
+def test_export_onnx_of_a_weight_only_model_writes_matmulnbits(int4_export, tmp_path):
+    """`export onnx` (full sequences) of the INT4 model: MatMulNBits, equal to PyTorch's model."""
+    from slimformer.export import OnnxConfig, export_onnx
+
+    qmodel = int4_export[0]
+    ids = torch.tensor([_prompt(), _prompt(seed=4)])
+    res = export_onnx(qmodel, tmp_path / "full.onnx",
+                      {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                      OnnxConfig(unused_inputs="warn"))
+    assert res.quantized and res.fusion["integer_matmuls"] == 15
+    assert min(p["sqnr_db"] for p in res.parity.values()) > 90
+    assert any("15 Linears as com.microsoft::MatMulNBits (int4 g32: 15)" in w for w in res.warnings)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "full.onnx")).graph.node}
+    assert "MatMulNBits" in ops and [p.name for p in tmp_path.iterdir()] == ["full.onnx"]

@@ -3,7 +3,9 @@
 ``export_onnx(model, path, inputs, config) -> OnnxResult``. The model is traced by
 ``torch.onnx.export(dynamo=True)`` (``torch.export`` underneath) with symbolic batch and sequence
 axes; a quantized model (:class:`~slimformer.quantize.state.QuantizedModel`) is exported in its
-inference form as standard QDQ (see :mod:`slimformer.export.qdq`). Every output of the model is a
+inference form as standard QDQ (see :mod:`slimformer.export.qdq`); a weight-only one as its float
+graph with ONNX Runtime's ``MatMulNBits`` holding our codes (:mod:`slimformer.export.nbits`; a
+decoder graph with a KV cache is :mod:`slimformer.export.decoder`). Every output of the model is a
 graph output named by its path (:func:`slimformer.models.outputs.leaves`: ``logits``,
 ``text_embeds``, ``vision_model_output.pooler_output``, ``0``, ...), and every example input must
 be read by the graph (else :class:`ExportError`, or a note with ``OnnxConfig.unused_inputs``).
@@ -134,6 +136,8 @@ def export_onnx(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tens
     from slimformer.quantize.state import QuantizedModel
 
     config = config or OnnxConfig()
+    if isinstance(model, QuantizedModel) and getattr(model.quant, "weight_only", False):
+        return _weight_only(model, Path(path), inputs, config)
     try:
         return _export_once(model, path, inputs, config)
     except SlimformerError:
@@ -169,10 +173,6 @@ def _export_once(model: nn.Module, path: str | Path, inputs: dict[str, torch.Ten
     if not inputs:
         raise ExportError("no example inputs: pass {name: tensor} with a batch axis first")
     quantized = isinstance(model, QuantizedModel)
-    if quantized and getattr(model.quant, "weight_only", False):
-        raise ExportError("a weight-only quantized model (float activations, per-group weight "
-                          "ranges) has no ONNX QDQ form here: export its float model, or "
-                          "quantize weights and activations (without --weight-only) for ONNX")
     reference = model
     if quantized and not model.inference:
         from slimformer.quantize.inference import to_inference
@@ -226,6 +226,54 @@ def _export_once(model: nn.Module, path: str | Path, inputs: dict[str, torch.Ten
             raise
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _weight_only(model, path: Path, inputs: dict[str, torch.Tensor],
+                 config: OnnxConfig) -> OnnxResult:
+    """A weight-only model: its float graph, each quantized Linear a ``MatMulNBits``.
+
+    The float model is exported (and checked) first; :func:`slimformer.export.nbits.
+    to_matmul_nbits` then puts our codes and scales in place of its weights, and ONNX Runtime must
+    match the quantized model in PyTorch (``parity_min_cosine``); else :class:`ExportError` and
+    no file.
+    """
+    import onnx
+
+    from slimformer.export.nbits import to_matmul_nbits
+    from slimformer.export.parity import check_parity
+    from slimformer.store.atomic import atomic_path
+
+    res = export_onnx(model.model, path, inputs, config)
+    data = path.with_name(path.name + ".data")
+    try:
+        proto = onnx.load(str(path))
+        stats = to_matmul_nbits(proto, model)
+        with atomic_path(path) as tmp:
+            if data.exists():
+                onnx.save(proto, str(tmp), save_as_external_data=True, location=tmp.name + ".data")
+            else:
+                onnx.save(proto, str(tmp))
+            if config.check:
+                res.parity, res.fusion = check_parity(model, tmp, inputs, res.dynamic_axes, True,
+                                                      config)
+                worst = min(p["cosine"] for p in res.parity.values())
+                if worst < config.parity_min_cosine:
+                    raise ExportError(f"ONNX Runtime's MatMulNBits graph differs from the "
+                                      f"weight-only model in PyTorch (cosine {worst:.6f} < "
+                                      f"{config.parity_min_cosine})")
+            if data.exists():
+                data.unlink()
+                _move_external(tmp, path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        data.unlink(missing_ok=True)
+        raise
+    res.quantized, res.size_bytes, res.ops = True, _file_bytes(path), _ops_of_note(proto)
+    res.form = {"weights": "MatMulNBits", **stats.by_form}
+    res.warnings.append(f"weight-only: {stats.replaced} Linears as com.microsoft::MatMulNBits "
+                        f"({', '.join(f'{k}: {v}' for k, v in stats.by_form.items())}), float "
+                        "activations; runs in ONNX Runtime only")
+    return res
 
 
 def _full_range_int8(qmodel, form) -> bool:
