@@ -217,3 +217,14 @@ def test_export_onnx_of_a_weight_only_model_writes_matmulnbits(int4_export, tmp_
     assert any("15 Linears as com.microsoft::MatMulNBits (int4 g32: 15)" in w for w in res.warnings)
     ops = {n.op_type for n in onnx.load(str(tmp_path / "full.onnx")).graph.node}
     assert "MatMulNBits" in ops and [p.name for p in tmp_path.iterdir()] == ["full.onnx"]
+
+
+def test_quantized_embedding_table_becomes_gather_block_quantized(model, tmp_path):
+    """embedding_bits 4: the table's Gather is GatherBlockQuantized with our per-row codes."""
+    qmodel = _weight_only(model, weight_bits=4, group_size=32, embedding_bits=4)
+    res = export_decoder(qmodel, tmp_path / "emb.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "emb.onnx")).graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 15
+    assert res.nbits["by_form"]["embedding int4 g64"] == 1
+    for outs in res.parity.values():
+        assert min(m["sqnr_db"] for m in outs.values()) > 90, outs

@@ -13,10 +13,12 @@ constant ``(K, N)`` equals ``W.T`` of the Linear's ``(N, K)`` weight, directly o
 
 with ``K``, ``N``, ``bits``, ``block_size`` = our group size and ``accuracy_level``. The codes
 are those of the model's inference form (:func:`~slimformer.quantize.inference.to_inference`):
-nothing is re-quantized. A Linear with ranges per output channel is written with the largest
+nothing is re-quantized. A quantized embedding table's ``Gather`` becomes
+``GatherBlockQuantized`` (uint8 codes packed along the row, ``gather_axis`` 0, ``quantize_axis``
+1) the same way. A Linear (or table) with ranges per output channel (row) is written with the largest
 block size in 128/64/32/16 dividing ``K``, its scale and zero point repeated per block (the same
-values). Bits other than 2/4/8, groups below 16 or not a power of two, expert (3-D) weights and
-quantized embedding tables have no MatMulNBits form here: :class:`ExportError` names them.
+values). Bits other than 2/4/8, groups below 16 or not a power of two and expert (3-D) weights
+have no form here: :class:`ExportError` names them.
 """
 
 from __future__ import annotations
@@ -56,16 +58,9 @@ def _key(a: np.ndarray) -> str:
     return hashlib.blake2b(a.tobytes() + str(a.shape).encode(), digest_size=16).hexdigest()
 
 
-def _codes(qmodel) -> dict[str, tuple]:
+def _codes(qmodel, inf) -> dict[str, tuple]:
     """``{digest of the float weight: (LinearQuant, codes (N, K), scale, zero (N, groups))}``."""
-    from slimformer.quantize.inference import to_inference
-
-    inf = qmodel if qmodel.inference else to_inference(qmodel)
     float_lqs = {lq.name: lq for lq in qmodel.quant.linears.values()}
-    if qmodel.quant.embeddings:
-        names = ", ".join(e.name for e in qmodel.quant.embeddings.values())
-        raise ExportError(f"quantized embedding tables ({names}) have no MatMulNBits form: "
-                          "quantize without embedding_bits for the ONNX export")
     out: dict[str, tuple] = {}
     for lq in inf.quant.linears.values():
         if lq.axis is not None:
@@ -89,6 +84,19 @@ def _codes(qmodel) -> dict[str, tuple]:
             raise ExportError(f"{lq.name} and {out[key][0].name} hold the same float weight but "
                               "different codes: the graph cannot tell their MatMuls apart")
         out[key] = (lq, codes, scale, zero)
+    return out
+
+
+def _tables(qmodel, inf) -> dict[str, tuple]:
+    """``{digest of the float table: (EmbeddingQuant, codes (num, dim), scale, zero (num, 1))}``."""
+    floats = {e.name: e for e in qmodel.quant.embeddings.values()}
+    out = {}
+    for eq in inf.quant.embeddings.values():
+        if eq.wq.bits not in NBITS:
+            raise ExportError(f"{eq.name}: a {eq.wq.bits}-bit embedding table has no "
+                              f"GatherBlockQuantized form; allowed: {', '.join(map(str, NBITS))}")
+        table = floats[eq.name].param[0].detach().float()
+        out[_key(table.numpy())] = (eq, eq.int_weight, eq.wq.scale.float(), eq.wq.zero.float())
     return out
 
 
@@ -137,8 +145,11 @@ def to_matmul_nbits(proto, qmodel, accuracy_level: int = 0) -> NbitsStats:
     """
     from onnx import helper, numpy_helper
 
+    from slimformer.quantize.inference import to_inference
+
     graph = proto.graph
-    sites = _codes(qmodel)
+    inf = qmodel if qmodel.inference else to_inference(qmodel)  # the codes
+    sites = _codes(qmodel, inf)
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
     stats, found, forms = NbitsStats(), set(), Counter()
@@ -165,11 +176,15 @@ def to_matmul_nbits(proto, qmodel, accuracy_level: int = 0) -> NbitsStats:
         forms[f"int{lq.wq.bits} g{block}"] += 1
         stats.float_bytes += src_bytes
         stats.packed_bytes += sum(numpy_helper.to_array(t).nbytes for t in tensors)
+    tables, gathered = _tables(qmodel, inf), set()
+    new_nodes = _gathers(graph, new_nodes, tables, inits, gathered, forms, stats)
     missing = [sites[k][0].name for k in sites if k not in found]
+    missing += [tables[k][0].name for k in tables if k not in gathered]
     if missing:
-        raise ExportError(f"no MatMul of the exported graph reads the float weight of "
-                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: "
-                          "those quantized Linears cannot become MatMulNBits")
+        raise ExportError(f"no MatMul (Gather for a table) of the exported graph reads the float "
+                          f"weight of {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+                          ": those quantized weights cannot become MatMulNBits "
+                          "(GatherBlockQuantized)")
     del graph.node[:]
     graph.node.extend(new_nodes)
     _drop_unused(graph)
@@ -177,6 +192,38 @@ def to_matmul_nbits(proto, qmodel, accuracy_level: int = 0) -> NbitsStats:
         proto.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     stats.replaced, stats.by_form = sum(forms.values()), dict(forms)
     return stats
+
+
+def _gathers(graph, nodes, tables, inits, found, forms, stats) -> list:
+    """``nodes`` with each Gather of a quantized table as ``GatherBlockQuantized`` (our codes)."""
+    from onnx import helper, numpy_helper
+
+    out = []
+    for node in nodes:
+        src = node.input[0] if node.op_type == "Gather" and node.domain in ("", "ai.onnx") else ""
+        a = numpy_helper.to_array(inits[src]) if src in inits else None
+        key = _key(a) if a is not None and a.ndim == 2 and a.dtype == np.float32 else None
+        axis = next((at.i for at in node.attribute if at.name == "axis"), 0)
+        if key not in tables or axis != 0:
+            out.append(node)
+            continue
+        eq, codes, scale, zero = tables[key]
+        num, dim = codes.shape
+        block = _block(eq, dim, 1)
+        prefix = f"{node.name or node.output[0]}_gbq"
+        tensors = _initializers(eq, codes, scale, zero, block, prefix)
+        tensors[0] = numpy_helper.from_array(numpy_helper.to_array(tensors[0]).reshape(num, -1),
+                                             tensors[0].name)  # (num, dim * bits / 8)
+        graph.initializer.extend(tensors)
+        names = [tensors[0].name, node.input[1], *(t.name for t in tensors[1:])]
+        out.append(helper.make_node("GatherBlockQuantized", names, list(node.output),
+                                    name=prefix, domain=DOMAIN, bits=eq.wq.bits,
+                                    block_size=block, gather_axis=0, quantize_axis=1))
+        found.add(key)
+        forms[f"embedding int{eq.wq.bits} g{block}"] += 1
+        stats.float_bytes += a.nbytes
+        stats.packed_bytes += sum(numpy_helper.to_array(t).nbytes for t in tensors)
+    return out
 
 
 def _weight_site(name: str, inits, producer, sites) -> tuple[str, int] | None:
