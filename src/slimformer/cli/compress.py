@@ -58,6 +58,9 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                  help="Power-of-two scales (exact ap_fixed types for export hls).")] = False,
              embedding_bits: Annotated[int | None, typer.Option(
                  help="Quantize embedding tables to this many bits (2..8).")] = None,
+             max_memory: Annotated[str | None, typer.Option(
+                 help="Peak memory budget of calibration (4GB, 512MiB): block inputs/outputs "
+                      "past it go to memory-mapped files.")] = None,
              clip_steps: Annotated[int, typer.Option(help="repquant: dual-clipping steps.")]
              = 100,
              recon_steps: Annotated[int, typer.Option(help="repquant: weight-reconstruction "
@@ -89,6 +92,7 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                        calib_samples=calib_samples, softmax=softmax, symmetric=symmetric,
                        **({"budget": budget} if budget is not None else {}),
                        power_of_two_scales=power_of_two_scales, embedding_bits=embedding_bits,
+                       max_memory=max_memory,
                        clip_steps=clip_steps, recon_steps=recon_steps)
         quiet = EvaluateStage(latency_batch_sizes=[])
         result = _run_one(con, "quantize", model, config, [quiet, stage, quiet], out, overwrite,
@@ -101,7 +105,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
               f"{result.report.data['dataset']} "
               f"({after.metrics['samples']} rows): {_quality(before)} -> {_quality(after)}"
               f"; calibration {q.metrics['calib_seconds']:.1f} s on {q.metrics['calib_samples']} "
-              "samples")
+              "samples" + (f", peak RSS {q.metrics['peak_rss_gb']:.2f} GB"
+                           if q.metrics.get("peak_rss_gb") else ""))
     for note in q.notes:
         con.print(f"  - {note}", markup=False, highlight=False)
     con.print(f"saved to {out}/ (report, quantized/)")

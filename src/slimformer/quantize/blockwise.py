@@ -47,22 +47,42 @@ def quantize_weights(run) -> list[str]:
             round_to_nearest(lq)
             lq.mode = "quant"
         return ["weight-only: rounded to nearest on min/max ranges (no calibration data used)"]
-    with torch.no_grad():
-        return _Blockwise(run).calibrate()
+    from slimformer.quantize.spill import Spill, budget_of
+
+    with torch.no_grad(), Spill(budget_of(qmodel.model, config.max_memory),
+                                "block-wise GPTQ") as spill:
+        bw = Blockwise(run)
+        bw.spill = spill
+        notes = bw.calibrate()
+        return notes + ([spill.note()] if spill.note() else [])
 
 
-class _Blockwise:
-    """One block-wise calibration run (see module doc)."""
+class Blockwise:
+    """One block-wise calibration run (see module doc); blocks of the activation methods too.
 
-    def __init__(self, run):
+    :mod:`~slimformer.quantize.blockacts` finds and feeds its blocks with this class.
+
+    ``batches``: the input dicts to run (default: ``run.data`` in calibration batches).
+    """
+
+    def __init__(self, run, batches=None):
         self.run, self.qmodel, self.config = run, run.qmodel, run.config
         self.model = self.qmodel.model
-        self.batches = list(run.batches(run.data))
-        if "use_cache" in inspect.signature(self.model.forward).parameters:
-            self.batches = [{**b, "use_cache": False} for b in self.batches]  # no KV cache
+        self.batches = self.no_cache(run.batches(run.data) if batches is None else batches)
+        self.spill = None  # a Spill (max_memory): where held block inputs/outputs go
         self.linears = {lq.name.rpartition(".")[0]: lq for lq in self.qmodel.quant.linears.values()}
         self.notes: list[str] = []
         self.block_db: list[tuple[str, float]] = []
+
+    def keep(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` kept for a later block: in memory, or on disk past ``max_memory``."""
+        return t if self.spill is None else self.spill.keep(t)
+
+    def no_cache(self, batches) -> list[dict]:
+        """``batches`` as a list, with ``use_cache=False`` where the model takes it (no KV cache)."""
+        if "use_cache" in inspect.signature(self.model.forward).parameters:
+            return [{**b, "use_cache": False} for b in batches]
+        return list(batches)
 
     # ----------------------------------------------------------------------------- blocks
 
@@ -106,7 +126,8 @@ class _Blockwise:
             handle.remove()
         if not got:
             raise CalibrationError(f"block {block} did not run on the calibration rows")
-        return got[0]
+        args, kwargs = got[0]
+        return (self.keep(args[0]), *args[1:]) if args else args, kwargs
 
     def chains(self, blocks: list[str]) -> bool:
         """Whether each block's input is the previous block's output, other arguments equal."""
@@ -144,6 +165,7 @@ class _Blockwise:
     # ---------------------------------------------------------------------------- calibrate
 
     def calibrate(self) -> list[str]:
+        """Weight-only: every block in order, then the Linears outside them; notes."""
         containers = self.containers()
         done: set[str] = set()
         total = sum(len(c) for c in containers)
@@ -189,7 +211,7 @@ class _Blockwise:
         outs = []
         with self.qmodel._mode:
             for a, k in inputs:
-                outs.append(_first(mod(*a, **k)))
+                outs.append(self.keep(_first(mod(*a, **k))))
         self.block_db.append((block, _sqnr(ref, outs[0])))
         return outs if keep else None
 

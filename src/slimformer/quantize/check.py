@@ -18,6 +18,9 @@ from torch.utils._pytree import tree_flatten
 
 from slimformer.quantize.quantizers import fake_uniform
 
+# values per float32 chunk of the output check (16 MB): each chunk's sums are added in float64
+CHUNK = 1 << 22
+
 
 @dataclass(frozen=True)
 class WeakSite:
@@ -98,7 +101,10 @@ def site_errors(state) -> tuple[list[WeakSite], dict[str, float]]:
     db: dict[str, float] = {}
 
     def act_check(act, kind="activation"):
-        if not act.observed or act.keep_float:  # kept float: nothing quantized there
+        if act.keep_float:  # kept float: nothing quantized there
+            return
+        if not act.observed:  # freed after its block: what remember_sites found then
+            _recall(act, weak, db)
             return
         x = act.transform(act.samples()).double()  # (n, C)
         s, z = act.scale_zero()
@@ -113,7 +119,9 @@ def site_errors(state) -> tuple[list[WeakSite], dict[str, float]]:
     for a in state.attention.values():
         for act in (a.q_in, a.k_in, a.v_in):
             act_check(act)
-        if not a.probs_float and a.probs.observed:
+        if not a.probs_float and not a.probs.observed:
+            _recall(a.probs, weak, db)
+        elif not a.probs_float:
             p = a.probs.samples()
             got = a.probs.quant(p)
             site = _judge(a.probs.name, "probabilities", a.probs.bits, p, got, None)
@@ -129,6 +137,28 @@ def site_errors(state) -> tuple[list[WeakSite], dict[str, float]]:
         if site:
             weak.append(site)
     return sorted(weak, key=lambda s: (min(s.steps, 1.0), s.sqnr_db)), db
+
+
+def remember_sites(state) -> None:
+    """Keep each activation / probability quantizer's check on itself before its rows are freed.
+
+    :func:`site_errors` reports it for quantizers without observations (block-wise calibration
+    frees each block's rows once the block is done).
+    """
+    weak, db = site_errors(state)
+    by_name = {w.name: w for w in weak}
+    for m in state.modules():
+        name = getattr(m, "name", None)
+        if hasattr(m, "observed") and m.observed and name in db:
+            m.checked = (db[name], by_name.get(name))
+
+
+def _recall(q, weak: list[WeakSite], db: dict[str, float]) -> None:
+    got = getattr(q, "checked", None)
+    if got is not None:
+        db[q.name] = got[0]
+        if got[1] is not None:
+            weak.append(got[1])
 
 
 def float_leaves(out) -> list[torch.Tensor]:
@@ -160,8 +190,12 @@ def output_sqnr(qmodel, batches) -> float | None:
                 outs.append([real_positions(t, inputs) for t in float_leaves(qmodel(**inputs))])
         ref, got = outs
         for r, g in zip(ref, got, strict=True):
-            sig += float((r.double() ** 2).sum())
-            err += float(((g.double() - r.double()) ** 2).sum())
+            r, g = r.reshape(-1), g.reshape(-1)
+            for i in range(0, r.numel(), CHUNK):  # float32 chunks: no float64 copy of the logits
+                rc = r[i:i + CHUNK].float()
+                sig += float((rc**2).sum())
+                err += float(((g[i:i + CHUNK].float() - rc) ** 2).sum())
+        del outs, ref, got
     if sig == 0:
         return None
     return math.inf if err == 0 else 10 * math.log10(sig / err)

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from slimformer.quantize.budget import budget_field
+from slimformer.quantize.spill import parse_bytes
 
 
 def _bits(v: int) -> int:
@@ -23,6 +24,12 @@ WEIGHT_ONLY_METHODS = ("minmax", "gptq")  # round to nearest, error-compensating
 def _group(v: int | None) -> int | None:
     if v is not None and (v < 8 or v > 4096 or v & (v - 1)):
         raise ValueError("must be a power of two from 8 to 4096 (e.g. 32, 64, 128)")
+    return v
+
+
+def _memory(v: str | None) -> str | None:
+    if v is not None:
+        parse_bytes(v)
     return v
 
 
@@ -103,6 +110,9 @@ class QuantConfig(BaseModel):
         float_activations: Glob patterns of activation quantizer names (``in:<weight>``,
             ``norm:<module>:<bits>``, ``<module>:q|k|v``) whose input stays float (the weights
             after them stay quantized); a pattern that matches nothing is an error.
+        max_memory: Peak memory budget of calibration (``4GB``, ``512MiB``; None: unbounded):
+            block inputs/outputs held while the process is over it go to memory-mapped files
+            (:mod:`~slimformer.quantize.spill`); below the model's own weights: ConfigError.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -129,6 +139,7 @@ class QuantConfig(BaseModel):
     min_output_sqnr_db: float | None = 10.0
     budget: Annotated[str | None, AfterValidator(budget_field)] = None
     float_activations: list[str] = Field(default_factory=list)
+    max_memory: Annotated[str | None, AfterValidator(_memory)] = None
     seed: int = 0
 
     @model_validator(mode="before")

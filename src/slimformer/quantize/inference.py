@@ -17,12 +17,17 @@ from slimformer.errors import CalibrationError
 
 
 @torch.no_grad()
-def to_inference(qmodel):
-    """A copy of ``qmodel`` in inference form (see module doc)."""
+def to_inference(qmodel, inplace: bool = False):
+    """A copy of ``qmodel`` in inference form (see module doc); ``inplace``: ``qmodel`` itself.
+
+    ``inplace`` saves a copy of the whole model (the quantize stage has no use for the
+    simulated form once the inference form exists).
+    """
     from slimformer.quantize.state import QuantizedModel
 
-    out: QuantizedModel = copy.deepcopy(qmodel)
-    out._rebind()
+    out: QuantizedModel = qmodel if inplace else copy.deepcopy(qmodel)
+    if not inplace:
+        out._rebind()
     for lq in out.quant.linears.values():
         m = lq.quantized_matrix()
         codes = torch.round(m / lq.wq.scale + lq.wq.zero).clamp(0, 2**lq.wq.bits - 1)

@@ -50,6 +50,8 @@ class Calibration:
         tick: ``tick(step, done, total)`` progress callback.
         choices: Every per-site choice (:class:`~slimformer.quantize.holdout.SiteChoice`).
         notes: What calibration did, in words.
+        runner: How data is run when the model is one block
+            (:class:`~slimformer.quantize.blockacts.BlockRunner`); None: the whole model.
     """
 
     qmodel: QuantizedModel
@@ -60,6 +62,7 @@ class Calibration:
     tick: Tick
     choices: list[SiteChoice]
     notes: list[str] = field(default_factory=list)
+    runner: object | None = None
 
     @property
     def searched(self) -> bool:
@@ -68,6 +71,8 @@ class Calibration:
 
     def batches(self, data):
         """Input dicts of ``data`` in calibration batches."""
+        if self.runner is not None:
+            return self.runner.batches(data)
         return _batches(data, self.config.calib_batch_size, self.config.calib_samples)
 
     def held_rows(self) -> dict[str, torch.Tensor] | None:
@@ -75,6 +80,18 @@ class Calibration:
         from slimformer.quantize.holdout import held_samples
 
         return None if self.held is None else held_samples(self.qmodel, self.held, self.batches)
+
+    def float_outputs(self, data) -> list:
+        """The float outputs of ``data`` (the reference of :meth:`output_error`)."""
+        if self.runner is not None:
+            return self.runner.float_outputs(data)
+        return float_outputs(self.qmodel, data, self.config)
+
+    def output_error(self, data, refs: list, as_set: bool = False) -> float:
+        """Output error vs float on ``data`` (:func:`~slimformer.quantize.capture.output_error`)."""
+        if self.runner is not None:
+            return self.runner.output_error(data, refs, as_set)
+        return output_error(self.qmodel, data, self.config, refs, as_set=as_set)
 
 
 @contextmanager
@@ -151,11 +168,10 @@ def choose_sites(run: Calibration) -> None:
     run.notes += select_sites(run.qmodel.quant, softmax_auto=cfg.softmax == "auto",
                               held=run.held_rows(), record=run.choices, progress=run.tick)
     if run.held is not None:  # each site's choice must also lower the model output error
-        refs = float_outputs(run.qmodel, run.held, cfg)
+        refs = run.float_outputs(run.held)
         run.notes += validate_sites(
-            run.qmodel, run.held,
-            lambda q, d: output_error(q, d, cfg, refs, as_set=True), run.choices,
-            progress=run.tick)
+            run.qmodel, run.held, lambda q, d: run.output_error(d, refs, as_set=True),
+            run.choices, progress=run.tick)
 
 
 def dual_clipping(run: Calibration) -> None:
@@ -194,9 +210,9 @@ def validate_weights(run: Calibration) -> None:
 
     if run.held is None:
         return
-    refs = float_outputs(run.qmodel, run.held, run.config)
-    run.notes += _validate(run.qmodel, run.held,
-                           lambda q, d: output_error(q, d, run.config, refs), run.choices)
+    refs = run.float_outputs(run.held)
+    run.notes += _validate(run.qmodel, run.held, lambda q, d: run.output_error(d, refs),
+                           run.choices)
 
 
 def learned_rounding(run: Calibration) -> None:
@@ -222,6 +238,9 @@ PHASES: dict[str, tuple[Callable[[Calibration], None], ...]] = {
                  validate_weights, learned_rounding),
     "weight_only": (weights_blockwise,),  # any weight_only method; no activation observations
 }
+# methods calibrated one block at a time (:mod:`~slimformer.quantize.blockacts`) where the model
+# has blocks; repquant's dual clipping and learned rounding judge on the whole model's output
+BLOCKWISE = ("minmax", "percentile", "repq")
 
 
 def calibrate(model: nn.Module, config: QuantConfig, data, structure, tick: Tick, held,
@@ -237,6 +256,11 @@ def calibrate(model: nn.Module, config: QuantConfig, data, structure, tick: Tick
     run = Calibration(qmodel, config, data, held, structure, tick, choices,
                       list(qmodel.quant.notes))
     with calibrating(qmodel):
+        if not config.weight_only and config.method in BLOCKWISE:
+            from slimformer.quantize.blockacts import calibrate_blocks
+
+            if calibrate_blocks(run, PHASES[config.method]):
+                return qmodel, run.notes
         if not config.weight_only:
             observe(run)
         for phase in PHASES["weight_only" if config.weight_only else config.method]:

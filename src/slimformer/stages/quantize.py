@@ -45,10 +45,10 @@ def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
     cfg = stage.quant_config()
     res = quantize(ctx.model, cfg, calib, ctx.structure,
                    progress=ctx.progress)
-    ctx.model = to_inference(res.model)
+    ctx.model = to_inference(res.model, inplace=True)  # res.model is not used simulated again
     rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
     rec.metrics = {"calib_samples": res.calib_samples, "calib_seconds": round(res.seconds, 2),
-                   "method": cfg.method, "bits": _bits(cfg)}
+                   "peak_rss_gb": _peak_rss_gb(), "method": cfg.method, "bits": _bits(cfg)}
     cov = res.model.quant.coverage  # the reasons for float parameters are in the notes
     if cov is not None:
         rec.metrics |= {"weights_quantized": cov.quantized, "weights_total": cov.total,
@@ -75,6 +75,15 @@ def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
         ctx.artifacts[SAVES] = lambda d: save_quantized(model, d, spec, sspec, history,
                                                         result=entry["result"])
     return rec
+
+
+def _peak_rss_gb() -> float | None:
+    """The process's peak resident memory so far (GB; after calibration: its peak included)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)  # KiB on Linux
 
 
 def _bits(cfg: QuantConfig) -> str:
