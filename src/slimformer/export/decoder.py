@@ -247,6 +247,10 @@ def export_decoder(model: nn.Module, path: str | Path,
         raise ExportError("the decoder export takes a float or a weight-only quantized model "
                           "(MatMulNBits); a model with quantized activations has no decoder "
                           "form here: export it with `export onnx` (full sequences, QDQ)")
+    if quantized:
+        from slimformer.export.nbits import check_supported
+
+        check_supported(model)
     model.eval()
     t0 = time.perf_counter()
     layout = cache_layout(model)

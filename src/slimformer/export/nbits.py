@@ -58,6 +58,24 @@ def _key(a: np.ndarray) -> str:
     return hashlib.blake2b(a.tobytes() + str(a.shape).encode(), digest_size=16).hexdigest()
 
 
+def check_supported(qmodel) -> None:
+    """Fail fast (before any export): every quantized weight has a MatMulNBits / Gather form.
+
+    Raises:
+        ExportError: Bits other than 2/4/8, expert weights, or no block size (see module doc).
+    """
+    for q in [*qmodel.quant.linears.values(), *qmodel.quant.embeddings.values()]:
+        if getattr(q, "axis", None) is not None:
+            raise ExportError(f"{q.name}: batched (expert) weights have no MatMulNBits form; "
+                              "keep them float (keep_float) for the ONNX export")
+        if q.wq.bits not in NBITS:
+            raise ExportError(f"{q.name}: {q.wq.bits}-bit weights have no MatMulNBits form; "
+                              f"allowed: {', '.join(map(str, NBITS))} bits")
+        k = q.param[0].shape[-1] if not hasattr(q, "full_matrix") else q.full_matrix().shape[1]
+        group = getattr(q, "group", None)
+        _block(q, k, k // group if group else 1)
+
+
 def _codes(qmodel, inf) -> dict[str, tuple]:
     """``{digest of the float weight: (LinearQuant, codes (N, K), scale, zero (N, groups))}``."""
     float_lqs = {lq.name: lq for lq in qmodel.quant.linears.values()}

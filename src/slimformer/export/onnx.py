@@ -239,10 +239,11 @@ def _weight_only(model, path: Path, inputs: dict[str, torch.Tensor],
     """
     import onnx
 
-    from slimformer.export.nbits import to_matmul_nbits
+    from slimformer.export.nbits import check_supported, to_matmul_nbits
     from slimformer.export.parity import check_parity
     from slimformer.store.atomic import atomic_path
 
+    check_supported(model)
     res = export_onnx(model.model, path, inputs, config)
     data = path.with_name(path.name + ".data")
     try:
