@@ -54,6 +54,10 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
              awq: Annotated[bool, typer.Option(
                  help="--weight-only: activation-aware scales (AWQ), folded into the norms.")]
              = False,
+             smooth: Annotated[str, typer.Option(
+                 help="auto | off: SmoothQuant-style migration of activation outliers into the "
+                      "weights, folded into norms / Linears, per site where it lowers the "
+                      "error (not with --weight-only).")] = "auto",
              power_of_two_scales: Annotated[bool, typer.Option(
                  help="Power-of-two scales (exact ap_fixed types for export hls).")] = False,
              embedding_bits: Annotated[int | None, typer.Option(
@@ -91,8 +95,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                        weight_bits=weight_bits, act_bits=act_bits, **wo,
                        calib_samples=calib_samples, softmax=softmax, symmetric=symmetric,
                        **({"budget": budget} if budget is not None else {}),
-                       power_of_two_scales=power_of_two_scales, embedding_bits=embedding_bits,
-                       max_memory=max_memory,
+                       smooth=smooth, power_of_two_scales=power_of_two_scales,
+                       embedding_bits=embedding_bits, max_memory=max_memory,
                        clip_steps=clip_steps, recon_steps=recon_steps)
         quiet = EvaluateStage(latency_batch_sizes=[])
         result = _run_one(con, "quantize", model, config, [quiet, stage, quiet], out, overwrite,

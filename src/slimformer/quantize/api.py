@@ -107,7 +107,15 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
         structure = discover(model, first, require_attention=False)  # build() says why
     tick = (lambda s, d, t: progress(s, d, t)) if progress else (lambda *a: None)
     choices: list[SiteChoice] = []
+    smoothed: list[str] = []
+    if config.smooth == "auto" and not config.weight_only:  # on the float model, before all
+        from slimformer.quantize.smooth import migrate
+
+        smoothed = migrate(model, structure, fit, config, choices, tick)
+        if held is not None:  # the min/max comparison starts from the same smoothed model
+            original = copy.deepcopy(model)
     qmodel, notes = _calibrate(model, config, fit, structure, tick, held, choices)
+    notes[:0] = smoothed
     if held is not None:
         notes.insert(0, f"{len(fit)} calibration rows fit, {len(held)} held out (seeded) to "
                         "validate every per-site choice")

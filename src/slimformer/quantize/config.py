@@ -33,6 +33,13 @@ def _memory(v: str | None) -> str | None:
     return v
 
 
+def _alphas(v: list[float]) -> list[float]:
+    if not v or any(not 0 < a <= 1 for a in v) or len(set(v)) != len(v):
+        raise ValueError(f"must be distinct migration strengths in (0, 1], at least one (got {v}; "
+                         "no migration is always tried; smooth: off turns it off)")
+    return v
+
+
 class LayerOverride(BaseModel):
     """Bit-widths for the Linears whose weight names match ``pattern`` (fnmatch glob)."""
 
@@ -107,12 +114,21 @@ class QuantConfig(BaseModel):
             ``overrides``) and then float (``float_activations``) until it holds on calibration
             rows no quantizer saw; unreachable: :class:`CalibrationError`. None: only the
             W8A8 floor. Not with ``weight_only``.
-        float_activations: Glob patterns of activation quantizer names (``in:<weight>``,
-            ``norm:<module>:<bits>``, ``<module>:q|k|v``) whose input stays float (the weights
-            after them stay quantized); a pattern that matches nothing is an error.
+        smooth: ``auto``: SmoothQuant-style migration of activation outliers into the weights
+            before calibration (:mod:`~slimformer.quantize.smooth`), per site where a scale can
+            be folded exactly into the norm or Linear producing the input (nothing added at
+            inference), with the strength chosen per site by the quantized Linears' local error
+            (no migration where none lowers it); not applied with ``weight_only`` (see ``awq``).
+            ``off``: never.
+        smooth_alphas: The migration strengths ``a`` tried per site
+            (``s = max|X|^a / max|W|^(1-a)``), each in (0, 1]; no migration is always a
+            candidate.
         max_memory: Peak memory budget of calibration (``4GB``, ``512MiB``; None: unbounded):
             block inputs/outputs held while the process is over it go to memory-mapped files
             (:mod:`~slimformer.quantize.spill`); below the model's own weights: ConfigError.
+        float_activations: Glob patterns of activation quantizer names (``in:<weight>``,
+            ``norm:<module>:<bits>``, ``<module>:q|k|v``) whose input stays float (the weights
+            after them stay quantized); a pattern that matches nothing is an error.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -139,7 +155,10 @@ class QuantConfig(BaseModel):
     min_output_sqnr_db: float | None = 10.0
     budget: Annotated[str | None, AfterValidator(budget_field)] = None
     float_activations: list[str] = Field(default_factory=list)
+    smooth: Literal["auto", "off"] = "auto"
     max_memory: Annotated[str | None, AfterValidator(_memory)] = None
+    smooth_alphas: Annotated[list[float], AfterValidator(_alphas)] = Field(
+        default_factory=lambda: [0.3, 0.5, 0.7, 0.85])
     seed: int = 0
 
     @model_validator(mode="before")
