@@ -36,6 +36,7 @@ def _test_sqnr(lm, res, test) -> float:
 def test_blockwise_matches_or_beats_whole_model_calibration(digits, method, monkeypatch):
     lm, calib, test = digits
     cfg = QuantConfig(method=method, weight_bits=4, act_bits=6, calib_samples=64, smooth="off")
+    monkeypatch.setattr(phases, "BLOCKWISE", ("minmax", "percentile", "repq"))  # repq: opt-in
     block = quantize(lm.module, cfg, calib)
     assert any("blocks calibrated one at a time" in n for n in block.notes)
     monkeypatch.setattr(phases, "BLOCKWISE", ())  # the whole-model path, as before
