@@ -131,3 +131,28 @@ def test_perplexity_budget_on_a_causal_lm():
     b = res.budget
     assert b["before"]["ppl"] == pytest.approx(lost) and b["after"]["ppl"] <= lost / 2
     assert res.eight_bit or res.float_activations
+
+
+def test_budget_on_the_cli(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from slimformer.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["quantize", "vit-digits-seq", "--method", "minmax", "--weight-bits",
+                              "4", "--act-bits", "4", "--budget", "1pt", "--out",
+                              str(tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+    rec = next(s for s in json.loads((tmp_path / "q" / "report.json").read_text())["stages"]
+               if s["type"] == "quantize")
+    m = rec["metrics"]
+    assert m["budget"] == "1pt" and m["linears_8bit"] > 0 and m["bytes_8bit"] > 0
+    assert m["budget_pt_before"] > 1 >= m["budget_pt_after"]
+    assert rec["config"]["budget"] == "1pt"
+    res = runner.invoke(app, ["quantize", "vit-digits-seq", "--budget", "1 point", "--out",
+                              str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "allowed forms: <points>pt" in res.output
+    assert not (tmp_path / "bad").exists()
+
