@@ -78,7 +78,10 @@ def test_repq_holds_on_held_out_rows_with_outlier_channels(method):
     model = _OutlierNet().eval()
     calib = TensorDictDataset(_rows(32, 0), torch.zeros(32, dtype=torch.long))
     x = _rows(64, 1)  # never seen in calibration
-    cfg = dict(weight_bits=6, act_bits=6, softmax="none", clip_steps=10, recon_steps=10)
+    # RepQ's own per-channel handling of the outlier channels, so no SmoothQuant migration first
+    # (with it, smooth auto: minmax 18.8 dB, repq 19.4 dB: the migration removes the same outliers)
+    cfg = dict(weight_bits=6, act_bits=6, softmax="none", clip_steps=10, recon_steps=10,
+               smooth="off")
     mm = quantize(model, QuantConfig(method="minmax", **cfg), calib)
     rq = quantize(model, QuantConfig(method=method, **cfg), calib)
     # measured: minmax 16.1 dB, repq 20.4 dB
@@ -109,7 +112,8 @@ def test_a_repq_model_that_loses_on_held_out_rows_falls_back_to_minmax(sites):
     model = _OutlierNet().eval()
     calib = TensorDictDataset(_rows(32, 0), torch.zeros(32, dtype=torch.long))
     x = _rows(64, 1)
-    cfg = QuantConfig(method="repq", softmax="none", repq_sites=sites)
+    # _against_minmax gets the float model as it is: no migration on either side
+    cfg = QuantConfig(method="repq", softmax="none", repq_sites=sites, smooth="off")
     res = quantize(model, cfg, calib)
     for act in res.model.quant.acts.values():  # a bad choice: every range clipped to a tenth
         act.set_range(act.lo / 10, act.hi / 10)
@@ -118,7 +122,7 @@ def test_a_repq_model_that_loses_on_held_out_rows_falls_back_to_minmax(sites):
     notes, choices = [], []
     smap = discover(model, {"tokens": calib.inputs["tokens"][:2]}, require_attention=False)
     got = _against_minmax(res.model, model, cfg, calib, fit, held, smap, notes, choices)
-    mm = quantize(model, QuantConfig(method="minmax", softmax="none"), calib)
+    mm = quantize(model, QuantConfig(method="minmax", softmax="none", smooth="off"), calib)
     final = choices[-1]
     assert final.errors["repq"] > final.errors["minmax"] > 0
     if sites == "auto":  # the min/max model on all calibration rows, with a note

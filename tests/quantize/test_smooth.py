@@ -164,7 +164,8 @@ def test_artifact_round_trip_is_bit_identical(tmp_path):
     _llama().save_pretrained(tmp_path / "hf")
     spec = HfDirSpec(path=str(tmp_path / "hf"))
     res = quantize(load_model(spec).module, QuantConfig(method="minmax", calib_samples=16,
-                                                        calib_batch_size=8), _rows())
+                                                        calib_batch_size=8, smooth="auto"),
+                   _rows())
     assert "norm 5/5" in res.notes[0], res.notes
     x = _rows(4, seed=2).inputs
     for form, qm in (("sim", res.model), ("inf", to_inference(res.model))):

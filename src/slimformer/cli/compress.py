@@ -57,7 +57,7 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
              smooth: Annotated[str, typer.Option(
                  help="auto | off: SmoothQuant-style migration of activation outliers into the "
                       "weights, folded into norms / Linears, per site where it lowers the "
-                      "error (not with --weight-only).")] = "auto",
+                      "error (not with --weight-only); recommended for decoder LLMs.")] = "off",
              power_of_two_scales: Annotated[bool, typer.Option(
                  help="Power-of-two scales (exact ap_fixed types for export hls).")] = False,
              embedding_bits: Annotated[int | None, typer.Option(

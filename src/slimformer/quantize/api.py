@@ -95,6 +95,7 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
     if n < config.min_calib_samples:
         raise CalibrationError(f"method {config.method} needs at least "
                                f"{config.min_calib_samples} calibration samples, got {n}")
+    _finite_inputs(calib_data, n, config)
     repq = config.method in ("repq", "repquant")
     fit, held = split(calib_data, n, config.seed) if repq else (calib_data, None)
     original = copy.deepcopy(model) if inplace and held is not None else model
@@ -111,7 +112,7 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
     if config.smooth == "auto" and not config.weight_only:  # on the float model, before all
         from slimformer.quantize.smooth import migrate
 
-        smoothed = migrate(model, structure, fit, config, choices, tick)
+        smoothed = migrate(model, structure, calib_data, config, choices, tick)
         if held is not None:  # the min/max comparison starts from the same smoothed model
             original = copy.deepcopy(model)
     qmodel, notes = _calibrate(model, config, fit, structure, tick, held, choices)
@@ -129,6 +130,25 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
         res.budget = {"before": fb.before, "after": fb.after, "bytes_8bit": fb.bytes_delta,
                       "sites_8bit": fb.eight_bit}
     return res
+
+
+def _finite_inputs(calib_data, n: int, config: QuantConfig) -> None:
+    """CalibrationError naming the input and row where the calibration rows hold NaN or inf.
+
+    Checked before anything runs: block-wise calibration and the smoothing pass see the blocks
+    before the layers in front of them, so the layer a NaN reaches first would be misnamed.
+    """
+    row = 0
+    for inputs in _batches(calib_data, config.calib_batch_size, n):
+        for name, x in inputs.items():
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)  # (B,)
+                if bool(bad.any()):
+                    raise CalibrationError(
+                        f"NaN or inf in the calibration data: input {name!r}, row "
+                        f"{row + int(bad.nonzero()[0])} of the calibration rows; every value "
+                        "must be finite (check the data or its preprocessing)")
+        row += len(next(iter(inputs.values())))
 
 
 def _against_minmax(qmodel: QuantizedModel, original: nn.Module, config: QuantConfig,

@@ -119,7 +119,10 @@ class QuantConfig(BaseModel):
             be folded exactly into the norm or Linear producing the input (nothing added at
             inference), with the strength chosen per site by the quantized Linears' local error
             (no migration where none lowers it); not applied with ``weight_only`` (see ``awq``).
-            ``off``: never.
+            ``off`` (default): never. Opt-in while the choice is local: measured on SmolLM2-135M
+            W8A8 minmax it takes perplexity 64.25 -> 52.22 (float 41.24) with no activation kept
+            float, on MiniLM-L6 it is neutral, on a random-weight timm ViT it lowers the output
+            SQNR and the ONNX Runtime parity (docs/quantize.md).
         smooth_alphas: The migration strengths ``a`` tried per site
             (``s = max|X|^a / max|W|^(1-a)``), each in (0, 1]; no migration is always a
             candidate.
@@ -155,7 +158,7 @@ class QuantConfig(BaseModel):
     min_output_sqnr_db: float | None = 10.0
     budget: Annotated[str | None, AfterValidator(budget_field)] = None
     float_activations: list[str] = Field(default_factory=list)
-    smooth: Literal["auto", "off"] = "auto"
+    smooth: Literal["auto", "off"] = "off"
     max_memory: Annotated[str | None, AfterValidator(_memory)] = None
     smooth_alphas: Annotated[list[float], AfterValidator(_alphas)] = Field(
         default_factory=lambda: [0.3, 0.5, 0.7, 0.85])

@@ -87,7 +87,10 @@ def migrate(model: torch.nn.Module, structure, data, config, choices: list | Non
         return ["smooth: no site where a scale can be folded exactly (" +
                 ("; ".join(f"{v} {k}" for k, v in skipped.items()) or "no Linear") + ")"]
     batches = _inputs(model, data, config)
-    _observe(qmodel, sites, batches, config.seed)
+    try:
+        _observe(qmodel, sites, batches, config.seed)
+    except _NonFinite:  # calibration then names the first quantized layer where they appear
+        return ["smooth: not applied: NaN or inf in the calibration activations"]
     tick("smooth", 0, len(sites))
     for i, site in enumerate(sites):
         _choose(site, config, choices)
@@ -195,6 +198,10 @@ def _inputs(model, data, config) -> list[dict]:
     return out
 
 
+class _NonFinite(Exception):
+    """NaN or inf in a site's calibration input (left to calibration to report)."""
+
+
 @torch.no_grad()
 def _observe(qmodel, sites: list[_Site], batches: list[dict], seed: int) -> None:
     """Per site: per-channel min/max of its input over every row, and ``ROWS`` sampled rows."""
@@ -209,6 +216,8 @@ def _observe(qmodel, sites: list[_Site], batches: list[dict], seed: int) -> None
 
         def grab(x, site=site, lq=lq):
             flat = real_positions(x, current[0]).detach().reshape(-1, x.shape[-1]).float()
+            if not torch.isfinite(flat).all():
+                raise _NonFinite
             mx, mn = flat.amax(0), flat.amin(0)
             site.mx = mx if site.mx is None else torch.maximum(site.mx, mx)
             site.mn = mn if site.mn is None else torch.minimum(site.mn, mn)
