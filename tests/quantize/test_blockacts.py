@@ -37,7 +37,7 @@ def test_blockwise_matches_or_beats_whole_model_calibration(digits, method, monk
     lm, calib, test = digits
     cfg = QuantConfig(method=method, weight_bits=4, act_bits=6, calib_samples=64, smooth="off")
     monkeypatch.setattr(phases, "BLOCKWISE", ("minmax", "percentile", "repq"))  # repq: opt-in
-    block = quantize(lm.module, cfg, calib)
+    block = quantize(lm.module, cfg.model_copy(update={"max_memory": "1TB"}), calib)
     assert any("blocks calibrated one at a time" in n for n in block.notes)
     monkeypatch.setattr(phases, "BLOCKWISE", ())  # the whole-model path, as before
     whole = quantize(lm.module, cfg, calib)
@@ -50,7 +50,7 @@ def test_blockwise_matches_or_beats_whole_model_calibration(digits, method, monk
 def test_freed_blocks_keep_their_site_check(digits):
     lm, calib, _ = digits
     res = quantize(lm.module, QuantConfig(method="minmax", act_bits=8, calib_samples=32,
-                                          smooth="off"), calib)
+                                          smooth="off", max_memory="1TB"), calib)
     acts = [a for a in res.model.quant.acts.values()]
     assert acts and not any(a.observed for a in acts)  # every block's rows were freed
     _, db = site_errors(res.model.quant)
@@ -61,8 +61,9 @@ def test_freed_blocks_keep_their_site_check(digits):
 def test_max_memory_spills_to_disk_with_identical_results(digits):
     lm, calib, test = digits
     cfg = QuantConfig(method="minmax", weight_bits=8, act_bits=8, calib_samples=32,
-                      smooth="off")
+                      smooth="off", max_memory="1TB")  # a budget: block-wise, nothing spilled
     free = quantize(lm.module, cfg, calib)
+    assert not any("memory-mapped file" in n for n in free.notes)
     weights = sum(p.numel() * p.element_size() for p in lm.module.parameters()) + \
         sum(b.numel() * b.element_size() for b in lm.module.buffers())
     tight = quantize(lm.module, cfg.model_copy(update={"max_memory": f"{weights + 1}B"}), calib)

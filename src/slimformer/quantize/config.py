@@ -126,7 +126,9 @@ class QuantConfig(BaseModel):
         smooth_alphas: The migration strengths ``a`` tried per site
             (``s = max|X|^a / max|W|^(1-a)``), each in (0, 1]; no migration is always a
             candidate.
-        max_memory: Peak memory budget of calibration (``4GB``, ``512MiB``; None: unbounded):
+        max_memory: Peak memory budget of calibration (``4GB``, ``512MiB``; None: unbounded,
+            whole-model calibration): minmax / percentile then calibrate one block at a time
+            (:mod:`~slimformer.quantize.blockacts`; only one block's observations held) and
             block inputs/outputs held while the process is over it go to memory-mapped files
             (:mod:`~slimformer.quantize.spill`); below the model's own weights: ConfigError.
         float_activations: Glob patterns of activation quantizer names (``in:<weight>``,
