@@ -103,6 +103,6 @@ def budget_of(model, max_memory: str | None) -> int | None:
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
     if limit < weights:
         raise ConfigError([f"max_memory: {max_memory} is below the model's own weights "
-                           f"({weights / 1e9:.2f} GB); give at least {weights / 1e9:.2f} GB "
+                           f"({weights:,} bytes); give at least {weights:,} bytes "
                            "(and room for one block's activations)"], "quantize config")
     return limit
