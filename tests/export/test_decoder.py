@@ -14,18 +14,13 @@ from slimformer.errors import ConfigError, ExportError
 from slimformer.export.decoder import DecoderConfig, cache_layout, export_decoder
 from slimformer.export.ortgen import OrtDecoder, generate_onnx
 from slimformer.models.generate import generate_tokens
+from tests.tiny_lm import tiny_llama
 
 VOCAB = 128
 
 
 def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(VOCAB, positions=128)
 
 
 def _prompt(n=12, seed=3) -> list[int]:

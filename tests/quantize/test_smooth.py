@@ -17,6 +17,7 @@ from slimformer.models.structure import discover
 from slimformer.quantize.api import quantize
 from slimformer.quantize.config import QuantConfig
 from slimformer.quantize.smooth import migrate
+from tests.tiny_lm import tiny_gpt2, tiny_llama
 
 VOCAB, T = 64, 16
 
@@ -26,21 +27,11 @@ def _db(ref: torch.Tensor, got: torch.Tensor) -> float:
 
 
 def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=64, pad_token_id=0)
-    return _outliers(LlamaForCausalLM(cfg).eval())
+    return _outliers(tiny_llama(VOCAB, pad_token_id=0))
 
 
 def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
-    return _outliers(GPT2LMHeadModel(cfg).eval())
+    return _outliers(tiny_gpt2(VOCAB))
 
 
 @torch.no_grad()

@@ -16,27 +16,17 @@ from slimformer.quantize.config import QuantConfig
 from slimformer.quantize.gptq import Hessian, dequantize, gptq
 from slimformer.quantize.pack import pack_codes, packed_bytes, unpack_codes
 from slimformer.quantize.quantizers import WeightQuantizer
+from tests.tiny_lm import tiny_gpt2, tiny_llama
 
 VOCAB = 64
 
 
 def _llama(hidden=64, layers=3):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=64, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(VOCAB, hidden, layers, pad_token_id=0)
 
 
 def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=64,
-                     bos_token_id=1, eos_token_id=2)
-    return GPT2LMHeadModel(cfg).eval()
+    return tiny_gpt2(VOCAB, layers=3, bos_token_id=1, eos_token_id=2)
 
 
 def _rows(n=32, t=16, seed=0) -> TensorDictDataset:
