@@ -77,6 +77,21 @@ def test_float_greedy_tokens_equal_pytorch_for_32_steps(model, float_export):
     assert got.prefill_tokens_per_s > 0 and got.decode_tokens_per_s > 0
 
 
+def test_float_export_records_equal_greedy_tokens(float_export):
+    """The export itself compared 32 greedy tokens with PyTorch's (teacher-forced)."""
+    res, _ = float_export
+    assert res.tokens == {"steps": 32, "prompt_tokens": 8, "agreement": 1.0,
+                          "first_difference": None, "min_margin": None}
+
+
+def test_token_parity_sees_a_different_model(model, int4_export):
+    """The INT4 graph against the float model: the metric falls below 1 (it can fail)."""
+    from slimformer.export.genparity import token_parity
+
+    tp = token_parity(model, OrtDecoder(int4_export[2]), _prompt(), 32)
+    assert tp.agreement < 1.0 and tp.first_difference is not None and tp.min_margin >= 0
+
+
 def test_batch_and_past_lengths_are_dynamic(model, float_export):
     """Two rows, a 5-token past then 3 new tokens: the logits equal the full-sequence forward."""
     _, path = float_export
@@ -94,6 +109,8 @@ def test_batch_and_past_lengths_are_dynamic(model, float_export):
 def test_bad_config_and_path_are_typed_errors(model, tmp_path):
     with pytest.raises(ConfigError, match="accuracy_level"):
         DecoderConfig(accuracy_level=2)
+    with pytest.raises(ConfigError, match="min_token_agreement: 1.5; allowed: 0 to 1"):
+        DecoderConfig(min_token_agreement=1.5)
     with pytest.raises(ExportError, match="must end in .onnx"):
         export_decoder(model, tmp_path / "m.bin")
     assert not list(tmp_path.iterdir())
@@ -169,7 +186,7 @@ def test_int4_parity_with_the_quantized_pytorch_model(model, int4_export):
     ids = torch.tensor([_prompt()])
     logits, _ = OrtDecoder(path).step(ids.numpy(), OrtDecoder(path).empty(1))
     with torch.no_grad():  # vs the float model: the quantization error, far larger
-        from slimformer.export.decoder import compare
+        from slimformer.export.genparity import compare
 
         assert compare(model(input_ids=ids).logits, torch.from_numpy(logits))["sqnr_db"] < 40
     prompt = _prompt()
@@ -177,6 +194,7 @@ def test_int4_parity_with_the_quantized_pytorch_model(model, int4_export):
     got = generate_onnx(OrtDecoder(path), prompt, 32)
     agree = sum(a == b for a, b in zip(ref.new_ids, got.new_ids, strict=True)) / 32
     assert agree >= 0.95
+    assert res.tokens["agreement"] >= 0.95 and res.tokens["steps"] == 32
     size = res.size_bytes
     assert res.nbits["packed_bytes"] * 5 < res.nbits["float_bytes"] and size > 0
 

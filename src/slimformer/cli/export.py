@@ -134,6 +134,15 @@ def export_onnx_cmd(
         static: Annotated[bool, typer.Option("--static", help="Fixed shapes (no symbolic batch/"
                                              "sequence axes).")] = False,
         rows: Annotated[int, typer.Option(help="Example rows traced and checked.")] = 2,
+        graph: Annotated[str, typer.Option(help="auto (a causal LM, float or weight-only: the "
+                                           "KV-cache decoder graph; else the full-sequence "
+                                           "graph) | decoder | full.")] = "auto",
+        accuracy_level: Annotated[int, typer.Option(help="Weight-only models: MatMulNBits' "
+                                                    "activation precision, 0 or 1 (float32, as "
+                                                    "PyTorch) or 4 (int8, faster).")] = 0,
+        tokens_per_s: Annotated[bool, typer.Option("--tokens-per-s", help="Decoder graph: also "
+                                                   "time prefill and decode tokens/s at batch "
+                                                   "1 beside the float model's graph.")] = False,
         config: ConfigOpt = None,
         as_json: JsonOpt = False,
         overwrite: OverwriteFileOpt = False,
@@ -143,6 +152,9 @@ def export_onnx_cmd(
 
     Runs the one-stage recipe export (no evaluation, no timing) through the pipeline; its
     example rows are the model's own evaluation rows, or synthetic inputs without a data set.
+    A causal LM (float or weight-only) is written as one decoder graph for prefill and decode
+    (key/value cache in and out, MatMulNBits with its codes when quantized), its greedy tokens
+    checked against the PyTorch model's.
     """
     from slimformer.export.lint import Finding, lint_summary
     from slimformer.stages.export import ExportStage
@@ -154,10 +166,14 @@ def export_onnx_cmd(
         tgt, _, isa = target.partition(":")
         stage = _stage(ExportStage, None, opset=opset, dynamic=not static, target=tgt,
                        isa=isa or "auto", example_rows=rows, evaluate=False,
-                       latency_batch_sizes=[], compare_float=False, openvino=False)
+                       latency_batch_sizes=[], compare_float=tokens_per_s, openvino=False,
+                       graph=graph, accuracy_level=accuracy_level, tokens_per_s=tokens_per_s)
         rec = _export(err, model, config, stage, out, {"export/model.onnx": out.suffix},
-                      trust_code, task, rows)
+                      trust_code, task, max(rows, 64))
     res = rec.result | {"path": str(out)}
+    if res.get("graph") == "decoder":
+        _print_decoder(con, res, rec, as_json)
+        return
     if as_json:
         print(json.dumps(res, indent=2))
         return
@@ -178,6 +194,36 @@ def export_onnx_cmd(
         _print_lint(con, lint)
     for w in res["warnings"]:
         con.print(f"  warning: {w}", markup=False, highlight=False)
+
+
+def _print_decoder(con, res: dict, rec, as_json: bool) -> None:
+    """The decoder graph: file, cache layout, per-step parity, greedy tokens, tokens/s."""
+    speed = {k: v for k, v in rec.metrics.items() if "tokens_per_s" in k or "speedup" in k
+             or k == "float_file_bytes"}
+    if as_json:
+        print(json.dumps(res | {"speed": speed}, indent=2))
+        return
+    lay = res["layout"]
+    con.print(f"wrote {res['path']} ({res['size_bytes']:,} bytes, opset {res['opset']}, "
+              f"{'weight-only MatMulNBits' if res['quantized'] else 'float'}): decoder graph, "
+              f"{lay['layers']} layers of key/value cache ({lay['kv_heads']} kv heads x "
+              f"{lay['head_dim']})", markup=False, highlight=False)
+    t = _table("step", "output", "SQNR dB", "max rel error", title="ONNX Runtime vs PyTorch")
+    for step, outs in res["parity"].items():
+        name, m = min(outs.items(), key=lambda kv: kv[1]["sqnr_db"])
+        t.add_row(step, f"{name} (worst of {len(outs)})", f"{m['sqnr_db']:.1f}",
+                  f"{m['max_rel_error']:.3g}")
+    con.print(t)
+    if res["tokens"]:
+        tk = res["tokens"]
+        con.print(f"greedy tokens vs PyTorch: {tk['agreement']:.1%} of {tk['steps']} steps "
+                  f"after a {tk['prompt_tokens']}-token prompt (first difference: "
+                  f"{tk['first_difference']})", markup=False, highlight=False)
+    if speed:
+        con.print("tokens/s at batch 1: " + ", ".join(f"{k} {v:g}" for k, v in speed.items()),
+                  markup=False, highlight=False)
+    for w in rec.notes:
+        con.print(f"  note: {w}", markup=False, highlight=False)
 
 
 def _print_parity(con, parity: dict, title: str) -> None:

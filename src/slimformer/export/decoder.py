@@ -18,7 +18,9 @@ ONNX Runtime's ``com.microsoft::MatMulNBits`` holding *our* codes and scales
 (:mod:`slimformer.export.nbits`). The file is written only after ONNX Runtime ran a prefill and
 a decode step and every output was compared with PyTorch (SQNR and max relative error; a float
 export must reach ``DecoderConfig.min_sqnr_db``, a quantized one is compared with the quantized
-PyTorch model and reported).
+PyTorch model and reported), and after ``parity_steps`` greedy tokens were compared
+(:mod:`slimformer.export.genparity`): a float export must give PyTorch's tokens, a quantized
+one agree with the quantized PyTorch model on ``min_token_agreement`` of the steps.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ import torch
 from torch import nn
 
 from slimformer.errors import ConfigError, ExportError, UnsupportedModelError
+from slimformer.export.config import ACCURACY_LEVELS, DEFAULT_ACCURACY_LEVEL
 
 OPSETS = (17, 18, 19, 20, 21, 22, 23)
-ACCURACY_LEVELS = (0, 1, 4)  # MatMulNBits: unset / fp32 activations / int8 activations
 
 
 @dataclass(frozen=True)
@@ -49,16 +51,21 @@ class DecoderConfig:
         check: Run the ONNX Runtime check (prefill + one decode step) before writing.
         min_sqnr_db: A float export whose ONNX Runtime outputs reach less SQNR vs PyTorch fails.
         accuracy_level: MatMulNBits' activation precision: 0 or 1 (float32), 4 (int8 in the
-            runtime's kernel: faster prefill, not what PyTorch computes).
+            runtime's kernel: faster, not exactly what PyTorch computes).
         check_tokens: Prompt length of the check's prefill.
+        parity_steps: Greedy tokens compared with PyTorch after the prompt (0: none).
+        min_token_agreement: A quantized export agreeing with the quantized PyTorch model on
+            fewer of the steps fails (a float export must agree on all).
     """
 
     opset: int | None = None
     threads: int = 2
     check: bool = True
     min_sqnr_db: float = 60.0
-    accuracy_level: int = 0
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
     check_tokens: int = 8
+    parity_steps: int = 32
+    min_token_agreement: float = 0.95
 
     def __post_init__(self):
         """Validate the fields (ConfigError naming the allowed values)."""
@@ -72,6 +79,10 @@ class DecoderConfig:
             bad.append(f"threads: {self.threads}; allowed: 1 to 256")
         if not 1 <= self.check_tokens <= 4096:
             bad.append(f"check_tokens: {self.check_tokens}; allowed: 1 to 4096")
+        if not 0 <= self.parity_steps <= 4096:
+            bad.append(f"parity_steps: {self.parity_steps}; allowed: 0 to 4096")
+        if not 0.0 <= self.min_token_agreement <= 1.0:
+            bad.append(f"min_token_agreement: {self.min_token_agreement}; allowed: 0 to 1")
         if bad:
             raise ConfigError(bad, "decoder export")
 
@@ -116,6 +127,7 @@ class DecoderResult:
     seconds: float = 0.0
     parity: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     nbits: dict = field(default_factory=dict)  # MatMulNBits replacements (nbits.NbitsStats)
+    tokens: dict = field(default_factory=dict)  # greedy-token parity (genparity.TokenParity)
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -123,7 +135,7 @@ class DecoderResult:
         return {"path": str(self.path), "opset": self.opset, "layout": asdict(self.layout),
                 "quantized": self.quantized, "size_bytes": self.size_bytes,
                 "seconds": round(self.seconds, 2), "parity": self.parity, "nbits": self.nbits,
-                "warnings": self.warnings}
+                "tokens": self.tokens, "warnings": self.warnings}
 
 
 def inner(model: nn.Module) -> nn.Module:
@@ -216,17 +228,12 @@ class DecoderEntry(nn.Module):
         return (out.logits, *(t for kv in cache_pairs(new) for t in kv))
 
 
-def step_inputs(ids: torch.Tensor, past: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The graph inputs of one step: ``ids (B, T)`` new tokens after ``past`` (B, h, P, d)."""
-    b, t = ids.shape
-    p = past[0].shape[2]
-    return [ids, torch.ones(b, p + t, dtype=torch.long),
-            torch.arange(p, p + t).unsqueeze(0).expand(b, t).contiguous(), *past]
-
-
-def export_decoder(model: nn.Module, path: str | Path,
-                   config: DecoderConfig | None = None) -> DecoderResult:
+def export_decoder(model: nn.Module, path: str | Path, config: DecoderConfig | None = None,
+                   prompt_ids: list[int] | None = None) -> DecoderResult:
     """Write ``model`` (a causal LM, float or weight-only quantized) as a decoder graph.
+
+    ``prompt_ids``: the prompt of the greedy-token parity (default: ``check_tokens`` seeded
+    random ids); with ``parity_steps`` it must fit the model's positions.
 
     Raises:
         ExportError: Bad path, a quantization without an ONNX Runtime form, an export or
@@ -258,7 +265,7 @@ def export_decoder(model: nn.Module, path: str | Path,
     notes: list[str] = []
     for i, opset in enumerate(opsets):
         try:
-            result = _export_once(model, path, layout, opset, config, notes)
+            result = _export_once(model, path, layout, opset, config, notes, prompt_ids)
             break
         except (ExportError, UnsupportedModelError):
             if i + 1 == len(opsets):
@@ -274,9 +281,10 @@ def export_decoder(model: nn.Module, path: str | Path,
 
 
 def _export_once(model, path: Path, layout: CacheLayout, opset: int, config: DecoderConfig,
-                 notes: list[str]) -> DecoderResult:
+                 notes: list[str], prompt_ids: list[int] | None) -> DecoderResult:
     import onnx
 
+    from slimformer.export.genparity import check_decoder, step_inputs
     from slimformer.export.onnx import TWO_GB, _file_bytes, _move_external, _param_bytes
     from slimformer.store.atomic import atomic_path
 
@@ -304,6 +312,8 @@ def _export_once(model, path: Path, layout: CacheLayout, opset: int, config: Dec
                 result.parity = check_decoder(tmp, DecoderEntry(model, layout).eval(), layout,
                                               config)
                 _judge(result, config)
+                if config.parity_steps:
+                    _tokens(result, model, tmp, layout, config, prompt_ids)
             result.size_bytes = _file_bytes(tmp)
             if big:
                 _move_external(tmp, path)
@@ -349,46 +359,6 @@ def _save(proto, tmp: Path, big: bool) -> None:
         onnx.save(proto, str(tmp))
 
 
-@torch.no_grad()
-def check_decoder(path: Path, reference: nn.Module, layout: CacheLayout,
-                  config: DecoderConfig) -> dict[str, dict[str, dict[str, float]]]:
-    """ONNX Runtime vs ``reference`` (a :class:`DecoderEntry`) on a prefill and a decode step.
-
-    Returns:
-        ``{"prefill"|"decode": {output: {"sqnr_db", "max_rel_error", "cosine"}}}``; the decode
-        step feeds each side its own prefill's presents.
-    """
-    from slimformer.export.ortrun import session
-
-    sess = session(path, config.threads)
-    names = layout.input_names()
-    ids = torch.randint(0, layout.vocab, (1, config.check_tokens),
-                        generator=torch.Generator().manual_seed(1))
-    ref_past = ort_past = layout.empty(1)
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for step, new in (("prefill", ids), ("decode", ids[:, -1:])):
-        ref = reference(*step_inputs(new, ref_past))
-        got = sess.run(None, {n: t.numpy() for n, t in zip(names, step_inputs(new, ort_past),
-                                                             strict=True)})
-        out[step] = {n: compare(r, torch.from_numpy(g)) for n, r, g in
-                     zip(layout.output_names(), ref, got, strict=True)}
-        ref_past, ort_past = list(ref[1:]), [torch.from_numpy(g) for g in got[1:]]
-    return out
-
-
-def compare(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
-    """SQNR (dB), max error relative to the reference's largest magnitude, cosine."""
-    from slimformer.models.outputs import metrics
-
-    if ref.shape != got.shape:
-        raise ExportError(f"ONNX Runtime returned shape {list(got.shape)}, PyTorch "
-                          f"{list(ref.shape)}")
-    m = metrics(ref.float(), got.float())
-    scale = float(ref.abs().max()) or 1.0
-    return {"sqnr_db": round(m["sqnr_db"], 2), "cosine": m["cosine"],
-            "max_rel_error": float((ref.float() - got.float()).abs().max()) / scale}
-
-
 def _judge(result: DecoderResult, config: DecoderConfig) -> None:
     """ExportError when a float export's output falls under ``min_sqnr_db``."""
     if result.quantized:
@@ -399,3 +369,27 @@ def _judge(result: DecoderResult, config: DecoderConfig) -> None:
         raise ExportError(f"ONNX Runtime differs from PyTorch at the {worst[0]} step on "
                           f"{worst[1]} (SQNR {worst[2]['sqnr_db']:.1f} dB); a float decoder "
                           f"export must reach {config.min_sqnr_db} dB on every output")
+
+
+def _tokens(result: DecoderResult, model, tmp: Path, layout: CacheLayout, config: DecoderConfig,
+            prompt_ids: list[int] | None) -> None:
+    """Greedy-token parity into ``result.tokens``; ExportError under the config's bar."""
+    from slimformer.export.genparity import token_parity
+    from slimformer.export.ortgen import OrtDecoder
+
+    prompt = prompt_ids or torch.randint(0, layout.vocab, (config.check_tokens,),
+                                         generator=torch.Generator().manual_seed(2)).tolist()
+    tp = token_parity(model, OrtDecoder(tmp, config.threads), prompt, config.parity_steps)
+    result.tokens = tp.as_dict()
+    need = 1.0 if not result.quantized else config.min_token_agreement
+    if tp.agreement < need:
+        what = ("the float export must give PyTorch's greedy tokens" if not result.quantized
+                else f"a quantized export must agree on {need:.0%} (min_token_agreement)")
+        hint = ("" if not result.quantized or config.accuracy_level in (0, 1) else
+                f"; accuracy_level {config.accuracy_level} runs int8 activations: 0 computes "
+                "what PyTorch does")
+        raise ExportError(f"ONNX Runtime's greedy tokens differ from the "
+                          f"{'quantized ' if result.quantized else ''}PyTorch model's: "
+                          f"{tp.agreement:.1%} of {tp.steps} steps agree (first difference at "
+                          f"step {tp.first_difference}, the PyTorch top-2 logit gap there "
+                          f"{tp.min_margin}); {what}{hint}")

@@ -248,7 +248,7 @@ def _weight_only(model, path: Path, inputs: dict[str, torch.Tensor],
     data = path.with_name(path.name + ".data")
     try:
         proto = onnx.load(str(path))
-        stats = to_matmul_nbits(proto, model)
+        stats = to_matmul_nbits(proto, model, config.accuracy_level)
         with atomic_path(path) as tmp:
             if data.exists():
                 onnx.save(proto, str(tmp), save_as_external_data=True, location=tmp.name + ".data")

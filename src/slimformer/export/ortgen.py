@@ -84,3 +84,38 @@ def generate_onnx(decoder: OrtDecoder, prompt_ids: list[int], max_new_tokens: in
         step_in = np.asarray([[tok]], np.int64)
     result.decode_seconds = time.perf_counter() - t0 if len(result.new_ids) > 1 else 0.0
     return result
+
+
+def time_decoders(decoders: dict[str, OrtDecoder], prompt_ids: list[int], decode_steps: int,
+                  rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Prefill and decode speed of each decoder at batch 1, the decoders alternating each round.
+
+    Each round runs every decoder in turn: a prefill of ``prompt_ids`` (timed), then
+    ``decode_steps`` greedy one-token steps (timed together), after one untimed warm-up
+    generation. Machine load shifts over seconds; alternating makes the ratios of the decoders a
+    side-by-side measurement.
+
+    Returns:
+        ``{label: {"prefill_tokens_per_s", "decode_tokens_per_s"`` (from each one's fastest
+        round), ``"prefill_tokens_per_s_median", "decode_tokens_per_s_median", "prefill_ms",
+        "decode_ms_per_token"`` (medians), ``"rounds", "prompt_tokens"}}``.
+    """
+    for dec in decoders.values():
+        generate_onnx(dec, prompt_ids[:8], 2)
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in decoders}
+    for _ in range(rounds):
+        for label, dec in decoders.items():
+            g = generate_onnx(dec, prompt_ids, decode_steps + 1)
+            times[label].append((g.prefill_seconds, g.decode_seconds / max(decode_steps, 1)))
+    out = {}
+    for label, ts in times.items():
+        pre, dec = sorted(t[0] for t in ts), sorted(t[1] for t in ts)
+        mid = len(ts) // 2
+        out[label] = {"prefill_tokens_per_s": round(len(prompt_ids) / pre[0], 2),
+                      "decode_tokens_per_s": round(1 / dec[0], 2),
+                      "prefill_tokens_per_s_median": round(len(prompt_ids) / pre[mid], 2),
+                      "decode_tokens_per_s_median": round(1 / dec[mid], 2),
+                      "prefill_ms": round(pre[mid] * 1e3, 3),
+                      "decode_ms_per_token": round(dec[mid] * 1e3, 3),
+                      "rounds": rounds, "prompt_tokens": len(prompt_ids)}
+    return out

@@ -27,6 +27,12 @@ class ExportStage(OnnxConfig):
     is the export's whole summary (parity per shape, ONNX Runtime kernels, every lint finding).
     A run without data exports from synthetic example inputs (the model's input specs) and
     times them; accuracy and agreement are then not measured (a note says so).
+
+    ``graph``: ``auto`` writes a causal LM (float or weight-only) as the KV-cache decoder graph
+    (:mod:`slimformer.stages.exportdecoder`: greedy-token parity over ``decode_tokens`` steps,
+    ``min_token_agreement`` for a quantized model, prefill of ``prompt_tokens`` and decode
+    tokens/s at batch 1 beside the float model's graph with ``tokens_per_s``), anything else
+    as the full-sequence graph; ``decoder`` / ``full`` force one.
     """
 
     type: Literal["export"] = "export"
@@ -41,6 +47,12 @@ class ExportStage(OnnxConfig):
     # for target openvino only; true = whenever OpenVINO is installed (a note where it is not)
     openvino: bool | None = None
     openvino_ir: bool = False
+    graph: Literal["auto", "decoder", "full"] = "auto"
+    prompt_tokens: Annotated[int, Field(ge=1, le=32768)] = 512
+    decode_tokens: Annotated[int, Field(ge=1, le=4096)] = 32
+    min_token_agreement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
+    tokens_per_s: bool = True
+    timing_rounds: Annotated[int, Field(ge=1, le=100)] = 3
 
     @model_validator(mode="after")
     def _ir_form(self):
@@ -56,7 +68,14 @@ class ExportStage(OnnxConfig):
 
 def run(ctx: RunContext, stage: ExportStage) -> StageRecord:
     """Export the current model to ONNX (and TensorRT); ``export/`` artifact (see ExportStage)."""
-    return _export_into(ctx, stage, ctx.artifact_dir("export"))
+    from slimformer.stages.exportdecoder import decoder_into, wants_decoder
+
+    decoder, why_not = wants_decoder(ctx, stage)
+    if decoder:
+        return decoder_into(ctx, stage, ctx.artifact_dir("export"))
+    rec = _export_into(ctx, stage, ctx.artifact_dir("export"))
+    rec.notes += [why_not] if why_not else []
+    return rec
 
 
 def _rows(ctx: RunContext, batch: int) -> dict:

@@ -1,0 +1,157 @@
+"""The export stage for causal LMs: the KV-cache decoder graph, token parity, tokens/s.
+
+A causal LM (task ``causal-lm``), float or weight-only quantized, is written as one decoder
+graph for prefill and decode (:func:`~slimformer.export.decoder.export_decoder`; MatMulNBits
+with our codes when quantized). The export itself checks every output of a prefill and a decode
+step and the greedy tokens against the PyTorch model (the float model's tokens equal for
+``decode_tokens`` steps; the quantized model's on ``min_token_agreement`` of them). With
+``tokens_per_s`` the file's prefill (a ``prompt_tokens`` prompt) and decode tokens/s at batch 1
+are timed in ONNX Runtime beside the float model's decoder graph (``compare_float``), the two
+alternating every round (:func:`~slimformer.export.ortgen.time_decoders`). The prompt is the
+evaluation rows' tokens, concatenated; seeded random tokens fill it where they run short.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from slimformer.report.model import StageRecord
+from slimformer.stages.context import RunContext
+
+FULL_ONLY = ("tensorrt", "openvino", "portable")  # targets whose forms are full-sequence QDQ
+
+
+def wants_decoder(ctx: RunContext, stage) -> tuple[bool, str | None]:
+    """``(decoder?, note)``: whether ``stage`` writes the decoder graph, and why not if not."""
+    from slimformer.quantize.state import QuantizedModel
+
+    if stage.graph == "full":
+        return False, None
+    if stage.graph == "decoder":
+        return True, None
+    if getattr(ctx.loaded, "task", None) != "causal-lm":
+        return False, None
+    m = ctx.model
+    if isinstance(m, QuantizedModel) and not getattr(m.quant, "weight_only", False):
+        return False, ("a causal LM with quantized activations is exported as the full-sequence "
+                       "QDQ graph (no key/value cache): the decoder graph takes float or "
+                       "weight-only models")
+    if stage.target in FULL_ONLY or stage.tensorrt is not None or stage.openvino_ir:
+        return False, (f"target {stage.target}: the full-sequence graph (the decoder graph is "
+                       "written for ONNX Runtime: target auto or ort-cpu)")
+    return True, None
+
+
+def prompt_of(ctx: RunContext, tokens: int, room: int | None) -> tuple[list[int], str | None]:
+    """``(ids, note)``: ``tokens`` prompt ids (at most ``room``) from the evaluation rows."""
+    want = tokens if room is None else max(1, min(tokens, room))
+    ids: list[int] = []
+    data = ctx.eval_data
+    if data is not None and "input_ids" in data.inputs:
+        x, mask = data.inputs["input_ids"], data.inputs.get("attention_mask")
+        for i in range(x.shape[0]):
+            row = x[i][mask[i].bool()] if mask is not None else x[i]
+            ids += row.tolist()
+            if len(ids) >= want:
+                break
+    note = None
+    if len(ids) < want:
+        vocab = int(getattr(getattr(ctx.loaded.module, "config", None), "vocab_size", 0) or
+                    (max(ids) + 1 if ids else 2))
+        fill = torch.randint(0, vocab, (want - len(ids),),
+                             generator=torch.Generator().manual_seed(0)).tolist()
+        note = (f"the prompt of the token parity and timing: {len(ids)} tokens of the evaluation "
+                f"rows and {len(fill)} seeded random ones")
+        ids += fill
+    if want < tokens:
+        note = (note + "; " if note else "") + (f"prompt of {want} tokens, not {tokens}: the "
+                                                "model's positions hold no more beside the "
+                                                "decoded ones")
+    return ids[:want], note
+
+
+def decoder_into(ctx: RunContext, stage, tmp: Path) -> StageRecord:
+    """Write ``tmp/model.onnx`` as the decoder graph; parity and tokens/s (see module doc)."""
+    from slimformer.export.decoder import DecoderConfig, export_decoder
+    from slimformer.stages.generate import _max_positions, hf_model
+
+    tick = ctx.progress or (lambda *a: None)
+    limit = _max_positions(hf_model(ctx.model))
+    prompt, note = prompt_of(ctx, stage.prompt_tokens,
+                             None if limit is None else limit - stage.decode_tokens - 1)
+    cfg = DecoderConfig(opset=stage.opset, threads=stage.threads, check=stage.check,
+                        accuracy_level=stage.accuracy_level,
+                        parity_steps=stage.decode_tokens if stage.check else 0,
+                        min_token_agreement=stage.min_token_agreement)
+    tick("export: decoder graph (checked in ONNX Runtime)", 0, 1)
+    res = export_decoder(ctx.model, tmp / "model.onnx", cfg, prompt)
+    tick("export: decoder graph (checked in ONNX Runtime)", 1, 1)
+    rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"),
+                      result=res.summary() | {"path": f"{tmp.name}/model.onnx",
+                                              "graph": "decoder"})
+    rec.metrics = {"graph": "decoder", "opset": res.opset, "quantized": res.quantized,
+                   "file_bytes": res.size_bytes, "export_seconds": round(res.seconds, 2),
+                   "accuracy_level": stage.accuracy_level if res.quantized else None,
+                   **{f"parity_{k}_min_sqnr_db": min(m["sqnr_db"] for m in v.values())
+                      for k, v in res.parity.items()}}
+    if res.tokens:
+        rec.metrics |= {"token_agreement": res.tokens["agreement"],
+                        "token_steps": res.tokens["steps"],
+                        "first_token_difference": res.tokens["first_difference"]}
+    rec.size = {"bytes": res.size_bytes}
+    rec.notes += [n for n in (note,) if n] + list(res.warnings)
+    if res.nbits:
+        rec.notes.append(f"weight-only: {res.nbits['replaced']} Linears as MatMulNBits "
+                         f"(accuracy_level {stage.accuracy_level}): {res.nbits['by_form']}")
+    if stage.evaluate:
+        rec.notes.append("the decoder graph is judged by its greedy tokens against PyTorch "
+                         "(token_agreement), not by evaluation rows in ONNX Runtime")
+    if stage.tokens_per_s:
+        _time(ctx, stage, rec, tmp / "model.onnx", res.quantized, prompt, tick)
+    return rec
+
+
+def _time(ctx: RunContext, stage, rec: StageRecord, path: Path, quantized: bool,
+          prompt: list[int], tick) -> None:
+    """Prefill / decode tokens/s of ``path`` beside the float decoder graph, interleaved."""
+    from slimformer.export.decoder import DecoderConfig, export_decoder
+    from slimformer.export.ortgen import OrtDecoder, time_decoders
+    from slimformer.store.outdir import scratch_root
+
+    with tempfile.TemporaryDirectory(prefix="float-decoder-", dir=scratch_root()) as folder:
+        files = {"onnxruntime": path}
+        if quantized and stage.compare_float:
+            tick("export: float decoder graph (the baseline)", 0, 1)
+            base = export_decoder(ctx.loaded.module, Path(folder) / "float.onnx",
+                                  DecoderConfig(opset=stage.opset, threads=stage.threads,
+                                                check=False))
+            files["onnxruntime float"] = base.path
+            rec.metrics["float_file_bytes"] = base.size_bytes
+            rec.metrics["size_ratio"] = round(base.size_bytes / rec.size["bytes"], 3)
+            tick("export: float decoder graph (the baseline)", 1, 1)
+        tick("export: tokens/s in ONNX Runtime", 0, 1)
+        timed = time_decoders({k: OrtDecoder(p, stage.threads) for k, p in files.items()},
+                              prompt, stage.decode_tokens, stage.timing_rounds)
+        tick("export: tokens/s in ONNX Runtime", 1, 1)
+    for key, t in timed.items():
+        pre = "float_" if key.endswith(" float") else ""
+        rec.metrics |= {f"{pre}{k}": v for k, v in t.items() if "tokens_per_s" in k}
+        runtime, _, fl = key.partition(" ")
+        rec.latency[f"{runtime} prefill {fl + ' ' if fl else ''}batch=1"] = {
+            "median_ms": t["prefill_ms"], "prompt_tokens": t["prompt_tokens"]}
+        rec.latency[f"{runtime} decode {fl + ' ' if fl else ''}batch=1"] = {
+            "median_ms": t["decode_ms_per_token"]}
+    if "onnxruntime float" in timed:
+        q, f = timed["onnxruntime"], timed["onnxruntime float"]
+        for k in ("prefill", "decode"):
+            rec.metrics[f"{k}_speedup"] = round(q[f"{k}_tokens_per_s"] /
+                                                f[f"{k}_tokens_per_s"], 3)
+            rec.metrics[f"{k}_speedup_median"] = round(q[f"{k}_tokens_per_s_median"] /
+                                                       f[f"{k}_tokens_per_s_median"], 3)
+    rec.notes.append(f"tokens/s at batch 1, {stage.threads} threads: prefill of "
+                     f"{len(prompt)} tokens, {stage.decode_tokens} decode steps, "
+                     f"{stage.timing_rounds} rounds alternating the files (fastest round; "
+                     "*_median: the median round)")

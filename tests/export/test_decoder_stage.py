@@ -1,0 +1,94 @@
+"""`export onnx` and the recipe export stage on a causal LM: the KV-cache decoder graph.
+
+A tiny random Llama folder with a WordLevel tokenizer (tests.stages.test_generate), float and
+weight-only INT4 (groups of 32); the stage's own greedy-token parity and tokens/s are checked.
+"""
+
+import json
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from slimformer.cli import app
+from tests.stages.test_generate import build_tiny_lm
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    build_tiny_lm(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def int4(lm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("w4") / "run"
+    res = runner.invoke(app, ["-q", "quantize", str(lm), "--out", str(out), "--weight-only",
+                              "--method", "minmax", "--weight-bits", "4", "--group-size", "32",
+                              "--calib-samples", "8", "--limit", "16"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def _export(*args):
+    res = runner.invoke(app, ["export", "onnx", *map(str, args), "--json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_float_causal_lm_writes_the_decoder_graph(lm, tmp_path):
+    res = _export(lm, "--out", tmp_path / "f.onnx")
+    assert res["graph"] == "decoder" and not res["quantized"]
+    names = [i.name for i in onnx.load(str(tmp_path / "f.onnx")).graph.input]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert "past_key_values.1.value" in names
+    tok = res["tokens"]  # the float file's greedy tokens equal PyTorch's on every step
+    assert tok["agreement"] == 1.0 and tok["steps"] == 32 and tok["first_difference"] is None
+    assert 1 <= tok["prompt_tokens"] <= 64 - 33  # the model's 64 positions hold the steps too
+    assert res["speed"] == {} and [p.name for p in tmp_path.iterdir()] == ["f.onnx"]
+    full = _export(lm, "--out", tmp_path / "full.onnx", "--graph", "full")
+    assert "graph" not in full and full["inputs"]  # the full-sequence graph when asked
+
+
+def test_weight_only_export_parity_speed_and_accuracy_level(int4, tmp_path):
+    res = _export(int4, "--out", tmp_path / "q.onnx", "--tokens-per-s", "--accuracy-level", "4")
+    assert res["graph"] == "decoder" and res["quantized"]
+    nodes = [n for n in onnx.load(str(tmp_path / "q.onnx")).graph.node
+             if n.op_type == "MatMulNBits"]
+    assert len(nodes) == res["nbits"]["replaced"] == 15  # with lm_head
+    assert {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"} == {4}
+    assert res["tokens"]["agreement"] >= 0.95  # vs the quantized PyTorch model
+    sp = res["speed"]
+    for k in ("prefill", "decode"):
+        assert sp[f"{k}_tokens_per_s"] > 0 and sp[f"float_{k}_tokens_per_s"] > 0
+        assert sp[f"{k}_speedup"] == pytest.approx(
+            sp[f"{k}_tokens_per_s"] / sp[f"float_{k}_tokens_per_s"], rel=1e-2)
+    assert res["size_bytes"] < sp["float_file_bytes"]
+
+
+def test_recipe_stage_reports_tokens_and_refuses_a_bad_agreement_bar(lm, tmp_path):
+    from slimformer.errors import ConfigError
+    from slimformer.pipeline import run
+    from slimformer.recipe import parse_recipe
+
+    out = tmp_path / "out"
+    recipe = parse_recipe({"name": "d", "model": {"source": "hf_dir", "path": str(lm)},
+                           "data": {"eval_limit": 16, "calib_rows": 8},
+                           "stages": [{"type": "quantize", "weight_only": True,
+                                       "method": "minmax", "weight_bits": 4, "group_size": 32,
+                                       "save": False},
+                                      {"type": "export", "decode_tokens": 8, "timing_rounds": 1,
+                                       "compare_float": False}],
+                           "output": {"dir": str(out)}})
+    run(recipe)
+    st = json.loads((out / "report.json").read_text())["stages"][-1]
+    m = st["metrics"]
+    assert m["graph"] == "decoder" and m["token_steps"] == 8 and m["token_agreement"] >= 0.95
+    assert m["accuracy_level"] == 0 and m["decode_tokens_per_s"] > 0
+    assert "onnxruntime decode batch=1" in st["latency"] and "speedup" not in str(m)
+    with pytest.raises(ConfigError, match="min_token_agreement"):
+        parse_recipe({"name": "d", "model": {"source": "hf_dir", "path": str(lm)},
+                      "stages": [{"type": "export", "min_token_agreement": 2}]})
