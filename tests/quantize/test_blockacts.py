@@ -1,6 +1,7 @@
 """Block-wise activation calibration: as good as the whole-model path, bounded, checked per block."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -90,3 +91,54 @@ def test_spill_files_are_removed_and_sizes_parse(tmp_path):
         assert torch.equal(kept, t) and kept.data_ptr() != t.data_ptr()
     assert folder is not None and not __import__("os").path.exists(folder)
     assert torch.equal(kept, t)  # still readable: mapped
+
+
+def _massive_in_last_block(lm, factor=1e4):
+    """A copy of the model with one massive channel out of a norm of its last block.
+
+    Same float function (the norm's gain and shift of channel 0 times ``factor``, the Linear it
+    feeds divides that column by it), as :func:`tests.quantize.test_fallback._massive`.
+    """
+    import copy
+
+    from slimformer.models.structure import discover
+
+    model = copy.deepcopy(lm.module)
+    norms = [n for n in discover(model, lm.example_inputs(2)).norms
+             if len(n.linears) == 1 and re.search(r"\.\d+\.", n.module)]  # inside a block
+    norm = norms[-1]
+    params, mods = dict(model.named_parameters()), dict(model.named_modules())
+    with torch.no_grad():
+        mods[norm.module].weight[0] *= factor
+        mods[norm.module].bias[0] *= factor
+        for w in norm.linears:
+            params[w][:, 0] /= factor
+    return model, f"norm:{norm.module}:8"
+
+
+def test_a_collapse_is_handed_to_the_fallback_in_the_block_it_happens(digits):
+    """A massive channel out of one norm collapses its block at W8A8: found right there."""
+    from tests.quantize.test_fallback import _out_db
+
+    lm, calib, test = digits
+    model, site = _massive_in_last_block(lm)
+    block = re.match(r"(.*\.\d+)\.", site.split(":")[1]).group(1)  # blocks.1.norm1 -> blocks.1
+    index = int(block.rpartition(".")[2])
+    assert index >= 1  # a block after the first: earlier blocks pass, this one collapses
+    ticks = []
+    res = quantize(model, QuantConfig(method="minmax", smooth="off", max_memory="1TB"), calib,
+                   progress=lambda *t: ticks.append(t))
+    found = [n for n in res.notes if "found as it was calibrated" in n]
+    assert len(found) == 1 and f"block {block} " in found[0], res.notes
+    assert "handed to the fallback at once" in found[0]
+    # found while that block was calibrated: the blocks before it were done, none after it
+    steps = [s for s, d, t in ticks if s == "precision ranking" or s == "calibrate" and d]
+    assert steps[:steps.index("precision ranking")].count("calibrate") == index
+    # that one site kept float, recorded for a rebuild, and the floor holds on unseen rows
+    assert res.float_activations == [site] and res.model.config.float_activations == [site]
+    x = {"x": test.inputs["x"][:128]}
+    assert res.output_sqnr_db >= 10 and _out_db(model, res.model, x) >= 10
+    # without the per-block check the same model misses the floor (the check is what holds it)
+    off = quantize(model, QuantConfig(method="minmax", smooth="off", max_memory="1TB",
+                                      min_output_sqnr_db=None), calib)
+    assert off.output_sqnr_db < 10 and not off.float_activations

@@ -154,26 +154,41 @@ def _progress():
         yield update
 
 
-def _log_lines():
-    """A progress callback printing plain lines: start, each quarter, end (for logs and CI).
+def _log_lines(every: float = 10.0):
+    """A progress callback printing plain lines (for logs and CI).
 
-    Between start and end a line carries the step's estimated time left (``eta 12 s``), from the
-    step's own elapsed time and the fraction done.
+    A step's start, each quarter and its end; between them also a line whenever ``every``
+    seconds passed since the step's last line (a long calibration shows each block or site).
+    Lines between start and end carry the estimated time left (``eta 12 s``), from the step's
+    own elapsed time and the fraction done. A step that starts over (``done`` lower than before:
+    the sites of the next block) prints only its slow lines: one every ``every`` seconds, and its
+    end when it took that long.
     """
     import time
 
-    t0, shown, started = time.perf_counter(), {}, {}
+    t0 = time.perf_counter()
+    state: dict[str, dict] = {}  # desc -> started, last line time, quarter shown, done, round
 
     def update(desc: str, done: int, total: int) -> None:
         now = time.perf_counter()
-        started.setdefault(desc, now)
+        st = state.get(desc)
+        if st is None or done < st["done"]:  # a new step, or the step started over
+            again = st is not None
+            st = state[desc] = {"started": now, "line": now if again else None, "quarter": -1,
+                                "done": done, "again": again}
+        st["done"] = done
         quarter = 4 * done // total if total else 4
-        if shown.get(desc, -1) >= quarter:
+        slow = st["line"] is not None and now - st["line"] >= every and done > 0
+        if st["again"]:
+            show = slow or (quarter == 4 and now - st["started"] >= every)
+        else:
+            show = quarter > st["quarter"] or slow
+        if not show:
             return
-        shown[desc] = quarter
+        st["quarter"], st["line"] = max(quarter, st["quarter"]), now
         eta = ""
         if 0 < done < total:
-            eta = f" (eta {(now - started[desc]) * (total - done) / done:.0f} s)"
+            eta = f" (eta {(now - st['started']) * (total - done) / done:.0f} s)"
         print(f"[{now - t0:7.1f} s] {desc}: {done}/{total}{eta}", file=sys.stderr, flush=True)
 
     return update

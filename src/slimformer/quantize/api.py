@@ -47,7 +47,9 @@ class QuantResult:
             candidate (:class:`~slimformer.quantize.holdout.SiteChoice`), the method's own
             (``site == "model"``: repq vs the min/max baseline) last.
         float_activations: Activation quantizers the budget fallback kept float
-            (:mod:`~slimformer.quantize.fallback`), also in ``model.config`` and ``notes``.
+            (:mod:`~slimformer.quantize.fallback`; block-wise calibration calls it per block
+            where a block's output falls under the floor), also in ``model.config`` and
+            ``notes``.
         eight_bit: Linear weights the budget fallback moved to 8 bits with their inputs (configs
             below 8 bits), also in ``model.config.overrides``.
         budget: What the fallback measured on its judge rows: ``before`` / ``after`` (metrics
@@ -122,11 +124,13 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
                         "validate every per-site choice")
         qmodel = _against_minmax(qmodel, original, config, calib_data, fit, held, structure,
                                  notes, choices)
+    early = [p for p in qmodel.config.float_activations if p not in config.float_activations]
     weak, out_db, fb = _check(qmodel, calib_data, config, notes, tick)
     qmodel.quant.forget()  # the calibration observations
-    res = QuantResult(qmodel, n, time.perf_counter() - t0, notes, weak, out_db, choices)
+    res = QuantResult(qmodel, n, time.perf_counter() - t0, notes, weak, out_db, choices,
+                      float_activations=early)  # by the per-block check (block-wise)
     if fb is not None:
-        res.float_activations, res.eight_bit = fb.kept, fb.eight_bit_linears
+        res.float_activations, res.eight_bit = [*early, *fb.kept], fb.eight_bit_linears
         res.budget = {"before": fb.before, "after": fb.after, "bytes_8bit": fb.bytes_delta,
                       "sites_8bit": fb.eight_bit}
     return res
@@ -245,9 +249,9 @@ def _check(qmodel: QuantizedModel, calib_data, config: QuantConfig, notes: list[
                      (f", below the {floor:g} dB floor" if low else ""))
     if fb is not None:
         notes += fb.notes
-        qmodel.config = config.model_copy(update={
-            "overrides": [*fb.overrides, *config.overrides],
-            "float_activations": [*config.float_activations, *fb.patterns()]})
+        qmodel.config = qmodel.config.model_copy(update={  # with what blocks already moved
+            "overrides": [*fb.overrides, *qmodel.config.overrides],
+            "float_activations": [*qmodel.config.float_activations, *fb.patterns()]})
         weak, site_db, out_db = measure()
         notes.append(f"after the fallback: {out_db:.1f} dB on the calibration data")
     elif out_db is not None and not low:

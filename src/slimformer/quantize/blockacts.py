@@ -116,6 +116,7 @@ def _blocks(run, phases, bw: Blockwise, containers: list[list[str]], held) -> No
         users.setdefault(id(lq.act), []).append(lq.name.rpartition(".")[0])
     inside = [b for c in containers for b in c]
     total, t0, done, parts = len(inside) + 1, time.perf_counter(), [], []
+    early = EarlyCheck(run.config)
     run.tick("calibrate", 0, total)
     with torch.no_grad():
         for blocks in containers:
@@ -135,8 +136,11 @@ def _blocks(run, phases, bw: Blockwise, containers: list[list[str]], held) -> No
                 ref = runner.float_outputs(cur)
                 _run_phases(run, phases, sub, runner, cur, cur_held, block)
                 outs = [runner(a, k) for a, k, _ in cur]
-                done.append((block, _sqnr(ref, [_real(o, m) for o, (_, _, m) in
-                                                zip(outs, cur, strict=True)])))
+                db = _sqnr(ref, [_real(o, m) for o, (_, _, m) in zip(outs, cur, strict=True)])
+                if early.breached(sub, db) and early.handle(run, sub, block, db, len(done)):
+                    outs = [runner(a, k) for a, k, _ in cur]  # the next block sees the fix
+                    db = _sqnr(ref, [_real(o, m) for o, (_, _, m) in zip(outs, cur, strict=True)])
+                done.append((block, db))
                 if chained:
                     outs_held = [] if cur_held is None else [runner(a, k) for a, k, _ in cur_held]
                     cur = [((bw.keep(o), *a[1:]), k, m) for o, (a, k, m) in
@@ -152,6 +156,57 @@ def _blocks(run, phases, bw: Blockwise, containers: list[list[str]], held) -> No
     run.tick("calibrate", total, total)
     state.set_mode("observe")  # as the whole-model path leaves it (calibrating() ends in quant)
     _summary(run, done, sum(_rows(b) for b in bw.batches), time.perf_counter() - t0)
+
+
+class EarlyCheck:
+    """The output floor per block, as calibration goes: a collapse handed to the fallback at once.
+
+    At W8A8 with ``min_output_sqnr_db`` set, a block whose output SQNR vs its float output (on
+    its quantized inputs) is under the floor has collapsed (the model output after it cannot be
+    over the floor). Right then, before later blocks are calibrated on its outputs, the model
+    as it stands (the blocks so far quantized, the rest float) goes to the sensitivity fallback
+    (:func:`~slimformer.quantize.fallback.fallback`) with only this block's activation sites as
+    candidates and the floor on the model output as its criterion: the fewest of them kept float.
+    They are recorded in ``qmodel.config.float_activations``; the model-level check after
+    calibration still runs (and falls back further or refuses where the floor is missed).
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.floor = None if config.weight_only else config.min_output_sqnr_db
+
+    def breached(self, sub: QuantState, db: float) -> bool:
+        """Whether the block of ``sub`` (all of it at 8 bits or more) is under the floor."""
+        if self.floor is None or db >= self.floor or not len(sub.linears):
+            return False
+        return min(b for lq in sub.linears.values() for b in (lq.wq.bits, lq.act.bits)) >= 8
+
+    def handle(self, run, sub: QuantState, block: str, db: float, index: int) -> bool:
+        """The fallback on ``block``'s sites; whether it changed them (notes in ``run``)."""
+        from slimformer.quantize.budget import Budget
+        from slimformer.quantize.fallback import fallback
+
+        qmodel = run.qmodel
+        head = (f"block {block} (block {index + 1}) output SQNR {db:.1f} dB vs float on its "
+                f"inputs, under the {self.floor:g} dB floor: found as it was calibrated")
+        view = _View(qmodel, sub, lambda **b: qmodel(**b))
+        view.parameters = qmodel.model.parameters
+        fb = fallback(view, run.data, self.config, [Budget("db", self.floor)], run.tick)
+        sub.set_mode("quant")
+        if fb is None:
+            run.notes.append(head + "; the model output with the blocks so far quantized holds "
+                             "the floor: kept")
+            return False
+        if not fb.met:
+            run.notes.append(head + "; even with every activation site of the block float the "
+                             "model output misses the floor: left to the model-level check (" +
+                             "; ".join(fb.notes) + ")")
+            return False
+        qmodel.config = qmodel.config.model_copy(update={
+            "overrides": [*qmodel.config.overrides, *fb.overrides],
+            "float_activations": [*qmodel.config.float_activations, *fb.patterns()]})
+        run.notes.append(head + "; handed to the fallback at once: " + "; ".join(fb.notes))
+        return True
 
 
 def _run_phases(run, phases, sub: QuantState, runner, data, held, block: str | None,
