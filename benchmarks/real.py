@@ -11,12 +11,14 @@ vision backbones (dinov2-small): feature cosine, neighbour agreement, 5-NN accur
 (smollm2-135m): perplexity, next-token agreement.
 
 Rows (:mod:`real_build`): float (our ONNX export); ours (``quantize`` then ``export onnx``, ONNX
-Runtime) at W8A8 and W4A8 with the default method and with minmax (a status "N act. float" counts
-the activations our output-floor fallback kept float); ours weight-only (INT8 per channel round to
-nearest, INT4 groups of 128 with GPTQ, and with GPTQ+AWQ), judged in PyTorch since our ONNX export
-refuses weight-only models until a MatMulNBits form lands (size: the ``save_quantized`` folder,
-no latency); ONNX Runtime ``quantize_dynamic`` (MatMul/Gemm only) and ``quantize_static`` (QDQ,
-per-channel, MinMax) of our float export; NNCF ``quantize`` (TRANSFORMER preset, SmoothQuant) and
+Runtime) at W8A8 and W4A8 with the default method and with minmax, ``smooth: off`` pinned, and
+at W8A8 with the SmoothQuant-style migration (``-smooth``: ``smooth: auto``) (a status "N act.
+float" counts the activations our output-floor fallback kept float); ours weight-only (INT8 per
+channel round to nearest, INT4 groups of 128 with GPTQ, and with GPTQ+AWQ) exported by our ONNX
+export as MatMulNBits from our codes and run in ONNX Runtime (where the export refuses: judged in
+PyTorch, size of the ``save_quantized`` folder, no latency, the refusal in the status); ONNX
+Runtime ``quantize_dynamic`` (MatMul/Gemm only) and ``quantize_static`` (QDQ, per-channel,
+MinMax) of our float export; NNCF ``quantize`` (TRANSFORMER preset, SmoothQuant) and
 ``compress_weights`` (INT8, INT4 per group) in OpenVINO; Brevitas's post-training flow
 (:mod:`real_brevitas`: SmoothQuant-style equalization, W8A8, optionally GPTQ), judged in PyTorch
 when its ONNX export is unavailable. Encoders run in length-sorted batches cut to their longest
@@ -48,11 +50,12 @@ sys.path.insert(0, str(Path(__file__).parent))  # real_build, real_eval, real_br
 
 THREADS = 2
 WEIGHT_ONLY = ("ours-w8-rtn", "ours-w4g128-gptq", "ours-w4g128-gptq-awq")
-ENCODER = ("float", "ours-w8a8-default", "ours-w8a8-minmax", "ours-w4a8-default",
-           "ours-w4a8-minmax", *WEIGHT_ONLY, "ort-dynamic", "ort-static", "nncf-quantize",
+OURS_W8A8 = ("ours-w8a8-default", "ours-w8a8-minmax", "ours-w8a8-smooth", "ours-w8a8-minmax-smooth",
+             "ours-w4a8-default", "ours-w4a8-minmax")
+ENCODER = ("float", *OURS_W8A8, *WEIGHT_ONLY, "ort-dynamic", "ort-static", "nncf-quantize",
            "nncf-w8", "nncf-w4g128", "brevitas-w8a8", "brevitas-w8a8-gptq")
-LM = ("float", "ours-w8a8-minmax", "ours-w8a8-default", *WEIGHT_ONLY, "nncf-w8", "nncf-w4g128",
-      "nncf-w4g64", "ort-dynamic")
+LM = ("float", *OURS_W8A8, *WEIGHT_ONLY, "nncf-w8", "nncf-w4g128", "nncf-w4g64", "nncf-quantize",
+      "ort-dynamic", "ort-static", "brevitas-w8a8")
 CONFIGS = {"sentence-embedding": ENCODER, "image-features": ENCODER, "causal-lm": LM}
 QUICK = {"sentence-embedding": ("float", "ours-w8a8-minmax", "ours-w8a8-default", "ort-dynamic",
                                 "ort-static", "nncf-quantize", "nncf-w8", "nncf-w4g128",
@@ -63,6 +66,8 @@ QUICK = {"sentence-embedding": ("float", "ours-w8a8-minmax", "ours-w8a8-default"
 LAT_BATCHES = {"sentence-embedding": (1, 32), "image-features": (1, 8), "causal-lm": (1,)}
 LABELS = {"float": "float (our ONNX export)", "ours-w8a8-default": "ours W8A8, default method",
           "ours-w8a8-minmax": "ours W8A8 minmax",
+          "ours-w8a8-smooth": "ours W8A8, default method, smooth auto",
+          "ours-w8a8-minmax-smooth": "ours W8A8 minmax, smooth auto",
           "ours-w8a8-minmax-unchecked": "ours W8A8 minmax, SQNR floor off",
           "ours-w4a8-minmax": "ours W4A8 minmax", "ours-w4a8-default": "ours W4A8, default method",
           "ours-w8-rtn": "ours INT8 weight-only per channel (RTN)",
@@ -98,8 +103,10 @@ def worker(args) -> None:
     if isinstance(art, Path):
         res |= {"artifact": str(art), "bytes": B.size(art)}
         model = E.Deployed(art)
-    else:  # a torch model (Brevitas without its ONNX export, ours weight-only): judged in PyTorch
+    else:  # a torch model (Brevitas without its ONNX export, ours where export refused): PyTorch
         res["runtime"] = "PyTorch (fake-quant)"
+        if args.worker in B.EXPORT_REFUSED:
+            res["export_refused"] = B.EXPORT_REFUSED[args.worker]
         if args.worker in B.SAVED:  # our weight-only folder: packed codes + float rest
             res["bytes"] = sum(f.stat().st_size for f in B.SAVED[args.worker].iterdir())
         model = art
@@ -248,6 +255,10 @@ def table(rows: list[dict]) -> str:
         status = r["status"] if len(r["status"]) < 120 else r["status"][:117] + "..."
         if g("float_activations"):  # our output-floor fallback kept these activations float
             status += f" ({g('float_activations')} act. float)"
+        if g("gemm_float"):  # Linears on (B, K) rows: ONNX Gemm, no MatMulNBits form in our export
+            status += f" ({len(g('gemm_float'))} Linear on 2-D rows kept float: Gemm)"
+        if g("export_refused"):
+            status += f"; ONNX export refused: {g('export_refused')[:100]}"
         out.append(f"| {r['model']} | {LABELS[r['config']]}{where} | {status} | {cos} | "
                    f"{_f(g('neighbour_agreement'), '.4f')} | {accs} | {ppl} | "
                    f"{_f(g('top1_agreement'), '.4f')} | {_f(g('calib_s'), '.0f')}{qs} | "

@@ -1,11 +1,15 @@
 """Build one configuration's deployable artifact for benchmarks/real.py (ours and the peers).
 
 - ``float``: our ONNX export (opset default, and 20 for OpenVINO) plus the float references;
-- ``ours-wXaY-{default,minmax}[-unchecked]``: ``slimformer.quantize`` then ``export onnx`` (QDQ);
-  ``-unchecked`` turns off the output-SQNR refusal (``min_output_sqnr_db=None``) to measure it;
+- ``ours-wXaY-{default,minmax}[-smooth|-unchecked]``: ``slimformer.quantize`` then ``export onnx``
+  (QDQ), ``smooth: off`` pinned (the table stays comparable whatever the default becomes);
+  ``-smooth`` turns on the SmoothQuant-style migration (``smooth: auto``); ``-unchecked`` turns
+  off the output-SQNR refusal (``min_output_sqnr_db=None``) to measure it;
 - ``ours-wX[gG]-{rtn,gptq}[-awq]``: weight-only ``quantize`` (round to nearest or GPTQ, groups of
-  G input columns, AWQ scales), judged in PyTorch (ONNX export refuses weight-only models until a
-  MatMulNBits form exists) and saved with ``save_quantized`` for its size;
+  G input columns, AWQ scales) then ``export onnx``: the float graph with ONNX Runtime
+  ``MatMulNBits`` holding our codes (``accuracy_level`` 0). Where the export refuses, the row is
+  judged in PyTorch (simulated) and saved with ``save_quantized`` for its size, and its status
+  says why (``EXPORT_REFUSED``);
 - ``ort-dynamic`` / ``ort-static``: ONNX Runtime's quantizers on our float export;
 - ``nncf-*``: NNCF ``quantize`` / ``compress_weights`` on the float export read by OpenVINO;
 - ``brevitas-*``: Brevitas's post-training flow (:mod:`real_brevitas`).
@@ -21,7 +25,8 @@ import real_eval as E
 
 CALIB: dict[str, float] = {}  # seconds of the quantizer call alone (a build also exports)
 NOTES: dict[str, dict] = {}  # ours: output SQNR vs float (calibration rows), activations kept float
-SAVED: dict[str, Path] = {}  # ours weight-only: the save_quantized folder (its size)
+SAVED: dict[str, Path] = {}  # ours weight-only judged in PyTorch: the save_quantized folder
+EXPORT_REFUSED: dict[str, str] = {}  # ours weight-only: why our ONNX export refused it
 
 
 def export(model, path: Path, example, **kw) -> Path:
@@ -72,16 +77,19 @@ def make_artifact(config: str, lm, data: dict, work: Path, args):
 
 
 def ours_config(config: str, n: int):
-    """The QuantConfig of ``ours-w{W}a{A}-{default,minmax}[-unchecked]`` or, weight-only,
+    """The QuantConfig of ``ours-w{W}a{A}-{default,minmax}[-smooth|-unchecked]`` (``smooth``
+    pinned: ``auto`` with ``-smooth``, else ``off``) or, weight-only,
     ``ours-w{W}[g{G}]-{rtn,gptq}[-awq]`` (``rtn``: method minmax, round to nearest)."""
     from slimformer.quantize.config import QuantConfig
 
-    m = re.fullmatch(r"ours-w(\d)a(\d)-(default|minmax)(-unchecked)?", config)
-    if m:
-        kw = {} if m[3] == "default" else {"method": "minmax"}
-        if m[4]:  # measured even below the output-SQNR floor
+    m = re.fullmatch(r"ours-w(\d)a(\d)-(default|minmax|smooth)(-smooth|-unchecked)?", config)
+    if m and not (m[3] == "smooth" and m[4]):  # ``ours-wXaY-smooth``: the default method, smooth
+        kw = {"method": "minmax"} if m[3] == "minmax" else {}
+        if m[4] == "-unchecked":  # measured even below the output-SQNR floor
             kw["min_output_sqnr_db"] = None
-        return QuantConfig(weight_bits=int(m[1]), act_bits=int(m[2]), calib_samples=n, **kw)
+        smooth = "auto" if m[3] == "smooth" or m[4] == "-smooth" else "off"
+        return QuantConfig(weight_bits=int(m[1]), act_bits=int(m[2]), calib_samples=n,
+                           smooth=smooth, **kw)
     m = re.fullmatch(r"ours-w(\d)(?:g(\d+))?-(rtn|gptq)(-awq)?", config)
     if not m:
         raise ValueError(f"unknown configuration {config!r}")
@@ -91,22 +99,51 @@ def ours_config(config: str, n: int):
 
 
 def _ours(config: str, lm, data: dict, work: Path, ex: dict, n: int):
-    """``quantize`` then ``export onnx`` (QDQ); weight-only (no ONNX form yet): the PyTorch model,
-    saved with ``save_quantized`` for its size (``SAVED``)."""
+    """``quantize`` then ``export onnx`` (QDQ, or MatMulNBits when weight-only); a weight-only
+    model our export refuses: the PyTorch model, saved with ``save_quantized`` for its size
+    (``SAVED``; the refusal in ``EXPORT_REFUSED``)."""
+    from slimformer.errors import ExportError
     from slimformer.quantize.api import quantize
     from slimformer.quantize.inference import to_inference
     from slimformer.quantize.serialize import save_quantized
 
     cfg = ours_config(config, n)
+    flat = _two_d_linears(lm.module, ex) if cfg.weight_only else []
+    if flat:  # export/nbits rewrites MatMul only: a Linear on (B, K) rows is an ONNX Gemm
+        cfg = cfg.model_copy(update={"keep_float": [*cfg.keep_float, *flat]})
     t0 = time.perf_counter()
     res = quantize(lm.module, cfg, data["calib"])
     CALIB[config] = time.perf_counter() - t0
     NOTES[config] = {"output_sqnr_db": res.output_sqnr_db,
-                     "float_activations": len(res.float_activations)}
+                     "float_activations": len(res.float_activations), "gemm_float": flat}
     if cfg.weight_only:
-        SAVED[config] = save_quantized(res.model, work / config, lm.spec)
-        return res.model
+        try:
+            return export(res.model, work / f"{config}.onnx", ex)
+        except ExportError as exc:
+            EXPORT_REFUSED[config] = str(exc).splitlines()[0][:160]
+            SAVED[config] = save_quantized(res.model, work / config, lm.spec)
+            return res.model
     return export(to_inference(res.model), work / f"{config}.onnx", ex)
+
+
+def _two_d_linears(module, ex: dict) -> list[str]:
+    """Weight names of the Linears that see 2-D ``(B, K)`` inputs on ``ex`` (a pooler, a head on the
+    pooled row): torch.onnx writes them as ``Gemm``, which our MatMulNBits rewrite does not read,
+    so a weight-only row keeps them float to be exported (the row's status counts them)."""
+    import torch
+
+    seen, hooks = [], []
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            hooks.append(m.register_forward_pre_hook(
+                lambda _m, a, name=name: seen.append(f"{name}.weight") if a[0].dim() == 2 else None))
+    try:
+        with torch.no_grad():
+            module(**ex)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sorted(set(seen))
 
 
 def _ort(config: str, data: dict, work: Path) -> Path:
