@@ -142,3 +142,30 @@ def test_a_collapse_is_handed_to_the_fallback_in_the_block_it_happens(digits):
     off = quantize(model, QuantConfig(method="minmax", smooth="off", max_memory="1TB",
                                       min_output_sqnr_db=None), calib)
     assert off.output_sqnr_db < 10 and not off.float_activations
+
+
+@pytest.mark.parametrize("how", ["w8a8", "int4"])
+def test_progress_inside_calibration_per_block_and_per_site(how):
+    """Block-wise calibration ticks once per block and, inside each block, per Linear (GPTQ)."""
+    from tests.tiny_lm import tiny_llama
+
+    model = tiny_llama(64, 64, 3, pad_token_id=0)
+    ids = torch.randint(2, 64, (16, 16), generator=torch.Generator().manual_seed(0))
+    from slimformer.data.datasets import TensorDictDataset
+
+    data = TensorDictDataset({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    cfg = QuantConfig(method="minmax", smooth="off", max_memory="1TB", calib_batch_size=8,
+                      min_output_sqnr_db=None) if how == "w8a8" else \
+        QuantConfig(weight_only=True, method="gptq", weight_bits=4, group_size=32,
+                    calib_batch_size=8)
+    ticks = []
+    quantize(model, cfg, data, progress=lambda *t: ticks.append(t))
+    blocks = [(d, t) for s, d, t in ticks if s == "calibrate"]
+    assert blocks[0] == (0, 4) and blocks[-1] == (4, 4)  # 3 blocks and the tail
+    assert [d for d, _ in blocks] == sorted(d for d, _ in blocks)
+    if how == "int4":  # every block's 7 Linears, one tick each, between its block ticks
+        inner = [i for i, (s, d, t) in enumerate(ticks) if s == "gptq: Linears of the block"]
+        assert len(inner) == 3 * 8 and {ticks[i][2] for i in inner} == {7}
+        ends = [i for i, (s, d, t) in enumerate(ticks) if s == "calibrate" and d]
+        for k, end in enumerate(ends[:3]):  # block k's Linears finish before block k is done
+            assert sum(inner_i < end for inner_i in inner) == 8 * (k + 1)

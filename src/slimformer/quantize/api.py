@@ -123,7 +123,7 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
         notes.insert(0, f"{len(fit)} calibration rows fit, {len(held)} held out (seeded) to "
                         "validate every per-site choice")
         qmodel = _against_minmax(qmodel, original, config, calib_data, fit, held, structure,
-                                 notes, choices)
+                                 notes, choices, tick)
     early = [p for p in qmodel.config.float_activations if p not in config.float_activations]
     weak, out_db, fb = _check(qmodel, calib_data, config, notes, tick)
     qmodel.quant.forget()  # the calibration observations
@@ -157,7 +157,7 @@ def _finite_inputs(calib_data, n: int, config: QuantConfig) -> None:
 
 def _against_minmax(qmodel: QuantizedModel, original: nn.Module, config: QuantConfig,
                     calib_data, fit, held, structure, notes: list[str],
-                    choices: list[SiteChoice]) -> QuantizedModel:
+                    choices: list[SiteChoice], tick=lambda *a: None) -> QuantizedModel:
     """The repq / repquant model, or the min/max one where that has the lower held-out error.
 
     Both are fitted on the same ``fit`` rows and judged by the model output error vs float on the
@@ -171,7 +171,7 @@ def _against_minmax(qmodel: QuantizedModel, original: nn.Module, config: QuantCo
     refs = _float_outputs(qmodel, held, config)
     mine = _output_error(qmodel, held, config, refs)
     mm, _ = _calibrate(copy.deepcopy(original).eval(), baseline, fit, structure,
-                       lambda *a: None, None, [])
+                       lambda s, d, t: tick(f"min/max baseline: {s}", d, t), None, [])
     theirs = _output_error(mm, held, config, refs)
     qmodel.quant.set_mode("quant")
     better = mine < MARGIN * theirs  # a tie goes to min/max: it is then fitted on all the rows
@@ -194,7 +194,7 @@ def _against_minmax(qmodel: QuantizedModel, original: nn.Module, config: QuantCo
                  f"{100 * (1 - MARGIN):.0f}% better: its choices did not carry to the model "
                  "output)")
     mm, _ = _calibrate(copy.deepcopy(original).eval(), baseline, calib_data, structure,
-                       lambda *a: None, None, [])
+                       lambda s, d, t: tick(f"min/max on all rows: {s}", d, t), None, [])
     return mm
 
 

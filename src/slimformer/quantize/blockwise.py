@@ -268,7 +268,9 @@ class Blockwise:
                     self.notes.append(f"awq {norm.module}: alpha {alpha:.2f}, output error of "
                                       f"{len(users)} Linear(s) {err / plain:.3f}x "
                                       "round-to-nearest's")
-        for lq in lqs:
+        step = f"{self.config.method}: Linears of {'the block' if where else 'the model'}"
+        for i, lq in enumerate(lqs):
+            self.run.tick(step, i, len(lqs))
             if self.config.method == "gptq" and lq.name in hess:
                 codes, s, z = gptq(lq.full_matrix().detach(), hess[lq.name].h, lq.wq.bits,
                                    lq.wq._params, lq.group, self.config.act_order, lq.name)
@@ -276,6 +278,7 @@ class Blockwise:
             else:
                 round_to_nearest(lq)
             lq.mode = "quant"
+        self.run.tick(step, len(lqs), len(lqs))
 
     def tail(self, lqs: list) -> None:
         """Linears outside the blocks: observed in one forward per batch stopped after them."""

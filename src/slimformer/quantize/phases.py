@@ -198,7 +198,8 @@ def _weights(search: bool) -> Callable[[Calibration], None]:
         if not run.structure.norms:
             run.notes.append("no norm feeds a Linear: norm reparameterization skipped")
         calibrate_weights(run.qmodel.quant, search=search,
-                          held=run.held_rows() if search else None, record=run.choices)
+                          held=run.held_rows() if search else None, record=run.choices,
+                          progress=run.tick)
 
     weights.__name__ = "weights_searched" if search else "weights_minmax"
     return weights
@@ -212,7 +213,7 @@ def validate_weights(run: Calibration) -> None:
         return
     refs = run.float_outputs(run.held)
     run.notes += _validate(run.qmodel, run.held, lambda q, d: run.output_error(d, refs),
-                           run.choices)
+                           run.choices, progress=run.tick)
 
 
 def learned_rounding(run: Calibration) -> None:

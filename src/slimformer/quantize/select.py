@@ -245,16 +245,20 @@ def select_sites(state, softmax_auto: bool, held: dict[str, torch.Tensor] | None
 
 @torch.no_grad()
 def calibrate_weights(state, search: bool, held: dict[str, torch.Tensor] | None = None,
-                      record: list[SiteChoice] | None = None) -> None:
+                      record: list[SiteChoice] | None = None, progress=None) -> None:
     """Calibrate every weight quantizer; with ``search`` pick min/max or the MSE-searched range.
 
     The choice is by the error of the layer's output ``||x (Q(W) - W)^T||^2`` on its inputs: the
     held-out rows ``held[act name]`` seen after reparameterization when given, else its sampled
     calibration inputs (in the reparameterized domain); without rows (conv inputs) by the
-    weight's own squared error. ``record`` receives one choice per layer.
+    weight's own squared error. ``record`` receives one choice per layer; ``progress(step,
+    done, total)`` is called once per layer.
     """
     held = held or {}
-    for lq in state.linears.values():
+    tick = progress or (lambda *a: None)
+    total = len(state.linears)
+    for i, lq in enumerate(state.linears.values()):
+        tick("weight ranges", i, total)
         w = lq.matrix().detach()
         if not search:
             lq.wq.calibrate(w, search=False)
@@ -276,6 +280,7 @@ def calibrate_weights(state, search: bool, held: dict[str, torch.Tensor] | None 
         if record is not None and lq.act.name in held:
             record.append(choice)
         lq.wq.scale, lq.wq.zero = params[choice.kept]
+    tick("weight ranges", total, total)
 
 
 @torch.no_grad()
@@ -384,7 +389,8 @@ def _drop_sites(sites, error, record: list[SiteChoice], simple: str, tick) -> li
 
 
 @torch.no_grad()
-def validate_weights(qmodel, held, output_error, record: list[SiteChoice]) -> list[str]:
+def validate_weights(qmodel, held, output_error, record: list[SiteChoice],
+                     progress=None) -> list[str]:
     """Keep a layer's MSE-searched weight range only where it lowers the model output error.
 
     Run after :func:`calibrate_weights` (reparameterized, final ranges); each layer whose search
@@ -396,6 +402,7 @@ def validate_weights(qmodel, held, output_error, record: list[SiteChoice]) -> li
         held: The held-out calibration rows.
         output_error: ``output_error(qmodel, held) -> float`` (every quantizer in quant mode).
         record: The choices of :func:`calibrate_weights`; receives one choice per layer validated.
+        progress: ``progress(step, done, total)``, once per layer validated.
 
     Returns:
         Notes.
@@ -405,9 +412,11 @@ def validate_weights(qmodel, held, output_error, record: list[SiteChoice]) -> li
               if c.what == "weight range" and c.kept == "MSE search" and c.site in by_name]
     if not layers:
         return []
+    tick = progress or (lambda *a: None)
+    tick("weight range at the model output", 0, len(layers))
     current = output_error(qmodel, held)
     out = []
-    for lq in layers:
+    for i, lq in enumerate(layers):
         searched = (lq.wq.scale.clone(), lq.wq.zero.clone())
         lq.wq.calibrate(lq.matrix().detach(), search=False)
         without = output_error(qmodel, held)
@@ -418,6 +427,7 @@ def validate_weights(qmodel, held, output_error, record: list[SiteChoice]) -> li
             current = without
         else:
             lq.wq.scale, lq.wq.zero = searched
+        tick("weight range at the model output", i + 1, len(layers))
     record += out
     back = sum(c.kept == "min/max" for c in out)
     notes = [f"site choice: {c}" for c in out]
