@@ -241,3 +241,34 @@ def test_quantized_embedding_table_becomes_gather_block_quantized(model, tmp_pat
     assert res.nbits["by_form"]["embedding int4 g64"] == 1
     for outs in res.parity.values():
         assert min(m["sqnr_db"] for m in outs.values()) > 90, outs
+
+
+def test_openvino_runs_the_same_decoder_file(model, float_export, int4_export):
+    """OpenVINO (f32) reads the ONNX decoder graph, MatMulNBits included: greedy tokens."""
+    pytest.importorskip("openvino")
+    from slimformer.export.genparity import token_parity
+    from slimformer.export.openvino import OvDecoder
+
+    prompt = _prompt()
+    assert token_parity(model, OvDecoder(float_export[1]), prompt, 32).agreement == 1.0
+    qmodel, _, path = int4_export
+    tp = token_parity(qmodel, OvDecoder(path), prompt, 32)
+    assert tp.agreement >= 0.95, tp
+    got = generate_onnx(OvDecoder(path), prompt, 8)
+    assert got.decode_tokens_per_s > 0 and len(got.new_ids) == 8
+
+
+def test_openvino_names_an_op_it_cannot_read(float_export, tmp_path):
+    pytest.importorskip("openvino")
+    from onnx import helper
+
+    from slimformer.export.openvino import OvDecoder
+
+    proto = onnx.load(str(float_export[1]))
+    logits = next(n for n in proto.graph.node if "logits" in n.output)
+    mid = helper.make_node("NoSuchKernel", [logits.input[0]], ["odd"], domain="com.microsoft")
+    logits.input[0] = "odd"
+    proto.graph.node.insert(list(proto.graph.node).index(logits), mid)
+    onnx.save(proto, str(tmp_path / "odd.onnx"))
+    with pytest.raises(ExportError, match="com.microsoft::NoSuchKernel"):
+        OvDecoder(tmp_path / "odd.onnx")

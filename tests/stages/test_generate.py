@@ -5,6 +5,7 @@ it is quantized W8A8 through the CLI, and the saved folder generates like the li
 tokens with the KV cache equal those without it, and the float model's equal HF's generate().
 """
 
+import importlib.util
 import json
 
 import pytest
@@ -151,8 +152,9 @@ def test_help_and_recipe_schema():
 
 
 def test_onnxruntime_runtime_float_and_weight_only_match_torch(lm, tmp_path):
-    """--runtime onnxruntime: the float folder's and a weight-only INT4 folder's greedy tokens
-    equal PyTorch's; an unknown runtime is refused naming the allowed ones."""
+    """--runtime onnxruntime (and openvino): the float folder's and a weight-only INT4
+    folder's greedy tokens equal PyTorch's; an unknown runtime is refused naming the allowed
+    ones."""
     torch_f = _generate(lm, "--prompt", PROMPT, "--max-new-tokens", 12)
     ort_f = _generate(lm, "--prompt", PROMPT, "--max-new-tokens", 12, "--runtime", "onnxruntime")
     assert ort_f["new_ids"] == torch_f["new_ids"] and ort_f["runtime"] == "onnxruntime"
@@ -165,5 +167,8 @@ def test_onnxruntime_runtime_float_and_weight_only_match_torch(lm, tmp_path):
     torch_q = _generate(out, "--prompt", PROMPT, "--max-new-tokens", 12)
     ort_q = _generate(out, "--prompt", PROMPT, "--max-new-tokens", 12, "--runtime", "onnxruntime")
     assert ort_q["new_ids"] == torch_q["new_ids"]
+    if importlib.util.find_spec("openvino"):  # the same decoder file, read by OpenVINO (f32)
+        ov_q = _generate(out, "--prompt", PROMPT, "--max-new-tokens", 12, "--runtime", "openvino")
+        assert ov_q["new_ids"] == torch_q["new_ids"] and ov_q["runtime"] == "openvino"
     res = CliRunner().invoke(app, ["generate", str(lm), "--prompt", PROMPT, "--runtime", "tvm"])
     assert res.exit_code != 0 and "onnxruntime" in res.output

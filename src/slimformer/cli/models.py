@@ -172,9 +172,9 @@ def generate(model: Annotated[str, typer.Argument(help="A causal LM (as for insp
              tokenizer: Annotated[str | None, typer.Option(
                  help="Tokenizer folder (default: the model's own folder).")] = None,
              runtime: Annotated[str, typer.Option(
-                 help="torch, or onnxruntime: export the model (float or weight-only "
-                      "quantized) as a decoder graph with its KV cache and run it in ONNX "
-                      "Runtime.")] = "torch",
+                 help="torch, or onnxruntime / openvino: export the model (float or "
+                      "weight-only quantized) as a decoder graph with its KV cache and run "
+                      "it in ONNX Runtime / OpenVINO (the same ONNX file).")] = "torch",
              config: ConfigOpt = None,
              as_json: JsonOpt = False,
              task: TaskOpt = None):

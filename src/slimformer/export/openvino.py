@@ -210,3 +210,68 @@ def export_openvino(model, path: str | Path, inputs: dict[str, torch.Tensor], co
                               f"{config.parity_min_cosine}")
     res.seconds = time.perf_counter() - t0
     return res
+
+
+class OvDecoder:
+    """A decoder graph (:mod:`slimformer.export.decoder`, ONNX) compiled by OpenVINO's CPU plugin.
+
+    The same ``empty`` / ``step`` as :class:`~slimformer.export.ortgen.OrtDecoder`, so
+    :func:`~slimformer.export.ortgen.generate_onnx` and ``time_decoders`` run it. OpenVINO reads
+    the ONNX file itself, ``com.microsoft::MatMulNBits`` included (our int4/int8 codes stay
+    compressed weights); ``precision`` ``f32`` computes as ONNX Runtime does, ``bf16`` is faster
+    where the CPU has it.
+
+    Raises:
+        ExportError: OpenVINO is missing, or cannot read or compile the file (the message names
+            the graph's ops outside the standard ONNX domain, which its ONNX frontend may lack).
+    """
+
+    def __init__(self, path: str | Path, threads: int = 2, precision: str = "f32"):
+        import re
+
+        ov = _ov()
+        try:
+            model = ov.Core().read_model(str(path))
+        except Exception as exc:  # noqa: BLE001 - OpenVINO's frontends raise many types
+            raise ExportError(f"OpenVINO {ov.__version__} cannot read {path}: "
+                              f"{str(exc).splitlines()[0][:300]} (ops outside the standard "
+                              f"domain in the file: {_custom_ops(path) or 'none'})") from exc
+        self.compiled = compile_model(model, precision, threads)
+        self.request = self.compiled.create_infer_request()
+        names = [i.get_any_name() for i in self.compiled.inputs]
+        past = [i for i in self.compiled.inputs
+                if re.fullmatch(r"past_key_values\.\d+\.(key|value)", i.get_any_name())]
+        if not past or not {"input_ids", "attention_mask", "position_ids"} <= set(names):
+            raise ExportError(f"{path} is not a decoder graph with a key/value cache: inputs "
+                              f"{names} (export it with export_decoder)")
+        self.past_names = [i.get_any_name() for i in past]
+        shape = past[0].get_partial_shape()
+        self.kv_heads, self.head_dim = shape[1].get_length(), shape[3].get_length()
+
+    def empty(self, batch: int = 1) -> list[np.ndarray]:
+        """Empty past tensors ``(batch, kv_heads, 0, head_dim)``."""
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
+                for _ in self.past_names]
+
+    def step(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
+        """``(logits (B, T, V), presents)`` for new tokens ``ids (B, T)`` after ``past``."""
+        b, t = ids.shape
+        p = past[0].shape[2]
+        feeds = {"input_ids": ids.astype(np.int64),
+                 "attention_mask": np.ones((b, p + t), np.int64),
+                 "position_ids": np.broadcast_to(np.arange(p, p + t, dtype=np.int64),
+                                                 (b, t)).copy(),
+                 **dict(zip(self.past_names, past, strict=True))}
+        self.request.infer(feeds)
+        outs = [self.request.get_output_tensor(i).data.copy()
+                for i in range(len(self.compiled.outputs))]
+        return outs[0], outs[1:]
+
+
+def _custom_ops(path) -> str:
+    """``domain::op`` of the file's nodes outside the standard ONNX domain, comma-separated."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return ", ".join(sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node
+                             if n.domain not in ("", "ai.onnx")}))

@@ -7,7 +7,8 @@ the tokenizer's chat template with ``chat``. Decoding uses the KV cache
 (:mod:`slimformer.models.generate`). ``runtime: onnxruntime`` exports the model (float or
 weight-only quantized) as a decoder graph with its cache into a temporary folder
 (:func:`~slimformer.export.decoder.export_decoder`, checked against PyTorch) and generates
-through ONNX Runtime (:mod:`slimformer.export.ortgen`).
+through ONNX Runtime (:mod:`slimformer.export.ortgen`); ``runtime: openvino`` runs that same
+file in OpenVINO (:class:`~slimformer.export.openvino.OvDecoder`, f32).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class GenerateStage(_Strict):
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
     chat: bool = False  # apply the tokenizer's chat template (a user turn)
     tokenizer: Annotated[str | None, Field(min_length=1, max_length=4096)] = None
-    runtime: Literal["torch", "onnxruntime"] = "torch"
+    runtime: Literal["torch", "onnxruntime", "openvino"] = "torch"
 
 
 def hf_model(model):
@@ -127,7 +128,7 @@ def generate_text(model, loaded, stage: GenerateStage, use_cache: bool = True):
     gcfg = getattr(hf, "generation_config", None)
     eos = getattr(gcfg, "eos_token_id", None)
     eos = eos if eos is not None else tok.eos_token_id
-    if stage.runtime == "onnxruntime":
+    if stage.runtime in ("onnxruntime", "openvino"):
         g = _generate_onnx(model, ids, stage, eos)
     else:
         g = generate_tokens(model, ids, stage.max_new_tokens, greedy=stage.greedy,
@@ -137,15 +138,17 @@ def generate_text(model, loaded, stage: GenerateStage, use_cache: bool = True):
 
 
 def _generate_onnx(model, ids: list[int], stage: GenerateStage, eos):
-    """Export ``model`` as a decoder graph (temporary folder) and generate in ONNX Runtime."""
+    """Export ``model`` as a decoder graph (temporary folder); generate in ``stage.runtime``."""
     import tempfile
 
     from slimformer.export.decoder import export_decoder
+    from slimformer.export.openvino import OvDecoder
     from slimformer.export.ortgen import OrtDecoder, generate_onnx
 
     with tempfile.TemporaryDirectory(prefix="slimformer-decoder-") as folder:
         res = export_decoder(model, Path(folder) / "decoder.onnx")
-        return generate_onnx(OrtDecoder(res.path), ids, stage.max_new_tokens,
+        runner = OvDecoder if stage.runtime == "openvino" else OrtDecoder
+        return generate_onnx(runner(res.path), ids, stage.max_new_tokens,
                              greedy=stage.greedy, temperature=stage.temperature,
                              seed=stage.seed, eos_token_id=eos)
 
