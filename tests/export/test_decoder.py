@@ -272,3 +272,27 @@ def test_openvino_names_an_op_it_cannot_read(float_export, tmp_path):
     onnx.save(proto, str(tmp_path / "odd.onnx"))
     with pytest.raises(ExportError, match="com.microsoft::NoSuchKernel"):
         OvDecoder(tmp_path / "odd.onnx")
+
+
+def test_level_4_under_the_token_bar_falls_back_to_level_0(tmp_path):
+    """Outlier channels (a norm gain x30 on every 8th channel): ORT's int8 activations at
+    accuracy_level 4 flip a near-tied greedy token; the export writes level 0 and says so, or
+    without the fallback fails with no file."""
+    m = _llama()
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.post_attention_layernorm.weight[::8] *= 30.0
+    qmodel = _weight_only(m, weight_bits=4, group_size=32)
+    cfg = DecoderConfig(accuracy_level=4, min_token_agreement=1.0)
+    res = export_decoder(qmodel, tmp_path / "q.onnx", cfg)
+    assert res.accuracy_level == 0 and res.tokens["agreement"] == 1.0
+    assert any("accuracy_level 4:" in w and "written at accuracy_level 0" in w
+               for w in res.warnings), res.warnings
+    nodes = [n for n in onnx.load(str(tmp_path / "q.onnx")).graph.node
+             if n.op_type == "MatMulNBits"]
+    assert {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"} == {0}
+    with pytest.raises(ExportError, match=r"96.9% of 32 steps agree .*accuracy_level 4 runs int8"):
+        export_decoder(qmodel, tmp_path / "strict.onnx",
+                       DecoderConfig(accuracy_level=4, min_token_agreement=1.0,
+                                     accuracy_fallback=False))
+    assert [p.name for p in tmp_path.iterdir()] == ["q.onnx"]

@@ -56,6 +56,8 @@ class DecoderConfig:
         parity_steps: Greedy tokens compared with PyTorch after the prompt (0: none).
         min_token_agreement: A quantized export agreeing with the quantized PyTorch model on
             fewer of the steps fails (a float export must agree on all).
+        accuracy_fallback: At ``accuracy_level`` 4 under ``min_token_agreement``, write level 0
+            instead (noted in the warnings) rather than fail.
     """
 
     opset: int | None = None
@@ -66,6 +68,7 @@ class DecoderConfig:
     check_tokens: int = 8
     parity_steps: int = 32
     min_token_agreement: float = 0.95
+    accuracy_fallback: bool = True
 
     def __post_init__(self):
         """Validate the fields (ConfigError naming the allowed values)."""
@@ -128,6 +131,7 @@ class DecoderResult:
     parity: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     nbits: dict = field(default_factory=dict)  # MatMulNBits replacements (nbits.NbitsStats)
     tokens: dict = field(default_factory=dict)  # greedy-token parity (genparity.TokenParity)
+    accuracy_level: int | None = None  # MatMulNBits' level written (None: float)
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -135,7 +139,8 @@ class DecoderResult:
         return {"path": str(self.path), "opset": self.opset, "layout": asdict(self.layout),
                 "quantized": self.quantized, "size_bytes": self.size_bytes,
                 "seconds": round(self.seconds, 2), "parity": self.parity, "nbits": self.nbits,
-                "tokens": self.tokens, "warnings": self.warnings}
+                "tokens": self.tokens, "accuracy_level": self.accuracy_level,
+                "warnings": self.warnings}
 
 
 def inner(model: nn.Module) -> nn.Module:
@@ -299,21 +304,37 @@ def _export_once(model, path: Path, layout: CacheLayout, opset: int, config: Dec
     with atomic_path(path) as tmp:
         try:
             _trace(entry, args, layout, tmp, opset, big)
-            proto = onnx.load(str(tmp))
+            traced = onnx.load(str(tmp))
             result = DecoderResult(path=path, opset=opset, layout=layout, quantized=quantized,
                                    size_bytes=0, warnings=notes)
-            if quantized:
-                from slimformer.export.nbits import to_matmul_nbits
+            levels = [config.accuracy_level] if quantized else [None]
+            if quantized and config.accuracy_level == 4 and config.accuracy_fallback:
+                levels.append(0)
+            for j, level in enumerate(levels):
+                proto = traced
+                if j + 1 < len(levels):  # a retry rewrites the traced graph afresh
+                    proto = onnx.ModelProto()
+                    proto.CopyFrom(traced)
+                if quantized:
+                    from slimformer.export.nbits import to_matmul_nbits
 
-                result.nbits = to_matmul_nbits(proto, model, config.accuracy_level).as_dict()
-            _save(proto, tmp, big)
-            if config.check:
+                    result.nbits = to_matmul_nbits(proto, model, level).as_dict()
+                    result.accuracy_level = level
+                _save(proto, tmp, big)
+                if not config.check:
+                    break
                 onnx.checker.check_model(str(tmp) if big else proto)
                 result.parity = check_decoder(tmp, DecoderEntry(model, layout).eval(), layout,
                                               config)
                 _judge(result, config)
-                if config.parity_steps:
-                    _tokens(result, model, tmp, layout, config, prompt_ids)
+                why = _tokens(result, model, tmp, layout, config, prompt_ids) \
+                    if config.parity_steps else None
+                if why is None:
+                    break
+                if j + 1 == len(levels):
+                    raise ExportError(why)
+                notes.append(f"accuracy_level {level}: {why}; written at accuracy_level "
+                             f"{levels[j + 1]} instead (float activations, as PyTorch)")
             result.size_bytes = _file_bytes(tmp)
             if big:
                 _move_external(tmp, path)
@@ -372,8 +393,8 @@ def _judge(result: DecoderResult, config: DecoderConfig) -> None:
 
 
 def _tokens(result: DecoderResult, model, tmp: Path, layout: CacheLayout, config: DecoderConfig,
-            prompt_ids: list[int] | None) -> None:
-    """Greedy-token parity into ``result.tokens``; ExportError under the config's bar."""
+            prompt_ids: list[int] | None) -> str | None:
+    """Greedy-token parity into ``result.tokens``; what is wrong when under the config's bar."""
     from slimformer.export.genparity import token_parity
     from slimformer.export.ortgen import OrtDecoder
 
@@ -382,14 +403,15 @@ def _tokens(result: DecoderResult, model, tmp: Path, layout: CacheLayout, config
     tp = token_parity(model, OrtDecoder(tmp, config.threads), prompt, config.parity_steps)
     result.tokens = tp.as_dict()
     need = 1.0 if not result.quantized else config.min_token_agreement
-    if tp.agreement < need:
-        what = ("the float export must give PyTorch's greedy tokens" if not result.quantized
-                else f"a quantized export must agree on {need:.0%} (min_token_agreement)")
-        hint = ("" if not result.quantized or config.accuracy_level in (0, 1) else
-                f"; accuracy_level {config.accuracy_level} runs int8 activations: 0 computes "
-                "what PyTorch does")
-        raise ExportError(f"ONNX Runtime's greedy tokens differ from the "
-                          f"{'quantized ' if result.quantized else ''}PyTorch model's: "
-                          f"{tp.agreement:.1%} of {tp.steps} steps agree (first difference at "
-                          f"step {tp.first_difference}, the PyTorch top-2 logit gap there "
-                          f"{tp.min_margin}); {what}{hint}")
+    if tp.agreement >= need:
+        return None
+    what = ("the float export must give PyTorch's greedy tokens" if not result.quantized
+            else f"a quantized export must agree on {need:.0%} (min_token_agreement)")
+    level = result.accuracy_level
+    hint = ("" if level in (None, 0, 1) else
+            f"; accuracy_level {level} runs int8 activations: 0 computes what PyTorch does")
+    return (f"ONNX Runtime's greedy tokens differ from the "
+            f"{'quantized ' if result.quantized else ''}PyTorch model's: "
+            f"{tp.agreement:.1%} of {tp.steps} steps agree (first difference at step "
+            f"{tp.first_difference}, the PyTorch top-2 logit gap there {tp.min_margin}); "
+            f"{what}{hint}")
