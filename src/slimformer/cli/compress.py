@@ -55,9 +55,11 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                  help="--weight-only: activation-aware scales (AWQ), folded into the norms.")]
              = False,
              smooth: Annotated[str, typer.Option(
-                 help="auto | off: SmoothQuant-style migration of activation outliers into the "
-                      "weights, folded into norms / Linears, per site where it lowers the "
-                      "error (not with --weight-only); recommended for decoder LLMs.")] = "off",
+                 help="auto | on | off: SmoothQuant-style migration of activation outliers "
+                      "into the weights, folded into norms / Linears, per site where it lowers "
+                      "the error; auto keeps it only where the model output error on held-out "
+                      "calibration rows drops, on skips that check (not with --weight-only).")]
+             = "off",
              power_of_two_scales: Annotated[bool, typer.Option(
                  help="Power-of-two scales (exact ap_fixed types for export hls).")] = False,
              embedding_bits: Annotated[int | None, typer.Option(

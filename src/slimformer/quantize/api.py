@@ -111,10 +111,10 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
     tick = (lambda s, d, t: progress(s, d, t)) if progress else (lambda *a: None)
     choices: list[SiteChoice] = []
     smoothed: list[str] = []
-    if config.smooth == "auto" and not config.weight_only:  # on the float model, before all
-        from slimformer.quantize.smooth import migrate
+    if config.smooth != "off" and not config.weight_only:  # on the float model, before all
+        from slimformer.quantize.smoothjudge import migrate_judged
 
-        smoothed = migrate(model, structure, calib_data, config, choices, tick)
+        smoothed = migrate_judged(model, structure, calib_data, config, choices, tick)
         if held is not None:  # the min/max comparison starts from the same smoothed model
             original = copy.deepcopy(model)
     qmodel, notes = _calibrate(model, config, fit, structure, tick, held, choices)

@@ -59,6 +59,10 @@ def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
         frac, _ = float_cost(res.model, set(res.float_activations))
         rec.metrics |= {"activations_float": len(res.float_activations),
                         "float_input_mac_fraction": round(frac, 4)}
+    for c in res.site_choices:  # smooth: auto, judged at the model output (notes: the sites)
+        if c.site == "smooth":
+            rec.metrics |= {"smooth": c.kept, **{f"smooth_error_{k}": round(v, 6)
+                                                 for k, v in c.errors.items()}}
     if res.budget is not None:  # the budget fallback (notes: which sites, and the metrics)
         b = res.budget
         rec.metrics |= {"budget": cfg.budget or f"{cfg.min_output_sqnr_db:g}dB",
