@@ -94,7 +94,7 @@ def decoder_into(ctx: RunContext, stage, tmp: Path) -> StageRecord:
                                               "graph": "decoder"})
     rec.metrics = {"graph": "decoder", "opset": res.opset, "quantized": res.quantized,
                    "file_bytes": res.size_bytes, "export_seconds": round(res.seconds, 2),
-                   "accuracy_level": stage.accuracy_level if res.quantized else None,
+                   "accuracy_level": res.accuracy_level,
                    **{f"parity_{k}_min_sqnr_db": min(m["sqnr_db"] for m in v.values())
                       for k, v in res.parity.items()}}
     if res.tokens:
@@ -105,7 +105,7 @@ def decoder_into(ctx: RunContext, stage, tmp: Path) -> StageRecord:
     rec.notes += [n for n in (note,) if n] + list(res.warnings)
     if res.nbits:
         rec.notes.append(f"weight-only: {res.nbits['replaced']} Linears as MatMulNBits "
-                         f"(accuracy_level {stage.accuracy_level}): {res.nbits['by_form']}")
+                         f"(accuracy_level {res.accuracy_level}): {res.nbits['by_form']}")
     if stage.evaluate:
         rec.notes.append("the decoder graph is judged by its greedy tokens against PyTorch "
                          "(token_agreement), not by evaluation rows in ONNX Runtime")
