@@ -7,6 +7,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 ACCURACY_LEVELS = (0, 1, 4)  # MatMulNBits: unset / fp32 activations / int8 activations
+# 0, measured: SmolLM2-135M INT4 g128 at level 4 agreed with our PyTorch model on 30 of 32
+# greedy tokens after a 512-token prompt (under min_token_agreement 0.95; level 0: 32/32), for
+# decode 2.25x / prefill 1.33x the float graph (level 0: 1.47x / 1.00x), docs/export.md
 DEFAULT_ACCURACY_LEVEL = 0
 
 
