@@ -55,15 +55,16 @@ class ActQuantizer(nn.Module):
 
     def observe(self, x: torch.Tensor) -> None:
         """Record min/max (per channel) and a sample of rows ``(n, C)``."""
-        if not torch.isfinite(x).all():
+        flat = x.detach().reshape(-1, x.shape[-1]).float()  # (n, C): every position a row
+        mn, mx = flat.amin(0), flat.amax(0)  # (C,): NaN and inf reach them (amin/amax keep NaN)
+        if not bool(torch.isfinite(mn).all() & torch.isfinite(mx).all()):
             raise CalibrationError(f"NaN or inf in the calibration activations at {self.name} "
                                    "(the first quantized layer where they appear); check the data")
-        flat = x.detach().reshape(-1, x.shape[-1]).float()  # (n, C): every position a row
         if self._min is not None and self._min.shape[-1] != flat.shape[-1]:
             self._to_per_tensor()
         if self._min is not None and self._min.numel() == 1 != flat.shape[-1]:
             flat = flat.reshape(-1, 1)  # (n * C, 1): per-tensor since the width varied
-        mn, mx = flat.amin(0), flat.amax(0)  # (C,)
+            mn, mx = flat.amin(0), flat.amax(0)  # (1,)
         self._min = mn if self._min is None else torch.minimum(self._min, mn)
         self._max = mx if self._max is None else torch.maximum(self._max, mx)
         take = min(len(flat), max(1, SAMPLE_ROWS // 4))
