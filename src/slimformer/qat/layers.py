@@ -1,0 +1,140 @@
+"""The Brevitas pieces of a QAT model: learned-scale quantizers, the QuantLinear, the RepQ affine.
+
+Quantizers (Brevitas injectors, plain data): integer, round to nearest, full range (not narrow),
+constant bit-width, float scale held as a learned parameter (``ScalingImplType.PARAMETER``, the
+LSQ form: the straight-through rounding passes gradients to the scale); per output channel for
+weights ``(out, 1)``, per tensor for inputs. Asymmetric grids are unsigned with a learned zero
+point (``ParameterZeroPoint``, stored in float as ``z * s`` and rounded to an integer in the
+forward); symmetric grids are signed with zero point 0.
+
+Brevitas's parameter is the clipping threshold, ``scale = value / T`` with ``T`` the largest
+integer magnitude of the grid (:func:`threshold`): ``2^b - 1`` unsigned, ``2^(b-1)`` signed
+(``-min_int``: Brevitas's ``IntScaling`` of a full-range signed grid). The initial threshold is
+chosen so that the division gives back our float32 scale bit for bit (:func:`exact_threshold`).
+"""
+
+from __future__ import annotations
+
+import torch
+from brevitas.core.scaling import ScalingPerOutputType
+from brevitas.core.zero_point import ParameterZeroPoint, ZeroZeroPoint
+from brevitas.inject import ExtendedInjector
+from brevitas.inject.enum import (
+    BitWidthImplType,
+    FloatToIntImplType,
+    QuantType,
+    RestrictValueType,
+    ScalingImplType,
+)
+from brevitas.nn import QuantLinear
+from brevitas.quant.solver import ActQuantSolver, WeightQuantSolver
+from torch import nn
+
+
+class _Grid(ExtendedInjector):
+    """Shared quantizer attributes (see module doc)."""
+
+    quant_type = QuantType.INT
+    bit_width_impl_type = BitWidthImplType.CONST
+    float_to_int_impl_type = FloatToIntImplType.ROUND
+    narrow_range = False
+    scaling_impl_type = ScalingImplType.PARAMETER
+    restrict_scaling_type = RestrictValueType.FP
+
+
+class SymmetricWeight(_Grid, WeightQuantSolver):
+    """Signed per-output-channel weight grid, learned scale, zero point 0."""
+
+    signed = True
+    scaling_per_output_type = ScalingPerOutputType.CHANNEL
+    zero_point_impl = ZeroZeroPoint
+
+
+class AsymmetricWeight(_Grid, WeightQuantSolver):
+    """Unsigned per-output-channel weight grid, learned scale and zero point."""
+
+    signed = False
+    scaling_per_output_type = ScalingPerOutputType.CHANNEL
+    zero_point_impl = ParameterZeroPoint
+    quantize_zero_point = True
+
+
+class SymmetricInput(_Grid, ActQuantSolver):
+    """Signed per-tensor input grid, learned scale, zero point 0."""
+
+    signed = True
+    scaling_per_output_type = ScalingPerOutputType.TENSOR
+    zero_point_impl = ZeroZeroPoint
+
+
+class AsymmetricInput(_Grid, ActQuantSolver):
+    """Unsigned per-tensor input grid, learned scale and zero point."""
+
+    signed = False
+    scaling_per_output_type = ScalingPerOutputType.TENSOR
+    zero_point_impl = ParameterZeroPoint
+    quantize_zero_point = True
+
+
+def threshold(bits: int, signed: bool) -> int:
+    """``T``: Brevitas's scale is its learned threshold divided by it (see module doc)."""
+    return 2 ** (bits - 1) if signed else 2**bits - 1
+
+
+def exact_threshold(scale: torch.Tensor, t: int) -> torch.Tensor:
+    """``v`` near ``scale * t`` with ``v / t == scale`` exactly (elementwise, float32).
+
+    ``(s * t) / t`` can miss ``s`` by one ulp, which moves a code at a rounding boundary; the
+    neighbours of ``s * t`` one ulp away are tried where it does.
+    """
+    v = scale * t
+    for step in (torch.inf, -torch.inf):
+        near = torch.nextafter(scale * t, torch.full_like(v, step))
+        v = torch.where(v / t == scale, v, near)
+    return v
+
+
+def quantizer_kwargs(prefix: str, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                     symmetric: bool) -> dict:
+    """``QuantLinear`` keyword arguments initializing a quantizer from our ``scale``, ``zero``.
+
+    Ours: ``codes = clamp(round(x / s) + z, 0, 2^b - 1)`` with ``z = 2^(b-1)`` when symmetric,
+    which is Brevitas's signed grid ``clamp(round(x / s), -2^(b-1), 2^(b-1) - 1)`` shifted.
+    """
+    kw = {f"{prefix}bit_width": bits,
+          f"{prefix}scaling_init": exact_threshold(scale.detach().clone(), threshold(bits, symmetric))}
+    if not symmetric:
+        kw[f"{prefix}zero_point_init"] = (zero * scale).detach().clone()
+    return kw
+
+
+class QatLinear(QuantLinear):
+    """Brevitas ``QuantLinear`` that runs on torch 2.14.
+
+    Brevitas 0.12.1 strips tensor names with ``Tensor.rename(None)`` on every input; named
+    tensors are gone from torch 2.14, and without names that call is the identity, so it is
+    skipped (outside tracing; during tracing Brevitas's own handling is kept).
+    """
+
+    def unpack_input(self, inp):
+        """The input as it is (see class doc)."""
+        if torch._C._get_tracing_state() is not None:
+            return super().unpack_input(inp)
+        return inp
+
+
+class InputAffine(nn.Module):
+    """RepQ's per-channel affine ``x' = (x + shift) * inv_r`` before a layer-wise quantizer.
+
+    Left by reparameterization where it could not be folded into a norm (post-norm models);
+    ``shift, inv_r (C,)`` are fixed buffers.
+    """
+
+    def __init__(self, shift: torch.Tensor, inv_r: torch.Tensor):
+        super().__init__()
+        self.register_buffer("shift", shift.detach().clone())
+        self.register_buffer("inv_r", inv_r.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x + shift) * inv_r`` for ``x (..., C)``."""
+        return (x + self.shift) * self.inv_r
