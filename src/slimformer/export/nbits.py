@@ -3,7 +3,9 @@
 ``to_matmul_nbits(proto, qmodel)`` rewrites a float ONNX graph of ``qmodel``'s own float model:
 every ``MatMul`` whose weight input is a quantized Linear's float weight (found by value: the
 constant ``(K, N)`` equals ``W.T`` of the Linear's ``(N, K)`` weight, directly or through a
-``Transpose``; never by module name) becomes ``MatMulNBits(A, B, scales[, zero_points])``:
+``Transpose``; never by module name) becomes ``MatMulNBits(A, B, scales[, zero_points])``, and so
+does a plain ``Gemm`` (a Linear on 2-D rows, e.g. a pooler: ``A @ W.T + C``, its bias ``C`` an
+``Add`` after it):
 
     B            (N, k_blocks, block_size * bits / 8) uint8, our codes packed along K,
                  low bits first (two 4-bit codes per byte, the first in the low nibble)
@@ -173,9 +175,11 @@ def to_matmul_nbits(proto, qmodel, accuracy_level: int = 0) -> NbitsStats:
     stats, found, forms = NbitsStats(), set(), Counter()
     new_nodes = []
     for node in graph.node:
-        site = None
+        site, gemm = None, node.op_type == "Gemm" and node.domain in ("", "ai.onnx")
         if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
             site = _weight_site(node.input[1], inits, producer, sites)
+        elif gemm and _plain_gemm(node):
+            site = _weight_site(node.input[1], inits, producer, sites, _attr(node, "transB", 0))
         if site is None:
             new_nodes.append(node)
             continue
@@ -186,10 +190,15 @@ def to_matmul_nbits(proto, qmodel, accuracy_level: int = 0) -> NbitsStats:
         prefix = f"{node.name or node.output[0]}_nbits"
         tensors = _initializers(lq, codes, scale, zero, block, prefix)
         graph.initializer.extend(tensors)
+        bias = node.input[2] if gemm and len(node.input) > 2 and node.input[2] else ""
+        out = [f"{prefix}_out"] if bias else list(node.output)
         new_nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], *(t.name for t in tensors)], list(node.output),
+            "MatMulNBits", [node.input[0], *(t.name for t in tensors)], out,
             name=prefix, domain=DOMAIN, K=k, N=n, bits=lq.wq.bits, block_size=block,
             accuracy_level=accuracy_level))
+        if bias:  # Gemm's C (a broadcast bias): an Add after the MatMulNBits
+            new_nodes.append(helper.make_node("Add", [out[0], bias], list(node.output),
+                                              name=f"{prefix}_bias"))
         found.add(key)
         forms[f"int{lq.wq.bits} g{block}"] += 1
         stats.float_bytes += src_bytes
@@ -199,7 +208,7 @@ def to_matmul_nbits(proto, qmodel, accuracy_level: int = 0) -> NbitsStats:
     missing = [sites[k][0].name for k in sites if k not in found]
     missing += [tables[k][0].name for k in tables if k not in gathered]
     if missing:
-        raise ExportError(f"no MatMul (Gather for a table) of the exported graph reads the float "
+        raise ExportError(f"no MatMul / Gemm (Gather for a table) of the exported graph reads the float "
                           f"weight of {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
                           ": those quantized weights cannot become MatMulNBits "
                           "(GatherBlockQuantized)")
@@ -244,14 +253,31 @@ def _gathers(graph, nodes, tables, inits, found, forms, stats) -> list:
     return out
 
 
-def _weight_site(name: str, inits, producer, sites) -> tuple[str, int] | None:
-    """``(digest, float bytes)`` when ``name`` is a quantized Linear's weight as ``(K, N)``."""
+def _attr(node, name: str, default: float):
+    """The int or float attribute ``name`` of ``node``, else ``default``."""
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name),
+                default)
+
+
+def _plain_gemm(node) -> bool:
+    """A Gemm that is ``A @ op(B) + C`` (alpha = beta = 1, A not transposed): a Linear on rows."""
+    return (_attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0
+            and _attr(node, "transA", 0) == 0)
+
+
+def _weight_site(name: str, inits, producer, sites, trans_b: int = 0) -> tuple[str, int] | None:
+    """``(digest, float bytes)`` when ``name`` is a quantized Linear's weight.
+
+    The weight reads as ``(K, N)``, or as ``(N, K)`` when ``trans_b`` (a Gemm with ``transB=1``).
+    """
     from onnx import numpy_helper
 
     if name in inits and len(inits[name].dims) == 2:
         a = numpy_helper.to_array(inits[name])
-        key = _key(a.T)  # (K, N) constant: W.T
-    elif name in producer and producer[name].op_type == "Transpose":
+        key = _key(a if trans_b else a.T)  # (N, K) = W, or (K, N) constant: W.T
+    elif name in producer and producer[name].op_type == "Transpose" and not trans_b:
         src = producer[name].input[0]
         perm = [list(a.ints) for a in producer[name].attribute if a.name == "perm"]
         if src not in inits or len(inits[src].dims) != 2 or perm not in ([[1, 0]], []):
