@@ -59,7 +59,7 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                       "into the weights, folded into norms / Linears, per site where it lowers "
                       "the error; auto keeps it only where the model output error on held-out "
                       "calibration rows drops, on skips that check (not with --weight-only).")]
-             = "off",
+             = "auto",
              power_of_two_scales: Annotated[bool, typer.Option(
                  help="Power-of-two scales (exact ap_fixed types for export hls).")] = False,
              embedding_bits: Annotated[int | None, typer.Option(

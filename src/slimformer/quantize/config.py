@@ -114,7 +114,7 @@ class QuantConfig(BaseModel):
             ``overrides``) and then float (``float_activations``) until it holds on calibration
             rows no quantizer saw; unreachable: :class:`CalibrationError`. None: only the
             W8A8 floor. Not with ``weight_only``.
-        smooth: ``auto``: SmoothQuant-style migration of activation outliers into
+        smooth: ``auto`` (default): SmoothQuant-style migration of activation outliers into
             the weights before calibration (:mod:`~slimformer.quantize.smooth`), per site where a
             scale can be folded exactly into the norm or Linear producing the input (nothing
             added at inference), with the strength chosen per site by the quantized Linears'
@@ -122,7 +122,7 @@ class QuantConfig(BaseModel):
             output error on held-out calibration rows drops (min/max on both sides,
             :mod:`~slimformer.quantize.smoothjudge`; recorded in ``site_choices`` and the
             notes); not applied with ``weight_only`` (see ``awq``). ``on``: the per-site
-            choice without the model-level judgement. ``off`` (default): never.
+            choice without the model-level judgement. ``off``: never.
         smooth_alphas: The migration strengths ``a`` tried per site
             (``s = max|X|^a / max|W|^(1-a)``), each in (0, 1]; no migration is always a
             candidate.
@@ -160,7 +160,7 @@ class QuantConfig(BaseModel):
     min_output_sqnr_db: float | None = 10.0
     budget: Annotated[str | None, AfterValidator(budget_field)] = None
     float_activations: list[str] = Field(default_factory=list)
-    smooth: Literal["auto", "on", "off"] = "off"
+    smooth: Literal["auto", "on", "off"] = "auto"
     max_memory: Annotated[str | None, AfterValidator(_memory)] = None
     smooth_alphas: Annotated[list[float], AfterValidator(_alphas)] = Field(
         default_factory=lambda: [0.3, 0.5, 0.7, 0.85])
