@@ -88,22 +88,7 @@ class Blockwise:
 
     def containers(self) -> list[list[str]]:
         """Module paths of the blocks, one list per container (children of one class)."""
-        owners = set(self.linears)
-        found = []
-        for path, mod in self.model.named_modules():
-            kids = [(f"{path}.{n}" if path else n, k) for n, k in mod.named_children()]
-            if len(kids) < 2 or len({type(k) for _, k in kids}) != 1:
-                continue
-            names = [n for n, _ in kids]
-            if any(n in owners for n in names) or not all(
-                    any(o.startswith(n + ".") for o in owners) for n in names):
-                continue
-            found.append((path, names))
-        out = []
-        for path, names in found:  # outermost only
-            if not any(path.startswith(n + ".") or path == n for _, ns in found for n in ns):
-                out.append(names)
-        return out
+        return containers(self.model, set(self.linears))
 
     def _call(self, inputs: dict) -> None:
         try:
@@ -310,6 +295,28 @@ def _observe(x: torch.Tensor, lq, hess: dict[str, Hessian], seen: dict) -> None:
         h = hess[lq.name] = Hessian(x.shape[-1])
     h.add(x)
     seen[id(x)] = (x, h)
+
+
+def containers(model, owners: set[str]) -> list[list[str]]:
+    """Module paths of ``model``'s blocks, one list per container (see the module doc).
+
+    ``owners``: the module paths of the quantized Linears.
+    """
+    found = []
+    for path, mod in model.named_modules():
+        kids = [(f"{path}.{n}" if path else n, k) for n, k in mod.named_children()]
+        if len(kids) < 2 or len({type(k) for _, k in kids}) != 1:
+            continue
+        names = [n for n, _ in kids]
+        if any(n in owners for n in names) or not all(
+                any(o.startswith(n + ".") for o in owners) for n in names):
+            continue
+        found.append((path, names))
+    out = []
+    for path, names in found:  # outermost only
+        if not any(path.startswith(n + ".") or path == n for _, ns in found for n in ns):
+            out.append(names)
+    return out
 
 
 def _first(out):

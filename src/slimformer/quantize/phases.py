@@ -155,7 +155,8 @@ def choose_sites(run: Calibration) -> None:
     Under ``auto`` each site's range is fitted as its kept candidate (not searched first), and
     with held-out rows each choice must also lower the model output error.
     """
-    from slimformer.quantize.select import select_sites, validate_sites
+    from slimformer.quantize.select import select_sites
+    from slimformer.quantize.validate import validate_sites
 
     cfg = run.config
     if cfg.repq_sites != "auto":
@@ -171,7 +172,7 @@ def choose_sites(run: Calibration) -> None:
         refs = run.float_outputs(run.held)
         run.notes += validate_sites(
             run.qmodel, run.held, lambda q, d: run.output_error(d, refs, as_set=True),
-            run.choices, progress=run.tick)
+            run.choices, progress=run.tick, blocks=run.runner is None)
 
 
 def dual_clipping(run: Calibration) -> None:
@@ -207,13 +208,13 @@ def _weights(search: bool) -> Callable[[Calibration], None]:
 
 def validate_weights(run: Calibration) -> None:
     """With held-out rows: a searched weight range stays only if it lowers the output error."""
-    from slimformer.quantize.select import validate_weights as _validate
+    from slimformer.quantize.validate import validate_weights as _validate
 
     if run.held is None:
         return
     refs = run.float_outputs(run.held)
     run.notes += _validate(run.qmodel, run.held, lambda q, d: run.output_error(d, refs),
-                           run.choices, progress=run.tick)
+                           run.choices, progress=run.tick, blocks=run.runner is None)
 
 
 def learned_rounding(run: Calibration) -> None:

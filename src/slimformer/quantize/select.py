@@ -19,8 +19,8 @@ harder to quantize. So, per site, the candidates are compared on the calibration
 
 With held-out calibration rows (:mod:`~slimformer.quantize.holdout`) every score above is taken
 on them instead (fitted on the other rows), and each choice other than min/max must then also
-lower the *model output* error on them (:func:`validate_sites`, :func:`validate_weights`): a
-gain at a layer's output does not always carry to the model's.
+lower the *model output* error on them (:mod:`~slimformer.quantize.validate`): a gain at a
+layer's output does not always carry to the model's.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import torch
 from slimformer.quantize.act import ActQuantizer
 from slimformer.quantize.holdout import MARGIN, SiteChoice, decide
 from slimformer.quantize.quantizers import WeightQuantizer, fake_uniform
-from slimformer.quantize.repq import _bias_of
 
 Candidate = tuple[str, bool]  # (range rule, per channel)
 
@@ -281,157 +280,3 @@ def calibrate_weights(state, search: bool, held: dict[str, torch.Tensor] | None 
             record.append(choice)
         lq.wq.scale, lq.wq.zero = params[choice.kept]
     tick("weight ranges", total, total)
-
-
-@torch.no_grad()
-def validate_sites(qmodel, held, output_error, record: list[SiteChoice],
-                   progress=None) -> list[str]:
-    """Keep a site's RepQ or clipped range only where it lowers the model output error on ``held``.
-
-    The per-site choice of :func:`select_sites` judges a site by its consumer Linears' output;
-    a gain there does not always carry to the model output (measured, a post-norm model's
-    embedding norm: -89% layer error, +160% model error; 4-bit MSE-searched clips: the same). So,
-    before reparameterization, the model is run in quant mode on the held-out rows with every
-    choice in place, RepQ emulated exactly (per-channel activation codes; consumer weights
-    quantized as ``Q(W diag(r)) diag(1/r)`` with ``r = s / mean(s)``), and each site whose
-    choice is not per-tensor min/max is set back to it in turn; the choice stays only if its
-    model output error is lower by :data:`MARGIN`.
-
-    Args:
-        qmodel: The :class:`~slimformer.quantize.state.QuantizedModel` (ranges set, not yet
-            reparameterized).
-        held: The held-out calibration rows.
-        output_error: ``output_error(qmodel, held) -> float`` with the quantizers as set.
-        record: The choices of :func:`select_sites`; receives one
-            :class:`~slimformer.quantize.holdout.SiteChoice` per site validated.
-        progress: ``progress(step, done, total)``, once per site validated.
-
-    Returns:
-        Notes.
-    """
-    state = qmodel.quant
-    users: dict[int, list] = {}
-    for lq in state.linears.values():
-        users.setdefault(id(lq.act), []).append(lq)
-    acts = {a.name: a for a in state.acts.values()}
-    for a in state.attention.values():
-        acts.update({q.name: q for q in (a.q_in, a.k_in, a.v_in)})
-    simple = LABEL[("minmax", False)]
-    sites = [(acts[c.site], c.kept) for c in record
-             if c.what == "activation range" and c.kept != simple and c.site in acts]
-    if not sites:
-        return []
-    for lq in state.linears.values():
-        lq.wq.calibrate(lq.matrix().detach(), search=False)
-
-    biases = {}  # the emulation adds RepQ's bias error; the model's own biases come back after
-    for lq in state.linears.values():
-        b = _bias_of(qmodel.model, lq)
-        if b is not None:
-            biases[lq.name] = (b, b.detach().clone())
-
-    def error() -> float:
-        state.set_mode("quant")
-        for b, b0 in biases.values():
-            b.copy_(b0)
-        for act in state.acts.values():
-            if not (act.per_channel and users.get(id(act))):
-                continue
-            s, z = (v.detach() for v in act.scale_zero())
-            r = s / s.mean()  # (C,)
-            # zero points move to round(mean(z)): the float bias fix -W shift meets Q(W r) / r
-            shift = torch.zeros_like(s) if act.symmetric else s * (z - z.mean().round())
-            for lq in users[id(act)]:
-                w = lq.matrix().detach()
-                w_eff = _quantized(w * r, lq.wq, search=False) / r
-                lq._cache = lq._unmatrix(w_eff)
-                if lq.name in biases:
-                    biases[lq.name][0].add_((w_eff - w) @ shift)
-        return float(output_error(qmodel, held))
-
-    try:
-        return _drop_sites(sites, error, record, simple, progress or (lambda *a: None))
-    finally:
-        for b, b0 in biases.values():
-            b.copy_(b0)
-        state.set_mode("observe")
-        for lq in state.linears.values():
-            lq._cache = None
-
-
-def _drop_sites(sites, error, record: list[SiteChoice], simple: str, tick) -> list[str]:
-    """Set each site back to per-tensor min/max unless that raises ``error()``; notes."""
-    tick("site choice at the model output", 0, len(sites))
-    current = error()
-    out, dropped = [], []
-    for i, (act, kept) in enumerate(sites):
-        chosen = (act.per_channel, act.lo.detach().clone(), act.hi.detach().clone())
-        act.per_channel = False
-        act.calibrate("minmax")
-        without = error()
-        choice = decide(act.name, "at the model output", {simple: without, kept: current},
-                        MARGIN)
-        out.append(choice)
-        if choice.kept == simple:
-            current = without
-            dropped.append(act.name)
-        else:
-            act.per_channel = chosen[0]
-            act.set_range(chosen[1], chosen[2])
-        tick("site choice at the model output", i + 1, len(sites))
-    record += out
-    notes = [f"site choice: {c}" for c in out]
-    if dropped:
-        notes.append(f"per-tensor min/max restored at {len(dropped)} of {len(sites)} site(s): "
-                     "their choice did not lower the model output error on held-out calibration "
-                     "rows")
-    return notes
-
-
-@torch.no_grad()
-def validate_weights(qmodel, held, output_error, record: list[SiteChoice],
-                     progress=None) -> list[str]:
-    """Keep a layer's MSE-searched weight range only where it lowers the model output error.
-
-    Run after :func:`calibrate_weights` (reparameterized, final ranges); each layer whose search
-    won on its own output is set back to min/max in turn and keeps the search only if the model
-    output error on the held-out rows is lower by :data:`MARGIN`.
-
-    Args:
-        qmodel: The :class:`~slimformer.quantize.state.QuantizedModel`.
-        held: The held-out calibration rows.
-        output_error: ``output_error(qmodel, held) -> float`` (every quantizer in quant mode).
-        record: The choices of :func:`calibrate_weights`; receives one choice per layer validated.
-        progress: ``progress(step, done, total)``, once per layer validated.
-
-    Returns:
-        Notes.
-    """
-    by_name = {lq.name: lq for lq in qmodel.quant.linears.values()}
-    layers = [by_name[c.site] for c in record
-              if c.what == "weight range" and c.kept == "MSE search" and c.site in by_name]
-    if not layers:
-        return []
-    tick = progress or (lambda *a: None)
-    tick("weight range at the model output", 0, len(layers))
-    current = output_error(qmodel, held)
-    out = []
-    for i, lq in enumerate(layers):
-        searched = (lq.wq.scale.clone(), lq.wq.zero.clone())
-        lq.wq.calibrate(lq.matrix().detach(), search=False)
-        without = output_error(qmodel, held)
-        choice = decide(lq.name, "weight range at the model output",
-                        {"min/max": without, "MSE search": current}, MARGIN)
-        out.append(choice)
-        if choice.kept == "min/max":
-            current = without
-        else:
-            lq.wq.scale, lq.wq.zero = searched
-        tick("weight range at the model output", i + 1, len(layers))
-    record += out
-    back = sum(c.kept == "min/max" for c in out)
-    notes = [f"site choice: {c}" for c in out]
-    if back:
-        notes.append(f"min/max weight range restored at {back} of {len(out)} layer(s): the "
-                     "searched range did not lower the model output error on held-out rows")
-    return notes
