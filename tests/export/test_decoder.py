@@ -59,6 +59,28 @@ def test_graph_inputs_outputs_and_symbolic_axes(float_export):
     assert res.opset in (20, 23) and res.size_bytes == path.stat().st_size
 
 
+def test_attention_reads_the_cache_kv_heads_without_copies(float_export, int4_export):
+    for res, path in (float_export, int4_export[1:]):
+        proto = onnx.load(str(path))
+        if res.opset < 23:  # no Attention op: nothing to rewrite
+            continue
+        att = [n for n in proto.graph.node if n.op_type == "Attention"]
+        assert res.kv_unrepeated == len(att) == 2
+        for i, n in enumerate(att):  # K/V: the presents, (batch, 2 kv heads, total, 16)
+            assert list(n.input[1:3]) == [f"present.{i}.key", f"present.{i}.value"]
+        assert not [n for n in proto.graph.node if n.op_type == "Expand"
+                    and any(o.startswith("present.") for o in n.input)]
+
+
+def test_the_ops_own_grouped_attention_and_the_kept_copies_match_pytorch(model, tmp_path):
+    for form in ("gqa", "repeat"):  # the export's own checks: SQNR and 32 greedy tokens
+        res = export_decoder(model, tmp_path / f"{form}.onnx", DecoderConfig(kv_form=form))
+        assert res.tokens["agreement"] == 1.0 and res.kv_unrepeated == (form == "gqa") * 2
+        assert min(m["sqnr_db"] for o in res.parity.values() for m in o.values()) > 90
+        ops = [n.op_type for n in onnx.load(str(res.path)).graph.node]
+        assert ("Tile" in ops, ops.count("Expand") > 3) == (False, form == "repeat")
+
+
 def test_float_prefill_and_decode_match_pytorch(float_export):
     res, _ = float_export
     assert set(res.parity) == {"prefill", "decode"}
@@ -111,6 +133,8 @@ def test_bad_config_and_path_are_typed_errors(model, tmp_path):
         DecoderConfig(accuracy_level=2)
     with pytest.raises(ConfigError, match="min_token_agreement: 1.5; allowed: 0 to 1"):
         DecoderConfig(min_token_agreement=1.5)
+    with pytest.raises(ConfigError, match="kv_form: 'mqa'; allowed: fold, gqa, repeat"):
+        DecoderConfig(kv_form="mqa")
     with pytest.raises(ExportError, match="must end in .onnx"):
         export_decoder(model, tmp_path / "m.bin")
     assert not list(tmp_path.iterdir())

@@ -7,7 +7,9 @@
     outputs  logits (B, T, vocab), present.{i}.key / .value (B, kv_heads, P + T, head_dim)
 
 Prefill feeds the prompt with ``P = 0`` (empty past tensors); each decode step feeds one token
-and the previous step's presents. Grouped-query attention is kept (``kv_heads``, not heads). The
+and the previous step's presents. Grouped-query attention is kept (``kv_heads``, not heads),
+also inside: the opset-23 ``Attention`` reads the cache's kv heads without the traced copies
+(:mod:`slimformer.export.gqa`). The
 layer count, kv heads and head dim come from the cache the model itself returns on one forward
 (:func:`cache_layout`), never from module names. The Hugging Face cache object is built inside
 the traced module from the flat past tensors (:class:`DecoderEntry`).
@@ -39,6 +41,7 @@ from slimformer.errors import ConfigError, ExportError, UnsupportedModelError
 from slimformer.export.config import ACCURACY_LEVELS, DEFAULT_ACCURACY_LEVEL
 
 OPSETS = (17, 18, 19, 20, 21, 22, 23)
+KV_FORMS = ("fold", "gqa", "repeat")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class DecoderConfig:
             fewer of the steps fails (a float export must agree on all).
         accuracy_fallback: At ``accuracy_level`` 4 under ``min_token_agreement``, write level 0
             instead (noted in the warnings) rather than fail.
+        kv_form: How Attention reads the grouped cache (:mod:`slimformer.export.gqa`): ``fold``
+            (query heads folded onto their kv head: plain attention, every runtime),
+            ``gqa`` (the op's own grouped attention: ONNX Runtime only, OpenVINO 2026.4
+            misreads it) or ``repeat`` (the traced copies of the kv heads kept).
     """
 
     opset: int | None = None
@@ -69,6 +76,7 @@ class DecoderConfig:
     parity_steps: int = 32
     min_token_agreement: float = 0.95
     accuracy_fallback: bool = True
+    kv_form: str = "fold"
 
     def __post_init__(self):
         """Validate the fields (ConfigError naming the allowed values)."""
@@ -78,6 +86,8 @@ class DecoderConfig:
         if self.accuracy_level not in ACCURACY_LEVELS:
             bad.append(f"accuracy_level: {self.accuracy_level}; allowed: "
                        f"{', '.join(map(str, ACCURACY_LEVELS))}")
+        if self.kv_form not in KV_FORMS:
+            bad.append(f"kv_form: {self.kv_form!r}; allowed: {', '.join(KV_FORMS)}")
         if not 1 <= self.threads <= 256:
             bad.append(f"threads: {self.threads}; allowed: 1 to 256")
         if not 1 <= self.check_tokens <= 4096:
@@ -132,6 +142,7 @@ class DecoderResult:
     nbits: dict = field(default_factory=dict)  # MatMulNBits replacements (nbits.NbitsStats)
     tokens: dict = field(default_factory=dict)  # greedy-token parity (genparity.TokenParity)
     accuracy_level: int | None = None  # MatMulNBits' level written (None: float)
+    kv_unrepeated: int = 0  # Attention ops fed the cache's kv heads directly (export.gqa)
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -140,7 +151,7 @@ class DecoderResult:
                 "quantized": self.quantized, "size_bytes": self.size_bytes,
                 "seconds": round(self.seconds, 2), "parity": self.parity, "nbits": self.nbits,
                 "tokens": self.tokens, "accuracy_level": self.accuracy_level,
-                "warnings": self.warnings}
+                "kv_unrepeated": self.kv_unrepeated, "warnings": self.warnings}
 
 
 def inner(model: nn.Module) -> nn.Module:
@@ -290,6 +301,7 @@ def _export_once(model, path: Path, layout: CacheLayout, opset: int, config: Dec
     import onnx
 
     from slimformer.export.genparity import check_decoder, step_inputs
+    from slimformer.export.gqa import unrepeat_kv
     from slimformer.export.onnx import TWO_GB, _file_bytes, _move_external, _param_bytes
     from slimformer.store.atomic import atomic_path
 
@@ -306,7 +318,9 @@ def _export_once(model, path: Path, layout: CacheLayout, opset: int, config: Dec
             _trace(entry, args, layout, tmp, opset, big)
             traced = onnx.load(str(tmp))
             result = DecoderResult(path=path, opset=opset, layout=layout, quantized=quantized,
-                                   size_bytes=0, warnings=notes)
+                                   size_bytes=0, kv_unrepeated=0 if config.kv_form == "repeat"
+                                   else unrepeat_kv(traced, config.kv_form),
+                                   warnings=notes)
             levels = [config.accuracy_level] if quantized else [None]
             if quantized and config.accuracy_level == 4 and config.accuracy_fallback:
                 levels.append(0)
