@@ -81,6 +81,18 @@ def test_the_ops_own_grouped_attention_and_the_kept_copies_match_pytorch(model, 
         assert ("Tile" in ops, ops.count("Expand") > 3) == (False, form == "repeat")
 
 
+def test_last_logits_graph_gives_the_last_position_and_the_same_tokens(model, float_export,
+                                                                      tmp_path):
+    res = export_decoder(model, tmp_path / "last.onnx", DecoderConfig(last_logits=True))
+    assert res.tokens["agreement"] == 1.0  # 32 greedy steps equal PyTorch's
+    full, last = OrtDecoder(float_export[1]), OrtDecoder(res.path)
+    ids = np.asarray([_prompt()])
+    (lf, pf), (ll, pl) = full.step(ids, full.empty()), last.step(ids, last.empty())
+    assert lf.shape == (1, 12, VOCAB) and ll.shape == (1, 1, VOCAB)
+    for ref, got in ((lf[:, -1:], ll), *zip(pf, pl, strict=True)):
+        assert 10 * np.log10((ref ** 2).sum() / max(((ref - got) ** 2).sum(), 1e-30)) > 90
+
+
 def test_float_prefill_and_decode_match_pytorch(float_export):
     res, _ = float_export
     assert set(res.parity) == {"prefill", "decode"}

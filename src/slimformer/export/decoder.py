@@ -4,7 +4,8 @@
 
     inputs   input_ids (B, T) int64, attention_mask (B, P + T) int64, position_ids (B, T) int64,
              past_key_values.{i}.key / .value (B, kv_heads, P, head_dim)   for each layer i
-    outputs  logits (B, T, vocab), present.{i}.key / .value (B, kv_heads, P + T, head_dim)
+    outputs  logits (B, T, vocab) (T = 1 with last_logits),
+             present.{i}.key / .value (B, kv_heads, P + T, head_dim)
 
 Prefill feeds the prompt with ``P = 0`` (empty past tensors); each decode step feeds one token
 and the previous step's presents. Grouped-query attention is kept (``kv_heads``, not heads),
@@ -65,6 +66,8 @@ class DecoderConfig:
             (query heads folded onto their kv head: plain attention, every runtime),
             ``gqa`` (the op's own grouped attention: ONNX Runtime only, OpenVINO 2026.4
             misreads it) or ``repeat`` (the traced copies of the kv heads kept).
+        last_logits: Output ``logits`` ``(B, 1, vocab)`` of the last position only (the model's
+            ``logits_to_keep``): generation needs no more; perplexity needs the default.
     """
 
     opset: int | None = None
@@ -77,6 +80,7 @@ class DecoderConfig:
     min_token_agreement: float = 0.95
     accuracy_fallback: bool = True
     kv_form: str = "fold"
+    last_logits: bool = False
 
     def __post_init__(self):
         """Validate the fields (ConfigError naming the allowed values)."""
@@ -224,11 +228,18 @@ class DecoderEntry(nn.Module):
     Flat tensors in and out (the exporter's view); the cache object is built inside.
     """
 
-    def __init__(self, model: nn.Module, layout: CacheLayout):
+    def __init__(self, model: nn.Module, layout: CacheLayout, last_logits: bool = False):
         super().__init__()
+        import inspect
+
         from slimformer.models.generate import cache_argument
 
+        hf = inner(model)
+        if last_logits and "logits_to_keep" not in inspect.signature(hf.forward).parameters:
+            raise UnsupportedModelError(f"{type(hf).__name__}.forward takes no logits_to_keep: "
+                                        "export it with last_logits=False (all positions)")
         self.model, self.layout = model, layout
+        self.keep = {"logits_to_keep": 1} if last_logits else {}
         self.hf_config = getattr(inner(model), "config", None)
         self.cache_arg = cache_argument(inner(model))
 
@@ -238,7 +249,8 @@ class DecoderEntry(nn.Module):
         cache = make_cache([(past[2 * i], past[2 * i + 1]) for i in range(self.layout.layers)],
                            self.hf_config)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, use_cache=True, **{self.cache_arg: cache})
+                         position_ids=position_ids, use_cache=True, **{self.cache_arg: cache},
+                         **self.keep)
         new = getattr(out, "cache", None) if self.cache_arg == "cache" else None
         new = new if new is not None else out.past_key_values
         return (out.logits, *(t for kv in cache_pairs(new) for t in kv))
@@ -307,7 +319,7 @@ def _export_once(model, path: Path, layout: CacheLayout, opset: int, config: Dec
 
     quantized = inner(model) is not model
     # traced on the float module; a quantized model's Linears are rewritten afterwards
-    entry = DecoderEntry(inner(model), layout).eval()
+    entry = DecoderEntry(inner(model), layout, config.last_logits).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, layout.vocab, (2, 3), generator=g)
     args = tuple(step_inputs(ids, [torch.randn(2, layout.kv_heads, 4, layout.head_dim,
@@ -338,8 +350,9 @@ def _export_once(model, path: Path, layout: CacheLayout, opset: int, config: Dec
                 if not config.check:
                     break
                 onnx.checker.check_model(str(tmp) if big else proto)
-                result.parity = check_decoder(tmp, DecoderEntry(model, layout).eval(), layout,
-                                              config)
+                result.parity = check_decoder(tmp, DecoderEntry(model, layout,
+                                                              config.last_logits).eval(),
+                                              layout, config)
                 _judge(result, config)
                 why = _tokens(result, model, tmp, layout, config, prompt_ids) \
                     if config.parity_steps else None
