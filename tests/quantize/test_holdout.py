@@ -9,15 +9,7 @@ from slimformer.quantize.api import quantize
 from slimformer.quantize.check import sqnr_db
 from slimformer.quantize.config import QuantConfig
 from slimformer.quantize.holdout import MIN_ROWS, decide, split
-
-
-class _Block(nn.Module):
-    def __init__(self, d: int, h: int):
-        super().__init__()
-        self.norm, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, h), nn.Linear(h, d)
-
-    def forward(self, x):  # pre-norm MLP block, x (B, T, d)
-        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm(x))))
+from tests.quantize.blocks import PreNormMLP
 
 
 class _OutlierNet(nn.Module):
@@ -30,7 +22,7 @@ class _OutlierNet(nn.Module):
     def __init__(self, d: int = 32, h: int = 64):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.blocks = nn.ModuleList(_Block(d, h) for _ in range(2))
+        self.blocks = nn.ModuleList(PreNormMLP(d, h) for _ in range(2))
         self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 4)
         with torch.no_grad():
             for p in self.parameters():

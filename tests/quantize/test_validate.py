@@ -11,15 +11,7 @@ from slimformer.quantize import validate
 from slimformer.quantize.api import quantize
 from slimformer.quantize.config import QuantConfig
 from slimformer.quantize.replay import Replay
-
-
-class _Block(nn.Module):
-    def __init__(self, d: int, h: int):
-        super().__init__()
-        self.norm, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, h), nn.Linear(h, d)
-
-    def forward(self, x):  # pre-norm MLP block, x (B, T, d)
-        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm(x))))
+from tests.quantize.blocks import PreNormMLP
 
 
 class _Net(nn.Module):
@@ -31,7 +23,7 @@ class _Net(nn.Module):
     def __init__(self, d: int = 32, h: int = 64, reverse: bool = False):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.blocks = nn.ModuleList(_Block(d, h) for _ in range(4))
+        self.blocks = nn.ModuleList(PreNormMLP(d, h) for _ in range(4))
         self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 4)
         self.reverse = reverse
         with torch.no_grad():

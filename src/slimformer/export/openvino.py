@@ -255,14 +255,9 @@ class OvDecoder:
 
     def step(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
         """``(logits (B, T, V), presents)`` for new tokens ``ids (B, T)`` after ``past``."""
-        b, t = ids.shape
-        p = past[0].shape[2]
-        feeds = {"input_ids": ids.astype(np.int64),
-                 "attention_mask": np.ones((b, p + t), np.int64),
-                 "position_ids": np.broadcast_to(np.arange(p, p + t, dtype=np.int64),
-                                                 (b, t)).copy(),
-                 **dict(zip(self.past_names, past, strict=True))}
-        self.request.infer(feeds)
+        from slimformer.export.ortgen import step_feeds
+
+        self.request.infer(step_feeds(ids, past, self.past_names))
         outs = [self.request.get_output_tensor(i).data.copy()
                 for i in range(len(self.compiled.outputs))]
         return outs[0], outs[1:]

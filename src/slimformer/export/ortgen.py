@@ -47,14 +47,22 @@ class OrtDecoder:
 
     def step(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
         """``(logits (B, T, V), presents)`` for new tokens ``ids (B, T)`` after ``past``."""
-        b, t = ids.shape
-        p = past[0].shape[2]
-        feeds = {"input_ids": ids.astype(np.int64),
-                 "attention_mask": np.ones((b, p + t), np.int64),
-                 "position_ids": np.broadcast_to(np.arange(p, p + t, dtype=np.int64), (b, t)).copy(),
-                 **dict(zip(self.past_names, past, strict=True))}
-        logits, *presents = self.sess.run(None, feeds)
+        logits, *presents = self.sess.run(None, step_feeds(ids, past, self.past_names))
         return logits, presents
+
+
+def step_feeds(ids: np.ndarray, past: list[np.ndarray], past_names: list[str]) -> dict:
+    """A decoder graph's inputs for new tokens ``ids (B, T)`` after ``past``.
+
+    ``past``: each ``(B, kv_heads, P, head_dim)``; the feeds add an all-ones mask ``(B, P + T)``
+    and positions ``P .. P+T-1``.
+    """
+    b, t = ids.shape
+    p = past[0].shape[2]
+    return {"input_ids": ids.astype(np.int64),
+            "attention_mask": np.ones((b, p + t), np.int64),
+            "position_ids": np.broadcast_to(np.arange(p, p + t, dtype=np.int64), (b, t)).copy(),
+            **dict(zip(past_names, past, strict=True))}
 
 
 def generate_onnx(decoder: OrtDecoder, prompt_ids: list[int], max_new_tokens: int, *,
