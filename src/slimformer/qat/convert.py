@@ -124,6 +124,7 @@ def _convert(lin: nn.Linear, lq: LinearQuant, state: QuantState,
     layer = QatLinear(lin.in_features, lin.out_features, bias=lin.bias is not None,
                       weight_quant=SymmetricWeight if wq.symmetric else AsymmetricWeight,
                       return_quant_tensor=False, device=w.device, dtype=w.dtype, **kw)
+    layer.site = lq.name  # the LinearQuant it came from (qat.writeback writes back to it)
     if kw["input_quant"] is not None and id(act) not in inputs:
         inputs[id(act)] = (affine, layer.input_quant)
     if lin.bias is not None:

@@ -114,7 +114,12 @@ class QatLinear(QuantLinear):
     Brevitas 0.12.1 strips tensor names with ``Tensor.rename(None)`` on every input; named
     tensors are gone from torch 2.14, and without names that call is the identity, so it is
     skipped (outside tracing; during tracing Brevitas's own handling is kept).
+
+    ``site``: the name of the quantized weight (:class:`~slimformer.quantize.state.LinearQuant`)
+    it was converted from, set by :func:`~slimformer.qat.convert.to_brevitas`.
     """
+
+    site: str = ""
 
     def unpack_input(self, inp):
         """The input as it is (see class doc)."""

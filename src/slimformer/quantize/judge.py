@@ -37,12 +37,12 @@ class Judge:
         from slimformer.quantize.capture import real_positions
         from slimformer.quantize.check import float_leaves
 
-        self.qmodel.quant.set_mode(mode)
+        model = self._model(mode)
         found = []
         for i, (inp, labels) in enumerate(self.batches):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(i)
-                out = self.qmodel(**inp)
+                out = model(**inp)
             got: dict = {}
             if "db" in self.kinds:
                 got["leaves"] = [real_positions(t, inp) for t in float_leaves(out)]
@@ -52,6 +52,11 @@ class Judge:
                 got["nll"] = _nll(out, inp)
             found.append(got)
         return found
+
+    def _model(self, mode: str):
+        """The module run for ``mode``: ``float`` the reference, ``quant`` the model judged."""
+        self.qmodel.quant.set_mode(mode)
+        return self.qmodel
 
     def measure(self) -> dict[str, float]:
         """``{kind: value}`` of the model as its quantizers are set now (one forward per batch).

@@ -1,0 +1,157 @@
+"""``qat(qmodel, teacher, config, data) -> QatResult``: fine-tune a PTQ result with its quantizers.
+
+The post-training quantized model becomes a Brevitas student whose step 0 reproduces it
+(:func:`~slimformer.qat.convert.to_brevitas`), learns the float teacher's outputs on the
+training rows (:func:`~slimformer.qat.train.fine_tune`: learned weights, scales and zero points,
+early stopping on held-out rows) and is written back into a copy of the PTQ model
+(:func:`~slimformer.qat.writeback.to_quantized`): an ordinary quantized model, in the form the
+PTQ model was (simulated or inference).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slimformer.errors import CalibrationError, DataError, UnsupportedModelError
+from slimformer.qat.config import QatConfig
+from slimformer.qat.train import Progress, TrainLog
+from slimformer.quantize.state import QuantizedModel
+
+EMBEDDING_TASKS = ("base", "sentence-embedding", "image-features")
+# the written-back model must give the student's outputs: measured 200+ dB (identical codes)
+# on vit-digits-seq; one activation code flipped by a rounding tie stays above 60 dB
+MIN_WRITEBACK_DB = 40.0
+
+
+@dataclass
+class QatResult:
+    """A fine-tuned quantized model and what the fine-tuning did.
+
+    Attributes:
+        model: Our quantized model holding the learned values (the PTQ model's form).
+        student: The Brevitas model at the step kept.
+        log: Every held-out judgement, the step kept, why it stopped, seconds and CPU seconds.
+        loss: ``kl`` or ``mse``; metric: ``pt``, ``ppl`` or ``db`` (what early stopping judged).
+        fit_rows / held_rows: Rows trained on / judged.
+        writeback_db: Output SQNR of ``model`` vs ``student`` on the held-out rows (dB).
+        notes: What the report should say, in words.
+    """
+
+    model: QuantizedModel
+    student: QuantizedModel
+    log: TrainLog
+    loss: str
+    metric: str
+    fit_rows: int
+    held_rows: int
+    writeback_db: float
+    notes: list[str] = field(default_factory=list)
+
+
+def choose(config: QatConfig, teacher: nn.Module, inputs: dict, task: str | None) -> tuple[str, str]:
+    """``(loss, metric)``: the config's, or for ``auto`` by the task and the teacher's outputs.
+
+    Embedding / feature tasks and outputs without class scores: ``mse`` / ``db``; causal LMs:
+    ``kl`` / ``ppl``; class scores: ``kl`` / ``pt``.
+    """
+    from slimformer.models.outputs import class_scores
+
+    with torch.no_grad():
+        scores = class_scores(teacher(**inputs))
+    has_scores = scores is not None and scores.dim() >= 2 and task not in EMBEDDING_TASKS
+    loss = config.loss if config.loss != "auto" else ("kl" if has_scores else "mse")
+    if loss == "kl" and scores is None:
+        raise UnsupportedModelError("loss kl needs class scores (the output, its 'logits' or "
+                                    "the first element of a returned tuple): this model has "
+                                    "none; use loss mse")
+    metric = config.metric
+    if metric == "auto":
+        metric = "ppl" if task == "causal-lm" else "pt" if has_scores else "db"
+    return loss, metric
+
+
+def split_rows(data, config: QatConfig):
+    """``(fit, held)`` rows of the first ``config.rows`` rows of ``data`` (seeded, disjoint).
+
+    Raises:
+        DataError: Fewer than 2 rows.
+    """
+    from slimformer.quantize.holdout import Rows
+
+    n = min(config.rows, len(data))
+    if n < 2:
+        raise DataError(f"quantization-aware fine-tuning needs at least 2 rows (training and "
+                        f"held-out ones); the data has {len(data)}")
+    k = min(n - 1, max(1, round(n * config.held_out)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
+    return Rows(data, sorted(perm[k:])), Rows(data, sorted(perm[:k]))
+
+
+def qat(qmodel: QuantizedModel, teacher: nn.Module, config: QatConfig, data,
+        task: str | None = None, progress: Progress = None) -> QatResult:
+    """Fine-tune ``qmodel`` (left as it is) by distillation from ``teacher``; see module doc.
+
+    Args:
+        qmodel: The post-training quantized model (:func:`~slimformer.quantize.api.quantize`'s,
+            or restored from a quantized artifact).
+        teacher: The float model it was quantized from.
+        config: The fine-tuning settings.
+        data: Training rows, ``({name: tensor}, label)`` items; ``config.held_out`` of the first
+            ``config.rows`` are judged, never trained on.
+        task: The model's task (``causal-lm``, ``sentence-embedding``, ...), for ``auto``.
+        progress: ``progress(description, step, steps)``.
+
+    Raises:
+        UnsupportedModelError: ``qmodel`` is not a quantized model, or has sites Brevitas
+            layers do not cover yet (:func:`~slimformer.qat.convert.to_brevitas`).
+        DataError: Fewer than 2 rows.
+    """
+    from slimformer.data.datasets import trim_padding
+    from slimformer.qat.convert import to_brevitas
+    from slimformer.qat.train import fine_tune
+    from slimformer.qat.writeback import to_quantized
+
+    if not isinstance(qmodel, QuantizedModel):
+        raise UnsupportedModelError(f"quantization-aware fine-tuning starts from a quantized "
+                                    f"model; got a float {type(qmodel).__name__}: quantize it "
+                                    "first (slimformer quantize, or a quantize stage before qat)")
+    fit, held = split_rows(data, config)
+    loss, metric = choose(config, teacher, trim_padding([fit[0], fit[min(1, len(fit) - 1)]])[0],
+                          task)
+    student = to_brevitas(qmodel)
+    log = fine_tune(student, teacher, fit, held, config, loss, metric, progress)
+    model = to_quantized(student, qmodel)
+    db = _writeback_db(model, student, held, config.batch_size)
+    if db < MIN_WRITEBACK_DB:
+        raise CalibrationError(f"the written-back model's outputs are {db:.1f} dB from the "
+                               f"fine-tuned Brevitas model's (at least {MIN_WRITEBACK_DB:g} dB "
+                               "expected): a learned value did not carry over")
+    b0, b1 = log.judgements[0].metrics, log.best.metrics
+    notes = [f"QAT: {log.steps} steps of {config.steps} ({log.stopped}), kept step "
+             f"{log.best_step}; {len(fit)} training rows, {len(held)} held out; loss {loss}; "
+             f"held-out {metric} {b0[metric]:.4g} -> {b1[metric]:.4g}, output SQNR vs float "
+             f"{b0['db']:.2f} -> {b1['db']:.2f} dB; {log.cpu_seconds / max(log.steps, 1):.2f} "
+             "CPU-s per step"]
+    return QatResult(model, student, log, loss, metric, len(fit), len(held), db, notes)
+
+
+@torch.no_grad()
+def _writeback_db(model: QuantizedModel, student: QuantizedModel, rows, batch_size: int) -> float:
+    """Output SQNR (dB) of ``model`` vs ``student`` on ``rows`` (padded positions left out)."""
+    from slimformer.data.datasets import trim_padding
+    from slimformer.quantize.capture import real_positions
+    from slimformer.quantize.check import float_leaves
+
+    sig = err = 0.0
+    for i in range(0, len(rows), batch_size):
+        inputs, _ = trim_padding([rows[j] for j in range(i, min(len(rows), i + batch_size))])
+        for a, b in zip(float_leaves(student(**inputs)), float_leaves(model(**inputs)),
+                        strict=True):
+            a, b = real_positions(a, inputs).double(), real_positions(b, inputs).double()
+            sig += float((a**2).sum())
+            err += float(((a - b) ** 2).sum())
+    return math.inf if err == 0 else 10 * math.log10(sig / err) if sig else -math.inf

@@ -1,0 +1,57 @@
+"""Typed configuration of quantization-aware fine-tuning (also the recipe's ``qat`` stage)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LOSSES = ("auto", "kl", "mse")
+METRICS = ("auto", "pt", "ppl", "db")
+
+
+class QatConfig(BaseModel):
+    """How to fine-tune a post-training quantized model with its quantizers in the loop.
+
+    Attributes:
+        steps: Optimizer steps at most (one batch each); fewer when early stopping or the
+            wall-clock budget ends the run.
+        batch_size: Rows per step.
+        weight_lr: Adam learning rate of the quantized Linears' float weights and biases.
+        scale_lr: Adam learning rate of the learned scales and zero points, relative to each
+            quantizer's initial scale threshold (``1e-3``: a thousandth of it per step at most).
+        loss: ``kl`` (KL divergence of the class scores / next-token logits, softmax over the
+            last axis, padded positions left out), ``mse`` (mean squared error of every float
+            output, each divided by its float mean square), or ``auto``: ``mse`` for embedding
+            and feature models (task ``base``, ``sentence-embedding``, ``image-features``) and
+            for models without class scores, ``kl`` otherwise.
+        temperature: Softmax temperature of ``kl`` (on teacher and student alike).
+        metric: What early stopping judges on the held-out rows (as the quantize budget does,
+            :class:`~slimformer.quantize.judge.Judge`): ``pt`` accuracy points lost vs float
+            (top-1 agreement points without labels), ``ppl`` perplexity increase, ``db`` output
+            SQNR, or ``auto``: ``ppl`` for causal LMs, ``pt`` with class scores, else ``db``.
+            Ties go to the higher output SQNR.
+        rows: Training rows drawn (seeded) from the data's train split (a user's own data:
+            its calibration rows); ``held_out`` of them are set aside.
+        held_out: Fraction of ``rows`` no step trains on, judged for early stopping.
+        eval_every: Steps between judgements of the held-out rows (also after the last step).
+        patience: Judgements without improvement before stopping (0: never stop early).
+        max_minutes: Wall-clock budget of the fine-tuning (judgements included); None: none.
+        seed: Seed of the held-out split and of the batch order.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: Annotated[int, Field(ge=0, le=10_000_000)] = 300
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    weight_lr: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
+    scale_lr: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-3
+    loss: Literal[LOSSES] = "auto"  # type: ignore[valid-type]
+    temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
+    metric: Literal[METRICS] = "auto"  # type: ignore[valid-type]
+    rows: Annotated[int, Field(ge=8, le=10_000_000)] = 1024
+    held_out: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25
+    eval_every: Annotated[int, Field(ge=1, le=1_000_000)] = 25
+    patience: Annotated[int, Field(ge=0, le=1_000_000)] = 4
+    max_minutes: Annotated[float, Field(gt=0.0)] | None = None
+    seed: Annotated[int, Field(ge=0)] = 0

@@ -1,0 +1,224 @@
+"""The distillation loop: the Brevitas student learns the float teacher's outputs.
+
+Trained: the float weights and biases of every :class:`~slimformer.qat.layers.QatLinear` (Adam,
+``weight_lr``) and the learned scales and zero points of their Brevitas quantizers (Adam, one
+group per quantizer with ``scale_lr`` times its initial threshold, so every quantizer moves by the
+same fraction of its own scale). Everything else (norms, embeddings, our attention quantizers)
+stays frozen. Loss: KL of the class scores or normalized MSE of every output (:func:`loss_of`).
+
+Every ``eval_every`` steps (and at step 0) the held-out rows are judged with
+:class:`~slimformer.quantize.judge.Judge`'s metrics, the teacher being the reference; the best
+judgement's parameters are kept (a copy of the trained tensors), and the run stops after
+``patience`` judgements without improvement or past the wall-clock budget.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slimformer.qat.config import QatConfig
+from slimformer.qat.convert import learned_parameters
+from slimformer.qat.layers import QatLinear
+from slimformer.quantize.judge import Judge
+
+Progress = Callable[[str, int, int], None] | None
+PROGRESS = "fine-tune (QAT)"
+
+
+class StudentJudge(Judge):
+    """:class:`~slimformer.quantize.judge.Judge` with the teacher as the float reference."""
+
+    def __init__(self, teacher: nn.Module, student, rows, batch_size: int, kinds: set[str]):
+        self.teacher = teacher
+        super().__init__(student, rows, batch_size, kinds)
+
+    def _model(self, mode: str):
+        """The teacher for ``float``, the student (its own quantizers on) for ``quant``."""
+        if mode == "float":
+            return self.teacher
+        self.qmodel.quant.set_mode("quant")
+        return self.qmodel
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """The held-out metrics after ``step`` steps (``loss``: mean training loss since the last)."""
+
+    step: int
+    metrics: dict[str, float]
+    loss: float | None = None
+
+
+@dataclass
+class TrainLog:
+    """What the loop did: every judgement, the step kept, why it stopped, its cost."""
+
+    judgements: list[Judgement] = field(default_factory=list)
+    best_step: int = 0
+    steps: int = 0
+    stopped: str = "steps"  # steps | patience | time
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+    @property
+    def best(self) -> Judgement:
+        """The judgement of the step kept."""
+        return next(j for j in self.judgements if j.step == self.best_step)
+
+
+def param_groups(student: nn.Module, config: QatConfig) -> list[dict]:
+    """Adam groups: Linear weights and biases; per quantizer its scale and zero point.
+
+    Every parameter of ``student`` not in a group is frozen (``requires_grad`` False).
+    """
+    for p in student.parameters():
+        p.requires_grad_(False)
+    weights = [p for m in student.modules() if isinstance(m, QatLinear)
+               for p in (m.weight, m.bias) if p is not None]
+    groups = [{"params": weights, "lr": config.weight_lr}]
+    learned = learned_parameters(student)
+    for name, p in learned.items():
+        if ".scaling_impl." not in name:
+            continue
+        zp = learned.get(name.replace(".scaling_impl.", ".zero_point_impl."))
+        base = float(p.detach().abs().mean())
+        groups.append({"params": [p] + ([zp] if zp is not None else []),
+                       "lr": config.scale_lr * base})
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    return groups
+
+
+def loss_of(kind: str, s_out, t_out, inputs: dict, temperature: float = 1.0) -> torch.Tensor:
+    """The distillation loss of one batch (a scalar).
+
+    ``kl``: ``T^2 KL(softmax(t / T) || softmax(s / T))`` of the class scores over their last
+    axis, averaged over rows (and real token positions); ``mse``: for every float output,
+    ``mean((s - t)^2) / mean(t^2)``, summed.
+    """
+    from slimformer.models.outputs import class_scores
+    from slimformer.quantize.capture import real_positions
+    from slimformer.quantize.check import float_leaves
+
+    if kind == "kl":
+        s = real_positions(class_scores(s_out), inputs)
+        t = real_positions(class_scores(t_out), inputs)
+        s, t = s.reshape(-1, s.shape[-1]).float(), t.reshape(-1, t.shape[-1]).float()
+        logp_s = torch.log_softmax(s / temperature, -1)
+        logp_t = torch.log_softmax(t / temperature, -1)
+        kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean()
+        return kl * temperature**2
+    total = None
+    for s, t in zip(float_leaves(s_out), float_leaves(t_out), strict=True):
+        s, t = real_positions(s, inputs).float(), real_positions(t, inputs).float()
+        term = ((s - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12)
+        total = term if total is None else total + term
+    return total
+
+
+def _clamp_zero_points(student: nn.Module) -> None:
+    """Keep every learned zero point on its grid (``0 <= z <= 2^b - 1``), as ours must be.
+
+    Zero points are learned on unsigned grids only, stored as ``|z| s`` beside the threshold
+    ``(2^b - 1) s``: ``z <= 2^b - 1`` is ``|value| <= |threshold|``. Brevitas's quantizers take
+    any value; our activation quantizers (whose range holds 0) cannot.
+    """
+    from brevitas.core.zero_point import ParameterZeroPoint
+
+    for name, m in student.named_modules():
+        if isinstance(m, ParameterZeroPoint):
+            top = student.get_submodule(name.rpartition(".")[0]).scaling_impl.value.detach()
+            m.value.copy_(torch.minimum(m.value.abs(), top.abs()))
+
+
+def _better(kind: str, a: dict[str, float], b: dict[str, float] | None) -> bool:
+    """Whether metrics ``a`` beat ``b`` on ``kind`` (ties: the higher output SQNR)."""
+    if b is None:
+        return True
+    sign = 1 if kind == "db" else -1  # pt / ppl: lower is better
+    ka, kb = sign * a[kind], sign * b[kind]
+    if ka != kb:
+        return ka > kb
+    return a.get("db", -math.inf) > b.get("db", -math.inf)
+
+
+def fine_tune(student, teacher: nn.Module, fit, held, config: QatConfig, loss: str,
+              metric: str, progress: Progress = None) -> TrainLog:
+    """Train ``student`` in place (its best judged state at the end, see module doc).
+
+    Args:
+        student: The :func:`~slimformer.qat.convert.to_brevitas` model.
+        teacher: The float model (frozen).
+        fit: Training rows (indexable ``({name: tensor}, label)``).
+        held: Held-out rows judged for early stopping.
+        config: Steps, learning rates, batch size, patience, budget, seed.
+        loss: ``kl`` or ``mse`` (:func:`loss_of`).
+        metric: ``pt``, ``ppl`` or ``db`` (:class:`~slimformer.quantize.judge.Judge`).
+        progress: ``progress(description, step, steps)``.
+    """
+    from slimformer.data.datasets import trim_padding
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    student.eval()
+    teacher.eval()
+    groups = param_groups(student, config)
+    trained = [p for g in groups for p in g["params"]]
+    opt = torch.optim.Adam(groups)
+    judge = StudentJudge(teacher, student, held, config.batch_size, {"db", metric})
+    log = TrainLog()
+    best = judge.measure()
+    log.judgements.append(Judgement(0, best))
+    kept = [p.detach().clone() for p in trained]
+    gen = torch.Generator().manual_seed(config.seed)
+    order: list[int] = []
+    losses: list[float] = []
+    since = 0
+    budget = None if config.max_minutes is None else 60 * config.max_minutes
+    for step in range(1, config.steps + 1):
+        if len(order) < config.batch_size:  # a new epoch of the fit rows, reshuffled
+            order += torch.randperm(len(fit), generator=gen).tolist()
+        idx, order = order[:config.batch_size], order[config.batch_size:]
+        inputs, _ = trim_padding([fit[i] for i in idx])
+        with torch.no_grad():
+            t_out = teacher(**inputs)
+        value = loss_of(loss, student(**inputs), t_out, inputs, config.temperature)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        with torch.no_grad():
+            _clamp_zero_points(student)
+        losses.append(float(value.detach()))
+        log.steps = step
+        if progress:
+            progress(PROGRESS, step, config.steps)
+        out_of_time = budget is not None and time.perf_counter() - t0 > budget
+        if step % config.eval_every and step != config.steps and not out_of_time:
+            continue
+        got = judge.measure()
+        log.judgements.append(Judgement(step, got, sum(losses) / len(losses)))
+        losses = []
+        if _better(metric, got, best):
+            best, log.best_step, since = got, step, 0
+            kept = [p.detach().clone() for p in trained]
+        else:
+            since += 1
+        if out_of_time:
+            log.stopped = "time"
+            break
+        if config.patience and since >= config.patience:
+            log.stopped = "patience"
+            break
+    with torch.no_grad():
+        for p, v in zip(trained, kept, strict=True):
+            p.copy_(v)
+    for p in trained:
+        p.requires_grad_(False)
+    log.seconds, log.cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    return log
