@@ -4,6 +4,9 @@ An :class:`ActQuantizer` observes activations ``x (..., C)`` during calibration 
 row sample), is then calibrated (min/max, percentile, per-channel search) and fake-quantizes.
 Per-channel quantizers can be reparameterized to one layer-wise scale (RepQ): the per-channel
 affine ``x' = (x + shift) * inv_r`` then precedes a per-tensor quantizer with identical codes.
+A *dynamic* quantizer (:attr:`ActQuantizer.dynamic`, ``QuantConfig.act_dynamic``) ignores its
+calibrated range when it quantizes: each input's grid comes from its own min/max, per tensor or
+per token (row of the last axis), as the runtime computes it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from torch import nn
 
 from slimformer.errors import CalibrationError
 from slimformer.quantize.quantizers import (
+    dynamic_params,
     fake_log2,
     fake_log_sqrt2,
     fake_uniform,
@@ -33,6 +37,9 @@ class ActQuantizer(nn.Module):
 
     Asymmetric by default; with ``symmetric`` (set by the builder) the scale is
     ``max(|lo|, |hi|) / (2^(b-1) - 1)`` and the zero point ``2^(b-1)`` (signed codes).
+    ``dynamic`` (set by the builder): ``"tensor"`` / ``"token"``, the grid of each input from
+    its own range (:func:`~slimformer.quantize.quantizers.dynamic_params`; the calibrated range
+    is then unused); None: the calibrated (static) range.
     """
 
     def __init__(self, name: str, bits: int, per_channel: bool = False):
@@ -45,6 +52,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("inv_r", None)  # (C,)
         self.pow2 = False
         self.symmetric = False
+        self.dynamic: str | None = None  # "tensor" | "token": run-time ranges
         # quant mode passes the input through (the output-floor fallback, float_activations)
         self.keep_float = False
         self._min = self._max = None  # (C,) observed per channel
@@ -217,8 +225,15 @@ class ActQuantizer(nn.Module):
             return x
         if self.mode == "float" or self.keep_float:
             return self.transform(x)  # reparameterized models stay exact in float
-        scale, zero = self.scale_zero()
-        return fake_uniform(self.transform(x), scale, zero, self.bits)
+        return self.fake(self.transform(x))
+
+    def fake(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x (..., C)`` (already transformed) on the static or dynamic grid."""
+        if self.dynamic is not None:
+            scale, zero = dynamic_params(x, self.bits, self.dynamic == "token")
+        else:
+            scale, zero = self.scale_zero()
+        return fake_uniform(x, scale, zero, self.bits)
 
 
 class ProbQuantizer(nn.Module):

@@ -99,6 +99,11 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
         if key in state.attention:
             raise ConfigError([f"two attention sites in one module {site.module}: not supported"])
         state.attention[key] = AttentionQuant(site.module, config.act_bits, config.softmax_kind)
+    if config.act_dynamic != "off":  # the Linear inputs; attention inputs stay static
+        for act in state.acts.values():
+            act.dynamic = config.act_dynamic
+        state.notes.append(f"{len(state.acts)} Linear input quantizer(s) with run-time ranges "
+                           f"per {config.act_dynamic} (act_dynamic)")
     _float_activations(state, config.float_activations)
     for m in state.modules():
         if isinstance(m, (ActQuantizer, WeightQuantizer, ProbQuantizer)):

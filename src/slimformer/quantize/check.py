@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._pytree import tree_flatten
 
-from slimformer.quantize.quantizers import fake_uniform
+from slimformer.quantize.quantizers import dynamic_params, fake_uniform
 
 # values per float32 chunk of the output check (16 MB): each chunk's sums are added in float64
 CHUNK = 1 << 22
@@ -108,8 +108,11 @@ def site_errors(state) -> tuple[list[WeakSite], dict[str, float]]:
             return
         x = act.transform(act.samples()).double()  # (n, C)
         s, z = act.scale_zero()
+        if act.dynamic is not None:  # run-time ranges: per sampled row (token), or the sample
+            s, z = dynamic_params(x, act.bits, act.dynamic == "token")
         got = fake_uniform(x, s.double(), z.double(), act.bits)
-        site = _judge(act.name, kind, act.bits, x, got, s)
+        site = _judge(act.name, kind, act.bits, x, got, s.reshape(-1).median().reshape(1)
+                      if act.dynamic is not None else s)  # the typical row's step
         db[act.name] = sqnr_db(x, got)
         if site:
             weak.append(site)

@@ -19,6 +19,7 @@ def _bits(v: int) -> int:
 Bits = Annotated[int, AfterValidator(_bits)]
 METHODS = ("minmax", "percentile", "repq", "repquant", "gptq")
 WEIGHT_ONLY_METHODS = ("minmax", "gptq")  # round to nearest, error-compensating rounding
+DYNAMIC_METHODS = ("minmax", "percentile")  # static ranges left for the attention inputs
 
 
 def _group(v: int | None) -> int | None:
@@ -131,6 +132,16 @@ class QuantConfig(BaseModel):
             (:mod:`~slimformer.quantize.blockacts`; only one block's observations held) and
             block inputs/outputs held while the process is over it go to memory-mapped files
             (:mod:`~slimformer.quantize.spill`); below the model's own weights: ConfigError.
+        act_dynamic: ``off`` (default): every activation range is calibrated (static).
+            ``tensor`` / ``token``: the inputs of the Linears are quantized at run time on a
+            grid from their own min/max (asymmetric, 0 inside), per tensor or per token (each
+            row of the last axis, e.g. each token of ``(B, T, C)``), as ONNX Runtime's
+            ``DynamicQuantizeLinear`` (per tensor) and the per-token graph of the export
+            compute it; a massive token then widens only its own row's grid. Attention matmul
+            inputs and probabilities keep calibrated ranges. Methods ``minmax`` (default
+            with it) or ``percentile`` (their ranges for the attention inputs); not with
+            ``weight_only``, ``symmetric`` or ``power_of_two_scales``. With a batch, a
+            per-tensor range spans every row of it (padding included).
         float_activations: Glob patterns of activation quantizer names (``in:<weight>``,
             ``norm:<module>:<bits>``, ``<module>:q|k|v``) whose input stays float (the weights
             after them stay quantized); a pattern that matches nothing is an error.
@@ -161,6 +172,7 @@ class QuantConfig(BaseModel):
     budget: Annotated[str | None, AfterValidator(budget_field)] = None
     float_activations: list[str] = Field(default_factory=list)
     smooth: Literal["auto", "on", "off"] = "auto"
+    act_dynamic: Literal["off", "tensor", "token"] = "off"
     max_memory: Annotated[str | None, AfterValidator(_memory)] = None
     smooth_alphas: Annotated[list[float], AfterValidator(_alphas)] = Field(
         default_factory=lambda: [0.3, 0.5, 0.7, 0.85])
@@ -172,6 +184,9 @@ class QuantConfig(BaseModel):
         """``weight_only`` without a method: ``gptq`` (repq calibrates activations)."""
         if isinstance(data, dict) and data.get("weight_only") and "method" not in data:
             data = {**data, "method": "gptq"}
+        if isinstance(data, dict) and data.get("act_dynamic", "off") != "off" \
+                and "method" not in data:
+            data = {**data, "method": "minmax"}
         return data
 
     @model_validator(mode="after")
@@ -190,6 +205,18 @@ class QuantConfig(BaseModel):
             if asked:
                 raise ValueError(f"{', '.join(asked)} need weight_only: true (weight-only "
                                  "quantization; activations stay float)")
+        if self.act_dynamic != "off":
+            clash = [k for k, on in (("weight_only", self.weight_only),
+                                     ("symmetric", self.symmetric),
+                                     ("power_of_two_scales", self.power_of_two_scales),
+                                     (f"method {self.method}",
+                                      self.method not in DYNAMIC_METHODS)) if on]
+            if clash:
+                raise ValueError(
+                    f"act_dynamic {self.act_dynamic} (run-time asymmetric activation ranges) "
+                    f"does not go with {', '.join(clash)}: it takes method "
+                    f"{' or '.join(DYNAMIC_METHODS)} (static ranges for the attention inputs), "
+                    "quantized activations, asymmetric grids with free scales")
         return self
 
     @property

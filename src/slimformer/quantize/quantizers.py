@@ -67,6 +67,23 @@ def fake_uniform(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits:
     return (q - zero) * scale
 
 
+def dynamic_params(x: torch.Tensor, bits: int, per_token: bool) -> tuple[torch.Tensor,
+                                                                           torch.Tensor]:
+    """Asymmetric grid of ``x (..., C)`` from its own range, as computed at run time.
+
+    ``per_token``: one range per row of the last axis, scale and zero point ``(..., 1)``; else
+    one for the whole tensor, ``()``. The range always holds 0 (as ONNX
+    ``DynamicQuantizeLinear``: scale ``(max(hi, 0) - min(lo, 0)) / (2^b - 1)``, zero point
+    ``round(-min(lo, 0) / scale)``); an all-zero row gets scale 1. No gradient through the range.
+    """
+    x = x.detach()
+    if per_token:
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)  # (..., 1)
+    else:
+        lo, hi = x.amin(), x.amax()  # ()
+    return uniform_params(lo, hi, bits)
+
+
 @torch.no_grad()
 def sq_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """``(fake_uniform(x) - x)^2`` elementwise, without gradients, in one buffer.

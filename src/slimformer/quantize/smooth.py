@@ -33,7 +33,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slimformer.quantize.quantizers import fake_uniform, symmetric_params, uniform_params
+from slimformer.quantize.quantizers import (
+    dynamic_params,
+    fake_uniform,
+    symmetric_params,
+    uniform_params,
+)
 
 ROWS = 512  # calibration rows sampled per site for the local error
 PRESERVED_DB = 60.0  # a fold must keep the float outputs at least this close (SQNR)
@@ -260,8 +265,12 @@ def _scale(site: _Site, alpha: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _local_error(site: _Site, s: torch.Tensor | None, symmetric: bool) -> float:
-    """Sum over the site's Linears of ``||Q(X / s) Q(W s)^T - X W^T||^2 / ||X W^T||^2``."""
+def _local_error(site: _Site, s: torch.Tensor | None, symmetric: bool,
+                 per_token: bool = False) -> float:
+    """Sum over the site's Linears of ``||Q(X / s) Q(W s)^T - X W^T||^2 / ||X W^T||^2``.
+
+    ``per_token``: ``Q`` of ``X / s`` on each row's own range (``act_dynamic: token``).
+    """
     x = site.rows  # (n, C)
     one = torch.ones_like(site.mx)
     s = one if s is None else s
@@ -270,6 +279,8 @@ def _local_error(site: _Site, s: torch.Tensor | None, symmetric: bool) -> float:
     for lq in site.consumers:
         params = symmetric_params if symmetric else uniform_params
         xs, zs = params(lo, hi, lq.act.bits)
+        if per_token:
+            xs, zs = dynamic_params(x / s, lq.act.bits, per_token=True)  # (n, 1) each
         xq = fake_uniform(x / s, xs, zs, lq.act.bits)  # (n, C)
         w = lq.full_matrix().detach().float()  # (out, C)
         ws = w * s
@@ -286,11 +297,12 @@ def _choose(site: _Site, config, choices: list | None) -> None:
 
     if site.rows is None or not len(site.rows):
         return
-    errs = {"off": _local_error(site, None, config.symmetric)}
+    token = config.act_dynamic == "token"
+    errs = {"off": _local_error(site, None, config.symmetric, token)}
     scales = {}
     for a in config.smooth_alphas:
         scales[a] = _scale(site, a)
-        errs[f"{a:g}"] = _local_error(site, scales[a], config.symmetric)
+        errs[f"{a:g}"] = _local_error(site, scales[a], config.symmetric, token)
     best = min(scales, key=lambda a: errs[f"{a:g}"])
     if errs[f"{best:g}"] < MARGIN * errs["off"]:
         site.alpha, site.scale = best, scales[best]
