@@ -48,6 +48,12 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ scripts/install.sh 
   # pkg_resources (<81); `pip check` then reports those two pins, nothing else of it
   .venv/bin/pip install -q --disable-pip-version-check --no-deps -c .venv/torch-constraint.txt \
     brevitas==0.12.1 dependencies==2.0.1 unfoldNd==0.2.3 "setuptools>=77.0.3,<81"
+  # `slimformer export qonnx` (src/slimformer/export/qonnx.py): Brevitas's ONNX export needs
+  # onnxoptimizer (a compiled wheel; needs only onnx); qonnx's executor runs the QONNX file
+  # (it and toposort are all it imports of its deps; its CLI deps clize, bitstring, ... are not
+  # needed, so --no-deps; `pip check` reports them)
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps -c .venv/torch-constraint.txt \
+    onnxoptimizer==0.4.2 qonnx==1.0.0 toposort==1.10
   touch "$STAMP"
 fi
 # Peers of benchmarks/real.py, only with SLIMFORMER_BENCH=1: NNCF (the bench extra); Brevitas,

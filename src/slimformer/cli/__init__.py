@@ -53,6 +53,7 @@ COMMANDS = (
     (export_app, "hls", export.export_hls),
     (export_app, "onnx", export.export_onnx_cmd),
     (export_app, "openvino", export.export_openvino_cmd),
+    (export_app, "qonnx", export.export_qonnx_cmd),
     (export_app, "lint", export.export_lint),
     (export_app, "tensorrt", export.export_tensorrt),
     (app, "generate", models.generate),

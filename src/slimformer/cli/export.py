@@ -1,4 +1,4 @@
-"""``export hls | onnx | openvino | lint | tensorrt``."""
+"""``export hls | onnx | openvino | qonnx | lint | tensorrt``."""
 
 from __future__ import annotations
 
@@ -304,6 +304,70 @@ def export_openvino_cmd(
                   f"({lat['threads']:g} threads)")
     for w in res["warnings"]:
         con.print(f"  warning: {w}", markup=False, highlight=False)
+
+
+def export_qonnx_cmd(
+        model: Annotated[str, typer.Argument(help="A quantized model: a folder written by "
+                                             "`slimformer quantize` or `slimformer qat`.")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="The QONNX .onnx file to write; "
+                                          "the QCDQ file goes beside it as <name>.qcdq.onnx.")],
+        opset: Annotated[int, typer.Option(help="ONNX opset (17..20).")] = 17,
+        static: Annotated[bool, typer.Option("--static", help="Fixed shapes in the QCDQ file too "
+                                             "(the QONNX file always has them).")] = False,
+        rows: Annotated[int, typer.Option(help="Example rows traced and checked.")] = 8,
+        min_sqnr_db: Annotated[float, typer.Option(help="Least SQNR (dB) of every output of "
+                                                   "both files vs the model in PyTorch.")] = 45.0,
+        config: ConfigOpt = None,
+        as_json: JsonOpt = False,
+        overwrite: OverwriteFileOpt = False,
+        trust_code: TrustCodeOpt = False,
+        task: TaskOpt = None):
+    """Write Brevitas's QONNX and QCDQ ONNX files of a quantized model, each run and checked.
+
+    The model's quantized Linears become Brevitas layers (their scales, zero points and
+    bit-widths) and Brevitas's exporters write them: QONNX Quant nodes (FINN and the QONNX tools;
+    run by qonnx's executor) and standard Quantize/Clip/DequantizeLinear (run in ONNX Runtime).
+    Our other quantizers (attention, embeddings, RepQ's input affine) are written as the plain
+    ops that compute them, named in the output. Runs the one-stage recipe export (format qonnx,
+    no evaluation, no timing) through the pipeline.
+    """
+    from slimformer.errors import ExportError
+    from slimformer.stages.export import ExportStage
+    from slimformer.store.outdir import reserve
+
+    con, err = _console()
+    qcdq = out.with_suffix(".qcdq.onnx")
+    with _errors(), reserve(out, overwrite, kind="file"), reserve(qcdq, overwrite, kind="file"):
+        _bounded(rows=(rows, 1, 4096), opset=(opset, 17, 20))
+        if out.suffix != ".onnx":
+            raise ExportError(f"{out}: the QONNX file must end in .onnx")
+        stage = _stage(ExportStage, None, format="qonnx", opset=opset, dynamic=not static,
+                       example_rows=rows, evaluate=False, latency_batch_sizes=[],
+                       compare_float=False, qonnx_min_sqnr_db=min_sqnr_db)
+        rec = _export(err, model, config, stage, out, {"export/model.qonnx.onnx": ".onnx",
+                                                       "export/model.qcdq.onnx": ".qcdq.onnx"},
+                      trust_code, task, rows)
+    res = rec.result | {"qonnx_path": str(out), "qcdq_path": str(qcdq)}
+    if as_json:
+        print(json.dumps(res | {"notes": rec.notes}, indent=2))
+        return
+    nodes = res["qonnx_nodes"]
+    con.print(f"wrote {out} (QONNX, {res['sizes']['qonnx']:,} bytes, {nodes['quant_nodes']} Quant "
+              f"nodes: weight bits {nodes['weight_bits']}, input bits {nodes['input_bits']}) and "
+              f"{qcdq} (QCDQ, {res['sizes']['qcdq']:,} bytes, opset {res['opset']}; ops "
+              f"{res['qcdq_ops']}); inputs {res['inputs']}", markup=False, highlight=False)
+    t = _table("file", "shape", "SQNR dB", "within 1 output step", "argmax agreement",
+               title="vs the Brevitas model in PyTorch (QCDQ: ONNX Runtime; QONNX: qonnx executor)")
+    for file, shapes in res["parity"].items():
+        for label, p in shapes.items():
+            t.add_row(file, f"{label} {p['shape']}", f"{p['sqnr_db']:.1f}",
+                      f"{p['within_1_step']:.4f}", f"{p.get('argmax_agreement', float('nan')):.4f}")
+    con.print(t)
+    if res["vs_artifact"]:
+        con.print(f"QCDQ in ONNX Runtime vs the quantized model as saved: "
+                  f"{res['vs_artifact']['sqnr_db']:.1f} dB", markup=False, highlight=False)
+    for note in rec.notes:
+        con.print(f"  note: {note}", markup=False, highlight=False)
 
 
 def export_lint(onnx_file: Annotated[Path, typer.Argument(help="An ONNX file.")],

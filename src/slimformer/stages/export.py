@@ -33,6 +33,13 @@ class ExportStage(OnnxConfig):
     ``min_token_agreement`` for a quantized model, prefill of ``prompt_tokens`` and decode
     tokens/s at batch 1 beside the float model's graph with ``tokens_per_s``), anything else
     as the full-sequence graph; ``decoder`` / ``full`` force one.
+
+    ``format``: ``onnx`` (the above) or ``qonnx``: a quantized model's Brevitas export
+    (:mod:`slimformer.stages.exportqonnx`): ``export/model.qcdq.onnx`` (Quantize/Clip/
+    DequantizeLinear) and ``export/model.qonnx.onnx`` (QONNX ``Quant`` nodes), both checked
+    against the model to ``qonnx_min_sqnr_db`` on every output; ``opset``, ``dynamic``,
+    ``threads``, ``example_rows``, ``evaluate`` and ``latency_batch_sizes`` apply to it, the
+    ONNX-form fields (target, OpenVINO, TensorRT, decoder graph) do not.
     """
 
     type: Literal["export"] = "export"
@@ -53,6 +60,22 @@ class ExportStage(OnnxConfig):
     min_token_agreement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
     tokens_per_s: bool = True
     timing_rounds: Annotated[int, Field(ge=1, le=100)] = 3
+    format: Literal["onnx", "qonnx"] = "onnx"
+    qonnx_min_sqnr_db: Annotated[float, Field(ge=0.0, le=400.0)] = 45.0
+
+    @model_validator(mode="after")
+    def _qonnx_fields(self):
+        if self.format != "qonnx":
+            return self
+        bad = [f"{k}={v!r}" for k, v, default in (
+            ("target", self.target, "auto"), ("isa", self.isa, "auto"),
+            ("graph", self.graph, "auto"), ("openvino", self.openvino, None),
+            ("openvino_ir", self.openvino_ir, False), ("tensorrt", self.tensorrt, None))
+            if v != default]
+        if bad:
+            raise ValueError(f"format qonnx is Brevitas's own QCDQ / QONNX export: {', '.join(bad)} "
+                             "apply to format onnx only; leave them out")
+        return self
 
     @model_validator(mode="after")
     def _ir_form(self):
@@ -70,6 +93,10 @@ def run(ctx: RunContext, stage: ExportStage) -> StageRecord:
     """Export the current model to ONNX (and TensorRT); ``export/`` artifact (see ExportStage)."""
     from slimformer.stages.exportdecoder import decoder_into, wants_decoder
 
+    if stage.format == "qonnx":
+        from slimformer.stages.exportqonnx import qonnx_into
+
+        return qonnx_into(ctx, stage, ctx.artifact_dir("export"), lambda b: _rows(ctx, b))
     decoder, why_not = wants_decoder(ctx, stage)
     if decoder:
         return decoder_into(ctx, stage, ctx.artifact_dir("export"))
