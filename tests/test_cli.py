@@ -14,7 +14,7 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize("cmd", [[], ["run"], ["validate"], ["inspect"], ["eval"], ["zoo"], ["quantize"],
-                                 ["zoo", "list"], ["zoo", "train"],
+                                 ["qat"], ["zoo", "list"], ["zoo", "train"],
                                  ["zoo", "install"]])
 def test_help(cmd):
     res = runner.invoke(app, [*cmd, "--help"])
@@ -107,7 +107,7 @@ def test_quantize_command(tmp_path):
 
 
 STAGE_COMMANDS = {"quantize": "QuantizeStage", "prune": "PruneStage", "search": "SearchStage",
-                  "hls": "HlsStage"}
+                  "hls": "HlsStage", "qat": "QatStage"}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_COMMANDS))

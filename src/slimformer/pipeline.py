@@ -80,17 +80,24 @@ def _load(recipe: Recipe):
     """``(loaded, model, base spec, slice spec, applied stage entries)`` of the recipe's model.
 
     A saved slimformer folder (``source: artifact``) is restored by replaying its stages; a
-    stage that cannot follow them (prune or quantize after quantize) is refused here.
+    stage that cannot follow them (prune or quantize after quantize, qat on a float model) is
+    refused here.
     """
     from slimformer.errors import StageError
     from slimformer.stages.artifact import load
 
     r = load(recipe.model)
+    quantized = r.quantized
     for i, st in enumerate(recipe.stages):
-        if r.quantized and HANDLERS[st.type].after_quantized:
+        rules = HANDLERS[st.type]
+        if r.quantized and rules.after_quantized:
             raise StageError(f"stages[{i}]: {recipe.model.path} holds a quantized model "
                              f"(stages applied: {', '.join(r.applied)}); a {st.type} stage must "
                              "come before quantization: start from its float input instead")
+        if rules.needs_quantized and not quantized:
+            raise StageError(f"stages[{i}]: the model is not quantized (stages applied: "
+                             f"{', '.join(r.applied) or 'none'}); {rules.needs_quantized}")
+        quantized |= rules.quantizes
     return r.loaded, r.module, r.loaded.spec if r.folder else recipe.model, r.slice_spec, \
         r.history
 

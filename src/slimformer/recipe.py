@@ -13,7 +13,7 @@ A recipe names a model, the data, an ordered list of stages and where to write t
     output: {dir: runs/quickstart}
     max_loss: {accuracy_points: 5}   # optional: warn when a stage loses more than its input
 
-Stages are a tagged union on ``type`` (evaluate, quantize, prune, search, export, hls,
+Stages are a tagged union on ``type`` (evaluate, quantize, qat, prune, search, export, hls,
 generate), each run
 by its handler in :mod:`slimformer.stages` through :mod:`slimformer.pipeline`. The shipped
 default (``slimformer run`` with no argument) is ``slimformer/recipes/quickstart.yaml``.
@@ -29,7 +29,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slimformer.errors import ConfigError, SlimformerError
-from slimformer.models.spec import ModelSpec, ZooSpec
+from slimformer.models.spec import ArtifactSpec, ModelSpec, ZooSpec
 from slimformer.stages import HANDLERS
 from slimformer.stages.context import DATASET_NAMES, DataConfig
 from slimformer.stages.evaluate import EvaluateStage
@@ -37,6 +37,7 @@ from slimformer.stages.export import ExportStage
 from slimformer.stages.generate import GenerateStage
 from slimformer.stages.hls import HlsStage
 from slimformer.stages.prune import PruneStage
+from slimformer.stages.qat import QatStage
 from slimformer.stages.quality import LossBudget
 from slimformer.stages.quantize import QuantizeStage
 from slimformer.stages.search import SearchStage
@@ -49,8 +50,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-Stage = Annotated[EvaluateStage | QuantizeStage | PruneStage | SearchStage | HlsStage | ExportStage
-                  | GenerateStage,
+Stage = Annotated[EvaluateStage | QuantizeStage | QatStage | PruneStage | SearchStage | HlsStage
+                  | ExportStage | GenerateStage,
                   Field(discriminator="type")]
 
 
@@ -155,6 +156,9 @@ def _cross_checks(recipe: Recipe) -> list[str]:
         rules = HANDLERS[st.type]
         if seen_quantize and rules.after_quantized:
             problems.append(f"stages[{i}]: {rules.after_quantized}")
+        if rules.needs_quantized and not seen_quantize and \
+                not isinstance(recipe.model, ArtifactSpec):  # a folder: checked when loaded
+            problems.append(f"stages[{i}]: {rules.needs_quantized}")
         seen_quantize |= rules.quantizes
     return problems
 

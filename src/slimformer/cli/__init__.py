@@ -45,6 +45,7 @@ COMMANDS = (
     (app, "inspect", models.inspect),
     (app, "eval", models.eval_),
     (app, "quantize", compress.quantize),
+    (app, "qat", compress.qat),
     (app, "prune", compress.prune),
     (app, "search", compress.search),
     (zoo_app, "list", zoo.zoo_list),

@@ -1,4 +1,4 @@
-"""``quantize``, ``prune`` and ``search``: one-stage recipes run through the pipeline."""
+"""``quantize``, ``qat``, ``prune`` and ``search``: one-stage recipes run through the pipeline."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from slimformer.cli.options import (
     CALIB_ROWS,
     DATA_HELP,
     EVAL_HELP,
+    SET_HELP,
     ConfigOpt,
     FailOnLoss,
     MaxLoss,
@@ -22,6 +23,7 @@ from slimformer.cli.options import (
     _data_config,
     _quality,
     _run_one,
+    _sets,
     _stage,
 )
 from slimformer.quantize.budget import ROWS
@@ -117,6 +119,87 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
         con.print(f"  - {note}", markup=False, highlight=False)
     con.print(f"saved to {out}/ (report, quantized/)")
 
+
+
+def qat(model: Annotated[str, typer.Argument(help="A quantized folder (slimformer quantize "
+                                             "--out), or a float model: quantized first.")],
+        out: Annotated[Path, typer.Option(help="Folder for the fine-tuned quantized model.")],
+        steps: Annotated[int, typer.Option(help="Optimizer steps at most.")] = 300,
+        batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 32,
+        weight_lr: Annotated[float, typer.Option(help="Adam rate of the Linear weights.")]
+        = 3e-4,
+        scale_lr: Annotated[float, typer.Option(help="Adam rate of the learned scales and zero "
+                                                "points, relative to each scale.")] = 3e-3,
+        rows: Annotated[int, typer.Option(help="Training rows (of the train split; of your "
+                                          "own data: its calibration rows), a quarter held "
+                                          "out.")] = 1024,
+        loss: Annotated[str, typer.Option(help="auto | kl (class scores, LM logits) | mse "
+                                          "(features, embeddings).")] = "auto",
+        eval_every: Annotated[int, typer.Option(help="Steps between judgements of the "
+                                                "held-out rows.")] = 25,
+        patience: Annotated[int, typer.Option(help="Judgements without improvement before "
+                                              "stopping (0: never).")] = 4,
+        max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget of the "
+                                                          "fine-tuning.")] = None,
+        method: Annotated[str, typer.Option(help="A float MODEL: the quantize method (minmax | "
+                                            "percentile | repq | repquant).")] = "repq",
+        weight_bits: Annotated[int, typer.Option(help="A float MODEL: weight bits (2..8).")] = 4,
+        act_bits: Annotated[int, typer.Option(help="A float MODEL: activation bits (2..8).")]
+        = 8,
+        data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
+        limit: Annotated[int | None, typer.Option(help="Evaluate on the first N test "
+                                                  "rows.")] = None,
+        config: ConfigOpt = None,
+        overwrite: OverwriteOpt = False,
+        max_loss: MaxLoss = None, fail_on_loss: FailOnLoss = False,
+        set_: Annotated[list[str] | None, typer.Option(
+            "--set", help=SET_HELP + " Keys quantize.KEY go to the quantize stage.")] = None,
+        task: TaskOpt = None):
+    """Fine-tune a quantized model with its quantizers in the loop (QAT, Brevitas), save it.
+
+    Distills the float model into the quantized one (learned weights, scales and zero points),
+    early stopping on held-out training rows. Runs the one-stage recipe evaluate -> [quantize
+    ->] qat -> evaluate through the pipeline: --out gets the report and the fine-tuned model in
+    quantized/ (an ordinary quantized folder: a MODEL for eval and export). A float MODEL is
+    quantized first (--method, --weight-bits, --act-bits, --set quantize.KEY=VALUE).
+    """
+    from slimformer.errors import ConfigError
+    from slimformer.stages.artifact import find
+    from slimformer.stages.evaluate import EvaluateStage
+    from slimformer.stages.qat import QatStage
+    from slimformer.stages.quantize import QuantizeStage
+
+    con, _ = _console()
+    with _errors():
+        stage = _stage(QatStage, set_, None, ("quantize",), steps=steps, batch_size=batch_size,
+                       weight_lr=weight_lr, scale_lr=scale_lr, rows=rows, loss=loss,
+                       eval_every=eval_every, patience=patience, max_minutes=max_minutes)
+        saved = find(model)
+        stages = [stage]
+        if saved is not None and saved[0] == "quantized":
+            if _sets(set_, "quantize"):
+                raise ConfigError(["--set quantize.*: the model is quantized already; drop "
+                                   "those --set items"], "options")
+        else:
+            stages.insert(0, _stage(QuantizeStage, set_, "quantize", method=method,
+                                    weight_bits=weight_bits, act_bits=act_bits))
+        quiet = EvaluateStage(latency_batch_sizes=[])
+        calib = max([CALIB_ROWS, stage.rows] + [s.calib_samples for s in stages[:-1]])
+        result = _run_one(con, "qat", model, config, [quiet, *stages, quiet], out, overwrite,
+                          _data_config(data, None, None, limit, calib), max_loss, fail_on_loss,
+                          task)
+    first, *done, after = result.report.stages
+    q = done[-1]
+    m = q.metrics
+    con.print(f"{model} QAT on {result.report.data['dataset']} ({after.metrics['samples']} rows): "
+              f"{_quality(first)} -> {_quality(after)}; {m['steps']} steps ({m['stopped']}, kept "
+              f"step {m['best_step']}), {m['cpu_seconds_per_step']:.2f} CPU-s per step"
+              + (f", peak RSS {m['peak_rss_gb']:.2f} GB" if m.get("peak_rss_gb") else ""),
+              markup=False, highlight=False)
+    for rec in done:
+        for note in rec.notes:
+            con.print(f"  - {note}", markup=False, highlight=False)
+    con.print(f"saved to {out}/ (report, quantized/)")
 
 
 def prune(model: Annotated[str, typer.Argument(help="Model (as for inspect).")],

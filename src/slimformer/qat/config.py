@@ -44,8 +44,8 @@ class QatConfig(BaseModel):
 
     steps: Annotated[int, Field(ge=0, le=10_000_000)] = 300
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
-    weight_lr: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
-    scale_lr: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-3
+    weight_lr: Annotated[float, Field(ge=0.0, le=1.0)] = 3e-4
+    scale_lr: Annotated[float, Field(ge=0.0, le=1.0)] = 3e-3
     loss: Literal[LOSSES] = "auto"  # type: ignore[valid-type]
     temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
     metric: Literal[METRICS] = "auto"  # type: ignore[valid-type]

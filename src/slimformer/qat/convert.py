@@ -46,31 +46,31 @@ from slimformer.quantize.state import LinearQuant, QuantizedModel, QuantState
 def to_brevitas(qmodel: QuantizedModel) -> QuantizedModel:
     """A copy of ``qmodel`` with Brevitas Linears (see module doc); ``qmodel`` is left as it is.
 
+    Quantized weights that are not an ``nn.Linear``'s (convolutions such as a ViT's patch
+    embedding, GPT-2 Conv1D, packed attention projections, expert tensors) keep our own
+    quantizers, applied by the returned ``QuantizedModel`` (frozen: not learned).
+
     Raises:
-        UnsupportedModelError: A quantized weight is not an ``nn.Linear``'s (convolutions, GPT-2
-            Conv1D, packed attention projections, expert tensors), or uses weight groups,
-            power-of-two scales or a per-channel input quantizer: not converted yet.
+        UnsupportedModelError: A Linear's quantizer uses weight groups, power-of-two scales or a
+            per-channel input quantizer: not converted yet.
     """
     src = copy.deepcopy(qmodel)
     src._rebind()
     state: QuantState = src.quant
-    _check_supported(state)
+    found = [(parent, child_name, state.linear_site(child.weight))
+             for parent in list(src.model.modules())
+             for child_name, child in list(parent.named_children())
+             if isinstance(child, nn.Linear) and state.linear_site(child.weight) is not None]
+    _check_supported([lq for _, _, lq in found], state.weight_only)
     inputs: dict[int, tuple[nn.Module | None, object]] = {}  # id(act) -> (affine, shared proxy)
-    done: set[str] = set()
-    for parent in list(src.model.modules()):
-        for child_name, child in list(parent.named_children()):
-            lq = state.linear_site(child.weight) if isinstance(child, nn.Linear) else None
-            if lq is None:
-                continue
-            setattr(parent, child_name, _convert(child, lq, state, inputs))
-            done.add(lq.name)
-    missed = [lq.name for lq in state.linears.values() if lq.name not in done]
-    if missed:
-        raise UnsupportedModelError(
-            f"{len(missed)} quantized weights are not nn.Linear weights ({', '.join(missed[:4])}"
-            "...): only nn.Linear layers are converted to Brevitas so far")
-    rest = QuantState()  # our quantizers that are not Linears': attention and embeddings
+    for parent, child_name, lq in found:
+        setattr(parent, child_name, _convert(getattr(parent, child_name), lq, state, inputs))
+    done = {lq.name for _, _, lq in found}
+    rest = QuantState()  # our quantizers that stay: attention, embeddings, non-Linear weights
     rest.attention, rest.embeddings = state.attention, state.embeddings
+    for key, lq in state.linears.items():
+        if lq.name not in done:
+            rest.linears[key] = lq
     rest.has_mha, rest.weight_only, rest.notes = state.has_mha, state.weight_only, list(state.notes)
     for a in rest.attention.values():
         a.inference = False  # the simulated (differentiable) form of the log2 probabilities
@@ -88,14 +88,14 @@ def learned_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return found
 
 
-def _check_supported(state: QuantState) -> None:
+def _check_supported(linears: list[LinearQuant], weight_only: bool) -> None:
     problems = []
-    for lq in state.linears.values():
+    for lq in linears:
         if lq.group is not None:
             problems.append(f"{lq.name}: weight groups of {lq.group} columns")
         if lq.wq.pow2 or lq.act.pow2:
             problems.append(f"{lq.name}: power-of-two scales")
-        if lq.act.lo.numel() > 1 and not (state.weight_only or lq.act.keep_float):
+        if lq.act.lo.numel() > 1 and not (weight_only or lq.act.keep_float):
             problems.append(f"{lq.name}: per-channel input quantizer {lq.act.name}")
     if problems:
         raise UnsupportedModelError(

@@ -14,9 +14,9 @@ the quantized weight it came from):
   are the student's bit for bit (an ulp off where no float range gives it, see
   :func:`set_exact_range`; RepQ's affine in front stays as it was).
 
-Everything else (attention and embedding quantizers, float modules) was frozen during the
-fine-tuning and stays as it is. The result is an ordinary quantized model: saved, evaluated and
-exported as any PTQ result.
+Everything else (attention and embedding quantizers, quantized weights that are not Linears',
+float modules) was frozen during the fine-tuning and stays as it is. The result is an ordinary
+quantized model: saved, evaluated and exported as any PTQ result.
 """
 
 from __future__ import annotations
@@ -45,9 +45,12 @@ def to_quantized(student: QuantizedModel, ptq: QuantizedModel) -> QuantizedModel
     layers = {m.site: m for m in student.modules() if isinstance(m, QatLinear)}
     owners = {id(m.weight): m for m in out.model.modules() if isinstance(m, nn.Linear)}
     inference = bool(getattr(out, "inference", False))
+    ours = {lq.name for lq in student.quant.linears.values()}  # not converted: frozen, as in ptq
     written: set[int] = set()
     for lq in out.quant.linears.values():
         layer = layers.get(lq.name)
+        if layer is None and lq.name in ours:
+            continue
         if layer is None:
             raise CalibrationError(f"{lq.name}: the fine-tuned model has no Brevitas layer for "
                                    "this weight; it was not converted from this model")

@@ -42,7 +42,7 @@ _KEYS = ("inference_form", "codes", "aliases")
 
 def save_quantized(qmodel, /, directory: str | Path, model_spec=None, slice_spec=None,
                    history: list[dict] | None = None, config=None,
-                   result: dict | None = None) -> Path:
+                   result: dict | None = None, after: list[dict] | None = None) -> Path:
     """Write ``qmodel`` into ``directory`` atomically (all files or none).
 
     Args:
@@ -56,6 +56,8 @@ def save_quantized(qmodel, /, directory: str | Path, model_spec=None, slice_spec
             prune stage gets one.
         config: The quantize stage's config to record (default: ``qmodel.config``).
         result: The quantize stage's results to record (metrics, sizes).
+        after: Stage entries applied after quantization, recorded after it (``qat``: the
+            model's tensors are its result).
     """
     from safetensors.torch import save_file
 
@@ -71,6 +73,7 @@ def save_quantized(qmodel, /, directory: str | Path, model_spec=None, slice_spec
         stages.append(stage_entry("prune"))
     stages.append(stage_entry("quantize", qmodel.config if config is None else config,
                               result))
+    stages += list(after or [])
     with staged_dir(directory) as tmp:
         save_file(state, str(tmp / TENSORS))
         readable(tmp / TENSORS)

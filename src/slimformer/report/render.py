@@ -114,7 +114,7 @@ _SIM_SHORT = "fake-quant simulation in PyTorch, not a deployed speed"
 _SIMULATED = (f"Latency marked (simulated) is {_SIM_SHORT}: the export stage's ONNX Runtime / "
               "OpenVINO latency is the deployed one.")
 STAGE_COLOURS = {"evaluate": "#4c72b0", "quantize": "#dd8452", "prune": "#55a868",
-                 "search": "#c44e52", "export": "#8172b3", "hls": "#937860"}
+                 "search": "#c44e52", "export": "#8172b3", "hls": "#937860", "qat": "#da8bc3"}
 _MARKERS = {"PyTorch": "o", "ONNX Runtime": "s", "OpenVINO": "^"}
 _BASELINE = "#b0b0b0"  # the float file timed beside an exported compressed one
 _QUALITY_LABEL = {"accuracy": "accuracy", "output_sqnr_db_min": "output SQNR vs float (dB)",

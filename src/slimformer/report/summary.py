@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from slimformer.report.model import Report, StageRecord
 
 RUNTIME_NAMES = {"": "PyTorch", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
-_COMPRESSING = ("quantize", "prune", "search")
+_COMPRESSING = ("quantize", "qat", "prune", "search")
 _QUANTIZING = ("quantize", "search")
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from slimformer.stages import evaluate, export, generate, hls, prune, quantize, search
+from slimformer.stages import evaluate, export, generate, hls, prune, qat, quantize, search
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class Handler:
         saves: The artifact kind it writes (its sub-folder of a run folder), or None.
         quantizes: The model is quantized after it.
         after_quantized: Why it cannot follow a quantizing stage (None: it can).
+        needs_quantized: Why it must follow a quantizing stage or start from a quantized
+            folder (None: it need not).
         calibrates: ``calibrates(stage)``: it reads calibration or training rows (a user's one
             data source is then split in two; when no stage of a run does, every row is
             evaluated, see :class:`~slimformer.stages.context.RunData`).
@@ -43,6 +45,7 @@ class Handler:
     saves: str | None = None
     quantizes: bool = False
     after_quantized: str | None = None
+    needs_quantized: str | None = None
     calibrates: Callable[[Any], bool] = lambda stage: False
     needs_data: bool = True
 
@@ -58,6 +61,8 @@ HANDLERS: dict[str, Handler] = {
     "prune": Handler(prune.PruneStage, prune.run, prune.restore, prune.SAVES, prune.QUANTIZES,
                      prune.AFTER_QUANTIZED,
                      calibrates=lambda stage: stage.needs_training),  # upop, fine-tuning
+    "qat": Handler(qat.QatStage, qat.run, qat.restore, qat.SAVES, qat.QUANTIZES,
+                   qat.AFTER_QUANTIZED, calibrates=_always, needs_quantized=qat.NEEDS_QUANTIZED),
     "search": Handler(search.SearchStage, search.run, search.restore, search.SAVES,
                       search.QUANTIZES, search.AFTER_QUANTIZED, calibrates=_always),
     "hls": Handler(hls.HlsStage, hls.run, calibrates=_always),  # the fixed-point ranges

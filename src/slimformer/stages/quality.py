@@ -32,7 +32,7 @@ from slimformer.stages.taskquality import TASKS, task_metrics
 if TYPE_CHECKING:
     import torch
 
-GATED = ("quantize", "prune", "search", "export", "hls")
+GATED = ("quantize", "qat", "prune", "search", "export", "hls")
 # gated stages that leave the model as it is: measured only where their record is compared
 # (an export that evaluates nothing, e.g. ``slimformer export onnx``, costs no evaluation)
 KEEPS_MODEL = ("export",)

@@ -1,0 +1,91 @@
+"""The qat stage: an ordinary quantized artifact (restore, ONNX parity), order rules, the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from slimformer.cli import app
+from slimformer.data.datasets import get_dataset
+from slimformer.errors import ConfigError
+from slimformer.export.onnx import export_onnx
+from slimformer.models.loading import load_model
+from slimformer.models.spec import ZooSpec
+from slimformer.qat.api import qat
+from slimformer.qat.config import QatConfig
+from slimformer.quantize.api import quantize
+from slimformer.quantize.config import QuantConfig
+from slimformer.quantize.inference import to_inference
+from slimformer.quantize.serialize import save_quantized
+from slimformer.recipe import parse_recipe
+from slimformer.stages.artifact import restore
+from slimformer.store.manifest import stage_entry
+
+runner = CliRunner()
+
+
+def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
+    err = float(((ref.double() - got.double()) ** 2).sum())
+    return math.inf if err == 0 else 10 * math.log10(float((ref.double() ** 2).sum()) / err)
+
+
+def test_saved_qat_model_restores_exactly_and_exports_with_ptq_parity(tmp_path):
+    spec = ZooSpec(name="vit-digits-seq")
+    lm = load_model(spec)
+    qm = to_inference(quantize(lm.module, QuantConfig(method="repq", weight_bits=4, act_bits=4,
+                                                      calib_samples=64),
+                               get_dataset("digits-seq", "calib")).model, inplace=True)
+    cfg = QatConfig(steps=40, eval_every=20, rows=256)
+    res = qat(qm, lm.module, cfg, get_dataset("digits-seq", "train", sample=256))
+    save_quantized(res.model, tmp_path / "q", spec, config=qm.config,
+                   after=[stage_entry("qat", cfg, {"steps": res.log.steps})])
+    meta = json.loads((tmp_path / "q" / "slimformer.json").read_text())
+    assert [s["stage"] for s in meta["stages"]] == ["quantize", "qat"]
+    r = restore(tmp_path / "q")
+    assert r.applied == ["quantize", "qat"] and r.quantized
+    x = get_dataset("digits-seq", "test", limit=256).inputs["x"]
+    with torch.no_grad():
+        ours, back, student = res.model(x=x), r.module(x=x), res.student(x=x)
+    assert torch.equal(ours, back)  # the folder holds exactly the written-back model
+    assert sqnr_db(student, back) >= 60  # measured: identical (inf dB)
+    assert not torch.equal(back, qm(x=x))  # and it is not the PTQ model
+    # ONNX QDQ export: parity as for PTQ (test_onnx's bar)
+    onnx_res = export_onnx(r.module, tmp_path / "q.onnx", {"x": x[:2]})
+    for label in ("traced", "other"):
+        p = onnx_res.parity[label]
+        assert p["within_1_step"] >= 0.95 and p["argmax_agreement"] >= 0.9, (label, p)
+
+
+def test_qat_needs_a_quantized_model():
+    with pytest.raises(ConfigError, match="put a quantize stage before it"):
+        parse_recipe({"model": {"source": "zoo", "name": "vit-digits-seq"},
+                      "stages": [{"type": "qat"}]})
+    parse_recipe({"model": {"source": "zoo", "name": "vit-digits-seq"},
+                  "stages": [{"type": "quantize"}, {"type": "qat", "steps": 5}]})
+    with pytest.raises(ConfigError, match="one quantize stage per recipe"):
+        parse_recipe({"model": {"source": "zoo", "name": "vit-digits-seq"},
+                      "stages": [{"type": "quantize"}, {"type": "qat"}, {"type": "quantize"}]})
+
+
+def test_cli_qat_of_a_float_model_then_of_its_folder(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    res = runner.invoke(app, ["qat", "vit-digits-seq", "--weight-bits", "4", "--act-bits", "4",
+                              "--steps", "10", "--eval-every", "5", "--rows", "64", "--set",
+                              "quantize.calib_samples=32", "--limit", "200", "--out", str(a)])
+    assert res.exit_code == 0, res.output
+    assert "QAT on digits-seq" in res.output and "kept step" in res.output
+    report = json.loads((a / "report.json").read_text())
+    assert [s["type"] for s in report["stages"]] == ["evaluate", "quantize", "qat", "evaluate"]
+    m = report["stages"][2]["metrics"]
+    assert m["steps"] <= 10 and m["fit_rows"] + m["held_rows"] == 64 and m["loss"] == "kl"
+    assert m["writeback_db"] >= 60
+    res = runner.invoke(app, ["qat", str(a), "--steps", "5", "--eval-every", "5", "--rows", "32",
+                              "--limit", "100", "--out", str(b)])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((b / "quantized" / "slimformer.json").read_text())
+    assert [s["stage"] for s in meta["stages"]] == ["quantize", "qat", "qat"]
+    res = runner.invoke(app, ["qat", str(a), "--set", "quantize.method=minmax", "--out",
+                              str(tmp_path / "c")])
+    assert res.exit_code == 2 and "quantized already" in res.output
