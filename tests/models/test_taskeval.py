@@ -40,6 +40,30 @@ def test_sentence_embedding_vs_itself_is_exact_and_masks_padding():
     assert torch.nn.functional.cosine_similarity(alone, emb[:1]).item() > 0.99999
 
 
+def test_rows_by_length_give_the_same_embeddings_with_less_padding():
+    m = load_model(HfConfigSpec(model_type="bert", config=TINY, task="sentence-embedding")).module
+    g = torch.Generator().manual_seed(0)
+    n, t = 40, 32
+    lengths = torch.randint(2, t + 1, (n,), generator=g)
+    mask = (torch.arange(t) < lengths[:, None]).long()
+    ds = TensorDictDataset({"input_ids": torch.randint(3, 100, (n, t), generator=g),
+                            "attention_mask": mask}, torch.arange(n) % 3)
+    seen = []
+    m.embeddings.register_forward_hook(lambda mod, args, out: seen.append(out.shape[:2].numel()))
+    plain, y = T.embed(m, make_loader(ds, 8), "sentence-embedding")
+    plain_tokens = sum(seen)
+    seen.clear()
+    sorted_ds = T.by_length(ds)
+    emb, ys = T.embed(m, make_loader(sorted_ds, 8), "sentence-embedding")
+    order = torch.argsort(lengths, stable=True)
+    assert torch.equal(ys, y[order])  # labels follow their rows
+    cos = torch.nn.functional.cosine_similarity(emb, plain[order])
+    assert cos.min().item() > 0.99999  # masked padding changed no embedding
+    assert sum(seen) < 0.75 * plain_tokens  # batches of similar length: less padding run
+    assert T.by_length(TensorDictDataset({"pixel_values": torch.zeros(3, 3, 4, 4)})).inputs[
+        "pixel_values"].shape == (3, 3, 4, 4)  # no attention mask: as is
+
+
 def test_embedding_fidelity_drops_for_another_model():
     a = load_model(HfConfigSpec(model_type="bert", config=TINY, seed=0)).module
     b = load_model(HfConfigSpec(model_type="bert", config=TINY, seed=1)).module

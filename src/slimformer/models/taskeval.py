@@ -53,6 +53,20 @@ def image_features(out) -> torch.Tensor:
     return _hidden(out)[:, 0].float()
 
 
+def by_length(ds):
+    """``ds`` with its rows in order of real length (``attention_mask`` sums, stable sort).
+
+    A loader cuts each batch to its longest row (``data.datasets.trim_padding``); in this order a
+    batch holds rows of similar length, so it carries little padding (vader-movie pads to 64
+    tokens, 27 real on average: about half the cost of the row order). The metrics do not depend
+    on the row order. A data set without a 2-D ``attention_mask`` (images) is returned as is.
+    """
+    mask = getattr(ds, "inputs", {}).get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return ds
+    return ds.select(torch.argsort(mask.sum(1), stable=True))
+
+
 @torch.no_grad()
 def embed(model: torch.nn.Module, loader: Iterable, task: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings ``(N, H)`` (:func:`sentence_embedding` or :func:`image_features`) and labels."""

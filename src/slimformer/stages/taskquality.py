@@ -56,7 +56,7 @@ def task_metrics(model: torch.nn.Module, reference: torch.nn.Module, task: str, 
     from slimformer.data.datasets import make_loader
     from slimformer.models import taskeval as T
 
-    ds = data.get("eval")
+    ds = T.by_length(data.get("eval"))
     key = (id(reference), "eval")
     if key not in cache:
         cache[key] = T.embed(reference, make_loader(ds, batch_size), task)
@@ -80,8 +80,8 @@ def _labelled(ref, got, y, task, reference, data, batch_size, cache) -> dict:
 
     key = (id(reference), "train")
     if key not in cache:  # a seeded sample (seed 0): only these rows are prepared
-        cache[key] = T.embed(reference, make_loader(data.sample("train", TRAIN_ROWS[task]),
-                                                    batch_size), task)
+        bank = T.by_length(data.sample("train", TRAIN_ROWS[task]))
+        cache[key] = T.embed(reference, make_loader(bank, batch_size), task)
     bank, bank_y = cache[key]
     if task == "sentence-embedding":
         acc = T.probe_accuracy(bank, bank_y, {"m": got, "f": ref}, y)
