@@ -488,7 +488,8 @@ def _export(entry, args, names, dyn, tmp, config, big):
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(entry, args, dynamo=True, dynamic_shapes=shapes,
                                  input_names=names, output_names=entry.out_names, opset_version=
-                                 config.opset, external_data=big, optimize=True, verbose=False)
+                                 config.opset, external_data=big, optimize=True, verbose=False,
+                                 custom_translation_table=_translations())
     if prog is None:
         raise ExportError("torch.onnx.export returned nothing")
     if big:
@@ -496,6 +497,18 @@ def _export(entry, args, names, dyn, tmp, config, big):
         return onnx.load(str(tmp), load_external_data=False)
     prog.save(str(tmp))
     return onnx.load(str(tmp))
+
+
+def _translations() -> dict | None:
+    """ONNX translations of our custom ops, once they exist (integer matmuls of act_dynamic).
+
+    :mod:`slimformer.export.dynamic` registers them when imported (by a QDQ model that holds
+    such a matmul); a table naming them is harmless to graphs that do not use them.
+    """
+    import sys
+
+    mod = sys.modules.get("slimformer.export.dynamic")
+    return mod.translations() if mod is not None else None
 
 
 @contextlib.contextmanager

@@ -25,6 +25,12 @@ that ``torch.onnx`` translates one to one:
   (for plain log2 codes ``raw = Round(-Log2(p / delta))`` and ``A V = delta * MatMul(2^-code, V)``);
   uniform probability quantization is a ``uint8`` Q/DQ with zero point 0.
 
+Linears whose input quantizer is dynamic (``QuantConfig.act_dynamic``: ranges computed at run
+time, per tensor or per token) become integer matmuls on codes computed in the graph
+(``DynamicQuantizeLinear`` or ReduceMin/ReduceMax ... -> ``MatMulInteger`` -> ``Cast`` -> ``Mul``,
+:mod:`slimformer.export.dynamic`); where such a quantizer feeds anything else (a convolution, a
+batched weight) its fake quantization is written in float ops.
+
 Symmetric quantizers (``QuantConfig.symmetric``: zero point ``2^(b-1)`` on the unsigned codes)
 become ``int8`` Q/DQ with zero point 0, as TensorRT requires: weights and embedding tables as
 ``int8`` initializers ``code - 2^(b-1)``, activations as ``int8`` per-tensor Q/DQ (the Clip below
@@ -174,7 +180,10 @@ class _QdqMode(QuantMode):
             if site is not None:
                 x = args[0] if args else kwargs["input"]
                 b = args[2] if len(args) > 2 else kwargs.get("bias")
-                y = _matmul(site.act_in, x, site.weight.matrix_t())  # (..., out)
+                if getattr(site, "int_matmul", None) is not None:  # run-time input ranges
+                    y = site.int_matmul(site.act.transform(x))
+                else:
+                    y = _matmul(site.act_in, x, site.weight.matrix_t())  # (..., out)
                 return y if b is None else y + b
         elif getattr(func, "__name__", "") == "embedding" and len(args) >= 2:
             site = self.q.embedding_site(args[1])
@@ -182,6 +191,8 @@ class _QdqMode(QuantMode):
                 return site.table.lookup(args[0])
         elif getattr(func, "__name__", "") == "addmm" and len(args) >= 3 and not kwargs:
             site = self.q.linear_site(args[2])  # GPT-2 Conv1D: addmm(bias, x, W (in, out))
+            if site is not None and getattr(site, "int_matmul", None) is not None:
+                return site.int_matmul(site.act.transform(args[1])) + args[0]
             if site is not None:
                 return _matmul(site.act_in, args[1], site.weight.matrix_t()) + args[0]
         return super().__torch_function__(func, types, args, kwargs)
@@ -215,11 +226,15 @@ class QdqModel(nn.Module):
         for k, lq in q.linears.items():
             # an instance attribute (not a submodule) shadowing LinearQuant.weight()
             object.__setattr__(lq, "weight", self.weights[k])
+        self.int_matmuls = nn.ModuleDict(_int_matmuls(q, self.weights))
+        for k, im in self.int_matmuls.items():
+            object.__setattr__(q.linears[k], "int_matmul", im)
         self.tables = nn.ModuleDict({k: _QdqEmbedding(e) for k, e in q.embeddings.items()})
         for k, e in q.embeddings.items():
             object.__setattr__(e, "table", self.tables[k])
         for m in q.modules():
-            if isinstance(m, ActQuantizer) and not m.keep_float:  # kept float: no Q/DQ
+            if isinstance(m, ActQuantizer) and not m.keep_float and m.dynamic is None:
+                # kept float: no Q/DQ; dynamic: its own forward, float ops (non-Linear users)
                 s, z = m.scale_zero()
                 m.forward = _act_forward(m, float(s), int(z),
                                          signed_acts and getattr(m, "symmetric", False))
@@ -236,6 +251,18 @@ class QdqModel(nn.Module):
         q.param_ids = {id(p) for p in model.parameters()}
         with self.qmodel._mode:
             return model(*args, **kwargs)
+
+
+def _int_matmuls(q, weights: nn.ModuleDict) -> dict:
+    """:class:`~slimformer.export.dynamic.IntMatmul` of every plain Linear with a dynamic input."""
+    out = {}
+    for k, lq in q.linears.items():
+        act, w = lq.act, weights[k]
+        if act.dynamic is not None and not act.keep_float and not w.conv and w.axis is None:
+            from slimformer.export.dynamic import IntMatmul
+
+            out[k] = IntMatmul(w, act.bits, act.dynamic == "token")
+    return out
 
 
 def _act_forward(act, scale: float, zero: int, signed: bool):

@@ -80,7 +80,7 @@ def dynamic_params(x: torch.Tensor, bits: int, per_token: bool) -> tuple[torch.T
     if per_token:
         lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)  # (..., 1)
     else:
-        lo, hi = x.amin(), x.amax()  # ()
+        lo, hi = x.min(), x.max()  # ()
     return uniform_params(lo, hi, bits)
 
 
