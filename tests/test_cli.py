@@ -106,6 +106,20 @@ def test_quantize_command(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_quantize_act_dynamic(tmp_path):
+    res = runner.invoke(app, ["quantize", "vit-digits-seq", "--act-dynamic", "token", "--out",
+                              str(tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+    rec = next(s for s in json.loads((tmp_path / "q" / "report.json").read_text())["stages"]
+               if s["type"] == "quantize")
+    assert rec["config"]["act_dynamic"] == "token" and rec["config"]["method"] == "minmax"
+    res = runner.invoke(app, ["quantize", "vit-digits-seq", "--act-dynamic", "token",
+                              "--weight-only", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "act_dynamic token" in res.output and "weight_only" in \
+        res.output
+    assert not (tmp_path / "bad").exists()
+
+
 STAGE_COMMANDS = {"quantize": "QuantizeStage", "prune": "PruneStage", "search": "SearchStage",
                   "hls": "HlsStage", "qat": "QatStage"}
 

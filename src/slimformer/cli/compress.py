@@ -33,7 +33,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
              out: Annotated[Path, typer.Option(help="Folder for the quantized model.")],
              method: Annotated[str | None, typer.Option(
                  help="minmax | percentile | repq | repquant; --weight-only: minmax (round to "
-                      "nearest) | gptq  [default: repq; --weight-only: gptq]")] = None,
+                      "nearest) | gptq  [default: repq; --weight-only: gptq; --act-dynamic: "
+                      "minmax]")] = None,
              weight_bits: Annotated[int, typer.Option(help="Weight bits (2..8).")] = 8,
              act_bits: Annotated[int, typer.Option(help="Activation bits (2..8).")] = 8,
              calib_samples: Annotated[int, typer.Option(help="Calibration rows.")] = 128,
@@ -62,6 +63,11 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                       "the error; auto keeps it only where the model output error on held-out "
                       "calibration rows drops, on skips that check (not with --weight-only).")]
              = "auto",
+             act_dynamic: Annotated[str, typer.Option(
+                 help="off | tensor | token: quantize the Linear inputs on ranges computed at "
+                      "run time (per tensor, or per token: each row its own), as ONNX "
+                      "Runtime's DynamicQuantizeLinear; holds massive token outliers. Method "
+                      "minmax by default then (or percentile).")] = "off",
              power_of_two_scales: Annotated[bool, typer.Option(
                  help="Power-of-two scales (exact ap_fixed types for export hls).")] = False,
              embedding_bits: Annotated[int | None, typer.Option(
@@ -95,7 +101,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
     with _errors():
         wo = {"weight_only": True, "group_size": group_size, "awq": awq} if weight_only else \
             {k: v for k, v in (("group_size", group_size), ("awq", awq)) if v}  # refused
-        stage = _stage(QuantizeStage, set_, method=method or ("gptq" if weight_only else "repq"),
+        default = "gptq" if weight_only else "minmax" if act_dynamic != "off" else "repq"
+        stage = _stage(QuantizeStage, set_, method=method or default, act_dynamic=act_dynamic,
                        weight_bits=weight_bits, act_bits=act_bits, **wo,
                        calib_samples=calib_samples, softmax=softmax, symmetric=symmetric,
                        **({"budget": budget} if budget is not None else {}),
