@@ -22,9 +22,12 @@ from slimformer.qat.train import Progress, TrainLog
 from slimformer.quantize.state import QuantizedModel
 
 EMBEDDING_TASKS = ("base", "sentence-embedding", "image-features")
-# the written-back model must give the student's outputs: measured 200+ dB (identical codes)
-# on vit-digits-seq; one activation code flipped by a rounding tie stays above 60 dB
-MIN_WRITEBACK_DB = 40.0
+# the written-back model must give the student's outputs, far closer than either is to float: its
+# error power under 1/100 of the quantization error's. Measured: vit-digits-seq W4A4 identical
+# (inf dB); vit-fmnist W4A4 44-48 dB (quantization error: 17 dB), W3A3 38.6 dB, as step 0 vs
+# PTQ: a few activation codes in 10^4 move by one step where the float sums of a Linear round
+# differently (Brevitas's integer-times-scale weights, our dequantized ones), and spread
+WRITEBACK_MARGIN_DB = 20.0
 
 
 @dataclass
@@ -126,11 +129,12 @@ def qat(qmodel: QuantizedModel, teacher: nn.Module, config: QatConfig, data,
     log = fine_tune(student, teacher, fit, held, config, loss, metric, progress)
     model = to_quantized(student, qmodel)
     db = _writeback_db(model, student, held, config.batch_size)
-    if db < MIN_WRITEBACK_DB:
-        raise CalibrationError(f"the written-back model's outputs are {db:.1f} dB from the "
-                               f"fine-tuned Brevitas model's (at least {MIN_WRITEBACK_DB:g} dB "
-                               "expected): a learned value did not carry over")
     b0, b1 = log.judgements[0].metrics, log.best.metrics
+    if db < b1["db"] + WRITEBACK_MARGIN_DB:
+        raise CalibrationError(f"the written-back model's outputs are {db:.1f} dB from the "
+                               f"fine-tuned Brevitas model's, its output SQNR vs float "
+                               f"{b1['db']:.1f} dB (at least {WRITEBACK_MARGIN_DB:g} dB more "
+                               "expected): a learned value did not carry over")
     notes = [f"QAT: {log.steps} steps of {config.steps} ({log.stopped}), kept step "
              f"{log.best_step}; {len(fit)} training rows, {len(held)} held out; loss {loss}; "
              f"held-out {metric} {b0[metric]:.4g} -> {b1[metric]:.4g}, output SQNR vs float "
