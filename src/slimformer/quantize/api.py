@@ -101,6 +101,7 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
     repq = config.method in ("repq", "repquant")
     fit, held = split(calib_data, n, config.seed) if repq else (calib_data, None)
     original = copy.deepcopy(model) if inplace and held is not None else model
+    own = inplace and held is not None  # ``original`` is a copy of ours (quantized in place)
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     if structure is None:
@@ -116,14 +117,15 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
 
         smoothed = migrate_judged(model, structure, calib_data, config, choices, tick)
         if held is not None:  # the min/max comparison starts from the same smoothed model
-            original = copy.deepcopy(model)
+            original, own = copy.deepcopy(model), True
     qmodel, notes = _calibrate(model, config, fit, structure, tick, held, choices)
     notes[:0] = smoothed
     if held is not None:
         notes.insert(0, f"{len(fit)} calibration rows fit, {len(held)} held out (seeded) to "
                         "validate every per-site choice")
         qmodel = _against_minmax(qmodel, original, config, calib_data, fit, held, structure,
-                                 notes, choices, tick)
+                                 notes, choices, tick, own)
+        del original
     early = [p for p in qmodel.config.float_activations if p not in config.float_activations]
     weak, out_db, fb = _check(qmodel, calib_data, config, notes, tick)
     qmodel.quant.forget()  # the calibration observations
@@ -157,23 +159,31 @@ def _finite_inputs(calib_data, n: int, config: QuantConfig) -> None:
 
 def _against_minmax(qmodel: QuantizedModel, original: nn.Module, config: QuantConfig,
                     calib_data, fit, held, structure, notes: list[str],
-                    choices: list[SiteChoice], tick=lambda *a: None) -> QuantizedModel:
+                    choices: list[SiteChoice], tick=lambda *a: None,
+                    own: bool = False) -> QuantizedModel:
     """The repq / repquant model, or the min/max one where that has the lower held-out error.
 
     Both are fitted on the same ``fit`` rows and judged by the model output error vs float on the
     ``held`` rows; unless repq / repquant is lower by :data:`~slimformer.quantize.holdout.MARGIN`
     the min/max model calibrated on all calibration rows is returned (``repq_sites: all``, the
-    published method for ablations, is kept and the loss noted).
+    published method for ablations, is kept and the loss noted). ``own``: ``original`` is a copy
+    the min/max models may wrap (min/max leaves its weights as they are), else it is copied.
     """
     from slimformer.quantize.select import MARGIN
+
+    def base() -> nn.Module:
+        return (original if own else copy.deepcopy(original)).eval()
 
     baseline = config.model_copy(update={"method": "minmax"})
     refs = _float_outputs(qmodel, held, config)
     mine = _output_error(qmodel, held, config, refs)
-    mm, _ = _calibrate(copy.deepcopy(original).eval(), baseline, fit, structure,
+    qmodel.quant.set_mode("quant")  # its weight caches dropped (rebuilt when it runs again)
+    mm, _ = _calibrate(base(), baseline, fit, structure,
                        lambda s, d, t: tick(f"min/max baseline: {s}", d, t), None, [])
+    mm.quant.forget()  # its observations: only its held-out error is used
     theirs = _output_error(mm, held, config, refs)
-    qmodel.quant.set_mode("quant")
+    mm.release()
+    del mm, refs
     better = mine < MARGIN * theirs  # a tie goes to min/max: it is then fitted on all the rows
     keep = better or config.repq_sites == "all"
     choices.append(SiteChoice("model", "method", {"minmax": theirs, config.method: mine},
@@ -193,7 +203,9 @@ def _against_minmax(qmodel: QuantizedModel, original: nn.Module, config: QuantCo
     notes.append(head + f"fell back to minmax calibrated on all rows ({config.method} was not "
                  f"{100 * (1 - MARGIN):.0f}% better: its choices did not carry to the model "
                  "output)")
-    mm, _ = _calibrate(copy.deepcopy(original).eval(), baseline, calib_data, structure,
+    qmodel.quant.forget()  # dropped: its observations and weight caches
+    qmodel.quant.set_mode("float")
+    mm, _ = _calibrate(base(), baseline, calib_data, structure,
                        lambda s, d, t: tick(f"min/max on all rows: {s}", d, t), None, [])
     return mm
 

@@ -23,8 +23,6 @@ note.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from slimformer.quantize.capture import float_outputs, output_error
@@ -69,17 +67,17 @@ def migrate_judged(model: torch.nn.Module, structure, data, config, choices: lis
         "smooth": "off", "budget": None})
     errs: dict[str, float] = {}
     refs = None
-    for label in ("auto", "off"):
-        trial = copy.deepcopy(model).eval()
+    was_training = model.training
+    model.eval()
+    for label in ("auto", "off"):  # on the model itself (min/max leaves its weights as they are)
         if label == "off":
-            with torch.no_grad():
-                params = dict(trial.named_parameters())
-                for k, v in changed.items():
-                    params[k].copy_(v)
-        qm, _ = calibrate(trial, proxy, fit, structure, lambda *a: None, None, [])
+            _swap(named, changed)  # the model's float weights; ``changed``: the migrated ones
+        qm, _ = calibrate(model, proxy, fit, structure, lambda *a: None, None, [])
         refs = float_outputs(qm, held, config) if refs is None else refs
         errs[label] = output_error(qm, held, config, refs)
-        del qm, trial
+        qm.release()  # its hooks would keep its quantizers alive
+        del qm
+    model.train(was_training)
     keep = errs["auto"] < MARGIN * errs["off"]
     choices.append(SiteChoice("smooth", "smoothing", errs, "auto" if keep else "off",
                               "" if keep else f"; migrated not {100 * (1 - MARGIN):.0f}% below "
@@ -88,12 +86,19 @@ def migrate_judged(model: torch.nn.Module, structure, data, config, choices: lis
             f"held-out calibration rows; migration and calibration on the other {len(fit)}): "
             f"migrated {errs['auto']:.4g}, off {errs['off']:.4g}: ")
     if keep:
+        _swap(named, changed)  # the migrated weights back
         notes.append(head + "migration kept")
         return notes
-    with torch.no_grad():
-        for k, v in changed.items():
-            named[k].copy_(v)
     notes[0] = "smooth (SmoothQuant migration): undone, see the judgement below; was: " + notes[0]
     notes.append(head + f"undone (not {100 * (1 - MARGIN):.0f}% lower; the float weights are "
                  "the original ones)")
     return notes
+
+
+@torch.no_grad()
+def _swap(named: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    """Exchange the values of the parameters ``named[k]`` with ``values[k]`` (bit for bit)."""
+    for k, v in values.items():
+        p = named[k]
+        values[k] = p.detach().clone()
+        p.copy_(v)

@@ -236,10 +236,7 @@ class QuantizedModel(nn.Module):
         q.emb_by_id = {id(self.model.get_parameter(e.name)): e for e in q.embeddings.values()}
         q.param_ids = {id(p) for p in self.model.parameters()}
         self._mode = mode_cls(q)
-        for mod in self.model.modules():
-            for hooks in (mod._forward_pre_hooks, mod._forward_hooks):
-                for k in [k for k, h in hooks.items() if getattr(h, "_slimformer", False)]:
-                    del hooks[k]
+        self.release()
         mode = self._mode
         for a in q.attention.values():
             def enter(mod, args, a=a):
@@ -252,6 +249,17 @@ class QuantizedModel(nn.Module):
             mod = self.model.get_submodule(a.module)
             mod.register_forward_pre_hook(enter)
             mod.register_forward_hook(leave)
+
+    def release(self) -> None:
+        """Take the attention hooks off the wrapped model.
+
+        The hooks hold this model's quantizers (their observations, weight caches): a model
+        wrapped again, or kept after its quantized form is dropped, no longer keeps them alive.
+        """
+        for mod in self.model.modules():
+            for hooks in (mod._forward_pre_hooks, mod._forward_hooks):
+                for k in [k for k, h in hooks.items() if getattr(h, "_slimformer", False)]:
+                    del hooks[k]
 
     @property
     def input_shape(self):
