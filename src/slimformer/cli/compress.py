@@ -134,16 +134,16 @@ def qat(model: Annotated[str, typer.Argument(help="A quantized folder (slimforme
         steps: Annotated[int, typer.Option(help="Optimizer steps at most.")] = 300,
         batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 32,
         weight_lr: Annotated[float, typer.Option(help="Adam rate of the Linear weights.")]
-        = 3e-4,
+        = 1e-4,
         scale_lr: Annotated[float, typer.Option(help="Adam rate of the learned scales and zero "
-                                                "points, relative to each scale.")] = 3e-3,
+                                                "points, relative to each scale.")] = 1e-3,
         rows: Annotated[int, typer.Option(help="Training rows (of the train split; of your "
                                           "own data: its calibration rows), a quarter held "
-                                          "out.")] = 1024,
+                                          "out.")] = 4096,
         loss: Annotated[str, typer.Option(help="auto | kl (class scores, LM logits) | mse "
                                           "(features, embeddings).")] = "auto",
         eval_every: Annotated[int, typer.Option(help="Steps between judgements of the "
-                                                "held-out rows.")] = 25,
+                                                "held-out rows.")] = 50,
         patience: Annotated[int, typer.Option(help="Judgements without improvement before "
                                               "stopping (0: never).")] = 4,
         max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget of the "

@@ -44,14 +44,14 @@ class QatConfig(BaseModel):
 
     steps: Annotated[int, Field(ge=0, le=10_000_000)] = 300
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
-    weight_lr: Annotated[float, Field(ge=0.0, le=1.0)] = 3e-4
-    scale_lr: Annotated[float, Field(ge=0.0, le=1.0)] = 3e-3
+    weight_lr: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
+    scale_lr: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-3
     loss: Literal[LOSSES] = "auto"  # type: ignore[valid-type]
     temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
     metric: Literal[METRICS] = "auto"  # type: ignore[valid-type]
-    rows: Annotated[int, Field(ge=8, le=10_000_000)] = 1024
+    rows: Annotated[int, Field(ge=8, le=10_000_000)] = 4096
     held_out: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25
-    eval_every: Annotated[int, Field(ge=1, le=1_000_000)] = 25
+    eval_every: Annotated[int, Field(ge=1, le=1_000_000)] = 50
     patience: Annotated[int, Field(ge=0, le=1_000_000)] = 4
     max_minutes: Annotated[float, Field(gt=0.0)] | None = None
     seed: Annotated[int, Field(ge=0)] = 0
