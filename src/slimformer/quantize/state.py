@@ -275,7 +275,9 @@ class QuantizedModel(nn.Module):
         """The wrapped model's own ``generate`` (a Hugging Face causal LM), quantized.
 
         Every forward it makes (the prefill and each KV-cache decode step) runs with the
-        quantizers, which have static ranges: a one-token step quantizes as the full sequence.
+        quantizers: with static ranges, and per-token ranges (``act_dynamic: token``), a
+        one-token step quantizes as the full sequence; per-tensor ranges
+        (``act_dynamic: tensor``) span only the tokens of each step.
 
         Raises:
             UnsupportedModelError: The wrapped model has no ``generate`` (not a generative model).
