@@ -172,14 +172,24 @@ def _exporters():
                           "installs it: pip install --no-deps onnxoptimizer==0.4.2)") from exc
     from brevitas.export import export_onnx_qcdq, export_qonnx
 
-    for opset in range(QCDQ_OPSET, 21):  # log-domain probability quantizers: 2^x, exactly Pow
-        torch.onnx.register_custom_op_symbolic("aten::exp2", _exp2, opset)
+    for opset in range(QCDQ_OPSET, 21):
+        for op, fn in SYMBOLICS.items():
+            torch.onnx.register_custom_op_symbolic(op, fn, opset)
     return export_onnx_qcdq, export_qonnx
 
 
 def _exp2(g, x):
-    """``2^x`` as ONNX ``Pow(2, x)`` (the TorchScript exporter has no translation of exp2)."""
+    """``2^x`` as ``Pow(2, x)``: log-domain probability quantizers."""
     return g.op("Pow", g.op("Constant", value_t=torch.tensor(2.0)), x)
+
+
+def _isneginf(g, x):
+    """``x == -inf`` as ``IsInf(x, detect_positive=0)``: masked attention's safe softmax."""
+    return g.op("IsInf", x, detect_positive_i=0, detect_negative_i=1)
+
+
+# ops our quantized forward uses that the TorchScript exporter cannot translate, as exact ONNX
+SYMBOLICS = {"aten::exp2": _exp2, "aten::isneginf": _isneginf}
 
 
 def _run_exporter(fn, entry, args, path: Path, names, out_names, opset, dyn, what: str,
@@ -263,12 +273,14 @@ def run_qonnx(path: str | Path, inputs: dict[str, torch.Tensor]) -> dict[str, np
 def quant_nodes(proto, model: nn.Module) -> dict:
     """The QONNX file's ``Quant`` nodes checked against ``model``'s Brevitas quantizers.
 
-    Every quantized layer's weight quantizer must be a ``Quant`` node on that weight (found by
-    value) with its bit-width, scale and zero point, and every input quantizer's bit-width must be
-    there as often as the layers using it. Returns counts per kind and bit-width.
+    Every quantized layer in the graph must have its weight under a ``Quant`` node (found by
+    value) with its bit-width, scale and zero point, and the input Quant nodes' bit-widths must
+    be those of these layers' input quantizers. A layer whose weight is nowhere in the graph
+    (its output reaches no model output, e.g. an unused pooler) is counted, not refused.
 
     Raises:
-        ExportError: a quantizer is missing or exported with other values.
+        ExportError: a quantized weight in the graph without its Quant node, or a quantizer
+            exported with other values.
     """
     from onnx import numpy_helper
 
@@ -289,24 +301,32 @@ def quant_nodes(proto, model: nn.Module) -> dict:
             acts[int(bits)] += 1
     layers = [m for m in model.modules() if hasattr(m, "quant_weight") and
               getattr(m, "weight_quant", None) is not None and m.weight_quant.is_quant_enabled]
-    want_acts = Counter(int(m.input_quant.bit_width()) for m in layers
-                        if m.input_quant.is_quant_enabled)
-    found = 0
+    present, absent = [], 0
     for m in layers:
         qw = m.quant_weight()
         w, s = m.weight.detach().float().numpy(), qw.scale.detach().float().numpy()
         z = qw.zero_point.detach().float().numpy()
         hit = [c for c in weights if c[0].shape == w.shape and np.array_equal(c[0], w)]
-        if not hit or not (hit[0][3] == int(qw.bit_width) and np.array_equal(
+        if not hit:
+            if any(c.shape in (w.shape, w.T.shape) and (np.array_equal(c, w) or np.array_equal(
+                    c, w.T)) for c in consts.values()):
+                raise ExportError(f"QONNX file: the weight of a {type(m).__name__} "
+                                  f"{tuple(w.shape)} is in the graph without its Quant node")
+            absent += 1
+            continue
+        if not (hit[0][3] == int(qw.bit_width) and np.array_equal(
                 hit[0][1].reshape(s.shape), s) and np.array_equal(
                 np.broadcast_to(hit[0][2], s.shape), np.broadcast_to(z, s.shape))):
-            what = "missing" if not hit else "exported with another scale, zero point or bits"
             raise ExportError(f"QONNX file: the weight quantizer of a {type(m).__name__} "
-                              f"{tuple(w.shape)} is {what}")
-        found += 1
+                              f"{tuple(w.shape)} is exported with another scale, zero point or "
+                              "bit-width")
+        present.append(m)
+    want_acts = Counter(int(m.input_quant.bit_width()) for m in present
+                        if m.input_quant.is_quant_enabled)
     if acts != want_acts:
         raise ExportError(f"QONNX file: input Quant nodes by bit-width {dict(acts)} are not the "
                           f"model's {dict(want_acts)}")
-    return {"quant_nodes": len(nodes), "weights_matched": found,
+    return {"quant_nodes": len(nodes), "weights_matched": len(present),
+            "layers_not_in_graph": absent,
             "weight_bits": dict(Counter(f"{c[3]}" for c in weights)),
             "input_bits": {str(k): v for k, v in acts.items()}}

@@ -7,10 +7,10 @@ the sites it cannot convert) and written by Brevitas's exporters
 Quantize/Clip/DequantizeLinear, checked in ONNX Runtime) and ``export/model.qonnx.onnx``
 (QONNX ``Quant`` nodes, for FINN and the QONNX tools; run by qonnx's executor). Both must match
 the Brevitas model in PyTorch to ``qonnx_min_sqnr_db`` on every output. Our quantizers that are
-not Brevitas's (attention q/k/v and probabilities, embedding tables, RepQ's input affine) are
-written as the plain ops that compute them; the record names them. With data, the QCDQ file's
-accuracy and agreement are measured in ONNX Runtime on the evaluation rows, and it is timed at
-``latency_batch_sizes``.
+not Brevitas's (attention q/k/v and probabilities, embedding tables, weights that are not
+``nn.Linear``'s, RepQ's input affine) are written as the plain ops that compute them; the record
+names them. With data, the QCDQ file's accuracy and agreement are measured in ONNX Runtime on the
+evaluation rows, and it is timed at ``latency_batch_sizes``.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ def qonnx_into(ctx: RunContext, stage, tmp: Path, rows: Callable[[int], dict]) -
     if res.vs_artifact:
         rec.metrics["qcdq_vs_artifact_sqnr_db"] = round(res.vs_artifact["sqnr_db"], 2)
     rec.notes += res.warnings
+    if res.qonnx_nodes["layers_not_in_graph"]:
+        rec.notes.append(f"{res.qonnx_nodes['layers_not_in_graph']} quantized layers are not in "
+                         "the files: their outputs reach no model output")
     if plain:
         rec.notes.append("written as plain ONNX ops (the same values; not Quant / QuantizeLinear "
                          "nodes, so a QONNX tool sees float arithmetic there): "
@@ -106,6 +109,8 @@ def plain_parts(student) -> list[str]:
         out.append(f"attention quantizers of {a.module} (q, k, v inputs{probs})")
     for e in q.embeddings.values():
         out.append(f"embedding table quantizer of {e.name}")
+    for lq in q.linears.values():  # quantized weights that are not nn.Linear's (a patch conv)
+        out.append(f"weight and input quantizers of {lq.name} (not an nn.Linear)")
     out += [f"RepQ input affine at {name}" for name, m in student.model.named_modules()
             if isinstance(m, InputAffine)]
     return out
