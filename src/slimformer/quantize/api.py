@@ -125,7 +125,7 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
                         "validate every per-site choice")
         qmodel = _against_minmax(qmodel, original, config, calib_data, fit, held, structure,
                                  notes, choices, tick, own)
-        del original
+        del original, model  # after a fallback to min/max: repq's float copy is dropped
     early = [p for p in qmodel.config.float_activations if p not in config.float_activations]
     weak, out_db, fb = _check(qmodel, calib_data, config, notes, tick)
     qmodel.quant.forget()  # the calibration observations
@@ -203,8 +203,9 @@ def _against_minmax(qmodel: QuantizedModel, original: nn.Module, config: QuantCo
     notes.append(head + f"fell back to minmax calibrated on all rows ({config.method} was not "
                  f"{100 * (1 - MARGIN):.0f}% better: its choices did not carry to the model "
                  "output)")
-    qmodel.quant.forget()  # dropped: its observations and weight caches
+    qmodel.quant.forget()  # dropped: its observations, weight caches and hooks
     qmodel.quant.set_mode("float")
+    qmodel.release()
     mm, _ = _calibrate(base(), baseline, calib_data, structure,
                        lambda s, d, t: tick(f"min/max on all rows: {s}", d, t), None, [])
     return mm
