@@ -144,6 +144,30 @@ def test_perplexity_in_windows_equals_a_direct_computation(model_type):
     assert res["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
 
 
+def test_reference_windows_run_once_per_run():
+    """A float model vs itself runs each window once; a reference cache lets a later call (the
+    quantized model) run only the model, with the same metrics as recomputing the reference."""
+    ref, other = _lm().module, load_model(HfConfigSpec(
+        model_type="llama", task="causal-lm", seed=1, config=dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            vocab_size=50, max_position_embeddings=64, num_key_value_heads=2))).module
+    calls = {"ref": 0, "other": 0}
+    ref.register_forward_hook(lambda *a: calls.__setitem__("ref", calls["ref"] + 1))
+    other.register_forward_hook(lambda *a: calls.__setitem__("other", calls["other"] + 1))
+    stream = torch.randint(0, 50, (100,), generator=torch.Generator().manual_seed(2))
+    cache: dict = {}
+    itself = T.language_model_metrics(ref, stream, 32, 12, reference=ref, reference_cache=cache)
+    windows = calls["ref"]
+    assert windows == 7 and itself["top1_agreement"] == 1.0  # one forward a window (7 windows)
+    assert itself["reference_perplexity"] == itself["perplexity"]
+    cached = T.language_model_metrics(other, stream, 32, 12, reference=ref, reference_cache=cache)
+    assert calls["ref"] == windows and calls["other"] == windows  # the reference did not run
+    fresh = T.language_model_metrics(other, stream, 32, 12, reference=ref)
+    assert calls["ref"] == 2 * windows
+    assert cached == fresh and cached["reference_perplexity"] == itself["perplexity"]
+    assert cached["top1_agreement"] < 1.0  # a different model is compared, not itself
+
+
 def test_token_stream_keeps_real_tokens_in_row_order():
     ds = _text_rows(n=4, t=6)
     s = T.token_stream(ds)

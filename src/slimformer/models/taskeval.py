@@ -146,7 +146,8 @@ def token_stream(dataset, max_tokens: int | None = None) -> torch.Tensor:
 @torch.no_grad()
 def language_model_metrics(model: torch.nn.Module, stream: torch.Tensor, max_length: int,
                            stride: int | None = None,
-                           reference: torch.Tensor | torch.nn.Module | None = None) -> dict:
+                           reference: torch.Tensor | torch.nn.Module | None = None,
+                           reference_cache: dict | None = None) -> dict:
     """Perplexity of ``model`` over ``stream`` in sliding windows, and top-1 agreement.
 
     Windows of ``max_length`` tokens start every ``stride`` tokens (default ``max_length // 2``);
@@ -160,6 +161,10 @@ def language_model_metrics(model: torch.nn.Module, stream: torch.Tensor, max_len
         stride: Tokens between window starts, ``1 <= stride <= max_length - 1``.
         reference: The float model (also scored: ``reference_perplexity``, and the share of
             scored positions where both predict the same next token: ``top1_agreement``).
+            ``reference is model`` (a float model vs itself) runs each window once.
+        reference_cache: Kept between calls with the same ``reference`` and ``stream``: the
+            reference's summed NLL and next-token predictions per window, so a later call runs
+            only ``model``.
 
     Returns:
         ``{"perplexity", "nll", "tokens", "max_length", "stride"}`` plus the reference's values.
@@ -181,9 +186,16 @@ def language_model_metrics(model: torch.nn.Module, stream: torch.Tensor, max_len
         logits = _logits(model, window)
         nll += _nll(logits, window, first)
         if reference is not None:
-            r = _logits(reference, window)
-            ref_nll += _nll(r, window, first)
-            agree += int((r[first - 1:-1].argmax(-1) == logits[first - 1:-1].argmax(-1)).sum())
+            key = (begin, end, first)
+            if reference_cache is None or key not in reference_cache:
+                r = logits if reference is model else _logits(reference, window)
+                hit = (_nll(r, window, first), r[first - 1:-1].argmax(-1))
+                if reference_cache is not None:
+                    reference_cache[key] = hit
+            else:
+                hit = reference_cache[key]
+            ref_nll += hit[0]
+            agree += int((hit[1] == logits[first - 1:-1].argmax(-1)).sum())
         tokens += end - done
         done = end
         begin += stride

@@ -52,7 +52,7 @@ def task_metrics(model: torch.nn.Module, reference: torch.nn.Module, task: str, 
     """
     cache = {} if cache is None else cache
     if task == "causal-lm":
-        return _lm(model, reference, data)
+        return _lm(model, reference, data, cache)
     from slimformer.data.datasets import make_loader
     from slimformer.models import taskeval as T
 
@@ -91,15 +91,16 @@ def _labelled(ref, got, y, task, reference, data, batch_size, cache) -> dict:
             "knn_accuracy_float": T.knn_accuracy(bank, bank_y, ref, y), "knn_bank_rows": len(bank)}
 
 
-def _lm(model, reference, data) -> dict:
+def _lm(model, reference, data, cache) -> dict:
     from slimformer.models import taskeval as T
     from slimformer.models.loading import max_positions
 
     ds = data.get("eval")
     stream = T.token_stream(ds, MAX_TOKENS)
     window = min(MAX_WINDOW, max_positions(reference) or MAX_WINDOW, len(stream))
+    refs = cache.setdefault((id(reference), "lm", len(stream), window), {})
     res = T.language_model_metrics(model, stream, window, max(1, window // 2),
-                                   reference=reference)
+                                   reference=reference, reference_cache=refs)
     return {"perplexity": res["perplexity"], "perplexity_float": res["reference_perplexity"],
             "top1_agreement": res["top1_agreement"], "tokens": res["tokens"],
             "window": res["max_length"], "stride": res["stride"], "samples": len(ds)}
