@@ -121,3 +121,28 @@ def test_generate_on_a_wrapped_model_without_generate_is_typed():
     q = QuantizedModel(nn.Sequential(nn.Linear(4, 4)), QuantState(), QuantConfig())
     with pytest.raises(UnsupportedModelError, match="has no generate"):
         q.generate(torch.zeros(1, 4))
+
+
+def test_repq_leaves_a_tied_head_untouched():
+    """The final norm feeds the head, whose weight is the embedding table: RepQ must not rescale
+    it (the lookups would read scaled rows) nor need a bias there; other norms still go
+    per-channel."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    rows = _rows("right", n=32)
+    res = quantize(model, QuantConfig(method="repq", calib_samples=16, calib_batch_size=8), rows)
+    q = res.model
+    emb = q.model.get_input_embeddings().weight
+    assert emb is q.model.get_output_embeddings().weight  # still tied
+    assert torch.equal(emb, model.get_input_embeddings().weight)
+    skipped = [n for n in res.notes if "per-channel ranges not tried" in n]
+    assert len(skipped) == 1 and skipped[0].startswith("model.norm:")  # the head's norm only
+    batch = rows.select(slice(0, 8)).inputs
+    with torch.no_grad():
+        ref, got = model(**batch).logits, q(**batch).logits
+    assert _db(ref, got) > 20

@@ -23,6 +23,28 @@ from slimformer.quantize.state import (
 )
 
 
+def _reparameterizable(model: nn.Module, params: dict, names: list[str]) -> set[str]:
+    """The weights RepQ may rescale in place.
+
+    Used by no other op (a tied embedding table would change with them) and owned by a layer that
+    has a bias or is an ``nn.Linear`` (one is added for the zero-point shift).
+    """
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    ok = set()
+    for name in names:
+        p = params.get(name)
+        if p is None or uses[id(p)] != 1:
+            continue
+        path, _, attr = name.rpartition(".")
+        owner = model.get_submodule(path)
+        bias = "in_proj_bias" if attr == "in_proj_weight" else "bias"
+        if isinstance(owner, nn.Linear) or isinstance(getattr(owner, bias, None), nn.Parameter):
+            ok.add(name)
+    return ok
+
+
 def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
     """Wrap ``model`` with (uncalibrated) quantizers for every Linear, conv and attention site."""
     params = dict(model.named_parameters())
@@ -44,6 +66,8 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
                            f"{config.softmax}); the Linears are quantized")
     per_channel = config.method in ("repq", "repquant")
     norm_of = {w: n for n in smap.norms for w in n.linears}
+    refit = _reparameterizable(model, params, [w for n in smap.norms for w in n.linears] +
+                               [m.fc2 for m in smap.mlps]) if per_channel else set()
     fc2s = {m.fc2 for m in smap.mlps}
     shared: dict[str, ActQuantizer] = {}
     refs = {r.weight: r for r in smap.linears}
@@ -69,14 +93,19 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
         if norm is not None:
             akey = f"norm:{norm.module}:{abits}"
             if akey not in shared:
-                shared[akey] = ActQuantizer(akey, abits, per_channel=per_channel)
+                pc = per_channel and all(w in refit for w in norm.linears)
+                if per_channel and not pc:
+                    state.notes.append(f"{norm.module}: per-channel ranges not tried (a "
+                                       "consumer weight is shared with another op, or has no "
+                                       "bias to take RepQ's zero-point shift)")
+                shared[akey] = ActQuantizer(akey, abits, per_channel=pc)
                 state.acts[key_of(akey)] = shared[akey]
             act = shared[akey]
         else:
             # MLP fc2 inputs (after the activation function) are calibrated per channel too
             # and reparameterized like post-norm ones (repq/repquant)
             act = ActQuantizer(f"in:{name}", abits,
-                               per_channel=per_channel and name in fc2s and axis is None)
+                               per_channel=name in refit and name in fc2s and axis is None)
             state.acts[key_of(f"in:{name}")] = act
         lq = LinearQuant(name, params[name], act, wbits, _transposed(params[name],
                                                                      refs.get(name)), axis)
