@@ -106,10 +106,13 @@ def worker(args) -> dict:
     return {"model": args.worker[0], "bits": bits, "method": args.method, "test_rows": len(test),
             "float_acc": score(pf)[0], "ptq": score(pq), "qat": score(pa),
             "steps": log.steps, "best_step": log.best_step, "stopped": log.stopped,
+            "judgements": [(j.step, round(j.metrics[res.metric], 4), round(j.metrics["db"], 2))
+                           for j in log.judgements],
             "fit_rows": res.fit_rows, "held_rows": res.held_rows,
             "held_db": [round(log.judgements[0].metrics["db"], 2), round(log.best.metrics["db"], 2)],
             "ft_wall_s": round(log.seconds, 1), "ft_cpu_s": round(log.cpu_seconds, 1),
             "cpu_s_per_step": round(log.cpu_seconds / max(log.steps, 1), 3),
+            "softmax": sorted(a.probs.kind for a in qm.quant.attention.values()),
             "quantize_s": round(quant_s, 1), "writeback_db": round(min(res.writeback_db, 999), 1),
             "config": cfg.model_dump(mode="json")}
 

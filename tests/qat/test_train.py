@@ -91,6 +91,11 @@ def test_writeback_of_perturbed_student_is_exact(digits):
     with torch.no_grad():
         for p in learned_parameters(bm).values():
             p.mul_(1 + 0.05 * torch.rand(p.shape, generator=gen))
+        for a in bm.quant.attention.values():  # our attention ranges, learned in QAT
+            for act in (a.q_in, a.k_in, a.v_in):
+                act.lo.mul_(1.1)
+                act.hi.mul_(0.9)
+            a.probs.delta.mul_(0.9)
         for m in bm.modules():
             if isinstance(m, QatLinear):
                 m.weight.add_(0.01 * torch.randn(m.weight.shape, generator=gen))
@@ -102,6 +107,47 @@ def test_writeback_of_perturbed_student_is_exact(digits):
         s, o, q = bm(x=x), ours(x=x), qm(x=x)
     assert sqnr_db(s, o) >= 60 and sqnr_db(s, q) < 40  # it moved, and ours moved with it
     assert torch.equal(s.argmax(-1), o.argmax(-1))
+    for key, a in bm.quant.attention.items():
+        b = ours.quant.attention[key]
+        assert all(torch.equal(getattr(a, n).scale_zero()[0], getattr(b, n).scale_zero()[0])
+                   for n in ("q_in", "k_in", "v_in"))
+        assert torch.equal(a.probs.delta, b.probs.delta)
+
+
+@pytest.mark.parametrize("softmax", ["auto", "log_sqrt2"])
+def test_attention_ranges_get_gradients(digits, softmax):
+    """q / k / v ranges (and a uniform probability grid's delta) are trained, or frozen on request."""
+    from slimformer.qat.convert import to_brevitas
+    from slimformer.qat.train import loss_of, param_groups
+
+    lm, qm, train, test = digits
+    if softmax != "auto":  # repq's auto picks uniform probabilities on every site here
+        qm = quantize(lm.module, QuantConfig(method="repq", weight_bits=4, act_bits=4,
+                                             calib_samples=32, softmax=softmax),
+                      get_dataset("digits-seq", "calib")).model
+    bm = to_brevitas(qm)
+    kind = "uniform" if softmax == "auto" else softmax
+    assert {a.probs.kind for a in bm.quant.attention.values()} == {kind}
+    frozen = param_groups(bm, QatConfig(learn_attention=False))
+    groups = param_groups(bm, QatConfig())
+    ranges = [p for a in bm.quant.attention.values() for q in (a.q_in, a.k_in, a.v_in)
+              for p in (q.lo, q.hi)] + ([a.probs.delta for a in bm.quant.attention.values()]
+                                        if kind == "uniform" else [])
+    trained = {id(p) for g in groups for p in g["params"]}
+    assert all(id(p) in trained for p in ranges)
+    assert not any(id(p) in {id(q) for g in frozen for q in g["params"]} for p in ranges)
+    assert len(trained) == sum(len(g["params"]) for g in frozen) + len(ranges)
+    x = test.inputs["x"][:32]
+    with torch.no_grad():
+        t = lm.module(x=x)
+    loss_of("kl", bm(x=x), t, {"x": x}).backward()
+    for a in bm.quant.attention.values():
+        for q in (a.q_in, a.k_in, a.v_in):  # the range's ends: at least one moves the grid
+            grads = [p.grad for p in (q.lo, q.hi) if p.grad is not None]
+            assert grads and all(torch.isfinite(g).all() for g in grads), q.name
+            assert sum(float(g.abs().sum()) for g in grads) > 0, q.name
+        if kind == "uniform":
+            assert a.probs.delta.grad is not None and float(a.probs.delta.grad.abs()) > 0
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

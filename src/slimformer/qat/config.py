@@ -38,6 +38,10 @@ class QatConfig(BaseModel):
         patience: Judgements without improvement before stopping (0: never stop early).
         max_minutes: Wall-clock budget of the fine-tuning (judgements included); None: none.
         seed: Seed of the held-out split and of the batch order.
+        learn_attention: Also learn the ranges of the attention matmuls' input quantizers (our
+            own: q, k and v, and the probabilities' ``delta`` where their grid is uniform), with
+            straight-through (LSQ-style) gradients at ``scale_lr``; False: frozen as the PTQ
+            model has them.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -55,3 +59,4 @@ class QatConfig(BaseModel):
     patience: Annotated[int, Field(ge=0, le=1_000_000)] = 4
     max_minutes: Annotated[float, Field(gt=0.0)] | None = None
     seed: Annotated[int, Field(ge=0)] = 0
+    learn_attention: bool = True

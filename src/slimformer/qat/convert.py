@@ -16,7 +16,8 @@ weight is a quantized site (found by parameter identity, not by name) with a
 
 Everything else stays as it was: float modules, and our own attention (q, k, v, probabilities)
 and embedding quantizers, which the returned ``QuantizedModel`` still applies (in their simulated,
-differentiable form).
+differentiable form; the fine-tuning learns the attention ranges in that form,
+:func:`~slimformer.qat.train.attention_ranges`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def to_brevitas(qmodel: QuantizedModel) -> QuantizedModel:
     rest.has_mha, rest.weight_only, rest.notes = state.has_mha, state.weight_only, list(state.notes)
     for a in rest.attention.values():
         a.inference = False  # the simulated (differentiable) form of the log2 probabilities
+        a.probs.ste = True  # log grids: gradients reach the scores, q, k and their Linears
     out = QuantizedModel(src.model, rest, src.config)
     rest.set_mode("quant")
     return out

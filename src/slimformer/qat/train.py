@@ -3,8 +3,10 @@
 Trained: the float weights and biases of every :class:`~slimformer.qat.layers.QatLinear` (Adam,
 ``weight_lr``) and the learned scales and zero points of their Brevitas quantizers (Adam, one
 group per quantizer with ``scale_lr`` times its initial threshold, so every quantizer moves by the
-same fraction of its own scale). Everything else (norms, embeddings, our attention quantizers)
-stays frozen. Loss: KL of the class scores or normalized MSE of every output (:func:`loss_of`).
+same fraction of its own scale) and, with ``learn_attention``, the ranges of our attention
+matmuls' input quantizers (:func:`attention_ranges`, the same rule). Everything else (norms,
+embeddings, embedding and non-Linear weight quantizers) stays frozen. Loss: KL of the class
+scores or normalized MSE of every output (:func:`loss_of`).
 
 Every ``eval_every`` steps (and at step 0) the held-out rows are judged with
 :class:`~slimformer.quantize.judge.Judge`'s metrics, the teacher being the reference; the best
@@ -90,10 +92,40 @@ def param_groups(student: nn.Module, config: QatConfig) -> list[dict]:
         base = float(p.detach().abs().mean())
         groups.append({"params": [p] + ([zp] if zp is not None else []),
                        "lr": config.scale_lr * base})
+    if config.learn_attention:
+        groups += [{"params": params, "lr": config.scale_lr * base}
+                   for params, base in attention_ranges(student)]
     for g in groups:
         for p in g["params"]:
             p.requires_grad_(True)
     return groups
+
+
+def attention_ranges(student) -> list[tuple[list[torch.Tensor], float]]:
+    """``(tensors, threshold)`` of every learnable attention quantizer of ``student``.
+
+    Our q / k / v input quantizers (:class:`~slimformer.quantize.act.ActQuantizer`: its range
+    ``lo, hi``; static, float scales, quantizing) and the probabilities' ``delta`` where their
+    grid is uniform. ``threshold``: the quantizer's scale times its largest code magnitude, as
+    Brevitas's learned threshold (the learning rate is relative to it). Gradients reach them
+    through the straight-through rounding of
+    :func:`~slimformer.quantize.quantizers.fake_uniform` (LSQ-style).
+    """
+    found, seen = [], set()
+    for a in getattr(student.quant, "attention", {}).values():
+        for act in (a.q_in, a.k_in, a.v_in):
+            if id(act) in seen or act.mode != "quant" or act.keep_float or act.dynamic or act.pow2:
+                continue
+            seen.add(id(act))
+            with torch.no_grad():
+                scale, _ = act.scale_zero()
+            top = 2 ** (act.bits - 1) if act.symmetric else 2**act.bits - 1
+            found.append(([act.lo, act.hi], float(scale.mean()) * top))
+        p = a.probs
+        if p.kind == "uniform" and p.mode == "quant" and id(p) not in seen:
+            seen.add(id(p))
+            found.append(([p.delta], float(p.delta)))
+    return found
 
 
 def loss_of(kind: str, s_out, t_out, inputs: dict, temperature: float = 1.0) -> torch.Tensor:
@@ -136,6 +168,12 @@ def _clamp_zero_points(student: nn.Module) -> None:
         if isinstance(m, ParameterZeroPoint):
             top = student.get_submodule(name.rpartition(".")[0]).scaling_impl.value.detach()
             m.value.copy_(torch.minimum(m.value.abs(), top.abs()))
+
+
+def _clamp_deltas(student) -> None:
+    """Keep every uniform probability grid's ``delta`` positive (as its calibration does)."""
+    for a in getattr(student.quant, "attention", {}).values():
+        a.probs.delta.clamp_(min=1e-6)
 
 
 def _better(kind: str, a: dict[str, float], b: dict[str, float] | None) -> bool:
@@ -194,6 +232,7 @@ def fine_tune(student, teacher: nn.Module, fit, held, config: QatConfig, loss: s
         opt.step()
         with torch.no_grad():
             _clamp_zero_points(student)
+            _clamp_deltas(student)
         losses.append(float(value.detach()))
         log.steps = step
         if progress:

@@ -14,8 +14,11 @@ the quantized weight it came from):
   are the student's bit for bit (an ulp off where no float range gives it, see
   :func:`set_exact_range`; RepQ's affine in front stays as it was).
 
-Everything else (attention and embedding quantizers, quantized weights that are not Linears',
-float modules) was frozen during the fine-tuning and stays as it is. The result is an ordinary
+- our attention quantizers' ranges (q, k, v inputs ``lo / hi``, the probabilities' ``delta``),
+  learned or not, copied as they are (the student keeps them in our own form: exact).
+
+Everything else (embedding quantizers, quantized weights that are not Linears', float modules)
+was frozen during the fine-tuning and stays as it is. The result is an ordinary
 quantized model: saved, evaluated and exported as any PTQ result.
 """
 
@@ -62,6 +65,12 @@ def to_quantized(student: QuantizedModel, ptq: QuantizedModel) -> QuantizedModel
             q = layer.input_quant(torch.zeros(1))
             set_exact_range(lq.act, q.scale.detach().reshape(1), q.zero_point.detach().reshape(1))
             written.add(id(lq.act))
+    for key, a in student.quant.attention.items():  # learned or frozen: copied as they are
+        b = out.quant.attention[key]
+        for name in ("q_in", "k_in", "v_in"):
+            src = getattr(a, name)
+            getattr(b, name).set_range(src.lo, src.hi)
+        b.probs.delta = a.probs.delta.detach().clone()
     out.quant.set_mode("quant")
     return out
 

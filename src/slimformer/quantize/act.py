@@ -253,6 +253,9 @@ class ProbQuantizer(nn.Module):
         self.register_buffer("delta", torch.ones(()))
         self.register_buffer("kind_code", torch.zeros((), dtype=torch.uint8))  # saved with it
         self.kind = kind
+        # log grids: pass gradients to p straight through (set by qat.convert for fine-tuning;
+        # their rounding has none, so nothing before the softmax would learn)
+        self.ste = False
         self._rows: list[torch.Tensor] = []  # sampled probabilities, (k,) per observed call
 
     @property
@@ -297,10 +300,11 @@ class ProbQuantizer(nn.Module):
     def quant(self, p: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
         """Fake-quantize probabilities with ``delta`` (default: the calibrated one)."""
         d = self.delta if delta is None else delta
-        if self.kind == "log_sqrt2":
-            return fake_log_sqrt2(p, d, self.bits)
-        if self.kind == "log2":
-            return fake_log2(p, d, self.bits)
+        if self.kind in ("log_sqrt2", "log2"):
+            out = (fake_log_sqrt2 if self.kind == "log_sqrt2" else fake_log2)(p, d, self.bits)
+            if self.ste and torch.is_grad_enabled() and p.requires_grad:
+                out = out + (p - p.detach())  # the same values; d out / d p = 1
+            return out
         if self.symmetric:
             s = d / (2 ** (self.bits - 1) - 1)
             return fake_uniform(p, s, torch.zeros_like(s), self.bits - 1)  # codes [0, 2^(b-1)-1]
