@@ -50,8 +50,9 @@ def test_one_table_holds_every_recipe_stage():
         assert h.schema.model_fields["type"].default == name
         assert (h.restore is None) == (h.saves is None)  # what writes a model replays it
         assert h.after_quantized is None or not h.after_quantized.startswith("stages[")
+    # qat writes the same quantized folder as quantize (its stage recorded after it)
     assert sorted(h.saves for h in HANDLERS.values() if h.saves) == ["pruned", "quantized",
-                                                                     "search"]
+                                                                     "quantized", "search"]
 
 
 def test_pruned_then_quantized_folder_replays_on_one_base_model(tmp_path, monkeypatch):
@@ -97,7 +98,7 @@ def test_stages_that_cannot_be_replayed_are_refused(tmp_path, monkeypatch):
     built = _counting(monkeypatch)
     _edit_stages(tmp_path / "p", "pruned.safetensors", lambda s: [{"stage": "evaluate"}, *s])
     with pytest.raises(ModelLoadError, match=r"stages\[0\] is 'evaluate', not a stage that "
-                                             r"changes the model \(quantize, prune, search\)"):
+                                             r"changes the model \(quantize, prune, qat, search\)"):
         restore(tmp_path / "p")
     _edit_stages(tmp_path / "p", "pruned.safetensors", lambda s: [s[-1], {"stage": "quantize"}])
     with pytest.raises(ModelLoadError, match=r"last recorded stage \(quantize\) did not write "
