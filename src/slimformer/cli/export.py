@@ -357,11 +357,16 @@ def export_qonnx_cmd(
               f"{qcdq} (QCDQ, {res['sizes']['qcdq']:,} bytes, opset {res['opset']}; ops "
               f"{res['qcdq_ops']}); inputs {res['inputs']}", markup=False, highlight=False)
     t = _table("file", "shape", "SQNR dB", "within 1 output step", "argmax agreement",
-               title="vs the Brevitas model in PyTorch (QCDQ: ONNX Runtime; QONNX: qonnx executor)")
+               "driven SQNR dB", "worst site (x tolerance)",
+               title="vs the Brevitas model in PyTorch (QCDQ: ONNX Runtime; QONNX: qonnx executor)"
+               "; judged driven by the file's own codes")
     for file, shapes in res["parity"].items():
         for label, p in shapes.items():
+            s = res["site_parity"].get(file, {}).get(label)
             t.add_row(file, f"{label} {p['shape']}", f"{p['sqnr_db']:.1f}",
-                      f"{p['within_1_step']:.4f}", f"{p.get('argmax_agreement', float('nan')):.4f}")
+                      f"{p['within_1_step']:.4f}", f"{p.get('argmax_agreement', float('nan')):.4f}",
+                      f"{s['driven']['sqnr_db']:.1f}" if s else "-",
+                      f"{s['worst'][0]['tol_used']:.3f}" if s and s["worst"] else "-")
     con.print(t)
     if res["vs_artifact"]:
         con.print(f"QCDQ in ONNX Runtime vs the quantized model as saved: "

@@ -18,9 +18,14 @@ Whatever else the model computes (float modules, and quantizers that are not Bre
 slimformer's attention and embedding quantizers, RepQ's input affine) is traced as the plain ONNX
 ops that compute it (``Round``, ``Clip``, ``Mul``, ...): the same values, but a QONNX tool sees
 float arithmetic there, not ``Quant`` nodes; the caller names those parts (``plain``) for the
-result. Every output of both files must match the model in PyTorch to ``min_sqnr_db`` at every
-checked shape, else :class:`ExportError` naming the file, shape and output (and the plain parts,
-the first suspects), and neither file is written.
+result. Both files are judged by site parity (:mod:`slimformer.export.siteparity`) at every
+checked shape: PyTorch driven by the file's own codes must compute every quantizer's inputs to
+within float tolerance of the file's (a fraction of an LSB) and every output to ``min_sqnr_db``,
+else :class:`ExportError` naming the file, shape and site or output (and the plain parts, the
+first suspects), and neither file is written. End-to-end parity (the file vs the undriven model)
+is measured and reported, not judged: in a deep quantized model one rounding tie that the two
+runtimes' float sums break differently spreads (minilm-vader W8A8: 24-28 dB on the logits from
+one attention-probability code of 393,216 in layer 0).
 
 Brevitas 0.12.1 predates torch 2.14 in two import paths, bridged by :func:`_exporters` (aliases,
 nothing else): ``torch.fx._symbolic_trace._is_fx_tracing_flag`` (thread-local since; set to False:
@@ -49,7 +54,7 @@ from slimformer.errors import ExportError
 from slimformer.export.config import OnnxConfig
 
 QCDQ_OPSET = 17  # LayerNormalization as one op; per-axis QuantizeLinear needs >= 13
-DEFAULT_MIN_SQNR_DB = 45.0  # one flipped rounding code spreads to ~60 dB; a missing quantizer ~35
+DEFAULT_MIN_SQNR_DB = 45.0  # outputs driven by the file's codes: measured 129-142 dB
 
 
 @dataclass
@@ -61,6 +66,7 @@ class BrevitasExport:
     opset: int
     inputs: dict[str, list[int | str]]  # shapes of the QCDQ file's inputs, symbolic axes by name
     parity: dict[str, dict] = field(default_factory=dict)  # {"qcdq"|"qonnx": {shape: metrics}}
+    sites: dict[str, dict] = field(default_factory=dict)  # {"qcdq"|"qonnx": {shape: report}}
     vs_artifact: dict = field(default_factory=dict)  # QCDQ in ORT vs the artifact (traced shape)
     qonnx_nodes: dict = field(default_factory=dict)  # Quant nodes: counts, bit-widths, matched
     qcdq_ops: dict[str, int] = field(default_factory=dict)
@@ -73,6 +79,7 @@ class BrevitasExport:
         """JSON-ready summary for reports."""
         return {"qcdq_path": str(self.qcdq_path), "qonnx_path": str(self.qonnx_path),
                 "opset": self.opset, "inputs": self.inputs, "parity": self.parity,
+                "site_parity": self.sites,
                 "vs_artifact": self.vs_artifact, "qonnx_nodes": self.qonnx_nodes,
                 "qcdq_ops": self.qcdq_ops, "plain": self.plain, "warnings": self.warnings,
                 "sizes": self.sizes, "seconds": round(self.seconds, 2)}
@@ -219,34 +226,58 @@ def _run_exporter(fn, entry, args, path: Path, names, out_names, opset, dyn, wha
 
 def _check(res: BrevitasExport, model, qcdq: Path, qonnx: Path, inputs, dyn, config,
            min_sqnr_db: float, artifact) -> None:
-    """Parity of both files with ``model`` (module doc); :class:`ExportError` below the bar."""
+    """Site parity of both files with ``model`` (module doc); :class:`ExportError` if it fails.
+
+    End-to-end parity (every output vs PyTorch, per shape) is measured and reported; the verdict
+    is site parity's (:mod:`slimformer.export.siteparity`): PyTorch driven by each file's codes,
+    every quantizer site's inputs within tolerance and every driven output to ``min_sqnr_db``.
+    """
+    import onnx
+
     from slimformer.export.ortrun import run_all, session
-    from slimformer.export.parity import check_parity, compare_all, reference_outputs
+    from slimformer.export.parity import check_parity, compare_all, other_shape, reference_outputs
+    from slimformer.export.siteparity import ort_runner, qonnx_runner, site_parity
 
     res.parity["qcdq"], _ = check_parity(model, qcdq, inputs, dyn, True, config)
+    shapes = {"traced": inputs} | ({"other": other_shape(inputs, dyn)} if dyn else {})
+    proto = onnx.load(str(qcdq))
+    res.sites["qcdq"] = {label: site_parity(model, inp, proto,
+                                            ort_runner(proto, inp, config.threads))[0]
+                         for label, inp in shapes.items()}
+    proto = onnx.load(str(qonnx))
     try:
-        outs = run_qonnx(qonnx, inputs)
+        import qonnx as _qonnx  # noqa: F401 - the executor
     except ModuleNotFoundError:
         res.warnings.append("the qonnx package is not installed: the QONNX file was checked by "
                             "its Quant nodes only, not run (scripts/install.sh installs qonnx)")
     else:
+        report, outs = site_parity(model, inputs, proto, qonnx_runner(proto, inputs, qonnx))
         p = compare_all(reference_outputs(model, inputs), outs)
         p["shape"] = {k: list(v.shape) for k, v in inputs.items()}
-        res.parity["qonnx"] = {"traced": p}
+        res.parity["qonnx"], res.sites["qonnx"] = {"traced": p}, {"traced": report}
     if artifact is not None:
         res.vs_artifact = compare_all(reference_outputs(artifact, inputs),
                                       run_all(session(qcdq, config.threads), inputs))
-    for file, shapes in res.parity.items():
-        for label, p in shapes.items():
-            bad = [f"{k} ({m['sqnr_db']:.1f} dB)" for k, m in p["outputs"].items()
+    for file, shapes_ in res.sites.items():
+        for label, s in shapes_.items():
+            shape = res.parity[file][label]["shape"]
+            low = [f"{k} ({m['sqnr_db']:.1f} dB)" for k, m in s["driven"]["outputs"].items()
                    if m["sqnr_db"] < min_sqnr_db]
-            if bad:
+            why = ""
+            if s["bad"]:
+                b = max(s["bad"], key=lambda b: b["tol_used"])
+                why = (f"{len(s['bad'])} quantizer sites compute other inputs from the same codes "
+                       f"(worst {b['node']}: {b['max_err_lsb']:.3g} LSB apart on "
+                       f"{b['over_tol']} values, {b['tol_used']:.1f}x the float tolerance)")
+            elif low:
+                why = f"driven by the file's own codes, output {', '.join(low)}"
+            if why:
                 suspects = (f"; parts traced as plain ops, not Brevitas quantizers: "
                             f"{', '.join(res.plain)}" if res.plain else "")
                 raise ExportError(
                     f"the {file.upper()} file differs from the model in PyTorch at the {label} "
-                    f"shape {p['shape']} on output {', '.join(bad)} (at least {min_sqnr_db} dB "
-                    f"needed){suspects}")
+                    f"shape {shape}: {why} (at least {min_sqnr_db} dB needed on every output "
+                    f"driven by the file's codes){suspects}")
 
 
 def run_qonnx(path: str | Path, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -6,7 +6,9 @@ the sites it cannot convert) and written by Brevitas's exporters
 (:func:`~slimformer.export.qonnx.export_brevitas`): ``export/model.qcdq.onnx`` (standard
 Quantize/Clip/DequantizeLinear, checked in ONNX Runtime) and ``export/model.qonnx.onnx``
 (QONNX ``Quant`` nodes, for FINN and the QONNX tools; run by qonnx's executor). Both must match
-the Brevitas model in PyTorch to ``qonnx_min_sqnr_db`` on every output. Our quantizers that are
+the Brevitas model in PyTorch quantizer by quantizer (:mod:`slimformer.export.siteparity`: driven
+by the file's own codes, every site's inputs within float tolerance and every output to
+``qonnx_min_sqnr_db``; end-to-end parity is reported). Our quantizers that are
 not Brevitas's (attention q/k/v and probabilities, embedding tables, weights that are not
 ``nn.Linear``'s, RepQ's input affine) are written as the plain ops that compute them; the record
 names them. With data, the QCDQ file's accuracy and agreement are measured in ONNX Runtime on the
@@ -61,6 +63,12 @@ def qonnx_into(ctx: RunContext, stage, tmp: Path, rows: Callable[[int], dict]) -
         for label, p in shapes.items():
             rec.metrics |= {f"parity_{file}_{label}_sqnr_db": round(p["sqnr_db"], 2),
                             f"parity_{file}_{label}_within_1_step": p["within_1_step"]}
+            if label in res.sites.get(file, {}):  # the verdict: driven by the file's codes
+                s = res.sites[file][label]
+                rec.metrics |= {
+                    f"parity_{file}_{label}_driven_sqnr_db": round(s["driven"]["sqnr_db"], 2),
+                    f"parity_{file}_{label}_site_tol_used": round(s["worst"][0]["tol_used"], 4)
+                    if s["worst"] else 0.0}
     if res.vs_artifact:
         rec.metrics["qcdq_vs_artifact_sqnr_db"] = round(res.vs_artifact["sqnr_db"], 2)
     rec.notes += res.warnings
