@@ -44,21 +44,22 @@ def _predict(model, test):
 def test_qat_beats_ptq_on_held_out_test_rows(digits):
     lm, qm, train, test = digits
     torch.set_num_threads(1)  # deterministic reductions
-    res = qat(qm, lm.module, QatConfig(steps=200, eval_every=50, weight_lr=3e-4, scale_lr=3e-3,
+    res = qat(qm, lm.module, QatConfig(steps=100, eval_every=50, weight_lr=3e-4, scale_lr=3e-3,
                                        patience=0), train, progress=None)
     assert (res.loss, res.metric) == ("kl", "pt")
     ref, y = _predict(lm.module, test), test.labels
     before, after = _predict(qm, test), _predict(res.model, test)
     agree0, agree1 = float((before == ref).float().mean()), float((after == ref).float().mean())
     acc0, acc1 = float((before == y).float().mean()), float((after == y).float().mean())
-    # measured (1000 test rows, float accuracy 0.960): PTQ agreement 0.952, accuracy 0.940;
-    # QAT 0.964-0.968, 0.948-0.958 over learning rates (1e-4..1e-3)
+    # measured (1000 test rows, float accuracy 0.960): PTQ agreement 0.952, accuracy 0.940,
+    # 9.61 dB; QAT 0.964-0.968, 0.948-0.958 over learning rates (1e-4..1e-3) at 200 steps; with
+    # the attention ranges learned 0.964, 0.944, 11.20 dB after 100 steps (200: the same step kept)
     assert agree1 >= agree0 + 0.005 and acc1 >= acc0
     with torch.no_grad():  # output SQNR vs float on the test rows rises too
         f = lm.module(**test.inputs)
         assert sqnr_db(f, res.model(**test.inputs)) > sqnr_db(f, qm(**test.inputs)) + 0.5
     assert res.writeback_db == math.inf or res.writeback_db >= 60
-    assert res.log.judgements[0].step == 0 and res.log.steps == 200
+    assert res.log.judgements[0].step == 0 and res.log.steps == 100
 
 
 def test_early_stopping_keeps_the_best_step(digits):
