@@ -9,8 +9,8 @@ from pydantic import Field, model_validator
 
 from slimformer.export.config import OnnxConfig, TensorRTConfig
 from slimformer.report.model import StageRecord
-from slimformer.stages.context import RunContext, evaluate_model
-from slimformer.stages.quality import measure
+from slimformer.stages.context import RunContext
+from slimformer.stages.quality import runtime_metrics
 
 
 class ExportStage(OnnxConfig):
@@ -141,7 +141,6 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
     from slimformer.export.onnx import export_onnx
     from slimformer.export.ortrun import ort_latency, predict
     from slimformer.export.tensorrt import build_engine, tensorrt_available, trtexec_command
-    from slimformer.models.evaluate import agreement
 
     tick = ctx.progress or (lambda *a: None)
     onnx_path = tmp / "model.onnx"
@@ -164,14 +163,7 @@ def _export_into(ctx: RunContext, stage: ExportStage, tmp: Path) -> StageRecord:
     elif stage.evaluate:
         tick("export: evaluate in ONNX Runtime", 0, 1)
         preds = predict(onnx_path, ctx.eval_data, ctx.batch_size, stage.threads)
-        q = measure(ctx)  # the model's own predictions, measured once (stages.quality)
-        torch_preds, labels = (q.preds, q.labels) if q.preds is not None else \
-            evaluate_model(ctx.model, ctx.eval_data, ctx.batch_size)
-        if getattr(ctx.eval_data, "has_labels", True):
-            rec.metrics["accuracy"] = float((preds == labels).float().mean())
-        rec.metrics["agreement_with_pytorch"] = agreement(preds, torch_preds)
-        if ctx.reference_preds is not None:
-            rec.metrics["agreement"] = agreement(preds, ctx.reference_preds)
+        labels = runtime_metrics(ctx, rec, preds)
         tick("export: evaluate in ONNX Runtime", 1, 1)
     float_path = None
     if stage.compare_float and res.quantized and stage.latency_batch_sizes:

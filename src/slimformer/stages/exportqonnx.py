@@ -22,8 +22,8 @@ from pathlib import Path
 
 from slimformer.errors import ExportError
 from slimformer.report.model import StageRecord
-from slimformer.stages.context import RunContext, evaluate_model
-from slimformer.stages.quality import measure
+from slimformer.stages.context import RunContext
+from slimformer.stages.quality import runtime_metrics
 
 FILES = {"qcdq": "model.qcdq.onnx", "qonnx": "model.qonnx.onnx"}
 
@@ -35,7 +35,6 @@ def qonnx_into(ctx: RunContext, stage, tmp: Path, rows: Callable[[int], dict]) -
     """
     from slimformer.export.ortrun import ort_latency, predict
     from slimformer.export.qonnx import export_brevitas
-    from slimformer.models.evaluate import agreement
     from slimformer.qat.convert import to_brevitas
     from slimformer.quantize.state import QuantizedModel
 
@@ -85,15 +84,7 @@ def qonnx_into(ctx: RunContext, stage, tmp: Path, rows: Callable[[int], dict]) -
                          "and agreement were not measured (give data to measure them)")
     elif stage.evaluate:
         tick("export: evaluate the QCDQ file in ONNX Runtime", 0, 1)
-        preds = predict(qcdq, ctx.eval_data, ctx.batch_size, stage.threads)
-        q = measure(ctx)
-        torch_preds, labels = (q.preds, q.labels) if q.preds is not None else \
-            evaluate_model(ctx.model, ctx.eval_data, ctx.batch_size)
-        if getattr(ctx.eval_data, "has_labels", True):
-            rec.metrics["accuracy"] = float((preds == labels).float().mean())
-        rec.metrics["agreement_with_pytorch"] = agreement(preds, torch_preds)
-        if ctx.reference_preds is not None:
-            rec.metrics["agreement"] = agreement(preds, ctx.reference_preds)
+        runtime_metrics(ctx, rec, predict(qcdq, ctx.eval_data, ctx.batch_size, stage.threads))
         tick("export: evaluate the QCDQ file in ONNX Runtime", 1, 1)
     for b in stage.latency_batch_sizes if res.inputs and _batch_free(res.inputs) else []:
         rec.latency[f"onnxruntime qcdq batch={b}"] = ort_latency(

@@ -121,6 +121,25 @@ def measure(ctx: RunContext) -> Quality:
     return ctx.measured
 
 
+def runtime_metrics(ctx: RunContext, rec: StageRecord, preds):
+    """Accuracy and agreements of a runtime's predictions ``preds (N,)`` on ``ctx.eval_data``.
+
+    Beside the model's own predictions (:func:`measure`, measured once) and the float reference's;
+    returns the labels (None without labels) for further runtimes to score against.
+    """
+    from slimformer.models.evaluate import agreement
+
+    q = measure(ctx)
+    torch_preds, labels = (q.preds, q.labels) if q.preds is not None else \
+        evaluate_model(ctx.model, ctx.eval_data, ctx.batch_size)
+    if getattr(ctx.eval_data, "has_labels", True):
+        rec.metrics["accuracy"] = float((preds == labels).float().mean())
+    rec.metrics["agreement_with_pytorch"] = agreement(preds, torch_preds)
+    if ctx.reference_preds is not None:
+        rec.metrics["agreement"] = agreement(preds, ctx.reference_preds)
+    return labels
+
+
 def run(ctx: RunContext, index: int, stage, handler: Callable[[RunContext, object], StageRecord],
         budget: LossBudget) -> StageRecord:
     """Run one stage through ``handler``; a gated stage is compared with its input (:func:`check`).
