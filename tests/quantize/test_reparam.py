@@ -127,3 +127,23 @@ def test_offset_gain_norm_fold_is_exact_in_float():
         ln.g.copy_(g0 / r)
         off = res.model(**x).double()
     assert float((off - ref).norm() / ref.norm()) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["vit", "torch-encoder-postnorm"])
+def test_power_of_two_scales_keep_no_affine_on_the_quantized_branch(name):
+    """Fixed-point targets: RepQ only where it folds into a norm (hls4ml cannot apply the rest)."""
+    from slimformer.quantize.act import ActQuantizer
+
+    lm = load_model(GENERALITY[name])
+    cfg = dict(method="repq", weight_bits=8, act_bits=8, repq_sites="all")
+    free = quantize(lm.module, QuantConfig(**cfg), _calib(lm)).model
+    pow2 = quantize(lm.module, QuantConfig(**cfg, power_of_two_scales=True), _calib(lm))
+
+    def kept(q):
+        return [m.name for m in q.quant.modules()
+                if isinstance(m, ActQuantizer) and getattr(m, "shift", None) is not None]
+
+    assert kept(free)  # without power-of-two scales the MLP fc2 inputs keep an affine
+    assert kept(pow2.model) == []
+    folded = any("folded into the norm affine" in n for n in pow2.notes)
+    assert folded == (name == "vit")  # pre-norm still folds; post-norm has nowhere to fold

@@ -11,6 +11,7 @@ from slimformer.quantize.act import ActQuantizer, ProbQuantizer
 from slimformer.quantize.config import QuantConfig
 from slimformer.quantize.coverage import KEEP_FLOAT, weight_coverage
 from slimformer.quantize.quantizers import WeightQuantizer
+from slimformer.quantize.repq import folds_into_norm
 from slimformer.quantize.state import (
     AttentionQuant,
     EmbeddingQuant,
@@ -98,14 +99,22 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
                     state.notes.append(f"{norm.module}: per-channel ranges not tried (a "
                                        "consumer weight is shared with another op, or has no "
                                        "bias to take RepQ's zero-point shift)")
+                elif pc and config.power_of_two_scales and not folds_into_norm(model, norm):
+                    pc = False
+                    state.notes.append(f"{norm.module}: per-channel ranges not tried (power-of-"
+                                       "two scales are for fixed-point targets, and RepQ's fold "
+                                       "here would leave a per-channel affine they cannot apply)")
                 shared[akey] = ActQuantizer(akey, abits, per_channel=pc)
                 state.acts[key_of(akey)] = shared[akey]
             act = shared[akey]
         else:
             # MLP fc2 inputs (after the activation function) are calibrated per channel too
             # and reparameterized like post-norm ones (repq/repquant)
+            # not with power-of-two scales: the affine kept after the activation has no
+            # fixed-point form
             act = ActQuantizer(f"in:{name}", abits,
-                               per_channel=name in refit and name in fc2s and axis is None)
+                               per_channel=name in refit and name in fc2s and axis is None
+                               and not config.power_of_two_scales)
             state.acts[key_of(f"in:{name}")] = act
         lq = LinearQuant(name, params[name], act, wbits, _transposed(params[name],
                                                                      refs.get(name)), axis)

@@ -70,7 +70,8 @@ class QuantConfig(BaseModel):
         clip_steps / recon_steps: Optimization steps of repquant's dual clipping and weight
             rounding per layer.
         power_of_two_scales: Round activation and weight scales to powers of two (FPGA targets:
-            every quantized tensor is then exactly an ``ap_fixed<W, I>``).
+            every quantized tensor is then exactly an ``ap_fixed<W, I>``). With repq/repquant,
+            per-channel ranges only where they fold into a norm's affine.
         embedding_bits: Weight-only quantization of embedding tables (``nn.Embedding``
             lookups), per row (2..8 bits); None keeps them in float. Large vocabularies dominate
             the size of small text models.

@@ -36,6 +36,15 @@ def _affine_params(model: nn.Module, site) -> tuple[nn.Parameter, nn.Parameter] 
     return w, b
 
 
+def folds_into_norm(model: nn.Module, norm) -> bool:
+    """Whether RepQ's per-channel scales at ``norm``'s output fold into its affine exactly.
+
+    Otherwise the reparameterization keeps a per-channel affine on the quantized branch, which
+    fixed-point (FPGA) targets cannot apply.
+    """
+    return bool(norm.foldable) and _affine_params(model, norm) is not None
+
+
 @torch.no_grad()
 def reparameterize(qmodel, smap) -> list[str]:
     """Fold every per-channel activation quantizer to one layer-wise scale; returns notes.
