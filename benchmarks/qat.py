@@ -83,7 +83,7 @@ def worker(args) -> dict:
     pf, y = evaluate_model(lm.module, test, 250)
     t0 = time.perf_counter()
     qm = quantize(lm.module, QuantConfig(method=args.method, weight_bits=w, act_bits=a,
-                                         calib_samples=args.calib),
+                                         calib_samples=args.calib, outlier_channels=0),
                   get_dataset(lm.dataset, "calib")).model
     qm = to_inference(qm, inplace=True)
     quant_s = time.perf_counter() - t0

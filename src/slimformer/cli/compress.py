@@ -68,6 +68,10 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                       "run time (per tensor, or per token: each row its own), as ONNX "
                       "Runtime's DynamicQuantizeLinear; holds massive token outliers. Method "
                       "minmax by default then (or percentile).")] = "off",
+             outlier_channels: Annotated[int, typer.Option(
+                 help="The most input channels per Linear kept float where their values dwarf "
+                      "the rest (massive activations; each site by its output error on the "
+                      "calibration rows); 0: none.")] = 8,
              power_of_two_scales: Annotated[bool, typer.Option(
                  help="Power-of-two scales (exact ap_fixed types for export hls).")] = False,
              embedding_bits: Annotated[int | None, typer.Option(
@@ -107,6 +111,7 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                        calib_samples=calib_samples, softmax=softmax, symmetric=symmetric,
                        **({"budget": budget} if budget is not None else {}),
                        smooth=smooth, power_of_two_scales=power_of_two_scales,
+                       outlier_channels=outlier_channels,
                        embedding_bits=embedding_bits, max_memory=max_memory,
                        clip_steps=clip_steps, recon_steps=recon_steps)
         quiet = EvaluateStage(latency_batch_sizes=[])
@@ -188,8 +193,10 @@ def qat(model: Annotated[str, typer.Argument(help="A quantized folder (slimforme
                 raise ConfigError(["--set quantize.*: the model is quantized already; drop "
                                    "those --set items"], "options")
         else:
+            # no outlier channels: the Brevitas layers quantize every input channel
             stages.insert(0, _stage(QuantizeStage, set_, "quantize", method=method,
-                                    weight_bits=weight_bits, act_bits=act_bits))
+                                    weight_bits=weight_bits, act_bits=act_bits,
+                                    outlier_channels=0))
         quiet = EvaluateStage(latency_batch_sizes=[])
         calib = max([CALIB_ROWS, stage.rows] + [s.calib_samples for s in stages[:-1]])
         result = _run_one(con, "qat", model, config, [quiet, *stages, quiet], out, overwrite,

@@ -114,6 +114,17 @@ class _QdqWeight(nn.Module):
         self.register_buffer("scale", lq.wq.scale.reshape(-1).float().clone())
         self.register_buffer("zero", zero.clone())
         self.transposed = lq.transposed
+        self.register_buffer("outlier_idx", None)  # (k,): input channels kept float
+        self.register_buffer("outlier_w", None)  # (k, out): their dequantized weight rows
+        self.register_buffer("split_codes", None)  # (in, out): codes, outlier rows at zero
+        outliers = getattr(lq.act, "outliers", None)
+        if outliers is not None and not lq.act.keep_float and not self.conv and self.axis is None:
+            self.outlier_idx = outliers.clone()
+            with torch.no_grad():
+                self.outlier_w = self.matrix_t()[outliers].float().clone()
+            split = self.codes.clone()  # those rows dequantize to exact zeros
+            split[outliers] = self.zero.to(split.dtype).unsqueeze(0)
+            self.split_codes = split
 
     def _dq(self, axis: int) -> torch.Tensor:
         lo, hi, dtype = (-128, 127, torch.int8) if self.signed else (0, 255, torch.uint8)
@@ -123,6 +134,16 @@ class _QdqWeight(nn.Module):
     def matrix_t(self) -> torch.Tensor:
         """The dequantized weight as ``(in, out)``."""
         return self._dq(1)
+
+    def split_matrix_t(self) -> torch.Tensor:
+        """``(in, out)`` dequantized, the outlier channels' rows zero (the integer MatMul's)."""
+        lo, hi, dtype = (-128, 127, torch.int8) if self.signed else (0, 255, torch.uint8)
+        return _ops().dequantize_per_channel(self.split_codes, self.scale, self.zero, 1, lo, hi,
+                                             dtype)
+
+    def float_part(self, x: torch.Tensor) -> torch.Tensor:
+        """``x[..., O] @ W[O, :]``: the outlier channels' product in float (Gather, MatMul)."""
+        return torch.matmul(x.index_select(-1, self.outlier_idx), self.outlier_w)
 
     def forward(self) -> torch.Tensor:
         """The dequantized weight in the model's own layout."""
@@ -182,6 +203,9 @@ class _QdqMode(QuantMode):
                 b = args[2] if len(args) > 2 else kwargs.get("bias")
                 if getattr(site, "int_matmul", None) is not None:  # run-time input ranges
                     y = site.int_matmul(site.act.transform(x))
+                elif site.weight.outlier_idx is not None:  # integer MatMul + float columns
+                    y = _matmul(site.act.grid_part, x, site.weight.split_matrix_t()) + \
+                        site.weight.float_part(x)
                 else:
                     y = _matmul(site.act_in, x, site.weight.matrix_t())  # (..., out)
                 return y if b is None else y + b
@@ -193,6 +217,9 @@ class _QdqMode(QuantMode):
             site = self.q.linear_site(args[2])  # GPT-2 Conv1D: addmm(bias, x, W (in, out))
             if site is not None and getattr(site, "int_matmul", None) is not None:
                 return site.int_matmul(site.act.transform(args[1])) + args[0]
+            if site is not None and site.weight.outlier_idx is not None:
+                return _matmul(site.act.grid_part, args[1], site.weight.split_matrix_t()) + \
+                    site.weight.float_part(args[1]) + args[0]
             if site is not None:
                 return _matmul(site.act_in, args[1], site.weight.matrix_t()) + args[0]
         return super().__torch_function__(func, types, args, kwargs)
@@ -232,12 +259,17 @@ class QdqModel(nn.Module):
         self.tables = nn.ModuleDict({k: _QdqEmbedding(e) for k, e in q.embeddings.items()})
         for k, e in q.embeddings.items():
             object.__setattr__(e, "table", self.tables[k])
+        widths = {id(lq.act): lq.act.keep_mask(lq.matrix().shape[1]) for lq in q.linears.values()
+                  if lq.act.outliers is not None}  # keep masks (C,) of outlier sites
         for m in q.modules():
             if isinstance(m, ActQuantizer) and not m.keep_float and m.dynamic is None:
                 # kept float: no Q/DQ; dynamic: its own forward, float ops (non-Linear users)
                 s, z = m.scale_zero()
-                m.forward = _act_forward(m, float(s), int(z),
-                                         signed_acts and getattr(m, "symmetric", False))
+                signed = signed_acts and getattr(m, "symmetric", False)
+                keep = widths.get(id(m))
+                m.forward = _act_forward(m, float(s), int(z), signed, keep)
+                if keep is not None:  # the quantized channels alone (outliers zeroed)
+                    m.grid_part = _grid_part(m, float(s), int(z), signed)
             elif isinstance(m, ProbQuantizer) and m.kind == "uniform" and m.mode == "quant":
                 m.forward = _uniform_probs(float(m.delta), m.bits, getattr(m, "symmetric", False),
                                            signed_acts)
@@ -265,7 +297,24 @@ def _int_matmuls(q, weights: nn.ModuleDict) -> dict:
     return out
 
 
-def _act_forward(act, scale: float, zero: int, signed: bool):
+def _act_forward(act, scale: float, zero: int, signed: bool, keep: torch.Tensor | None = None):
+    """Q/DQ of the input; ``keep (C,)``: outlier channels (0) zeroed before it, added back after."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        t = act.transform(x)
+        if keep is None:
+            return _qdq(t, scale, zero, act.bits, signed)
+        return _qdq(t * keep, scale, zero, act.bits, signed) + t * (1 - keep)
+
+    return forward
+
+
+def _grid_part(act, scale: float, zero: int, signed: bool):
+    """Q/DQ of the whole input for the integer MatMul whose outlier rows are zero.
+
+    The outlier channels clip to the grid's ends there and multiply zero weights: no masking op.
+    """
+
     def forward(x: torch.Tensor) -> torch.Tensor:
         return _qdq(act.transform(x), scale, zero, act.bits, signed)
 

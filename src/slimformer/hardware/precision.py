@@ -60,6 +60,10 @@ def _act_type(act, what: str) -> FixedType:
         raise HardwareError(f"{what}: its quantizer keeps a per-channel affine on the quantized "
                             "branch (repq after an activation or on a post-norm model), which "
                             "hls4ml cannot apply; use method minmax or percentile for FPGA targets")
+    if getattr(act, "outliers", None) is not None:
+        raise HardwareError(f"{what}: its quantizer keeps {act.outliers.numel()} outlier input "
+                            "channel(s) float (outlier_channels), which no ap_fixed type holds; "
+                            "quantize with power_of_two_scales (FPGA targets), which keeps none")
     if getattr(act, "keep_float", False):
         raise HardwareError(f"{what}: its activations were kept float (float_activations, or the "
                             "output-floor fallback), which no ap_fixed type holds; quantize "

@@ -99,6 +99,9 @@ def _check_supported(linears: list[LinearQuant], weight_only: bool) -> None:
             problems.append(f"{lq.name}: power-of-two scales")
         if lq.act.lo.numel() > 1 and not (weight_only or lq.act.keep_float):
             problems.append(f"{lq.name}: per-channel input quantizer {lq.act.name}")
+        if lq.act.outliers is not None and not (weight_only or lq.act.keep_float):
+            problems.append(f"{lq.name}: {lq.act.outliers.numel()} outlier input channel(s) "
+                            f"kept float at {lq.act.name} (quantize with outlier_channels: 0)")
     if problems:
         raise UnsupportedModelError(
             "not converted to Brevitas yet (supported: per-channel weights, per-tensor inputs, "

@@ -7,6 +7,9 @@ affine ``x' = (x + shift) * inv_r`` then precedes a per-tensor quantizer with id
 A *dynamic* quantizer (:attr:`ActQuantizer.dynamic`, ``QuantConfig.act_dynamic``) ignores its
 calibrated range when it quantizes: each input's grid comes from its own min/max, per tensor or
 per token (row of the last axis), as the runtime computes it.
+*Outlier channels* (:attr:`ActQuantizer.outliers`, chosen by :mod:`~slimformer.quantize.outliers`)
+pass through in float: the grid covers the other channels, the Linear after it adds their
+products in float (``W[:, O] x_O``), as LLM.int8() splits out its outlier features.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class ActQuantizer(nn.Module):
         self.hi = nn.Parameter(torch.ones(1), requires_grad=False)  # (C,) or (1,)
         self.register_buffer("shift", None)  # (C,): RepQ's affine x' = (x + shift) * inv_r
         self.register_buffer("inv_r", None)  # (C,)
+        self.register_buffer("outliers", None)  # (k,) int64: input channels kept float
         self.pow2 = False
         self.symmetric = False
         self.dynamic: str | None = None  # "tensor" | "token": run-time ranges
@@ -225,7 +229,26 @@ class ActQuantizer(nn.Module):
             return x
         if self.mode == "float" or self.keep_float:
             return self.transform(x)  # reparameterized models stay exact in float
-        return self.fake(self.transform(x))
+        return self.quantized(self.transform(x))
+
+    def keep_mask(self, width: int) -> torch.Tensor | None:
+        """``(C,)``: 1 on the quantized channels, 0 on :attr:`outliers`; None without outliers."""
+        if self.outliers is None:
+            return None
+        keep = torch.ones(width, dtype=torch.float32, device=self.outliers.device)
+        keep[self.outliers] = 0.0
+        return keep
+
+    def quantized(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., C)`` (already transformed) as quant mode gives it.
+
+        Fake-quantized on the grid; its outlier channels (if any) passed through in float.
+        """
+        keep = self.keep_mask(x.shape[-1])
+        if keep is None:
+            return self.fake(x)
+        keep = keep.to(x.dtype)
+        return self.fake(x * keep) + x * (1 - keep)  # zero is on every grid: exact 0 there
 
     def fake(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x (..., C)`` (already transformed) on the static or dynamic grid."""

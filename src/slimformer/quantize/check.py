@@ -111,6 +111,8 @@ def site_errors(state) -> tuple[list[WeakSite], dict[str, float]]:
         if act.dynamic is not None:  # run-time ranges: per sampled row (token), or the sample
             s, z = dynamic_params(x, act.bits, act.dynamic == "token")
         got = fake_uniform(x, s.double(), z.double(), act.bits)
+        if act.outliers is not None:  # kept float (outlier channels): exact there
+            got[:, act.outliers] = x[:, act.outliers]
         site = _judge(act.name, kind, act.bits, x, got, s.reshape(-1).median().reshape(1)
                       if act.dynamic is not None else s)  # the typical row's step
         db[act.name] = sqnr_db(x, got)

@@ -143,6 +143,12 @@ class QuantConfig(BaseModel):
             with it) or ``percentile`` (their ranges for the attention inputs); not with
             ``weight_only``, ``symmetric`` or ``power_of_two_scales``. With a batch, a
             per-tensor range spans every row of it (padding included).
+        outlier_channels: The most input channels per Linear input quantizer kept float
+            (:mod:`~slimformer.quantize.outliers`): the few channels whose values dwarf the
+            rest (massive activations of trained models) are split out of the quantized
+            product where that lowers the Linear's output error on the calibration rows; the
+            notes list them. Static per-tensor inputs of plain Linears only (not RepQ's
+            per-channel sites, ``act_dynamic`` or ``power_of_two_scales``). 0: off.
         float_activations: Glob patterns of activation quantizer names (``in:<weight>``,
             ``norm:<module>:<bits>``, ``<module>:q|k|v``) whose input stays float (the weights
             after them stay quantized); a pattern that matches nothing is an error.
@@ -174,6 +180,7 @@ class QuantConfig(BaseModel):
     float_activations: list[str] = Field(default_factory=list)
     smooth: Literal["auto", "on", "off"] = "auto"
     act_dynamic: Literal["off", "tensor", "token"] = "off"
+    outlier_channels: Annotated[int, Field(ge=0, le=256)] = 8
     max_memory: Annotated[str | None, AfterValidator(_memory)] = None
     smooth_alphas: Annotated[list[float], AfterValidator(_alphas)] = Field(
         default_factory=lambda: [0.3, 0.5, 0.7, 0.85])

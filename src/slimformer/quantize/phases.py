@@ -5,12 +5,12 @@ inside :func:`calibrating` (every quantizer records what passes through it) and 
 method's phases in order on one :class:`Calibration`:
 
 ============  ==============================================================================
-minmax        ranges (min/max) -> weights (min/max)
-percentile    ranges (percentile) -> weights (min/max)
-repq          ranges (per-site choice) -> reparameterize -> weights (searched) ->
-              weight validation
+minmax        ranges (min/max) -> outlier channels -> weights (min/max)
+percentile    ranges (percentile) -> outlier channels -> weights (min/max)
+repq          ranges (per-site choice) -> reparameterize -> outlier channels ->
+              weights (searched) -> weight validation
 repquant      ranges (per-site choice) -> dual clipping -> reparameterize ->
-              weights (searched) -> weight validation -> learned rounding
+              outlier channels -> weights (searched) -> weight validation -> learned rounding
 ============  ==============================================================================
 
 Each phase reads and records what it needs on the :class:`Calibration` (notes, per-site
@@ -191,6 +191,16 @@ def reparameterize(run: Calibration) -> None:
     run.notes += _reparameterize(run.qmodel, run.structure)
 
 
+def outlier_channels(run: Calibration) -> None:
+    """The few massive input channels of a Linear kept float where that lowers its error."""
+    from slimformer.quantize.outliers import choose_outliers
+
+    cfg = run.config
+    run.notes += choose_outliers(run.qmodel.quant, cfg.outlier_channels,
+                                 "percentile" if cfg.method == "percentile" else "minmax",
+                                 cfg.percentile, progress=run.tick)
+
+
 def _weights(search: bool) -> Callable[[Calibration], None]:
     def weights(run: Calibration) -> None:
         """Every weight range: min/max, or (``search``) min/max or MSE search per layer."""
@@ -233,11 +243,12 @@ def weights_blockwise(run: Calibration) -> None:
 
 
 PHASES: dict[str, tuple[Callable[[Calibration], None], ...]] = {
-    "minmax": (_ranges("minmax"), _weights(search=False)),
-    "percentile": (_ranges("percentile"), _weights(search=False)),
-    "repq": (choose_sites, reparameterize, _weights(search=True), validate_weights),
-    "repquant": (choose_sites, dual_clipping, reparameterize, _weights(search=True),
-                 validate_weights, learned_rounding),
+    "minmax": (_ranges("minmax"), outlier_channels, _weights(search=False)),
+    "percentile": (_ranges("percentile"), outlier_channels, _weights(search=False)),
+    "repq": (choose_sites, reparameterize, outlier_channels, _weights(search=True),
+             validate_weights),
+    "repquant": (choose_sites, dual_clipping, reparameterize, outlier_channels,
+                 _weights(search=True), validate_weights, learned_rounding),
     "weight_only": (weights_blockwise,),  # any weight_only method; no activation observations
 }
 # methods calibrated one block at a time (:mod:`~slimformer.quantize.blockacts`) where the model

@@ -377,6 +377,9 @@ def _slot_problem(qmodel, owner_name, owner, attr, current, dtype, shape) -> str
     if isinstance(owner, ActQuantizer) and attr in ("lo", "hi", "shift", "inv_r"):
         return None if dtype == "F32" and len(shape) == 1 and shape[0] >= 1 else \
             f"{dtype} {list(shape)} in the file, a 1-D F32 range expected"
+    if isinstance(owner, ActQuantizer) and attr == "outliers":
+        return None if dtype == "I64" and len(shape) == 1 and shape[0] >= 1 else \
+            f"{dtype} {list(shape)} in the file, 1-D I64 channel indices expected"
     if isinstance(owner, ProbQuantizer) and attr == "delta":
         return None if (dtype, shape) == ("F32", ()) else \
             f"{dtype} {list(shape)} in the file, an F32 scalar expected"
