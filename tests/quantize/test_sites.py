@@ -15,6 +15,7 @@ from slimformer.quantize.capture import capture_float_inputs as _capture_float_i
 from slimformer.quantize.capture import capture_one as _capture_one
 from slimformer.quantize.check import float_leaves, sqnr_db
 from slimformer.quantize.config import QuantConfig
+from slimformer.quantize.state import key_of
 
 
 def _data(inputs: dict, n: int) -> TensorDictDataset:
@@ -114,12 +115,17 @@ def test_output_collapse_at_w8a8_keeps_the_collapsed_site_float():
     torch.manual_seed(0)
     model = _TinyThenHuge().eval()
     calib = _data({"x": torch.randn(16, 4, 16)}, 16)
-    # the output-floor fallback (tests/quantize/test_fallback.py) keeps that input float
+    # by default the huge channel is split out of the quantized product (quantize/outliers.py)
     res = quantize(model, QuantConfig(method="minmax", softmax="none"), calib)
+    assert res.model.quant.acts[key_of("in:down.weight")].outliers.tolist() == [0]
+    assert res.float_activations == [] and res.output_sqnr_db >= 10
+    # without that, the output-floor fallback (tests/quantize/test_fallback.py) keeps the input
+    # float
+    res = quantize(model, QuantConfig(method="minmax", softmax="none", outlier_channels=0), calib)
     assert res.float_activations == ["in:down.weight"] and res.output_sqnr_db >= 10
     assert any("below the 10 dB floor" in n for n in res.notes)
-    res = quantize(model, QuantConfig(method="minmax", softmax="none", min_output_sqnr_db=None),
-                   calib)
+    res = quantize(model, QuantConfig(method="minmax", softmax="none", min_output_sqnr_db=None,
+                                      outlier_channels=0), calib)
     assert res.output_sqnr_db is not None and res.output_sqnr_db < 3
     weak = {w.name: w for w in res.weak_sites}
     assert "in:down.weight" in weak and weak["in:down.weight"].steps < 1

@@ -100,8 +100,10 @@ def test_w8a8_output_gains_over_off():
     model, x = _llama(), _rows(8, seed=3).inputs
     dbs = {}
     for smooth in ("auto", "off"):
+        # outlier_channels 0: splitting the channels out is the other remedy (test_outliers.py)
         res = quantize(model, QuantConfig(method="minmax", smooth=smooth, calib_samples=16,
-                                          calib_batch_size=8, min_output_sqnr_db=None), _rows())
+                                          calib_batch_size=8, min_output_sqnr_db=None,
+                                          outlier_channels=0), _rows())
         with torch.no_grad():
             dbs[smooth] = _db(model(**x).logits, res.model(**x).logits)
         assert any(n.startswith("smooth") for n in res.notes) == (smooth == "auto")
