@@ -97,9 +97,24 @@ class IntMatmul(nn.Module):
         self.register_buffer("scale", qweight.scale.clone())  # (N,)
         self.register_buffer("colsum", (codes.to(torch.int64) - qweight.zero).sum(0)
                              .to(torch.int32))  # (N,)
+        self.qweight = [qweight]  # not a submodule: its float part (outlier channels), if any
+        self.register_buffer("keep", None)  # (K,): 0 on the outlier channels
+        if qweight.outlier_idx is not None:
+            keep = torch.ones(codes.shape[0])
+            keep[qweight.outlier_idx] = 0.0
+            self.keep = keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (..., K)`` (float) -> ``(..., N)``: quantized, integer matmul, rescaled."""
+        """``x (..., K)`` (float) -> ``(..., N)``: quantized, integer matmul, rescaled.
+
+        Outlier channels: zeroed before the range is taken (their codes are the zero point, so
+        they add nothing to the integer sum), their float product added after.
+        """
+        if self.keep is None:
+            return self._integer(x)
+        return self._integer(x * self.keep) + self.qweight[0].float_part(x)
+
+    def _integer(self, x: torch.Tensor) -> torch.Tensor:
         ops = torch.ops.slimformer
         if not self.per_token and self.bits == 8:
             q, s, z = ops.dynamic_quantize_linear(x)

@@ -107,12 +107,14 @@ def site_errors(state) -> tuple[list[WeakSite], dict[str, float]]:
             _recall(act, weak, db)
             return
         x = act.transform(act.samples()).double()  # (n, C)
+        keep = act.keep_mask(x.shape[-1])  # outlier channels kept float: 0 (None: none)
+        xq = x if keep is None else x * keep.double()
         s, z = act.scale_zero()
         if act.dynamic is not None:  # run-time ranges: per sampled row (token), or the sample
-            s, z = dynamic_params(x, act.bits, act.dynamic == "token")
-        got = fake_uniform(x, s.double(), z.double(), act.bits)
-        if act.outliers is not None:  # kept float (outlier channels): exact there
-            got[:, act.outliers] = x[:, act.outliers]
+            s, z = dynamic_params(xq, act.bits, act.dynamic == "token")
+        got = fake_uniform(xq, s.double(), z.double(), act.bits)
+        if keep is not None:  # exact there
+            got = got + x * (1 - keep.double())
         site = _judge(act.name, kind, act.bits, x, got, s.reshape(-1).median().reshape(1)
                       if act.dynamic is not None else s)  # the typical row's step
         db[act.name] = sqnr_db(x, got)

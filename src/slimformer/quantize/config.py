@@ -147,8 +147,8 @@ class QuantConfig(BaseModel):
             (:mod:`~slimformer.quantize.outliers`): the few channels whose values dwarf the
             rest (massive activations of trained models) are split out of the quantized
             product where that lowers the Linear's output error on the calibration rows; the
-            notes list them. Static per-tensor inputs of plain Linears only (not RepQ's
-            per-channel sites, ``act_dynamic`` or ``power_of_two_scales``). 0: off.
+            notes list them. Per-tensor inputs of plain Linears, static or ``act_dynamic``
+            (not RepQ's per-channel sites, nor with ``power_of_two_scales``). 0: off.
         float_activations: Glob patterns of activation quantizer names (``in:<weight>``,
             ``norm:<module>:<bits>``, ``<module>:q|k|v``) whose input stays float (the weights
             after them stay quantized); a pattern that matches nothing is an error.

@@ -8,8 +8,9 @@ out of the quantized product: the grid covers the other channels only and the Li
 ``W[:, O] x_O`` in float (``|O|`` columns of a few thousand; the export writes it as a ``Gather``
 and a small float ``MatMul`` beside the integer one, :mod:`slimformer.export.qdq`).
 
-Per static, per-tensor input quantizer of plain Linears (not RepQ-reparameterized, not dynamic,
-not with power-of-two scales, whose fixed-point targets have no float path), channels are taken
+Per per-tensor input quantizer of plain Linears (static, or dynamic: ``act_dynamic``, whose
+run-time range then leaves them out too; not RepQ-reparameterized, not with power-of-two scales,
+whose fixed-point targets have no float path), channels are taken
 by their observed magnitude ``max |x_c|``, largest first, in counts ``1, 2, 4, ...`` up to
 ``QuantConfig.outlier_channels`` and 1/:data:`FRACTION` of the channels; a count is kept where
 it brings the consumer Linears' output error ``sum ||(Q(x) - x) W^T||^2`` on the sampled
@@ -37,7 +38,7 @@ def _eligible(act: ActQuantizer, users: list) -> bool:
     plain = all(lq.axis is None and lq.param[0].dim() == 2 and lq.group is None for lq in users)
     return (bool(users) and plain and act.observed and act._min is not None
             and act._min.numel() > 8 and not act.per_channel and act.shift is None
-            and act.dynamic is None and not act.pow2 and not act.keep_float
+            and not act.pow2 and not act.keep_float
             and all(lq.matrix().shape[1] == act._min.numel() for lq in users))
 
 
