@@ -74,7 +74,9 @@ ZOO_NAMES = ["vit-fmnist", "minilm-vader", "minilm-trec", "clip-fmnist", "vit-di
 def test_zoo_parity_and_eval_set_agreement(name, tmp_path):
     lm = load_model(ZooSpec(name=name))
     calib = get_dataset(lm.dataset, "calib")
-    limit = 2000 if name == "clip-fmnist" else None  # clip's text tower runs on every batch
+    # clip's text tower runs on every batch; minilm-vader's 2,400-odd test rows ran the model
+    # three times over (275 s of the suite): 1,000 rows judge agreement >= 0.97 as well
+    limit = {"clip-fmnist": 2000, "minilm-vader": 1000}.get(name)
     test = get_dataset(lm.dataset, "test", limit)
     check_fit(lm, calib)
     check_fit(lm, test)
