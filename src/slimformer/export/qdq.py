@@ -126,10 +126,10 @@ class _QdqWeight(nn.Module):
             split[outliers] = self.zero.to(split.dtype).unsqueeze(0)
             self.split_codes = split
 
-    def _dq(self, axis: int) -> torch.Tensor:
+    def _dq(self, axis: int, codes: torch.Tensor | None = None) -> torch.Tensor:
         lo, hi, dtype = (-128, 127, torch.int8) if self.signed else (0, 255, torch.uint8)
-        return _ops().dequantize_per_channel(self.codes, self.scale, self.zero, axis, lo, hi,
-                                             dtype)
+        return _ops().dequantize_per_channel(self.codes if codes is None else codes, self.scale,
+                                             self.zero, axis, lo, hi, dtype)
 
     def matrix_t(self) -> torch.Tensor:
         """The dequantized weight as ``(in, out)``."""
@@ -137,9 +137,7 @@ class _QdqWeight(nn.Module):
 
     def split_matrix_t(self) -> torch.Tensor:
         """``(in, out)`` dequantized, the outlier channels' rows zero (the integer MatMul's)."""
-        lo, hi, dtype = (-128, 127, torch.int8) if self.signed else (0, 255, torch.uint8)
-        return _ops().dequantize_per_channel(self.split_codes, self.scale, self.zero, 1, lo, hi,
-                                             dtype)
+        return self._dq(1, self.split_codes)
 
     def float_part(self, x: torch.Tensor) -> torch.Tensor:
         """``x[..., O] @ W[O, :]``: the outlier channels' product in float (Gather, MatMul)."""
@@ -188,6 +186,20 @@ def _matmul(act, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.matmul(act(x), w)
 
 
+def _site_matmul(site, x: torch.Tensor) -> torch.Tensor:
+    """``x (..., in) @ W (in, out)`` of a quantized Linear site in its export form (no bias).
+
+    Run-time input ranges: the integer matmul on codes computed in the graph; outlier channels:
+    the integer MatMul (their weight rows at zero) plus their float product; else Q/DQ operands.
+    """
+    if getattr(site, "int_matmul", None) is not None:
+        return site.int_matmul(site.act.transform(x))
+    if site.weight.outlier_idx is not None:
+        return _matmul(site.act.grid_part, x, site.weight.split_matrix_t()) + \
+            site.weight.float_part(x)
+    return _matmul(site.act_in, x, site.weight.matrix_t())
+
+
 class _QdqMode(QuantMode):
     """:class:`QuantMode` whose linear sites are ``MatMul`` (not ``Gemm``) of Q/DQ operands.
 
@@ -201,13 +213,7 @@ class _QdqMode(QuantMode):
             if site is not None:
                 x = args[0] if args else kwargs["input"]
                 b = args[2] if len(args) > 2 else kwargs.get("bias")
-                if getattr(site, "int_matmul", None) is not None:  # run-time input ranges
-                    y = site.int_matmul(site.act.transform(x))
-                elif site.weight.outlier_idx is not None:  # integer MatMul + float columns
-                    y = _matmul(site.act.grid_part, x, site.weight.split_matrix_t()) + \
-                        site.weight.float_part(x)
-                else:
-                    y = _matmul(site.act_in, x, site.weight.matrix_t())  # (..., out)
+                y = _site_matmul(site, x)
                 return y if b is None else y + b
         elif getattr(func, "__name__", "") == "embedding" and len(args) >= 2:
             site = self.q.embedding_site(args[1])
@@ -215,13 +221,8 @@ class _QdqMode(QuantMode):
                 return site.table.lookup(args[0])
         elif getattr(func, "__name__", "") == "addmm" and len(args) >= 3 and not kwargs:
             site = self.q.linear_site(args[2])  # GPT-2 Conv1D: addmm(bias, x, W (in, out))
-            if site is not None and getattr(site, "int_matmul", None) is not None:
-                return site.int_matmul(site.act.transform(args[1])) + args[0]
-            if site is not None and site.weight.outlier_idx is not None:
-                return _matmul(site.act.grid_part, args[1], site.weight.split_matrix_t()) + \
-                    site.weight.float_part(args[1]) + args[0]
             if site is not None:
-                return _matmul(site.act_in, args[1], site.weight.matrix_t()) + args[0]
+                return _site_matmul(site, args[1]) + args[0]
         return super().__torch_function__(func, types, args, kwargs)
 
 
@@ -259,14 +260,14 @@ class QdqModel(nn.Module):
         self.tables = nn.ModuleDict({k: _QdqEmbedding(e) for k, e in q.embeddings.items()})
         for k, e in q.embeddings.items():
             object.__setattr__(e, "table", self.tables[k])
-        widths = {id(lq.act): lq.act.keep_mask(lq.matrix().shape[1]) for lq in q.linears.values()
-                  if lq.act.outliers is not None}  # keep masks (C,) of outlier sites
+        keeps = {id(lq.act): lq.act.keep_mask(lq.matrix().shape[1]) for lq in q.linears.values()
+                 if lq.act.outliers is not None}  # keep masks (C,) of outlier sites
         for m in q.modules():
             if isinstance(m, ActQuantizer) and not m.keep_float and m.dynamic is None:
                 # kept float: no Q/DQ; dynamic: its own forward, float ops (non-Linear users)
                 s, z = m.scale_zero()
                 signed = signed_acts and getattr(m, "symmetric", False)
-                keep = widths.get(id(m))
+                keep = keeps.get(id(m))
                 m.forward = _act_forward(m, float(s), int(z), signed, keep)
                 if keep is not None:  # the quantized channels alone (outliers zeroed)
                     m.grid_part = _grid_part(m, float(s), int(z), signed)
