@@ -85,10 +85,12 @@ class IntMatmul(nn.Module):
 
     Built from the QDQ weight (:class:`~slimformer.export.qdq._QdqWeight`, a plain matrix):
     codes ``(K, N)``, zero point ``(N,)`` in the codes' dtype, scale ``(N,)``, and
-    ``colsum (N,)`` ``= sum_k (W_q - z_w)`` in ``int32``.
+    ``colsum (N,)`` ``= sum_k (W_q - z_w)`` in ``int32``; ``keep (K,)``: the input quantizer's
+    channel mask (:meth:`~slimformer.quantize.act.ActQuantizer.keep_mask`, 0 on outlier
+    channels), None without outlier channels.
     """
 
-    def __init__(self, qweight, bits: int, per_token: bool):
+    def __init__(self, qweight, bits: int, per_token: bool, keep: torch.Tensor | None = None):
         super().__init__()
         self.bits, self.per_token = bits, per_token
         codes = qweight.codes  # (K, N)
@@ -98,11 +100,7 @@ class IntMatmul(nn.Module):
         self.register_buffer("colsum", (codes.to(torch.int64) - qweight.zero).sum(0)
                              .to(torch.int32))  # (N,)
         self.qweight = [qweight]  # not a submodule: its float part (outlier channels), if any
-        self.register_buffer("keep", None)  # (K,): 0 on the outlier channels
-        if qweight.outlier_idx is not None:
-            keep = torch.ones(codes.shape[0])
-            keep[qweight.outlier_idx] = 0.0
-            self.keep = keep
+        self.register_buffer("keep", keep)  # (K,): 0 on the outlier channels; None: none
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., K)`` (float) -> ``(..., N)``: quantized, integer matmul, rescaled.

@@ -294,7 +294,8 @@ def _int_matmuls(q, weights: nn.ModuleDict) -> dict:
         if act.dynamic is not None and not act.keep_float and not w.conv and w.axis is None:
             from slimformer.export.dynamic import IntMatmul
 
-            out[k] = IntMatmul(w, act.bits, act.dynamic == "token")
+            out[k] = IntMatmul(w, act.bits, act.dynamic == "token",
+                               act.keep_mask(w.codes.shape[0]))
     return out
 
 
