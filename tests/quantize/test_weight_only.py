@@ -174,3 +174,26 @@ def test_cli_weight_only_flags(tmp_path):
     assert "gptq W4A32 g16" in out.output
     stage = json.loads((tmp_path / "q" / "quantized" / "slimformer.json").read_text())["stages"][-1]
     assert stage["config"].items() >= {"weight_only": True, "group_size": 16, "method": "gptq"}.items()
+
+
+def test_head_bits_keep_the_output_linear_at_8_bits():
+    """The Linear whose output the model returns (the LM head, found from the data flow) gets
+    ``head_bits`` weights, unless disabled or named by an override; the 8-bit head lowers the
+    logits' error."""
+    torch.manual_seed(0)
+    model, rows = _llama(), _rows()
+    head = next(n for n, p in model.named_parameters() if p is model.lm_head.weight)
+    x = _rows(8, seed=1).inputs["input_ids"]
+
+    def bits(**kw):
+        res = quantize(model, _cfg(method="minmax", group_size=32, **kw), rows)
+        return {lq.name: lq.wq.bits for lq in res.model.quant.linears.values()}, res
+
+    on, res_on = bits()
+    assert on.pop(head) == 8 and set(on.values()) == {4}
+    assert any("output Linear at 8-bit" in n for n in res_on.notes)
+    off, res_off = bits(head_bits=None)
+    assert set(off.values()) == {4}
+    assert _db(model, res_on.model, x) > _db(model, res_off.model, x) + 1
+    named, _ = bits(overrides=[{"pattern": head, "weight_bits": 6}])
+    assert named[head] == 6

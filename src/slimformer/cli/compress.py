@@ -57,6 +57,10 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
              awq: Annotated[bool, typer.Option(
                  help="--weight-only: activation-aware scales (AWQ), folded into the norms.")]
              = False,
+             head_bits: Annotated[int, typer.Option(
+                 help="--weight-only below this many bits: the model's output Linears (an "
+                      "LM head, a classifier) get this many weight bits; 0: as the others.")]
+             = 8,
              smooth: Annotated[str, typer.Option(
                  help="auto | on | off: SmoothQuant-style migration of activation outliers "
                       "into the weights, folded into norms / Linears, per site where it lowers "
@@ -103,7 +107,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
 
     con, _ = _console()
     with _errors():
-        wo = {"weight_only": True, "group_size": group_size, "awq": awq} if weight_only else \
+        wo = {"weight_only": True, "group_size": group_size, "awq": awq,
+              "head_bits": head_bits or None} if weight_only else \
             {k: v for k, v in (("group_size", group_size), ("awq", awq)) if v}  # refused
         default = "gptq" if weight_only else "minmax" if act_dynamic != "off" else "repq"
         stage = _stage(QuantizeStage, set_, method=method or default, act_dynamic=act_dynamic,

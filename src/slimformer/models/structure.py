@@ -40,6 +40,8 @@ class LinearRef:
         op: Op that applied it (``linear``, ``addmm``, ``matmul`` ...).
         in_features / out_features: Sizes of the contracted and produced axes.
         calls: Executions per forward (more than 1 for a layer shared across depth or towers).
+        output: Its output is returned by the model (through shape-only ops): a head, e.g. an
+            LM's vocabulary projection or a classifier.
     """
 
     weight: str
@@ -48,6 +50,7 @@ class LinearRef:
     in_features: int
     out_features: int
     calls: int = 1
+    output: bool = False
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,8 @@ def _norms(a: Analyzer) -> list[NormSite]:
 def _linear_ref(a: Analyzer, idx: int) -> LinearRef:
     _, w, fin, fout = a.lin[idx]
     calls = sum(1 for v in a.lin.values() if v[1] == w)
-    return LinearRef(w, a.owner.get(w, ""), a.nodes[idx].op, fin, fout, calls)
+    output = any(-1 in a.pass_consumers(i) for i, v in a.lin.items() if v[1] == w)
+    return LinearRef(w, a.owner.get(w, ""), a.nodes[idx].op, fin, fout, calls, output)
 
 
 def _producers(a: Analyzer, idx: int) -> tuple[str, ...]:

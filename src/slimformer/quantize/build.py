@@ -72,6 +72,7 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
     fc2s = {m.fc2 for m in smap.mlps}
     shared: dict[str, ActQuantizer] = {}
     refs = {r.weight: r for r in smap.linears}
+    heads = _heads(smap, config)
     left: dict[str, str] = {}  # found matmul weights left float -> why
     for name in names:
         if any(fnmatch.fnmatchcase(name, p) for p in config.keep_float):
@@ -90,6 +91,10 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
                 continue
             axis = b.axis
         wbits, abits = match_override(name, config)
+        if name in heads and wbits < config.head_bits:
+            state.notes.append(f"{name}: the model's output Linear at {config.head_bits}-bit "
+                               f"weights, not {wbits} (head_bits)")
+            wbits = config.head_bits
         norm = norm_of.get(name) if axis is None else None  # experts: own per-tensor input
         if norm is not None:
             akey = f"norm:{norm.module}:{abits}"
@@ -154,6 +159,14 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
     state.coverage = weight_coverage(model, state, left)
     state.notes.append(state.coverage.summary())
     return QuantizedModel(model, state, config)
+
+
+def _heads(smap, config: QuantConfig) -> set[str]:
+    """Weight-only: the output Linears that ``head_bits`` applies to (no override names them)."""
+    if not config.weight_only or config.head_bits is None:
+        return set()
+    return {r.weight for r in smap.linears if r.output
+            and not any(fnmatch.fnmatchcase(r.weight, o.pattern) for o in config.overrides)}
 
 
 def _float_activations(state: QuantState, patterns: list[str]) -> None:
