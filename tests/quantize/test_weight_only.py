@@ -197,3 +197,15 @@ def test_head_bits_keep_the_output_linear_at_8_bits():
     assert _db(model, res_on.model, x) > _db(model, res_off.model, x) + 1
     named, _ = bits(overrides=[{"pattern": head, "weight_bits": 6}])
     assert named[head] == 6
+
+
+def test_awq_leaves_tied_weights_alone():
+    """A head tied to the embedding table takes no AWQ scale (the table would change with it):
+    the float function stays the model's."""
+    model = tiny_llama(VOCAB, 64, 2, pad_token_id=0, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    x = _rows(8, seed=1).inputs["input_ids"]
+    res = quantize(model, _cfg(method="gptq", group_size=32, awq=True), _rows())
+    assert any(n.startswith("awq ") for n in res.notes)
+    res.model.quant.set_mode("float")
+    assert _db(model, res.model, x) > 90

@@ -24,6 +24,7 @@ model's head) are calibrated last from one forward that stops after them.
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 
 import torch
 
@@ -240,7 +241,10 @@ class Blockwise:
                 self.notes.append(f"{lq.name}: no calibration inputs reached it in "
                                   f"{where or 'the model'}: rounded to nearest")
         if self.config.awq:
-            by_name = {lq.name: lq for lq in lqs if lq.name in hess}
+            # a weight used elsewhere too (a head tied to the embedding table) cannot take the
+            # fold: the other use would change with it
+            uses = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
+            by_name = {lq.name: lq for lq in lqs if lq.name in hess and uses[id(lq.param[0])] == 1}
             for norm in self.run.structure.norms:
                 users = [by_name.get(n) for n in norm.linears]
                 if not norm.foldable or not users or None in users or \
