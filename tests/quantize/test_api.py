@@ -217,7 +217,8 @@ def test_dual_clipping_that_hurts_the_model_output_is_dropped():
     calib = _calib(lm, 16, seed=1)
     x = lm.example_inputs(64, seed=2)
     db = {}
-    for name, cfg in (("minmax", QuantConfig(method="minmax", calib_samples=16)),
+    for name, cfg in (("minmax", QuantConfig(method="minmax", calib_samples=16,
+                                             attention="quantized")),
                       ("clip", QuantConfig(method="repquant", calib_samples=16, clip_steps=100,
                                            recon_steps=0))):
         res = quantize(lm.module, cfg, calib)
@@ -228,3 +229,26 @@ def test_dual_clipping_that_hurts_the_model_output_is_dropped():
     assert any(n.startswith("dual clipping dropped") for n in res.notes), res.notes
     assert any("dual clipping cut the held-out output error" in n for n in res.notes)
     assert db["clip"] >= db["minmax"] - 0.5, db  # it was 30.1 vs 35.4 dB when kept
+
+
+def test_attention_auto_is_float_for_the_baselines_and_quantized_for_repq():
+    """``attention: auto`` leaves q, k, v and the probabilities float for min/max (as ONNX
+    Runtime's Attention op runs them) and quantizes them for repq and fixed-point scales; a
+    softmax quantizer with attention float is a typed error."""
+    from pydantic import ValidationError
+
+    assert QuantConfig(method="minmax").softmax_kind == "none"
+    assert QuantConfig(method="repq").attention_kind == "quantized"
+    assert QuantConfig(method="minmax", power_of_two_scales=True).attention_kind == "quantized"
+    assert QuantConfig(method="minmax", softmax="log2").attention_kind == "quantized"
+    with pytest.raises(ValidationError, match="attention: float"):
+        QuantConfig(method="minmax", softmax="uniform", attention="float")
+    lm = load_model(GENERALITY["bert"])
+    calib = _calib(lm, 8, seed=1)
+    for attention, floats in (("auto", True), ("quantized", False)):
+        res = quantize(lm.module, QuantConfig(method="minmax", calib_samples=8,
+                                              attention=attention), calib)
+        sites = list(res.model.quant.attention.values())
+        assert sites and all((a.q_in.keep_float and a.k_in.keep_float and a.v_in.keep_float
+                              and a.probs_float) == floats for a in sites)
+        assert any(n.startswith("attention: ") for n in res.notes) == floats

@@ -46,6 +46,11 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                       "calibration rows past --calib-samples.")] = None,
              softmax: Annotated[str, typer.Option(help="auto | log_sqrt2 | log2 | uniform | "
                                                   "none (attention probabilities).")] = "auto",
+             attention: Annotated[str, typer.Option(
+                 help="auto | quantized | float: the attention matmuls' inputs (q, k, v, "
+                      "probabilities) quantized or float (as ONNX Runtime's Attention op runs "
+                      "them); auto: quantized for repq/repquant, --power-of-two-scales or a "
+                      "--softmax quantizer, else float.")] = "auto",
              symmetric: Annotated[bool, typer.Option(help="Symmetric (zero point 0) weights "
                                                      "and activations.")] = False,
              weight_only: Annotated[bool, typer.Option(
@@ -113,7 +118,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
         default = "gptq" if weight_only else "minmax" if act_dynamic != "off" else "repq"
         stage = _stage(QuantizeStage, set_, method=method or default, act_dynamic=act_dynamic,
                        weight_bits=weight_bits, act_bits=act_bits, **wo,
-                       calib_samples=calib_samples, softmax=softmax, symmetric=symmetric,
+                       calib_samples=calib_samples, softmax=softmax, attention=attention,
+                       symmetric=symmetric,
                        **({"budget": budget} if budget is not None else {}),
                        smooth=smooth, power_of_two_scales=power_of_two_scales,
                        outlier_channels=outlier_channels,

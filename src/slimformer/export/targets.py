@@ -227,7 +227,7 @@ def slow_settings(form: QdqForm, softmax: list[str], symmetric: bool,
 def config_slow_settings(quant_config, onnx_config) -> list[str]:
     """:func:`slow_settings` of a quantize config before quantizing (e.g. a recipe's stages)."""
     form = resolve_form(onnx_config, quantized=True)
-    kinds = [] if quant_config.softmax == "none" else [quant_config.softmax_kind]
+    kinds = [] if quant_config.softmax_kind == "none" else [quant_config.softmax_kind]
     bits = {quant_config.weight_bits, *(o.weight_bits for o in quant_config.overrides
                                         if getattr(o, "weight_bits", None))}
     return slow_settings(form, kinds, quant_config.symmetric, sorted(bits))

@@ -174,7 +174,8 @@ def _against_minmax(qmodel: QuantizedModel, original: nn.Module, config: QuantCo
     def base() -> nn.Module:
         return (original if own else copy.deepcopy(original)).eval()
 
-    baseline = config.model_copy(update={"method": "minmax"})
+    # the same attention as the method's (min/max alone would leave it float under auto)
+    baseline = config.model_copy(update={"method": "minmax", "attention": config.attention_kind})
     refs = _float_outputs(qmodel, held, config)
     mine = _output_error(qmodel, held, config, refs)
     qmodel.quant.set_mode("quant")  # its weight caches dropped (rebuilt when it runs again)

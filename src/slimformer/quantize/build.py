@@ -141,7 +141,15 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
         key = key_of(site.module)
         if key in state.attention:
             raise ConfigError([f"two attention sites in one module {site.module}: not supported"])
-        state.attention[key] = AttentionQuant(site.module, config.act_bits, config.softmax_kind)
+        state.attention[key] = aq = AttentionQuant(site.module, config.act_bits,
+                                                   config.softmax_kind)
+        if config.attention_kind == "float":
+            for act in (aq.q_in, aq.k_in, aq.v_in):
+                act.keep_float = True
+    if smap.attention and not config.weight_only and config.attention_kind == "float":
+        state.notes.append(f"attention: {len(smap.attention)} site(s) in float (q, k, v and the "
+                           f"probabilities; attention: {config.attention}), the Linears around "
+                           "them quantized")
     if config.act_dynamic != "off":  # the Linear inputs; attention inputs stay static
         for act in state.acts.values():
             act.dynamic = config.act_dynamic

@@ -96,8 +96,10 @@ def _quant_config(meta: dict, where: Path) -> QuantConfig:
     if entry is None:
         raise ModelLoadError(f"{where}: records no quantize stage; {REDO}")
     try:
-        # written before head_bits existed: the head was quantized as the other Linears
-        return QuantConfig.model_validate({"head_bits": None, **entry["config"]})
+        # written before head_bits / attention existed: the head quantized as the other
+        # Linears, the attention quantized
+        return QuantConfig.model_validate({"head_bits": None, "attention": "quantized",
+                                           **entry["config"]})
     except ValidationError as exc:
         raise ModelLoadError(f"{where}: the quantize stage's config is invalid "
                              f"({exc.errors()[0]['msg']}); {REDO}") from None
