@@ -183,7 +183,8 @@ def int4_export(model, tmp_path_factory):
 
 
 def test_int4_g32_matmulnbits_holds_our_codes(model, int4_export):
-    """Every quantized Linear is one MatMulNBits (int4, block 32) with our packed codes."""
+    """Every quantized Linear is one MatMulNBits (int4, block 32; the LM head int8: head_bits)
+    with our packed codes."""
     from onnx import numpy_helper
 
     from slimformer.quantize.inference import to_inference
@@ -193,7 +194,7 @@ def test_int4_g32_matmulnbits_holds_our_codes(model, int4_export):
     proto = onnx.load(str(path))
     nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
     assert len(nodes) == len(qmodel.quant.linears) == res.nbits["replaced"] == 15
-    assert res.nbits["by_form"] == {"int4 g32": 15}
+    assert res.nbits["by_form"] == {"int4 g32": 14, "int8 g32": 1}
     assert not [n for n in proto.graph.node if n.op_type == "MatMul" and
                 any(i.name == n.input[1] for i in proto.graph.initializer)]
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
@@ -201,15 +202,17 @@ def test_int4_g32_matmulnbits_holds_our_codes(model, int4_export):
     matched = set()
     for node in nodes:  # each node holds one Linear's codes, scales and zero points exactly
         b, s, z = (torch.from_numpy(inits[i].copy()) for i in node.input[1:4])
+        bits = next(a.i for a in node.attribute if a.name == "bits")
         n, blocks, blob = b.shape
-        assert blob == 16 and s.shape == (n, blocks) and z.shape == (n, (blocks + 1) // 2)
-        codes = unpack_codes(b.reshape(-1), 4, (n * blocks * 32,)).reshape(-1, 32)
+        assert blob == 32 * bits // 8 and s.shape == (n, blocks)
+        assert z.shape == (n, -(-blocks * bits // 8))
+        codes = unpack_codes(b.reshape(-1), bits, (n * blocks * 32,)).reshape(-1, 32)
         hit = [lq.name for lq in lqs if lq.int_weight.shape == codes.shape
                and torch.equal(lq.int_weight, codes)]
         assert len(hit) == 1
         lq = next(lq for lq in lqs if lq.name == hit[0])
         assert torch.equal(s.reshape(-1, 1), lq.wq.scale)
-        zero = unpack_codes(z.reshape(-1), 4, (z.numel() * 2,)).reshape(n, -1)[:, :blocks]
+        zero = unpack_codes(z.reshape(-1), bits, (z.numel() * 8 // bits,)).reshape(n, -1)[:, :blocks]
         assert torch.equal(zero.reshape(-1, 1).float(), lq.wq.zero)
         matched.add(hit[0])
     assert len(matched) == 15
@@ -263,7 +266,8 @@ def test_export_onnx_of_a_weight_only_model_writes_matmulnbits(int4_export, tmp_
                       OnnxConfig(unused_inputs="warn"))
     assert res.quantized and res.fusion["integer_matmuls"] == 15
     assert min(p["sqnr_db"] for p in res.parity.values()) > 90
-    assert any("15 Linears as com.microsoft::MatMulNBits (int4 g32: 15)" in w for w in res.warnings)
+    assert any("15 Linears as com.microsoft::MatMulNBits (" in w and "int4 g32: 14" in w and
+               "int8 g32: 1" in w for w in res.warnings), res.warnings
     ops = {n.op_type for n in onnx.load(str(tmp_path / "full.onnx")).graph.node}
     assert "MatMulNBits" in ops and [p.name for p in tmp_path.iterdir()] == ["full.onnx"]
 

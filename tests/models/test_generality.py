@@ -157,7 +157,9 @@ def test_w8a8_every_method_keeps_the_outputs(name, request):
     held_out = lm.example_inputs(64, seed=2)  # 8 rows x 2 logits read +-2 dB of noise
     sqnr = {}
     for method in ("minmax", "repq", "repquant"):
-        cfg = QuantConfig(method=method, calib_samples=32, clip_steps=10, recon_steps=10)
+        # attention quantized for all three: like for like (min/max's auto leaves it float)
+        cfg = QuantConfig(method=method, calib_samples=32, clip_steps=10, recon_steps=10,
+                          attention="quantized")
         sqnr[method] = _sqnr(lm.module, quantize(lm.module, cfg, calib).model, held_out)
     assert min(sqnr.values()) > 20, sqnr  # min over all outputs, fan-in scaled weights
     # repq chooses per site the range with the lower calibration error; repquant keeps its dual

@@ -253,25 +253,3 @@ def test_attention_auto_is_float_for_the_baselines_and_quantized_for_repq():
                               and a.probs_float) == floats for a in sites)
         assert any(n.startswith("attention: ") for n in res.notes) == floats
 
-
-def test_repq_falling_back_to_minmax_takes_minmax_attention():
-    """The comparison keeps repq's quantized attention; the min/max model returned takes its
-    own (``auto``: float), noted."""
-    from slimformer.models.structure import discover
-    from slimformer.quantize.api import _against_minmax
-    from slimformer.quantize.holdout import split
-
-    lm = load_model(GENERALITY["bert"])
-    calib = _calib(lm, 16, seed=1)
-    cfg = QuantConfig(method="repq", calib_samples=16, smooth="off", outlier_channels=0)
-    res = quantize(lm.module, cfg.model_copy(update={"repq_sites": "all"}), calib)  # kept
-    assert all(not a.q_in.keep_float for a in res.model.quant.attention.values())
-    for act in res.model.quant.acts.values():  # a bad choice: every range clipped to a tenth
-        act.set_range(act.lo / 10, act.hi / 10)
-    fit, held = split(calib, 16, cfg.seed)
-    notes, choices = [], []
-    smap = discover(lm.module, lm.example_inputs(2, seed=0))
-    got = _against_minmax(res.model, lm.module, cfg, calib, fit, held, smap, notes, choices)
-    assert choices[-1].kept == "minmax" and got.config.attention_kind == "float"
-    assert all(a.q_in.keep_float and a.probs_float for a in got.quant.attention.values())
-    assert any("fell back to minmax" in n and "attention float" in n for n in notes)

@@ -47,9 +47,11 @@ def test_repq_not_below_minmax_and_outlier_channels_on_held_out_sentences():
     calib = get_dataset("vader-movie", "calib", tokenizer=folder)
     calib = calib.select(calib.inputs["attention_mask"].sum(1).argsort(stable=True)[:128])
     test = get_dataset("vader-movie", "test", tokenizer=folder).select(slice(0, 96))
-    configs = {"minmax": QuantConfig(method="minmax", calib_samples=128),
+    # attention quantized throughout: like for like (min/max's auto leaves it float)
+    configs = {"minmax": QuantConfig(method="minmax", calib_samples=128, attention="quantized"),
                "repq": QuantConfig(method="repq", calib_samples=128),
-               "minmax-none": QuantConfig(method="minmax", calib_samples=128, outlier_channels=0)}
+               "minmax-none": QuantConfig(method="minmax", calib_samples=128, outlier_channels=0,
+                                          attention="quantized")}
     res = {k: quantize(model, c, calib) for k, c in configs.items()}
     got = {k: _held_out(r.model, test) for k, r in res.items()}
     (mm_db, mm_cos), (rq_db, rq_cos), (none_db, none_cos) = got.values()

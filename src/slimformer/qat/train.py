@@ -122,7 +122,7 @@ def attention_ranges(student) -> list[tuple[list[torch.Tensor], float]]:
             top = 2 ** (act.bits - 1) if act.symmetric else 2**act.bits - 1
             found.append(([act.lo, act.hi], float(scale.mean()) * top))
         p = a.probs
-        if p.kind == "uniform" and p.mode == "quant" and id(p) not in seen:
+        if p.kind == "uniform" and p.mode == "quant" and not a.probs_float and id(p) not in seen:
             seen.add(id(p))
             found.append(([p.delta], float(p.delta)))
     return found

@@ -166,9 +166,7 @@ def _against_minmax(qmodel: QuantizedModel, original: nn.Module, config: QuantCo
     Both are fitted on the same ``fit`` rows and judged by the model output error vs float on the
     ``held`` rows; unless repq / repquant is lower by :data:`~slimformer.quantize.holdout.MARGIN`
     the min/max model calibrated on all calibration rows is returned (``repq_sites: all``, the
-    published method for ablations, is kept and the loss noted). The comparison keeps the
-    method's attention (quantized); the min/max model returned takes its own (``attention:
-    auto``: float). ``own``: ``original`` is a copy
+    published method for ablations, is kept and the loss noted). ``own``: ``original`` is a copy
     the min/max models may wrap (min/max leaves its weights as they are), else it is copied.
     """
     from slimformer.quantize.select import MARGIN
@@ -203,17 +201,13 @@ def _against_minmax(qmodel: QuantizedModel, original: nn.Module, config: QuantCo
         notes.append(head + f"{config.method} kept as asked (repq_sites: all), though min/max "
                      "is better here")
         return qmodel
-    # min/max as it would run on its own: under attention auto, its attention float
-    final = config.model_copy(update={"method": "minmax"})
     notes.append(head + f"fell back to minmax calibrated on all rows ({config.method} was not "
                  f"{100 * (1 - MARGIN):.0f}% better: its choices did not carry to the model "
-                 "output)" + (f"; attention {final.attention_kind} (min/max's attention: "
-                              f"{config.attention})" if final.attention_kind !=
-                              baseline.attention_kind else ""))
+                 "output)")
     qmodel.quant.forget()  # dropped: its observations, weight caches and hooks
     qmodel.quant.set_mode("float")
     qmodel.release()
-    mm, _ = _calibrate(base(), final, calib_data, structure,
+    mm, _ = _calibrate(base(), baseline, calib_data, structure,
                        lambda s, d, t: tick(f"min/max on all rows: {s}", d, t), None, [])
     return mm
 
