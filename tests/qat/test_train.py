@@ -29,9 +29,8 @@ def digits():
     torch.manual_seed(0)
     lm = load_model(ZooSpec(name="vit-digits-seq"))
     calib = get_dataset("digits-seq", "calib")
-    # attention quantized: repq falls back to min/max here, whose auto attention is float
     qm = quantize(lm.module, QuantConfig(method="repq", weight_bits=4, act_bits=4,
-                                         calib_samples=128, attention="quantized"), calib).model
+                                         calib_samples=128), calib).model
     train = get_dataset("digits-seq", "train", sample=1024)
     test = get_dataset("digits-seq", "test", limit=1000)
     return lm, to_inference(qm, inplace=True), train, test

@@ -85,7 +85,8 @@ def migrate(model: torch.nn.Module, structure, data, config, choices: list | Non
     tick = tick or (lambda *a: None)
     probe = config.model_copy(update={"weight_only": True, "method": "minmax", "awq": False,
                                       "group_size": None, "act_order": False,
-                                      "embedding_bits": None, "float_activations": []})
+                                      "embedding_bits": None, "float_activations": [],
+                                      "head_bits": None})  # the weights' bits as configured
     qmodel = build(model, structure, probe)  # wraps only: the model's weights are not changed
     sites, skipped = _sites(model, structure, qmodel)
     if not sites:
