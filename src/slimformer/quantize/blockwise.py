@@ -24,13 +24,13 @@ model's head) are calibrated last from one forward that stops after them.
 from __future__ import annotations
 
 import inspect
-from collections import Counter
 
 import torch
 
 from slimformer.errors import CalibrationError
 from slimformer.quantize.gptq import Hessian, gptq
 from slimformer.quantize.groupwise import round_to_nearest, set_codes
+from slimformer.quantize.state import shared_params
 
 
 class _Stop(Exception):
@@ -243,8 +243,8 @@ class Blockwise:
         if self.config.awq:
             # a weight used elsewhere too (a head tied to the embedding table) cannot take the
             # fold: the other use would change with it
-            uses = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
-            by_name = {lq.name: lq for lq in lqs if lq.name in hess and uses[id(lq.param[0])] == 1}
+            tied = shared_params(self.model)
+            by_name = {lq.name: lq for lq in lqs if lq.name in hess and id(lq.param[0]) not in tied}
             for norm in self.run.structure.norms:
                 users = [by_name.get(n) for n in norm.linears]
                 if not norm.foldable or not users or None in users or \

@@ -21,6 +21,7 @@ from slimformer.quantize.state import (
     check_patterns,
     key_of,
     match_override,
+    shared_params,
 )
 
 
@@ -30,13 +31,11 @@ def _reparameterizable(model: nn.Module, params: dict, names: list[str]) -> set[
     Used by no other op (a tied embedding table would change with them) and owned by a layer that
     has a bias or is an ``nn.Linear`` (one is added for the zero-point shift).
     """
-    uses: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
+    shared = shared_params(model)
     ok = set()
     for name in names:
         p = params.get(name)
-        if p is None or uses[id(p)] != 1:
+        if p is None or id(p) in shared:
             continue
         path, _, attr = name.rpartition(".")
         owner = model.get_submodule(path)

@@ -166,8 +166,7 @@ def choose_sites(run: Calibration) -> None:
         for a in run.qmodel.quant.attention.values():
             if not a.probs_float:
                 a.probs.calibrate()
-    run.notes += select_sites(run.qmodel.quant, softmax_auto=cfg.softmax == "auto"
-                              and cfg.attention_kind == "quantized",
+    run.notes += select_sites(run.qmodel.quant, softmax_auto=cfg.softmax == "auto",
                               held=run.held_rows(), record=run.choices, progress=run.tick)
     if run.held is not None:  # each site's choice must also lower the model output error
         refs = run.float_outputs(run.held)

@@ -39,6 +39,7 @@ from slimformer.quantize.quantizers import (
     symmetric_params,
     uniform_params,
 )
+from slimformer.quantize.state import shared_params
 
 ROWS = 512  # calibration rows sampled per site for the local error
 PRESERVED_DB = 60.0  # a fold must keep the float outputs at least this close (SQNR)
@@ -127,7 +128,7 @@ def migrate(model: torch.nn.Module, structure, data, config, choices: list | Non
 def _sites(model, smap, qmodel) -> tuple[list[_Site], Counter]:
     """Every site whose division can be folded exactly, and why the others cannot."""
     lqs = {lq.name: lq for lq in qmodel.quant.linears.values()}
-    tied = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    tied = shared_params(model)
     calls = {r.weight: r.calls for r in smap.linears}
     convs = {f"{c}.weight" for c in smap.convs}
     skipped: Counter = Counter()
@@ -135,7 +136,7 @@ def _sites(model, smap, qmodel) -> tuple[list[_Site], Counter]:
     def plain(names) -> list | None:  # quantized 2-D Linears run once, weights not shared
         got = [lqs.get(n) for n in names]
         if not got or any(lq is None or lq.axis is not None or lq.name in convs or
-                          calls.get(lq.name, 1) != 1 or tied[id(lq.param[0])] != 1
+                          calls.get(lq.name, 1) != 1 or id(lq.param[0]) in tied
                           for lq in got):
             return None
         return got

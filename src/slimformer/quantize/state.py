@@ -19,6 +19,18 @@ from slimformer.quantize.intercept import QuantMode
 from slimformer.quantize.quantizers import WeightQuantizer, fake_uniform
 
 
+def shared_params(model: nn.Module) -> set[int]:
+    """``id`` of every parameter the model holds under more than one name (tied weights).
+
+    E.g. an LM head tied to its embedding table: a fold into one use would change the others.
+    """
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        (shared if id(p) in seen else seen).add(id(p))
+    return shared
+
+
 def key_of(name: str) -> str:
     """A ModuleDict-safe key for a dotted name."""
     return re.sub(r"[^A-Za-z0-9_]", "_", name)
