@@ -11,9 +11,9 @@ vision backbones (dinov2-small): feature cosine, neighbour agreement, 5-NN accur
 (smollm2-135m): perplexity, next-token agreement.
 
 Rows (:mod:`real_build`): float (our ONNX export); ours (``quantize`` then ``export onnx``, ONNX
-Runtime) at W8A8 and W4A8 with the default method and with minmax, ``smooth: off`` pinned, and
-at W8A8 with the SmoothQuant-style migration (``-smooth``: ``smooth: auto``) (a status "N act.
-float" counts the activations our output-floor fallback kept float); ours weight-only (INT8 per
+Runtime) at W8A8 and W4A8 with the product's defaults and as the plain min/max baseline (no
+migration, no outlier channels, attention quantized), and at W8A8 with method repq (a status "N
+act. float" counts the activations our output-floor fallback kept float); ours weight-only (INT8 per
 channel round to nearest, INT4 groups of 128 with GPTQ, and with GPTQ+AWQ) exported by our ONNX
 export as MatMulNBits from our codes and run in ONNX Runtime (where the export refuses: judged in
 PyTorch, size of the ``save_quantized`` folder, no latency, the refusal in the status); ONNX
@@ -50,26 +50,26 @@ sys.path.insert(0, str(Path(__file__).parent))  # real_build, real_eval, real_br
 
 THREADS = 2
 WEIGHT_ONLY = ("ours-w8-rtn", "ours-w4g128-gptq", "ours-w4g128-gptq-awq")
-OURS_W8A8 = ("ours-w8a8-default", "ours-w8a8-minmax", "ours-w8a8-smooth", "ours-w8a8-minmax-smooth",
-             "ours-w4a8-default", "ours-w4a8-minmax")
+OURS_W8A8 = ("ours-w8a8-default", "ours-w8a8-repq", "ours-w8a8-minmax", "ours-w4a8-default",
+             "ours-w4a8-minmax")
 ENCODER = ("float", *OURS_W8A8, *WEIGHT_ONLY, "ort-dynamic", "ort-static", "nncf-quantize",
            "nncf-w8", "nncf-w4g128", "brevitas-w8a8", "brevitas-w8a8-gptq")
 LM = ("float", *OURS_W8A8, *WEIGHT_ONLY, "nncf-w8", "nncf-w4g128", "nncf-w4g64", "nncf-quantize",
       "ort-dynamic", "ort-static", "brevitas-w8a8")
 CONFIGS = {"sentence-embedding": ENCODER, "image-features": ENCODER, "causal-lm": LM}
-QUICK = {"sentence-embedding": ("float", "ours-w8a8-minmax", "ours-w8a8-default", "ort-dynamic",
+QUICK = {"sentence-embedding": ("float", "ours-w8a8-default", "ours-w8a8-minmax", "ort-dynamic",
                                 "ort-static", "nncf-quantize", "nncf-w8", "nncf-w4g128",
                                 "brevitas-w8a8"),
-         "image-features": ("float", "ours-w8a8-minmax", "ort-dynamic", "ort-static",
+         "image-features": ("float", "ours-w8a8-default", "ort-dynamic", "ort-static",
                             "nncf-quantize", "nncf-w8", "nncf-w4g128", "brevitas-w8a8"),
-         "causal-lm": ("float", "ours-w8a8-minmax", "nncf-w8", "nncf-w4g128", "nncf-w4g64")}
+         "causal-lm": ("float", "ours-w8a8-default", "ours-w4g128-gptq", "nncf-w8",
+                       "nncf-w4g128", "nncf-quantize")}
 LAT_BATCHES = {"sentence-embedding": (1, 32), "image-features": (1, 8), "causal-lm": (1,)}
-LABELS = {"float": "float (our ONNX export)", "ours-w8a8-default": "ours W8A8, default method",
-          "ours-w8a8-minmax": "ours W8A8 minmax",
-          "ours-w8a8-smooth": "ours W8A8, default method, smooth auto",
-          "ours-w8a8-minmax-smooth": "ours W8A8 minmax, smooth auto",
+LABELS = {"float": "float (our ONNX export)", "ours-w8a8-default": "ours W8A8, defaults",
+          "ours-w8a8-minmax": "ours W8A8 plain minmax",
+          "ours-w8a8-repq": "ours W8A8 repq",
           "ours-w8a8-minmax-unchecked": "ours W8A8 minmax, SQNR floor off",
-          "ours-w4a8-minmax": "ours W4A8 minmax", "ours-w4a8-default": "ours W4A8, default method",
+          "ours-w4a8-minmax": "ours W4A8 plain minmax", "ours-w4a8-default": "ours W4A8, defaults",
           "ours-w8-rtn": "ours INT8 weight-only per channel (RTN)",
           "ours-w4g128-gptq": "ours INT4 weight-only g128 GPTQ",
           "ours-w4g128-gptq-awq": "ours INT4 weight-only g128 GPTQ+AWQ",

@@ -1,10 +1,9 @@
 """Build one configuration's deployable artifact for benchmarks/real.py (ours and the peers).
 
 - ``float``: our ONNX export (opset default, and 20 for OpenVINO) plus the float references;
-- ``ours-wXaY-{default,minmax}[-smooth|-unchecked]``: ``slimformer.quantize`` then ``export onnx``
-  (QDQ), ``smooth: off`` pinned (the table stays comparable whatever the default becomes);
-  ``-smooth`` turns on the SmoothQuant-style migration (``smooth: auto``); ``-unchecked`` turns
-  off the output-SQNR refusal (``min_output_sqnr_db=None``) to measure it;
+- ``ours-wXaY-{default,repq,minmax}[-unchecked]``: ``slimformer.quantize`` then ``export onnx``
+  (QDQ): the product's defaults, method repq, or the plain min/max baseline (:func:`ours_config`);
+  ``-unchecked`` turns off the output-SQNR refusal (``min_output_sqnr_db=None``) to measure it;
 - ``ours-wX[gG]-{rtn,gptq}[-awq]``: weight-only ``quantize`` (round to nearest or GPTQ, groups of
   G input columns, AWQ scales) then ``export onnx``: the float graph with ONNX Runtime
   ``MatMulNBits`` holding our codes (``accuracy_level`` 0). Where the export refuses, the row is
@@ -77,19 +76,24 @@ def make_artifact(config: str, lm, data: dict, work: Path, args):
 
 
 def ours_config(config: str, n: int):
-    """The QuantConfig of ``ours-w{W}a{A}-{default,minmax}[-smooth|-unchecked]`` (``smooth``
-    pinned: ``auto`` with ``-smooth``, else ``off``) or, weight-only,
-    ``ours-w{W}[g{G}]-{rtn,gptq}[-awq]`` (``rtn``: method minmax, round to nearest)."""
+    """The QuantConfig of ``ours-w{W}a{A}-{default,repq,minmax}[-unchecked]`` or, weight-only,
+    ``ours-w{W}[g{G}]-{rtn,gptq}[-awq]`` (``rtn``: method minmax, round to nearest).
+
+    ``default``: the product's defaults at those bits (nothing pinned but the rows); ``repq``:
+    method repq, its other defaults; ``minmax``: the plain baseline (min/max, attention
+    quantized, no SmoothQuant migration, no outlier channels); ``-unchecked``: the output-SQNR
+    floor off (measured even below it).
+    """
     from slimformer.quantize.config import QuantConfig
 
-    m = re.fullmatch(r"ours-w(\d)a(\d)-(default|minmax|smooth)(-smooth|-unchecked)?", config)
-    if m and not (m[3] == "smooth" and m[4]):  # ``ours-wXaY-smooth``: the default method, smooth
-        kw = {"method": "minmax"} if m[3] == "minmax" else {}
-        if m[4] == "-unchecked":  # measured even below the output-SQNR floor
+    m = re.fullmatch(r"ours-w(\d)a(\d)-(default|repq|minmax)(-unchecked)?", config)
+    if m:
+        kw = {"default": {}, "repq": {"method": "repq"},
+              "minmax": {"method": "minmax", "attention": "quantized", "smooth": "off",
+                         "outlier_channels": 0}}[m[3]]
+        if m[4]:
             kw["min_output_sqnr_db"] = None
-        smooth = "auto" if m[3] == "smooth" or m[4] == "-smooth" else "off"
-        return QuantConfig(weight_bits=int(m[1]), act_bits=int(m[2]), calib_samples=n,
-                           smooth=smooth, **kw)
+        return QuantConfig(weight_bits=int(m[1]), act_bits=int(m[2]), calib_samples=n, **kw)
     m = re.fullmatch(r"ours-w(\d)(?:g(\d+))?-(rtn|gptq)(-awq)?", config)
     if not m:
         raise ValueError(f"unknown configuration {config!r}")

@@ -33,8 +33,9 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
              out: Annotated[Path, typer.Option(help="Folder for the quantized model.")],
              method: Annotated[str | None, typer.Option(
                  help="minmax | percentile | repq | repquant; --weight-only: minmax (round to "
-                      "nearest) | gptq  [default: repq; --weight-only: gptq; --act-dynamic: "
-                      "minmax]")] = None,
+                      "nearest) | gptq  [default: minmax at W8A8 (8-bit weights and "
+                      "activations, no --power-of-two-scales), else repq; --weight-only: gptq; "
+                      "--act-dynamic: minmax]")] = None,
              weight_bits: Annotated[int, typer.Option(help="Weight bits (2..8).")] = 8,
              act_bits: Annotated[int, typer.Option(help="Activation bits (2..8).")] = 8,
              calib_samples: Annotated[int, typer.Option(help="Calibration rows.")] = 128,
@@ -115,8 +116,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
         wo = {"weight_only": True, "group_size": group_size, "awq": awq,
               "head_bits": head_bits or None} if weight_only else \
             {k: v for k, v in (("group_size", group_size), ("awq", awq)) if v}  # refused
-        default = "gptq" if weight_only else "minmax" if act_dynamic != "off" else "repq"
-        stage = _stage(QuantizeStage, set_, method=method or default, act_dynamic=act_dynamic,
+        named = {"method": method} if method else {}  # else the config's default_method
+        stage = _stage(QuantizeStage, set_, **named, act_dynamic=act_dynamic,
                        weight_bits=weight_bits, act_bits=act_bits, **wo,
                        calib_samples=calib_samples, softmax=softmax, attention=attention,
                        symmetric=symmetric,
