@@ -76,7 +76,7 @@ def test_target_to_form():
 def test_slow_settings_of_a_quantize_config():
     # repq's default softmax (auto -> log-sqrt2) is slow on every CPU target; asymmetric weights
     # are slow in OpenVINO and not accepted by TensorRT
-    ov = config_slow_settings(QuantConfig(), OnnxConfig(target="openvino"))
+    ov = config_slow_settings(QuantConfig(method="repq"), OnnxConfig(target="openvino"))
     assert any(w.startswith("softmax log_sqrt2") for w in ov), ov
     assert any(w.startswith("symmetric: false") for w in ov), ov
     assert config_slow_settings(QuantConfig(softmax="uniform", symmetric=True),

@@ -253,3 +253,24 @@ def test_attention_auto_is_float_for_the_baselines_and_quantized_for_repq():
                               and a.probs_float) == floats for a in sites)
         assert any(n.startswith("attention: ") for n in res.notes) == floats
 
+
+
+@pytest.mark.parametrize(("fields", "method"), [
+    ({}, "minmax"),  # W8A8: min/max with float attention, migration, outlier channels
+    ({"act_bits": 4}, "repq"),
+    ({"weight_bits": 6}, "repq"),
+    ({"overrides": [{"pattern": "*fc2*", "act_bits": 6}]}, "repq"),
+    ({"overrides": [{"pattern": "*fc2*", "weight_bits": 8}]}, "minmax"),
+    ({"power_of_two_scales": True}, "repq"),  # hls4ml: fixed-point attention, RepQ's folds
+    ({"weight_only": True, "weight_bits": 4, "group_size": 128}, "gptq"),
+    ({"act_dynamic": "token"}, "minmax"),
+    ({"method": "repq"}, "repq"),
+])
+def test_the_default_method_follows_the_bits(fields, method):
+    cfg = QuantConfig(**fields)
+    assert cfg.method == method
+    # what a recipe stage gets is the same, and naming the method always wins
+    from slimformer.stages.quantize import QuantizeStage
+    assert QuantizeStage(**fields).quant_config().method == method
+    named = "minmax" if fields.get("weight_only") else "percentile"
+    assert QuantConfig(**{**fields, "method": named}).method == named
