@@ -1,7 +1,7 @@
 """Build one configuration's deployable artifact for benchmarks/real.py (ours and the peers).
 
 - ``float``: our ONNX export (opset default, and 20 for OpenVINO) plus the float references;
-- ``ours-wXaY-{default,repq,minmax}[-unchecked]``: ``slimformer.quantize`` then ``export onnx``
+- ``ours-wXaY-{default,repq,minmax,token}[-unchecked]``: ``slimformer.quantize`` then ``export onnx``
   (QDQ): the product's defaults, method repq, or the plain min/max baseline (:func:`ours_config`);
   ``-unchecked`` turns off the output-SQNR refusal (``min_output_sqnr_db=None``) to measure it;
 - ``ours-wX[gG]-{rtn,gptq}[-awq]``: weight-only ``quantize`` (round to nearest or GPTQ, groups of
@@ -76,19 +76,20 @@ def make_artifact(config: str, lm, data: dict, work: Path, args):
 
 
 def ours_config(config: str, n: int):
-    """The QuantConfig of ``ours-w{W}a{A}-{default,repq,minmax}[-unchecked]`` or, weight-only,
+    """The QuantConfig of ``ours-w{W}a{A}-{default,repq,minmax,token}[-unchecked]`` or, weight-only,
     ``ours-w{W}[g{G}]-{rtn,gptq}[-awq]`` (``rtn``: method minmax, round to nearest).
 
     ``default``: the product's defaults at those bits (nothing pinned but the rows); ``repq``:
-    method repq, its other defaults; ``minmax``: the plain baseline (min/max, attention
+    method repq, its other defaults; ``token``: the defaults with per-token run-time activation
+    ranges (``act_dynamic: token``); ``minmax``: the plain baseline (min/max, attention
     quantized, no SmoothQuant migration, no outlier channels); ``-unchecked``: the output-SQNR
     floor off (measured even below it).
     """
     from slimformer.quantize.config import QuantConfig
 
-    m = re.fullmatch(r"ours-w(\d)a(\d)-(default|repq|minmax)(-unchecked)?", config)
+    m = re.fullmatch(r"ours-w(\d)a(\d)-(default|repq|minmax|token)(-unchecked)?", config)
     if m:
-        kw = {"default": {}, "repq": {"method": "repq"},
+        kw = {"default": {}, "repq": {"method": "repq"}, "token": {"act_dynamic": "token"},
               "minmax": {"method": "minmax", "attention": "quantized", "smooth": "off",
                          "outlier_channels": 0}}[m[3]]
         if m[4]:

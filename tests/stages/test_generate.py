@@ -59,6 +59,25 @@ def quantized(lm, tmp_path_factory):
     return out
 
 
+def test_a_causal_lm_gets_per_token_activation_ranges_by_default(quantized, lm, tmp_path):
+    """min/max on a causal LM: per-token run-time ranges unless the command says otherwise."""
+    def record(out):
+        rep = json.loads((out / "report.json").read_text())
+        return next(s for s in rep["stages"] if s["type"] == "quantize")
+
+    rec = record(quantized)
+    assert rec["config"]["act_dynamic"] == rec["metrics"]["act_dynamic"] == "token"
+    assert any(n.startswith("act_dynamic token: the default for a causal LM") for n in rec["notes"])
+    out = tmp_path / "static"
+    res = CliRunner().invoke(app, ["-q", "quantize", str(lm), "--out", str(out), "--method",
+                                   "minmax", "--act-dynamic", "off", "--calib-samples", "16",
+                                   "--limit", "32"])
+    assert res.exit_code == 0, res.output
+    rec = record(out)
+    assert rec["config"]["act_dynamic"] == rec["metrics"]["act_dynamic"] == "off"
+    assert not any(n.startswith("act_dynamic") for n in rec["notes"])
+
+
 def _generate(*args):
     res = CliRunner().invoke(app, ["generate", *map(str, args), "--json"])
     assert res.exit_code == 0, res.output

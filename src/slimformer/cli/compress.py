@@ -73,11 +73,12 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                       "the error; auto keeps it only where the model output error on held-out "
                       "calibration rows drops, on skips that check (not with --weight-only).")]
              = "auto",
-             act_dynamic: Annotated[str, typer.Option(
+             act_dynamic: Annotated[str | None, typer.Option(
                  help="off | tensor | token: quantize the Linear inputs on ranges computed at "
                       "run time (per tensor, or per token: each row its own), as ONNX "
                       "Runtime's DynamicQuantizeLinear; holds massive token outliers. Method "
-                      "minmax by default then (or percentile).")] = "off",
+                      "minmax by default then (or percentile).  [default: token for a causal "
+                      "LM quantized by min/max or percentile, else off]")] = None,
              outlier_channels: Annotated[int, typer.Option(
                  help="The most input channels per Linear kept float where their values dwarf "
                       "the rest (massive activations; each site by its output error on the "
@@ -116,8 +117,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
         wo = {"weight_only": True, "group_size": group_size, "awq": awq,
               "head_bits": head_bits or None} if weight_only else \
             {k: v for k, v in (("group_size", group_size), ("awq", awq)) if v}  # refused
-        named = {"method": method} if method else {}  # else the config's default_method
-        stage = _stage(QuantizeStage, set_, **named, act_dynamic=act_dynamic,
+        named = {k: v for k, v in (("method", method), ("act_dynamic", act_dynamic)) if v}
+        stage = _stage(QuantizeStage, set_, **named,  # else the defaults (config, task)
                        weight_bits=weight_bits, act_bits=act_bits, **wo,
                        calib_samples=calib_samples, softmax=softmax, attention=attention,
                        symmetric=symmetric,
@@ -133,7 +134,9 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                                            (max(ROWS.values()) if stage.budget else 0))),
                           max_loss, fail_on_loss, task)
     before, q, after = result.report.stages
-    con.print(f"{model} {stage.method} {q.metrics['bits']} on "
+    dyn = q.metrics.get("act_dynamic", "off")
+    con.print(f"{model} {stage.method} {q.metrics['bits']}"
+              f"{'' if dyn == 'off' else f' (run-time ranges per {dyn})'} on "
               f"{result.report.data['dataset']} "
               f"({after.metrics['samples']} rows): {_quality(before)} -> {_quality(after)}"
               f"; calibration {q.metrics['calib_seconds']:.1f} s on {q.metrics['calib_samples']} "

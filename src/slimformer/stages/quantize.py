@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 from slimformer.errors import ModelLoadError
-from slimformer.quantize.config import QuantConfig
+from slimformer.quantize.config import DYNAMIC_METHODS, QuantConfig
 from slimformer.report.model import StageRecord
 from slimformer.stages.context import RunContext
 from slimformer.store.manifest import stage_entry
@@ -29,9 +29,22 @@ class QuantizeStage(QuantConfig):
     type: Literal["quantize"] = "quantize"
     save: bool = True
 
-    def quant_config(self) -> QuantConfig:
-        """The plain config, without the stage fields."""
-        return QuantConfig(**self.model_dump(exclude={"type", "save"}))
+    def quant_config(self, task: str | None = None) -> QuantConfig:
+        """The plain config, without the stage fields, with the defaults of the model's task.
+
+        A causal LM (``task`` ``causal-lm``) whose stage leaves ``act_dynamic`` unset gets
+        per-token run-time activation ranges where the method takes them (min/max or
+        percentile, asymmetric, no power-of-two scales): a decoder's massive activations sit on
+        a few tokens, and one static range per tensor flattens the rest (SmolLM2-135M W8A8 on
+        held-out nyt text: perplexity 44.67 static vs 41.65 per token, float 41.24).
+        """
+        fields = self.model_dump(exclude={"type", "save"})
+        cfg = QuantConfig(**fields)
+        if task == "causal-lm" and "act_dynamic" not in self.model_fields_set and \
+                not cfg.weight_only and cfg.method in DYNAMIC_METHODS and \
+                not cfg.symmetric and not cfg.power_of_two_scales:
+            cfg = QuantConfig(**{**fields, "act_dynamic": "token"})
+        return cfg
 
 
 def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
@@ -42,13 +55,19 @@ def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
     from slimformer.quantize.serialize import save_quantized
 
     calib = ctx.data.get("calib")
-    cfg = stage.quant_config()
+    cfg = stage.quant_config(getattr(ctx.loaded, "task", None))
     res = quantize(ctx.model, cfg, calib, ctx.structure,
                    progress=ctx.progress)
+    if cfg.act_dynamic != stage.act_dynamic:
+        res.notes.insert(0, f"act_dynamic {cfg.act_dynamic}: the default for a causal LM "
+                            "(per-token run-time activation ranges; set act_dynamic: off for "
+                            "static ones)")
     ctx.model = to_inference(res.model, inplace=True)  # res.model is not used simulated again
-    rec = StageRecord(index=0, type=stage.type, config=stage.model_dump(mode="json"))
+    rec = StageRecord(index=0, type=stage.type,  # what ran: the task's defaults applied
+                      config={**stage.model_dump(mode="json"), "act_dynamic": cfg.act_dynamic})
     rec.metrics = {"calib_samples": res.calib_samples, "calib_seconds": round(res.seconds, 2),
-                   "peak_rss_gb": _peak_rss_gb(), "method": cfg.method, "bits": _bits(cfg)}
+                   "peak_rss_gb": _peak_rss_gb(), "method": cfg.method, "bits": _bits(cfg),
+                   "act_dynamic": cfg.act_dynamic}
     cov = res.model.quant.coverage  # the reasons for float parameters are in the notes
     if cov is not None:
         rec.metrics |= {"weights_quantized": cov.quantized, "weights_total": cov.total,
