@@ -73,6 +73,7 @@ LABELS = {"float": "float (our ONNX export)", "ours-w8a8-default": "ours W8A8, d
           "ours-w4a8-minmax": "ours W4A8 plain minmax", "ours-w4a8-default": "ours W4A8, defaults",
           "ours-w8-rtn": "ours INT8 weight-only per channel (RTN)",
           "ours-w4g128-gptq": "ours INT4 weight-only g128 GPTQ",
+          "ours-w4g64-gptq": "ours INT4 weight-only g64 GPTQ",
           "ours-w4g128-gptq-awq": "ours INT4 weight-only g128 GPTQ+AWQ",
           "ort-dynamic": "ORT quantize_dynamic (MatMul/Gemm)",
           "ort-static": "ORT quantize_static QDQ per-channel",
