@@ -254,7 +254,6 @@ def test_attention_auto_is_float_for_the_baselines_and_quantized_for_repq():
         assert any(n.startswith("attention: ") for n in res.notes) == floats
 
 
-
 @pytest.mark.parametrize(("fields", "method"), [
     ({}, "minmax"),  # W8A8: min/max with float attention, migration, outlier channels
     ({"act_bits": 4}, "repq"),

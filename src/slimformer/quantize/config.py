@@ -42,24 +42,24 @@ def _alphas(v: list[float]) -> list[float]:
 
 
 def default_method(fields: dict) -> str:
-    """The method of a config that names none: ``minmax`` at W8A8, else ``repq``.
+    """The method of a config that names none (``fields``: the config's raw input).
 
-    At 8-bit weights and activations (no override below, no power-of-two scales) min/max with
-    float attention, SmoothQuant migration and outlier channels was the most faithful on every
-    trained model measured (docs/quantize.md: all-MiniLM-L6-v2 neighbour agreement 0.953 vs
-    0.906 for repq, which fell back to min/max with quantized attention there), at half the
-    calibration time; RepQ's per-channel ranges and log-sqrt2 softmax pay off below 8 bits.
+    ``gptq`` with ``weight_only``, ``minmax`` with ``act_dynamic``; else ``minmax`` at W8A8 and
+    ``repq`` below. At 8-bit weights and activations (no override below, no power-of-two
+    scales) min/max with float attention, SmoothQuant migration and outlier channels was the
+    most faithful on every trained model measured (docs/quantize.md: all-MiniLM-L6-v2
+    neighbour agreement 0.953 vs 0.906 for repq, which fell back to min/max with quantized
+    attention there), at half the calibration time; RepQ's per-channel ranges and log-sqrt2
+    softmax pay off below 8 bits.
     """
-    def eight(v) -> bool:  # a malformed value is left to the field's own validation
-        return not isinstance(v, int) or v >= 8
-
-    overrides = fields.get("overrides") or []
-    bits = [fields.get("weight_bits", 8), fields.get("act_bits", 8)] + [
-        o.get(k) or 8 for o in overrides if isinstance(o, dict) for k in ("weight_bits",
-                                                                          "act_bits")] + [
-        getattr(o, k) or 8 for o in overrides if isinstance(o, LayerOverride)
-        for k in ("weight_bits", "act_bits")]
-    w8a8 = all(eight(b) for b in bits)
+    if fields.get("weight_only"):
+        return "gptq"
+    if fields.get("act_dynamic", "off") != "off":
+        return "minmax"
+    rows = [fields] + [o if isinstance(o, dict) else dict(o) for o in fields.get("overrides") or []
+                       if isinstance(o, dict | LayerOverride)]
+    bits = [r.get(k) or 8 for r in rows for k in ("weight_bits", "act_bits")]
+    w8a8 = all(not isinstance(b, int) or b >= 8 for b in bits)  # bad values: the fields' errors
     return "minmax" if w8a8 and not fields.get("power_of_two_scales") else "repq"
 
 
@@ -229,16 +229,8 @@ class QuantConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _weight_only_method(cls, data):
-        """The method of a config that names none (see :func:`default_method`).
-
-        ``gptq`` with ``weight_only``, ``minmax`` with ``act_dynamic``.
-        """
-        if isinstance(data, dict) and data.get("weight_only") and "method" not in data:
-            data = {**data, "method": "gptq"}
-        if isinstance(data, dict) and data.get("act_dynamic", "off") != "off" \
-                and "method" not in data:
-            data = {**data, "method": "minmax"}
+    def _default_method(cls, data):
+        """A config that names no method gets :func:`default_method`'s."""
         if isinstance(data, dict) and "method" not in data:
             data = {**data, "method": default_method(data)}
         return data
@@ -260,11 +252,7 @@ class QuantConfig(BaseModel):
                 raise ValueError(f"{', '.join(asked)} need weight_only: true (weight-only "
                                  "quantization; activations stay float)")
         if self.act_dynamic != "off":
-            clash = [k for k, on in (("weight_only", self.weight_only),
-                                     ("symmetric", self.symmetric),
-                                     ("power_of_two_scales", self.power_of_two_scales),
-                                     (f"method {self.method}",
-                                      self.method not in DYNAMIC_METHODS)) if on]
+            clash = self.act_dynamic_clash()
             if clash:
                 raise ValueError(
                     f"act_dynamic {self.act_dynamic} (run-time asymmetric activation ranges) "
@@ -276,6 +264,13 @@ class QuantConfig(BaseModel):
                              "attention: float leaves them float; choose one (attention: "
                              "quantized or auto with a softmax quantizer)")
         return self
+
+    def act_dynamic_clash(self) -> list[str]:
+        """The settings that rule out ``act_dynamic`` (run-time ranges); empty where it fits."""
+        return [k for k, on in (("weight_only", self.weight_only), ("symmetric", self.symmetric),
+                                ("power_of_two_scales", self.power_of_two_scales),
+                                (f"method {self.method}", self.method not in DYNAMIC_METHODS))
+                if on]
 
     @property
     def attention_kind(self) -> str:

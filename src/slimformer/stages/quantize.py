@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 from slimformer.errors import ModelLoadError
-from slimformer.quantize.config import DYNAMIC_METHODS, QuantConfig
+from slimformer.quantize.config import QuantConfig
 from slimformer.report.model import StageRecord
 from slimformer.stages.context import RunContext
 from slimformer.store.manifest import stage_entry
@@ -41,8 +41,7 @@ class QuantizeStage(QuantConfig):
         fields = self.model_dump(exclude={"type", "save"})
         cfg = QuantConfig(**fields)
         if task == "causal-lm" and "act_dynamic" not in self.model_fields_set and \
-                not cfg.weight_only and cfg.method in DYNAMIC_METHODS and \
-                not cfg.symmetric and not cfg.power_of_two_scales:
+                not cfg.act_dynamic_clash():
             cfg = QuantConfig(**{**fields, "act_dynamic": "token"})
         return cfg
 
