@@ -143,6 +143,8 @@ def test_batch_and_past_lengths_are_dynamic(model, float_export):
 def test_bad_config_and_path_are_typed_errors(model, tmp_path):
     with pytest.raises(ConfigError, match="accuracy_level"):
         DecoderConfig(accuracy_level=2)
+    with pytest.raises(ConfigError, match="int8_block: 48; allowed: 128, 64, 32, 16 or None"):
+        DecoderConfig(int8_block=48)
     with pytest.raises(ConfigError, match="min_token_agreement: 1.5; allowed: 0 to 1"):
         DecoderConfig(min_token_agreement=1.5)
     with pytest.raises(ConfigError, match="kv_form: 'mqa'; allowed: fold, gqa, repeat"):
@@ -178,8 +180,8 @@ def _weight_only(model, **kw):
 @pytest.fixture(scope="module")
 def int4_export(model, tmp_path_factory):
     qmodel = _weight_only(model, weight_bits=4, group_size=32)
-    path = tmp_path_factory.mktemp("dec") / "int4.onnx"
-    return qmodel, export_decoder(qmodel, path), path
+    path = tmp_path_factory.mktemp("dec") / "int4.onnx"  # level 0: what PyTorch computes
+    return qmodel, export_decoder(qmodel, path, DecoderConfig(accuracy_level=0)), path
 
 
 def test_int4_g32_matmulnbits_holds_our_codes(model, int4_export):
@@ -240,12 +242,45 @@ def test_int4_parity_with_the_quantized_pytorch_model(model, int4_export):
 
 def test_int8_symmetric_per_channel_leaves_out_zero_points(model, tmp_path):
     qmodel = _weight_only(model, weight_bits=8, symmetric=True)
-    res = export_decoder(qmodel, tmp_path / "int8.onnx")
+    res = export_decoder(qmodel, tmp_path / "int8.onnx", DecoderConfig(accuracy_level=0))
     proto = onnx.load(str(tmp_path / "int8.onnx"))
     nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
     assert len(nodes) == 15 and all(len(n.input) == 3 for n in nodes)  # default zero 128
     assert set(res.nbits["by_form"]) == {"int8 g64", "int8 g128"}  # K = 64 or 128
     assert min(m["sqnr_db"] for m in res.parity["decode"].values()) > 90
+
+
+def test_the_default_level_4_splits_groups_into_int8_activation_blocks(model, tmp_path):
+    """By default the decoder graph runs int8 activations (accuracy_level 4) in blocks of at
+    most INT8_BLOCK inputs: a group of 64 is written as two blocks of 32, its scale and zero point
+    repeated, the codes unchanged; level 0 keeps the group's own block."""
+    from onnx import numpy_helper
+
+    from slimformer.export.nbits import INT8_BLOCK
+
+    assert DecoderConfig().accuracy_level == 4 and INT8_BLOCK == 32
+    qmodel = _weight_only(model, weight_bits=4, group_size=64)
+    res = export_decoder(qmodel, tmp_path / "l4.onnx", DecoderConfig(min_token_agreement=0.0))
+    ref = export_decoder(qmodel, tmp_path / "l0.onnx", DecoderConfig(accuracy_level=0))
+    assert res.accuracy_level == 4 and ref.accuracy_level == 0
+    assert set(res.nbits["by_form"]) == {"int4 g32", "int8 g32"}
+    assert set(ref.nbits["by_form"]) == {"int4 g64", "int8 g64"}
+    graphs = [onnx.load(str(tmp_path / f)).graph for f in ("l4.onnx", "l0.onnx")]
+    inits = [{t.name: numpy_helper.to_array(t) for t in g.initializer} for g in graphs]
+    nodes = [[n for n in g.node if n.op_type == "MatMulNBits"] for g in graphs]
+    for a, b in zip(*nodes, strict=True):  # same Linears in the same order
+        assert [x.i for x in a.attribute if x.name == "accuracy_level"] == [4]
+        assert [x.i for x in b.attribute if x.name == "accuracy_level"] == [0]
+        ba, bb = inits[0][a.input[1]], inits[1][b.input[1]]
+        assert ba.tobytes() == bb.tobytes()  # the same packed codes, split into more blocks
+        sa, sb = inits[0][a.input[2]], inits[1][b.input[2]]
+        assert np.array_equal(sa, np.repeat(sb, 2, axis=1))
+    # int8 activations are not what PyTorch computes, but close to it: logits of the prefill and
+    # the decode step vs the quantized PyTorch model (level 0 is exact: > 90 dB)
+    for outs in res.parity.values():
+        assert min(m["sqnr_db"] for m in outs.values()) > 20, outs
+    for outs in ref.parity.values():
+        assert min(m["sqnr_db"] for m in outs.values()) > 90, outs
 
 
 def test_unsupported_bits_are_a_typed_error(model, tmp_path):
@@ -275,7 +310,7 @@ def test_export_onnx_of_a_weight_only_model_writes_matmulnbits(int4_export, tmp_
 def test_quantized_embedding_table_becomes_gather_block_quantized(model, tmp_path):
     """embedding_bits 4: the table's Gather is GatherBlockQuantized with our per-row codes."""
     qmodel = _weight_only(model, weight_bits=4, group_size=32, embedding_bits=4)
-    res = export_decoder(qmodel, tmp_path / "emb.onnx")
+    res = export_decoder(qmodel, tmp_path / "emb.onnx", DecoderConfig(accuracy_level=0))
     ops = [n.op_type for n in onnx.load(str(tmp_path / "emb.onnx")).graph.node]
     assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 15
     assert res.nbits["by_form"]["embedding int4 g64"] == 1

@@ -87,7 +87,9 @@ def test_recipe_stage_reports_tokens_and_refuses_a_bad_agreement_bar(lm, tmp_pat
     st = json.loads((out / "report.json").read_text())["stages"][-1]
     m = st["metrics"]
     assert m["graph"] == "decoder" and m["token_steps"] == 8 and m["token_agreement"] >= 0.95
-    assert m["accuracy_level"] == 0 and m["decode_tokens_per_s"] > 0
+    # the decoder graph's default: int8 activations (level 4), or level 0 when it missed the bar
+    assert m["decode_tokens_per_s"] > 0
+    assert m["accuracy_level"] == 4 or any("written at accuracy_level 0" in n for n in st["notes"])
     assert "onnxruntime decode batch=1" in st["latency"] and "speedup" not in str(m)
     with pytest.raises(ConfigError, match="min_token_agreement"):
         parse_recipe({"name": "d", "model": {"source": "hf_dir", "path": str(lm)},

@@ -137,9 +137,10 @@ def export_onnx_cmd(
         graph: Annotated[str, typer.Option(help="auto (a causal LM, float or weight-only: the "
                                            "KV-cache decoder graph; else the full-sequence "
                                            "graph) | decoder | full.")] = "auto",
-        accuracy_level: Annotated[int, typer.Option(help="Weight-only models: MatMulNBits' "
-                                                    "activation precision, 0 or 1 (float32, as "
-                                                    "PyTorch) or 4 (int8, faster).")] = 0,
+        accuracy_level: Annotated[int | None, typer.Option(
+            help="Weight-only models: MatMulNBits' activation precision, 0 or 1 (float32, as "
+                 "PyTorch) or 4 (int8, faster); default: 4 for a causal LM's decoder graph "
+                 "(0 when it misses the greedy-token bar), 0 for the full-sequence graph.")] = None,
         tokens_per_s: Annotated[bool, typer.Option("--tokens-per-s", help="Decoder graph: also "
                                                    "time prefill and decode tokens/s at batch "
                                                    "1 beside the float model's graph.")] = False,

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from slimformer.errors import ConfigError, ExportError, UnsupportedModelError
-from slimformer.export.config import ACCURACY_LEVELS, DEFAULT_ACCURACY_LEVEL
+from slimformer.export.config import ACCURACY_LEVELS, DECODER_ACCURACY_LEVEL
+from slimformer.export.nbits import BLOCKS, INT8_BLOCK
 
 OPSETS = (17, 18, 19, 20, 21, 22, 23)
 KV_FORMS = ("fold", "gqa", "repeat")
@@ -54,12 +55,17 @@ class DecoderConfig:
         threads: ONNX Runtime intra-op threads of the check.
         check: Run the ONNX Runtime check (prefill + one decode step) before writing.
         min_sqnr_db: A float export whose ONNX Runtime outputs reach less SQNR vs PyTorch fails.
-        accuracy_level: MatMulNBits' activation precision: 0 or 1 (float32), 4 (int8 in the
-            runtime's kernel: faster, not exactly what PyTorch computes).
+        accuracy_level: MatMulNBits' activation precision: 0 or 1 (float32, what PyTorch
+            computes), 4 (int8 in the runtime's kernel: several times faster to decode, not
+            exactly what PyTorch computes; the default, see
+            :data:`~slimformer.export.config.DECODER_ACCURACY_LEVEL`).
         check_tokens: Prompt length of the check's prefill.
         parity_steps: Greedy tokens compared with PyTorch after the prompt (0: none).
         min_token_agreement: A quantized export agreeing with the quantized PyTorch model on
             fewer of the steps fails (a float export must agree on all).
+        int8_block: At ``accuracy_level`` 4, MatMulNBits blocks of at most this many inputs
+            (larger groups split, their scales repeated): ONNX Runtime's int8 activation ranges
+            are per block (:data:`~slimformer.export.nbits.INT8_BLOCK`; None: the groups').
         accuracy_fallback: At ``accuracy_level`` 4 under ``min_token_agreement``, write level 0
             instead (noted in the warnings) rather than fail.
         kv_form: How Attention reads the grouped cache (:mod:`slimformer.export.gqa`): ``fold``
@@ -74,7 +80,8 @@ class DecoderConfig:
     threads: int = 2
     check: bool = True
     min_sqnr_db: float = 60.0
-    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+    accuracy_level: int = DECODER_ACCURACY_LEVEL
+    int8_block: int | None = INT8_BLOCK
     check_tokens: int = 8
     parity_steps: int = 32
     min_token_agreement: float = 0.95
@@ -90,6 +97,9 @@ class DecoderConfig:
         if self.accuracy_level not in ACCURACY_LEVELS:
             bad.append(f"accuracy_level: {self.accuracy_level}; allowed: "
                        f"{', '.join(map(str, ACCURACY_LEVELS))}")
+        if self.int8_block is not None and self.int8_block not in BLOCKS:
+            bad.append(f"int8_block: {self.int8_block}; allowed: "
+                       f"{', '.join(map(str, BLOCKS))} or None")
         if self.kv_form not in KV_FORMS:
             bad.append(f"kv_form: {self.kv_form!r}; allowed: {', '.join(KV_FORMS)}")
         if not 1 <= self.threads <= 256:
@@ -344,7 +354,8 @@ def _export_once(model, path: Path, layout: CacheLayout, opset: int, config: Dec
                 if quantized:
                     from slimformer.export.nbits import to_matmul_nbits
 
-                    result.nbits = to_matmul_nbits(proto, model, level).as_dict()
+                    result.nbits = to_matmul_nbits(proto, model, level,
+                                                   config.int8_block).as_dict()
                     result.accuracy_level = level
                 _save(proto, tmp, big)
                 if not config.check:

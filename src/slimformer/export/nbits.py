@@ -37,6 +37,10 @@ from slimformer.quantize.pack import pack_codes
 
 NBITS = (2, 4, 8)
 BLOCKS = (128, 64, 32, 16)
+# accuracy_level 4: ONNX Runtime's int8 activation blocks. Measured on SmolLM2-135M (512 nyt
+# tokens, int8 per block simulated on every Linear input): logits SQNR vs float 20.9 dB at 128,
+# 28.4 at 64, 31.3 at 32, 33.3 at 16; next-token agreement 0.885 / 0.949 / 0.957 / 0.967
+INT8_BLOCK = 32
 DOMAIN = "com.microsoft"
 
 
@@ -156,8 +160,14 @@ def _initializers(lq, codes, scale, zero, block: int, prefix: str):
     return tensors
 
 
-def to_matmul_nbits(proto, qmodel, accuracy_level: int = 0) -> NbitsStats:
+def to_matmul_nbits(proto, qmodel, accuracy_level: int = 0,
+                    int8_block: int | None = INT8_BLOCK) -> NbitsStats:
     """Rewrite ``proto`` (the float graph of ``qmodel.model``, in memory) in place; see module doc.
+
+    At ``accuracy_level`` 4 ONNX Runtime quantizes each row of the activations to int8 per block
+    of the op's ``block_size`` inputs: a group larger than ``int8_block`` is written as blocks of
+    ``int8_block`` with its scale and zero point repeated (the same codes and values), so the
+    activations' int8 ranges are that fine (None: the groups' own size).
 
     Raises:
         ExportError: A quantized Linear with no MatMulNBits form, or whose MatMul is not in
@@ -187,6 +197,8 @@ def to_matmul_nbits(proto, qmodel, accuracy_level: int = 0) -> NbitsStats:
         lq, codes, scale, zero = sites[key]
         n, k = codes.shape
         block = _block(lq, k, scale.shape[1])
+        if accuracy_level == 4 and int8_block and block > int8_block and block % int8_block == 0:
+            block = int8_block
         prefix = f"{node.name or node.output[0]}_nbits"
         tensors = _initializers(lq, codes, scale, zero, block, prefix)
         graph.initializer.extend(tensors)

@@ -33,7 +33,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from slimformer.errors import ExportError
-from slimformer.export.config import OnnxConfig
+from slimformer.export.config import DEFAULT_ACCURACY_LEVEL, OnnxConfig
 
 TWO_GB = 2**31
 EXTERNAL_DATA_BYTES = TWO_GB  # above this the weights go to one ``<file>.onnx.data`` beside it
@@ -248,7 +248,8 @@ def _weight_only(model, path: Path, inputs: dict[str, torch.Tensor],
     data = path.with_name(path.name + ".data")
     try:
         proto = onnx.load(str(path))
-        stats = to_matmul_nbits(proto, model, config.accuracy_level)
+        level = DEFAULT_ACCURACY_LEVEL if config.accuracy_level is None else config.accuracy_level
+        stats = to_matmul_nbits(proto, model, level)
         with atomic_path(path) as tmp:
             if data.exists():
                 onnx.save(proto, str(tmp), save_as_external_data=True, location=tmp.name + ".data")

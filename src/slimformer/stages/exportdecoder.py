@@ -75,6 +75,7 @@ def prompt_of(ctx: RunContext, tokens: int, room: int | None) -> tuple[list[int]
 
 def decoder_into(ctx: RunContext, stage, tmp: Path) -> StageRecord:
     """Write ``tmp/model.onnx`` as the decoder graph; parity and tokens/s (see module doc)."""
+    from slimformer.export.config import DECODER_ACCURACY_LEVEL
     from slimformer.export.decoder import DecoderConfig, export_decoder
     from slimformer.stages.generate import _max_positions, hf_model
 
@@ -83,7 +84,8 @@ def decoder_into(ctx: RunContext, stage, tmp: Path) -> StageRecord:
     prompt, note = prompt_of(ctx, stage.prompt_tokens,
                              None if limit is None else limit - stage.decode_tokens - 1)
     cfg = DecoderConfig(opset=stage.opset, threads=stage.threads, check=stage.check,
-                        accuracy_level=stage.accuracy_level,
+                        accuracy_level=DECODER_ACCURACY_LEVEL if stage.accuracy_level is None
+                        else stage.accuracy_level,
                         parity_steps=stage.decode_tokens if stage.check else 0,
                         min_token_agreement=stage.min_token_agreement)
     tick("export: decoder graph (checked in ONNX Runtime)", 0, 1)
