@@ -63,11 +63,12 @@ class OpenVinoResult:
                 "onnx": self.onnx.summary()}
 
 
-def compile_model(model, precision: str = "f32", threads: int = 2):
+def compile_model(model, precision: str = "f32", threads: int = 2, extra: dict | None = None):
     """An OpenVINO CPU compiled model of a file (IR ``.xml`` or ``.onnx``) or ``ov.Model``.
 
     ``precision``: ``f32`` (exact float: the parity checks use it) or ``bf16`` (where the CPU has
-    it; int8 parts stay int8 in both); ``threads``: ``INFERENCE_NUM_THREADS``.
+    it; int8 parts stay int8 in both); ``threads``: ``INFERENCE_NUM_THREADS``; ``extra``: more
+    CPU plugin properties.
     """
     ov = _ov()
     if precision not in PRECISIONS:
@@ -76,7 +77,7 @@ def compile_model(model, precision: str = "f32", threads: int = 2):
     if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         raise ExportError("this CPU has no bf16 arithmetic (no avx512_bf16 / amx_bf16): use f32")
     cfg = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision,
-           "PERFORMANCE_HINT": "LATENCY"}
+           "PERFORMANCE_HINT": "LATENCY", **(extra or {})}
     try:
         return core.compile_model(str(model) if isinstance(model, str | Path) else model, "CPU",
                                   cfg)
@@ -221,12 +222,22 @@ class OvDecoder:
     compressed weights); ``precision`` ``f32`` computes as ONNX Runtime does, ``bf16`` is faster
     where the CPU has it.
 
+    ``stateful`` (default): OpenVINO's make-stateful transformation turns each
+    ``past_key_values.{i}`` input and its ``present.{i}`` output into a state variable kept
+    inside the infer request, so a decode step no longer copies the whole cache in and out
+    (SmolLM2-135M float, 512-token prompt: 32 vs 20 decode tokens/s, one run). The cache is then
+    the request's: ``empty()`` starts a sequence and ``step`` continues only the request's own
+    last step (the "past" it returns is a zero-width marker of the cached length); at ``f32``
+    the cache is held in f32 (the plugin's default would store it as u8), at ``bf16`` as the
+    plugin chooses.
+
     Raises:
         ExportError: OpenVINO is missing, or cannot read or compile the file (the message names
             the graph's ops outside the standard ONNX domain, which its ONNX frontend may lack).
     """
 
-    def __init__(self, path: str | Path, threads: int = 2, precision: str = "f32"):
+    def __init__(self, path: str | Path, threads: int = 2, precision: str = "f32",
+                 stateful: bool = True):
         import re
 
         ov = _ov()
@@ -236,10 +247,8 @@ class OvDecoder:
             raise ExportError(f"OpenVINO {ov.__version__} cannot read {path}: "
                               f"{str(exc).splitlines()[0][:300]} (ops outside the standard "
                               f"domain in the file: {_custom_ops(path) or 'none'})") from exc
-        self.compiled = compile_model(model, precision, threads)
-        self.request = self.compiled.create_infer_request()
-        names = [i.get_any_name() for i in self.compiled.inputs]
-        past = [i for i in self.compiled.inputs
+        names = [i.get_any_name() for i in model.inputs]
+        past = [i for i in model.inputs
                 if re.fullmatch(r"past_key_values\.\d+\.(key|value)", i.get_any_name())]
         if not past or not {"input_ids", "attention_mask", "position_ids"} <= set(names):
             raise ExportError(f"{path} is not a decoder graph with a key/value cache: inputs "
@@ -247,9 +256,32 @@ class OvDecoder:
         self.past_names = [i.get_any_name() for i in past]
         shape = past[0].get_partial_shape()
         self.kv_heads, self.head_dim = shape[1].get_length(), shape[3].get_length()
+        self.stateful, self.length = stateful, None
+        extra = {}
+        if stateful:
+            from openvino._offline_transformations import apply_make_stateful_transformation
+
+            outs = {o.get_any_name() for o in model.outputs}
+            pairs = {n: n.replace("past_key_values.", "present.", 1) for n in self.past_names}
+            if not set(pairs.values()) <= outs:
+                raise ExportError(f"{path}: no present.{{i}}.key/value output for every past "
+                                  "input: the cache cannot be kept inside OpenVINO (stateful)")
+            apply_make_stateful_transformation(model, pairs)
+            if precision == "f32":
+                extra["KV_CACHE_PRECISION"] = "f32"
+        self.compiled = compile_model(model, precision, threads, extra)
+        self.request = self.compiled.create_infer_request()
 
     def empty(self, batch: int = 1) -> list[np.ndarray]:
-        """Empty past tensors ``(batch, kv_heads, 0, head_dim)``."""
+        """Empty past tensors ``(batch, kv_heads, 0, head_dim)`` (stateful: a new sequence)."""
+        if self.stateful:
+            ov = _ov()
+            self.request.reset_state()
+            for st in self.request.query_state():  # the batch of this sequence, no positions
+                st.state = ov.Tensor(np.zeros((batch, self.kv_heads, 0, self.head_dim),
+                                              np.float32))
+            self.length = 0
+            return [np.zeros((batch, self.kv_heads, 0, 0), np.float32)]
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
                 for _ in self.past_names]
 
@@ -257,10 +289,24 @@ class OvDecoder:
         """``(logits (B, T, V), presents)`` for new tokens ``ids (B, T)`` after ``past``."""
         from slimformer.export.ortgen import step_feeds
 
-        self.request.infer(step_feeds(ids, past, self.past_names))
-        outs = [self.request.get_output_tensor(i).data.copy()
-                for i in range(len(self.compiled.outputs))]
-        return outs[0], outs[1:]
+        if not self.stateful:
+            self.request.infer(step_feeds(ids, past, self.past_names))
+            outs = [self.request.get_output_tensor(i).data.copy()
+                    for i in range(len(self.compiled.outputs))]
+            return outs[0], outs[1:]
+        b, t = ids.shape
+        p = past[0].shape[2]
+        if p != self.length:
+            raise ExportError(f"a stateful OpenVINO decoder continues its own last step only "
+                              f"(cache of {self.length} positions, asked to continue from {p}): "
+                              "call empty() to start a sequence, or use stateful=False")
+        self.request.infer({"input_ids": ids.astype(np.int64),
+                            "attention_mask": np.ones((b, p + t), np.int64),
+                            "position_ids": np.broadcast_to(np.arange(p, p + t, dtype=np.int64),
+                                                            (b, t)).copy()})
+        self.length = p + t
+        logits = self.request.get_output_tensor(0).data.copy()
+        return logits, [np.zeros((b, self.kv_heads, p + t, 0), np.float32)]
 
 
 def _custom_ops(path) -> str:

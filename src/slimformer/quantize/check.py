@@ -58,9 +58,17 @@ def weak_floor_db(bits: int) -> float:
 
 
 def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
-    """``10 log10(sum ref^2 / sum (got - ref)^2)`` in float64 (inf when equal, -inf for 0 ref)."""
-    ref, got = ref.double(), got.double()
-    sig, err = float((ref**2).sum()), float(((got - ref) ** 2).sum())
+    """``10 log10(sum ref^2 / sum (got - ref)^2)`` in float64 (inf when equal, -inf for 0 ref).
+
+    Summed over chunks of ``CHUNK`` elements: no float64 copy of a whole tensor (an LM head's
+    weight is 0.1-1 GB in float32).
+    """
+    ref, got = ref.reshape(-1), got.reshape(-1)
+    sig = err = 0.0
+    for i in range(0, ref.numel(), CHUNK):
+        r = ref[i:i + CHUNK].double()
+        sig += float((r**2).sum())
+        err += float(((got[i:i + CHUNK].double() - r) ** 2).sum())
     if err == 0:
         return math.inf
     return 10 * math.log10(sig / err) if sig > 0 else -math.inf
@@ -68,14 +76,14 @@ def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
 
 def _judge(name: str, kind: str, bits: int, ref: torch.Tensor, got: torch.Tensor,
            step: torch.Tensor | None) -> WeakSite | None:
-    ref = ref.double()
     if not ref.numel() or float(ref.abs().max()) == 0:
         return None  # all-zero data: any grid represents it exactly
     db = sqnr_db(ref, got)
     steps = math.inf
     if step is not None:
         # per channel (column): one outlier channel must not hide that the others collapse
-        spread = ref.std(0, unbiased=False) if ref.dim() == 2 else ref.std().reshape(1)
+        ref = ref.float()  # float32 spreads: a float64 copy of an LM head's weight is 0.2-2 GB
+        spread = (ref.std(0, unbiased=False) if ref.dim() == 2 else ref.std().reshape(1)).double()
         steps = float((spread / step.double().reshape(-1)).median())
     reasons = []
     if steps < 1:
