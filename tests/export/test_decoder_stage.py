@@ -56,9 +56,12 @@ def test_float_causal_lm_writes_the_decoder_graph(lm, tmp_path):
 def test_weight_only_export_parity_speed_and_accuracy_level(int4, tmp_path):
     res = _export(int4, "--out", tmp_path / "q.onnx", "--tokens-per-s", "--accuracy-level", "4")
     assert res["graph"] == "decoder" and res["quantized"]
-    nodes = [n for n in onnx.load(str(tmp_path / "q.onnx")).graph.node
-             if n.op_type == "MatMulNBits"]
-    assert len(nodes) == res["nbits"]["replaced"] == 15  # with lm_head
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 15  # with lm_head
+    # and the embedding table: 8 bits per row, the default of a causal LM quantized to 4 bits
+    assert [n.op_type for n in graph.node].count("GatherBlockQuantized") == 1
+    assert res["nbits"]["replaced"] == 16 and res["nbits"]["by_form"]["embedding int8 g32"] == 1
     assert {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"} == {4}
     assert res["tokens"]["agreement"] >= 0.95  # vs the quantized PyTorch model
     sp = res["speed"]

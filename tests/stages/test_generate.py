@@ -183,11 +183,24 @@ def test_onnxruntime_runtime_float_and_weight_only_match_torch(lm, tmp_path):
                                    "--method", "minmax", "--weight-bits", "4", "--group-size", "32",
                                    "--calib-samples", "8", "--limit", "16"])
     assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    rec = next(s for s in rep["stages"] if s["type"] == "quantize")
+    assert rec["config"]["embedding_bits"] == 8  # a causal LM at 4 bits: 8-bit tables by default
+    assert any(n.startswith("embedding_bits 8: the default for a causal LM") for n in rec["notes"])
     torch_q = _generate(out, "--prompt", PROMPT, "--max-new-tokens", 12)
     ort_q = _generate(out, "--prompt", PROMPT, "--max-new-tokens", 12, "--runtime", "onnxruntime")
     assert ort_q["new_ids"] == torch_q["new_ids"]
     if importlib.util.find_spec("openvino"):  # the same decoder file, read by OpenVINO (f32)
         ov_q = _generate(out, "--prompt", PROMPT, "--max-new-tokens", 12, "--runtime", "openvino")
         assert ov_q["new_ids"] == torch_q["new_ids"] and ov_q["runtime"] == "openvino"
+    out0 = tmp_path / "w4-float-tables"
+    res = CliRunner().invoke(app, ["-q", "quantize", str(lm), "--out", str(out0), "--weight-only",
+                                   "--method", "minmax", "--weight-bits", "4", "--group-size", "32",
+                                   "--embedding-bits", "0", "--calib-samples", "8", "--limit", "16"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out0 / "report.json").read_text())
+    rec = next(s for s in rep["stages"] if s["type"] == "quantize")
+    assert rec["config"]["embedding_bits"] is None and not any(
+        n.startswith("embedding_bits") for n in rec["notes"])
     res = CliRunner().invoke(app, ["generate", str(lm), "--prompt", PROMPT, "--runtime", "tvm"])
     assert res.exit_code != 0 and "onnxruntime" in res.output

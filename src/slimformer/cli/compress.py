@@ -86,7 +86,9 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
              power_of_two_scales: Annotated[bool, typer.Option(
                  help="Power-of-two scales (exact ap_fixed types for export hls).")] = False,
              embedding_bits: Annotated[int | None, typer.Option(
-                 help="Quantize embedding tables to this many bits (2..8).")] = None,
+                 help="Quantize embedding tables to this many bits (2..8); 0 keeps them float. "
+                      "Default: 8 for a causal LM quantized weight-only to 4 bits or fewer, "
+                      "else float.")] = None,
              max_memory: Annotated[str | None, typer.Option(
                  help="Peak memory budget of calibration (4GB, 512MiB): block inputs/outputs "
                       "past it go to memory-mapped files.")] = None,
@@ -118,6 +120,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
               "head_bits": head_bits or None} if weight_only else \
             {k: v for k, v in (("group_size", group_size), ("awq", awq)) if v}  # refused
         named = {k: v for k, v in (("method", method), ("act_dynamic", act_dynamic)) if v}
+        if embedding_bits is not None:  # 0: float tables; not given: the task's default
+            named["embedding_bits"] = embedding_bits or None
         stage = _stage(QuantizeStage, set_, **named,  # else the defaults (config, task)
                        weight_bits=weight_bits, act_bits=act_bits, **wo,
                        calib_samples=calib_samples, softmax=softmax, attention=attention,
@@ -125,7 +129,7 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                        **({"budget": budget} if budget is not None else {}),
                        smooth=smooth, power_of_two_scales=power_of_two_scales,
                        outlier_channels=outlier_channels,
-                       embedding_bits=embedding_bits, max_memory=max_memory,
+                       max_memory=max_memory,
                        clip_steps=clip_steps, recon_steps=recon_steps)
         quiet = EvaluateStage(latency_batch_sizes=[])
         result = _run_one(con, "quantize", model, config, [quiet, stage, quiet], out, overwrite,
