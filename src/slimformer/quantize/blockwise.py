@@ -262,7 +262,8 @@ class Blockwise:
             self.run.tick(step, i, len(lqs))
             if self.config.method == "gptq" and lq.name in hess:
                 codes, s, z = gptq(lq.full_matrix().detach(), hess[lq.name].h, lq.wq.bits,
-                                   lq.wq._params, lq.group, self.config.act_order, lq.name)
+                                   lq.wq._params, lq.group, self.config.act_order is not False,
+                                   lq.name)
                 set_codes(lq, codes, s, z)
             else:
                 round_to_nearest(lq)

@@ -131,7 +131,8 @@ class QuantConfig(BaseModel):
             Linear group's output error and folded into the norm that feeds them (nothing added
             at inference); Linears without such a norm keep their weights as they are.
         act_order: gptq: columns in order of decreasing Hessian diagonal (group ranges are then
-            fixed from the weights before rounding).
+            fixed from the weights before rounding). None: on (SmolLM2-135M INT4 g128, 128 nyt
+            rows: perplexity 50.12 without, 47.78 with, float 41.24; 4,096 held-out tokens).
         repq_sites: ``auto``: repq/repquant choose per site (RepQ per-channel ranges, per-tensor
             min/max or MSE search; log-sqrt2 or uniform softmax under ``softmax: auto``) by
             calibration error, so they do not lose to the baselines: from 8 calibration rows on,
@@ -214,7 +215,7 @@ class QuantConfig(BaseModel):
     head_bits: Bits | None = 8
     group_size: Annotated[int | None, AfterValidator(_group)] = None
     awq: bool = False
-    act_order: bool = False
+    act_order: bool | None = None
     repq_sites: Literal["auto", "all"] = "auto"
     min_output_sqnr_db: float | None = 10.0
     budget: Annotated[str | None, AfterValidator(budget_field)] = None
@@ -247,7 +248,8 @@ class QuantConfig(BaseModel):
         if not self.weight_only:
             asked = [k for k, on in (("method gptq", self.method == "gptq"),
                                      ("group_size", self.group_size is not None),
-                                     ("awq", self.awq), ("act_order", self.act_order)) if on]
+                                     ("awq", self.awq), ("act_order", self.act_order is True))
+                     if on]
             if asked:
                 raise ValueError(f"{', '.join(asked)} need weight_only: true (weight-only "
                                  "quantization; activations stay float)")
