@@ -78,6 +78,36 @@ def test_gptq_layer_output_beats_round_to_nearest(group, symmetric):
     assert db["gptq"] >= db["rtn"] + 3, db
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_clip_search_shrinks_heavy_tailed_groups_and_lowers_the_output_error(act_order):
+    """Laplace-distributed weights (a trained layer's heavy tails): the Hessian-weighted range
+    search shrinks most groups' ranges below min/max, and GPTQ's layer output SQNR on held-out
+    inputs rises (seeded: the same data every run)."""
+    g = torch.Generator().manual_seed(3)
+    out, cols, group = 64, 256, 64
+    u = torch.rand(out, cols, generator=g) - 0.5  # Laplace(0, 1) by inverting its CDF
+    w = -torch.sign(u) * torch.log1p(-2 * u.abs()) / cols**0.5
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5
+    x = torch.randn(3072, cols, generator=g) @ mix
+    fit, held = x[:2048], x[2048:]
+    h = Hessian(cols)
+    h.add(fit)
+    wq = WeightQuantizer(4)
+    res = {c: gptq(w, h.h, 4, wq._params, group, act_order, clip_search=c) for c in (False, True)}
+    lo = w.reshape(-1, group).amin(1, keepdim=True)
+    hi = w.reshape(-1, group).amax(1, keepdim=True)
+    minmax = wq._params(lo, hi)[0].reshape(out, -1)
+    if act_order:  # static groups: min/max is the search's first candidate, never exceeded
+        assert torch.equal(res[False][1], minmax)
+        assert bool((res[True][1] <= minmax + 1e-12).all())
+        assert float((res[True][1] < minmax).float().mean()) > 0.5
+    y = held @ w.t()
+    db = {c: metrics(y, held @ dequantize(*r).t())["sqnr_db"] for c, r in res.items()}
+    # measured on this seeded layer: +0.2 dB with dynamic groups, +0.01 dB with act_order's
+    # static groups (GPTQ then compensates most of the range's error itself)
+    assert db[True] > db[False] + (0.005 if act_order else 0.1), db
+
+
 def test_blockwise_gptq_and_awq_on_llama():
     """Block-wise GPTQ beats round-to-nearest on the logits; AWQ's fold keeps the float model."""
     model, data, x = _llama(), _rows(), _rows(8, seed=1).inputs["input_ids"]

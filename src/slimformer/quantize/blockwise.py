@@ -263,7 +263,7 @@ class Blockwise:
             if self.config.method == "gptq" and lq.name in hess:
                 codes, s, z = gptq(lq.full_matrix().detach(), hess[lq.name].h, lq.wq.bits,
                                    lq.wq._params, lq.group, self.config.act_order is not False,
-                                   lq.name)
+                                   lq.name, self.config.clip_search is not False)
                 set_codes(lq, codes, s, z)
             else:
                 round_to_nearest(lq)

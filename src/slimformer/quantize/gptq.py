@@ -22,6 +22,7 @@ from slimformer.errors import CalibrationError
 
 DAMP = 0.01  # of the mean Hessian diagonal
 BLOCK = 128  # columns per lazy update
+CLIP_GRID = torch.linspace(1.0, 0.5, 21)[1:]  # shrink factors of a group's min/max range tried
 
 Params = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -71,7 +72,7 @@ def _inverse_factor(h: torch.Tensor, name: str) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, params: Params, group: int | None = None,
-         act_order: bool = False, name: str = "weight"
+         act_order: bool = False, name: str = "weight", clip_search: bool = False
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round ``w (out, in)`` to ``bits``-bit codes with GPTQ's error compensation.
 
@@ -85,6 +86,10 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, params: Params, group: int
         group: Input columns per range (a divisor of ``in``), or None: one range per row.
         act_order: Columns in order of decreasing ``diag(H)``.
         name: Names the weight in errors.
+        clip_search: Each range (a group of a row) shrunk from its min/max by the factor of
+            :data:`CLIP_GRID` (or 1) that minimizes the rounding error weighted by ``diag(H)``,
+            ``sum_j H_jj (w_j - q(w_j))^2`` (the output error of rounding that group alone), as
+            GPTQ's reference code does with its MSE grid and AWQ's clip search.
 
     Returns:
         ``codes (out, in)`` uint8, ``scale`` and ``zero`` ``(out, in / group)`` (``(out, 1)``
@@ -97,12 +102,38 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, params: Params, group: int
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _gptq(w, h, bits, params, group, act_order, name)
+        return _gptq(w, h, bits, params, group, act_order, name, clip_search)
     finally:
         torch.set_num_threads(threads)
 
 
-def _gptq(w, h, bits, params, group, act_order, name):
+def _range(wg: torch.Tensor, d: torch.Tensor, params: Params, bits: int, search: bool):
+    """``(scale, zero)`` ``(out, 1)`` of the columns ``wg (out, g)``, weights ``d (g,)``.
+
+    Min/max, or the shrink of :data:`CLIP_GRID` with the least ``sum d_j (w_j - q(w_j))^2`` per
+    row.
+    """
+    lo, hi = wg.amin(1, keepdim=True), wg.amax(1, keepdim=True)
+    best = params(lo, hi)
+    if not search:
+        return best
+    top = 2**bits - 1
+
+    def err(s, z):
+        q = (torch.clamp(torch.round(wg / s) + z, 0, top) - z) * s
+        return ((q - wg) ** 2 * d).sum(1, keepdim=True)
+
+    best_err = err(*best)
+    for f in CLIP_GRID:
+        s, z = params(lo * f, hi * f)
+        e = err(s, z)
+        better = e < best_err
+        best = (torch.where(better, s, best[0]), torch.where(better, z, best[1]))
+        best_err = torch.minimum(e, best_err)
+    return best
+
+
+def _gptq(w, h, bits, params, group, act_order, name, clip_search=False):
     out, cols = w.shape
     g = group or cols
     if cols % g:
@@ -113,10 +144,12 @@ def _gptq(w, h, bits, params, group, act_order, name):
     dead = torch.diag(h) == 0  # inputs never active: their columns cannot matter
     h[dead, dead] = 1
     w[:, dead] = 0
-    ranges = [params(w[:, c:c + g].amin(1, keepdim=True), w[:, c:c + g].amax(1, keepdim=True))
+    d = torch.diag(h)
+    ranges = [_range(w[:, c:c + g], d[c:c + g], params, bits, clip_search)
               for c in range(0, cols, g)] if act_order or group is None else []
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
     w, h = w[:, perm], h[perm][:, perm]
+    hp = h  # the permuted Hessian (its diagonal weighs the dynamic groups' range search)
     hinv = _inverse_factor(h, name)
     codes = torch.zeros(out, cols)
     if not ranges:
@@ -128,8 +161,8 @@ def _gptq(w, h, bits, params, group, act_order, name):
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             if ranges[col // g] is None:  # dynamic groups: from the updated weights
-                ranges[col // g] = params(w1[:, i:i + g].amin(1, keepdim=True),
-                                          w1[:, i:i + g].amax(1, keepdim=True))
+                ranges[col // g] = _range(w1[:, i:i + g], torch.diag(hp)[i1 + i:i1 + i + g],
+                                          params, bits, clip_search)
             s, z = ranges[col // g]
             x = w1[:, i:i + 1]
             c = torch.clamp(torch.round(x / s) + z, 0, top)
