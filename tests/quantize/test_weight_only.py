@@ -180,7 +180,9 @@ def test_invalid_combinations_are_typed_errors():
     assert QuantConfig(weight_only=True).method == "gptq"
     for bad, why in ((dict(group_size=128), "need weight_only"),
                      (dict(weight_only=True, method="repq"), "takes method minmax or gptq"),
-                     (dict(weight_only=True, group_size=100), "power of two")):
+                     (dict(weight_only=True, group_size=100), "power of two"),
+                     (dict(clip_search=True), "clip_search need weight_only"),
+                     (dict(act_order=True), "act_order need weight_only")):
         with pytest.raises(ValidationError, match=why):
             QuantConfig(**bad)
         with pytest.raises(ConfigError, match=why):
