@@ -187,7 +187,11 @@ def test_recipe_stage_search_then_evaluate(tmp_path):
                    {"type": "evaluate", "latency_batch_sizes": [1], "latency_repeats": 3}]})
     res = run(recipe, out_dir=tmp_path / "out")
     search_rec, eval_rec = res.report.stages
-    assert search_rec.metrics["measured"] == 1 + 6 + 2 and search_rec.metrics["front"] >= 1
+    # the reference, the 6 samples and up to front_max (2) predicted-front members not measured
+    # yet: the predicted front follows the measured latencies, so on a loaded machine it can
+    # hold a single new member (seen once in a full-suite run beside a benchmark: 8)
+    assert 1 + 6 < search_rec.metrics["measured"] <= 1 + 6 + 2
+    assert search_rec.metrics["front"] >= 1
     assert any("predictor accuracy" in n for n in search_rec.notes)
     assert (tmp_path / "nas-stage.journal").is_file()  # the study is named after the recipe
     # the evaluated model is the chosen sub-network, quantized: smaller than the float model
