@@ -287,7 +287,7 @@ class OvDecoder:
 
     def step(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
         """``(logits (B, T, V), presents)`` for new tokens ``ids (B, T)`` after ``past``."""
-        from slimformer.export.ortgen import step_feeds
+        from slimformer.export.ortgen import step_feeds, token_feeds
 
         if not self.stateful:
             self.request.infer(step_feeds(ids, past, self.past_names))
@@ -300,10 +300,7 @@ class OvDecoder:
             raise ExportError(f"a stateful OpenVINO decoder continues its own last step only "
                               f"(cache of {self.length} positions, asked to continue from {p}): "
                               "call empty() to start a sequence, or use stateful=False")
-        self.request.infer({"input_ids": ids.astype(np.int64),
-                            "attention_mask": np.ones((b, p + t), np.int64),
-                            "position_ids": np.broadcast_to(np.arange(p, p + t, dtype=np.int64),
-                                                            (b, t)).copy()})
+        self.request.infer(token_feeds(ids, p))
         self.length = p + t
         logits = self.request.get_output_tensor(0).data.copy()
         return logits, [np.zeros((b, self.kv_heads, p + t, 0), np.float32)]

@@ -57,12 +57,18 @@ def step_feeds(ids: np.ndarray, past: list[np.ndarray], past_names: list[str]) -
     ``past``: each ``(B, kv_heads, P, head_dim)``; the feeds add an all-ones mask ``(B, P + T)``
     and positions ``P .. P+T-1``.
     """
+    return {**token_feeds(ids, past[0].shape[2]), **dict(zip(past_names, past, strict=True))}
+
+
+def token_feeds(ids: np.ndarray, p: int) -> dict:
+    """The inputs of new tokens ``ids (B, T)`` after ``p`` cached ones.
+
+    ``input_ids``, an all-ones ``attention_mask (B, p + T)`` and positions ``p .. p+T-1``.
+    """
     b, t = ids.shape
-    p = past[0].shape[2]
     return {"input_ids": ids.astype(np.int64),
             "attention_mask": np.ones((b, p + t), np.int64),
-            "position_ids": np.broadcast_to(np.arange(p, p + t, dtype=np.int64), (b, t)).copy(),
-            **dict(zip(past_names, past, strict=True))}
+            "position_ids": np.broadcast_to(np.arange(p, p + t, dtype=np.int64), (b, t)).copy()}
 
 
 def generate_onnx(decoder: OrtDecoder, prompt_ids: list[int], max_new_tokens: int, *,

@@ -147,9 +147,8 @@ def _gptq(w, h, bits, params, group, act_order, name, clip_search=False):
     d = torch.diag(h)
     ranges = [_range(w[:, c:c + g], d[c:c + g], params, bits, clip_search)
               for c in range(0, cols, g)] if act_order or group is None else []
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
-    w, h = w[:, perm], h[perm][:, perm]
-    hp = h  # the permuted Hessian (its diagonal weighs the dynamic groups' range search)
+    perm = torch.argsort(d, descending=True) if act_order else torch.arange(cols)
+    w, h, d = w[:, perm], h[perm][:, perm], d[perm]
     hinv = _inverse_factor(h, name)
     codes = torch.zeros(out, cols)
     if not ranges:
@@ -161,8 +160,8 @@ def _gptq(w, h, bits, params, group, act_order, name, clip_search=False):
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             if ranges[col // g] is None:  # dynamic groups: from the updated weights
-                ranges[col // g] = _range(w1[:, i:i + g], torch.diag(hp)[i1 + i:i1 + i + g],
-                                          params, bits, clip_search)
+                ranges[col // g] = _range(w1[:, i:i + g], d[i1 + i:i1 + i + g], params, bits,
+                                          clip_search)
             s, z = ranges[col // g]
             x = w1[:, i:i + 1]
             c = torch.clamp(torch.round(x / s) + z, 0, top)

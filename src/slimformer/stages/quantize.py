@@ -46,13 +46,14 @@ class QuantizeStage(QuantConfig):
         """
         fields = self.model_dump(exclude={"type", "save"})
         cfg = QuantConfig(**fields)
-        if task == "causal-lm" and "act_dynamic" not in self.model_fields_set and \
-                not cfg.act_dynamic_clash():
-            cfg = QuantConfig(**{**fields, "act_dynamic": "token"})
-        if task == "causal-lm" and cfg.weight_only and cfg.weight_bits <= 4 and \
-                "embedding_bits" not in self.model_fields_set:
-            cfg = QuantConfig(**{**cfg.model_dump(), "embedding_bits": 8})
-        return cfg
+        if task != "causal-lm":
+            return cfg
+        unset, extra = set(self.model_fields) - self.model_fields_set, {}
+        if "act_dynamic" in unset and not cfg.act_dynamic_clash():
+            extra["act_dynamic"] = "token"
+        if "embedding_bits" in unset and cfg.weight_only and cfg.weight_bits <= 4:
+            extra["embedding_bits"] = 8
+        return QuantConfig(**{**fields, **extra}) if extra else cfg
 
 
 def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
