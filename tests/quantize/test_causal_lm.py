@@ -146,3 +146,33 @@ def test_repq_leaves_a_tied_head_untouched():
     with torch.no_grad():
         ref, got = model(**batch).logits, q(**batch).logits
     assert _db(ref, got) > 20
+
+
+def test_calibration_batches_shrink_to_bound_the_logits(monkeypatch):
+    """Rows per calibration batch follow the bytes of one row's outputs (an LM's logits).
+
+    With the bound at three rows' outputs, no forward sees more than three rows, the note says
+    so, the artifact records the asked batch size, and min/max ranges (over all rows whatever
+    the batching) give the same logits as batches of eight.
+    """
+    from slimformer.quantize import capture
+
+    model, rows = _llama(), _rows("right")
+    cfg = QuantConfig(method="minmax", calib_samples=16, calib_batch_size=8, smooth="off")
+    whole = quantize(model, cfg, rows).model
+    x = {k: v[:1] for k, v in rows.inputs.items()}
+    per_row = sum(t.numel() * 4 for t in model(**x, use_cache=False).to_tuple()
+                  if isinstance(t, torch.Tensor))
+    monkeypatch.setattr(capture, "OUTPUT_BYTES", 3 * per_row)
+    seen = []
+    handle = model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(len(k["input_ids"])), with_kwargs=True)
+    try:
+        res = quantize(model, cfg, rows)
+    finally:
+        handle.remove()
+    assert seen and max(seen) <= 3 and seen.count(3) >= 5, seen
+    assert any("calibration batches of 3 rows, not calib_batch_size 8" in n for n in res.notes)
+    assert res.model.config.calib_batch_size == 8
+    ids = _rows("right", 4, seed=2).inputs
+    assert _db(whole(**ids).logits, res.model(**ids).logits) > 100

@@ -23,6 +23,7 @@ from torch import nn
 
 from slimformer.errors import CalibrationError
 from slimformer.quantize.capture import batches as _batches
+from slimformer.quantize.capture import fit_batch
 from slimformer.quantize.capture import float_outputs as _float_outputs
 from slimformer.quantize.capture import output_error as _output_error
 from slimformer.quantize.check import WeakSite
@@ -104,6 +105,8 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
     own = inplace and held is not None  # ``original`` is a copy of ours (quantized in place)
     model = model if inplace else copy.deepcopy(model)
     model.eval()
+    asked = config.calib_batch_size
+    config, fitted = fit_batch(model, calib_data, config)
     if structure is None:
         from slimformer.models.structure import discover
 
@@ -119,7 +122,7 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
         if held is not None:  # the min/max comparison starts from the same smoothed model
             original, own = copy.deepcopy(model), True
     qmodel, notes = _calibrate(model, config, fit, structure, tick, held, choices)
-    notes[:0] = smoothed
+    notes[:0] = smoothed + ([fitted] if fitted else [])
     if held is not None:
         notes.insert(0, f"{len(fit)} calibration rows fit, {len(held)} held out (seeded) to "
                         "validate every per-site choice")
@@ -129,6 +132,8 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
     early = [p for p in qmodel.config.float_activations if p not in config.float_activations]
     weak, out_db, fb = _check(qmodel, calib_data, config, notes, tick)
     qmodel.quant.forget()  # the calibration observations
+    if qmodel.config.calib_batch_size != asked:  # the artifact records what was asked
+        qmodel.config = qmodel.config.model_copy(update={"calib_batch_size": asked})
     res = QuantResult(qmodel, n, time.perf_counter() - t0, notes, weak, out_db, choices,
                       float_activations=early)  # by the per-block check (block-wise)
     if fb is not None:

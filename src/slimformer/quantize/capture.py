@@ -22,6 +22,38 @@ def batches(calib_data, batch_size: int, limit: int):
         yield trim_padding(rows)[0]
 
 
+# the most one calibration batch's float outputs may take (an LM's logits: rows x tokens x vocab)
+OUTPUT_BYTES = 1 << 28
+
+
+@torch.no_grad()
+def fit_batch(model, calib_data, config: QuantConfig) -> tuple[QuantConfig, str | None]:
+    """``config`` with ``calib_batch_size`` lowered so one batch's outputs fit :data:`OUTPUT_BYTES`.
+
+    One row, padded to the data's full length (the longest a batch can be), runs through the
+    float ``model``; its floating outputs' bytes per row set the rows per batch. Every pass
+    over the calibration rows holds one batch's outputs (and the check two, float and
+    quantized): SmolLM2-135M's logits take 25 MB per 128-token row, 0.8 GB per batch of 32.
+    Returns the config unchanged (and no note) where the batch already fits.
+    """
+    from torch.utils.data import default_collate
+
+    from slimformer.models.outputs import leaves
+
+    if config.calib_batch_size == 1 or not len(calib_data):
+        return config, None
+    inputs, _ = default_collate([calib_data[0]])
+    per_row = sum(t.numel() * t.element_size() for t in leaves(model(**inputs)).values()
+                  if t.is_floating_point())
+    rows = max(1, OUTPUT_BYTES // max(per_row, 1))
+    if rows >= config.calib_batch_size:
+        return config, None
+    note = (f"calibration batches of {rows} rows, not calib_batch_size "
+            f"{config.calib_batch_size}: one row's outputs take {per_row / 1e6:.0f} MB, a "
+            f"batch's are kept under {OUTPUT_BYTES >> 20} MB")
+    return config.model_copy(update={"calib_batch_size": rows}), note
+
+
 def run(qmodel: QuantizedModel, calib_data, config: QuantConfig) -> None:
     """One pass of ``qmodel`` over the calibration rows, in its current mode."""
     with torch.no_grad():
