@@ -83,3 +83,15 @@ def test_nyt_calib_rows_are_windows_of_the_running_train_text():
     found = [int((pieces == row).all(1).nonzero()[0]) for row in ids]  # each is one piece
     assert found == sorted(set(found)) and found[-1] - found[0] > len(pieces) // 2  # spread
     assert torch.equal(get_dataset("nyt-editorials", "calib").inputs["input_ids"], ids)  # fixed
+
+
+def test_nyt_calib_windows_fit_a_short_context(tmp_path):
+    """A model of 64 positions (its config.json) gets 64-token windows, 8x as many: same tokens."""
+    from slimformer.data.text import nyt_calib_windows, tokenizer
+
+    tokenizer().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "max_position_embeddings": 64}')
+    short = nyt_calib_windows(tmp_path)["input_ids"]
+    assert short.shape == (256, 64)
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "max_position_embeddings": 4096}')
+    assert nyt_calib_windows(tmp_path)["input_ids"].shape == (32, 512)

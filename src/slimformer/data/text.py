@@ -119,15 +119,35 @@ def nyt_calib_windows(folder=None) -> dict[str, torch.Tensor]:
     perplexity); the windows are a seeded draw of its consecutive, non-overlapping
     ``NYT_CALIB_WINDOW``-token pieces, so calibration sees long contexts (positions up to 511)
     and not single sentences (23 tokens on average). ``{"input_ids", "attention_mask"}``
-    ``(rows, NYT_CALIB_WINDOW)`` int64; fewer rows where the train text is shorter.
+    ``(rows, window)`` int64. A model whose context (``max_position_embeddings`` / ``n_positions``
+    / ``n_ctx`` of the ``config.json`` in ``folder``) is shorter gets windows of its context,
+    more of them (the same 16,384 tokens); fewer rows where the train text is shorter.
     """
+    window = min(NYT_CALIB_WINDOW, context_length(folder) or NYT_CALIB_WINDOW)
     enc = tokenize(nyt_split("train"), NYT_MAX_LENGTH, folder)
     stream = enc["input_ids"][enc["attention_mask"].bool()]  # row-major: the reading order
-    pieces = len(stream) // NYT_CALIB_WINDOW
-    pick = np.sort(np.random.default_rng(SPLIT_SEED + 1).choice(
-        pieces, min(NYT_CALIB_WINDOWS, pieces), replace=False))
-    ids = stream[:pieces * NYT_CALIB_WINDOW].reshape(pieces, NYT_CALIB_WINDOW)[pick]
+    pieces = len(stream) // window
+    rows = min(NYT_CALIB_WINDOWS * NYT_CALIB_WINDOW // window, pieces)
+    pick = np.sort(np.random.default_rng(SPLIT_SEED + 1).choice(pieces, rows, replace=False))
+    ids = stream[:pieces * window].reshape(pieces, window)[pick]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def context_length(folder) -> int | None:
+    """The positions a model in ``folder`` takes, from its ``config.json`` (None if unknown)."""
+    import json
+    from pathlib import Path
+
+    if folder is None or not (Path(folder) / "config.json").is_file():
+        return None
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            return cfg[key]
+    return None
 
 
 def nyt_split(split: str) -> list[str]:
