@@ -176,3 +176,19 @@ def test_calibration_batches_shrink_to_bound_the_logits(monkeypatch):
     assert res.model.config.calib_batch_size == 8
     ids = _rows("right", 4, seed=2).inputs
     assert _db(whole(**ids).logits, res.model(**ids).logits) > 100
+
+
+def test_structure_probe_keeps_real_tokens_of_long_rows():
+    """Discovery traces at most 64 positions: the first ones, or the last under left padding."""
+    from slimformer.quantize.api import PROBE_TOKENS, _short
+
+    ids = torch.arange(2 * 200).reshape(2, 200)
+    right = torch.ones(2, 200, dtype=torch.long)
+    right[1, 150:] = 0
+    got = _short({"input_ids": ids, "attention_mask": right, "flag": torch.ones(3)})
+    assert torch.equal(got["input_ids"], ids[:, :PROBE_TOKENS]) and got["flag"].shape == (3,)
+    left = torch.ones(2, 200, dtype=torch.long)
+    left[1, :180] = 0  # row 1 has only its last 20 positions real
+    got = _short({"input_ids": ids, "attention_mask": left})
+    assert torch.equal(got["attention_mask"], left[:, -PROBE_TOKENS:])
+    assert _short({"input_ids": ids[:, :10], "attention_mask": right[:, :10]})["input_ids"].shape == (2, 10)

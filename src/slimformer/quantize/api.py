@@ -110,7 +110,7 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
     if structure is None:
         from slimformer.models.structure import discover
 
-        first = next(_batches(calib_data, 2, 2))
+        first = _short(next(_batches(calib_data, 2, 2)))
         structure = discover(model, first, require_attention=False)  # build() says why
     tick = (lambda s, d, t: progress(s, d, t)) if progress else (lambda *a: None)
     choices: list[SiteChoice] = []
@@ -141,6 +141,25 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
         res.budget = {"before": fb.before, "after": fb.after, "bytes_8bit": fb.bytes_delta,
                       "sites_8bit": fb.eight_bit}
     return res
+
+
+PROBE_TOKENS = 64  # token positions of the rows structure discovery traces
+
+
+def _short(inputs: dict) -> dict:
+    """Text rows cut to :data:`PROBE_TOKENS` positions for tracing (other inputs as they are).
+
+    The trace keeps every intermediate tensor: two 512-token rows of SmolLM2-135M held 4 GB.
+    Inputs sharing the ``attention_mask``'s ``(B, T)`` are cut to its first (right padding) or
+    last (left padding) ``PROBE_TOKENS`` positions, whichever keeps a real token in every row.
+    """
+    mask = inputs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] <= PROBE_TOKENS:
+        return inputs
+    head = slice(0, PROBE_TOKENS)
+    cut = head if bool(mask[:, head].any(1).all()) else slice(-PROBE_TOKENS, None)
+    return {k: v[:, cut] if isinstance(v, torch.Tensor) and v.dim() >= 2
+            and v.shape[:2] == mask.shape else v for k, v in inputs.items()}
 
 
 def _finite_inputs(calib_data, n: int, config: QuantConfig) -> None:
@@ -231,11 +250,20 @@ def _check(qmodel: QuantizedModel, calib_data, config: QuantConfig, notes: list[
     from slimformer.quantize.check import output_sqnr, site_errors
     from slimformer.quantize.fallback import fallback
 
+    tick = progress or (lambda *a: None)
+    n = min(config.calib_samples, len(calib_data))
+    total = -(-n // config.calib_batch_size)
+
+    def counted():
+        for i, b in enumerate(_batches(calib_data, config.calib_batch_size, n)):
+            tick("check: model output vs float", i, total)
+            yield b
+        tick("check: model output vs float", total, total)
+
     def measure():
+        tick("check: every quantizer on its data", 0, 1)
         w, dbs = site_errors(qmodel.quant)
-        o = output_sqnr(qmodel, _batches(calib_data, config.calib_batch_size,
-                                         config.calib_samples))
-        return w, dbs, o
+        return w, dbs, output_sqnr(qmodel, counted())
 
     weak, site_db, out_db = measure()
     full8 = min(b for lq in qmodel.quant.linears.values() for b in (lq.wq.bits, lq.act.bits)) \

@@ -95,7 +95,7 @@ def migrate(model: torch.nn.Module, structure, data, config, choices: list | Non
                 ("; ".join(f"{v} {k}" for k, v in skipped.items()) or "no Linear") + ")"]
     batches = _inputs(model, data, config)
     try:
-        _observe(qmodel, sites, batches, config.seed)
+        _observe(qmodel, sites, batches, config.seed, tick)
     except _NonFinite:  # calibration then names the first quantized layer where they appear
         return ["smooth: not applied: NaN or inf in the calibration activations"]
     tick("smooth", 0, len(sites))
@@ -210,7 +210,7 @@ class _NonFinite(Exception):
 
 
 @torch.no_grad()
-def _observe(qmodel, sites: list[_Site], batches: list[dict], seed: int) -> None:
+def _observe(qmodel, sites: list[_Site], batches: list[dict], seed: int, tick) -> None:
     """Per site: per-channel min/max of its input over every row, and ``ROWS`` sampled rows."""
     from slimformer.quantize.capture import real_positions
 
@@ -238,9 +238,11 @@ def _observe(qmodel, sites: list[_Site], batches: list[dict], seed: int) -> None
         lq.act_in = grab
     try:
         qmodel.quant.set_mode("float")
-        for b in batches:
+        for i, b in enumerate(batches):
+            tick("smooth: observing the rows", i, len(batches))
             current[0] = b
             qmodel(**b)
+        tick("smooth: observing the rows", len(batches), len(batches))
     finally:
         for site in sites:
             del site.consumers[0].act_in  # back to the class method

@@ -69,12 +69,19 @@ def migrate_judged(model: torch.nn.Module, structure, data, config, choices: lis
     refs = None
     was_training = model.training
     model.eval()
+    tick = tick or (lambda *a: None)
     for label in ("auto", "off"):  # on the model itself (min/max leaves its weights as they are)
         if label == "off":
             _swap(named, changed)  # the model's float weights; ``changed``: the migrated ones
-        qm, _ = calibrate(model, proxy, fit, structure, lambda *a: None, None, [])
-        refs = float_outputs(qm, held, config) if refs is None else refs
+        step = f"smooth judged, {'migrated' if label == 'auto' else 'not migrated'}"
+        qm, _ = calibrate(model, proxy, fit, structure,
+                          lambda s, d, t, step=step: tick(f"{step}: {s}", d, t), None, [])
+        if refs is None:
+            tick(f"{step}: float outputs of the held-out rows", 0, 1)
+            refs = float_outputs(qm, held, config)
+        tick(f"{step}: output error", 0, 1)
         errs[label] = output_error(qm, held, config, refs)
+        tick(f"{step}: output error", 1, 1)
         qm.release()  # its hooks would keep its quantizers alive
         del qm
     model.train(was_training)
