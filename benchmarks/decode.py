@@ -102,7 +102,7 @@ def build(args, work: Path) -> dict[str, Path]:
         from slimformer.quantize.api import quantize
         from slimformer.quantize.config import QuantConfig
 
-        calib = get_dataset("nyt-editorials", "calib", tokenizer=folder)  # 512-token windows
+        calib = get_dataset("nyt-editorials", "train", tokenizer=folder)
         calib = calib.select(slice(0, min(args.calib, len(calib))))
         t0 = time.process_time()
         cfg = QuantConfig(weight_only=True, weight_bits=4, group_size=args.group_size,
@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--nncf-group", type=int, default=64)
     ap.add_argument("--method", default=None, help="ours: quantize method (default: the "
                     "config's, GPTQ for weight-only)")
-    ap.add_argument("--calib", type=int, default=32, help="calibration windows (512 tokens each)")
+    ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=1024)

@@ -8,8 +8,7 @@ Tasks (``slimformer.models.taskeval``):
 - ``image-features``: Fashion-MNIST prepared by the model's own image processor (3x224x224);
   the first ``--images`` test images, ``--calib`` calibration and ``--bank`` k-NN bank images
   drawn disjoint from a seeded sample of the train split;
-- ``causal-lm``: nyt-editorials; ``--tokens`` test tokens, ``--lm-calib`` calibration windows
-  (512 train tokens each, at most 32).
+- ``causal-lm``: nyt-editorials; ``--tokens`` test tokens, ``--lm-calib`` train rows.
 """
 
 from __future__ import annotations
@@ -38,9 +37,8 @@ def rows(task: str, folder: str, args) -> dict:
         from slimformer.models import taskeval as T
 
         test = get_dataset("nyt-editorials", "test", tokenizer=folder)
-        calib = get_dataset("nyt-editorials", "calib", tokenizer=folder)  # 512-token windows
-        return {"stream": T.token_stream(test, args.tokens),
-                "calib": calib.select(slice(0, min(args.lm_calib, len(calib))))}
+        calib = get_dataset("nyt-editorials", "train", tokenizer=folder)
+        return {"stream": T.token_stream(test, args.tokens), "calib": calib.select(slice(0, args.lm_calib))}
     if task == "image-features":
         n = args.calib + args.bank
         train = get_dataset("fashion-mnist", "train", processor=folder, sample=n)

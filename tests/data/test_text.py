@@ -68,30 +68,3 @@ def test_first_rows_are_a_random_sample_not_the_shortest(name):
         share = torch.bincount(y[:100], minlength=len(task.classes)) / 100
         every = torch.bincount(y, minlength=len(task.classes)) / len(y)
         assert (share - every).abs().max() < 0.15
-
-
-def test_nyt_calib_rows_are_windows_of_the_running_train_text():
-    """32 seeded 512-token windows, each a consecutive piece of the train stream, spread over it."""
-    from slimformer.data.text import NYT_CALIB_WINDOW, NYT_CALIB_WINDOWS
-
-    calib = get_dataset("nyt-editorials", "calib").inputs
-    train = get_dataset("nyt-editorials", "train").inputs
-    stream = train["input_ids"][train["attention_mask"].bool()]
-    ids = calib["input_ids"]
-    assert ids.shape == (NYT_CALIB_WINDOWS, NYT_CALIB_WINDOW) and bool(calib["attention_mask"].all())
-    pieces = stream[:len(stream) // NYT_CALIB_WINDOW * NYT_CALIB_WINDOW].reshape(-1, NYT_CALIB_WINDOW)
-    found = [int((pieces == row).all(1).nonzero()[0]) for row in ids]  # each is one piece
-    assert found == sorted(set(found)) and found[-1] - found[0] > len(pieces) // 2  # spread
-    assert torch.equal(get_dataset("nyt-editorials", "calib").inputs["input_ids"], ids)  # fixed
-
-
-def test_nyt_calib_windows_fit_a_short_context(tmp_path):
-    """A model of 64 positions (its config.json) gets 64-token windows, 8x as many: same tokens."""
-    from slimformer.data.text import nyt_calib_windows, tokenizer
-
-    tokenizer().save_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text('{"model_type": "bert", "max_position_embeddings": 64}')
-    short = nyt_calib_windows(tmp_path)["input_ids"]
-    assert short.shape == (256, 64)
-    (tmp_path / "config.json").write_text('{"model_type": "bert", "max_position_embeddings": 4096}')
-    assert nyt_calib_windows(tmp_path)["input_ids"].shape == (32, 512)

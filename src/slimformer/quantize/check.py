@@ -63,15 +63,21 @@ def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
     Summed over chunks of ``CHUNK`` elements: no float64 copy of a whole tensor (an LM head's
     weight is 0.1-1 GB in float32).
     """
+    sig, err = power_sums(ref, got)
+    if err == 0:
+        return math.inf
+    return 10 * math.log10(sig / err) if sig > 0 else -math.inf
+
+
+def power_sums(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+    """``(sum ref^2, sum (got - ref)^2)`` in float64, over chunks of ``CHUNK`` elements."""
     ref, got = ref.reshape(-1), got.reshape(-1)
     sig = err = 0.0
     for i in range(0, ref.numel(), CHUNK):
         r = ref[i:i + CHUNK].double()
         sig += float((r**2).sum())
         err += float(((got[i:i + CHUNK].double() - r) ** 2).sum())
-    if err == 0:
-        return math.inf
-    return 10 * math.log10(sig / err) if sig > 0 else -math.inf
+    return sig, err
 
 
 def _judge(name: str, kind: str, bits: int, ref: torch.Tensor, got: torch.Tensor,
