@@ -81,3 +81,23 @@ def test_sample_of_a_plain_split_is_the_seeded_rows():
     data = RunData(lm, DataConfig())
     full, part = data.get("train"), data.sample("train", 50)
     torch.testing.assert_close(part.inputs["x"], full.inputs["x"][seeded_rows(len(full), 50)])
+
+
+def test_text_of_a_model_without_a_path_uses_its_folders_tokenizer(tmp_path):
+    """A real zoo model (a name, no path) tokenizes the user's text with its own folder's
+    tokenizer (the folder it was loaded from); before, the text was refused."""
+    import dataclasses
+    import shutil
+
+    from slimformer.data.text import minilm_path
+
+    lm = _bert64()
+    folder = tmp_path / "zoo-folder"
+    folder.mkdir()
+    for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_path() / n, folder / n)
+    zoo = dataclasses.replace(lm, spec=ZooSpec(name="minilm-l6"), folder=folder)
+    text = {"path": _long_text(tmp_path)["path"]}  # no tokenizer given
+    ds = RunData(zoo, DataConfig(eval=text, calib=text)).get("eval")
+    assert ds.inputs["input_ids"].shape == (8, 64)
+    assert int(ds.inputs["input_ids"][0, 0]) == 101  # MiniLM's [CLS]

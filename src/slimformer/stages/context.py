@@ -279,6 +279,8 @@ class RunData:
 
         m = self.loaded
         model_dir = getattr(m.spec, "path", None)
+        if model_dir is None and getattr(m, "folder", None) is not None:
+            model_dir = str(m.folder)  # a real zoo model: its Hugging Face folder's tokenizer
         import inspect
 
         accepts = list(inspect.signature(m.module.forward).parameters)
