@@ -278,9 +278,7 @@ class RunData:
         from slimformer.data.sources import load_source
 
         m = self.loaded
-        model_dir = getattr(m.spec, "path", None)
-        if model_dir is None and getattr(m, "folder", None) is not None:
-            model_dir = str(m.folder)  # a real zoo model: its Hugging Face folder's tokenizer
+        model_dir = getattr(m.spec, "path", None) or self._folder()  # a real zoo model's folder
         import inspect
 
         accepts = list(inspect.signature(m.module.forward).parameters)
