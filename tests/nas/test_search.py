@@ -188,9 +188,13 @@ def test_recipe_stage_search_then_evaluate(tmp_path):
     res = run(recipe, out_dir=tmp_path / "out")
     search_rec, eval_rec = res.report.stages
     # the reference, the 6 samples and up to front_max (2) predicted-front members not measured
-    # yet: the predicted front follows the measured latencies, so on a loaded machine it can
-    # hold a single new member (seen once in a full-suite run beside a benchmark: 8)
-    assert 1 + 6 < search_rec.metrics["measured"] <= 1 + 6 + 2
+    # yet. The predicted front follows the measured accuracies, which move with the thread count
+    # of the fine-tuning, so it can hold one new member or none (CI: 7); test_search_end_to_end
+    # checks that new front members are measured
+    phases = [r["phase"] for r in json.loads(
+        (tmp_path / "out" / "search" / "front.json").read_text())["measured"]]
+    assert phases.count("reference") == 1 and phases.count("sample") == 6
+    assert phases.count("front") <= 2 and search_rec.metrics["measured"] == len(phases)
     assert search_rec.metrics["front"] >= 1
     assert any("predictor accuracy" in n for n in search_rec.notes)
     assert (tmp_path / "nas-stage.journal").is_file()  # the study is named after the recipe
