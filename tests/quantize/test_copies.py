@@ -81,3 +81,33 @@ def test_repq_with_judged_smoothing_and_fallback_holds_one_float_copy(monkeypatc
                                      smooth="off"), calib)
     with torch.no_grad():
         assert torch.equal(res.model(tokens=x), mm.model(tokens=x))
+
+
+def test_minmax_keeps_a_quarter_of_the_sampled_rows_with_the_same_ranges(monkeypatch):
+    """min/max fits ranges on the observed extremes: its quantizers sample 1,024 rows, not 4,096."""
+    from slimformer.quantize import phases
+
+    model = _Net().eval()
+    x = torch.randn(32, 128, 32, generator=torch.Generator().manual_seed(2))
+    calib = TensorDictDataset({"tokens": x}, torch.zeros(32, dtype=torch.long))
+    rows: dict[str, list[int]] = {}
+    real = phases.observe
+
+    def spy(run):
+        real(run)
+        rows[run.config.method] = [len(m.samples()) for m in run.qmodel.quant.modules()
+                                   if isinstance(m, ActQuantizer) and m.observed]
+
+    monkeypatch.setattr(phases, "observe", spy)
+    cfg = dict(softmax="none", calib_batch_size=8, smooth="off", outlier_channels=0)
+    small = quantize(model, QuantConfig(method="minmax", **cfg), calib)
+    # 4 batches of 8 x 128 positions: a quarter of sample_rows taken from each
+    assert set(rows["minmax"]) == {4 * 256}
+    quantize(model, QuantConfig(method="repq", repq_sites="all", **cfg), calib)
+    assert set(rows["repq"]) == {3 * 1024}  # 8 rows held out to validate its choices
+    assert set(rows["minmax"]) == {3 * 256}  # its min/max baseline on the same rows
+    monkeypatch.setitem(phases.SAMPLE_ROWS, "minmax", 4096)
+    big = quantize(model, QuantConfig(method="minmax", **cfg), calib)
+    assert set(rows["minmax"]) == {4 * 1024}
+    with torch.no_grad():  # the same ranges: the same model output, bit for bit
+        assert torch.equal(small.model(tokens=x[:4]), big.model(tokens=x[:4]))

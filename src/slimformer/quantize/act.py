@@ -30,7 +30,7 @@ from slimformer.quantize.quantizers import (
     uniform_params,
 )
 
-SAMPLE_ROWS = 4096
+SAMPLE_ROWS = 4096  # rows a quantizer keeps by default (ActQuantizer.sample_rows)
 # what an ActQuantizer keeps of its calibration data (see ActQuantizer.forget)
 _OBSERVATIONS = ("_rows", "_groups", "_min", "_max", "_seen", "group")
 
@@ -64,6 +64,9 @@ class ActQuantizer(nn.Module):
         self._groups: list[torch.Tensor] = []  # (k,) calibration batch of each sampled row
         self.group = 0  # index of the calibration batch being observed (set by the caller)
         self._seen = 0
+        # rows kept: the last 2 * sample_rows (a quarter of them per observed call); set per
+        # method by the calibration (phases.SAMPLE_ROWS): min/max only checks on them
+        self.sample_rows = SAMPLE_ROWS
 
     def observe(self, x: torch.Tensor) -> None:
         """Record min/max (per channel) and a sample of rows ``(n, C)``."""
@@ -79,13 +82,13 @@ class ActQuantizer(nn.Module):
             mn, mx = flat.amin(0), flat.amax(0)  # (1,)
         self._min = mn if self._min is None else torch.minimum(self._min, mn)
         self._max = mx if self._max is None else torch.maximum(self._max, mx)
-        take = min(len(flat), max(1, SAMPLE_ROWS // 4))
+        take = min(len(flat), max(1, self.sample_rows // 4))
         idx = torch.randperm(len(flat), generator=torch.Generator().manual_seed(self._seen))[:take]
         self._rows.append(flat[idx])  # (take, C)
         self._groups.append(torch.full((len(idx),), self.group))  # (take,): the calibration batch
         self._seen += 1
-        # only the last 2 * SAMPLE_ROWS rows are ever used (samples()): older calls are dropped
-        while len(self._rows) > 1 and sum(len(r) for r in self._rows[1:]) >= 2 * SAMPLE_ROWS:
+        # only the last 2 * sample_rows rows are ever used (samples()): older calls are dropped
+        while len(self._rows) > 1 and sum(len(r) for r in self._rows[1:]) >= 2 * self.sample_rows:
             self._rows.pop(0)
             self._groups.pop(0)
 
@@ -128,11 +131,11 @@ class ActQuantizer(nn.Module):
     def samples(self) -> torch.Tensor:
         """The sampled rows ``(n, C)``."""
         rows = torch.cat(self._rows)
-        return rows[-SAMPLE_ROWS * 2:]
+        return rows[-self.sample_rows * 2:]
 
     def sample_groups(self) -> torch.Tensor:
         """``(n,)``: the calibration batch (:attr:`group`) each sampled row came from."""
-        return torch.cat(self._groups)[-SAMPLE_ROWS * 2:]
+        return torch.cat(self._groups)[-self.sample_rows * 2:]
 
     @torch.no_grad()
     def calibrate(self, how: str, percentile: float = 99.99) -> None:
