@@ -11,7 +11,7 @@ from slimformer.models.spec import ZooSpec
 from slimformer.qat.api import qat, split_rows
 from slimformer.qat.config import QatConfig
 from slimformer.qat.train import StudentJudge
-from slimformer.qat.writeback import set_exact_range, to_quantized
+from slimformer.qat.writeback import set_exact_range, snap_input_scales, to_quantized
 from slimformer.quantize.act import ActQuantizer
 from slimformer.quantize.api import quantize
 from slimformer.quantize.config import QuantConfig
@@ -101,6 +101,7 @@ def test_writeback_of_perturbed_student_is_exact(digits):
             if isinstance(m, QatLinear):
                 m.weight.add_(0.01 * torch.randn(m.weight.shape, generator=gen))
                 m.bias.add_(0.01 * torch.randn(m.bias.shape, generator=gen))
+    snap_input_scales(bm)  # as qat() does: input scales our ranges can hold
     ours = to_quantized(bm, qm)
     assert ours.inference and all(lq.int_weight is not None for lq in ours.quant.linears.values())
     with torch.no_grad():
@@ -167,3 +168,66 @@ def test_exact_range_gives_the_scale_bit_for_bit(symmetric):
             assert float((got_s - s).abs()) <= 2 * float(torch.finfo(torch.float32).eps * s)
     # measured: 1080 of 1200 exact; the rest 3-bit asymmetric grids (hi - lo) / 7 steps over s
     assert sum(exact) >= 0.85 * len(exact)
+
+
+def test_brevitas_input_grid_rounds_as_ours_and_onnx():
+    """``round(x / s) + z`` (ours, ONNX QuantizeLinear), not Brevitas's ``round(x / s + z)``.
+
+    They differ on ties (half to even, odd ``z``) and where adding ``z`` loses float32 bits;
+    MiniLM-L6's QAT student at step 0 was 22 dB from its PTQ model because of it.
+    """
+    from slimformer.qat.layers import AsymmetricInput, QatLinear, quantizer_kwargs
+
+    act = ActQuantizer("a", 8)
+    s, z = torch.tensor([0.0173]), torch.tensor([101.0])
+    assert set_exact_range(act, s, z)
+    act.mode = "quant"
+    kw = quantizer_kwargs("input_", s.reshape(()), z.reshape(()), 8, False)
+    layer = QatLinear(4, 2, bias=False, input_quant=AsymmetricInput, return_quant_tensor=False,
+                      **kw)
+    gen = torch.Generator().manual_seed(0)
+    ties = (torch.arange(-90, 150, dtype=torch.float32) + 0.5) * s  # x / s on .5 (near it)
+    x = torch.cat([ties, torch.randn(100_000, generator=gen) * 1.5]).reshape(-1, 4)
+    with torch.no_grad():
+        assert torch.equal(layer.input_quant(x), act(x))
+
+
+def test_unreachable_learned_input_scale_is_snapped_then_written_back_exactly(digits):
+    from slimformer.qat.convert import to_brevitas
+    from slimformer.qat.layers import QatLinear
+
+    lm, _, _, test = digits
+    qm = quantize(lm.module, QuantConfig(method="minmax", calib_samples=64, symmetric=True),
+                  get_dataset("digits-seq", "calib")).model  # Brevitas: s = v / 128, ours: a / 127
+    bm = to_brevitas(qm)
+    layers = list({id(m.input_quant): m for m in bm.modules() if isinstance(m, QatLinear)
+                   and m.input_quant.is_quant_enabled}.values())  # one per shared quantizer
+    gen, unreachable = torch.Generator().manual_seed(3), 0
+
+    def reachable(m) -> bool:
+        q = m.input_quant(torch.zeros(1))
+        act = ActQuantizer("t", 8)
+        act.symmetric = True
+        return set_exact_range(act, q.scale.detach().reshape(1), torch.full((1,), 128.0))
+
+    with torch.no_grad():
+        for i, m in enumerate(layers):  # learned input scales; odd ones no range gives (if found)
+            v = m.input_quant.fused_activation_quant_proxy.tensor_quant.scaling_impl.value
+            start = v.clone()
+            for _ in range(200):
+                v.copy_(start * (1 + 0.1 * torch.rand((), generator=gen)))
+                if reachable(m) == (i % 2 == 0):
+                    break
+            unreachable += not reachable(m)
+    moved = snap_input_scales(bm)
+    assert moved == unreachable >= 2
+    ours = to_quantized(bm, qm)
+    with torch.no_grad():
+        x = test.inputs["x"][:256]
+        assert sqnr_db(bm(x=x), ours(x=x)) >= 60
+    for m in layers:  # every learned input grid is now exactly ours
+        q = m.input_quant(torch.zeros(1))
+        lq = next(lq for lq in ours.quant.linears.values() if lq.name == m.site)
+        s, z = lq.act.scale_zero()
+        assert torch.equal(s, q.scale.detach().reshape(1)) and torch.equal(
+            z, q.zero_point.detach().reshape(1) + 128)  # Brevitas's signed codes: ours - 128

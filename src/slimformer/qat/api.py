@@ -116,7 +116,7 @@ def qat(qmodel: QuantizedModel, teacher: nn.Module, config: QatConfig, data,
     from slimformer.data.datasets import trim_padding
     from slimformer.qat.convert import to_brevitas
     from slimformer.qat.train import fine_tune
-    from slimformer.qat.writeback import to_quantized
+    from slimformer.qat.writeback import snap_input_scales, to_quantized
 
     if not isinstance(qmodel, QuantizedModel):
         raise UnsupportedModelError(f"quantization-aware fine-tuning starts from a quantized "
@@ -127,6 +127,7 @@ def qat(qmodel: QuantizedModel, teacher: nn.Module, config: QatConfig, data,
                           task)
     student = to_brevitas(qmodel)
     log = fine_tune(student, teacher, fit, held, config, loss, metric, progress)
+    snapped = snap_input_scales(student)
     model = to_quantized(student, qmodel)
     db = _writeback_db(model, student, held, config.batch_size)
     b0, b1 = log.judgements[0].metrics, log.best.metrics
@@ -140,6 +141,9 @@ def qat(qmodel: QuantizedModel, teacher: nn.Module, config: QatConfig, data,
              f"held-out {metric} {b0[metric]:.4g} -> {b1[metric]:.4g}, output SQNR vs float "
              f"{b0['db']:.2f} -> {b1['db']:.2f} dB; {log.cpu_seconds / max(log.steps, 1):.2f} "
              "CPU-s per step"]
+    if snapped:
+        notes.append(f"QAT: {snapped} learned input scale(s) moved by an ulp to one the "
+                     "quantizer's range gives (written back exactly)")
     return QatResult(model, student, log, loss, metric, len(fit), len(held), db, notes)
 
 
