@@ -96,3 +96,62 @@ def test_unsupported_sites_are_refused(digits):
                                          calib_samples=16, power_of_two_scales=True), calib).model
     with pytest.raises(UnsupportedModelError, match="power-of-two"):
         to_brevitas(qm)
+
+
+class _TiedLM(torch.nn.Module):
+    """Token embedding, one MLP, a head tied to the embedding table: ``ids (B, T) -> (B, T, V)``."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.norm = torch.nn.LayerNorm(dim)
+        self.up, self.down = torch.nn.Linear(dim, 64), torch.nn.Linear(64, dim)
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight  # tied, as SmolLM2's
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        x = x + self.down(torch.relu(self.up(self.norm(x))))
+        return self.head(x)
+
+
+def test_a_head_tied_to_the_embeddings_stays_ours_and_writes_back_exactly():
+    """A learned copy of a tied head, written back, moved the embedding table too (SmolLM2)."""
+    from slimformer.data.datasets import TensorDictDataset
+    from slimformer.qat.writeback import to_quantized
+
+    model = _TiedLM().eval()
+    ids = torch.randint(0, 64, (48, 16), generator=torch.Generator().manual_seed(1))
+    calib = TensorDictDataset({"ids": ids}, torch.zeros(48, dtype=torch.long))
+    qm = quantize(model, QuantConfig(method="minmax", calib_samples=32, smooth="off",
+                                     outlier_channels=0, calib_batch_size=8), calib).model
+    assert any(lq.param[0] is qm.model.head.weight
+               for lq in qm.quant.linears.values())  # the head is quantized
+    bm = to_brevitas(qm)
+    converted = [m for m in bm.modules() if isinstance(m, QatLinear)]
+    assert len(converted) == 2 and not isinstance(bm.model.head, QatLinear)
+    assert any("tied" in n for n in bm.quant.notes)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in converted:  # training moves the converted weights
+            m.weight.add_(0.02 * torch.randn(m.weight.shape, generator=gen))
+        s = bm(ids=ids[:8])
+    ours = to_quantized(bm, qm)
+    with torch.no_grad():
+        o, q = ours(ids=ids[:8]), qm(ids=ids[:8])
+    assert sqnr_db(s, o) >= 60 and sqnr_db(s, q) < 40
+    assert torch.equal(ours.model.embed.weight, qm.model.embed.weight)
+
+
+def test_run_time_activation_ranges_are_refused_by_name():
+    """A per-token quantizer has no static range to learn: converting it would change the model."""
+    from slimformer.data.datasets import TensorDictDataset
+
+    model = _TiedLM().eval()
+    ids = torch.randint(0, 64, (16, 8), generator=torch.Generator().manual_seed(1))
+    calib = TensorDictDataset({"ids": ids}, torch.zeros(16, dtype=torch.long))
+    qm = quantize(model, QuantConfig(method="minmax", calib_samples=16, smooth="off",
+                                     outlier_channels=0, act_dynamic="token"), calib).model
+    with pytest.raises(UnsupportedModelError, match=r"run-time \(token\).*act_dynamic: off"):
+        to_brevitas(qm)

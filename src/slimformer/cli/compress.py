@@ -212,10 +212,11 @@ def qat(model: Annotated[str, typer.Argument(help="A quantized folder (slimforme
                 raise ConfigError(["--set quantize.*: the model is quantized already; drop "
                                    "those --set items"], "options")
         else:
-            # no outlier channels: the Brevitas layers quantize every input channel
+            # no outlier channels: the Brevitas layers quantize every input channel; static
+            # ranges (a causal LM's default is per token): they learn one range per input
             stages.insert(0, _stage(QuantizeStage, set_, "quantize", method=method,
                                     weight_bits=weight_bits, act_bits=act_bits,
-                                    outlier_channels=0))
+                                    outlier_channels=0, act_dynamic="off"))
         quiet = EvaluateStage(latency_batch_sizes=[])
         calib = max([CALIB_ROWS, stage.rows] + [s.calib_samples for s in stages[:-1]])
         result = _run_one(con, "qat", model, config, [quiet, *stages, quiet], out, overwrite,

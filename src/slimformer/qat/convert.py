@@ -58,10 +58,12 @@ def to_brevitas(qmodel: QuantizedModel) -> QuantizedModel:
     src = copy.deepcopy(qmodel)
     src._rebind()
     state: QuantState = src.quant
+    tied = _tied(src.model)
     found = [(parent, child_name, state.linear_site(child.weight))
              for parent in list(src.model.modules())
              for child_name, child in list(parent.named_children())
-             if isinstance(child, nn.Linear) and state.linear_site(child.weight) is not None]
+             if isinstance(child, nn.Linear) and state.linear_site(child.weight) is not None
+             and id(child.weight) not in tied]
     _check_supported([lq for _, _, lq in found], state.weight_only)
     inputs: dict[int, tuple[nn.Module | None, object]] = {}  # id(act) -> (affine, shared proxy)
     for parent, child_name, lq in found:
@@ -73,12 +75,32 @@ def to_brevitas(qmodel: QuantizedModel) -> QuantizedModel:
         if lq.name not in done:
             rest.linears[key] = lq
     rest.has_mha, rest.weight_only, rest.notes = state.has_mha, state.weight_only, list(state.notes)
+    kept = [lq.name for lq in state.linears.values()
+            if lq.name not in done and id(lq.param[0]) in tied]
+    if kept:
+        rest.notes.append(f"QAT: {len(kept)} Linear weight(s) tied to another module's "
+                          f"parameter kept frozen with our quantizer ({', '.join(kept[:3])}): "
+                          "a learned copy would untie them")
     for a in rest.attention.values():
         a.inference = False  # the simulated (differentiable) form of the log2 probabilities
         a.probs.ste = True  # log grids: gradients reach the scores, q, k and their Linears
     out = QuantizedModel(src.model, rest, src.config)
     rest.set_mode("quant")
     return out
+
+
+def _tied(model: nn.Module) -> set[int]:
+    """``id`` of every parameter that more than one module holds (a head tied to embeddings).
+
+    A Brevitas layer learns its own copy of the weight; written back into a tied parameter it
+    would move the other holder too (SmolLM2's embedding table with its head): such Linears
+    stay ours, frozen.
+    """
+    holders: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    return {k for k, n in holders.items() if n > 1}
 
 
 def learned_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -99,6 +121,10 @@ def _check_supported(linears: list[LinearQuant], weight_only: bool) -> None:
             problems.append(f"{lq.name}: power-of-two scales")
         if lq.act.lo.numel() > 1 and not (weight_only or lq.act.keep_float):
             problems.append(f"{lq.name}: per-channel input quantizer {lq.act.name}")
+        if lq.act.dynamic is not None and not (weight_only or lq.act.keep_float):
+            problems.append(f"{lq.name}: run-time ({lq.act.dynamic}) activation ranges at "
+                            f"{lq.act.name} (Brevitas layers learn one static range; quantize "
+                            "with act_dynamic: off)")
         if lq.act.outliers is not None and not (weight_only or lq.act.keep_float):
             problems.append(f"{lq.name}: {lq.act.outliers.numel()} outlier input channel(s) "
                             f"kept float at {lq.act.name} (quantize with outlier_channels: 0)")
