@@ -231,3 +231,31 @@ def test_unreachable_learned_input_scale_is_snapped_then_written_back_exactly(di
         s, z = lq.act.scale_zero()
         assert torch.equal(s, q.scale.detach().reshape(1)) and torch.equal(
             z, q.zero_point.detach().reshape(1) + 128)  # Brevitas's signed codes: ours - 128
+
+
+def test_a_batch_over_the_memory_budget_runs_as_accumulated_micro_batches(digits, monkeypatch):
+    """One backward's saved activations are measured per row and the batch split to fit."""
+    from slimformer.data.datasets import trim_padding
+    from slimformer.qat import train as T
+    from slimformer.qat.convert import to_brevitas
+
+    lm, qm, rows, _ = digits
+    cfg = QatConfig(steps=4, eval_every=2, batch_size=8, rows=128, patience=0)
+    student = to_brevitas(qm)
+    T.param_groups(student, cfg)
+    fit, _ = split_rows(rows, cfg)
+    size = [T.saved_bytes(student, trim_padding([fit[i] for i in range(n)])[0])
+            for n in (1, 2, 5)]
+    per_row = size[1] - size[0]
+    assert per_row > 0 and abs((size[2] - size[0]) - 4 * per_row) <= 0.05 * 4 * per_row
+    monkeypatch.setattr(T, "available_bytes",
+                        lambda: int((size[0] + 2.5 * per_row) / T.MEMORY_SHARE))
+    seen = []
+    real = T.loss_of
+    monkeypatch.setattr(T, "loss_of", lambda loss, s, t, inputs, temp: (
+        seen.append(len(next(iter(inputs.values())))), real(loss, s, t, inputs, temp))[1])
+    res = qat(qm, lm.module, cfg, rows)
+    assert res.log.micro_batch == 3 and res.log.steps == 4
+    assert seen == [3, 3, 2] * 4  # every step: 8 rows as 3 + 3 + 2, one backward each
+    assert any("micro-batches of 3" in n for n in res.notes)
+    assert res.writeback_db == math.inf or res.writeback_db >= 60

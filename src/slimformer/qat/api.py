@@ -141,7 +141,7 @@ def qat(qmodel: QuantizedModel, teacher: nn.Module, config: QatConfig, data,
              f"held-out {metric} {b0[metric]:.4g} -> {b1[metric]:.4g}, output SQNR vs float "
              f"{b0['db']:.2f} -> {b1['db']:.2f} dB; {log.cpu_seconds / max(log.steps, 1):.2f} "
              "CPU-s per step"]
-    notes += [n for n in student.quant.notes if n.startswith("QAT:")]
+    notes += log.notes + [n for n in student.quant.notes if n.startswith("QAT:")]
     if snapped:
         notes.append(f"QAT: {snapped} learned input scale(s) moved by an ulp to one the "
                      "quantizer's range gives (written back exactly)")

@@ -67,6 +67,8 @@ class TrainLog:
     stopped: str = "steps"  # steps | patience | time
     seconds: float = 0.0
     cpu_seconds: float = 0.0
+    micro_batch: int | None = None  # rows per backward where a step's batch is split
+    notes: list[str] = field(default_factory=list)
 
     @property
     def best(self) -> Judgement:
@@ -187,6 +189,72 @@ def _better(kind: str, a: dict[str, float], b: dict[str, float] | None) -> bool:
     return a.get("db", -math.inf) > b.get("db", -math.inf)
 
 
+# share of the memory available at the start that one backward's saved activations may take
+MEMORY_SHARE = 0.5
+
+
+def available_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def saved_bytes(student, inputs: dict) -> int:
+    """Bytes of the tensors one forward of ``student`` on ``inputs`` saves for its backward.
+
+    Each storage is counted once (views of one tensor share it); parameters saved by their
+    operations are counted too (the same for every batch size, so a difference of two batch
+    sizes leaves the activations).
+    """
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = student(**inputs)
+    del out
+    return sum(seen.values())
+
+
+def micro_batch(student, fit, config: QatConfig, budget: int | None) -> tuple[int, str | None]:
+    """Rows per backward so one backward's saved activations stay under ``budget`` bytes.
+
+    Measured on the two longest training rows (text is padded to the longest of a batch): the
+    saved bytes of 2 rows less those of 1 are one row's. Returns ``(rows, note)``; ``rows`` is
+    ``config.batch_size`` (note None) where the whole batch fits or nothing can be measured.
+    """
+    from slimformer.data.datasets import trim_padding
+
+    if budget is None or config.batch_size < 2 or len(fit) < 2:
+        return config.batch_size, None
+
+    def length(i: int) -> int:
+        mask = fit[i][0].get("attention_mask")
+        return int(mask.sum()) if torch.is_tensor(mask) else 0
+
+    longest = sorted(range(len(fit)), key=length, reverse=True)[:2]
+    one = saved_bytes(student, trim_padding([fit[longest[0]]])[0])
+    two = saved_bytes(student, trim_padding([fit[i] for i in longest])[0])
+    per_row = max(two - one, 1)
+    fixed = max(one - per_row, 0)
+    rows = max(1, min(config.batch_size, (budget - fixed) // per_row))
+    if rows >= config.batch_size:
+        return config.batch_size, None
+    return rows, (f"QAT: each step's batch of {config.batch_size} rows runs as micro-batches of "
+                  f"{rows} (gradients accumulated): one row's saved activations take "
+                  f"{per_row / 1e9:.2f} GB, the budget is {budget / 1e9:.1f} GB "
+                  f"({MEMORY_SHARE:.0%} of the memory available)")
+
+
 def fine_tune(student, teacher: nn.Module, fit, held, config: QatConfig, loss: str,
               metric: str, progress: Progress = None) -> TrainLog:
     """Train ``student`` in place (its best judged state at the end, see module doc).
@@ -211,6 +279,12 @@ def fine_tune(student, teacher: nn.Module, fit, held, config: QatConfig, loss: s
     opt = torch.optim.Adam(groups)
     judge = StudentJudge(teacher, student, held, config.batch_size, {"db", metric})
     log = TrainLog()
+    free = available_bytes()
+    micro, note = micro_batch(student, fit, config,
+                              None if free is None else int(free * MEMORY_SHARE))
+    if note:
+        log.micro_batch = micro
+        log.notes.append(note)
     best = judge.measure()
     log.judgements.append(Judgement(0, best))
     kept = [p.detach().clone() for p in trained]
@@ -223,17 +297,22 @@ def fine_tune(student, teacher: nn.Module, fit, held, config: QatConfig, loss: s
         if len(order) < config.batch_size:  # a new epoch of the fit rows, reshuffled
             order += torch.randperm(len(fit), generator=gen).tolist()
         idx, order = order[:config.batch_size], order[config.batch_size:]
-        inputs, _ = trim_padding([fit[i] for i in idx])
-        with torch.no_grad():
-            t_out = teacher(**inputs)
-        value = loss_of(loss, student(**inputs), t_out, inputs, config.temperature)
         opt.zero_grad(set_to_none=True)
-        value.backward()
+        value = 0.0
+        for k in range(0, len(idx), micro):  # one backward per micro-batch, rows-weighted
+            part = idx[k:k + micro]
+            inputs, _ = trim_padding([fit[i] for i in part])
+            with torch.no_grad():
+                t_out = teacher(**inputs)
+            term = loss_of(loss, student(**inputs), t_out, inputs, config.temperature) \
+                * (len(part) / len(idx))
+            term.backward()
+            value += float(term.detach())
         opt.step()
         with torch.no_grad():
             _clamp_zero_points(student)
             _clamp_deltas(student)
-        losses.append(float(value.detach()))
+        losses.append(value)
         log.steps = step
         if progress:
             progress(PROGRESS, step, config.steps)
