@@ -249,7 +249,8 @@ def test_a_batch_over_the_memory_budget_runs_as_accumulated_micro_batches(digits
     per_row = size[1] - size[0]
     assert per_row > 0 and abs((size[2] - size[0]) - 4 * per_row) <= 0.05 * 4 * per_row
     monkeypatch.setattr(T, "available_bytes",
-                        lambda: int((size[0] + 2.5 * per_row) / T.MEMORY_SHARE))
+                        lambda: int((size[0] + (3.5 * T.OVERHEAD - 1) * per_row)
+                                    / T.MEMORY_SHARE))
     seen = []
     real = T.loss_of
     monkeypatch.setattr(T, "loss_of", lambda loss, s, t, inputs, temp: (
