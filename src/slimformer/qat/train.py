@@ -11,7 +11,9 @@ scores or normalized MSE of every output (:func:`loss_of`).
 Every ``eval_every`` steps (and at step 0) the held-out rows are judged with
 :class:`~slimformer.quantize.judge.Judge`'s metrics, the teacher being the reference; the best
 judgement's parameters are kept (a copy of the trained tensors), and the run stops after
-``patience`` judgements without improvement or past the wall-clock budget.
+``patience`` judgements without improvement or past the wall-clock budget. A step whose batch
+would not fit half the memory available runs as micro-batches with accumulated gradients
+(:func:`micro_batch`).
 """
 
 from __future__ import annotations
@@ -231,7 +233,7 @@ def saved_bytes(student, inputs: dict) -> int:
 
 
 def micro_batch(student, fit, config: QatConfig, budget: int | None) -> tuple[int, str | None]:
-    """Rows per backward so one backward's saved activations stay under ``budget`` bytes.
+    """Rows per backward so ``OVERHEAD`` x its saved activations stay under ``budget`` bytes.
 
     Measured on the two longest training rows (text is padded to the longest of a batch): the
     saved bytes of 2 rows less those of 1 are one row's. Returns ``(rows, note)``; ``rows`` is
