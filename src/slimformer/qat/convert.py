@@ -40,7 +40,7 @@ from slimformer.qat.layers import (
     quantizer_kwargs,
 )
 from slimformer.quantize.quantizers import uniform_codes
-from slimformer.quantize.state import LinearQuant, QuantizedModel, QuantState
+from slimformer.quantize.state import LinearQuant, QuantizedModel, QuantState, shared_params
 
 
 @torch.no_grad()
@@ -58,7 +58,9 @@ def to_brevitas(qmodel: QuantizedModel) -> QuantizedModel:
     src = copy.deepcopy(qmodel)
     src._rebind()
     state: QuantState = src.quant
-    tied = _tied(src.model)
+    # a Brevitas layer learns its own copy of the weight: written back into a parameter another
+    # module also holds (SmolLM2's head and embedding table) it would move that one too
+    tied = shared_params(src.model)
     found = [(parent, child_name, state.linear_site(child.weight))
              for parent in list(src.model.modules())
              for child_name, child in list(parent.named_children())
@@ -87,20 +89,6 @@ def to_brevitas(qmodel: QuantizedModel) -> QuantizedModel:
     out = QuantizedModel(src.model, rest, src.config)
     rest.set_mode("quant")
     return out
-
-
-def _tied(model: nn.Module) -> set[int]:
-    """``id`` of every parameter that more than one module holds (a head tied to embeddings).
-
-    A Brevitas layer learns its own copy of the weight; written back into a tied parameter it
-    would move the other holder too (SmolLM2's embedding table with its head): such Linears
-    stay ours, frozen.
-    """
-    holders: dict[int, int] = {}
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            holders[id(p)] = holders.get(id(p), 0) + 1
-    return {k for k, n in holders.items() if n > 1}
 
 
 def learned_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -30,6 +30,7 @@ from slimformer.qat.config import QatConfig
 from slimformer.qat.convert import learned_parameters
 from slimformer.qat.layers import QatLinear
 from slimformer.quantize.judge import Judge
+from slimformer.quantize.spill import available_bytes
 
 Progress = Callable[[str, int, int], None] | None
 PROGRESS = "fine-tune (QAT)"
@@ -198,18 +199,6 @@ MEMORY_SHARE = 0.5
 # row and its RSS grows 0.67 GB per row through forward and backward (2.2x); at batch 32 without
 # this the whole batch seemed to fit half the memory and the process was killed at 24.3 GB
 OVERHEAD = 2.5
-
-
-def available_bytes() -> int | None:
-    """``MemAvailable`` of ``/proc/meminfo`` (None where it cannot be read)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def saved_bytes(student, inputs: dict) -> int:

@@ -117,7 +117,7 @@ def snap_input_scales(student: QuantizedModel) -> int:
         # our grid: the bit-width, symmetric where Brevitas's is signed (convert.to_brevitas)
         scratch = ActQuantizer("snap", int(q.bit_width))
         scratch.symmetric = bool(q.signed)
-        scale, zero = _input_grid(layer, scratch)
+        scale, zero = _ours(q, scratch)
         if set_exact_range(scratch, scale, zero):
             continue
         held = scratch.scale_zero()[0]  # (1,): the closest scale a range gives
@@ -136,12 +136,16 @@ def snap_input_scales(student: QuantizedModel) -> int:
 
 
 def _input_grid(layer: QatLinear, act) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, zero) (1,)`` of ``layer``'s input quantizer in our form.
+    """``(scale, zero) (1,)`` of ``layer``'s input quantizer in our form (see :func:`_ours`)."""
+    return _ours(layer.input_quant(torch.zeros(1)), act)
+
+
+def _ours(q, act) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero) (1,)`` of Brevitas quant tensor ``q`` in our form for ``act``'s grid.
 
     Brevitas's signed (symmetric) codes are ours less ``2^(b-1)``: its zero point 0 is ours
     ``2^(b-1)``.
     """
-    q = layer.input_quant(torch.zeros(1))
     zero = q.zero_point.detach().reshape(1)
     if act.symmetric:
         zero = zero + 2 ** (act.bits - 1)

@@ -47,6 +47,18 @@ def rss_bytes() -> int:
         return 0
 
 
+def available_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class Spill:
     """Keeps tensors in memory within a budget, the rest in memory-mapped files.
 
