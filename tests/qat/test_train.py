@@ -260,3 +260,61 @@ def test_a_batch_over_the_memory_budget_runs_as_accumulated_micro_batches(digits
     assert seen == [3, 3, 2] * 4  # every step: 8 rows as 3 + 3 + 2, one backward each
     assert any("micro-batches of 3" in n for n in res.notes)
     assert res.writeback_db == math.inf or res.writeback_db >= 60
+
+
+def test_layer_wise_distillation_on_blocks_whose_float_outputs_match(digits, monkeypatch):
+    """Every block of the model is distilled; one whose folds changed its output is not; the
+    hooks leave the teacher and the PTQ model as they were, also when a step fails."""
+    import copy
+
+    from slimformer.qat import train as T
+    from slimformer.qat.api import matching_blocks
+    from slimformer.quantize.blockwise import containers
+
+    lm, qm, rows, test = digits
+    x = {"x": test.inputs["x"][:16]}
+    before = _predict_raw(qm, x)
+    hooks = _hooks(lm.module, qm)
+    blocks = [p for c in containers(qm.model, {lq.name.rpartition(".")[0]
+                                               for lq in qm.quant.linears.values()}) for p in c]
+    kept, note = matching_blocks(qm, lm.module, x)
+    assert len(blocks) >= 2 and kept == blocks and f"{len(blocks)} of {len(blocks)} blocks" in note
+    changed = copy.deepcopy(qm)
+    changed._rebind()
+    with torch.no_grad():  # a block whose float output is no longer the teacher's: left out
+        norms = [m for m in changed.model.get_submodule(blocks[-1]).modules()
+                 if isinstance(m, torch.nn.LayerNorm)]
+        norms[-1].weight.mul_(3.0)
+    kept, note = matching_blocks(changed, lm.module, x)
+    assert kept == blocks[:-1] and "differ" in note
+    with torch.no_grad():  # as restored from a folder: float weights = dequantized codes
+        for lq in changed.quant.linears.values():
+            lq.param[0].copy_(lq._unmatrix(lq.quantized_matrix()))
+    kept, note = matching_blocks(changed, lm.module, x)
+    assert kept == blocks and "dequantized codes" in note
+    assert _hooks(lm.module, qm) == hooks  # none left behind
+    assert torch.equal(before, _predict_raw(qm, x))  # modes restored
+    seen = []
+    real = T.BlockTaps.loss
+
+    def loss(self, inputs):
+        out = real(self, inputs)
+        seen.append(float(out))
+        if len(seen) == 3:
+            raise RuntimeError("a failing step")
+        return out
+
+    monkeypatch.setattr(T.BlockTaps, "loss", loss)
+    with pytest.raises(RuntimeError, match="a failing step"):
+        qat(qm, lm.module, QatConfig(steps=5, eval_every=5, rows=128), rows)
+    assert len(seen) == 3 and all(v > 0 for v in seen)
+    assert _hooks(lm.module, qm) == hooks
+
+
+def _hooks(*models) -> int:
+    return sum(len(m._forward_hooks) for model in models for m in model.modules())
+
+
+@torch.no_grad()
+def _predict_raw(model, x):
+    return model(**x)

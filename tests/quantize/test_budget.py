@@ -40,9 +40,47 @@ def test_budget_out_of_range(text, why):
         parse_budget(text)
 
 
-def test_budget_needs_quantized_activations():
-    with pytest.raises(ValidationError, match="budget needs quantized activations"):
-        QuantConfig(weight_only=True, budget="1pt")
+def test_weight_only_budget_moves_gptq_linears_to_8_bit_weights_and_reloads(tmp_path):
+    """Weight-only INT4 GPTQ with a perplexity budget: the fewest input-sharing Linear groups
+    get 8-bit weights (round to nearest, not the 4-bit codes), the judge rows meet it, the
+    config rebuilds it; a budget that 8-bit weights everywhere cannot meet is refused."""
+    from slimformer.models.spec import HfDirSpec
+    from slimformer.quantize.holdout import Rows
+    from slimformer.quantize.judge import Judge
+    from tests.quantize.test_causal_lm import _llama, _rows
+
+    model, rows = _llama(), _rows("left", n=64)
+    with torch.no_grad():  # peaked next-token distributions: random logits barely move the ppl
+        model.lm_head.weight.mul_(30)
+    model.save_pretrained(tmp_path / "hf")
+    spec = HfDirSpec(path=str(tmp_path / "hf"))
+    model = load_model(spec).module
+    cfg = {"weight_only": True, "weight_bits": 4, "group_size": 16, "calib_samples": 16,
+           "calib_batch_size": 8}
+    base = quantize(model, QuantConfig(**cfg), rows)
+    assert base.model.config.method == "gptq"
+    lost = Judge(base.model, Rows(rows, range(16, 64)), 8, {"ppl"}).measure()["ppl"]
+    assert lost > 0.5
+    res = quantize(model, QuantConfig(**cfg, budget=f"{lost / 2:.3f}%ppl"), rows)
+    b = res.budget
+    assert b["before"]["ppl"] == pytest.approx(lost) and b["after"]["ppl"] <= lost / 2
+    assert res.eight_bit and not res.float_activations
+    lqs = {lq.name: lq for lq in res.model.quant.linears.values()}
+    was = {lq.name: lq.wq.bits for lq in base.model.quant.linears.values()}  # the head: 8
+    assert 0 < len(res.eight_bit) < sum(b == 4 for b in was.values())
+    for name, lq in lqs.items():  # 8-bit: min/max codes per group of the float weight
+        eight = name in res.eight_bit
+        assert was[name] == 8 or (lq.int_weight is None) == eight
+        assert lq.wq.bits == (8 if eight else was[name])
+    assert [o.pattern for o in res.model.config.overrides] == res.eight_bit
+    assert any("activations float" in n for n in res.notes)
+    save_quantized(res.model, tmp_path / "q", spec)
+    back = load_quantized(tmp_path / "q")
+    x = rows.inputs["input_ids"][:8]
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=x).logits, res.model(input_ids=x).logits)
+    with pytest.raises(CalibrationError, match="with every quantized Linear's weights at 8 bits"):
+        quantize(model, QuantConfig(**cfg, budget="0.0001%ppl"), rows)
 
 
 @pytest.fixture(scope="module")

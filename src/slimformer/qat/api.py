@@ -125,8 +125,10 @@ def qat(qmodel: QuantizedModel, teacher: nn.Module, config: QatConfig, data,
     fit, held = split_rows(data, config)
     loss, metric = choose(config, teacher, trim_padding([fit[0], fit[min(1, len(fit) - 1)]])[0],
                           task)
+    blocks, block_note = matching_blocks(qmodel, teacher, trim_padding([fit[0]])[0]) \
+        if config.block_loss else ([], None)
     student = to_brevitas(qmodel)
-    log = fine_tune(student, teacher, fit, held, config, loss, metric, progress)
+    log = fine_tune(student, teacher, fit, held, config, loss, metric, progress, blocks)
     snapped = snap_input_scales(student)
     model = to_quantized(student, qmodel)
     db = _writeback_db(model, student, held, config.batch_size)
@@ -141,11 +143,78 @@ def qat(qmodel: QuantizedModel, teacher: nn.Module, config: QatConfig, data,
              f"held-out {metric} {b0[metric]:.4g} -> {b1[metric]:.4g}, output SQNR vs float "
              f"{b0['db']:.2f} -> {b1['db']:.2f} dB; {log.cpu_seconds / max(log.steps, 1):.2f} "
              "CPU-s per step"]
-    notes += log.notes + [n for n in student.quant.notes if n.startswith("QAT:")]
+    notes += ([block_note] if block_note else []) + log.notes
+    notes += [n for n in student.quant.notes if n.startswith("QAT:")]
     if snapped:
         notes.append(f"QAT: {snapped} learned input scale(s) moved by an ulp to one the "
                      "quantizer's range gives (written back exactly)")
     return QatResult(model, student, log, loss, metric, len(fit), len(held), db, notes)
+
+
+# a block's output in the quantized model with its quantizers off must match the teacher's this
+# closely (SQNR) to be distilled: a fold that changed it (a migration into a norm whose output the
+# block returns, which the folds refuse) would teach the student a wrong target there. Float32
+# rounding of the folds stays far above it (reparameterized models are exact in float)
+BLOCK_MATCH_DB = 40.0
+
+
+@torch.no_grad()
+def matching_blocks(qmodel: QuantizedModel, teacher: nn.Module,
+                    inputs: dict) -> tuple[list[str], str | None]:
+    """Module paths of ``qmodel``'s blocks to distil (their outputs are the teacher's), a note.
+
+    Blocks: :func:`~slimformer.quantize.blockwise.containers` (the repeated children holding the
+    quantized Linears, found from the structure). Each is compared on ``inputs`` with ``qmodel``
+    in float mode (folds in place, quantizers off) and kept within :data:`BLOCK_MATCH_DB`. A
+    restored folder's float weights are its dequantized codes (weight rounding alone puts its
+    blocks at 6-13 dB, minilm-vader W4): there every block is kept, as the folds leave block
+    outputs alone by construction (the check above on models with their float weights).
+    """
+    from slimformer.qat.train import BlockTaps
+    from slimformer.quantize.blockwise import containers
+
+    lqs = list(qmodel.quant.linears.values())
+    paths = [p for c in containers(qmodel.model, {lq.name.rpartition(".")[0] for lq in lqs})
+             for p in c]
+    paths = [p for p in paths if _has(teacher, p)]
+    if not paths:
+        return [], "QAT: no repeated blocks found: the output loss alone"
+    if all(torch.equal(lq.param[0], lq._unmatrix(lq.quantized_matrix())) for lq in lqs):
+        return paths, (f"QAT: layer-wise distillation on the hidden states of all {len(paths)} "
+                       "blocks (not compared with the teacher's: the folder's float weights are "
+                       "its dequantized codes)")
+    taps = BlockTaps(teacher, qmodel.model, paths)
+    modes = [(m, m.mode) for m in qmodel.quant.modules() if isinstance(getattr(m, "mode", None), str)]
+    try:
+        qmodel.quant.set_mode("float")
+        teacher(**inputs)
+        qmodel(**inputs)
+        kept = [p for p in paths if _close(taps.got.get(("t", p)), taps.got.get(("s", p)))]
+    finally:
+        for m, mode in modes:
+            m.mode = mode
+            if hasattr(m, "_cache"):
+                m._cache = None
+        taps.remove()
+    note = (f"QAT: layer-wise distillation on the hidden states of {len(kept)} of {len(paths)} "
+            "blocks" + ("" if len(kept) == len(paths) else " (the others' float outputs differ "
+                        "from the teacher's after the folds)"))
+    return kept, note
+
+
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _close(t, s) -> bool:
+    if not (isinstance(t, torch.Tensor) and isinstance(s, torch.Tensor)) or t.shape != s.shape:
+        return False
+    err = float((s.double() - t.double()).pow(2).sum())
+    return err == 0 or 10 * math.log10(float(t.double().pow(2).sum()) / err) >= BLOCK_MATCH_DB
 
 
 @torch.no_grad()

@@ -42,6 +42,11 @@ class QatConfig(BaseModel):
             own: q, k and v, and the probabilities' ``delta`` where their grid is uniform), with
             straight-through (LSQ-style) gradients at ``scale_lr``; False: frozen as the PTQ
             model has them.
+        block_loss: Weight of the layer-wise term of the loss: the normalized MSE of every
+            transformer block's hidden-state output (blocks found from the model's structure,
+            their float outputs checked equal to the teacher's), averaged over blocks, added to
+            the output loss (TernaryBERT / KDLSQ-BERT distil low-bit encoders this way); 0: the
+            output alone.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -60,3 +65,4 @@ class QatConfig(BaseModel):
     max_minutes: Annotated[float, Field(gt=0.0)] | None = None
     seed: Annotated[int, Field(ge=0)] = 0
     learn_attention: bool = True
+    block_loss: Annotated[float, Field(ge=0.0, le=1000.0)] = 1.0

@@ -6,7 +6,10 @@ group per quantizer with ``scale_lr`` times its initial threshold, so every quan
 same fraction of its own scale) and, with ``learn_attention``, the ranges of our attention
 matmuls' input quantizers (:func:`attention_ranges`, the same rule). Everything else (norms,
 embeddings, embedding and non-Linear weight quantizers) stays frozen. Loss: KL of the class
-scores or normalized MSE of every output (:func:`loss_of`).
+scores or normalized MSE of every output (:func:`loss_of`), plus, with ``block_loss``, the
+normalized MSE of every transformer block's hidden-state output (:class:`BlockTaps`: layer-wise
+distillation as TernaryBERT / KDLSQ-BERT train low-bit encoders; a handful of class scores carry
+little signal per row).
 
 Every ``eval_every`` steps (and at step 0) the held-out rows are judged with
 :class:`~slimformer.quantize.judge.Judge`'s metrics, the teacher being the reference; the best
@@ -160,6 +163,43 @@ def loss_of(kind: str, s_out, t_out, inputs: dict, temperature: float = 1.0) -> 
     return total
 
 
+class BlockTaps:
+    """Forward hooks that keep the hidden-state output of the blocks at ``paths`` of two models.
+
+    ``paths``: module paths valid in both the teacher and the student's wrapped model (the
+    student is a copy of the teacher with its Linears replaced, so its paths are the teacher's).
+    """
+
+    def __init__(self, teacher: nn.Module, student_model: nn.Module, paths: list[str]):
+        self.paths = paths
+        self.got: dict[tuple[str, str], torch.Tensor] = {}
+        self.handles = []
+        for side, model in (("t", teacher), ("s", student_model)):
+            for path in paths:
+                def hook(_m, _i, out, key=(side, path)):
+                    self.got[key] = out[0] if isinstance(out, (tuple, list)) else out
+                self.handles.append(model.get_submodule(path).register_forward_hook(hook))
+
+    def loss(self, inputs: dict) -> torch.Tensor | None:
+        """Mean over blocks of ``mean((s - t)^2) / mean(t^2)`` at real positions (None: none ran)."""
+        from slimformer.quantize.capture import real_positions
+
+        terms = []
+        for path in self.paths:
+            s, t = self.got.get(("s", path)), self.got.get(("t", path))
+            if isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor) and s.shape == t.shape:
+                s, t = real_positions(s, inputs).float(), real_positions(t, inputs).float()
+                terms.append(((s - t) ** 2).mean() / (t.detach() ** 2).mean().clamp_min(1e-12))
+        self.got.clear()
+        return torch.stack(terms).mean() if terms else None
+
+    def remove(self) -> None:
+        """Take the hooks off both models."""
+        for h in self.handles:
+            h.remove()
+        self.got.clear()
+
+
 def _clamp_zero_points(student: nn.Module) -> None:
     """Keep every learned zero point on its grid (``0 <= z <= 2^b - 1``), as ours must be.
 
@@ -252,7 +292,7 @@ def micro_batch(student, fit, config: QatConfig, budget: int | None) -> tuple[in
 
 
 def fine_tune(student, teacher: nn.Module, fit, held, config: QatConfig, loss: str,
-              metric: str, progress: Progress = None) -> TrainLog:
+              metric: str, progress: Progress = None, blocks: list[str] | None = None) -> TrainLog:
     """Train ``student`` in place (its best judged state at the end, see module doc).
 
     Args:
@@ -264,6 +304,8 @@ def fine_tune(student, teacher: nn.Module, fit, held, config: QatConfig, loss: s
         loss: ``kl`` or ``mse`` (:func:`loss_of`).
         metric: ``pt``, ``ppl`` or ``db`` (:class:`~slimformer.quantize.judge.Judge`).
         progress: ``progress(description, step, steps)``.
+        blocks: Module paths of the blocks whose hidden-state outputs the student learns too
+            (weighted by ``config.block_loss``; :class:`BlockTaps`).
     """
     from slimformer.data.datasets import trim_padding
 
@@ -289,49 +331,57 @@ def fine_tune(student, teacher: nn.Module, fit, held, config: QatConfig, loss: s
     losses: list[float] = []
     since = 0
     budget = None if config.max_minutes is None else 60 * config.max_minutes
-    for step in range(1, config.steps + 1):
-        if len(order) < config.batch_size:  # a new epoch of the fit rows, reshuffled
-            order += torch.randperm(len(fit), generator=gen).tolist()
-        idx, order = order[:config.batch_size], order[config.batch_size:]
-        opt.zero_grad(set_to_none=True)
-        value = 0.0
-        for k in range(0, len(idx), micro):  # one backward per micro-batch, rows-weighted
-            part = idx[k:k + micro]
-            inputs, _ = trim_padding([fit[i] for i in part])
+    taps = BlockTaps(teacher, student.model, blocks) if blocks and config.block_loss else None
+    try:
+        for step in range(1, config.steps + 1):
+            if len(order) < config.batch_size:  # a new epoch of the fit rows, reshuffled
+                order += torch.randperm(len(fit), generator=gen).tolist()
+            idx, order = order[:config.batch_size], order[config.batch_size:]
+            opt.zero_grad(set_to_none=True)
+            value = 0.0
+            for k in range(0, len(idx), micro):  # one backward per micro-batch, rows-weighted
+                part = idx[k:k + micro]
+                inputs, _ = trim_padding([fit[i] for i in part])
+                with torch.no_grad():
+                    t_out = teacher(**inputs)
+                term = loss_of(loss, student(**inputs), t_out, inputs, config.temperature)
+                hidden = taps.loss(inputs) if taps is not None else None
+                if hidden is not None:
+                    term = term + config.block_loss * hidden
+                term = term * (len(part) / len(idx))
+                term.backward()
+                value += float(term.detach())
+            opt.step()
             with torch.no_grad():
-                t_out = teacher(**inputs)
-            term = loss_of(loss, student(**inputs), t_out, inputs, config.temperature) \
-                * (len(part) / len(idx))
-            term.backward()
-            value += float(term.detach())
-        opt.step()
+                _clamp_zero_points(student)
+                _clamp_deltas(student)
+            losses.append(value)
+            log.steps = step
+            if progress:
+                progress(PROGRESS, step, config.steps)
+            out_of_time = budget is not None and time.perf_counter() - t0 > budget
+            if step % config.eval_every and step != config.steps and not out_of_time:
+                continue
+            got = judge.measure()
+            log.judgements.append(Judgement(step, got, sum(losses) / len(losses)))
+            losses = []
+            if _better(metric, got, best):
+                best, log.best_step, since = got, step, 0
+                kept = [p.detach().clone() for p in trained]
+            else:
+                since += 1
+            if out_of_time:
+                log.stopped = "time"
+                break
+            if config.patience and since >= config.patience:
+                log.stopped = "patience"
+                break
         with torch.no_grad():
-            _clamp_zero_points(student)
-            _clamp_deltas(student)
-        losses.append(value)
-        log.steps = step
-        if progress:
-            progress(PROGRESS, step, config.steps)
-        out_of_time = budget is not None and time.perf_counter() - t0 > budget
-        if step % config.eval_every and step != config.steps and not out_of_time:
-            continue
-        got = judge.measure()
-        log.judgements.append(Judgement(step, got, sum(losses) / len(losses)))
-        losses = []
-        if _better(metric, got, best):
-            best, log.best_step, since = got, step, 0
-            kept = [p.detach().clone() for p in trained]
-        else:
-            since += 1
-        if out_of_time:
-            log.stopped = "time"
-            break
-        if config.patience and since >= config.patience:
-            log.stopped = "patience"
-            break
-    with torch.no_grad():
-        for p, v in zip(trained, kept, strict=True):
-            p.copy_(v)
+            for p, v in zip(trained, kept, strict=True):
+                p.copy_(v)
+    finally:  # the hooks are on the caller's teacher too
+        if taps is not None:
+            taps.remove()
     for p in trained:
         p.requires_grad_(False)
     log.seconds, log.cpu_seconds = time.perf_counter() - t0, time.process_time() - c0

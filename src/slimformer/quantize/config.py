@@ -159,7 +159,8 @@ class QuantConfig(BaseModel):
             their share of the output error, first to 8 bits (weights and input; recorded in
             ``overrides``) and then float (``float_activations``) until it holds on calibration
             rows no quantizer saw; unreachable: :class:`CalibrationError`. None: only the
-            W8A8 floor. Not with ``weight_only``.
+            W8A8 floor. With ``weight_only`` the sites' only tier is 8-bit weights (the
+            Linears sharing an input; no float tier).
         smooth: ``auto`` (default): SmoothQuant-style migration of activation outliers into
             the weights before calibration (:mod:`~slimformer.quantize.smooth`), per site where a
             scale can be folded exactly into the norm or Linear producing the input (nothing
@@ -243,10 +244,6 @@ class QuantConfig(BaseModel):
 
     @model_validator(mode="after")
     def _weight_only(self) -> QuantConfig:
-        if self.weight_only and self.budget is not None:
-            raise ValueError("budget needs quantized activations (its fallback moves activation "
-                             "sites to 8 bits or float); with weight_only choose the bits and "
-                             "group_size directly")
         if self.weight_only and self.method not in WEIGHT_ONLY_METHODS:
             raise ValueError(f"weight_only takes method {' or '.join(WEIGHT_ONLY_METHODS)} "
                              f"(got {self.method}: it calibrates activations)")

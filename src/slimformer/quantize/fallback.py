@@ -11,7 +11,8 @@ Where the quantized model misses them, :func:`fallback` moves activation sites
    that meets the criteria (doubling, then bisection: a few forwards).
 3. Where every site at 8 bits still misses them: the shortest prefix of the float ranking
    (re-ranked from there; the input kept float, the weights at 8 bits), then again the shortest
-   8-bit prefix beside those float sites.
+   8-bit prefix beside those float sites. Weight-only (activations float already): a site is
+   the Linears that share an input, its 8-bit tier their weights at 8 bits; no float tier.
 4. Judged on rows no quantizer saw (the search measures on them, so the result is the measured
    value there): calibration rows past ``calib_samples`` where the data has them, else the seeded
    held-out quarter of :func:`~slimformer.quantize.holdout.split` (repq / repquant ranges were
@@ -161,6 +162,12 @@ def fallback(qmodel, calib_data, config, criteria: list[Budget], progress=None) 
     k8 = None
     if order8:
         k8 = _shortest(lambda k: (configure(set(order8[:k]), set()), ok())[1], len(order8))
+    if k8 is None and config.weight_only:  # activations are float already: no float tier
+        worst = last["m"]
+        configure(set(), set())
+        return Fallback(False, [], [], [], before, worst, 0, 0.0, 0, [], [
+            head, f"not met with every quantized Linear's weights at 8 bits: "
+            f"{_metrics(worst, criteria)}"])
     if k8 is None:
         configure(set(order8), set())
         gains = rank(qmodel, rank_rows, all_sites, kind)
@@ -192,8 +199,9 @@ def fallback(qmodel, calib_data, config, criteria: list[Budget], progress=None) 
              f"forward+backward pass(es) over {len(rank_rows)} calibration rows); best: " +
              ", ".join(order8[:3] if eight else floats[:3])]
     if eight:
-        notes.append(f"{len(eight)} of {len(all_sites)} activation sites at 8 bits (weights and "
-                     f"input; {sum(len(by_name[n].linears) for n in eight)} Linear(s)): " +
+        what = "weights; activations float" if config.weight_only else "weights and input"
+        notes.append(f"{len(eight)} of {len(all_sites)} activation sites at 8 bits ({what}; "
+                     f"{sum(len(by_name[n].linears) for n in eight)} Linear(s)): " +
                      ", ".join(eight_names))
     if kept:
         notes.append(f"{len(kept)} of {len(all_sites)} activation quantizers kept float (weights "

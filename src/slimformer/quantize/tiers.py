@@ -7,8 +7,10 @@ feeds q, k and v; an attention q/k/v input feeds none). Its tiers:
 1. 8 bits (configs below 8 bits): the Linears' weights at 8 bits (min/max per output channel,
    learned rounding dropped) and the activation at 8 bits (min/max of its calibration data, in
    the reparameterized domain); recorded as ``overrides`` (``weight_bits: 8, act_bits: 8``).
-   Attention q/k/v inputs have no 8-bit tier (no override addresses them);
-2. float: tier 1, and the activation kept float (``float_activations``).
+   Attention q/k/v inputs have no 8-bit tier (no override addresses them). Weight-only
+   (activations float anyway): the Linears' weights at 8 bits, min/max per group (or row),
+   rounded to nearest in place of the low-bit codes (GPTQ's);
+2. float: tier 1, and the activation kept float (``float_activations``); not with weight-only.
 
 :meth:`Site.set` moves a site between tiers and back exactly (its tier-0 state is kept).
 """
@@ -129,14 +131,16 @@ def _save(s: Site) -> dict:
     a = s.act
     return {"abits": a.bits, "lo": a.lo, "hi": a.hi,
             "wbits": [lq.wq.bits for lq in s.linears],
-            "w": [(lq.wq.scale, lq.wq.zero, lq.alpha) for lq in s.linears]}
+            "w": [(lq.wq.scale, lq.wq.zero, lq.alpha, lq.int_weight) for lq in s.linears]}
 
 
 def _restore(s: Site, saved: dict) -> None:
     a = s.act
     a.bits, a.lo, a.hi = saved["abits"], saved["lo"], saved["hi"]
-    for lq, b, (scale, zero, alpha) in zip(s.linears, saved["wbits"], saved["w"], strict=True):
+    for lq, b, (scale, zero, alpha, codes) in zip(s.linears, saved["wbits"], saved["w"],
+                                                  strict=True):
         lq.wq.bits, lq.wq.scale, lq.wq.zero, lq.alpha, lq._cache = b, scale, zero, alpha, None
+        lq.int_weight = codes
 
 
 @torch.no_grad()
@@ -156,7 +160,7 @@ def act_range8(a: ActQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def weight8(lq: LinearQuant) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit min/max ``(scale, zero)`` per output channel of ``lq``'s weight (its flags kept)."""
+    """8-bit min/max ``(scale, zero)`` per output channel (per group) of ``lq``'s float weight."""
     from slimformer.quantize.quantizers import WeightQuantizer
 
     wq = WeightQuantizer(EIGHT)
@@ -175,3 +179,4 @@ def _to_eight(s: Site) -> None:
         if lq.wq.bits < EIGHT:
             lq.wq.scale, lq.wq.zero = weight8(lq)
             lq.wq.bits, lq.alpha, lq._cache = EIGHT, None, None
+            lq.int_weight = None  # codes chosen elsewhere (GPTQ) were the low-bit ones
