@@ -61,3 +61,27 @@ def test_only_the_sampled_rows_are_prepared(tiny_dinov2):
     plain = get_dataset("fashion-mnist", "train", sample=7)  # the same rows without a processor
     assert plain.labels.tolist() == ds.labels.tolist()
     assert plain.inputs["pixel_values"].shape == (7, 1, 28, 28)
+
+
+def test_pack_windows_concatenates_real_tokens_in_order_per_part():
+    """Rows' real tokens (either padding side) run on as windows; the rows past ``split_at``
+    are packed apart; inputs other than token ids are refused."""
+    import pytest
+
+    from slimformer.data.datasets import TensorDictDataset, pack_windows
+    from slimformer.errors import DataError
+
+    ids = torch.tensor([[0, 0, 1, 2], [3, 4, 5, 0], [6, 7, 8, 9], [0, 10, 11, 12]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [0, 1, 1, 1]])
+    ds = TensorDictDataset({"input_ids": ids, "attention_mask": mask})
+    out, first = pack_windows(ds, 3, 2)
+    assert first == 2  # tokens 1..5 -> [1 2 3] [4 5 .]; then 6..12 -> [6 7 8] [9 10 11] [12 . .]
+    assert out.inputs["input_ids"].tolist() == [[1, 2, 3], [4, 5, 0], [6, 7, 8], [9, 10, 11],
+                                                [12, 0, 0]]
+    assert out.inputs["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 1],
+                                                     [1, 0, 0]]
+    whole, first = pack_windows(TensorDictDataset({"input_ids": ids[2:]}), 4, 2)
+    assert first == 2 and "attention_mask" not in whole.inputs
+    assert whole.inputs["input_ids"].tolist() == [[6, 7, 8, 9], [0, 10, 11, 12]]
+    with pytest.raises(DataError, match="pack token rows"):
+        pack_windows(TensorDictDataset({"input_ids": ids, "token_type_ids": ids}), 3, 2)

@@ -241,3 +241,22 @@ def test_awq_leaves_tied_weights_alone():
     assert any(n.startswith("awq ") for n in res.notes)
     res.model.quant.set_mode("float")
     assert _db(model, res.model, x) > 90
+
+
+def test_calib_window_calibrates_on_the_packed_rows():
+    """calib_window: the first calib_samples rows packed into windows give exactly the model
+    calibrated on those windows; the artifact's config keeps the rows asked for."""
+    from slimformer.data.datasets import pack_windows
+
+    model, rows = _llama(), _rows(24, t=16)
+    res = quantize(model, _cfg(method="gptq", group_size=32, calib_samples=16, calib_window=48),
+                   rows)
+    packed, first = pack_windows(rows, 48, 16)
+    assert first == -(-16 * 16 // 48) and len(packed) == first + -(-8 * 16 // 48)
+    ref = quantize(model, _cfg(method="gptq", group_size=32, calib_samples=first), packed)
+    assert res.model.config.calib_samples == 16 and res.model.config.calib_window == 48
+    assert any(n == f"calibration: 16 rows packed into {first} window(s) of 48 tokens "
+               "(running text: calib_window)" for n in res.notes)
+    x = _rows(4, seed=2).inputs["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(res.model(input_ids=x).logits, ref.model(input_ids=x).logits)

@@ -187,6 +187,9 @@ def test_onnxruntime_runtime_float_and_weight_only_match_torch(lm, tmp_path):
     rec = next(s for s in rep["stages"] if s["type"] == "quantize")
     assert rec["config"]["embedding_bits"] == 8  # a causal LM at 4 bits: 8-bit tables by default
     assert any(n.startswith("embedding_bits 8: the default for a causal LM") for n in rec["notes"])
+    assert rec["config"]["calib_window"] == 512  # weight-only causal LM: running-text windows
+    assert any(n.startswith("calib_window 512: the default") for n in rec["notes"])
+    assert any(n.startswith("calibration: 8 rows packed into") for n in rec["notes"])
     torch_q = _generate(out, "--prompt", PROMPT, "--max-new-tokens", 12)
     ort_q = _generate(out, "--prompt", PROMPT, "--max-new-tokens", 12, "--runtime", "onnxruntime")
     assert ort_q["new_ids"] == torch_q["new_ids"]

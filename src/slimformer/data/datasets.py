@@ -222,6 +222,41 @@ def trim_padding(batch):
     return inputs, labels
 
 
+def pack_windows(ds: TensorDictDataset, window: int, split_at: int) -> tuple[TensorDictDataset, int]:
+    """Token rows as windows of running text: ``(windows, windows taken from the first part)``.
+
+    The real tokens (``attention_mask`` 1, all without a mask) of rows ``[0, split_at)`` are
+    concatenated in row order and cut into windows of ``window`` tokens, then those of the rows
+    after it, separately (so the two parts share no window); each part's last window may be
+    shorter (right-padded, mask 0). Inputs other than ``input_ids`` / ``attention_mask`` are
+    refused (:class:`DataError`): a position or segment input has no meaning across rows.
+    """
+    extra = set(ds.inputs) - {"input_ids", "attention_mask"}
+    ids = ds.inputs.get("input_ids")
+    if extra or ids is None or ids.dim() != 2:
+        raise DataError(f"calibration windows pack token rows (input_ids (N, T), optionally "
+                        f"attention_mask); got inputs {sorted(ds.inputs)}: give rows of "
+                        "input_ids only, or no calib_window")
+    mask = ds.inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    windows, firsts = [], 0
+    for lo, hi in ((0, min(split_at, len(ds))), (min(split_at, len(ds)), len(ds))):
+        stream = ids[lo:hi][mask[lo:hi].bool()]  # row order, real tokens only
+        part = [w for w in stream.split(window) if len(w)]
+        windows += part
+        firsts = len(windows) if lo == 0 else firsts
+    if not windows:
+        raise DataError("calibration windows: the rows hold no real token")
+    n = max(len(w) for w in windows)
+    out = torch.zeros(len(windows), n, dtype=ids.dtype)
+    att = torch.zeros(len(windows), n, dtype=mask.dtype)
+    for i, w in enumerate(windows):
+        out[i, :len(w)], att[i, :len(w)] = w, 1
+    inputs = {"input_ids": out} | ({"attention_mask": att} if "attention_mask" in ds.inputs
+                                   or (att == 0).any() else {})
+    return TensorDictDataset(inputs), firsts
+
+
 def make_loader(ds: Dataset, batch_size: int = 256, shuffle: bool = False, seed: int = 0):
     """A DataLoader yielding ``({name: (B, ...)}, labels (B,))`` with a seeded shuffle.
 

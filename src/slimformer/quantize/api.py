@@ -94,6 +94,15 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
     from slimformer.quantize.holdout import split
 
     t0 = time.perf_counter()
+    asked_rows, packed = config.calib_samples, None
+    if config.calib_window:
+        from slimformer.data.datasets import pack_windows
+
+        rows = min(config.calib_samples, len(calib_data))
+        calib_data, first = pack_windows(calib_data, config.calib_window, rows)
+        packed = (f"calibration: {rows} rows packed into {first} window(s) of "
+                  f"{config.calib_window} tokens (running text: calib_window)")
+        config = config.model_copy(update={"calib_samples": max(first, 1)})
     n = min(config.calib_samples, len(calib_data))
     if n < config.min_calib_samples:
         raise CalibrationError(f"method {config.method} needs at least "
@@ -132,8 +141,11 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
     early = [p for p in qmodel.config.float_activations if p not in config.float_activations]
     weak, out_db, fb = _check(qmodel, calib_data, config, notes, tick)
     qmodel.quant.forget()  # the calibration observations
-    if qmodel.config.calib_batch_size != asked:  # the artifact records what was asked
-        qmodel.config = qmodel.config.model_copy(update={"calib_batch_size": asked})
+    if packed:
+        notes.insert(0, packed)
+    if (qmodel.config.calib_batch_size, qmodel.config.calib_samples) != (asked, asked_rows):
+        qmodel.config = qmodel.config.model_copy(  # the artifact records what was asked
+            update={"calib_batch_size": asked, "calib_samples": asked_rows})
     res = QuantResult(qmodel, n, time.perf_counter() - t0, notes, weak, out_db, choices,
                       float_activations=early)  # by the per-block check (block-wise)
     if fb is not None:

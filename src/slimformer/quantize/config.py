@@ -173,6 +173,12 @@ class QuantConfig(BaseModel):
         smooth_alphas: The migration strengths ``a`` tried per site
             (``s = max|X|^a / max|W|^(1-a)``), each in (0, 1]; no migration is always a
             candidate.
+        calib_window: Token rows (``input_ids``): the first ``calib_samples`` rows' real tokens
+            concatenated in row order and cut into windows of this many tokens, calibrated on
+            as rows (the same tokens, long contexts: a causal LM then calibrates on the running
+            text it reads, as GPTQ and AWQ take 2048-token segments of C4); the rows after them
+            (the budget's judge rows) likewise, apart. None: the rows as given. The quantize
+            stage sets 512 for a causal LM quantized weight-only.
         max_memory: Peak memory budget of calibration (``4GB``, ``512MiB``; None: unbounded,
             whole-model calibration): minmax / percentile then calibrate one block at a time
             (:mod:`~slimformer.quantize.blockacts`; only one block's observations held) and
@@ -230,6 +236,7 @@ class QuantConfig(BaseModel):
     act_dynamic: Literal["off", "tensor", "token"] = "off"
     outlier_channels: Annotated[int, Field(ge=0, le=256)] = 8
     max_memory: Annotated[str | None, AfterValidator(_memory)] = None
+    calib_window: Annotated[int | None, Field(ge=16, le=65536)] = None
     smooth_alphas: Annotated[list[float], AfterValidator(_alphas)] = Field(
         default_factory=lambda: [0.3, 0.5, 0.7, 0.85])
     seed: int = 0

@@ -19,6 +19,10 @@ QUANTIZES = True
 AFTER_QUANTIZED = "the model is quantized already (one quantize stage per recipe)"
 
 
+# tokens per calibration window of a causal LM quantized weight-only (QuantConfig.calib_window)
+CAUSAL_WINDOW = 512
+
+
 class QuantizeStage(QuantConfig):
     """Post-training quantization (see :class:`~slimformer.quantize.config.QuantConfig`).
 
@@ -43,6 +47,10 @@ class QuantizeStage(QuantConfig):
         table is most of what stays float (SmolLM2-135M INT4 g128 GPTQ: decoder file 214 ->
         132 MB, perplexity 52.25 -> 52.15 through ONNX Runtime, float 43.08), as NNCF's
         ``compress_weights`` keeps embeddings at 8 bits.
+
+        A causal LM quantized weight-only whose stage leaves ``calib_window`` unset calibrates
+        on its rows packed into windows of :data:`CAUSAL_WINDOW` tokens (the same tokens as
+        long contexts; the budget's judge rows too).
         """
         fields = self.model_dump(exclude={"type", "save"})
         cfg = QuantConfig(**fields)
@@ -53,6 +61,8 @@ class QuantizeStage(QuantConfig):
             extra["act_dynamic"] = "token"
         if "embedding_bits" in unset and cfg.weight_only and cfg.weight_bits <= 4:
             extra["embedding_bits"] = 8
+        if "calib_window" in unset and cfg.weight_only:
+            extra["calib_window"] = CAUSAL_WINDOW
         return QuantConfig(**{**fields, **extra}) if extra else cfg
 
 
@@ -71,6 +81,10 @@ def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
         res.notes.insert(0, f"act_dynamic {cfg.act_dynamic}: the default for a causal LM "
                             "(per-token run-time activation ranges; set act_dynamic: off for "
                             "static ones)")
+    if cfg.calib_window != stage.calib_window:
+        res.notes.insert(0, f"calib_window {cfg.calib_window}: the default for a causal LM "
+                            "quantized weight-only (set calib_window: null for the rows as "
+                            "they are)")
     if cfg.embedding_bits != stage.embedding_bits:
         res.notes.insert(0, f"embedding_bits {cfg.embedding_bits}: the default for a causal LM "
                             f"with {cfg.weight_bits}-bit weights (embedding tables per row; "
@@ -78,7 +92,8 @@ def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
     ctx.model = to_inference(res.model, inplace=True)  # res.model is not used simulated again
     rec = StageRecord(index=0, type=stage.type,  # what ran: the task's defaults applied
                       config={**stage.model_dump(mode="json"), "act_dynamic": cfg.act_dynamic,
-                              "embedding_bits": cfg.embedding_bits})
+                              "embedding_bits": cfg.embedding_bits,
+                              "calib_window": cfg.calib_window})
     rec.metrics = {"calib_samples": res.calib_samples, "calib_seconds": round(res.seconds, 2),
                    "peak_rss_gb": _peak_rss_gb(), "method": cfg.method, "bits": _bits(cfg),
                    "act_dynamic": cfg.act_dynamic}
