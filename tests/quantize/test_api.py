@@ -273,3 +273,16 @@ def test_the_default_method_follows_the_bits(fields, method):
     assert QuantizeStage(**fields).quant_config().method == method
     named = "minmax" if fields.get("weight_only") else "percentile"
     assert QuantConfig(**{**fields, "method": named}).method == named
+
+
+def test_a_causal_lm_weight_only_stage_calibrates_on_512_rows_in_windows_by_default():
+    from slimformer.stages.quantize import QuantizeStage
+
+    wo = {"weight_only": True, "weight_bits": 4, "group_size": 128}
+    cfg = QuantizeStage(**wo).quant_config("causal-lm")
+    assert (cfg.calib_window, cfg.calib_samples) == (512, 512)
+    cfg = QuantizeStage(**wo, calib_samples=64, calib_window=256).quant_config("causal-lm")
+    assert (cfg.calib_window, cfg.calib_samples) == (256, 64)  # what the stage names wins
+    for stage, task in ((QuantizeStage(**wo), "sentence-embedding"), (QuantizeStage(), "causal-lm")):
+        cfg = stage.quant_config(task)  # encoders, and activation methods: rows as given
+        assert (cfg.calib_window, cfg.calib_samples) == (None, 128)

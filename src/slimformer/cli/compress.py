@@ -38,7 +38,9 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                       "--act-dynamic: minmax]")] = None,
              weight_bits: Annotated[int, typer.Option(help="Weight bits (2..8).")] = 8,
              act_bits: Annotated[int, typer.Option(help="Activation bits (2..8).")] = 8,
-             calib_samples: Annotated[int, typer.Option(help="Calibration rows.")] = 128,
+             calib_samples: Annotated[int | None, typer.Option(
+                 help="Calibration rows [default: 128; a causal LM weight-only: 512, packed "
+                      "into windows of 512 tokens]")] = None,
              budget: Annotated[str | None, typer.Option(
                  help="Accuracy budget: 1pt (accuracy points lost, or top-1 agreement points "
                       "on unlabelled rows), 3%ppl (relative perplexity increase, causal LMs) or "
@@ -124,7 +126,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
             named["embedding_bits"] = embedding_bits or None
         stage = _stage(QuantizeStage, set_, **named,  # else the defaults (config, task)
                        weight_bits=weight_bits, act_bits=act_bits, **wo,
-                       calib_samples=calib_samples, softmax=softmax, attention=attention,
+                       **({"calib_samples": calib_samples} if calib_samples is not None else {}),
+                       softmax=softmax, attention=attention,
                        symmetric=symmetric,
                        **({"budget": budget} if budget is not None else {}),
                        smooth=smooth, power_of_two_scales=power_of_two_scales,

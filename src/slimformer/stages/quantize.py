@@ -20,7 +20,8 @@ AFTER_QUANTIZED = "the model is quantized already (one quantize stage per recipe
 
 
 # tokens per calibration window of a causal LM quantized weight-only (QuantConfig.calib_window)
-CAUSAL_WINDOW = 512
+# and the calibration rows packed into them when the stage names none
+CAUSAL_WINDOW, CAUSAL_ROWS = 512, 512
 
 
 class QuantizeStage(QuantConfig):
@@ -50,7 +51,10 @@ class QuantizeStage(QuantConfig):
 
         A causal LM quantized weight-only whose stage leaves ``calib_window`` unset calibrates
         on its rows packed into windows of :data:`CAUSAL_WINDOW` tokens (the same tokens as
-        long contexts; the budget's judge rows too).
+        long contexts; the budget's judge rows too), on :data:`CAUSAL_ROWS` rows unless
+        ``calib_samples`` is set (SmolLM2-135M INT4 g128 GPTQ on nyt sentences, perplexity on
+        4,096 held-out tokens, float 41.24: 128 rows 47.21, packed 46.50, 448 rows packed
+        44.76).
         """
         fields = self.model_dump(exclude={"type", "save"})
         cfg = QuantConfig(**fields)
@@ -63,6 +67,8 @@ class QuantizeStage(QuantConfig):
             extra["embedding_bits"] = 8
         if "calib_window" in unset and cfg.weight_only:
             extra["calib_window"] = CAUSAL_WINDOW
+            if "calib_samples" in unset:
+                extra["calib_samples"] = CAUSAL_ROWS
         return QuantConfig(**{**fields, **extra}) if extra else cfg
 
 
@@ -82,8 +88,10 @@ def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
                             "(per-token run-time activation ranges; set act_dynamic: off for "
                             "static ones)")
     if cfg.calib_window != stage.calib_window:
-        res.notes.insert(0, f"calib_window {cfg.calib_window}: the default for a causal LM "
-                            "quantized weight-only (set calib_window: null for the rows as "
+        rows = (f", calib_samples {cfg.calib_samples}"
+                if cfg.calib_samples != stage.calib_samples else "")
+        res.notes.insert(0, f"calib_window {cfg.calib_window}{rows}: the default for a causal "
+                            "LM quantized weight-only (set calib_window: null for the rows as "
                             "they are)")
     if cfg.embedding_bits != stage.embedding_bits:
         res.notes.insert(0, f"embedding_bits {cfg.embedding_bits}: the default for a causal LM "
@@ -93,7 +101,8 @@ def run(ctx: RunContext, stage: QuantizeStage) -> StageRecord:
     rec = StageRecord(index=0, type=stage.type,  # what ran: the task's defaults applied
                       config={**stage.model_dump(mode="json"), "act_dynamic": cfg.act_dynamic,
                               "embedding_bits": cfg.embedding_bits,
-                              "calib_window": cfg.calib_window})
+                              "calib_window": cfg.calib_window,
+                              "calib_samples": cfg.calib_samples})
     rec.metrics = {"calib_samples": res.calib_samples, "calib_seconds": round(res.seconds, 2),
                    "peak_rss_gb": _peak_rss_gb(), "method": cfg.method, "bits": _bits(cfg),
                    "act_dynamic": cfg.act_dynamic}
