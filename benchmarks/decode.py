@@ -107,6 +107,7 @@ def build(args, work: Path) -> dict[str, Path]:
         t0 = time.process_time()
         cfg = QuantConfig(weight_only=True, weight_bits=4, group_size=args.group_size,
                           calib_samples=len(calib), embedding_bits=VARIANTS[v],
+                          calib_window=args.calib_window or None,
                           **({"method": args.method} if args.method else {}))
         q = quantize(lm.module, cfg, calib).model
         print(f"{v} quantize ({cfg.method}) {time.process_time() - t0:.0f} CPU-s", flush=True)
@@ -150,7 +151,10 @@ def main() -> None:
     ap.add_argument("--nncf-group", type=int, default=64)
     ap.add_argument("--method", default=None, help="ours: quantize method (default: the "
                     "config's, GPTQ for weight-only)")
-    ap.add_argument("--calib", type=int, default=128)
+    ap.add_argument("--calib", type=int, default=512, help="ours: calibration rows (nyt train)")
+    ap.add_argument("--calib-window", type=int, default=512,
+                    help="ours: rows packed into windows of this many tokens (0: as given); "
+                         "512 / 512 are the quantize stage's defaults for a causal LM")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=1024)
