@@ -239,12 +239,13 @@ def pack_windows(ds: TensorDictDataset, window: int, split_at: int) -> tuple[Ten
                         "input_ids only, or no calib_window")
     mask = ds.inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
-    windows, firsts = [], 0
-    for lo, hi in ((0, min(split_at, len(ds))), (min(split_at, len(ds)), len(ds))):
-        stream = ids[lo:hi][mask[lo:hi].bool()]  # row order, real tokens only
-        part = [w for w in stream.split(window) if len(w)]
-        windows += part
-        firsts = len(windows) if lo == 0 else firsts
+
+    def cut(rows: slice) -> list[torch.Tensor]:
+        stream = ids[rows][mask[rows].bool()]  # row order, real tokens only
+        return [w for w in stream.split(window) if len(w)]
+
+    first = cut(slice(0, split_at))
+    windows = first + cut(slice(split_at, None))
     if not windows:
         raise DataError("calibration windows: the rows hold no real token")
     n = max(len(w) for w in windows)
@@ -254,7 +255,7 @@ def pack_windows(ds: TensorDictDataset, window: int, split_at: int) -> tuple[Ten
         out[i, :len(w)], att[i, :len(w)] = w, 1
     inputs = {"input_ids": out} | ({"attention_mask": att} if "attention_mask" in ds.inputs
                                    or (att == 0).any() else {})
-    return TensorDictDataset(inputs), firsts
+    return TensorDictDataset(inputs), len(first)
 
 
 def make_loader(ds: Dataset, batch_size: int = 256, shuffle: bool = False, seed: int = 0):

@@ -184,17 +184,13 @@ def matching_blocks(qmodel: QuantizedModel, teacher: nn.Module,
                        "blocks (not compared with the teacher's: the folder's float weights are "
                        "its dequantized codes)")
     taps = BlockTaps(teacher, qmodel.model, paths)
-    modes = [(m, m.mode) for m in qmodel.quant.modules() if isinstance(getattr(m, "mode", None), str)]
     try:
         qmodel.quant.set_mode("float")
         teacher(**inputs)
         qmodel(**inputs)
         kept = [p for p in paths if _close(taps.got.get(("t", p)), taps.got.get(("s", p)))]
-    finally:
-        for m, mode in modes:
-            m.mode = mode
-            if hasattr(m, "_cache"):
-                m._cache = None
+    finally:  # a quantized model is in quant mode (as check.output_sqnr leaves it)
+        qmodel.quant.set_mode("quant")
         taps.remove()
     note = (f"QAT: layer-wise distillation on the hidden states of {len(kept)} of {len(paths)} "
             "blocks" + ("" if len(kept) == len(paths) else " (the others' float outputs differ "
@@ -211,10 +207,10 @@ def _has(model: nn.Module, path: str) -> bool:
 
 
 def _close(t, s) -> bool:
-    if not (isinstance(t, torch.Tensor) and isinstance(s, torch.Tensor)) or t.shape != s.shape:
-        return False
-    err = float((s.double() - t.double()).pow(2).sum())
-    return err == 0 or 10 * math.log10(float(t.double().pow(2).sum()) / err) >= BLOCK_MATCH_DB
+    from slimformer.quantize.check import sqnr_db
+
+    return (isinstance(t, torch.Tensor) and isinstance(s, torch.Tensor) and t.shape == s.shape
+            and sqnr_db(t, s) >= BLOCK_MATCH_DB)
 
 
 @torch.no_grad()

@@ -162,12 +162,15 @@ def fallback(qmodel, calib_data, config, criteria: list[Budget], progress=None) 
     k8 = None
     if order8:
         k8 = _shortest(lambda k: (configure(set(order8[:k]), set()), ok())[1], len(order8))
-    if k8 is None and config.weight_only:  # activations are float already: no float tier
+
+    def missed(reached: str) -> Fallback:  # the quantizers back as they were
         worst = last["m"]
         configure(set(), set())
         return Fallback(False, [], [], [], before, worst, 0, 0.0, 0, [], [
-            head, f"not met with every quantized Linear's weights at 8 bits: "
-            f"{_metrics(worst, criteria)}"])
+            head, f"not met with {reached}: {_metrics(worst, criteria)}"])
+
+    if k8 is None and config.weight_only:  # activations are float already: no float tier
+        return missed("every quantized Linear's weights at 8 bits")
     if k8 is None:
         configure(set(order8), set())
         gains = rank(qmodel, rank_rows, all_sites, kind)
@@ -175,11 +178,7 @@ def fallback(qmodel, calib_data, config, criteria: list[Budget], progress=None) 
         order2 = sorted(by_name, key=lambda n: -gains[n][1])
         k2 = _shortest(lambda k: (configure(set(order8), set(order2[:k])), ok())[1], len(order2))
         if k2 is None:
-            worst = last["m"]
-            configure(set(), set())
-            return Fallback(False, [], [], [], before, worst, 0, 0.0, 0, [], [
-                head, f"not met with every activation site float (weights at 8 bits): "
-                f"{_metrics(worst, criteria)}"])
+            return missed("every activation site float (weights at 8 bits)")
         floats = order2[:k2]
         k8 = 0 if not order8 else _shortest(
             lambda k: (configure(set(order8[:k]), set(floats)), ok())[1], len(order8))
