@@ -59,17 +59,35 @@ def test_graph_inputs_outputs_and_symbolic_axes(float_export):
     assert res.opset in (20, 23) and res.size_bytes == path.stat().st_size
 
 
-def test_attention_reads_the_cache_kv_heads_without_copies(float_export, int4_export):
+def test_attention_is_ort_group_query_attention_reading_the_cache(float_export, int4_export):
+    """The default form: one GroupQueryAttention per layer reads the past and writes the
+    present itself (no Concat of the cache, no copies of the kv heads)."""
     for res, path in (float_export, int4_export[1:]):
         proto = onnx.load(str(path))
         if res.opset < 23:  # no Attention op: nothing to rewrite
             continue
-        att = [n for n in proto.graph.node if n.op_type == "Attention"]
-        assert res.kv_unrepeated == len(att) == 2
-        for i, n in enumerate(att):  # K/V: the presents, (batch, 2 kv heads, total, 16)
-            assert list(n.input[1:3]) == [f"present.{i}.key", f"present.{i}.value"]
-        assert not [n for n in proto.graph.node if n.op_type == "Expand"
+        gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
+        assert res.ort_gqa == len(gqa) == 2 and res.kv_unrepeated == 2
+        assert not [n for n in proto.graph.node if n.op_type in ("Attention", "Expand")
                     and any(o.startswith("present.") for o in n.input)]
+        for i, n in enumerate(gqa):
+            assert list(n.input[3:5]) == [f"past_key_values.{i}.key",
+                                          f"past_key_values.{i}.value"]
+            assert list(n.output[1:]) == [f"present.{i}.key", f"present.{i}.value"]
+        meta = {p.key: p.value for p in proto.metadata_props}
+        assert meta["slimformer.kv_cache"] == "in-place"
+
+
+def test_fold_form_feeds_attention_the_cache_kv_heads_without_copies(model, tmp_path):
+    res = export_decoder(model, tmp_path / "fold.onnx", DecoderConfig(kv_form="fold"))
+    proto = onnx.load(str(res.path))
+    att = [n for n in proto.graph.node if n.op_type == "Attention"]
+    assert res.kv_unrepeated == len(att) == 2 and res.ort_gqa == 0
+    assert res.tokens["agreement"] == 1.0
+    for i, n in enumerate(att):  # K/V: the presents, (batch, 2 kv heads, total, 16)
+        assert list(n.input[1:3]) == [f"present.{i}.key", f"present.{i}.value"]
+    assert not [n for n in proto.graph.node if n.op_type == "Expand"
+                and any(o.startswith("present.") for o in n.input)]
 
 
 def test_the_ops_own_grouped_attention_and_the_kept_copies_match_pytorch(model, tmp_path):
@@ -85,7 +103,7 @@ def test_last_logits_graph_gives_the_last_position_and_the_same_tokens(model, fl
                                                                       tmp_path):
     res = export_decoder(model, tmp_path / "last.onnx", DecoderConfig(last_logits=True))
     assert res.tokens["agreement"] == 1.0  # 32 greedy steps equal PyTorch's
-    full, last = OrtDecoder(float_export[1]), OrtDecoder(res.path)
+    full, last = (OrtDecoder(p, in_place=False) for p in (float_export[1], res.path))
     ids = np.asarray([_prompt()])
     (lf, pf), (ll, pl) = full.step(ids, full.empty()), last.step(ids, last.empty())
     assert lf.shape == (1, 12, VOCAB) and ll.shape == (1, 1, VOCAB)
@@ -127,17 +145,31 @@ def test_token_parity_sees_a_different_model(model, int4_export):
 
 
 def test_batch_and_past_lengths_are_dynamic(model, float_export):
-    """Two rows, a 5-token past then 3 new tokens: the logits equal the full-sequence forward."""
+    """Two rows, a 5-token past then 3 new tokens: the logits equal the full-sequence forward,
+    with the cache in place (buffers of 4 positions: grown mid-sequence) and fed as tensors."""
     _, path = float_export
-    dec = OrtDecoder(path)
     ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(4))
-    _, past = dec.step(ids[:, :5].numpy(), dec.empty(2))
-    logits, presents = dec.step(ids[:, 5:].numpy(), past)
     with torch.no_grad():
         ref = model(input_ids=ids).logits[:, 5:]
-    assert presents[0].shape == (2, 2, 8, 16)
-    err = np.abs(logits - ref.numpy()).max() / np.abs(ref.numpy()).max()
-    assert err < 1e-5
+    caches = []
+    for dec in (OrtDecoder(path, capacity=4), OrtDecoder(path, in_place=False)):
+        _, past = dec.step(ids[:, :5].numpy(), dec.empty(2))
+        logits, presents = dec.step(ids[:, 5:].numpy(), past)
+        err = np.abs(logits - ref.numpy()).max() / np.abs(ref.numpy()).max()
+        assert err < 1e-5
+        caches.append(dec.cache() if dec.in_place else presents)
+    assert caches[0][0].shape == caches[1][0].shape == (2, 2, 8, 16)
+    for a, b in zip(*caches, strict=True):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+def test_in_place_decoder_continues_its_own_last_step_only(float_export):
+    dec = OrtDecoder(float_export[1])
+    assert dec.in_place
+    _, past = dec.step(np.asarray([_prompt()]), dec.empty(1))
+    assert past[0].shape == (1, 2, 12, 0)
+    with pytest.raises(ExportError, match="continues its own last step only"):
+        dec.step(np.asarray([[1]]), [np.zeros((1, 2, 3, 0), np.float32)])
 
 
 def test_bad_config_and_path_are_typed_errors(model, tmp_path):
@@ -147,7 +179,7 @@ def test_bad_config_and_path_are_typed_errors(model, tmp_path):
         DecoderConfig(int8_block=48)
     with pytest.raises(ConfigError, match="min_token_agreement: 1.5; allowed: 0 to 1"):
         DecoderConfig(min_token_agreement=1.5)
-    with pytest.raises(ConfigError, match="kv_form: 'mqa'; allowed: fold, gqa, repeat"):
+    with pytest.raises(ConfigError, match="kv_form: 'mqa'; allowed: ort-gqa, fold, gqa, repeat"):
         DecoderConfig(kv_form="mqa")
     with pytest.raises(ExportError, match="must end in .onnx"):
         export_decoder(model, tmp_path / "m.bin")
@@ -184,26 +216,44 @@ def int4_export(model, tmp_path_factory):
     return qmodel, export_decoder(qmodel, path, DecoderConfig(accuracy_level=0)), path
 
 
-def test_int4_g32_matmulnbits_holds_our_codes(model, int4_export):
-    """Every quantized Linear is one MatMulNBits (int4, block 32; the LM head int8: head_bits)
-    with our packed codes."""
+def _nbits_linears(proto) -> list[tuple]:
+    """``(node, B, scales, zero_points or None)`` per quantized Linear: a merged MatMulNBits
+    (export.fusenbits: its output Split) cut back into the Linears it holds."""
     from onnx import numpy_helper
 
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    split = {n.input[0]: inits[n.input[1]].tolist() for n in proto.graph.node
+             if n.op_type == "Split"}
+    out = []
+    for n in proto.graph.node:
+        if n.op_type != "MatMulNBits":
+            continue
+        arrs = [inits[i] if i else None for i in (*n.input[1:], "", "")[:3]]
+        cuts = np.cumsum([0, *split.get(n.output[0], [arrs[0].shape[0]])])
+        out += [(n, *(x[a:b] if x is not None else None for x in arrs))
+                for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    return out
+
+
+def test_int4_g32_matmulnbits_holds_our_codes(model, int4_export):
+    """Every quantized Linear is in a MatMulNBits (int4, block 32; the LM head int8: head_bits)
+    with our packed codes; Q/K/V and gate/up, reading one input, share one op (export.fusenbits)."""
     from slimformer.quantize.inference import to_inference
     from slimformer.quantize.pack import unpack_codes
 
     qmodel, res, path = int4_export
     proto = onnx.load(str(path))
-    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nodes) == len(qmodel.quant.linears) == res.nbits["replaced"] == 15
+    parts = _nbits_linears(proto)
+    assert len(parts) == len(qmodel.quant.linears) == res.nbits["replaced"] == 15
     assert res.nbits["by_form"] == {"int4 g32": 14, "int8 g32": 1}
+    # per layer: Q/K/V one op, gate/up one op, O and down alone; the head alone
+    assert res.nbits["fused"] == 4 and len({id(p[0]) for p in parts}) == 9
     assert not [n for n in proto.graph.node if n.op_type == "MatMul" and
                 any(i.name == n.input[1] for i in proto.graph.initializer)]
-    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     lqs = list(to_inference(qmodel).quant.linears.values())
     matched = set()
-    for node in nodes:  # each node holds one Linear's codes, scales and zero points exactly
-        b, s, z = (torch.from_numpy(inits[i].copy()) for i in node.input[1:4])
+    for node, *arrs in parts:  # each part holds one Linear's codes, scales and zero points exactly
+        b, s, z = (torch.from_numpy(a.copy()) for a in arrs)
         bits = next(a.i for a in node.attribute if a.name == "bits")
         n, blocks, blob = b.shape
         assert blob == 32 * bits // 8 and s.shape == (n, blocks)
@@ -243,9 +293,8 @@ def test_int4_parity_with_the_quantized_pytorch_model(model, int4_export):
 def test_int8_symmetric_per_channel_leaves_out_zero_points(model, tmp_path):
     qmodel = _weight_only(model, weight_bits=8, symmetric=True)
     res = export_decoder(qmodel, tmp_path / "int8.onnx", DecoderConfig(accuracy_level=0))
-    proto = onnx.load(str(tmp_path / "int8.onnx"))
-    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nodes) == 15 and all(len(n.input) == 3 for n in nodes)  # default zero 128
+    parts = _nbits_linears(onnx.load(str(tmp_path / "int8.onnx")))
+    assert len(parts) == 15 and all(len(p[0].input) == 3 and p[3] is None for p in parts)
     assert set(res.nbits["by_form"]) == {"int8 g64", "int8 g128"}  # K = 64 or 128
     assert min(m["sqnr_db"] for m in res.parity["decode"].values()) > 90
 
@@ -254,7 +303,6 @@ def test_the_default_level_4_splits_groups_into_int8_activation_blocks(model, tm
     """By default the decoder graph runs int8 activations (accuracy_level 4) in blocks of at
     most INT8_BLOCK inputs: a group of 64 is written as two blocks of 32, its scale and zero point
     repeated, the codes unchanged; level 0 keeps the group's own block."""
-    from onnx import numpy_helper
 
     from slimformer.export.nbits import INT8_BLOCK
 
@@ -265,15 +313,11 @@ def test_the_default_level_4_splits_groups_into_int8_activation_blocks(model, tm
     assert res.accuracy_level == 4 and ref.accuracy_level == 0
     assert set(res.nbits["by_form"]) == {"int4 g32", "int8 g32"}
     assert set(ref.nbits["by_form"]) == {"int4 g64", "int8 g64"}
-    graphs = [onnx.load(str(tmp_path / f)).graph for f in ("l4.onnx", "l0.onnx")]
-    inits = [{t.name: numpy_helper.to_array(t) for t in g.initializer} for g in graphs]
-    nodes = [[n for n in g.node if n.op_type == "MatMulNBits"] for g in graphs]
-    for a, b in zip(*nodes, strict=True):  # same Linears in the same order
+    parts = [_nbits_linears(onnx.load(str(tmp_path / f))) for f in ("l4.onnx", "l0.onnx")]
+    for (a, ba, sa, _), (b, bb, sb, _) in zip(*parts, strict=True):  # same Linears, same order
         assert [x.i for x in a.attribute if x.name == "accuracy_level"] == [4]
         assert [x.i for x in b.attribute if x.name == "accuracy_level"] == [0]
-        ba, bb = inits[0][a.input[1]], inits[1][b.input[1]]
         assert ba.tobytes() == bb.tobytes()  # the same packed codes, split into more blocks
-        sa, sb = inits[0][a.input[2]], inits[1][b.input[2]]
         assert np.array_equal(sa, np.repeat(sb, 2, axis=1))
     # int8 activations are not what PyTorch computes, but close to it: logits of the prefill and
     # the decode step vs the quantized PyTorch model (level 0 is exact: > 90 dB)
@@ -299,7 +343,7 @@ def test_export_onnx_of_a_weight_only_model_writes_matmulnbits(int4_export, tmp_
     res = export_onnx(qmodel, tmp_path / "full.onnx",
                       {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
                       OnnxConfig(unused_inputs="warn"))
-    assert res.quantized and res.fusion["integer_matmuls"] == 15
+    assert res.quantized and res.fusion["integer_matmuls"] == 9  # Q/K/V, gate/up merged
     assert min(p["sqnr_db"] for p in res.parity.values()) > 90
     assert any("15 Linears as com.microsoft::MatMulNBits (" in w and "int4 g32: 14" in w and
                "int8 g32: 1" in w for w in res.warnings), res.warnings
@@ -312,35 +356,52 @@ def test_quantized_embedding_table_becomes_gather_block_quantized(model, tmp_pat
     qmodel = _weight_only(model, weight_bits=4, group_size=32, embedding_bits=4)
     res = export_decoder(qmodel, tmp_path / "emb.onnx", DecoderConfig(accuracy_level=0))
     ops = [n.op_type for n in onnx.load(str(tmp_path / "emb.onnx")).graph.node]
-    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 15
+    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 9
     assert res.nbits["by_form"]["embedding int4 g64"] == 1
     for outs in res.parity.values():
         assert min(m["sqnr_db"] for m in outs.values()) > 90, outs
 
 
-def test_openvino_runs_the_same_decoder_file(model, float_export, int4_export):
+@pytest.fixture(scope="module")
+def fold_exports(model, int4_export, tmp_path_factory):
+    """The float and INT4 decoder graphs in the plain-attention form OpenVINO reads."""
+    folder = tmp_path_factory.mktemp("fold")
+    cfg = DecoderConfig(kv_form="fold", accuracy_level=0)
+    return [export_decoder(m, folder / f"{k}.onnx", cfg).path
+            for k, m in (("float", model), ("int4", int4_export[0]))]
+
+
+def test_openvino_runs_the_fold_decoder_file(model, int4_export, fold_exports):
     """OpenVINO (f32) reads the ONNX decoder graph, MatMulNBits included: greedy tokens."""
     pytest.importorskip("openvino")
     from slimformer.export.genparity import token_parity
     from slimformer.export.openvino import OvDecoder
 
     prompt = _prompt()
-    assert token_parity(model, OvDecoder(float_export[1]), prompt, 32).agreement == 1.0
-    qmodel, _, path = int4_export
+    assert token_parity(model, OvDecoder(fold_exports[0]), prompt, 32).agreement == 1.0
+    qmodel, path = int4_export[0], fold_exports[1]
     tp = token_parity(qmodel, OvDecoder(path), prompt, 32)
     assert tp.agreement >= 0.95, tp
     got = generate_onnx(OvDecoder(path), prompt, 8)
     assert got.decode_tokens_per_s > 0 and len(got.new_ids) == 8
 
 
-def test_stateful_openvino_decoder_keeps_the_cache_inside(float_export):
+def test_openvino_refuses_the_onnx_runtime_form_and_says_which_to_export(float_export):
+    pytest.importorskip("openvino")
+    from slimformer.export.openvino import OvDecoder
+
+    with pytest.raises(ExportError, match="GroupQueryAttention.*kv_form='fold'"):
+        OvDecoder(float_export[1])
+
+
+def test_stateful_openvino_decoder_keeps_the_cache_inside(fold_exports):
     """The make-stateful form (default) computes what the explicit-cache form does, step by
     step; it continues only its own last step."""
     pytest.importorskip("openvino")
     from slimformer.export.genparity import compare
     from slimformer.export.openvino import OvDecoder
 
-    path = float_export[1]
+    path = fold_exports[0]
     inner, outer = OvDecoder(path), OvDecoder(path, stateful=False)
     assert inner.stateful and not outer.stateful
     p_in, p_out = inner.empty(1), outer.empty(1)

@@ -43,7 +43,7 @@ from slimformer.export.config import ACCURACY_LEVELS, DECODER_ACCURACY_LEVEL
 from slimformer.export.nbits import BLOCKS, INT8_BLOCK
 
 OPSETS = (17, 18, 19, 20, 21, 22, 23)
-KV_FORMS = ("fold", "gqa", "repeat")
+KV_FORMS = ("ort-gqa", "fold", "gqa", "repeat")
 
 
 @dataclass(frozen=True)
@@ -68,10 +68,14 @@ class DecoderConfig:
             are per block (:data:`~slimformer.export.nbits.INT8_BLOCK`; None: the groups').
         accuracy_fallback: At ``accuracy_level`` 4 under ``min_token_agreement``, write level 0
             instead (noted in the warnings) rather than fail.
-        kv_form: How Attention reads the grouped cache (:mod:`slimformer.export.gqa`): ``fold``
-            (query heads folded onto their kv head: plain attention, every runtime),
-            ``gqa`` (the op's own grouped attention: ONNX Runtime only, OpenVINO 2026.4
-            misreads it) or ``repeat`` (the traced copies of the kv heads kept).
+        kv_form: How attention reads the grouped cache: ``ort-gqa`` (the default: ONNX
+            Runtime's ``GroupQueryAttention``, the cache updated in place by
+            :class:`~slimformer.export.ortgen.OrtDecoder`, :mod:`slimformer.export.ortgqa`;
+            ONNX Runtime only; where the graph does not match, ``gqa`` instead, noted),
+            ``fold`` (query heads folded onto their kv head: plain attention, every runtime,
+            OpenVINO's form), ``gqa`` (the opset-23 op's own grouped attention: ONNX Runtime
+            only, OpenVINO 2026.4 misreads it) or ``repeat`` (the traced copies of the kv heads
+            kept); :mod:`slimformer.export.gqa`.
         last_logits: Output ``logits`` ``(B, 1, vocab)`` of the last position only (the model's
             ``logits_to_keep``): generation needs no more; perplexity needs the default.
     """
@@ -86,7 +90,7 @@ class DecoderConfig:
     parity_steps: int = 32
     min_token_agreement: float = 0.95
     accuracy_fallback: bool = True
-    kv_form: str = "fold"
+    kv_form: str = "ort-gqa"
     last_logits: bool = False
 
     def __post_init__(self):
@@ -157,6 +161,7 @@ class DecoderResult:
     tokens: dict = field(default_factory=dict)  # greedy-token parity (genparity.TokenParity)
     accuracy_level: int | None = None  # MatMulNBits' level written (None: float)
     kv_unrepeated: int = 0  # Attention ops fed the cache's kv heads directly (export.gqa)
+    ort_gqa: int = 0  # layers as GroupQueryAttention with the cache in place (export.ortgqa)
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -165,7 +170,8 @@ class DecoderResult:
                 "quantized": self.quantized, "size_bytes": self.size_bytes,
                 "seconds": round(self.seconds, 2), "parity": self.parity, "nbits": self.nbits,
                 "tokens": self.tokens, "accuracy_level": self.accuracy_level,
-                "kv_unrepeated": self.kv_unrepeated, "warnings": self.warnings}
+                "kv_unrepeated": self.kv_unrepeated, "ort_gqa": self.ort_gqa,
+                "warnings": self.warnings}
 
 
 def inner(model: nn.Module) -> nn.Module:
@@ -339,10 +345,12 @@ def _export_once(model, path: Path, layout: CacheLayout, opset: int, config: Dec
         try:
             _trace(entry, args, layout, tmp, opset, big)
             traced = onnx.load(str(tmp))
+            form = "gqa" if config.kv_form == "ort-gqa" else config.kv_form
             result = DecoderResult(path=path, opset=opset, layout=layout, quantized=quantized,
-                                   size_bytes=0, kv_unrepeated=0 if config.kv_form == "repeat"
-                                   else unrepeat_kv(traced, config.kv_form),
-                                   warnings=notes)
+                                   size_bytes=0, kv_unrepeated=0 if form == "repeat"
+                                   else unrepeat_kv(traced, form), warnings=notes)
+            if config.kv_form == "ort-gqa":
+                result.ort_gqa = _ort_gqa(traced, inner(model), notes)
             levels = [config.accuracy_level] if quantized else [None]
             if quantized and config.accuracy_level == 4 and config.accuracy_fallback:
                 levels.append(0)
@@ -381,6 +389,24 @@ def _export_once(model, path: Path, layout: CacheLayout, opset: int, config: Dec
                 f.unlink(missing_ok=True)
             raise
     return result
+
+
+def _ort_gqa(proto, hf: nn.Module, notes: list[str]) -> int:
+    """:func:`~slimformer.export.ortgqa.to_ort_gqa` on ``proto``, a note where it does not apply."""
+    from slimformer.export.ortgqa import to_ort_gqa
+
+    window = getattr(getattr(hf, "config", None), "sliding_window", None)
+    if isinstance(window, int) and window > 0 and \
+            getattr(hf.config, "use_sliding_window", True) is not False:
+        notes.append(f"kv_form ort-gqa: the model's sliding window ({window}) is not carried "
+                     "over: written as kv_form gqa (the cache concatenated every step)")
+        return 0
+    done, why = to_ort_gqa(proto)
+    if why:
+        notes.append(f"kv_form ort-gqa: {why}; " + (
+            "the cache is not updated in place" if done else
+            "written as kv_form gqa (the cache concatenated every step)"))
+    return done
 
 
 def _trace(entry, args, layout: CacheLayout, tmp: Path, opset: int, big: bool) -> None:

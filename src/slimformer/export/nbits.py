@@ -52,6 +52,7 @@ class NbitsStats:
     by_form: dict[str, int] = field(default_factory=dict)  # "int4 g32": count
     float_bytes: int = 0  # the replaced float weights
     packed_bytes: int = 0  # B + scales + zero points written instead
+    fused: int = 0  # groups of MatMulNBits reading one input merged into one (export.fusenbits)
 
     def as_dict(self) -> dict:
         """JSON-ready."""
@@ -161,13 +162,14 @@ def _initializers(lq, codes, scale, zero, block: int, prefix: str):
 
 
 def to_matmul_nbits(proto, qmodel, accuracy_level: int = 0,
-                    int8_block: int | None = INT8_BLOCK) -> NbitsStats:
+                    int8_block: int | None = INT8_BLOCK, fuse: bool = True) -> NbitsStats:
     """Rewrite ``proto`` (the float graph of ``qmodel.model``, in memory) in place; see module doc.
 
     At ``accuracy_level`` 4 ONNX Runtime quantizes each row of the activations to int8 per block
     of the op's ``block_size`` inputs: a group larger than ``int8_block`` is written as blocks of
     ``int8_block`` with its scale and zero point repeated (the same codes and values), so the
-    activations' int8 ranges are that fine (None: the groups' own size).
+    activations' int8 ranges are that fine (None: the groups' own size). ``fuse``: merge the
+    ops that read one input (:func:`~slimformer.export.fusenbits.fuse_shared_inputs`).
 
     Raises:
         ExportError: A quantized Linear with no MatMulNBits form, or whose MatMul is not in
@@ -227,6 +229,10 @@ def to_matmul_nbits(proto, qmodel, accuracy_level: int = 0,
     del graph.node[:]
     graph.node.extend(new_nodes)
     _drop_unused(graph)
+    if fuse:
+        from slimformer.export.fusenbits import fuse_shared_inputs
+
+        stats.fused = fuse_shared_inputs(graph)
     if not any(o.domain == DOMAIN for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     stats.replaced, stats.by_form = sum(forms.values()), dict(forms)

@@ -244,9 +244,13 @@ class OvDecoder:
         try:
             model = ov.Core().read_model(str(path))
         except Exception as exc:  # noqa: BLE001 - OpenVINO's frontends raise many types
+            custom = _custom_ops(path)
+            hint = ("; GroupQueryAttention is ONNX Runtime's form of the decoder graph: export "
+                    "it with DecoderConfig(kv_form='fold') for OpenVINO"
+                    if "GroupQueryAttention" in custom else "")
             raise ExportError(f"OpenVINO {ov.__version__} cannot read {path}: "
                               f"{str(exc).splitlines()[0][:300]} (ops outside the standard "
-                              f"domain in the file: {_custom_ops(path) or 'none'})") from exc
+                              f"domain in the file: {custom or 'none'}){hint}") from exc
         names = [i.get_any_name() for i in model.inputs]
         past = [i for i in model.inputs
                 if re.fullmatch(r"past_key_values\.\d+\.(key|value)", i.get_any_name())]

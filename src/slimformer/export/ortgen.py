@@ -23,9 +23,20 @@ _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 
 
 class OrtDecoder:
-    """An ONNX Runtime session of a decoder graph and its cache layout."""
+    """An ONNX Runtime session of a decoder graph and its cache layout.
 
-    def __init__(self, path: str | Path, threads: int = 2):
+    A graph whose attention is ``GroupQueryAttention`` with the cache in place (the model
+    metadata :data:`~slimformer.export.ortgqa.META_KEY`, :mod:`slimformer.export.ortgqa`) runs
+    with each layer's past and present bound to one buffer ``(B, kv_heads, capacity,
+    head_dim)``: a step writes its new keys / values there instead of copying the cache. The
+    buffers start at ``capacity`` positions (or what the first step needs) and double when a
+    step would pass them. Its ``past`` is then a marker ``(B, kv_heads, cached, 0)``: the
+    decoder continues its own last step only. ``in_place=False`` feeds plain tensors.
+    """
+
+    def __init__(self, path: str | Path, threads: int = 2, in_place: bool = True,
+                 capacity: int = 256):
+        from slimformer.export.ortgqa import IN_PLACE, META_KEY
         from slimformer.export.ortrun import session
 
         self.sess = session(path, threads)
@@ -39,16 +50,62 @@ class OrtDecoder:
         self.past_names = [i.name for i in past]
         self.kv_heads, self.head_dim = past[0].shape[1], past[0].shape[3]
         self.dtype = np.float16 if "float16" in past[0].type else np.float32
+        meta = self.sess.get_modelmeta().custom_metadata_map
+        self.in_place = in_place and meta.get(META_KEY) == IN_PLACE
+        self.capacity, self._bufs, self._length = capacity, [], 0
 
     def empty(self, batch: int = 1) -> list[np.ndarray]:
-        """Empty past tensors ``(batch, kv_heads, 0, head_dim)``."""
+        """Empty past tensors ``(batch, kv_heads, 0, head_dim)`` (in place: a new sequence)."""
+        if self.in_place:
+            self._bufs, self._length = [], 0
+            return [np.zeros((batch, self.kv_heads, 0, 0), self.dtype)]
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.dtype)
                 for _ in self.past_names]
 
     def step(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
         """``(logits (B, T, V), presents)`` for new tokens ``ids (B, T)`` after ``past``."""
-        logits, *presents = self.sess.run(None, step_feeds(ids, past, self.past_names))
-        return logits, presents
+        if not self.in_place:
+            logits, *presents = self.sess.run(None, step_feeds(ids, past, self.past_names))
+            return logits, presents
+        return self._step_in_place(ids, past)
+
+    def _step_in_place(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
+        import onnxruntime as ort
+
+        b, t = ids.shape
+        p = past[0].shape[2]
+        if p != self._length or (p and self._bufs[0].shape[0] != b):
+            raise ExportError(f"this decoder keeps its cache in place and continues its own "
+                              f"last step only (cache of {self._length} positions, asked to "
+                              f"continue from {p}): call empty() to start a sequence, or open "
+                              "it with in_place=False")
+        if not self._bufs or p + t > self._bufs[0].shape[2]:
+            size = max(self.capacity, 2 * (self._bufs[0].shape[2] if self._bufs else 0))
+            while size < p + t:
+                size *= 2
+            grown = [np.zeros((b, self.kv_heads, size, self.head_dim), self.dtype)
+                     for _ in self.past_names]
+            for new, old in zip(grown, self._bufs, strict=False):
+                new[:, :, :p] = old[:, :, :p]
+            self._bufs = grown
+            self._binding = self.sess.io_binding()
+            self._binding.bind_output("logits")  # first: get_outputs()[0] (rebinding keeps it)
+            for name, buf in zip(self.past_names, self._bufs, strict=True):
+                value = ort.OrtValue.ortvalue_from_numpy(buf)  # shares buf's memory
+                self._binding.bind_ortvalue_input(name, value)
+                self._binding.bind_ortvalue_output(name.replace("past_key_values.", "present.",
+                                                                1), value)
+        for name, value in token_feeds(ids, p).items():
+            self._binding.bind_cpu_input(name, value)
+        self._binding.bind_output("logits")
+        self.sess.run_with_iobinding(self._binding)
+        self._length = p + t
+        logits = self._binding.get_outputs()[0].numpy()
+        return logits, [np.zeros((b, self.kv_heads, p + t, 0), self.dtype)]
+
+    def cache(self) -> list[np.ndarray]:
+        """In place: the cached ``(B, kv_heads, cached, head_dim)`` keys / values per input."""
+        return [buf[:, :, :self._length] for buf in self._bufs]
 
 
 def step_feeds(ids: np.ndarray, past: list[np.ndarray], past_names: list[str]) -> dict:

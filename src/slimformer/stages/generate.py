@@ -141,12 +141,14 @@ def _generate_onnx(model, ids: list[int], stage: GenerateStage, eos):
     """Export ``model`` as a decoder graph (temporary folder); generate in ``stage.runtime``."""
     import tempfile
 
-    from slimformer.export.decoder import export_decoder
+    from slimformer.export.decoder import DecoderConfig, export_decoder
     from slimformer.export.openvino import OvDecoder
     from slimformer.export.ortgen import OrtDecoder, generate_onnx
 
     with tempfile.TemporaryDirectory(prefix="slimformer-decoder-") as folder:
-        res = export_decoder(model, Path(folder) / "decoder.onnx")
+        # OpenVINO reads plain attention; ONNX Runtime its GroupQueryAttention (cache in place)
+        cfg = DecoderConfig(kv_form="fold" if stage.runtime == "openvino" else "ort-gqa")
+        res = export_decoder(model, Path(folder) / "decoder.onnx", cfg)
         runner = OvDecoder if stage.runtime == "openvino" else OrtDecoder
         return generate_onnx(runner(res.path), ids, stage.max_new_tokens,
                              greedy=stage.greedy, temperature=stage.temperature,
