@@ -139,10 +139,10 @@ def generate_onnx(decoder: OrtDecoder, prompt_ids: list[int], max_new_tokens: in
     t0 = time.perf_counter()
     for i in range(max_new_tokens):
         logits, past = decoder.step(step_in, past)
-        last = torch.from_numpy(logits[0, -1]).float()  # (V,)
-        if greedy:
-            tok = int(last.argmax())
+        if greedy:  # numpy: no torch worker threads spinning beside the runtime's
+            tok = int(np.argmax(logits[0, -1]))
         else:
+            last = torch.from_numpy(logits[0, -1]).float()  # (V,)
             tok = int(torch.multinomial(torch.softmax(last / temperature, dim=-1), 1,
                                         generator=gen))
         now = time.perf_counter()
