@@ -89,7 +89,11 @@ def test_recipe_stage_reports_tokens_and_refuses_a_bad_agreement_bar(lm, tmp_pat
     run(recipe)
     st = json.loads((out / "report.json").read_text())["stages"][-1]
     m = st["metrics"]
-    assert m["graph"] == "decoder" and m["token_steps"] == 8 and m["token_agreement"] >= 0.95
+    # a quantized graph is judged on up to 128 steps (quantized_parity_steps), as many as the
+    # model's 64 positions leave after the prompt (which fills them up to decode_tokens),
+    # never fewer than decode_tokens
+    assert m["graph"] == "decoder" and 8 <= m["token_steps"] <= 128
+    assert m["token_agreement"] >= 0.95
     # the decoder graph's default: int8 activations (level 4), or level 0 when it missed the bar
     assert m["decode_tokens_per_s"] > 0
     assert m["accuracy_level"] == 4 or any("written at accuracy_level 0" in n for n in st["notes"])

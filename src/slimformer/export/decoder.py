@@ -61,6 +61,9 @@ class DecoderConfig:
             :data:`~slimformer.export.config.DECODER_ACCURACY_LEVEL`).
         check_tokens: Prompt length of the check's prefill.
         parity_steps: Greedy tokens compared with PyTorch after the prompt (0: none).
+        quantized_parity_steps: A quantized export compares at least this many (within the
+            model's positions): at 32 steps the 95% bar allows one near-tie, so which side of it
+            a model lands on is close to chance; more steps measure the rate.
         min_token_agreement: A quantized export agreeing with the quantized PyTorch model on
             fewer of the steps fails (a float export must agree on all).
         int8_block: At ``accuracy_level`` 4, MatMulNBits blocks of at most this many inputs
@@ -88,6 +91,7 @@ class DecoderConfig:
     int8_block: int | None = INT8_BLOCK
     check_tokens: int = 8
     parity_steps: int = 32
+    quantized_parity_steps: int = 128
     min_token_agreement: float = 0.95
     accuracy_fallback: bool = True
     kv_form: str = "ort-gqa"
@@ -112,6 +116,9 @@ class DecoderConfig:
             bad.append(f"check_tokens: {self.check_tokens}; allowed: 1 to 4096")
         if not 0 <= self.parity_steps <= 4096:
             bad.append(f"parity_steps: {self.parity_steps}; allowed: 0 to 4096")
+        if not 0 <= self.quantized_parity_steps <= 4096:
+            bad.append(f"quantized_parity_steps: {self.quantized_parity_steps}; allowed: 0 to "
+                       "4096")
         if not 0.0 <= self.min_token_agreement <= 1.0:
             bad.append(f"min_token_agreement: {self.min_token_agreement}; allowed: 0 to 1")
         if bad:
@@ -461,10 +468,16 @@ def _tokens(result: DecoderResult, model, tmp: Path, layout: CacheLayout, config
     """Greedy-token parity into ``result.tokens``; what is wrong when under the config's bar."""
     from slimformer.export.genparity import token_parity
     from slimformer.export.ortgen import OrtDecoder
+    from slimformer.models.loading import max_positions
 
     prompt = prompt_ids or torch.randint(0, layout.vocab, (config.check_tokens,),
                                          generator=torch.Generator().manual_seed(2)).tolist()
-    tp = token_parity(model, OrtDecoder(tmp, config.threads), prompt, config.parity_steps)
+    steps = config.parity_steps
+    if result.quantized and config.quantized_parity_steps > steps:
+        limit = max_positions(inner(model))
+        room = config.quantized_parity_steps if limit is None else limit - len(prompt) - 1
+        steps = max(steps, min(config.quantized_parity_steps, room))
+    tp = token_parity(model, OrtDecoder(tmp, config.threads), prompt, steps)
     result.tokens = tp.as_dict()
     need = 1.0 if not result.quantized else config.min_token_agreement
     if tp.agreement >= need:

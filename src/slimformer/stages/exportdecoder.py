@@ -77,10 +77,11 @@ def decoder_into(ctx: RunContext, stage, tmp: Path) -> StageRecord:
     """Write ``tmp/model.onnx`` as the decoder graph; parity and tokens/s (see module doc)."""
     from slimformer.export.config import DECODER_ACCURACY_LEVEL
     from slimformer.export.decoder import DecoderConfig, export_decoder
-    from slimformer.stages.generate import _max_positions, hf_model
+    from slimformer.models.loading import max_positions
+    from slimformer.stages.generate import hf_model
 
     tick = ctx.progress or (lambda *a: None)
-    limit = _max_positions(hf_model(ctx.model))
+    limit = max_positions(hf_model(ctx.model))
     prompt, note = prompt_of(ctx, stage.prompt_tokens,
                              None if limit is None else limit - stage.decode_tokens - 1)
     cfg = DecoderConfig(opset=stage.opset, threads=stage.threads, check=stage.check,

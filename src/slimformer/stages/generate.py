@@ -93,15 +93,6 @@ def prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
     return ids
 
 
-def _max_positions(hf) -> int | None:
-    cfg = getattr(hf, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
 def generate_text(model, loaded, stage: GenerateStage, use_cache: bool = True):
     """``(generation, text)``: ``model`` continues ``stage.prompt`` (see module doc).
 
@@ -112,12 +103,13 @@ def generate_text(model, loaded, stage: GenerateStage, use_cache: bool = True):
         UnsupportedModelError: Not a causal language model.
     """
     from slimformer.models.generate import cache_argument, check_causal, generate_tokens
+    from slimformer.models.loading import max_positions
 
     hf = hf_model(model)
     what = type(hf).__name__
     tok = tokenizer_of(loaded, stage.tokenizer)
     ids = prompt_ids(tok, stage.prompt, stage.chat)
-    limit = _max_positions(hf)
+    limit = max_positions(hf)
     if limit is not None and len(ids) + stage.max_new_tokens > limit:
         raise ConfigError([f"--max-new-tokens: the prompt's {len(ids)} tokens plus "
                            f"{stage.max_new_tokens} new ones exceed the model's {limit} "
