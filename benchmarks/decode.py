@@ -11,8 +11,7 @@ run the way it generates (a prefill, then one-token steps on its own cache):
   ``MatMulNBits`` holding our codes, at the export's default accuracy level (4: int8
   activations in blocks of 32) and at level 0 (float activations, what PyTorch computes);
   ``+ emb int8``: the same with the embedding table quantized too (``embedding_bits`` 8, per
-  row: ``GatherBlockQuantized``); ``--variants`` picks which are built; ``(fold)``: level 4 in
-  the plain-attention form;
+  row: ``GatherBlockQuantized``); ``--variants`` picks which are built;
 - ``ort int4 MatMulNBitsQuantizer``: ONNX Runtime's own INT4 tool on the float graph (same group
   size, asymmetric, accuracy level 4), its default round-to-nearest;
 - ``ov f32`` / ``ov bf16``: the float graph compiled by OpenVINO, stateful (the cache kept
@@ -92,7 +91,7 @@ def build(args, work: Path) -> dict[str, Path]:
              "nncf-int4": work / f"nncf-int4-g{args.nncf_group}.xml"}
     for v in args.variants:
         files |= {v: work / f"{v}.onnx", f"{v}-l0": work / f"{v}-l0.onnx",
-                  f"{v}-fold": work / f"{v}-fold.onnx", f"{v}-fold-l0": work / f"{v}-fold-l0.onnx"}
+                  f"{v}-fold-l0": work / f"{v}-fold-l0.onnx"}
     if all(p.exists() for p in files.values()):
         return files
     lm = load_model(parse_model_arg(args.model))
@@ -103,7 +102,7 @@ def build(args, work: Path) -> dict[str, Path]:
             export_decoder(lm.module, files[key], DecoderConfig(check=False, kv_form=form))
             print(f"{key} export {time.process_time() - t0:.0f} CPU-s", flush=True)
     for v in args.variants:
-        if all(files[k].exists() for k in (v, f"{v}-l0", f"{v}-fold", f"{v}-fold-l0")):
+        if all(files[k].exists() for k in (v, f"{v}-l0", f"{v}-fold-l0")):
             continue
         from slimformer.models import taskeval as T
         from slimformer.quantize.api import quantize
@@ -122,7 +121,7 @@ def build(args, work: Path) -> dict[str, Path]:
                                 args.prompt)
         prompt = [int(t) for t in stream[:args.prompt]]
         for key, level, form in ((v, 4, "ort-gqa"), (f"{v}-l0", 0, "ort-gqa"),
-                                 (f"{v}-fold", 4, "fold"), (f"{v}-fold-l0", 0, "fold")):
+                                 (f"{v}-fold-l0", 0, "fold")):
             cfg = DecoderConfig(accuracy_level=level, kv_form=form)
             res = export_decoder(q, files[key], cfg, prompt)
             print(f"{key}: accuracy_level {res.accuracy_level}, tokens {res.tokens}, "
@@ -194,7 +193,6 @@ def main() -> None:
     for v in args.variants:
         rows[f"ort int4 {name[v]} (level 4)"] = (OrtDecoder, files[v], {})
         rows[f"ort int4 {name[v]} (level 0)"] = (OrtDecoder, files[f"{v}-l0"], {})
-        rows[f"ort int4 {name[v]} (level 4, fold)"] = (OrtDecoder, files[f"{v}-fold"], {})
     rows[f"ort int4 MatMulNBitsQuantizer g{args.group_size}"] = (OrtDecoder, files["ort-int4"],
                                                                 {})
     rows["ov f32"] = (OvDecoder, files["float-fold"], {"precision": "f32"})
