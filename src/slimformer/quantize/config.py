@@ -133,6 +133,10 @@ class QuantConfig(BaseModel):
         act_order: gptq: columns in order of decreasing Hessian diagonal (group ranges are then
             fixed from the weights before rounding). None: on (SmolLM2-135M INT4 g128, 128 nyt
             rows: perplexity 50.12 without, 47.78 with, float 41.24; 4,096 held-out tokens).
+        gptq: Quantized activations (minmax, percentile, repq): the weights rounded by GPTQ on
+            their calibrated per-channel ranges, from the Hessians of the quantized model's own
+            inputs, kept where the model output error falls (:mod:`~slimformer.quantize.gptqacts`).
+            Weight-only takes ``method: gptq`` instead; repquant has its learned rounding.
         clip_search: gptq: each group's range shrunk from its min/max by the factor (1 to 0.5)
             that minimizes its rounding error weighted by the Hessian diagonal (GPTQ's MSE grid,
             AWQ's clip search). None: on (SmolLM2-135M INT4 g128 with act_order, 128 nyt rows:
@@ -226,6 +230,7 @@ class QuantConfig(BaseModel):
     head_bits: Bits | None = 8
     group_size: Annotated[int | None, AfterValidator(_group)] = None
     awq: bool = False
+    gptq: bool = False
     act_order: bool | None = None
     clip_search: bool | None = None
     repq_sites: Literal["auto", "all"] = "auto"
@@ -254,6 +259,10 @@ class QuantConfig(BaseModel):
         if self.weight_only and self.method not in WEIGHT_ONLY_METHODS:
             raise ValueError(f"weight_only takes method {' or '.join(WEIGHT_ONLY_METHODS)} "
                              f"(got {self.method}: it calibrates activations)")
+        if self.gptq and (self.weight_only or self.method == "repquant"):
+            raise ValueError("gptq: true rounds the weights of a model with quantized "
+                             "activations (methods minmax, percentile, repq); weight-only takes "
+                             "method: gptq, repquant its learned rounding (recon_steps)")
         if not self.weight_only:
             asked = [k for k, on in (("method gptq", self.method == "gptq"),
                                      ("group_size", self.group_size is not None),

@@ -235,6 +235,14 @@ def learned_rounding(run: Calibration) -> None:
         _rounding(run)
 
 
+def gptq_rounding(run: Calibration) -> None:
+    """``gptq: true``: the weights rounded by GPTQ on their calibrated ranges."""
+    from slimformer.quantize.gptqacts import gptq_rounding as _gptq
+
+    if run.config.gptq:
+        run.notes += _gptq(run)
+
+
 def weights_blockwise(run: Calibration) -> None:
     """Weight-only (minmax, gptq; awq): every Linear one block at a time, activations float."""
     from slimformer.quantize.blockwise import quantize_weights
@@ -243,10 +251,11 @@ def weights_blockwise(run: Calibration) -> None:
 
 
 PHASES: dict[str, tuple[Callable[[Calibration], None], ...]] = {
-    "minmax": (_ranges("minmax"), outlier_channels, _weights(search=False)),
-    "percentile": (_ranges("percentile"), outlier_channels, _weights(search=False)),
+    "minmax": (_ranges("minmax"), outlier_channels, _weights(search=False), gptq_rounding),
+    "percentile": (_ranges("percentile"), outlier_channels, _weights(search=False),
+                   gptq_rounding),
     "repq": (choose_sites, reparameterize, outlier_channels, _weights(search=True),
-             validate_weights),
+             validate_weights, gptq_rounding),
     "repquant": (choose_sites, dual_clipping, reparameterize, outlier_channels,
                  _weights(search=True), validate_weights, learned_rounding),
     "weight_only": (weights_blockwise,),  # any weight_only method; no activation observations
