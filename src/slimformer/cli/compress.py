@@ -65,10 +65,12 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
              awq: Annotated[bool, typer.Option(
                  help="--weight-only: activation-aware scales (AWQ), folded into the norms.")]
              = False,
-             gptq: Annotated[bool, typer.Option(
+             gptq: Annotated[bool | None, typer.Option(
+                 "--gptq/--no-gptq",
                  help="Quantized activations (minmax, percentile, repq): round the weights by "
                       "GPTQ on their calibrated ranges, kept where the model output error "
-                      "falls (--weight-only: --method gptq).")] = False,
+                      "falls (--weight-only: --method gptq).  [default: on at 4 weight bits or "
+                      "fewer]")] = None,
              head_bits: Annotated[int, typer.Option(
                  help="--weight-only below this many bits: the model's output Linears (an "
                       "LM head, a classifier) get this many weight bits; 0: as the others.")]
@@ -126,7 +128,7 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
               "head_bits": head_bits or None} if weight_only else \
             {k: v for k, v in (("group_size", group_size), ("awq", awq)) if v}  # refused
         named = {k: v for k, v in (("method", method), ("act_dynamic", act_dynamic),
-                                   ("gptq", gptq)) if v}
+                                   ("gptq", gptq)) if v is not None and v != ""}
         if embedding_bits is not None:  # 0: float tables; not given: the task's default
             named["embedding_bits"] = embedding_bits or None
         stage = _stage(QuantizeStage, set_, **named,  # else the defaults (config, task)

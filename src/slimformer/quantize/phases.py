@@ -236,10 +236,10 @@ def learned_rounding(run: Calibration) -> None:
 
 
 def gptq_rounding(run: Calibration) -> None:
-    """``gptq: true``: the weights rounded by GPTQ on their calibrated ranges."""
+    """``gptq`` (on by default at 4 weight bits or fewer): GPTQ codes on the calibrated ranges."""
     from slimformer.quantize.gptqacts import gptq_rounding as _gptq
 
-    if run.config.gptq:
+    if run.config.gptq_on():
         run.notes += _gptq(run)
 
 
