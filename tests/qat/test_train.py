@@ -25,12 +25,14 @@ def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def digits():
-    """vit-digits-seq (trained), its W4A4 repq PTQ (inference form), train and test rows."""
+    """vit-digits-seq (trained), its W4A4 repq PTQ (inference form, rounded to nearest: the
+    measurements below; with GPTQ's codes, the default since, 100 QAT steps moved agreement
+    0.952 -> 0.958 but accuracy 0.946 -> 0.944), train and test rows."""
     torch.manual_seed(0)
     lm = load_model(ZooSpec(name="vit-digits-seq"))
     calib = get_dataset("digits-seq", "calib")
     qm = quantize(lm.module, QuantConfig(method="repq", weight_bits=4, act_bits=4,
-                                         calib_samples=128), calib).model
+                                         calib_samples=128, gptq=False), calib).model
     train = get_dataset("digits-seq", "train", sample=1024)
     test = get_dataset("digits-seq", "test", limit=1000)
     return lm, to_inference(qm, inplace=True), train, test

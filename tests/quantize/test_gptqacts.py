@@ -27,7 +27,7 @@ def fmnist():
 def pair(fmnist):
     lm, calib, _ = fmnist
     cfg = {"method": "repq", "weight_bits": 3, "act_bits": 3}
-    return (quantize(lm.module, QuantConfig(**cfg), calib),
+    return (quantize(lm.module, QuantConfig(**cfg, gptq=False), calib),
             quantize(lm.module, QuantConfig(**cfg, gptq=True), calib))
 
 

@@ -193,8 +193,9 @@ def test_repq_per_site_choice_beats_minmax_at_w4a4_and_notes_it():
     lm = _fan_in_model("bert")
     x = lm.example_inputs(8, seed=5)
     calib = _data(lm.example_inputs(32, seed=0), 32)
-    mm = quantize(lm.module, QuantConfig(method="minmax", weight_bits=4, act_bits=4), calib)
-    rq = quantize(lm.module, QuantConfig(method="repq", weight_bits=4, act_bits=4), calib)
+    rnd = {"weight_bits": 4, "act_bits": 4, "gptq": False}  # the ranges compared, not rounding
+    mm = quantize(lm.module, QuantConfig(method="minmax", **rnd), calib)
+    rq = quantize(lm.module, QuantConfig(method="repq", **rnd), calib)
     assert _out_sqnr(lm.module, rq.model, x) > _out_sqnr(lm.module, mm.model, x) + 3
     assert any(n.startswith("activation ranges chosen per site") for n in rq.notes)
 
