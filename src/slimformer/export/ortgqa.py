@@ -36,6 +36,7 @@ DOMAIN = "com.microsoft"
 META_KEY = "slimformer.kv_cache"  # model metadata: "in-place" when the cache can be shared
 IN_PLACE = "in-place"
 _P = "ort_gqa"  # prefix of the names this rewrite adds
+FLOAT_TYPES = (1, 10, 11, 16)  # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
 
 def to_ort_gqa(proto) -> tuple[int, str | None]:
@@ -53,6 +54,7 @@ def to_ort_gqa(proto) -> tuple[int, str | None]:
             consumers.setdefault(i, []).append(n)
     inputs = {i.name for i in g.input}
     outputs = {o.name for o in g.output}
+    floats = {t.name for t in g.initializer if t.data_type in FLOAT_TYPES}
     if "attention_mask" not in inputs or "input_ids" not in inputs:
         return 0, "the graph has no attention_mask / input_ids inputs"
     atts = [n for n in g.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
@@ -60,7 +62,7 @@ def to_ort_gqa(proto) -> tuple[int, str | None]:
         return 0, "no opset-23 Attention in the graph"
     plans = []
     for n in atts:
-        plan = _plan(n, producer, consumers, shapes, inputs, outputs, g)
+        plan = _plan(n, producer, consumers, shapes, inputs, outputs, floats)
         if isinstance(plan, str):
             return 0, f"{n.name or n.output[0]}: {plan}"
         plans.append(plan)
@@ -97,7 +99,7 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _plan(n, producer, consumers, shapes, inputs, outputs, g) -> dict | str:
+def _plan(n, producer, consumers, shapes, inputs, outputs, floats) -> dict | str:
     """What one Attention becomes, or why it cannot."""
     a = _attrs(n)
     if a.get("qk_matmul_output_mode", 0) or len(n.input) > 4 or any(n.output[1:]):
@@ -121,7 +123,7 @@ def _plan(n, producer, consumers, shapes, inputs, outputs, g) -> dict | str:
     kv = shapes[cache[0].input[1]][1]
     if heads % kv or shapes[cache[1].input[1]][1] != kv:
         return f"{heads} query heads over {kv} kv heads"
-    if len(n.input) > 3 and n.input[3] and not _integer_built(n.input[3], producer, inputs, g):
+    if len(n.input) > 3 and n.input[3] and not _integer_built(n.input[3], producer, inputs, floats):
         return "the mask is built with float constants (a positional bias): not a padding mask"
     if a.get("is_causal", 0) == 0 and not (len(n.input) > 3 and n.input[3]):
         return "neither causal nor masked"
@@ -138,13 +140,11 @@ def _plan(n, producer, consumers, shapes, inputs, outputs, g) -> dict | str:
             "present": [c.output[0] for c in cache]}
 
 
-def _integer_built(name, producer, inputs, g) -> bool:
-    """Whether ``name`` depends on graph inputs and integer / bool constants only."""
-    from onnx import TensorProto
+def _integer_built(name, producer, inputs, floats: set[str]) -> bool:
+    """Whether ``name`` depends on graph inputs and integer / bool constants only.
 
-    floats = {t.name for t in g.initializer
-              if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16,
-                                 TensorProto.DOUBLE)}
+    ``floats``: the names of the graph's float initializers.
+    """
     seen, todo = set(), [name]
     while todo:
         x = todo.pop()
@@ -156,8 +156,8 @@ def _integer_built(name, producer, inputs, g) -> bool:
         p = producer.get(x)
         if p is None:
             continue
-        if p.op_type == "Constant" and any(a.t.data_type in (1, 10, 16, 11) for a in p.attribute
-                                           if a.type == 4):
+        if p.op_type == "Constant" and any(a.t.data_type in FLOAT_TYPES for a in p.attribute
+                                           if a.type == 4):  # a tensor attribute
             return False
         if p.op_type in ("Shape", "Size"):
             continue  # reads a shape only

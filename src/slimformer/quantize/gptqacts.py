@@ -38,11 +38,10 @@ def gptq_rounding(run) -> list[str]:
     refs = run.float_outputs(judge)
     before = run.output_error(judge, refs)
     hess = _hessians(run, lqs)
-    saved = [(lq.wq.scale, lq.wq.zero) for lq in lqs]
     run.tick("gptq", 0, len(lqs))
     for i, lq in enumerate(lqs):
         h = hess.get(lq.name)
-        if h is not None and h.rows and h.h.shape[0] == lq.full_matrix().shape[1]:
+        if h is not None and h.rows:
             scale, zero = lq.wq.scale, lq.wq.zero
 
             def fixed(lo, hi, scale=scale, zero=zero):  # the calibrated per-channel grid
@@ -58,9 +57,8 @@ def gptq_rounding(run) -> list[str]:
         return [f"gptq: {len(hess)} Linears' weights rounded by GPTQ on their calibrated ranges "
                 f"(Hessians of the quantized model's inputs); output error on the {where} rows "
                 f"{before:.4g} -> {after:.4g}"]
-    for lq, (scale, zero) in zip(lqs, saved, strict=True):
+    for lq in lqs:  # set_codes kept each grid's values: dropping the codes restores rounding
         lq.int_weight, lq._cache = None, None
-        lq.wq.scale, lq.wq.zero = scale, zero
     return [f"gptq: left out: output error on the {where} rows {before:.4g} with round to "
             f"nearest, {after:.4g} with GPTQ"]
 
