@@ -162,7 +162,10 @@ def _export_once(model: nn.Module, path: str | Path, inputs: dict[str, torch.Ten
     from slimformer.quantize.state import QuantizedModel
     from slimformer.store.atomic import atomic_path
 
-    form = resolve_form(config, isinstance(model, QuantizedModel))
+    quantized_attention = isinstance(model, QuantizedModel) and any(
+        not a.is_float for a in model.quant.attention.values())
+    form = resolve_form(config, isinstance(model, QuantizedModel),
+                        quantized_attention=quantized_attention)
     config = config.model_copy(update={"opset": form.opset})
     t0 = time.perf_counter()
     path = Path(path)
@@ -204,6 +207,11 @@ def _export_once(model: nn.Module, path: str | Path, inputs: dict[str, torch.Ten
             _check_graph_io(proto, list(inputs), out_names, config, notes, tmp)
             if config.check:
                 onnx.checker.check_model(str(tmp) if big else proto, full_check=True)
+            if form.target == "ort-cpu" and config.opset >= 23 and not big:
+                from slimformer.export.ortmha import to_ort_mha
+
+                if to_ort_mha(proto):  # ORT's own quantize_dynamic can read this one
+                    onnx.save(proto, str(tmp))
             result = OnnxResult(path=path, opset=config.opset, quantized=quantized,
                                 inputs=_input_shapes(proto), dynamic_axes=dyn,
                                 size_bytes=_file_bytes(tmp), warnings=notes, form=form.as_dict())
@@ -300,11 +308,12 @@ def _write_metadata(tmp: Path, form) -> None:
 
 
 def _ops_of_note(proto) -> dict[str, int]:
-    """Counts of the standard fused ops (opset 23 ``Attention``, ``RMSNormalization``)."""
+    """Counts of the fused attention and norm ops (opset 23 ``Attention``, ORT's ``MultiHeadAttention``)."""
     from collections import Counter
 
     ops = Counter(n.op_type for n in proto.graph.node)
-    return {k: ops[k] for k in ("Attention", "RMSNormalization", "LayerNormalization") if ops[k]}
+    return {k: ops[k] for k in ("Attention", "MultiHeadAttention", "RMSNormalization",
+                                "LayerNormalization") if ops[k]}
 
 
 def _verify(result, proto, entry, args, inputs, reference, tmp, config, big, signed=False):

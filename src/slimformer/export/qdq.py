@@ -244,7 +244,11 @@ class QdqModel(nn.Module):
 
         weights = form.weights if form is not None else "model"
         signed_acts = form is None or form.activations == "model"
-        self.float_attention = bool(form is not None and form.float_attention)
+        # attention in float: the target asks for it, or no attention site is quantized; then
+        # the exporter writes the attention (opset 23: one Attention op; below: its own
+        # decomposition, which OpenVINO fuses) instead of our explicit masked softmax
+        self.float_attention = bool(form is not None and form.float_attention) or (
+            bool(qmodel.quant.attention) and all(a.is_float for a in qmodel.quant.attention.values()))
 
         _ops()  # register the ops before the exporter builds its op table
         self.qmodel = copy.deepcopy(qmodel)

@@ -15,8 +15,10 @@ values are stored, so that the target's fast integer kernels apply:
 
 Forms per target (measured, GUIDE.md s6): ``ort-cpu`` on ``amx``/``vnni``: int8 weights, uint8
 activations; on ``avx2``/``other``: narrow weights, uint8 activations; ``openvino``: the model's
-grids (symmetric int8 is the fast form there), opset 20; ``tensorrt``: the model's grids
-(symmetric required), opset 20; ``portable``: the model's grids, opset 20.
+grids (symmetric int8 is the fast form there), opset 23 (attention whose quantizers are all float
+is the standard op, which OpenVINO fuses); ``tensorrt``: the model's grids (symmetric required),
+opset 20; ``portable``: the model's grids, opset 20. ``ort-cpu`` files at opset 23 carry ONNX
+Runtime's ``MultiHeadAttention`` in place of the standard op (:mod:`slimformer.export.ortmha`).
 """
 
 from __future__ import annotations
@@ -140,13 +142,16 @@ class QdqForm:
         return {f"{METADATA_PREFIX}{k}": str(v) for k, v in self.as_dict().items()}
 
 
-def resolve_form(config, quantized: bool, cpu: CpuInfo | None = None) -> QdqForm:
+def resolve_form(config, quantized: bool, cpu: CpuInfo | None = None,
+                 quantized_attention: bool = False) -> QdqForm:
     """The form of an export under ``config`` (:class:`~slimformer.export.config.OnnxConfig`).
 
     Args:
         config: the export config (``target``, ``isa``, ``opset``).
         quantized: whether a quantized model is exported (float exports differ only in opset).
         cpu: the CPU to detect the ISA from (default: this machine's).
+        quantized_attention: whether some attention site of the model is quantized (the
+            ``openvino`` target then keeps opset 20, whose signed Q/DQ torch.onnx writes right).
     """
     target = "ort-cpu" if config.target == "auto" else config.target
     isa = source = None
@@ -164,7 +169,13 @@ def resolve_form(config, quantized: bool, cpu: CpuInfo | None = None) -> QdqForm
     # at opset 20 (2.08x vs 1.70x of ORT float o20): attention runs in float there, between the
     # Q/DQ'd Linears, so the probability quantizer is not exported. A model without
     # scaled_dot_product_attention exports the same graph at either opset.
-    default = 23 if target == "ort-cpu" and opset23_supported() else FALLBACK_OPSET
+    # openvino: opset 23 too: OpenVINO 2026.4 reads the float Attention op into one fused
+    # attention subgraph (MiniLM batch 32, AMD EPYC AVX-512: 48 ms of 191 profiled, against
+    # ~100 ms for the opset-20 MatMul / Softmax / Select decomposition, 2026-12-07)
+    # (torch.onnx 2.14 writes an attention's signed int8 QuantizeLinear at opset 23 with a
+    # uint8 zero point, which ONNX Runtime refuses: quantized attention stays at opset 20)
+    fused = target == "ort-cpu" or (target == "openvino" and not quantized_attention)
+    default = 23 if fused and opset23_supported() else FALLBACK_OPSET
     opset = config.opset or default
     if opset >= 23 and not opset23_supported():
         raise ExportError(f"opset {opset} needs onnx and onnxruntime that run the standard "

@@ -158,6 +158,11 @@ class AttentionQuant(nn.Module):
         self.inference = False  # set by to_inference: A V from log-sqrt2 codes
         self._last = None
 
+    @property
+    def is_float(self) -> bool:
+        """Whether nothing of this site is quantized (q, k, v kept float, probabilities float)."""
+        return self.probs_float and all(a.keep_float for a in (self.q_in, self.k_in, self.v_in))
+
     def quant_probs(self, p: torch.Tensor) -> torch.Tensor:
         """Quantized probabilities; in inference form also keeps their codes for :meth:`pv`."""
         pq = self.probs(p)
