@@ -6,14 +6,17 @@ For each task, in one run on this machine (2 threads, models interleaved in the 
 - float in OpenVINO, f32 and bf16 (bf16 only where the CPU has it), reading the opset-20 file;
 - ONNX Runtime's ``quantize_dynamic`` (int8 per-channel weights) and ``quantize_static`` (QDQ,
   per-channel int8 weights, uint8 activations, MinMax on the calibration rows) of that float file;
-  ``quantize_dynamic`` of the opset-23 file too, MatMul/Gemm only (with its defaults it turns
-  the standard ``Attention`` into a ``QAttention`` that ONNX Runtime refuses to load);
+  ``quantize_dynamic`` of the opset-23 file too, with its defaults (our ``ort-cpu`` float
+  file carries ONNX Runtime's ``MultiHeadAttention``, which it leaves alone; the standard
+  ``Attention`` it turned into a ``QAttention`` that ONNX Runtime refused to load);
 - NNCF's ``quantize`` (``ModelType.TRANSFORMER``, the same calibration rows) of that float file,
   run in OpenVINO (when ``nncf`` imports);
 - ours: repq W8A8 with uniform softmax (asymmetric and symmetric) and W7A8, exported for each
   target (``ort-cpu`` at the detected ISA, opset 23 and 20; the ``avx2`` form; ``portable``;
-  ``openvino`` read as ONNX and as IR, f32 and bf16 hints), and the CLI defaults (``quantize``
-  with ``QuantConfig()``, then ``export onnx`` with ``OnnxConfig()``).
+  ``openvino`` read as ONNX and as IR, f32 and bf16 hints), the CLI defaults (``quantize``
+  with ``QuantConfig()``, then ``export onnx`` with ``OnnxConfig()``), the same without outlier
+  channels, and the defaults made symmetric for the ``openvino`` target (with and without
+  outlier channels, f32 and bf16 hints).
 
 Accuracy and agreement with the PyTorch FP32 predictions are measured by the runtime that is timed,
 on ``--limit`` test rows. Latency: ``--rounds`` rounds; each round times every model once (the
@@ -161,9 +164,9 @@ def run_task(name: str, repeats: int, n_calib: int, limit: int, d: Path, notes: 
         add("ORT quantize_dynamic", "ort", d / f"{name}-dyn.onnx", note=f"{s:.0f} s")
     if opset23_supported():
         s = _try(notes, f"{name} quantize_dynamic opset 23",
-                 lambda: ort_dynamic(f23, d / f"{name}-dyn23.onnx", ["MatMul", "Gemm"]))
+                 lambda: ort_dynamic(f23, d / f"{name}-dyn23.onnx"))
         if s is not None:
-            add("ORT quantize_dynamic, opset 23 (MatMul/Gemm)", "ort", d / f"{name}-dyn23.onnx",
+            add("ORT quantize_dynamic, opset 23 (its defaults)", "ort", d / f"{name}-dyn23.onnx",
                 note=f"{s:.0f} s")
     s = _try(notes, f"{name} quantize_static",
              lambda: ort_static(f20, d / f"{name}-static.onnx", calib, n_calib))
@@ -199,8 +202,11 @@ def run_task(name: str, repeats: int, n_calib: int, limit: int, d: Path, notes: 
     sym, s2 = ours(QuantConfig(**base, symmetric=True))
     w7, s3 = ours(QuantConfig(**base, weight_bits=7))
     cli, s4 = ours(QuantConfig())
-    notes.append(f"{name}: our calibration {s1:.0f}/{s2:.0f}/{s3:.0f}/{s4:.0f} s "
-                 "(asym/sym/W7/CLI default)")
+    cli0, _ = ours(QuantConfig(outlier_channels=0))
+    clis, s5 = ours(QuantConfig(symmetric=True))
+    clis0, _ = ours(QuantConfig(symmetric=True, outlier_channels=0))
+    notes.append(f"{name}: our calibration {s1:.0f}/{s2:.0f}/{s3:.0f}/{s4:.0f}/{s5:.0f} s "
+                 "(asym/sym/W7/CLI default/CLI default symmetric)")
     isa = cpu.isa
     lint = dict(lint=False)
     if opset23_supported():
@@ -216,6 +222,13 @@ def run_task(name: str, repeats: int, n_calib: int, limit: int, d: Path, notes: 
         "ours W7A8 asym, ort-cpu avx2 form")
     exp(asym, "portable", OnnxConfig(target="portable", **lint), "ours W8A8 asym, portable")
     exp(cli, "cli", OnnxConfig(**lint), "ours CLI defaults (QuantConfig(), OnnxConfig())")
+    exp(cli0, "cli0", OnnxConfig(**lint), "ours CLI defaults, outlier_channels 0")
+    for q, tag, label in ((clis, "clis", "ours CLI defaults symmetric"),
+                          (clis0, "clis0", "ours CLI defaults symmetric, outlier_channels 0")):
+        p = exp(q, f"{tag}-ov", OnnxConfig(target="openvino", **lint),
+                f"{label}, openvino (ONNX read)", "ov")
+        if cpu.bf16:
+            add(f"{label}, openvino, bf16 hint", "ov", p, "bf16")
     ovp = exp(sym, "ov", OnnxConfig(target="openvino", **lint),
               "ours W8A8 sym, openvino (ONNX read)", "ov")
     t0 = time.perf_counter()

@@ -22,12 +22,19 @@ def _sqnr(ref: np.ndarray, got: np.ndarray) -> float:
     return float("inf") if err == 0 else 10 * np.log10(float((ref ** 2).sum()) / err)
 
 
-def _graph(mask_shape, mask_type, causal=0):
-    """Q3/K3/V3 (B, S, 8) viewed as 2 heads of 4, the opset-23 Attention, viewed back."""
+def _graph(mask_shape, mask_type, causal=0, bias=False):
+    """Q3/K3/V3 (B, S, 8) (+ a bias each) viewed as 2 heads of 4, the opset-23 Attention, back."""
     b, s, h, d = "B", "S", 2, 4
-    nodes, vi = [], []
-    for x in "qkv":
-        nodes += [helper.make_node("Reshape", [x, "shape4"], [f"{x}_r"]),
+    nodes, vi, inits = [], [], []
+    for i, x in enumerate("qkv"):
+        src = x
+        if bias:
+            inits.append(numpy_helper.from_array(np.linspace(-1, 1, h * d, dtype=np.float32) *
+                                                 (i + 1), f"b{x}"))
+            nodes.append(helper.make_node("Add", [x, f"b{x}"], [f"{x}_b"]))
+            vi.append(helper.make_tensor_value_info(f"{x}_b", TensorProto.FLOAT, [b, s, h * d]))
+            src = f"{x}_b"
+        nodes += [helper.make_node("Reshape", [src, "shape4"], [f"{x}_r"]),
                   helper.make_node("Transpose", [f"{x}_r"], [f"{x}4"], perm=[0, 2, 1, 3])]
         vi.append(helper.make_tensor_value_info(f"{x}4", TensorProto.FLOAT, [b, h, s, d]))
     nodes += [helper.make_node("Attention", ["q4", "k4", "v4", "mask"], ["y4"], scale=0.4,
@@ -41,7 +48,8 @@ def _graph(mask_shape, mask_type, causal=0):
     g = helper.make_graph(nodes, "att", inputs,
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [b, s, h * d])],
                           [numpy_helper.from_array(np.array([0, 0, h, d], np.int64), "shape4"),
-                           numpy_helper.from_array(np.array([0, 0, h * d], np.int64), "shape3")],
+                           numpy_helper.from_array(np.array([0, 0, h * d], np.int64), "shape3"),
+                           *inits],
                           value_info=vi)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
 
@@ -74,6 +82,19 @@ def test_rewrite_matches_the_standard_op(mask_shape, mask_type):
     assert to_ort_mha(proto) == 1
     ops = [n.op_type for n in proto.graph.node]
     assert "Attention" not in ops and "Transpose" not in ops and ops.count("MultiHeadAttention") == 1
+    assert _sqnr(before, _ort(proto, feeds)) > 100
+
+
+def test_projection_biases_fold_into_the_op():
+    rng = np.random.default_rng(1)
+    proto = _graph(["B", 1, "S", "S"], TensorProto.BOOL, bias=True)
+    feeds = {x: rng.normal(size=(2, 6, 8)).astype(np.float32) for x in "qkv"}
+    feeds["mask"] = np.ones((2, 1, 6, 6), bool)
+    before = _ort(proto, feeds)
+    assert to_ort_mha(proto) == 1
+    assert "Add" not in [n.op_type for n in proto.graph.node]
+    mha = next(n for n in proto.graph.node if n.op_type == "MultiHeadAttention")
+    assert mha.input[3]  # the concatenated (3 * 8,) bias
     assert _sqnr(before, _ort(proto, feeds)) > 100
 
 

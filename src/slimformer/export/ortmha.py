@@ -7,8 +7,9 @@ torch.onnx writes ``scaled_dot_product_attention`` at opset 23 as::
     Y3 = Reshape(Transpose(Y4))                (B, S, H*D)
 
 :func:`to_ort_mha` rewrites each such layer as one ``com.microsoft::MultiHeadAttention(Q3, K3,
-V3, attention_bias)`` (3-D inputs and output: the views go, the op reads the heads itself), the
-mask turned once into an additive bias ``(B, 1, S, T)`` (0 where a boolean mask keeps a key, the
+V3, bias, attention_bias)`` (3-D inputs and output: the views go, the op reads the heads itself;
+the Q/K/V projections' bias ``Add``s are its ``bias`` input, which it adds itself), the mask
+turned once into an additive bias ``(B, 1, S, T)`` (0 where a boolean mask keeps a key, the
 float minimum where it drops one; a float mask is the bias itself). The outputs are the same
 (the kernels underneath are ONNX Runtime's; measured equal to the bit on MiniLM).
 
@@ -48,6 +49,7 @@ def to_ort_mha(proto) -> int:
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+    floats = {t.name: t for t in g.initializer if t.data_type == FLOAT32}
     drop, replace, inits, biases = set(), {}, [], {}
     for n in g.node:
         if n.op_type != "Attention" or n.domain not in ("", "ai.onnx"):
@@ -61,6 +63,8 @@ def to_ort_mha(proto) -> int:
         k, kn = _three_d(n.input[1], h, d, producer, consumers, shapes, gone, inits, f"{_P}_{n.output[0]}k")
         v, vn = _three_d(n.input[2], h, d, producer, consumers, shapes, gone, inits, f"{_P}_{n.output[0]}v")
         out, post = _out_3d(n.output[0], h, d, consumers, shapes, gone, inits)
+        q, k, v, bias = _fold_bias([q, k, v], h * d, producer, consumers, floats, gone, inits,
+                                   f"{_P}_{n.output[0]}")
         pre = []
         mask = n.input[3] if len(n.input) > 3 else ""
         if mask and mask not in biases:
@@ -68,7 +72,7 @@ def to_ort_mha(proto) -> int:
                                       helper)
         a = _attrs(n)
         kw = {"scale": a["scale"]} if a.get("scale") else {}
-        mha = helper.make_node("MultiHeadAttention", [q, k, v, "", "", biases.get(mask, "")],
+        mha = helper.make_node("MultiHeadAttention", [q, k, v, bias, "", biases.get(mask, "")],
                                [out], name=f"{n.name or n.output[0]}_mha", domain=DOMAIN,
                                num_heads=h, **kw)
         replace[id(n)] = [*qn, *kn, *vn, *pre, mha, *post]
@@ -108,6 +112,31 @@ def _plain(n, shapes: dict, types: dict) -> tuple[int, int] | None:
     if mask and (len(shapes.get(mask) or []) != 4 or types.get(mask) not in (BOOL, FLOAT32)):
         return None
     return h, d
+
+
+def _fold_bias(qkv: list[str], width: int, producer, consumers, floats: dict, gone: list,
+               inits: list, base: str) -> tuple[str, str, str, str]:
+    """``(q, k, v, bias)``: the projections' bias ``Add``s folded into the op's ``bias`` input.
+
+    Where each of Q3, K3, V3 is ``Add(x, b)`` of a float ``(H*D,)`` initializer read by that
+    attention alone, the op takes the ``x``s and ``Concat(bq, bk, bv)`` (it adds them itself);
+    otherwise the inputs are kept and no bias is given.
+    """
+    from onnx import numpy_helper
+
+    parts = []
+    for x in qkv:
+        add = producer.get(x)
+        if add is None or add.op_type != "Add" or len(consumers.get(x, [])) != 1:
+            return (*qkv, "")
+        b = [i for i in add.input if i in floats and tuple(floats[i].dims) == (width,)]
+        rest = [i for i in add.input if i not in b]
+        if len(b) != 1 or len(rest) != 1:
+            return (*qkv, "")
+        parts.append((add, rest[0], numpy_helper.to_array(floats[b[0]])))
+    gone += [p[0] for p in parts]
+    name = _const(inits, f"{base}_qkv_bias", np.concatenate([p[2] for p in parts]), np.float32)
+    return (*(p[1] for p in parts), name)
 
 
 def _bias(mask: str, boolean: bool, q3: str, k3: str, i: int, inits: list, helper
