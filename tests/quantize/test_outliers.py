@@ -97,6 +97,9 @@ def test_saved_and_exported_with_the_same_values(data, tmp_path):
     res = export_onnx(q, tmp_path / "q.onnx", latency_inputs(test, 8))
     ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
     assert "Gather" in ops  # the outlier channel's float product
+    # the export says what the float side product costs and names the faster setting
+    assert any(w.startswith("outlier channels:") and "outlier_channels: 0" in w
+               for w in res.warnings), res.warnings
     # every Linear still an integer matmul in ONNX Runtime (the float product is a small MatMul)
     plain = [lq for lq in q.quant.linears.values() if lq.param[0].dim() == 2]  # not the conv
     assert res.fusion["integer_matmuls"] >= len(plain)

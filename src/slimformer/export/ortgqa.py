@@ -43,7 +43,7 @@ def to_ort_gqa(proto) -> tuple[int, str | None]:
     """Rewrite ``proto`` in place; ``(layers rewritten, None)`` or ``(0, why not)``."""
     from onnx import helper
 
-    from slimformer.export.gqa import _shapes, prune
+    from slimformer.export.gqa import _shapes
 
     g = proto.graph
     shapes = _shapes(proto)
@@ -72,7 +72,28 @@ def to_ort_gqa(proto) -> tuple[int, str | None]:
         replace[id(n)] = new
         drop.update(id(x) for x in plan["drop"])
         extra += plan["inits"]
-    nodes = _shared_inputs(g, helper)
+    splice(proto, replace, drop, extra, _shared_inputs(g, helper))
+    readers = {n.op_type for n in g.node for i in n.input if i.startswith("past_key_values.")}
+    if readers != {"GroupQueryAttention"}:
+        return len(atts), (f"past inputs are also read by {sorted(readers - {'GroupQueryAttention'})}"
+                           ": the cache cannot be shared in place")
+    helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                   META_KEY: IN_PLACE})
+    return len(atts), None
+
+
+def splice(proto, replace: dict, drop: set, inits: list, head: list = ()) -> None:
+    """Put ``replace[id(node)]`` (node lists) in place of those nodes, drop ``drop`` (ids).
+
+    ``head`` nodes go first, ``inits`` join the initializers; nodes left without a consumer
+    are pruned and the contrib domain is imported.
+    """
+    from onnx import helper
+
+    from slimformer.export.gqa import prune
+
+    g = proto.graph
+    nodes = list(head)
     for n in g.node:
         if id(n) in replace:
             nodes += replace[id(n)]
@@ -80,17 +101,10 @@ def to_ort_gqa(proto) -> tuple[int, str | None]:
             nodes.append(n)
     del g.node[:]
     g.node.extend(nodes)
-    g.initializer.extend(extra)
+    g.initializer.extend(inits)
     prune(proto)
-    readers = {n.op_type for n in g.node for i in n.input if i.startswith("past_key_values.")}
-    if readers != {"GroupQueryAttention"}:
-        return len(atts), (f"past inputs are also read by {sorted(readers - {'GroupQueryAttention'})}"
-                           ": the cache cannot be shared in place")
     if not any(o.domain == DOMAIN for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
-                                   META_KEY: IN_PLACE})
-    return len(atts), None
 
 
 def _attrs(node) -> dict:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from slimformer.export.ortgqa import DOMAIN, _attrs, _const, _out_3d, _three_d
+from slimformer.export.ortgqa import DOMAIN, _attrs, _const, _out_3d, _three_d, splice
 
 _P = "ort_mha"  # prefix of the names this rewrite adds
 FLOAT32 = 1  # TensorProto.FLOAT
@@ -39,7 +39,7 @@ def to_ort_mha(proto) -> int:
     """Rewrite ``proto``'s plain opset-23 ``Attention`` nodes in place; how many were rewritten."""
     from onnx import helper
 
-    from slimformer.export.gqa import _shapes, prune
+    from slimformer.export.gqa import _shapes
 
     g = proto.graph
     shapes = _shapes(proto)
@@ -77,20 +77,8 @@ def to_ort_mha(proto) -> int:
                                num_heads=h, **kw)
         replace[id(n)] = [*qn, *kn, *vn, *pre, mha, *post]
         drop.update(id(x) for x in gone)
-    if not replace:
-        return 0
-    nodes = []
-    for n in g.node:
-        if id(n) in replace:
-            nodes += replace[id(n)]
-        elif id(n) not in drop:
-            nodes.append(n)
-    del g.node[:]
-    g.node.extend(nodes)
-    g.initializer.extend(inits)
-    prune(proto)
-    if not any(o.domain == DOMAIN for o in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    if replace:
+        splice(proto, replace, drop, inits)
     return len(replace)
 
 
