@@ -132,7 +132,6 @@ def export_onnx(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tens
         ExportError: the model cannot be exported, or ONNX Runtime cannot run the export.
     """
     from slimformer.errors import SlimformerError
-    from slimformer.export.targets import resolve_form
     from slimformer.quantize.state import QuantizedModel
 
     config = config or OnnxConfig()
@@ -144,8 +143,7 @@ def export_onnx(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tens
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime and the exporter raise their own types
         why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-        auto = config.opset is None and resolve_form(config, isinstance(model, QuantizedModel)
-                                                     ).opset >= 23
+        auto = config.opset is None and _form(config, model).opset >= 23
         if not auto:
             raise ExportError(f"exporting or running the ONNX graph failed ({why}); try another "
                               "opset (--opset 20) or target") from exc
@@ -154,18 +152,26 @@ def export_onnx(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tens
         return res
 
 
+def _form(config: OnnxConfig, model: nn.Module):
+    """The :class:`~slimformer.export.targets.QdqForm` ``model`` is exported in under ``config``."""
+    from slimformer.export.targets import resolve_form
+    from slimformer.quantize.state import QuantizedModel
+
+    quantized = isinstance(model, QuantizedModel)
+    return resolve_form(config, quantized,
+                        quantized_attention=quantized and model.quant.quantized_attention)
+
+
 def _export_once(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tensor],
                  config: OnnxConfig) -> OnnxResult:
     import onnx
 
-    from slimformer.export.targets import model_settings, resolve_form, slow_settings
+    from slimformer.export.targets import model_settings, slow_settings
     from slimformer.quantize.state import QuantizedModel
     from slimformer.store.atomic import atomic_path
 
-    quantized_attention = isinstance(model, QuantizedModel) and any(
-        not a.is_float for a in model.quant.attention.values())
-    form = resolve_form(config, isinstance(model, QuantizedModel),
-                        quantized_attention=quantized_attention)
+    quantized = isinstance(model, QuantizedModel)
+    form = _form(config, model)
     config = config.model_copy(update={"opset": form.opset})
     t0 = time.perf_counter()
     path = Path(path)
@@ -175,7 +181,6 @@ def _export_once(model: nn.Module, path: str | Path, inputs: dict[str, torch.Ten
         raise ExportError(f"{path}: folder {path.parent} does not exist (create it first)")
     if not inputs:
         raise ExportError("no example inputs: pass {name: tensor} with a batch axis first")
-    quantized = isinstance(model, QuantizedModel)
     reference = model
     if quantized and not model.inference:
         from slimformer.quantize.inference import to_inference

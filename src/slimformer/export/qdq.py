@@ -248,7 +248,7 @@ class QdqModel(nn.Module):
         # the exporter writes the attention (opset 23: one Attention op; below: its own
         # decomposition, which OpenVINO fuses) instead of our explicit masked softmax
         self.float_attention = bool(form is not None and form.float_attention) or (
-            bool(qmodel.quant.attention) and all(a.is_float for a in qmodel.quant.attention.values()))
+            bool(qmodel.quant.attention) and not qmodel.quant.quantized_attention)
 
         _ops()  # register the ops before the exporter builds its op table
         self.qmodel = copy.deepcopy(qmodel)

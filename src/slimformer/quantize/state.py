@@ -212,6 +212,11 @@ class QuantState(nn.Module):
         """The :class:`EmbeddingQuant` whose table is ``w`` (by identity)."""
         return self.emb_by_id.get(id(w)) if isinstance(w, torch.Tensor) else None
 
+    @property
+    def quantized_attention(self) -> bool:
+        """Whether some attention site quantizes anything (q, k, v or the probabilities)."""
+        return any(not a.is_float for a in self.attention.values())
+
     def is_param(self, t: torch.Tensor) -> bool:
         """Whether ``t`` is one of the model's parameters."""
         return id(t) in self.param_ids
