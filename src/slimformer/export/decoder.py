@@ -44,6 +44,7 @@ from slimformer.export.nbits import BLOCKS, INT8_BLOCK
 
 OPSETS = (17, 18, 19, 20, 21, 22, 23)
 KV_FORMS = ("ort-gqa", "fold", "gqa", "repeat")
+KV_FORM_KEY = "slimformer.kv_form"  # model metadata: the form written (a fallback recorded)
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,18 @@ class DecoderConfig:
             Runtime's ``GroupQueryAttention``, the cache updated in place by
             :class:`~slimformer.export.ortgen.OrtDecoder`, :mod:`slimformer.export.ortgqa`;
             ONNX Runtime only; where the graph does not match, ``gqa`` instead, noted),
-            ``fold`` (query heads folded onto their kv head: plain attention, every runtime,
-            OpenVINO's form), ``gqa`` (the opset-23 op's own grouped attention: ONNX Runtime
-            only, OpenVINO 2026.4 misreads it) or ``repeat`` (the traced copies of the kv heads
-            kept); :mod:`slimformer.export.gqa`.
+            ``fold`` (query heads folded onto their kv head: plain attention, every runtime),
+            ``gqa`` (the opset-23 op's own grouped attention: ONNX Runtime only, OpenVINO
+            2026.4 misreads it) or ``repeat`` (the traced copies of the kv heads kept:
+            OpenVINO's form, whose CPU plugin runs each layer's attention as one kernel with
+            the cache appended in place, :class:`~slimformer.export.openvino.OvDecoder`);
+            :mod:`slimformer.export.gqa`. The form written is the file's metadata
+            :data:`KV_FORM_KEY`.
         last_logits: Output ``logits`` ``(B, 1, vocab)`` of the last position only (the model's
             ``logits_to_keep``): generation needs no more; perplexity needs the default.
+        merge_matmuls: Merge the MatMulNBits ops that read one input (Q/K/V, gate/up) into one
+            op + ``Split`` (:mod:`slimformer.export.fusenbits`; ONNX Runtime's form). OpenVINO
+            fuses each projection with its activation instead: its form keeps them apart.
     """
 
     opset: int | None = None
@@ -96,6 +103,19 @@ class DecoderConfig:
     accuracy_fallback: bool = True
     kv_form: str = "ort-gqa"
     last_logits: bool = False
+    merge_matmuls: bool = True
+
+    @classmethod
+    def for_openvino(cls, **fields) -> DecoderConfig:
+        """The form OpenVINO runs fastest (:class:`~slimformer.export.openvino.OvDecoder`).
+
+        ``kv_form`` ``repeat`` (its CPU plugin's attention with the cache appended in place),
+        MatMulNBits not merged (each projection fused with its activation) and at accuracy
+        level 0 (OpenVINO picks its own activation precision; level 4's split blocks would only
+        multiply the scales); ``fields`` override.
+        """
+        return cls(**{"kv_form": "repeat", "merge_matmuls": False, "accuracy_level": 0,
+                      **fields})
 
     def __post_init__(self):
         """Validate the fields (ConfigError naming the allowed values)."""
@@ -358,6 +378,11 @@ def _export_once(model, path: Path, layout: CacheLayout, opset: int, config: Dec
                                    else unrepeat_kv(traced, form), warnings=notes)
             if config.kv_form == "ort-gqa":
                 result.ort_gqa = _ort_gqa(traced, inner(model), notes)
+            written = ("ort-gqa" if result.ort_gqa else
+                       form if form == "repeat" or result.kv_unrepeated else "repeat")
+            onnx.helper.set_model_props(traced, {**{m.key: m.value
+                                                    for m in traced.metadata_props},
+                                                 KV_FORM_KEY: written})
             levels = [config.accuracy_level] if quantized else [None]
             if quantized and config.accuracy_level == 4 and config.accuracy_fallback:
                 levels.append(0)
@@ -369,8 +394,8 @@ def _export_once(model, path: Path, layout: CacheLayout, opset: int, config: Dec
                 if quantized:
                     from slimformer.export.nbits import to_matmul_nbits
 
-                    result.nbits = to_matmul_nbits(proto, model, level,
-                                                   config.int8_block).as_dict()
+                    result.nbits = to_matmul_nbits(proto, model, level, config.int8_block,
+                                                   config.merge_matmuls).as_dict()
                     result.accuracy_level = level
                 _save(proto, tmp, big)
                 if not config.check:

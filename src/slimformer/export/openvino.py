@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from slimformer.errors import ExportError
+from slimformer.export import ovgraph
 
 PRECISIONS = ("f32", "bf16")
 
@@ -222,14 +223,16 @@ class OvDecoder:
     compressed weights); ``precision`` ``f32`` computes as ONNX Runtime does, ``bf16`` is faster
     where the CPU has it.
 
-    ``stateful`` (default): OpenVINO's make-stateful transformation turns each
-    ``past_key_values.{i}`` input and its ``present.{i}`` output into a state variable kept
-    inside the infer request, so a decode step no longer copies the whole cache in and out
-    (SmolLM2-135M float, 512-token prompt: 32 vs 20 decode tokens/s, one run). The cache is then
-    the request's: ``empty()`` starts a sequence and ``step`` continues only the request's own
-    last step (the "past" it returns is a zero-width marker of the cached length); at ``f32``
-    the cache is held in f32 (the plugin's default would store it as u8), at ``bf16`` as the
-    plugin chooses.
+    ``stateful`` (default): each ``past_key_values.{i}`` input and its ``present.{i}`` output
+    become a state variable kept inside the infer request
+    (:func:`~slimformer.export.ovgraph.make_stateful`), so a decode step no longer copies the
+    whole cache in and out; in the ``repeat`` form of the graph (``DecoderConfig(kv_form=
+    "repeat")``) the plugin then runs each layer's attention as one kernel that appends to the
+    cache in place. The cache is the request's: ``empty()`` starts a sequence and ``step``
+    continues only the request's own last step (the "past" it returns is a zero-width marker of
+    the cached length); at ``f32`` the cache is held in f32 (the plugin's default would store it
+    as u8), at ``bf16`` as the plugin chooses. MatMulNBits zero points are kept u4
+    (:func:`~slimformer.export.ovgraph.compact_zero_points`).
 
     Raises:
         ExportError: OpenVINO is missing, or cannot read or compile the file (the message names
@@ -238,39 +241,33 @@ class OvDecoder:
 
     def __init__(self, path: str | Path, threads: int = 2, precision: str = "f32",
                  stateful: bool = True):
-        import re
-
         ov = _ov()
         try:
             model = ov.Core().read_model(str(path))
         except Exception as exc:  # noqa: BLE001 - OpenVINO's frontends raise many types
             custom = _custom_ops(path)
             hint = ("; GroupQueryAttention is ONNX Runtime's form of the decoder graph: export "
-                    "it with DecoderConfig(kv_form='fold') for OpenVINO"
+                    "it with DecoderConfig(kv_form='repeat') for OpenVINO"
                     if "GroupQueryAttention" in custom else "")
             raise ExportError(f"OpenVINO {ov.__version__} cannot read {path}: "
                               f"{str(exc).splitlines()[0][:300]} (ops outside the standard "
                               f"domain in the file: {custom or 'none'}){hint}") from exc
         names = [i.get_any_name() for i in model.inputs]
-        past = [i for i in model.inputs
-                if re.fullmatch(r"past_key_values\.\d+\.(key|value)", i.get_any_name())]
+        past = [i for i in model.inputs if ovgraph.PAST.fullmatch(i.get_any_name())]
         if not past or not {"input_ids", "attention_mask", "position_ids"} <= set(names):
             raise ExportError(f"{path} is not a decoder graph with a key/value cache: inputs "
                               f"{names} (export it with export_decoder)")
         self.past_names = [i.get_any_name() for i in past]
         shape = past[0].get_partial_shape()
         self.kv_heads, self.head_dim = shape[1].get_length(), shape[3].get_length()
-        self.stateful, self.length = stateful, None
+        self.stateful, self.length, self.reorder = stateful, None, False
+        ovgraph.compact_zero_points(model)
         extra = {}
-        if stateful:
-            from openvino._offline_transformations import apply_make_stateful_transformation
-
-            outs = {o.get_any_name() for o in model.outputs}
-            pairs = {n: n.replace("past_key_values.", "present.", 1) for n in self.past_names}
-            if not set(pairs.values()) <= outs:
-                raise ExportError(f"{path}: no present.{{i}}.key/value output for every past "
-                                  "input: the cache cannot be kept inside OpenVINO (stateful)")
-            apply_make_stateful_transformation(model, pairs)
+        if stateful:  # the fold form's query rows are not the cache's: no fused attention
+            self.reorder = _kv_form(model) != "fold"
+            if self.reorder:
+                ovgraph.float_masks(model)
+            ovgraph.make_stateful(model, reorder=self.reorder)
             if precision == "f32":
                 extra["KV_CACHE_PRECISION"] = "f32"
         self.compiled = compile_model(model, precision, threads, extra)
@@ -278,12 +275,8 @@ class OvDecoder:
 
     def empty(self, batch: int = 1) -> list[np.ndarray]:
         """Empty past tensors ``(batch, kv_heads, 0, head_dim)`` (stateful: a new sequence)."""
-        if self.stateful:
-            ov = _ov()
+        if self.stateful:  # each variable's initial value is the empty cache of the step's batch
             self.request.reset_state()
-            for st in self.request.query_state():  # the batch of this sequence, no positions
-                st.state = ov.Tensor(np.zeros((batch, self.kv_heads, 0, self.head_dim),
-                                              np.float32))
             self.length = 0
             return [np.zeros((batch, self.kv_heads, 0, 0), np.float32)]
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
@@ -304,10 +297,21 @@ class OvDecoder:
             raise ExportError(f"a stateful OpenVINO decoder continues its own last step only "
                               f"(cache of {self.length} positions, asked to continue from {p}): "
                               "call empty() to start a sequence, or use stateful=False")
-        self.request.infer(token_feeds(ids, p))
+        feeds = token_feeds(ids, p)
+        if self.reorder:
+            feeds[ovgraph.BEAM_IDX] = np.arange(b, dtype=np.int32)
+        self.request.infer(feeds)
         self.length = p + t
         logits = self.request.get_output_tensor(0).data.copy()
         return logits, [np.zeros((b, self.kv_heads, p + t, 0), np.float32)]
+
+
+def _kv_form(model) -> str | None:
+    """The decoder graph's form as its file records it (``slimformer.kv_form``), or None."""
+    from slimformer.export.decoder import KV_FORM_KEY
+
+    key = ["framework", KV_FORM_KEY]
+    return model.get_rt_info(key).astype(str) if model.has_rt_info(key) else None
 
 
 def _custom_ops(path) -> str:

@@ -7,8 +7,9 @@ the tokenizer's chat template with ``chat``. Decoding uses the KV cache
 (:mod:`slimformer.models.generate`). ``runtime: onnxruntime`` exports the model (float or
 weight-only quantized) as a decoder graph with its cache into a temporary folder
 (:func:`~slimformer.export.decoder.export_decoder`, checked against PyTorch) and generates
-through ONNX Runtime (:mod:`slimformer.export.ortgen`); ``runtime: openvino`` runs that same
-file in OpenVINO (:class:`~slimformer.export.openvino.OvDecoder`, f32).
+through ONNX Runtime (:mod:`slimformer.export.ortgen`); ``runtime: openvino`` exports the
+graph in OpenVINO's form (:meth:`~slimformer.export.decoder.DecoderConfig.for_openvino`, checked
+the same way) and runs it in OpenVINO (:class:`~slimformer.export.openvino.OvDecoder`, f32).
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ def _generate_onnx(model, ids: list[int], stage: GenerateStage, eos):
     from slimformer.export.ortgen import OrtDecoder, generate_onnx
 
     with tempfile.TemporaryDirectory(prefix="slimformer-decoder-") as folder:
-        # OpenVINO reads plain attention; ONNX Runtime its GroupQueryAttention (cache in place)
-        cfg = DecoderConfig(kv_form="fold" if stage.runtime == "openvino" else "ort-gqa")
+        # each runtime's own form: both append to the cache in place
+        cfg = DecoderConfig.for_openvino() if stage.runtime == "openvino" else DecoderConfig()
         res = export_decoder(model, Path(folder) / "decoder.onnx", cfg)
         runner = OvDecoder if stage.runtime == "openvino" else OrtDecoder
         return generate_onnx(runner(res.path), ids, stage.max_new_tokens,
