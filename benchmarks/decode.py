@@ -5,8 +5,7 @@ run the way it generates (a prefill, then one-token steps on its own cache):
 
 - ``ort float``: our float decoder graph in ONNX Runtime (the baseline of every ratio), in the
   export's default form for ONNX Runtime (``GroupQueryAttention``, the cache updated in place:
-  :mod:`slimformer.export.ortgqa`); ``ort float (fold)``: the plain-attention form (the cache
-  concatenated every step), the form OpenVINO reads;
+  :mod:`slimformer.export.ortgqa`);
 - ``ort int4 ours``: our weight-only INT4 (``--method``, default GPTQ, ``--group-size``) as
   ``MatMulNBits`` holding our codes, at the export's default accuracy level (4: int8
   activations in blocks of 32) and at level 0 (float activations, what PyTorch computes);
@@ -14,12 +13,14 @@ run the way it generates (a prefill, then one-token steps on its own cache):
   row: ``GatherBlockQuantized``); ``--variants`` picks which are built;
 - ``ort int4 MatMulNBitsQuantizer``: ONNX Runtime's own INT4 tool on the float graph (same group
   size, asymmetric, accuracy level 4), its default round-to-nearest;
-- ``ov f32`` / ``ov bf16``: the float graph compiled by OpenVINO, stateful (the cache kept
-  inside the infer request: :class:`slimformer.export.openvino.OvDecoder`); ``ov int4 ours``: our
-  INT4 file with the groups' own blocks in the plain-attention form (level 0: OpenVINO ignores
-  the accuracy level) read by OpenVINO; ``ov int4 nncf gN``: NNCF ``compress_weights`` INT4_ASYM (data-free,
-  ``ratio`` 1) of the float graph read by OpenVINO (groups of 64: NNCF refuses 128 where a
-  Linear has 576 inputs).
+- ``ov f32`` / ``ov bf16``: the float graph in OpenVINO's form
+  (:meth:`slimformer.export.decoder.DecoderConfig.for_openvino`) compiled by OpenVINO, stateful
+  (the cache kept inside the infer request, attention fused with it:
+  :class:`slimformer.export.openvino.OvDecoder`); ``ov int4 ours``: our INT4 codes in that form
+  (MatMulNBits with the groups' own blocks, not merged) read by OpenVINO; ``ov int4 nncf gN``:
+  NNCF ``compress_weights`` INT4_ASYM (data-free, ``ratio`` 1) of the same float graph read by
+  OpenVINO (groups of 64: NNCF refuses 128 where a Linear has 576 inputs). Both INT4 rows run
+  with the plugin's defaults (its dynamic int8 quantization of the activations included).
 
 Perplexity: ``--tokens`` held-out tokens (nyt-editorials test) in windows of ``--window``, each
 window one prefill of the graph (teacher-forced logits). Speed: a ``--prompt``-token prompt's
@@ -86,23 +87,24 @@ def build(args, work: Path) -> dict[str, Path]:
     from slimformer.models.loading import load_model, parse_model_arg
     from slimformer.models.pretrained.install import model_dir
 
-    files = {"float": work / "float.onnx", "float-fold": work / "float-fold.onnx",
+    files = {"float": work / "float.onnx", "float-ov": work / "float-ov.onnx",
              "ort-int4": work / "ort-int4.onnx",
              "nncf-int4": work / f"nncf-int4-g{args.nncf_group}.xml"}
     for v in args.variants:
         files |= {v: work / f"{v}.onnx", f"{v}-l0": work / f"{v}-l0.onnx",
-                  f"{v}-fold-l0": work / f"{v}-fold-l0.onnx"}
+                  f"{v}-ov": work / f"{v}-ov.onnx"}
     if all(p.exists() for p in files.values()):
         return files
     lm = load_model(parse_model_arg(args.model))
     folder = str(model_dir(args.model))
-    for key, form in (("float", "ort-gqa"), ("float-fold", "fold")):
+    for key, cfg in (("float", DecoderConfig(check=False)),
+                     ("float-ov", DecoderConfig.for_openvino(check=False))):
         if not files[key].exists():
             t0 = time.process_time()
-            export_decoder(lm.module, files[key], DecoderConfig(check=False, kv_form=form))
+            export_decoder(lm.module, files[key], cfg)
             print(f"{key} export {time.process_time() - t0:.0f} CPU-s", flush=True)
     for v in args.variants:
-        if all(files[k].exists() for k in (v, f"{v}-l0", f"{v}-fold-l0")):
+        if all(files[k].exists() for k in (v, f"{v}-l0", f"{v}-ov")):
             continue
         from slimformer.models import taskeval as T
         from slimformer.quantize.api import quantize
@@ -120,9 +122,9 @@ def build(args, work: Path) -> dict[str, Path]:
         stream = T.token_stream(get_dataset("nyt-editorials", "test", tokenizer=folder),
                                 args.prompt)
         prompt = [int(t) for t in stream[:args.prompt]]
-        for key, level, form in ((v, 4, "ort-gqa"), (f"{v}-l0", 0, "ort-gqa"),
-                                 (f"{v}-fold-l0", 0, "fold")):
-            cfg = DecoderConfig(accuracy_level=level, kv_form=form)
+        for key, cfg in ((v, DecoderConfig(accuracy_level=4)),
+                         (f"{v}-l0", DecoderConfig(accuracy_level=0)),
+                         (f"{v}-ov", DecoderConfig.for_openvino())):
             res = export_decoder(q, files[key], cfg, prompt)
             print(f"{key}: accuracy_level {res.accuracy_level}, tokens {res.tokens}, "
                   f"notes {res.warnings}", flush=True)
@@ -143,7 +145,7 @@ def build(args, work: Path) -> dict[str, Path]:
         import openvino as ov
 
         t0 = time.process_time()
-        m = ov.Core().read_model(str(files["float-fold"]))
+        m = ov.Core().read_model(str(files["float-ov"]))
         q = nncf.compress_weights(m, mode=nncf.CompressWeightsMode.INT4_ASYM,
                                   group_size=args.nncf_group, ratio=1.0)
         ov.save_model(q, str(files["nncf-int4"]), compress_to_fp16=False)
@@ -188,17 +190,16 @@ def main() -> None:
                                                          tokenizer=folder), args.tokens)]
     prompt = tokens[:args.prompt]
     name = {"ours": "ours", "ours-e8": "ours + emb int8"}
-    rows = {"ort float": (OrtDecoder, files["float"], {}),
-            "ort float (fold)": (OrtDecoder, files["float-fold"], {})}
+    rows = {"ort float": (OrtDecoder, files["float"], {})}
     for v in args.variants:
         rows[f"ort int4 {name[v]} (level 4)"] = (OrtDecoder, files[v], {})
         rows[f"ort int4 {name[v]} (level 0)"] = (OrtDecoder, files[f"{v}-l0"], {})
     rows[f"ort int4 MatMulNBitsQuantizer g{args.group_size}"] = (OrtDecoder, files["ort-int4"],
                                                                 {})
-    rows["ov f32"] = (OvDecoder, files["float-fold"], {"precision": "f32"})
-    rows["ov bf16"] = (OvDecoder, files["float-fold"], {"precision": "bf16"})
+    rows["ov f32"] = (OvDecoder, files["float-ov"], {"precision": "f32"})
+    rows["ov bf16"] = (OvDecoder, files["float-ov"], {"precision": "bf16"})
     for v in args.variants:
-        rows[f"ov int4 {name[v]}"] = (OvDecoder, files[f"{v}-fold-l0"], {"precision": "f32"})
+        rows[f"ov int4 {name[v]}"] = (OvDecoder, files[f"{v}-ov"], {"precision": "f32"})
     rows[f"ov int4 nncf g{args.nncf_group}"] = (OvDecoder, files["nncf-int4"],
                                                 {"precision": "f32"})
     decs, table = {}, {}

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from slimformer.cli import app
+from slimformer.errors import ExportError
 from tests.stages.test_generate import build_tiny_lm
 
 runner = CliRunner()
@@ -101,3 +102,49 @@ def test_recipe_stage_reports_tokens_and_refuses_a_bad_agreement_bar(lm, tmp_pat
     with pytest.raises(ConfigError, match="min_token_agreement"):
         parse_recipe({"name": "d", "model": {"source": "hf_dir", "path": str(lm)},
                       "stages": [{"type": "export", "min_token_agreement": 2}]})
+
+
+def test_export_openvino_writes_a_stateful_decoder_ir(int4, lm, tmp_path):
+    """A weight-only causal LM through `export openvino`: the IR keeps the cache inside (no
+    past inputs, a beam_idx input), its int4 codes compressed; its greedy tokens agree with the
+    quantized PyTorch model's in ONNX Runtime and in OpenVINO; OvDecoder reads it back."""
+    pytest.importorskip("openvino")
+    import openvino as ov
+
+    from slimformer.export.genparity import token_parity
+    from slimformer.export.openvino import OvDecoder
+    from slimformer.stages.artifact import restore
+
+    out = tmp_path / "q.xml"
+    res = runner.invoke(app, ["export", "openvino", str(int4), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert got["graph"] == "decoder" and got["quantized"]
+    assert got["tokens"]["agreement"] >= 0.95  # ONNX Runtime, the same file
+    assert got["speed"]["openvino_token_agreement"] >= 0.95
+    assert got["speed"]["decode_tokens_per_s"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.bin", "q.xml"]
+    model = ov.Core().read_model(str(out))
+    names = {i.get_any_name() for i in model.inputs}
+    assert names == {"input_ids", "attention_mask", "position_ids", "beam_idx"}
+    assert [o.get_any_name() for o in model.outputs] == ["logits"]
+    kinds = {str(o.get_output_element_type(0)) for o in model.get_ordered_ops()
+             if o.get_type_name() == "Constant"}
+    assert "<Type: 'uint4_t'>" in kinds  # our codes, not float weights
+    dec = OvDecoder(out)
+    assert dec.stateful and dec.reorder and len(dec.past_names) == 4
+    qmodel = restore(int4).module
+    assert token_parity(qmodel, dec, list(range(3, 15)), 16).agreement >= 0.95
+    with pytest.raises(ExportError, match="stateful=False needs the ONNX decoder graph"):
+        OvDecoder(out, stateful=False)
+
+
+def test_export_onnx_for_openvino_writes_openvino_form(lm, tmp_path):
+    """target openvino: the decoder graph in OpenVINO's form (plain attention reading the
+    traced kv copies, recorded in the metadata), not ONNX Runtime's GroupQueryAttention."""
+    pytest.importorskip("openvino")
+    res = _export(lm, "--out", tmp_path / "f.onnx", "--target", "openvino")
+    assert res["graph"] == "decoder" and res["tokens"]["agreement"] == 1.0
+    proto = onnx.load(str(tmp_path / "f.onnx"))
+    assert "GroupQueryAttention" not in {n.op_type for n in proto.graph.node}
+    assert {p.key: p.value for p in proto.metadata_props}["slimformer.kv_form"] == "repeat"

@@ -200,7 +200,7 @@ def export_onnx_cmd(
 def _print_decoder(con, res: dict, rec, as_json: bool) -> None:
     """The decoder graph: file, cache layout, per-step parity, greedy tokens, tokens/s."""
     speed = {k: v for k, v in rec.metrics.items() if "tokens_per_s" in k or "speedup" in k
-             or k == "float_file_bytes"}
+             or k in ("float_file_bytes", "openvino_token_agreement", "openvino_ir_bytes")}
     if as_json:
         print(json.dumps(res | {"speed": speed}, indent=2))
         return
@@ -271,7 +271,9 @@ def export_openvino_cmd(
     """Write an OpenVINO IR (from the openvino-form ONNX), check every output through OpenVINO.
 
     Runs the one-stage recipe export (target openvino, openvino_ir) through the pipeline; with
-    --latency-batch the stage also times the file at that batch size.
+    --latency-batch the stage also times the file at that batch size. A causal LM (float or
+    weight-only) is written as a stateful decoder IR (the cache kept inside, our int4/int8 codes
+    kept), its greedy tokens checked in ONNX Runtime and OpenVINO against the PyTorch model.
     """
     from slimformer.errors import ExportError
     from slimformer.stages.export import ExportStage
@@ -292,6 +294,9 @@ def export_openvino_cmd(
                       {"export/model.bin": ".bin", "export/model.xml": ".xml"}, trust_code, task,
                       max(rows, latency_batch or 0))
     res = rec.result
+    if res.get("graph") == "decoder":  # a causal LM: the stateful decoder IR
+        _print_decoder(con, res | {"path": str(out)}, rec, as_json)
+        return
     res["path"], res["onnx"]["path"] = str(out), None  # the ONNX file went with the run folder
     lat = rec.latency.get(f"openvino batch={latency_batch}")
     if as_json:

@@ -226,9 +226,10 @@ class OvDecoder:
     ``stateful`` (default): each ``past_key_values.{i}`` input and its ``present.{i}`` output
     become a state variable kept inside the infer request
     (:func:`~slimformer.export.ovgraph.make_stateful`), so a decode step no longer copies the
-    whole cache in and out; in the ``repeat`` form of the graph (``DecoderConfig(kv_form=
-    "repeat")``) the plugin then runs each layer's attention as one kernel that appends to the
-    cache in place. The cache is the request's: ``empty()`` starts a sequence and ``step``
+    whole cache in and out; in OpenVINO's form of the graph (``DecoderConfig.for_openvino()``)
+    the plugin then runs each layer's attention as one kernel that appends to the cache in
+    place. A stateful IR (:func:`write_decoder_ir`) is read as written. The cache is the
+    request's: ``empty()`` starts a sequence and ``step``
     continues only the request's own last step (the "past" it returns is a zero-width marker of
     the cached length); at ``f32`` the cache is held in f32 (the plugin's default would store it
     as u8), at ``bf16`` as the plugin chooses. MatMulNBits zero points are kept u4
@@ -241,35 +242,11 @@ class OvDecoder:
 
     def __init__(self, path: str | Path, threads: int = 2, precision: str = "f32",
                  stateful: bool = True):
-        ov = _ov()
-        try:
-            model = ov.Core().read_model(str(path))
-        except Exception as exc:  # noqa: BLE001 - OpenVINO's frontends raise many types
-            custom = _custom_ops(path)
-            hint = ("; GroupQueryAttention is ONNX Runtime's form of the decoder graph: export "
-                    "it with DecoderConfig(kv_form='repeat') for OpenVINO"
-                    if "GroupQueryAttention" in custom else "")
-            raise ExportError(f"OpenVINO {ov.__version__} cannot read {path}: "
-                              f"{str(exc).splitlines()[0][:300]} (ops outside the standard "
-                              f"domain in the file: {custom or 'none'}){hint}") from exc
-        names = [i.get_any_name() for i in model.inputs]
-        past = [i for i in model.inputs if ovgraph.PAST.fullmatch(i.get_any_name())]
-        if not past or not {"input_ids", "attention_mask", "position_ids"} <= set(names):
-            raise ExportError(f"{path} is not a decoder graph with a key/value cache: inputs "
-                              f"{names} (export it with export_decoder)")
-        self.past_names = [i.get_any_name() for i in past]
-        shape = past[0].get_partial_shape()
-        self.kv_heads, self.head_dim = shape[1].get_length(), shape[3].get_length()
-        self.stateful, self.length, self.reorder = stateful, None, False
-        ovgraph.compact_zero_points(model)
-        extra = {}
-        if stateful:  # the fold form's query rows are not the cache's: no fused attention
-            self.reorder = _kv_form(model) != "fold"
-            if self.reorder:
-                ovgraph.float_masks(model)
-            ovgraph.make_stateful(model, reorder=self.reorder)
-            if precision == "f32":
-                extra["KV_CACHE_PRECISION"] = "f32"
+        model = _read_decoder(path)
+        form = _decoder_form(model, path, stateful)
+        self.past_names, self.kv_heads, self.head_dim, self.reorder = form
+        self.stateful, self.length = stateful, None
+        extra = {"KV_CACHE_PRECISION": "f32"} if stateful and precision == "f32" else {}
         self.compiled = compile_model(model, precision, threads, extra)
         self.request = self.compiled.create_infer_request()
 
@@ -304,6 +281,81 @@ class OvDecoder:
         self.length = p + t
         logits = self.request.get_output_tensor(0).data.copy()
         return logits, [np.zeros((b, self.kv_heads, p + t, 0), np.float32)]
+
+
+def _read_decoder(path):
+    """``openvino.Model`` of a decoder file (ONNX or IR); ExportError naming what it cannot read."""
+    ov = _ov()
+    try:
+        return ov.Core().read_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - OpenVINO's frontends raise many types
+        custom = _custom_ops(path) if Path(path).suffix == ".onnx" else ""
+        hint = ("; GroupQueryAttention is ONNX Runtime's form of the decoder graph: export "
+                "it with DecoderConfig.for_openvino() for OpenVINO"
+                if "GroupQueryAttention" in custom else "")
+        raise ExportError(f"OpenVINO {ov.__version__} cannot read {path}: "
+                          f"{str(exc).splitlines()[0][:300]} (ops outside the standard "
+                          f"domain in the file: {custom or 'none'}){hint}") from exc
+
+
+def _decoder_form(model, path, stateful: bool) -> tuple[list[str], int, int, bool]:
+    """``(past names, kv_heads, head_dim, reorder)``; ``model`` made stateful in place.
+
+    A decoder graph with past inputs gets u4 zero points and, with ``stateful``, its cache
+    variables (:mod:`slimformer.export.ovgraph`; reordered, with additive masks, unless its file
+    records the ``fold`` form). An IR written stateful (:func:`write_decoder_ir`) is taken as is.
+    """
+    names = [i.get_any_name() for i in model.inputs]
+    past = [i for i in model.inputs if ovgraph.PAST.fullmatch(i.get_any_name())]
+    if not {"input_ids", "attention_mask", "position_ids"} <= set(names):
+        past = []
+    reads = [op for op in model.get_ordered_ops() if op.get_type_name() == "ReadValue"
+             and ovgraph.PAST.fullmatch(op.get_variable_id())]
+    if not past and reads and not stateful:
+        raise ExportError(f"{path} keeps its cache inside (a stateful IR): stateful=False needs "
+                          "the ONNX decoder graph")
+    if not past and reads and "input_ids" in names:
+        shape = reads[0].get_output_partial_shape(0)
+        return ([r.get_variable_id() for r in reads], shape[1].get_length(),
+                shape[3].get_length(), ovgraph.BEAM_IDX in names)
+    if not past:
+        raise ExportError(f"{path} is not a decoder graph with a key/value cache: inputs "
+                          f"{names} (export it with export_decoder)")
+    shape = past[0].get_partial_shape()
+    ovgraph.compact_zero_points(model)
+    reorder = stateful and _kv_form(model) != "fold"  # fold: query rows are not cache rows
+    if reorder:
+        ovgraph.float_masks(model)
+    if stateful:
+        ovgraph.make_stateful(model, reorder=reorder)
+    return ([i.get_any_name() for i in past], shape[1].get_length(), shape[3].get_length(),
+            reorder)
+
+
+def write_decoder_ir(onnx_path: str | Path, path: str | Path) -> Path:
+    """Write a decoder graph (ONNX) as a stateful OpenVINO IR at ``path`` (``.xml``).
+
+    ``onnx_path``: :func:`~slimformer.export.decoder.export_decoder`'s file; the ``.bin`` goes
+    beside ``path``. The IR is in the form :class:`OvDecoder` runs (cache variables, fused
+    attention, u4 zero points; weights as in the file: our int4/int8 codes stay compressed).
+    Inputs ``input_ids``, ``attention_mask``, ``position_ids``, ``beam_idx``; output
+    ``logits``; ``reset_state()`` starts a sequence. :class:`OvDecoder` reads it back.
+
+    Raises:
+        ExportError: bad path, OpenVINO missing, or not a decoder graph.
+    """
+    ov = _ov()
+    path = Path(path)
+    if path.suffix != ".xml":
+        raise ExportError(f"{path}: the OpenVINO IR file must end in .xml (.bin goes beside it)")
+    model = _read_decoder(onnx_path)
+    _decoder_form(model, onnx_path, stateful=True)
+    model.set_rt_info("stateful", ["slimformer", "decoder"])
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as d:
+        ov.save_model(model, str(Path(d) / "model.xml"), compress_to_fp16=False)
+        (Path(d) / "model.bin").replace(path.with_suffix(".bin"))
+        (Path(d) / "model.xml").replace(path)
+    return path
 
 
 def _kv_form(model) -> str | None:

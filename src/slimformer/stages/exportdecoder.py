@@ -9,6 +9,13 @@ step and the greedy tokens against the PyTorch model (the float model's tokens e
 are timed in ONNX Runtime beside the float model's decoder graph (``compare_float``), the two
 alternating every round (:func:`~slimformer.export.ortgen.time_decoders`). The prompt is the
 evaluation rows' tokens, concatenated; seeded random tokens fill it where they run short.
+
+Target ``openvino`` (or ``openvino_ir``) writes the graph in OpenVINO's
+form (:meth:`~slimformer.export.decoder.DecoderConfig.for_openvino`), checked in ONNX Runtime
+as above and by its greedy tokens in OpenVINO (f32); ``openvino_ir`` adds the stateful IR
+``export/model.{xml,bin}`` (:func:`~slimformer.export.openvino.write_decoder_ir`: the cache kept
+inside, our int4/int8 codes kept); tokens/s are then timed in OpenVINO, beside the float model
+in the same form.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import torch
 from slimformer.report.model import StageRecord
 from slimformer.stages.context import RunContext
 
-FULL_ONLY = ("tensorrt", "openvino", "portable")  # targets whose forms are full-sequence QDQ
+FULL_ONLY = ("tensorrt", "portable")  # targets whose forms are full-sequence QDQ
 
 
 def wants_decoder(ctx: RunContext, stage) -> tuple[bool, str | None]:
@@ -39,9 +46,10 @@ def wants_decoder(ctx: RunContext, stage) -> tuple[bool, str | None]:
         return False, ("a causal LM with quantized activations is exported as the full-sequence "
                        "QDQ graph (no key/value cache): the decoder graph takes float or "
                        "weight-only models")
-    if stage.target in FULL_ONLY or stage.tensorrt is not None or stage.openvino_ir:
+    if stage.target in FULL_ONLY or stage.tensorrt is not None:
         return False, (f"target {stage.target}: the full-sequence graph (the decoder graph is "
-                       "written for ONNX Runtime: target auto or ort-cpu)")
+                       "written for ONNX Runtime and OpenVINO: target auto, ort-cpu or "
+                       "openvino)")
     return True, None
 
 
@@ -84,11 +92,13 @@ def decoder_into(ctx: RunContext, stage, tmp: Path) -> StageRecord:
     limit = max_positions(hf_model(ctx.model))
     prompt, note = prompt_of(ctx, stage.prompt_tokens,
                              None if limit is None else limit - stage.decode_tokens - 1)
-    cfg = DecoderConfig(opset=stage.opset, threads=stage.threads, check=stage.check,
-                        accuracy_level=DECODER_ACCURACY_LEVEL if stage.accuracy_level is None
-                        else stage.accuracy_level,
-                        parity_steps=stage.decode_tokens if stage.check else 0,
-                        min_token_agreement=stage.min_token_agreement)
+    common = {"opset": stage.opset, "threads": stage.threads, "check": stage.check,
+              "parity_steps": stage.decode_tokens if stage.check else 0,
+              "min_token_agreement": stage.min_token_agreement}
+    ov = openvino_form(stage)
+    cfg = DecoderConfig.for_openvino(**common) if ov else DecoderConfig(
+        accuracy_level=DECODER_ACCURACY_LEVEL if stage.accuracy_level is None
+        else stage.accuracy_level, **common)
     tick("export: decoder graph (checked in ONNX Runtime)", 0, 1)
     res = export_decoder(ctx.model, tmp / "model.onnx", cfg, prompt)
     tick("export: decoder graph (checked in ONNX Runtime)", 1, 1)
@@ -112,33 +122,81 @@ def decoder_into(ctx: RunContext, stage, tmp: Path) -> StageRecord:
     if stage.evaluate:
         rec.notes.append("the decoder graph is judged by its greedy tokens against PyTorch "
                          "(token_agreement), not by evaluation rows in ONNX Runtime")
+    ov_file = _openvino(ctx, stage, rec, tmp, res.quantized, prompt, tick) if ov else None
     if stage.tokens_per_s:
-        _time(ctx, stage, rec, tmp / "model.onnx", res.quantized, prompt, tick)
+        _time(ctx, stage, rec, ov_file or tmp / "model.onnx", res.quantized, prompt, tick)
     return rec
+
+
+def openvino_form(stage) -> bool:
+    """Whether ``stage`` writes the decoder graph in OpenVINO's form (target or IR)."""
+    return stage.target == "openvino" or stage.openvino_ir
+
+
+def _openvino(ctx: RunContext, stage, rec: StageRecord, tmp: Path, quantized: bool,
+              prompt: list[int], tick) -> Path:
+    """The stateful IR (``openvino_ir``) and OpenVINO's greedy tokens; returns the file run.
+
+    Raises:
+        ExportError: OpenVINO's greedy tokens agree with the PyTorch model's on fewer steps
+            than the ONNX check asks (a float model: on all of them).
+    """
+    from slimformer.errors import ExportError
+    from slimformer.export.genparity import token_parity
+    from slimformer.export.openvino import OvDecoder, write_decoder_ir
+
+    path = tmp / "model.onnx"
+    if stage.openvino_ir:
+        tick("export: stateful OpenVINO IR", 0, 1)
+        path = write_decoder_ir(path, tmp / "model.xml")
+        rec.result["openvino_ir"] = f"{tmp.name}/model.xml"
+        rec.metrics["openvino_ir_bytes"] = path.stat().st_size + \
+            path.with_suffix(".bin").stat().st_size
+        tick("export: stateful OpenVINO IR", 1, 1)
+    if stage.check:
+        tick("export: greedy tokens in OpenVINO", 0, 1)
+        tp = token_parity(ctx.model, OvDecoder(path, stage.threads), prompt,
+                          stage.decode_tokens)
+        rec.metrics["openvino_token_agreement"] = tp.agreement
+        need = stage.min_token_agreement if quantized else 1.0
+        if tp.agreement < need:
+            raise ExportError(f"OpenVINO ({path.name}, f32): greedy tokens agree with the "
+                              f"PyTorch model on {tp.agreement:.0%} of {tp.steps} steps, under "
+                              f"{need:.0%} (first difference at step {tp.first_difference})")
+        tick("export: greedy tokens in OpenVINO", 1, 1)
+    return path
 
 
 def _time(ctx: RunContext, stage, rec: StageRecord, path: Path, quantized: bool,
           prompt: list[int], tick) -> None:
-    """Prefill / decode tokens/s of ``path`` beside the float decoder graph, interleaved."""
+    """Prefill / decode tokens/s of ``path`` beside the float decoder graph, interleaved.
+
+    In OpenVINO for its form (:func:`openvino_form`), else in ONNX Runtime; the float graph is
+    exported in the same form.
+    """
     from slimformer.export.decoder import DecoderConfig, export_decoder
+    from slimformer.export.openvino import OvDecoder
     from slimformer.export.ortgen import OrtDecoder, time_decoders
     from slimformer.store.outdir import scratch_root
 
+    ov = openvino_form(stage)
+    runtime, runner = ("openvino", OvDecoder) if ov else ("onnxruntime", OrtDecoder)
     with tempfile.TemporaryDirectory(prefix="float-decoder-", dir=scratch_root()) as folder:
-        files = {"onnxruntime": path}
+        files = {runtime: path}
         if quantized and stage.compare_float:
             tick("export: float decoder graph (the baseline)", 0, 1)
+            form = {"opset": stage.opset, "threads": stage.threads, "check": False}
             base = export_decoder(ctx.loaded.module, Path(folder) / "float.onnx",
-                                  DecoderConfig(opset=stage.opset, threads=stage.threads,
-                                                check=False))
-            files["onnxruntime float"] = base.path
+                                  DecoderConfig.for_openvino(**form) if ov
+                                  else DecoderConfig(**form))
+            files[f"{runtime} float"] = base.path
             rec.metrics["float_file_bytes"] = base.size_bytes
             rec.metrics["size_ratio"] = round(base.size_bytes / rec.size["bytes"], 3)
             tick("export: float decoder graph (the baseline)", 1, 1)
-        tick("export: tokens/s in ONNX Runtime", 0, 1)
-        timed = time_decoders({k: OrtDecoder(p, stage.threads) for k, p in files.items()},
+        tick(f"export: tokens/s in {runtime}", 0, 1)
+        timed = time_decoders({k: runner(p, stage.threads) for k, p in files.items()},
                               prompt, stage.decode_tokens, stage.timing_rounds)
-        tick("export: tokens/s in ONNX Runtime", 1, 1)
+        tick(f"export: tokens/s in {runtime}", 1, 1)
     for key, t in timed.items():
         pre = "float_" if key.endswith(" float") else ""
         rec.metrics |= {f"{pre}{k}": v for k, v in t.items() if "tokens_per_s" in k}
@@ -147,8 +205,8 @@ def _time(ctx: RunContext, stage, rec: StageRecord, path: Path, quantized: bool,
             "median_ms": t["prefill_ms"], "prompt_tokens": t["prompt_tokens"]}
         rec.latency[f"{runtime} decode {fl + ' ' if fl else ''}batch=1"] = {
             "median_ms": t["decode_ms_per_token"]}
-    if "onnxruntime float" in timed:
-        q, f = timed["onnxruntime"], timed["onnxruntime float"]
+    if f"{runtime} float" in timed:
+        q, f = timed[runtime], timed[f"{runtime} float"]
         for k in ("prefill", "decode"):
             rec.metrics[f"{k}_speedup"] = round(q[f"{k}_tokens_per_s"] /
                                                 f[f"{k}_tokens_per_s"], 3)
