@@ -149,3 +149,16 @@ def test_make_stateful_refuses_a_graph_without_a_cache(tmp_path):
     x = ops.parameter([1, 4], np.float32, name="input_ids")
     with pytest.raises(ExportError, match="not a decoder graph with a key/value cache"):
         make_stateful(ov.Model([ops.relu(x)], [x]))
+
+
+def test_opset_20_graph_keeps_its_cache_without_the_reorder(model, tmp_path):
+    """At opset 20 (no Attention op) there is no attention for the plugin to fuse: the cache
+    variables are not reordered (a Gather would copy the cache every step); tokens exact."""
+    from slimformer.export.genparity import token_parity
+    from slimformer.export.openvino import OvDecoder
+
+    res = export_decoder(model, tmp_path / "o20.onnx", DecoderConfig.for_openvino(opset=20))
+    dec = OvDecoder(res.path)
+    assert dec.stateful and not dec.reorder
+    assert "ScaledDotProductAttention" not in _layer_types(dec.compiled)
+    assert token_parity(model, dec, _prompt(), 16).agreement == 1.0

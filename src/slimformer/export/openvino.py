@@ -323,7 +323,10 @@ def _decoder_form(model, path, stateful: bool) -> tuple[list[str], int, int, boo
                           f"{names} (export it with export_decoder)")
     shape = past[0].get_partial_shape()
     ovgraph.compact_zero_points(model)
-    reorder = stateful and _kv_form(model) != "fold"  # fold: query rows are not cache rows
+    # the plugin fuses ScaledDotProductAttention ops only (opset 23's Attention as read), and
+    # not the fold form's (its query rows are not the cache's rows)
+    reorder = stateful and _kv_form(model) != "fold" and any(
+        op.get_type_name() == "ScaledDotProductAttention" for op in model.get_ordered_ops())
     if reorder:
         ovgraph.float_masks(model)
     if stateful:
