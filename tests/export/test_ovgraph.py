@@ -162,3 +162,18 @@ def test_opset_20_graph_keeps_its_cache_without_the_reorder(model, tmp_path):
     assert dec.stateful and not dec.reorder
     assert "ScaledDotProductAttention" not in _layer_types(dec.compiled)
     assert token_parity(model, dec, _prompt(), 16).agreement == 1.0
+
+
+def test_gpt2_multi_head_attention_fuses_and_gives_pytorchs_tokens(tmp_path):
+    """Multi-head attention (no kv copies to absorb), learned positions, Gemm projections:
+    the same fused form, PyTorch's greedy tokens."""
+    from slimformer.export.genparity import token_parity
+    from slimformer.export.openvino import OvDecoder
+    from tests.tiny_lm import tiny_gpt2
+
+    model = tiny_gpt2(VOCAB, positions=128)
+    res = export_decoder(model, tmp_path / "gpt2.onnx", DecoderConfig.for_openvino())
+    dec = OvDecoder(res.path)
+    assert res.opset == 23 and dec.reorder
+    assert _layer_types(dec.compiled).count("ScaledDotProductAttention") == 2
+    assert token_parity(model, dec, _prompt(), 32).agreement == 1.0
