@@ -457,3 +457,26 @@ def test_level_4_under_the_token_bar_falls_back_to_level_0(tmp_path):
                        DecoderConfig(accuracy_level=4, min_token_agreement=1.0,
                                      accuracy_fallback=False))
     assert [p.name for p in tmp_path.iterdir()] == ["q.onnx"]
+
+
+@pytest.mark.parametrize("name", ["bart", "t5", "whisper"])
+def test_encoder_decoder_models_are_refused_naming_what_is_missing(name, tmp_path):
+    """Encoder-decoders (their base model and, for BART, the LM head that would otherwise trace
+    input_ids into both halves) get a typed error naming the missing graphs; no file."""
+    import transformers
+
+    from slimformer.errors import UnsupportedModelError
+    from slimformer.models.generality import GENERALITY
+    from slimformer.models.loading import load_model
+
+    models = [load_model(GENERALITY[name]).module]
+    if name == "bart":
+        cfg = transformers.BartConfig(d_model=32, encoder_layers=1, decoder_layers=1,
+                                      encoder_attention_heads=4, decoder_attention_heads=4,
+                                      encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=500)
+        models.append(transformers.BartForConditionalGeneration(cfg).eval())
+    for m in models:
+        with pytest.raises(UnsupportedModelError, match="encoder-decoder model.*cross-attention "
+                                                        "cache.*graph: full"):
+            export_decoder(m, tmp_path / "d.onnx")
+    assert not list(tmp_path.iterdir())

@@ -148,3 +148,15 @@ def test_export_onnx_for_openvino_writes_openvino_form(lm, tmp_path):
     proto = onnx.load(str(tmp_path / "f.onnx"))
     assert "GroupQueryAttention" not in {n.op_type for n in proto.graph.node}
     assert {p.key: p.value for p in proto.metadata_props}["slimformer.kv_form"] == "repeat"
+
+
+def test_encoder_decoder_gets_the_full_graph_and_a_note_saying_why():
+    from types import SimpleNamespace
+
+    from slimformer.stages.export import ExportStage
+    from slimformer.stages.exportdecoder import wants_decoder
+
+    ctx = SimpleNamespace(loaded=SimpleNamespace(task="seq2seq-lm"), model=None)
+    decoder, note = wants_decoder(ctx, ExportStage())
+    assert not decoder and "encoder-decoder" in note and "cross-attention caches" in note
+    assert wants_decoder(ctx, ExportStage(graph="decoder")) == (True, None)  # then refused

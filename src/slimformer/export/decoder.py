@@ -235,11 +235,27 @@ def cache_layout(model: nn.Module) -> CacheLayout:
         UnsupportedModelError: No cache, or layers whose caches differ in shape or are not plain
             key/value tensors (sliding windows, state-space layers).
     """
+    import inspect
+
     from slimformer.models.generate import cache_argument
 
     hf = inner(model)
+    params = inspect.signature(hf.forward).parameters
+    if getattr(getattr(hf, "config", None), "is_encoder_decoder", False) or \
+            "decoder_input_ids" in params:
+        raise UnsupportedModelError(
+            f"{type(hf).__name__} is an encoder-decoder model: the decoder export writes causal "
+            "LMs (one graph, its own key/value cache). Not written for encoder-decoders: an "
+            "encoder graph, and a decoder graph taking the encoder's output with a self-"
+            "attention cache and a cross-attention cache; export it as the full-sequence graph "
+            "(graph: full) instead")
     ids = torch.tensor([[1, 2, 3]])
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    try:
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    except (TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise UnsupportedModelError(
+            f"{type(hf).__name__} does not run as a causal LM (input_ids, attention_mask, "
+            f"use_cache=True): {type(exc).__name__}: {str(exc)[:200]}") from exc
     cache = getattr(out, "cache", None) if cache_argument(hf) == "cache" else None
     cache = cache if cache is not None else getattr(out, "past_key_values", None)
     logits = getattr(out, "logits", None)

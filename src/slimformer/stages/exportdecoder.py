@@ -39,6 +39,10 @@ def wants_decoder(ctx: RunContext, stage) -> tuple[bool, str | None]:
         return False, None
     if stage.graph == "decoder":
         return True, None
+    if getattr(ctx.loaded, "task", None) == "seq2seq-lm":
+        return False, ("an encoder-decoder model: the full-sequence graph, without a key/value "
+                       "cache (the decoder graph is written for causal LMs; an encoder graph "
+                       "and a decoder graph with self- and cross-attention caches are not)")
     if getattr(ctx.loaded, "task", None) != "causal-lm":
         return False, None
     m = ctx.model
