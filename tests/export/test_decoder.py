@@ -401,20 +401,9 @@ def test_stateful_openvino_decoder_keeps_the_cache_inside(fold_exports):
     """The make-stateful form (default) computes what the explicit-cache form does, step by
     step; it continues only its own last step."""
     pytest.importorskip("openvino")
-    from slimformer.export.genparity import compare
-    from slimformer.export.openvino import OvDecoder
+    from tests.export.ovsteps import stateful_matches_explicit
 
-    path = fold_exports[0]
-    inner, outer = OvDecoder(path), OvDecoder(path, stateful=False)
-    assert inner.stateful and not outer.stateful
-    p_in, p_out = inner.empty(1), outer.empty(1)
-    ids = np.asarray([_prompt()], np.int64)
-    for _ in range(4):  # a prefill, then three one-token steps
-        a, p_in = inner.step(ids, p_in)
-        b, p_out = outer.step(ids, p_out)
-        assert compare(torch.from_numpy(b), torch.from_numpy(a))["sqnr_db"] > 90
-        assert p_in[0].shape[2] == p_out[0].shape[2] and p_in[0].shape[3] == 0
-        ids = np.asarray([[int(b[0, -1].argmax())]], np.int64)
+    inner, _, ids, _ = stateful_matches_explicit(fold_exports[0], _prompt())
     with pytest.raises(ExportError, match="continues its own last step only"):
         inner.step(ids, [np.zeros((1, 1, 3, 0), np.float32)])  # not its cached length
 

@@ -15,6 +15,7 @@ from slimformer.errors import ExportError
 from slimformer.export.decoder import KV_FORM_KEY, DecoderConfig, export_decoder
 from slimformer.export.genparity import compare
 from slimformer.export.ortgen import step_feeds
+from tests.export.ovsteps import stateful_matches_explicit
 from tests.tiny_lm import tiny_llama
 
 ov = pytest.importorskip("openvino")
@@ -108,17 +109,10 @@ def test_attention_runs_fused_with_the_cache_and_matches_the_explicit_cache(expo
     from slimformer.export.openvino import OvDecoder
 
     path = exports[0]["float"]
-    inner, outer = OvDecoder(path), OvDecoder(path, stateful=False)
+    inner, outer, _, _ = stateful_matches_explicit(path, _prompt())
     kinds = _layer_types(inner.compiled)
     assert kinds.count("ScaledDotProductAttention") == 2, kinds
     assert "ScaledDotProductAttention" not in _layer_types(outer.compiled)
-    p_in, p_out = inner.empty(1), outer.empty(1)
-    ids = np.asarray([_prompt()], np.int64)
-    for _ in range(4):  # a prefill, then three one-token steps
-        a, p_in = inner.step(ids, p_in)
-        b, p_out = outer.step(ids, p_out)
-        assert compare(torch.from_numpy(b), torch.from_numpy(a))["sqnr_db"] > 90
-        ids = np.asarray([[int(b[0, -1].argmax())]], np.int64)
     assert token_parity(model, OvDecoder(path), _prompt(), 32).agreement == 1.0
 
 
