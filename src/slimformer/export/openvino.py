@@ -79,11 +79,14 @@ def compile_model(model, precision: str = "f32", threads: int = 2, extra: dict |
         raise ExportError("this CPU has no bf16 arithmetic (no avx512_bf16 / amx_bf16): use f32")
     cfg = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision,
            "PERFORMANCE_HINT": "LATENCY", **(extra or {})}
+    name = model
     try:
-        return core.compile_model(str(model) if isinstance(model, str | Path) else model, "CPU",
-                                  cfg)
+        if isinstance(model, str | Path):  # MatMulNBits zero points kept u4 (exact)
+            model = core.read_model(str(model))
+            ovgraph.compact_zero_points(model)
+        return core.compile_model(model, "CPU", cfg)
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own types
-        raise ExportError(f"OpenVINO cannot compile {model}: {str(exc).splitlines()[0][:300]}") \
+        raise ExportError(f"OpenVINO cannot compile {name}: {str(exc).splitlines()[0][:300]}") \
             from exc
 
 
@@ -178,6 +181,7 @@ def export_openvino(model, path: str | Path, inputs: dict[str, torch.Tensor], co
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as d:
         onnx_res = export_onnx(model, Path(onnx_path or Path(d) / "model.onnx"), inputs, config)
         ov_model = ov.convert_model(str(onnx_res.path))
+        ovgraph.compact_zero_points(ov_model)  # weight-only files: u4 zero points (exact)
         for k, v in onnx_res.form.items():
             ov_model.set_rt_info(str(v), ["slimformer", k])
         ov.save_model(ov_model, str(Path(d) / "model.xml"), compress_to_fp16=False)
