@@ -207,3 +207,17 @@ def test_onnxruntime_runtime_float_and_weight_only_match_torch(lm, tmp_path):
         n.startswith("embedding_bits") for n in rec["notes"])
     res = CliRunner().invoke(app, ["generate", str(lm), "--prompt", PROMPT, "--runtime", "tvm"])
     assert res.exit_code != 0 and "onnxruntime" in res.output
+
+
+def test_tokenizer_comes_from_the_folder_a_model_was_built_into(lm):
+    """A real zoo model (spec: its zoo name) is loaded from the HF folder the zoo built: its
+    tokenizer is read there (`slimformer generate smollm2-135m` failed asking for --tokenizer)."""
+    from types import SimpleNamespace
+
+    from slimformer.errors import DataError
+    from slimformer.stages.generate import tokenizer_of
+
+    zoo = SimpleNamespace(spec=SimpleNamespace(source="zoo", name="x"), folder=lm)
+    assert tokenizer_of(zoo)("a b")["input_ids"]
+    with pytest.raises(DataError, match="no Hugging Face folder to read a tokenizer from"):
+        tokenizer_of(SimpleNamespace(spec=SimpleNamespace(source="zoo", name="x"), folder=None))

@@ -52,13 +52,16 @@ def hf_model(model):
 def tokenizer_of(loaded, folder: str | None = None):
     """The tokenizer in ``folder``, else in the model's Hugging Face folder.
 
+    The model's folder: an HF folder it was loaded from, or a real zoo model's built folder.
+
     Raises:
         DataError: No folder to read one from, or none in it.
     """
     from slimformer.data.tabular import load_tokenizer
 
-    folder = folder or (getattr(loaded.spec, "path", None)
-                        if getattr(loaded.spec, "source", None) == "hf_dir" else None)
+    folder = folder or getattr(loaded, "folder", None) or (
+        getattr(loaded.spec, "path", None)
+        if getattr(loaded.spec, "source", None) == "hf_dir" else None)
     if folder is None:
         raise DataError("the model has no Hugging Face folder to read a tokenizer from: give "
                         "--tokenizer FOLDER (recipe: tokenizer:), a folder with tokenizer.json or "
