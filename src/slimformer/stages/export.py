@@ -31,7 +31,8 @@ class ExportStage(OnnxConfig):
     ``graph``: ``auto`` writes a causal LM (float or weight-only) as the KV-cache decoder graph
     (:mod:`slimformer.stages.exportdecoder`: greedy-token parity over ``decode_tokens`` steps,
     ``min_token_agreement`` for a quantized model, prefill of ``prompt_tokens`` and decode
-    tokens/s at batch 1 beside the float model's graph with ``tokens_per_s``), anything else
+    tokens/s at batch 1 beside the float model's graph with ``tokens_per_s``; for target
+    ``openvino`` OpenVINO's form of it and, with ``openvino_ir``, a stateful IR), anything else
     as the full-sequence graph; ``decoder`` / ``full`` force one.
 
     ``format``: ``onnx`` (the above) or ``qonnx``: a quantized model's Brevitas export
