@@ -469,3 +469,28 @@ def test_encoder_decoder_models_are_refused_naming_what_is_missing(name, tmp_pat
                                                         "cache.*graph: full"):
             export_decoder(m, tmp_path / "d.onnx")
     assert not list(tmp_path.iterdir())
+
+
+def test_timed_decoders_alternate_in_a_rotated_order():
+    """Every round runs each decoder once, and no decoder always runs right after another."""
+    from slimformer.export.ortgen import time_decoders
+
+    log = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def empty(self, batch):
+            return [np.zeros((batch, 1, 0, 1), np.float32)]
+
+        def step(self, ids, past):
+            if ids.shape[1] == 10:  # a timed prefill (the warm-up's prompt is 8 tokens)
+                log.append(self.name)
+            t = past[0].shape[2] + ids.shape[1]
+            return np.zeros((1, ids.shape[1], 5), np.float32), [np.zeros((1, 1, t, 1),
+                                                                          np.float32)]
+
+    out = time_decoders({k: Fake(k) for k in "abc"}, list(range(10)), 2, rounds=3)
+    assert log == list("abcbcacab") and list(out) == list("abc")
+    assert all(v["rounds"] == 3 and v["decode_tokens_per_s"] > 0 for v in out.values())

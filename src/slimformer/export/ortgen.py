@@ -161,10 +161,10 @@ def time_decoders(decoders: dict[str, OrtDecoder], prompt_ids: list[int], decode
                   rounds: int = 3) -> dict[str, dict[str, float]]:
     """Prefill and decode speed of each decoder at batch 1, the decoders alternating each round.
 
-    Each round runs every decoder in turn: a prefill of ``prompt_ids`` (timed), then
-    ``decode_steps`` greedy one-token steps (timed together), after one untimed warm-up
-    generation. Machine load shifts over seconds; alternating makes the ratios of the decoders a
-    side-by-side measurement.
+    Each round runs every decoder in turn (the order rotated by one each round): a prefill of
+    ``prompt_ids`` (timed), then ``decode_steps`` greedy one-token steps (timed together), after
+    one untimed warm-up generation. Machine load shifts over seconds; alternating makes the
+    ratios of the decoders a side-by-side measurement.
 
     Returns:
         ``{label: {"prefill_tokens_per_s", "decode_tokens_per_s"`` (from each one's fastest
@@ -174,9 +174,10 @@ def time_decoders(decoders: dict[str, OrtDecoder], prompt_ids: list[int], decode
     for dec in decoders.values():
         generate_onnx(dec, prompt_ids[:8], 2)
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in decoders}
-    for _ in range(rounds):
-        for label, dec in decoders.items():
-            g = generate_onnx(dec, prompt_ids, decode_steps + 1)
+    labels = list(decoders)
+    for r in range(rounds):  # the order rotated every round: no decoder always runs after one
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            g = generate_onnx(decoders[label], prompt_ids, decode_steps + 1)
             times[label].append((g.prefill_seconds, g.decode_seconds / max(decode_steps, 1)))
     out = {}
     for label, ts in times.items():
