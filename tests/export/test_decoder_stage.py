@@ -122,6 +122,8 @@ def test_export_openvino_writes_a_stateful_decoder_ir(int4, lm, tmp_path):
     assert got["graph"] == "decoder" and got["quantized"]
     assert got["tokens"]["agreement"] >= 0.95  # ONNX Runtime, the same file
     assert got["speed"]["openvino_token_agreement"] >= 0.95
+    assert any("OpenVINO runs the int4/int8 weights with its default int8 activations" in n
+               for n in got["notes"]), got["notes"]
     assert got["speed"]["decode_tokens_per_s"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.bin", "q.xml"]
     model = ov.Core().read_model(str(out))

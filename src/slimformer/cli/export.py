@@ -202,7 +202,7 @@ def _print_decoder(con, res: dict, rec, as_json: bool) -> None:
     speed = {k: v for k, v in rec.metrics.items() if "tokens_per_s" in k or "speedup" in k
              or k in ("float_file_bytes", "openvino_token_agreement", "openvino_ir_bytes")}
     if as_json:
-        print(json.dumps(res | {"speed": speed}, indent=2))
+        print(json.dumps(res | {"speed": speed, "notes": rec.notes}, indent=2))
         return
     lay = res["layout"]
     con.print(f"wrote {res['path']} ({res['size_bytes']:,} bytes, opset {res['opset']}, "
