@@ -90,11 +90,10 @@ def float_masks(model) -> int:
         mask = op.input_value(3)
         if mask.get_element_type() != ov.Type.boolean:
             continue
-        key = (mask.get_node().get_friendly_name(), mask.get_index())
-        if key not in made:
-            made[key] = ops.select(mask, ops.constant(np.float32(0)),
-                                   ops.constant(np.float32(-np.inf))).output(0)
-        op.input(3).replace_source_output(made[key])
+        if mask not in made:  # one Select per mask tensor (outputs compare by node and port)
+            made[mask] = ops.select(mask, ops.constant(np.float32(0)),
+                                    ops.constant(np.float32(-np.inf))).output(0)
+        op.input(3).replace_source_output(made[mask])
         done += 1
     return done
 

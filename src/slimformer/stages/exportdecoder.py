@@ -88,7 +88,7 @@ def prompt_of(ctx: RunContext, tokens: int, room: int | None) -> tuple[list[int]
 def decoder_into(ctx: RunContext, stage, tmp: Path) -> StageRecord:
     """Write ``tmp/model.onnx`` as the decoder graph; parity and tokens/s (see module doc)."""
     from slimformer.export.config import DECODER_ACCURACY_LEVEL
-    from slimformer.export.decoder import DecoderConfig, export_decoder
+    from slimformer.export.decoder import export_decoder
     from slimformer.models.loading import max_positions
     from slimformer.stages.generate import hf_model
 
@@ -96,13 +96,12 @@ def decoder_into(ctx: RunContext, stage, tmp: Path) -> StageRecord:
     limit = max_positions(hf_model(ctx.model))
     prompt, note = prompt_of(ctx, stage.prompt_tokens,
                              None if limit is None else limit - stage.decode_tokens - 1)
-    common = {"opset": stage.opset, "threads": stage.threads, "check": stage.check,
-              "parity_steps": stage.decode_tokens if stage.check else 0,
-              "min_token_agreement": stage.min_token_agreement}
     ov = openvino_form(stage)
-    cfg = DecoderConfig.for_openvino(**common) if ov else DecoderConfig(
-        accuracy_level=DECODER_ACCURACY_LEVEL if stage.accuracy_level is None
-        else stage.accuracy_level, **common)
+    level = {} if ov else {"accuracy_level": DECODER_ACCURACY_LEVEL if stage.accuracy_level
+                           is None else stage.accuracy_level}  # OpenVINO's form: level 0
+    cfg = decoder_config(stage, check=stage.check,
+                         parity_steps=stage.decode_tokens if stage.check else 0,
+                         min_token_agreement=stage.min_token_agreement, **level)
     tick("export: decoder graph (checked in ONNX Runtime)", 0, 1)
     res = export_decoder(ctx.model, tmp / "model.onnx", cfg, prompt)
     tick("export: decoder graph (checked in ONNX Runtime)", 1, 1)
@@ -135,6 +134,18 @@ def decoder_into(ctx: RunContext, stage, tmp: Path) -> StageRecord:
 def openvino_form(stage) -> bool:
     """Whether ``stage`` writes the decoder graph in OpenVINO's form (target or IR)."""
     return stage.target == "openvino" or stage.openvino_ir
+
+
+def decoder_config(stage, **fields):
+    """The stage's :class:`~slimformer.export.decoder.DecoderConfig`, ``fields`` on top.
+
+    Its runtime's form (:func:`openvino_form`), its opset and threads.
+    """
+    from slimformer.export.decoder import DecoderConfig
+
+    fields = {"opset": stage.opset, "threads": stage.threads, **fields}
+    return DecoderConfig.for_openvino(**fields) if openvino_form(stage) else \
+        DecoderConfig(**fields)
 
 
 def _openvino(ctx: RunContext, stage, rec: StageRecord, tmp: Path, quantized: bool,
@@ -185,21 +196,19 @@ def _time(ctx: RunContext, stage, rec: StageRecord, path: Path, quantized: bool,
     In OpenVINO for its form (:func:`openvino_form`), else in ONNX Runtime; the float graph is
     exported in the same form.
     """
-    from slimformer.export.decoder import DecoderConfig, export_decoder
+    from slimformer.export.decoder import export_decoder
     from slimformer.export.openvino import OvDecoder
     from slimformer.export.ortgen import OrtDecoder, time_decoders
     from slimformer.store.outdir import scratch_root
 
-    ov = openvino_form(stage)
-    runtime, runner = ("openvino", OvDecoder) if ov else ("onnxruntime", OrtDecoder)
+    runtime, runner = (("openvino", OvDecoder) if openvino_form(stage)
+                       else ("onnxruntime", OrtDecoder))
     with tempfile.TemporaryDirectory(prefix="float-decoder-", dir=scratch_root()) as folder:
         files = {runtime: path}
         if quantized and stage.compare_float:
             tick("export: float decoder graph (the baseline)", 0, 1)
-            form = {"opset": stage.opset, "threads": stage.threads, "check": False}
             base = export_decoder(ctx.loaded.module, Path(folder) / "float.onnx",
-                                  DecoderConfig.for_openvino(**form) if ov
-                                  else DecoderConfig(**form))
+                                  decoder_config(stage, check=False))
             files[f"{runtime} float"] = base.path
             rec.metrics["float_file_bytes"] = base.size_bytes
             rec.metrics["size_ratio"] = round(base.size_bytes / rec.size["bytes"], 3)
