@@ -76,7 +76,10 @@ def test_kv_form_metadata_names_the_form_written(model, tmp_path):
     res = export_decoder(model, tmp_path / "fold.onnx", DecoderConfig(kv_form="fold",
                                                                       check=False))
     meta = {p.key: p.value for p in onnx.load(str(res.path)).metadata_props}
-    assert meta[KV_FORM_KEY] == ("fold" if res.kv_unrepeated else "repeat")
+    assert res.kv_unrepeated == 2 and meta[KV_FORM_KEY] == "fold"  # both layers folded
+    res = export_decoder(model, tmp_path / "ort.onnx", DecoderConfig(check=False))
+    meta = {p.key: p.value for p in onnx.load(str(res.path)).metadata_props}
+    assert res.ort_gqa == 2 and meta[KV_FORM_KEY] == "ort-gqa"
 
 
 def test_zero_points_stay_u4_and_the_outputs_equal(exports):
