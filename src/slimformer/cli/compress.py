@@ -91,6 +91,11 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                  help="The most input channels per Linear kept float where their values dwarf "
                       "the rest (massive activations; each site by its output error on the "
                       "calibration rows); 0: none.")] = 8,
+             rotate: Annotated[str, typer.Option(
+                 help="auto | on | off: rotate the residual stream by a random orthogonal "
+                      "matrix folded into the weights before they are quantized (QuaRot/"
+                      "SpinQuant R1; exact in float; pre-norm RMSNorm models); auto: with "
+                      "--weight-only at 4 bits or fewer where the model allows it.")] = "auto",
              power_of_two_scales: Annotated[bool, typer.Option(
                  help="Power-of-two scales (exact ap_fixed types for export hls).")] = False,
              embedding_bits: Annotated[int | None, typer.Option(
@@ -138,7 +143,7 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                        symmetric=symmetric,
                        **({"budget": budget} if budget is not None else {}),
                        smooth=smooth, power_of_two_scales=power_of_two_scales,
-                       outlier_channels=outlier_channels,
+                       outlier_channels=outlier_channels, rotate=rotate,
                        max_memory=max_memory,
                        clip_steps=clip_steps, recon_steps=recon_steps)
         quiet = EvaluateStage(latency_batch_sizes=[])

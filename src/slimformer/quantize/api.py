@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from slimformer.errors import CalibrationError
+from slimformer.errors import CalibrationError, UnsupportedModelError
 from slimformer.quantize.capture import batches as _batches
 from slimformer.quantize.capture import fit_batch
 from slimformer.quantize.capture import float_outputs as _float_outputs
@@ -112,15 +112,20 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
     fit, held = split(calib_data, n, config.seed) if repq else (calib_data, None)
     original = copy.deepcopy(model) if inplace and held is not None else model
     own = inplace and held is not None  # ``original`` is a copy of ours (quantized in place)
+    source = model
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     asked = config.calib_batch_size
     config, fitted = fit_batch(model, calib_data, config)
+    probe = _short(next(_batches(calib_data, 2, 2)))
     if structure is None:
         from slimformer.models.structure import discover
 
-        first = _short(next(_batches(calib_data, 2, 2)))
-        structure = discover(model, first, require_attention=False)  # build() says why
+        structure = discover(model, probe, require_attention=False)  # build() says why
+    rotated: list[str] = []
+    if config.rotate_on():  # weight-only, before any weight is looked at
+        model, structure, config, rotated = _rotate(source, model, structure, config, probe,
+                                                    inplace)
     tick = (lambda s, d, t: progress(s, d, t)) if progress else (lambda *a: None)
     choices: list[SiteChoice] = []
     smoothed: list[str] = []
@@ -131,7 +136,7 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
         if held is not None:  # the min/max comparison starts from the same smoothed model
             original, own = copy.deepcopy(model), True
     qmodel, notes = _calibrate(model, config, fit, structure, tick, held, choices)
-    notes[:0] = smoothed + ([fitted] if fitted else [])
+    notes[:0] = rotated + smoothed + ([fitted] if fitted else [])
     if held is not None:
         notes.insert(0, f"{len(fit)} calibration rows fit, {len(held)} held out (seeded) to "
                         "validate every per-site choice")
@@ -153,6 +158,31 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
         res.budget = {"before": fb.before, "after": fb.after, "bytes_8bit": fb.bytes_delta,
                       "sites_8bit": fb.eight_bit}
     return res
+
+
+def _rotate(source: nn.Module, model: nn.Module, structure, config: QuantConfig, probe: dict,
+            inplace: bool):
+    """``(model, structure, config, notes)`` after the residual rotation (``config.rotate``).
+
+    ``config.rotate`` becomes what ran (``on`` / ``off``), so the saved folder knows whether its
+    head was untied. A rotation whose check fails is undone by copying ``source`` again.
+    """
+    from slimformer.models.structure import discover
+    from slimformer.quantize.rotate import rotate_checked
+
+    if inplace:
+        status, notes = "not applicable", ["residual rotation not applicable: quantize(inplace="
+                                           "True) could not restore the model if its check failed"]
+    else:
+        status, notes = rotate_checked(model, structure, probe, config.seed)
+    if status == "applied":
+        structure = discover(model, probe, require_attention=False)  # the untied head
+        return model, structure, config.model_copy(update={"rotate": "on"}), notes
+    if config.rotate == "on":
+        raise UnsupportedModelError(f"{notes[0]}; rotate: auto or off quantizes without it")
+    if status == "failed":
+        model = copy.deepcopy(source).eval()
+    return model, structure, config.model_copy(update={"rotate": "off"}), notes
 
 
 PROBE_TOKENS = 64  # token positions of the rows structure discovery traces

@@ -207,6 +207,13 @@ class QuantConfig(BaseModel):
             product where that lowers the Linear's output error on the calibration rows; the
             notes list them. Per-tensor inputs of plain Linears, static or ``act_dynamic``
             (not RepQ's per-channel sites, nor with ``power_of_two_scales``). 0: off.
+        rotate: A random orthogonal rotation of the residual stream folded into the weights
+            before the weights are quantized (:mod:`~slimformer.quantize.rotate`, QuaRot /
+            SpinQuant's ``R1``: exact in float, spreads large input columns over all of them).
+            ``auto`` (default): with ``weight_only`` at 4 bits or fewer, where the model's
+            structure allows it (pre-norm RMSNorms read by Linears only); the notes say why not
+            elsewhere. ``on``: also at more bits; a model that does not allow it is an error.
+            ``off``: never. Recorded as ``on`` / ``off`` (what ran) in the saved config.
         float_activations: Glob patterns of activation quantizer names (``in:<weight>``,
             ``norm:<module>:<bits>``, ``<module>:q|k|v``) whose input stays float (the weights
             after them stay quantized); a pattern that matches nothing is an error.
@@ -243,6 +250,7 @@ class QuantConfig(BaseModel):
     smooth: Literal["auto", "on", "off"] = "auto"
     act_dynamic: Literal["off", "tensor", "token"] = "off"
     outlier_channels: Annotated[int, Field(ge=0, le=256)] = 8
+    rotate: Literal["auto", "on", "off"] = "auto"
     max_memory: Annotated[str | None, AfterValidator(_memory)] = None
     calib_window: Annotated[int | None, Field(ge=16, le=65536)] = None
     smooth_alphas: Annotated[list[float], AfterValidator(_alphas)] = Field(
@@ -256,6 +264,12 @@ class QuantConfig(BaseModel):
         if isinstance(data, dict) and "method" not in data:
             data = {**data, "method": default_method(data)}
         return data
+
+    def rotate_on(self) -> bool:
+        """Whether the residual rotation is tried (``rotate``): weight-only, ``auto`` at <= 4 bits."""
+        if not self.weight_only or self.rotate == "off":
+            return False
+        return self.rotate == "on" or self.weight_bits <= 4
 
     def gptq_on(self) -> bool:
         """Whether the weights of quantized activations are rounded by GPTQ (``gptq``)."""
@@ -276,7 +290,8 @@ class QuantConfig(BaseModel):
             asked = [k for k, on in (("method gptq", self.method == "gptq"),
                                      ("group_size", self.group_size is not None),
                                      ("awq", self.awq), ("act_order", self.act_order is True),
-                                     ("clip_search", self.clip_search is True))
+                                     ("clip_search", self.clip_search is True),
+                                     ("rotate: on", self.rotate == "on"))
                      if on]
             if asked:
                 raise ValueError(f"{', '.join(asked)} need weight_only: true (weight-only "

@@ -241,6 +241,12 @@ def quantized_from(loaded, meta: dict, directory: str | Path):
     config = _quant_config(meta, directory / META)
     smap = discover(loaded.module, loaded.example_inputs(2),
                     require_attention=config.softmax_kind != "none")
+    if config.rotate == "on":  # saved rotated: the readers (a tied head) had their own weights
+        from slimformer.quantize.rotate import untie_readers
+
+        if untie_readers(loaded.module, smap):  # the head is now a Linear of its own
+            smap = discover(loaded.module, loaded.example_inputs(2),
+                            require_attention=config.softmax_kind != "none")
     qmodel = build(loaded.module, smap, config)
     tensors_path = directory / TENSORS
     codes, aliases = meta["codes"], meta["aliases"]
