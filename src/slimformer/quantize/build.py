@@ -61,6 +61,7 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
                                     f"{config.softmax_kind}) but no attention was found; set "
                                     "softmax: none (or auto) to quantize the Linears only")
     state = QuantState()
+    grouped: list[str] = []  # notes of Linears whose group size had to change
     if not smap.attention and not config.weight_only:
         state.notes.append("no attention found: no softmax quantizer built (softmax: "
                            f"{config.softmax}); the Linears are quantized")
@@ -123,9 +124,10 @@ def build(model: nn.Module, smap, config: QuantConfig) -> QuantizedModel:
         lq = LinearQuant(name, params[name], act, wbits, _transposed(params[name],
                                                                      refs.get(name)), axis)
         if config.group_size is not None:
-            lq.group = _group(lq, name in convs, config.group_size, state.notes)
+            lq.group = _group(lq, name in convs, config.group_size, grouped)
         state.linears[key_of(name)] = lq
         state.by_id[id(params[name])] = lq
+    state.notes += _same_notes(grouped)
     if config.embedding_bits is not None:
         for mname, mod in model.named_modules():
             if isinstance(mod, nn.Embedding):
@@ -192,6 +194,17 @@ def _float_activations(state: QuantState, patterns: list[str]) -> None:
         a.keep_float = True
     state.notes.append(f"{len(kept)} activation quantizer(s) kept float (float_activations): " +
                        ", ".join(a.name for a in kept))
+
+
+def _same_notes(notes: list[str]) -> list[str]:
+    """``"<weight>: <what>"`` notes, one per distinct ``<what>``, naming the first and a count."""
+    by_what: dict[str, list[str]] = {}
+    for n in notes:
+        name, _, what = n.partition(": ")
+        by_what.setdefault(what, []).append(name)
+    return [f"{names[0]}: {what}" + (f" (and {len(names) - 1} more Linear(s) alike)"
+                                      if len(names) > 1 else "")
+            for what, names in by_what.items()]
 
 
 def _group(lq: LinearQuant, conv: bool, size: int, notes: list[str]) -> int | None:
