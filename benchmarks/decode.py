@@ -10,7 +10,8 @@ run the way it generates (a prefill, then one-token steps on its own cache):
   ``MatMulNBits`` holding our codes, at the export's default accuracy level (4: int8
   activations in blocks of 32) and at level 0 (float activations, what PyTorch computes);
   ``+ emb int8``: the same with the embedding table quantized too (``embedding_bits`` 8, per
-  row: ``GatherBlockQuantized``); ``--variants`` picks which are built;
+  row: ``GatherBlockQuantized``); ``ours-e8-norot``: that one without the residual rotation
+  (``rotate: off``; on by default at 4 bits); ``--variants`` picks which are built;
 - ``ort int4 MatMulNBitsQuantizer``: ONNX Runtime's own INT4 tool on the float graph (same group
   size, asymmetric, accuracy level 4), its default round-to-nearest;
 - ``ov f32`` / ``ov bf16``: the float graph in OpenVINO's form
@@ -77,7 +78,9 @@ def perplexity(dec, tokens: list[int], window: int) -> float:
     return math.exp(nll / n)
 
 
-VARIANTS = {"ours": None, "ours-e8": 8}  # embedding_bits of each of our builds
+# QuantConfig fields of each of our builds (beside weight-only INT4 and the calibration rows)
+VARIANTS = {"ours": {}, "ours-e8": {"embedding_bits": 8},
+            "ours-e8-norot": {"embedding_bits": 8, "rotate": "off"}}
 
 
 def build(args, work: Path) -> dict[str, Path]:
@@ -114,7 +117,7 @@ def build(args, work: Path) -> dict[str, Path]:
         calib = calib.select(slice(0, min(args.calib, len(calib))))
         t0 = time.process_time()
         cfg = QuantConfig(weight_only=True, weight_bits=4, group_size=args.group_size,
-                          calib_samples=len(calib), embedding_bits=VARIANTS[v],
+                          calib_samples=len(calib), **VARIANTS[v],
                           calib_window=args.calib_window or None,
                           **({"method": args.method} if args.method else {}))
         q = quantize(lm.module, cfg, calib).model
@@ -164,7 +167,7 @@ def main() -> None:
     ap.add_argument("--calib-window", type=int, default=512,
                     help="ours: rows packed into windows of this many tokens (0: as given); "
                          "512 / 512 are the quantize stage's defaults for a causal LM")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["ours", "ours-e8"], choices=list(VARIANTS))
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--prompt", type=int, default=512)
@@ -189,7 +192,8 @@ def main() -> None:
     tokens = [int(t) for t in T.token_stream(get_dataset("nyt-editorials", "test",
                                                          tokenizer=folder), args.tokens)]
     prompt = tokens[:args.prompt]
-    name = {"ours": "ours", "ours-e8": "ours + emb int8"}
+    name = {"ours": "ours", "ours-e8": "ours + emb int8",
+            "ours-e8-norot": "ours + emb int8, not rotated"}
     rows = {"ort float": (OrtDecoder, files["float"], {})}
     for v in args.variants:
         rows[f"ort int4 {name[v]} (level 4)"] = (OrtDecoder, files[v], {})
