@@ -118,6 +118,21 @@ class _Shifted(nn.Module):
         return self.head(self.n2(x))
 
 
+class _TableHead(_Shifted):
+    """Logits from the embedding table itself (``F.linear``, no head module): not rotatable."""
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.emb(input_ids)
+        x = x + self.fc2(torch.relu(self.fc1(self.n1(x))))
+        return nn.functional.linear(self.n2(x), self.emb.weight)
+
+
+def test_a_table_used_as_the_head_is_not_planned():
+    model, x = _TableHead().eval(), _rows().inputs["input_ids"][:2]
+    p, why = plan(model, discover(model, {"input_ids": x}, require_attention=False))
+    assert p is None and "emb.weight is an embedding table" in why
+
+
 def test_a_failed_check_restores_the_model():
     """The rotated outputs move (the shift is not rotated): undone, noted, weights as before."""
     model, rows = _Shifted().eval(), _rows()

@@ -71,6 +71,14 @@ def plan(model: nn.Module, structure) -> tuple[Plan | None, str]:
     norms = [(n, [linear_names.get(id(model.get_parameter(w)), w) for w in n.linears])
              for n in norms]
     readers = sorted({w for _, ws in norms for w in ws})
+    if sum(len(ws) for _, ws in norms) != len(readers):
+        return None, "a Linear reads several norms (their gains cannot all be folded into it)"
+    table_ids = {id(model.get_submodule(t).weight) for t in tables}
+    own = set(linear_names.values())
+    for w in readers:
+        if w not in own and id(model.get_parameter(w)) in table_ids:
+            return None, (f"{w} is an embedding table the model multiplies by directly (a head "
+                          "without a Linear module of its own)")
     for w in readers:
         p = model.get_parameter(w)
         if p.dim() != 2 or p.shape[1] != h:
