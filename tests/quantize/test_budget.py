@@ -55,8 +55,10 @@ def test_weight_only_budget_moves_gptq_linears_to_8_bit_weights_and_reloads(tmp_
     model.save_pretrained(tmp_path / "hf")
     spec = HfDirSpec(path=str(tmp_path / "hf"))
     model = load_model(spec).module
+    # without the residual rotation, whose INT4 model of this random Llama loses nothing to
+    # budget for (its judged perplexity change was -2.7%)
     cfg = {"weight_only": True, "weight_bits": 4, "group_size": 16, "calib_samples": 16,
-           "calib_batch_size": 8}
+           "calib_batch_size": 8, "rotate": "off"}
     base = quantize(model, QuantConfig(**cfg), rows)
     assert base.model.config.method == "gptq"
     lost = Judge(base.model, Rows(rows, range(16, 64)), 8, {"ppl"}).measure()["ppl"]
