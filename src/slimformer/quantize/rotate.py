@@ -56,7 +56,7 @@ def plan(model: nn.Module, structure) -> tuple[Plan | None, str]:
     widths = {n.dim for n in norms}
     if len(widths) != 1:
         return None, f"norms of several widths {sorted(widths)}"
-    bad = [n.module for n in norms if not n.foldable or n.bias]  # NormSite
+    bad = [n.module for n in norms if not n.foldable or n.bias]
     if bad:
         return None, (f"{bad[0]} (and {len(bad) - 1} more) also feeds a non-Linear op or has a "
                       "shift: its gain cannot be folded (a post-norm model)")
@@ -76,11 +76,10 @@ def plan(model: nn.Module, structure) -> tuple[Plan | None, str]:
     table_ids = {id(model.get_submodule(t).weight) for t in tables}
     own = set(linear_names.values())
     for w in readers:
-        if w not in own and id(model.get_parameter(w)) in table_ids:
+        p = model.get_parameter(w)
+        if w not in own and id(p) in table_ids:
             return None, (f"{w} is an embedding table the model multiplies by directly (a head "
                           "without a Linear module of its own)")
-    for w in readers:
-        p = model.get_parameter(w)
         if p.dim() != 2 or p.shape[1] != h:
             return None, f"{w} reads a norm but is not a ({h}-input) Linear weight"
     reader_ids = {id(model.get_parameter(w)) for w in readers}
