@@ -15,6 +15,7 @@ Run (one command; ``OMP_NUM_THREADS`` / ``--threads`` set torch's threads)::
     .venv/bin/python benchmarks/qat.py                                   # every default row
     .venv/bin/python benchmarks/qat.py --models vit-fmnist --bits W3A3 --steps 200 --rows 4096
     .venv/bin/python benchmarks/qat.py --models minilm-vader --max-minutes 15 --set held_out=0.1
+    .venv/bin/python benchmarks/qat.py --method minmax --ptq-set act_dynamic=token   # run-time ranges
 
 ``--set KEY=VALUE`` sets any :class:`~slimformer.qat.config.QatConfig` field.
 """
@@ -82,9 +83,9 @@ def worker(args) -> dict:
     test = spread(get_dataset(lm.dataset, "test"), args.test)
     pf, y = evaluate_model(lm.module, test, 250)
     t0 = time.perf_counter()
-    qm = quantize(lm.module, QuantConfig(method=args.method, weight_bits=w, act_bits=a,
-                                         calib_samples=args.calib, outlier_channels=0),
-                  get_dataset(lm.dataset, "calib")).model
+    ptq = {"method": args.method, "weight_bits": w, "act_bits": a, "calib_samples": args.calib,
+           "outlier_channels": 0, **dict(args.ptq_set)}
+    qm = quantize(lm.module, QuantConfig(**ptq), get_dataset(lm.dataset, "calib")).model
     qm = to_inference(qm, inplace=True)
     quant_s = time.perf_counter() - t0
     pq, _ = evaluate_model(qm, test, 250)
@@ -163,6 +164,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     type=lambda s: tuple(s.split("=", 1)), help="QatConfig fields")
+    ap.add_argument("--ptq-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    type=lambda s: tuple(s.split("=", 1)),
+                    help="QuantConfig fields of the PTQ start, e.g. act_dynamic=token")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     ap.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -172,7 +176,8 @@ def main() -> None:
     import torch
 
     print(f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} "
-          f"threads; PTQ {args.method} ({args.calib} calibration rows, inference form); QAT "
+          f"threads; PTQ {args.method} {dict(args.ptq_set) or ''} ({args.calib} calibration rows, "
+          f"inference form); QAT "
           f"{args.steps} steps on {args.rows} train rows, settings {dict(args.set) or 'default'}; "
           f"{args.test} test rows spread over the test split\n", flush=True)
     rows = []
@@ -183,7 +188,8 @@ def main() -> None:
                 argv = [sys.executable, __file__, "--worker", model, bits, "--method", args.method,
                         "--calib", str(args.calib), "--steps", str(args.steps), "--rows",
                         str(args.rows), "--test", str(args.test), "--threads", str(args.threads),
-                        "--set", *[f"{k}={v}" for k, v in args.set]]
+                        "--set", *[f"{k}={v}" for k, v in args.set],
+                        "--ptq-set", *[f"{k}={v}" for k, v in args.ptq_set]]
                 row, cpu, rss = run_worker(argv, Path(work) / f"{model}-{bits}.log")
                 row = row or {"model": model, "bits": bits, "error": "worker failed (above)"}
                 row.update(worker_cpu_s=round(cpu, 1), peak_rss_gb=round(rss, 2))

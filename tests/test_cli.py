@@ -120,6 +120,23 @@ def test_quantize_act_dynamic(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_quantize_at_4_activation_bits_defaults_to_per_token_ranges_and_says_so(tmp_path):
+    res = runner.invoke(app, ["quantize", "vit-digits-seq", "--weight-bits", "4", "--act-bits",
+                              "4", "--out", str(tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+    assert "vit-digits-seq minmax W4A4 (run-time ranges per token)" in res.output
+    rec = next(s for s in json.loads((tmp_path / "q" / "report.json").read_text())["stages"]
+               if s["type"] == "quantize")
+    assert rec["config"]["act_dynamic"] == "token" and rec["config"]["method"] == "minmax"
+    assert rec["notes"][0].startswith("act_dynamic token: the default for activations of 4 bits")
+    res = runner.invoke(app, ["quantize", "vit-digits-seq", "--method", "repq", "--weight-bits",
+                              "4", "--act-bits", "4", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    rec = next(s for s in json.loads((tmp_path / "r" / "report.json").read_text())["stages"]
+               if s["type"] == "quantize")
+    assert (rec["config"]["act_dynamic"], rec["config"]["method"]) == ("off", "repq")
+
+
 STAGE_COMMANDS = {"quantize": "QuantizeStage", "prune": "PruneStage", "search": "SearchStage",
                   "hls": "HlsStage", "qat": "QatStage"}
 

@@ -13,7 +13,7 @@ from slimformer.qat.convert import learned_parameters, to_brevitas
 from slimformer.qat.layers import QatLinear
 from slimformer.quantize.api import quantize
 from slimformer.quantize.config import QuantConfig
-from slimformer.quantize.quantizers import uniform_codes
+from slimformer.quantize.quantizers import dynamic_params, uniform_codes
 
 
 def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
@@ -32,8 +32,10 @@ def _input_codes(qm, bm, x):
     acts = {id(lq.act): lq.act for lq in qm.quant.linears.values()}
     for act in acts.values():
         def grab(m, i, o, act=act):
-            s, z = act.scale_zero()
-            ours.append(uniform_codes(act.transform(i[0]), s, z, act.bits)
+            v = act.transform(i[0])
+            s, z = (act.scale_zero() if act.dynamic is None
+                    else dynamic_params(v, act.bits, act.dynamic == "token"))
+            ours.append(uniform_codes(v, s, z, act.bits)
                         - (2 ** (act.bits - 1) if act.symmetric else 0))
         hooks.append(act.register_forward_hook(grab))
     proxies = {id(m.input_quant): m.input_quant for m in bm.modules() if isinstance(m, QatLinear)}
@@ -144,14 +146,41 @@ def test_a_head_tied_to_the_embeddings_stays_ours_and_writes_back_exactly():
     assert torch.equal(ours.model.embed.weight, qm.model.embed.weight)
 
 
-def test_run_time_activation_ranges_are_refused_by_name():
-    """A per-token quantizer has no static range to learn: converting it would change the model."""
-    from slimformer.data.datasets import TensorDictDataset
+@pytest.mark.parametrize("dynamic", ["token", "tensor"])
+def test_run_time_activation_ranges_convert_exactly(digits, dynamic):
+    """Inputs quantized on their own range at run time: Brevitas's dynamic proxy with our rule.
 
-    model = _TiedLM().eval()
-    ids = torch.randint(0, 64, (16, 8), generator=torch.Generator().manual_seed(1))
-    calib = TensorDictDataset({"ids": ids}, torch.zeros(16, dtype=torch.long))
-    qm = quantize(model, QuantConfig(method="minmax", calib_samples=16, smooth="off",
-                                     outlier_channels=0, act_dynamic="token"), calib).model
-    with pytest.raises(UnsupportedModelError, match=r"run-time \(token\).*act_dynamic: off"):
-        to_brevitas(qm)
+    Step 0 computes the PTQ model's codes (per token: each row its own grid), nothing is learned
+    for those inputs, gradients reach the weights and weight scales, and a trained student
+    writes back exactly into the run-time quantizers.
+    """
+    from slimformer.qat.layers import is_run_time
+    from slimformer.qat.writeback import to_quantized
+
+    lm, calib, x = digits
+    qm = quantize(lm.module, QuantConfig(method="minmax", weight_bits=4, act_bits=4,
+                                         calib_samples=64, outlier_channels=0,
+                                         act_dynamic=dynamic), calib).model
+    bm = to_brevitas(qm)
+    layers = [m for m in bm.modules() if isinstance(m, QatLinear)]
+    assert len(layers) == len(qm.quant.linears) and all(is_run_time(m.input_quant) for m in layers)
+    with torch.no_grad():
+        ref, got, fl = qm(x=x), bm(x=x), lm.module(x=x)
+    assert torch.equal(ref, got) and sqnr_db(fl, ref) < 40  # the same codes: the same output
+    ours, theirs = _input_codes(qm, bm, x)
+    assert len(ours) == len(theirs) == len(layers)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    params = learned_parameters(bm)
+    assert params and all("weight_quant" in n for n in params)  # no input range is learned
+    ((bm(x=x[:32]) - fl[:32]) ** 2).mean().backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in layers)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in layers:  # training moves the weights
+            m.weight.add_(0.02 * m.weight.abs().mean() * torch.randn(m.weight.shape, generator=gen))
+        s = bm(x=x)
+    back = to_quantized(bm, qm)
+    with torch.no_grad():
+        o = back(x=x)
+    assert torch.equal(s, o) and sqnr_db(s, ref) < 60  # exact, and the student had moved
+    assert all(lq.act.dynamic == dynamic for lq in back.quant.linears.values())

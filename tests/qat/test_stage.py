@@ -89,3 +89,25 @@ def test_cli_qat_of_a_float_model_then_of_its_folder(tmp_path):
     res = runner.invoke(app, ["qat", str(a), "--set", "quantize.method=minmax", "--out",
                               str(tmp_path / "c")])
     assert res.exit_code == 2 and "quantized already" in res.output
+
+
+def test_qat_with_run_time_activation_ranges_saves_exports_onnx_and_refuses_qonnx(tmp_path):
+    """Per-token inputs: fine-tuned, saved with the run-time grids, exported with parity."""
+    a = tmp_path / "a"
+    res = runner.invoke(app, ["qat", "vit-digits-seq", "--weight-bits", "4", "--act-bits", "4",
+                              "--steps", "10", "--eval-every", "5", "--rows", "64", "--set",
+                              "quantize.calib_samples=32", "--act-dynamic", "token",
+                              "--limit", "200", "--out", str(a)])
+    assert res.exit_code == 0, res.output
+    r = restore(a / "quantized")
+    assert r.applied == ["quantize", "qat"]
+    assert {lq.act.dynamic for lq in r.module.quant.linears.values()} == {"token"}
+    x = get_dataset("digits-seq", "test", limit=64).inputs["x"]
+    onnx_res = export_onnx(r.module, tmp_path / "q.onnx", {"x": x[:2]})
+    for label in ("traced", "other"):
+        p = onnx_res.parity[label]
+        assert p["within_1_step"] >= 0.95 and p["argmax_agreement"] >= 0.9, (label, p)
+    f = tmp_path / "m.onnx"
+    res = runner.invoke(app, ["export", "qonnx", str(a), "--out", str(f), "--rows", "4"])
+    assert res.exit_code == 2 and "run time" in res.output and "act_dynamic: off" in res.output
+    assert list(tmp_path.glob("m*.onnx")) == []

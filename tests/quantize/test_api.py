@@ -270,7 +270,8 @@ def test_the_default_method_follows_the_bits(fields, method):
     assert cfg.method == method
     # what a recipe stage gets is the same, and naming the method always wins
     from slimformer.stages.quantize import QuantizeStage
-    assert QuantizeStage(**fields).quant_config().method == method
+    low_bit = fields in ({"act_bits": 4},)  # a stage's default below 5 activation bits: per token
+    assert QuantizeStage(**fields).quant_config().method == ("minmax" if low_bit else method)
     named = "minmax" if fields.get("weight_only") else "percentile"
     assert QuantConfig(**{**fields, "method": named}).method == named
 
@@ -286,3 +287,19 @@ def test_a_causal_lm_weight_only_stage_calibrates_on_512_rows_in_windows_by_defa
     for stage, task in ((QuantizeStage(**wo), "sentence-embedding"), (QuantizeStage(), "causal-lm")):
         cfg = stage.quant_config(task)  # encoders, and activation methods: rows as given
         assert (cfg.calib_window, cfg.calib_samples) == (None, 128)
+
+
+def test_a_stage_quantizing_activations_to_4_bits_takes_per_token_ranges_unless_told():
+    from slimformer.stages.quantize import QuantizeStage
+
+    for fields in ({"act_bits": 4}, {"weight_bits": 4, "act_bits": 3},
+                   {"overrides": [{"pattern": "*fc2*", "act_bits": 4}]}):
+        cfg = QuantizeStage(**fields).quant_config()
+        assert (cfg.method, cfg.act_dynamic, cfg.attention_kind) == ("minmax", "token", "float")
+        assert QuantizeStage.model_validate(fields).quant_config().act_dynamic == "token"
+    for fields in ({"act_bits": 4, "method": "repq"}, {"act_bits": 4, "act_dynamic": "off"},
+                   {"act_bits": 4, "power_of_two_scales": True}, {"act_bits": 4, "symmetric": True},
+                   {"weight_bits": 4}, {}):  # named, fixed-point, symmetric, 8-bit activations
+        cfg = QuantizeStage(**fields).quant_config()
+        assert cfg.act_dynamic == "off", fields
+    assert QuantizeStage(act_bits=4).quant_config("causal-lm").act_dynamic == "token"

@@ -154,7 +154,7 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                           max_loss, fail_on_loss, task)
     before, q, after = result.report.stages
     dyn = q.metrics.get("act_dynamic", "off")
-    con.print(f"{model} {stage.method} {q.metrics['bits']}"
+    con.print(f"{model} {q.metrics.get('method', stage.method)} {q.metrics['bits']}"
               f"{'' if dyn == 'off' else f' (run-time ranges per {dyn})'} on "
               f"{result.report.data['dataset']} "
               f"({after.metrics['samples']} rows): {_quality(before)} -> {_quality(after)}"
@@ -187,8 +187,14 @@ def qat(model: Annotated[str, typer.Argument(help="A quantized folder (slimforme
                                               "stopping (0: never).")] = 4,
         max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget of the "
                                                           "fine-tuning.")] = None,
-        method: Annotated[str, typer.Option(help="A float MODEL: the quantize method (minmax | "
-                                            "percentile | repq | repquant).")] = "repq",
+        method: Annotated[str | None, typer.Option(help="A float MODEL: the quantize method "
+                                                   "(minmax | percentile | repq | repquant; "
+                                                   "default: repq, minmax with "
+                                                   "--act-dynamic).")] = None,
+        act_dynamic: Annotated[str, typer.Option(help="A float MODEL: off (static input "
+                                                 "ranges, learned) | token | tensor (ranges "
+                                                 "computed at run time, not learned).")]
+        = "off",
         weight_bits: Annotated[int, typer.Option(help="A float MODEL: weight bits (2..8).")] = 4,
         act_bits: Annotated[int, typer.Option(help="A float MODEL: activation bits (2..8).")]
         = 8,
@@ -207,7 +213,8 @@ def qat(model: Annotated[str, typer.Argument(help="A quantized folder (slimforme
     early stopping on held-out training rows. Runs the one-stage recipe evaluate -> [quantize
     ->] qat -> evaluate through the pipeline: --out gets the report and the fine-tuned model in
     quantized/ (an ordinary quantized folder: a MODEL for eval and export). A float MODEL is
-    quantized first (--method, --weight-bits, --act-bits, --set quantize.KEY=VALUE).
+    quantized first (--method, --weight-bits, --act-bits, --act-dynamic, --set
+    quantize.KEY=VALUE).
     """
     from slimformer.errors import ConfigError
     from slimformer.stages.artifact import find
@@ -228,10 +235,11 @@ def qat(model: Annotated[str, typer.Argument(help="A quantized folder (slimforme
                                    "those --set items"], "options")
         else:
             # no outlier channels: the Brevitas layers quantize every input channel; static
-            # ranges (a causal LM's default is per token): they learn one range per input
-            stages.insert(0, _stage(QuantizeStage, set_, "quantize", method=method,
+            # ranges unless asked (a causal LM's quantize default is per token): learned
+            named = {"method": method} if method is not None else {}
+            stages.insert(0, _stage(QuantizeStage, set_, "quantize", **named,
                                     weight_bits=weight_bits, act_bits=act_bits,
-                                    outlier_channels=0, act_dynamic="off"))
+                                    outlier_channels=0, act_dynamic=act_dynamic))
         quiet = EvaluateStage(latency_batch_sizes=[])
         calib = max([CALIB_ROWS, stage.rows] + [s.calib_samples for s in stages[:-1]])
         result = _run_one(con, "qat", model, config, [quiet, *stages, quiet], out, overwrite,

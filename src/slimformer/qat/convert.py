@@ -12,7 +12,9 @@ weight is a quantized site (found by parameter identity, not by name) with a
 - input quantizer: our activation quantizer's per-tensor scale and zero point as learned
   parameters, one Brevitas quantizer shared by the Linears that shared ours; RepQ's per-channel
   affine, where it stayed before the quantizer, as a fixed :class:`~slimformer.qat.layers.InputAffine`;
-  inputs our model keeps float (``keep_float``, weight-only) stay float.
+  inputs our model keeps float (``keep_float``, weight-only) stay float; inputs quantized on
+  their own range at run time (``act_dynamic``) get Brevitas's dynamic proxy computing our grid
+  (:class:`~slimformer.qat.layers.RunTimeInput`), nothing learned there.
 
 Everything else stays as it was: float modules, and our own attention (q, k, v, probabilities)
 and embedding quantizers, which the returned ``QuantizedModel`` still applies (in their simulated,
@@ -35,6 +37,7 @@ from slimformer.qat.layers import (
     AsymmetricWeight,
     InputAffine,
     QatLinear,
+    RunTimeInput,
     SymmetricInput,
     SymmetricWeight,
     quantizer_kwargs,
@@ -52,8 +55,8 @@ def to_brevitas(qmodel: QuantizedModel) -> QuantizedModel:
     quantizers, applied by the returned ``QuantizedModel`` (frozen: not learned).
 
     Raises:
-        UnsupportedModelError: A Linear's quantizer uses weight groups, power-of-two scales or a
-            per-channel input quantizer: not converted yet.
+        UnsupportedModelError: A Linear's quantizer uses weight groups, power-of-two scales,
+            outlier input channels or a per-channel input quantizer: not converted yet.
     """
     src = copy.deepcopy(qmodel)
     src._rebind()
@@ -109,10 +112,6 @@ def _check_supported(linears: list[LinearQuant], weight_only: bool) -> None:
             problems.append(f"{lq.name}: power-of-two scales")
         if lq.act.lo.numel() > 1 and not (weight_only or lq.act.keep_float):
             problems.append(f"{lq.name}: per-channel input quantizer {lq.act.name}")
-        if lq.act.dynamic is not None and not (weight_only or lq.act.keep_float):
-            problems.append(f"{lq.name}: run-time ({lq.act.dynamic}) activation ranges at "
-                            f"{lq.act.name} (Brevitas layers learn one static range; quantize "
-                            "with act_dynamic: off)")
         if lq.act.outliers is not None and not (weight_only or lq.act.keep_float):
             problems.append(f"{lq.name}: {lq.act.outliers.numel()} outlier input channel(s) "
                             f"kept float at {lq.act.name} (quantize with outlier_channels: 0)")
@@ -132,6 +131,9 @@ def _convert(lin: nn.Linear, lq: LinearQuant, state: QuantState,
         kw["input_quant"] = None
     elif id(act) in inputs:
         affine, kw["input_quant"] = inputs[id(act)]
+    elif act.dynamic is not None:  # run-time ranges: nothing learned, our rule (layers.RunTimeScale)
+        kw.update(input_bit_width=act.bits, input_per_token=act.dynamic == "token")
+        kw["input_quant"] = RunTimeInput
     else:
         scale, zero = act.scale_zero()
         kw.update(quantizer_kwargs("input_", scale.reshape(()), zero.reshape(()), act.bits,

@@ -7,6 +7,11 @@ weights ``(out, 1)``, per tensor for inputs. Asymmetric grids are unsigned with 
 point (``ParameterZeroPoint``, stored in float as ``z * s`` and rounded to an integer in the
 forward); symmetric grids are signed with zero point 0.
 
+Inputs quantized at run time (``act_dynamic: token | tensor``) keep no learned range: their
+Brevitas proxy is Brevitas's dynamic one, whose scale and zero point come from each input by our
+own rule (:class:`RunTimeScale`, :class:`RunTimeZero`: ``quantize.quantizers.dynamic_params``),
+so step 0 and the written-back model compute the same grids.
+
 Brevitas's parameter is the clipping threshold, ``scale = value / T`` with ``T`` the largest
 integer magnitude of the grid (:func:`threshold`): ``2^b - 1`` unsigned, ``2^(b-1)`` signed
 (``-min_int``: Brevitas's ``IntScaling`` of a full-range signed grid). The initial threshold is
@@ -28,8 +33,11 @@ from brevitas.inject.enum import (
     ScalingImplType,
 )
 from brevitas.nn import QuantLinear
+from brevitas.proxy.runtime_quant import DynamicActQuantProxyFromInjector
 from brevitas.quant.solver import ActQuantSolver, WeightQuantSolver
 from torch import nn
+
+from slimformer.quantize.quantizers import dynamic_params
 
 
 class OnnxOrderIntQuant(IntQuant):
@@ -94,6 +102,53 @@ class AsymmetricInput(_Grid, ActQuantSolver):
     scaling_per_output_type = ScalingPerOutputType.TENSOR
     zero_point_impl = ParameterZeroPoint
     quantize_zero_point = True
+
+
+class RunTimeScale(nn.Module):
+    """Scale of an input's run-time asymmetric grid: ``(..., 1)`` per token, ``()`` per tensor.
+
+    Our rule (``dynamic_params``: the range holds 0, no gradient through it), so Brevitas's
+    dynamic input quantizer gives the codes our ``act_dynamic`` quantizer gives.
+    """
+
+    def __init__(self, bit_width: int, per_token: bool):
+        super().__init__()
+        self.bits, self.per_token = int(bit_width), bool(per_token)
+
+    def forward(self, x: torch.Tensor, threshold: torch.Tensor | None = None) -> torch.Tensor:
+        """The scale of ``x (..., C)`` (``threshold``: Brevitas's integer range, unused)."""
+        return dynamic_params(x, self.bits, self.per_token)[0]
+
+
+class RunTimeZero(nn.Module):
+    """Integer zero point of the same grid as :class:`RunTimeScale` (``round(-min(lo, 0) / s)``)."""
+
+    def __init__(self, bit_width: int, per_token: bool):
+        super().__init__()
+        self.bits, self.per_token = int(bit_width), bool(per_token)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor, bit_width: torch.Tensor) -> torch.Tensor:
+        """The zero point of ``x (..., C)``."""
+        return dynamic_params(x, self.bits, self.per_token)[1]
+
+
+class RunTimeInput(_Grid, ActQuantSolver):
+    """Unsigned input grid from each input's own range (per token or per tensor), not learned.
+
+    Set ``input_per_token`` and ``input_bit_width`` when building the layer.
+    """
+
+    proxy_class = DynamicActQuantProxyFromInjector
+    signed = False
+    scaling_impl_type = ScalingImplType.STATS  # replaced: scaling_impl / zero_point_impl below
+    scaling_per_output_type = ScalingPerOutputType.TENSOR
+    scaling_impl = RunTimeScale
+    zero_point_impl = RunTimeZero
+
+
+def is_run_time(proxy) -> bool:
+    """Whether a Brevitas input proxy takes its grid from each input (:class:`RunTimeInput`)."""
+    return isinstance(proxy, DynamicActQuantProxyFromInjector)
 
 
 def threshold(bits: int, signed: bool) -> int:

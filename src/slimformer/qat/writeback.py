@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from slimformer.errors import CalibrationError
-from slimformer.qat.layers import QatLinear
+from slimformer.qat.layers import QatLinear, is_run_time
 from slimformer.quantize.quantizers import uniform_codes
 from slimformer.quantize.state import LinearQuant, QuantizedModel
 
@@ -61,7 +61,8 @@ def to_quantized(student: QuantizedModel, ptq: QuantizedModel) -> QuantizedModel
         owner = owners.get(id(lq.param[0]))
         if owner is not None and owner.bias is not None and layer.bias is not None:
             owner.bias.copy_(layer.bias)
-        if layer.input_quant.is_quant_enabled and id(lq.act) not in written:
+        if layer.input_quant.is_quant_enabled and not is_run_time(layer.input_quant) \
+                and id(lq.act) not in written:  # run-time grids: nothing learned to write
             set_exact_range(lq.act, *_input_grid(layer, lq.act))
             written.add(id(lq.act))
     for key, a in student.quant.attention.items():  # learned or frozen: copied as they are
@@ -110,7 +111,7 @@ def snap_input_scales(student: QuantizedModel) -> int:
     seen, moved = set(), 0
     for layer in student.modules():
         if not isinstance(layer, QatLinear) or not layer.input_quant.is_quant_enabled \
-                or id(layer.input_quant) in seen:
+                or is_run_time(layer.input_quant) or id(layer.input_quant) in seen:
             continue
         seen.add(id(layer.input_quant))
         q = layer.input_quant(torch.zeros(1))

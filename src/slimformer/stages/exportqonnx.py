@@ -36,6 +36,7 @@ def qonnx_into(ctx: RunContext, stage, tmp: Path, rows: Callable[[int], dict]) -
     from slimformer.export.ortrun import ort_latency, predict
     from slimformer.export.qonnx import export_brevitas
     from slimformer.qat.convert import to_brevitas
+    from slimformer.qat.layers import QatLinear, is_run_time
     from slimformer.quantize.state import QuantizedModel
 
     if not isinstance(ctx.model, QuantizedModel):
@@ -45,6 +46,15 @@ def qonnx_into(ctx: RunContext, stage, tmp: Path, rows: Callable[[int], dict]) -
     tick = ctx.progress or (lambda *a: None)
     tick("export: Brevitas QCDQ and QONNX files (checked)", 0, 1)
     student = to_brevitas(ctx.model)
+    run_time = sorted({m.site for m in student.modules()
+                       if isinstance(m, QatLinear) and is_run_time(m.input_quant)})
+    if run_time:
+        raise ExportError(
+            f"format qonnx: {len(run_time)} Linear input(s) are quantized on a range computed at "
+            f"run time (act_dynamic; {', '.join(run_time[:3])}); Brevitas's QCDQ exporter writes "
+            "those as DynamicQuantizeLinear (8-bit, one range per tensor) and its QONNX exporter "
+            "not at all, so neither file would compute this model. Use format onnx (it writes "
+            "the run-time grids), or quantize with act_dynamic: off for QONNX / FINN")
     plain = plain_parts(student)
     res = export_brevitas(student, tmp / FILES["qcdq"], tmp / FILES["qonnx"],
                           rows(stage.example_rows), stage.onnx_config(), stage.qonnx_min_sqnr_db,
