@@ -87,6 +87,15 @@ def test_non_power_of_two_scales_are_refused_with_the_fix(digits):
         assign(g, q, {"x": calib.inputs["x"][:32]}, HlsConfig())
 
 
+def test_run_time_activation_ranges_are_refused_with_the_fix(digits):
+    model, calib = digits
+    q = quantize(model, QuantConfig(method="minmax", weight_bits=4, act_bits=4, act_dynamic="token",
+                                    outlier_channels=0, calib_samples=32), calib).model
+    g = lower(q.model, {"x": calib.inputs["x"][:1]})
+    with pytest.raises(HardwareError, match=r"run time \(act_dynamic token.*power_of_two_scales"):
+        assign(g, q, {"x": calib.inputs["x"][:32]}, HlsConfig())
+
+
 def test_log_softmax_codes_are_refused(digits):
     model, calib = digits
     q = quantize(model, QuantConfig(method="minmax", softmax="log2", power_of_two_scales=True,

@@ -69,6 +69,11 @@ def _act_type(act, what: str) -> FixedType:
                             "output-floor fallback), which no ap_fixed type holds; quantize "
                             "without float_activations and with min_output_sqnr_db: null to keep "
                             "every activation on its grid")
+    if getattr(act, "dynamic", None) is not None:
+        raise HardwareError(f"{what}: its quantizer takes its grid from each input at run time "
+                            f"(act_dynamic {act.dynamic}; the quantize default at 4 activation "
+                            "bits or fewer), which no fixed ap_fixed type holds; quantize with "
+                            "power_of_two_scales: true (FPGA targets), which keeps static ranges")
     s, z = act.scale_zero()
     s, z = s.detach().reshape(-1), z.detach().reshape(-1)
     if s.numel() != 1:

@@ -140,7 +140,6 @@ class RunTimeInput(_Grid, ActQuantSolver):
 
     proxy_class = DynamicActQuantProxyFromInjector
     signed = False
-    scaling_impl_type = ScalingImplType.STATS  # replaced: scaling_impl / zero_point_impl below
     scaling_per_output_type = ScalingPerOutputType.TENSOR
     scaling_impl = RunTimeScale
     zero_point_impl = RunTimeZero
