@@ -117,9 +117,11 @@ def test_two_workers_share_a_postgres_study_and_survive_a_kill(tmp_path, pg_url)
     # no measured trial lost or changed
     assert all(n in states and states[n] == TrialState.COMPLETE for n in at_kill)
     assert all({t.number: t.values for t in complete}[n] == v for n, v in at_kill.items())
-    # the budget is complete (two workers may both start the last sub-network)
+    # the budget is complete; each of the two live workers may take one place past it: both
+    # may start the last sub-network, and while the killed trial is queued again both ask, one
+    # gets it and the other a fresh draw (seen once on a loaded machine: total + 2)
     samples = [t for t in complete if t.user_attrs["phase"] == "sample"]
-    assert total <= len(samples) <= total + 1
+    assert total <= len(samples) <= total + 2
     # nothing measured twice: every measured sub-network is unique, none reused a measurement
     subs = [t.user_attrs["sub"] for t in complete if t.user_attrs["phase"] != "reference"]
     assert len(subs) == len(set(subs))
