@@ -303,3 +303,15 @@ def test_a_stage_quantizing_activations_to_4_bits_takes_per_token_ranges_unless_
         cfg = QuantizeStage(**fields).quant_config()
         assert cfg.act_dynamic == "off", fields
     assert QuantizeStage(act_bits=4).quant_config("causal-lm").act_dynamic == "token"
+
+
+def test_a_dumped_quantize_stage_read_again_resolves_to_the_same_config():
+    """The report's recipe is a dump: what the stage filled in by default must not become a choice."""
+    from slimformer.stages.quantize import QuantizeStage
+
+    for fields, task in (({"act_bits": 4}, None), ({"act_bits": 4, "act_dynamic": "off"}, None),
+                         ({"act_bits": 4, "method": "repq"}, None), ({}, "causal-lm"),
+                         ({"weight_only": True, "weight_bits": 4, "group_size": 128}, "causal-lm")):
+        stage = QuantizeStage(**fields)
+        again = QuantizeStage.model_validate(stage.model_dump(mode="json"))
+        assert again.quant_config(task) == stage.quant_config(task), fields

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import PrivateAttr, model_validator
+from pydantic import PrivateAttr, model_serializer, model_validator
 
 from slimformer.errors import ModelLoadError
 from slimformer.quantize.config import QuantConfig
@@ -26,6 +26,10 @@ AFTER_QUANTIZED = "the model is quantized already (one quantize stage per recipe
 CAUSAL_WINDOW, CAUSAL_ROWS = 512, 512
 
 
+# fields quant_config() may set where the stage leaves them unset (by task or bit-width)
+TASK_DEFAULTED = ("act_dynamic", "embedding_bits", "calib_window", "calib_samples")
+
+
 class QuantizeStage(QuantConfig):
     """Post-training quantization (see :class:`~slimformer.quantize.config.QuantConfig`).
 
@@ -45,6 +49,19 @@ class QuantizeStage(QuantConfig):
         if isinstance(data, dict):
             stage._method_given = "method" in data
         return stage
+
+    @model_serializer(mode="wrap")
+    def _as_given(self, handler):
+        """The dump without what :meth:`quant_config` fills in where the stage left it unset.
+
+        The method and the task defaults: a dumped recipe, read again, runs the same.
+        """
+        out = handler(self)
+        if isinstance(out, dict):
+            unset = set(TASK_DEFAULTED) - self.model_fields_set
+            for k in unset | ({"method"} if not self._method_given else set()):
+                out.pop(k, None)
+        return out
 
     def quant_config(self, task: str | None = None) -> QuantConfig:
         """The plain config, without the stage fields, with the defaults of the model's task.
