@@ -154,7 +154,7 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                           max_loss, fail_on_loss, task)
     before, q, after = result.report.stages
     dyn = q.metrics.get("act_dynamic", "off")
-    con.print(f"{model} {q.metrics.get('method', stage.method)} {q.metrics['bits']}"
+    con.print(f"{model} {q.metrics['method']} {q.metrics['bits']}"
               f"{'' if dyn == 'off' else f' (run-time ranges per {dyn})'} on "
               f"{result.report.data['dataset']} "
               f"({after.metrics['samples']} rows): {_quality(before)} -> {_quality(after)}"

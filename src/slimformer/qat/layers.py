@@ -104,32 +104,34 @@ class AsymmetricInput(_Grid, ActQuantSolver):
     quantize_zero_point = True
 
 
-class RunTimeScale(nn.Module):
-    """Scale of an input's run-time asymmetric grid: ``(..., 1)`` per token, ``()`` per tensor.
+class _RunTimeGrid(nn.Module):
+    """One part of an input's run-time asymmetric grid: ``(..., 1)`` per token, ``()`` per tensor.
 
     Our rule (``dynamic_params``: the range holds 0, no gradient through it), so Brevitas's
     dynamic input quantizer gives the codes our ``act_dynamic`` quantizer gives.
     """
 
-    def __init__(self, bit_width: int, per_token: bool):
-        super().__init__()
-        self.bits, self.per_token = int(bit_width), bool(per_token)
-
-    def forward(self, x: torch.Tensor, threshold: torch.Tensor | None = None) -> torch.Tensor:
-        """The scale of ``x (..., C)`` (``threshold``: Brevitas's integer range, unused)."""
-        return dynamic_params(x, self.bits, self.per_token)[0]
-
-
-class RunTimeZero(nn.Module):
-    """Integer zero point of the same grid as :class:`RunTimeScale` (``round(-min(lo, 0) / s)``)."""
+    part = 0  # 0: scale, 1: integer zero point
 
     def __init__(self, bit_width: int, per_token: bool):
         super().__init__()
         self.bits, self.per_token = int(bit_width), bool(per_token)
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor, bit_width: torch.Tensor) -> torch.Tensor:
-        """The zero point of ``x (..., C)``."""
-        return dynamic_params(x, self.bits, self.per_token)[1]
+    def forward(self, x: torch.Tensor, *_brevitas_args) -> torch.Tensor:
+        """The part of ``x (..., C)``'s grid (Brevitas's other arguments are unused)."""
+        return dynamic_params(x, self.bits, self.per_token)[self.part]
+
+
+class RunTimeScale(_RunTimeGrid):
+    """Scale of an input's run-time grid (Brevitas's ``scaling_impl``)."""
+
+    part = 0
+
+
+class RunTimeZero(_RunTimeGrid):
+    """Integer zero point ``round(-min(lo, 0) / s)`` of the same grid (``zero_point_impl``)."""
+
+    part = 1
 
 
 class RunTimeInput(_Grid, ActQuantSolver):

@@ -36,7 +36,6 @@ def qonnx_into(ctx: RunContext, stage, tmp: Path, rows: Callable[[int], dict]) -
     from slimformer.export.ortrun import ort_latency, predict
     from slimformer.export.qonnx import export_brevitas
     from slimformer.qat.convert import to_brevitas
-    from slimformer.qat.layers import QatLinear, is_run_time
     from slimformer.quantize.state import QuantizedModel
 
     if not isinstance(ctx.model, QuantizedModel):
@@ -45,16 +44,16 @@ def qonnx_into(ctx: RunContext, stage, tmp: Path, rows: Callable[[int], dict]) -
                           "MODEL), or use format onnx")
     tick = ctx.progress or (lambda *a: None)
     tick("export: Brevitas QCDQ and QONNX files (checked)", 0, 1)
-    student = to_brevitas(ctx.model)
-    run_time = sorted({m.site for m in student.modules()
-                       if isinstance(m, QatLinear) and is_run_time(m.input_quant)})
-    if run_time:
+    run_time = [lq.name for lq in ctx.model.quant.linears.values()
+                if lq.act.dynamic is not None and not lq.act.keep_float]
+    if run_time:  # found on our quantizers, before the conversion copies the model
         raise ExportError(
             f"format qonnx: {len(run_time)} Linear input(s) are quantized on a range computed at "
             f"run time (act_dynamic; {', '.join(run_time[:3])}); Brevitas's QCDQ exporter writes "
             "those as DynamicQuantizeLinear (8-bit, one range per tensor) and its QONNX exporter "
             "not at all, so neither file would compute this model. Use format onnx (it writes "
             "the run-time grids), or quantize with act_dynamic: off for QONNX / FINN")
+    student = to_brevitas(ctx.model)
     plain = plain_parts(student)
     res = export_brevitas(student, tmp / FILES["qcdq"], tmp / FILES["qonnx"],
                           rows(stage.example_rows), stage.onnx_config(), stage.qonnx_min_sqnr_db,

@@ -93,8 +93,7 @@ class QuantizeStage(QuantConfig):
         cfg = QuantConfig(**fields)
         unset, extra = set(self.model_fields) - self.model_fields_set, {}
         if not self._method_given and "act_dynamic" in unset and low_bit_dynamic(cfg):
-            return QuantConfig(**{**{k: v for k, v in fields.items() if k != "method"},
-                                  "act_dynamic": "token"})
+            return QuantConfig(**fields, act_dynamic="token")  # the dump left both out
         if task != "causal-lm":
             return cfg
         if "act_dynamic" in unset and not cfg.act_dynamic_clash():
