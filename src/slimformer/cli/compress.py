@@ -176,6 +176,8 @@ def qat(model: Annotated[str, typer.Argument(help="A quantized folder (slimforme
         = 1e-4,
         scale_lr: Annotated[float, typer.Option(help="Adam rate of the learned scales and zero "
                                                 "points, relative to each scale.")] = 1e-3,
+        lr_schedule: Annotated[str, typer.Option(help="constant | cosine (the rates decay to "
+                                                 "0 over --steps).")] = "cosine",
         rows: Annotated[int, typer.Option(help="Training rows (of the train split; of your "
                                           "own data: its calibration rows), a quarter held "
                                           "out.")] = 4096,
@@ -225,7 +227,8 @@ def qat(model: Annotated[str, typer.Argument(help="A quantized folder (slimforme
     con, _ = _console()
     with _errors():
         stage = _stage(QatStage, set_, None, ("quantize",), steps=steps, batch_size=batch_size,
-                       weight_lr=weight_lr, scale_lr=scale_lr, rows=rows, loss=loss,
+                       weight_lr=weight_lr, scale_lr=scale_lr, lr_schedule=lr_schedule,
+                       rows=rows, loss=loss,
                        eval_every=eval_every, patience=patience, max_minutes=max_minutes)
         saved = find(model)
         stages = [stage]

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 LOSSES = ("auto", "kl", "mse")
 METRICS = ("auto", "pt", "ppl", "db")
+SCHEDULES = ("constant", "cosine")
 
 
 class QatConfig(BaseModel):
@@ -20,6 +21,9 @@ class QatConfig(BaseModel):
         weight_lr: Adam learning rate of the quantized Linears' float weights and biases.
         scale_lr: Adam learning rate of the learned scales and zero points, relative to each
             quantizer's initial scale threshold (``1e-3``: a thousandth of it per step at most).
+        lr_schedule: ``constant`` rates, or ``cosine``: every rate decays from its value at step
+            1 towards 0 after step ``steps`` (half a cosine, as LSQ trains), so the last steps settle
+            the weights on their grid instead of hopping between codes.
         loss: ``kl`` (KL divergence of the class scores / next-token logits, softmax over the
             last axis, padded positions left out), ``mse`` (mean squared error of every float
             output, each divided by its float mean square), or ``auto``: ``mse`` for embedding
@@ -55,6 +59,7 @@ class QatConfig(BaseModel):
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
     weight_lr: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
     scale_lr: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-3
+    lr_schedule: Literal[SCHEDULES] = "cosine"  # type: ignore[valid-type]
     loss: Literal[LOSSES] = "auto"  # type: ignore[valid-type]
     temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
     metric: Literal[METRICS] = "auto"  # type: ignore[valid-type]

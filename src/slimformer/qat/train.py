@@ -291,6 +291,13 @@ def micro_batch(student, fit, config: QatConfig, budget: int | None) -> tuple[in
                   f"is {budget / 1e9:.1f} GB ({MEMORY_SHARE:.0%} of the memory available)")
 
 
+def decay(config: QatConfig, done: int) -> float:
+    """The factor on every group's rate after ``done`` optimizer steps (``config.lr_schedule``)."""
+    if config.lr_schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(done, config.steps) / config.steps))
+
+
 def fine_tune(student, teacher: nn.Module, fit, held, config: QatConfig, loss: str,
               metric: str, progress: Progress = None, blocks: list[str] | None = None) -> TrainLog:
     """Train ``student`` in place (its best judged state at the end, see module doc).
@@ -315,6 +322,7 @@ def fine_tune(student, teacher: nn.Module, fit, held, config: QatConfig, loss: s
     groups = param_groups(student, config)
     trained = [p for g in groups for p in g["params"]]
     opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: decay(config, k))
     judge = StudentJudge(teacher, student, held, config.batch_size, {"db", metric})
     log = TrainLog()
     free = available_bytes()
@@ -352,6 +360,7 @@ def fine_tune(student, teacher: nn.Module, fit, held, config: QatConfig, loss: s
                 term.backward()
                 value += float(term.detach())
             opt.step()
+            sched.step()
             with torch.no_grad():
                 _clamp_zero_points(student)
                 _clamp_deltas(student)
