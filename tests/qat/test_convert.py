@@ -94,10 +94,50 @@ def test_gradients_reach_every_learned_scale(digits):
 
 def test_unsupported_sites_are_refused(digits):
     lm, calib, _ = digits
-    qm = quantize(lm.module, QuantConfig(method="minmax", weight_bits=8, act_bits=8,
-                                         calib_samples=16, power_of_two_scales=True), calib).model
-    with pytest.raises(UnsupportedModelError, match="power-of-two"):
+    qm = quantize(lm.module, QuantConfig(method="minmax", weight_only=True, weight_bits=4,
+                                         group_size=16, calib_samples=16), calib).model
+    with pytest.raises(UnsupportedModelError, match="weight groups"):
         to_brevitas(qm)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_power_of_two_scales_convert_exactly_and_stay_powers_of_two(digits, symmetric):
+    """FPGA targets (``power_of_two_scales``): Brevitas learns log2 of each threshold, rounded,
+    so step 0 is the PTQ model exactly and whatever it learns writes back as powers of two."""
+    from slimformer.qat.convert import learned_parameters
+    from slimformer.qat.layers import is_pow2
+    from slimformer.qat.writeback import snap_input_scales, to_quantized
+    from slimformer.quantize.act import ActQuantizer
+
+    lm, calib, x = digits
+    qm = quantize(lm.module, QuantConfig(method="minmax", weight_bits=4, act_bits=8,
+                                         calib_samples=32, power_of_two_scales=True,
+                                         symmetric=symmetric), calib).model
+    bm = to_brevitas(qm)
+    with torch.no_grad():
+        ref, got = qm(x=x), bm(x=x)
+    assert torch.equal(ref, got)  # every code and scale as PTQ's
+    ours_c, theirs_c = _input_codes(qm, bm, x)
+    assert all(torch.equal(a, b) for a, b in zip(ours_c, theirs_c, strict=True))
+    pow2 = [m for m in bm.modules() if is_pow2(m)]
+    assert len(pow2) == len(qm.quant.linears) + len({id(q.act) for q in qm.quant.linears.values()})
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a third of the scales one octave up: the grids move
+        for name, p in learned_parameters(bm).items():
+            if ".scaling_impl." in name:
+                p.add_((torch.rand(p.shape, generator=gen) < 0.3).float())
+    assert snap_input_scales(bm) == 0  # powers of two: our ranges hold them as they are
+    ours = to_quantized(bm, qm)
+    with torch.no_grad():
+        s, o = bm(x=x), ours(x=x)
+    assert torch.equal(s, o) and not torch.equal(s, ref)
+
+    def is_power(t):
+        return torch.equal(torch.exp2(torch.log2(t).round()), t)
+
+    assert all(is_power(lq.wq.scale) for lq in ours.quant.linears.values())
+    assert all(is_power(m.scale_zero()[0]) for m in ours.modules()
+               if isinstance(m, ActQuantizer) and m.mode == "quant" and m.pow2)
 
 
 class _TiedLM(torch.nn.Module):

@@ -111,3 +111,33 @@ def test_qat_with_run_time_activation_ranges_saves_exports_onnx_and_refuses_qonn
     res = runner.invoke(app, ["export", "qonnx", str(a), "--out", str(f), "--rows", "4"])
     assert res.exit_code == 2 and "run time" in res.output and "act_dynamic: off" in res.output
     assert list(tmp_path.glob("m*.onnx")) == []
+
+
+def test_qat_with_power_of_two_scales_exports_to_hls_bit_accurately(tmp_path):
+    """FPGA targets: QAT keeps every scale a power of two, so ``export hls`` takes its folder and
+    the C simulation reproduces its fixed-point reference exactly."""
+    from slimformer.quantize.act import ActQuantizer
+
+    q, h = tmp_path / "q", tmp_path / "h"
+    res = runner.invoke(app, ["qat", "vit-digits-seq", "--method", "minmax", "--weight-bits", "4",
+                              "--act-bits", "4", "--set", "quantize.power_of_two_scales=true",
+                              "--set", "quantize.softmax=none", "--set", "quantize.gptq=false",
+                              "--steps", "50", "--eval-every", "25", "--rows", "512",
+                              "--weight-lr", "3e-4", "--scale-lr", "3e-3", "--limit", "200",
+                              "--out", str(q)])
+    assert res.exit_code == 0, res.output
+    m = json.loads((q / "report.json").read_text())["stages"][2]["metrics"]
+    assert m["writeback_db"] >= 60  # written back exactly (what it learns: test_train.py)
+    model = restore(q / "quantized").module
+
+    def is_power(t):
+        return torch.equal(torch.exp2(torch.log2(t).round()), t)
+
+    assert all(is_power(lq.wq.scale) for lq in model.quant.linears.values())
+    acts = [a for a in model.modules() if isinstance(a, ActQuantizer) and a.mode == "quant"]
+    assert acts and all(is_power(a.scale_zero()[0]) for a in acts)
+    res = runner.invoke(app, ["export", "hls", str(q / "quantized"), "--out", str(h)])
+    assert res.exit_code == 0, res.output
+    c = json.loads((h / "report.json").read_text())["stages"][-1]["metrics"]
+    assert c["csim_max_error"] == 0.0 and c["csim_agreement_reference"] == 1.0
+    assert c["csim_accuracy_csim"] >= c["csim_accuracy_float"] - 0.08  # W4A4: within 8 points

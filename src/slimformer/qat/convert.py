@@ -55,7 +55,7 @@ def to_brevitas(qmodel: QuantizedModel) -> QuantizedModel:
     quantizers, applied by the returned ``QuantizedModel`` (frozen: not learned).
 
     Raises:
-        UnsupportedModelError: A Linear's quantizer uses weight groups, power-of-two scales,
+        UnsupportedModelError: A Linear's quantizer uses weight groups,
             outlier input channels or a per-channel input quantizer: not converted yet.
     """
     src = copy.deepcopy(qmodel)
@@ -108,8 +108,6 @@ def _check_supported(linears: list[LinearQuant], weight_only: bool) -> None:
     for lq in linears:
         if lq.group is not None:
             problems.append(f"{lq.name}: weight groups of {lq.group} columns")
-        if lq.wq.pow2 or lq.act.pow2:
-            problems.append(f"{lq.name}: power-of-two scales")
         if lq.act.lo.numel() > 1 and not (weight_only or lq.act.keep_float):
             problems.append(f"{lq.name}: per-channel input quantizer {lq.act.name}")
         if lq.act.outliers is not None and not (weight_only or lq.act.keep_float):
@@ -118,14 +116,14 @@ def _check_supported(linears: list[LinearQuant], weight_only: bool) -> None:
     if problems:
         raise UnsupportedModelError(
             "not converted to Brevitas yet (supported: per-channel weights, per-tensor inputs, "
-            "float scales): " + "; ".join(problems[:4]))
+            "float or power-of-two scales): " + "; ".join(problems[:4]))
 
 
 def _convert(lin: nn.Linear, lq: LinearQuant, state: QuantState,
              inputs: dict[int, tuple[nn.Module | None, object]]) -> nn.Module:
     """The Brevitas replacement of ``lin`` (with its input affine in front when there is one)."""
     wq, act = lq.wq, lq.act
-    kw = quantizer_kwargs("weight_", wq.scale, wq.zero, wq.bits, wq.symmetric)
+    kw = quantizer_kwargs("weight_", wq.scale, wq.zero, wq.bits, wq.symmetric, wq.pow2)
     affine = None
     if state.weight_only or act.keep_float:
         kw["input_quant"] = None
@@ -137,7 +135,7 @@ def _convert(lin: nn.Linear, lq: LinearQuant, state: QuantState,
     else:
         scale, zero = act.scale_zero()
         kw.update(quantizer_kwargs("input_", scale.reshape(()), zero.reshape(()), act.bits,
-                                   act.symmetric))
+                                   act.symmetric, act.pow2))
         kw["input_quant"] = SymmetricInput if act.symmetric else AsymmetricInput
         if act.shift is not None:
             affine = InputAffine(act.shift, act.inv_r)

@@ -21,7 +21,9 @@ chosen so that the division gives back our float32 scale bit for bit (:func:`exa
 from __future__ import annotations
 
 import torch
+from brevitas.core.function_wrapper import RoundSte
 from brevitas.core.quant import IntQuant
+from brevitas.core.restrict_val import PowerOfTwoRestrictValue
 from brevitas.core.scaling import ScalingPerOutputType
 from brevitas.core.zero_point import ParameterZeroPoint, ZeroZeroPoint
 from brevitas.inject import ExtendedInjector
@@ -152,9 +154,22 @@ def is_run_time(proxy) -> bool:
     return isinstance(proxy, DynamicActQuantProxyFromInjector)
 
 
-def threshold(bits: int, signed: bool) -> int:
-    """``T``: Brevitas's scale is its learned threshold divided by it (see module doc)."""
+def threshold(bits: int, signed: bool, pow2: bool = False) -> int:
+    """``T``: Brevitas's scale is its learned threshold divided by it (see module doc).
+
+    Power-of-two grids divide by a power of two (Brevitas's ``PowerOfTwoIntScaling``):
+    ``2^(b-1)`` signed, ``2^b`` unsigned.
+    """
+    if pow2:
+        return 2 ** (bits - 1) if signed else 2**bits
     return 2 ** (bits - 1) if signed else 2**bits - 1
+
+
+def is_pow2(scaling_impl: nn.Module) -> bool:
+    """Whether a Brevitas ``scaling_impl`` learns a power-of-two scale (its log2, rounded)."""
+    restrict = getattr(getattr(scaling_impl, "restrict_clamp_scaling", None),
+                       "restrict_value_impl", None)
+    return isinstance(restrict, PowerOfTwoRestrictValue)
 
 
 def exact_threshold(scale: torch.Tensor, t: int) -> torch.Tensor:
@@ -171,14 +186,21 @@ def exact_threshold(scale: torch.Tensor, t: int) -> torch.Tensor:
 
 
 def quantizer_kwargs(prefix: str, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                     symmetric: bool) -> dict:
+                     symmetric: bool, pow2: bool = False) -> dict:
     """``QuantLinear`` keyword arguments initializing a quantizer from our ``scale``, ``zero``.
 
     Ours: ``codes = clamp(round(x / s) + z, 0, 2^b - 1)`` with ``z = 2^(b-1)`` when symmetric,
     which is Brevitas's signed grid ``clamp(round(x / s), -2^(b-1), 2^(b-1) - 1)`` shifted.
+    ``pow2`` (our scales are powers of two, FPGA targets): Brevitas learns ``log2`` of the
+    threshold and rounds it (straight through) to an integer, so every learned scale stays a
+    power of two; the initial threshold ``s T`` is one exactly.
     """
-    kw = {f"{prefix}bit_width": bits,
-          f"{prefix}scaling_init": exact_threshold(scale.detach().clone(), threshold(bits, symmetric))}
+    t = threshold(bits, symmetric, pow2)
+    init = scale.detach().clone() * t if pow2 else exact_threshold(scale.detach().clone(), t)
+    kw = {f"{prefix}bit_width": bits, f"{prefix}scaling_init": init}
+    if pow2:
+        kw[f"{prefix}restrict_scaling_type"] = RestrictValueType.POWER_OF_TWO
+        kw[f"{prefix}restrict_value_float_to_int_impl"] = RoundSte
     if not symmetric:
         kw[f"{prefix}zero_point_init"] = (zero * scale).detach().clone()
     return kw

@@ -31,7 +31,7 @@ from torch import nn
 
 from slimformer.qat.config import QatConfig
 from slimformer.qat.convert import learned_parameters
-from slimformer.qat.layers import QatLinear
+from slimformer.qat.layers import QatLinear, is_pow2
 from slimformer.quantize.judge import Judge
 from slimformer.quantize.spill import available_bytes
 
@@ -85,6 +85,9 @@ class TrainLog:
 def param_groups(student: nn.Module, config: QatConfig) -> list[dict]:
     """Adam groups: Linear weights and biases; per quantizer its scale and zero point.
 
+    Rates: ``weight_lr``; ``scale_lr`` times the quantizer's threshold (a power-of-two
+    quantizer's log2 threshold: ``scale_lr / ln 2``, the same relative step).
+
     Every parameter of ``student`` not in a group is frozen (``requires_grad`` False).
     """
     for p in student.parameters():
@@ -93,10 +96,19 @@ def param_groups(student: nn.Module, config: QatConfig) -> list[dict]:
                for p in (m.weight, m.bias) if p is not None]
     groups = [{"params": weights, "lr": config.weight_lr}]
     learned = learned_parameters(student)
+    pow2_params = {id(m.value) for m in student.modules() if is_pow2(m)}
     for name, p in learned.items():
         if ".scaling_impl." not in name:
             continue
         zp = learned.get(name.replace(".scaling_impl.", ".zero_point_impl."))
+        if pow2_params is not None and id(p) in pow2_params:
+            # log2 of a power-of-two threshold: a relative change r of the scale is r / ln 2
+            # there (a code-width change needs |r| ~ 0.35 in all, as the rounding moves at 0.5)
+            groups.append({"params": [p], "lr": config.scale_lr / math.log(2)})
+            if zp is not None:  # the zero point (z s): the rate relative to the threshold
+                groups.append({"params": [zp],
+                               "lr": config.scale_lr * float(torch.exp2(p.detach()).mean())})
+            continue
         base = float(p.detach().abs().mean())
         groups.append({"params": [p] + ([zp] if zp is not None else []),
                        "lr": config.scale_lr * base})
@@ -117,9 +129,11 @@ def attention_ranges(student) -> list[tuple[list[torch.Tensor], float]]:
     grid is uniform. ``threshold``: the quantizer's scale times its largest code magnitude, as
     Brevitas's learned threshold (the learning rate is relative to it). Gradients reach them
     through the straight-through rounding of
-    :func:`~slimformer.quantize.quantizers.fake_uniform` (LSQ-style).
+    :func:`~slimformer.quantize.quantizers.fake_uniform` (LSQ-style). Power-of-two grids
+    (``power_of_two_scales``) are left as they are: a learned range would leave the powers of two.
     """
     found, seen = [], set()
+    pow2 = bool(getattr(getattr(student, "config", None), "power_of_two_scales", False))
     for a in getattr(student.quant, "attention", {}).values():
         for act in (a.q_in, a.k_in, a.v_in):
             if id(act) in seen or act.mode != "quant" or act.keep_float or act.dynamic or act.pow2:
@@ -130,7 +144,8 @@ def attention_ranges(student) -> list[tuple[list[torch.Tensor], float]]:
             top = 2 ** (act.bits - 1) if act.symmetric else 2**act.bits - 1
             found.append(([act.lo, act.hi], float(scale.mean()) * top))
         p = a.probs
-        if p.kind == "uniform" and p.mode == "quant" and not a.probs_float and id(p) not in seen:
+        if p.kind == "uniform" and p.mode == "quant" and not a.probs_float and id(p) not in seen \
+                and not pow2:  # a power-of-two grid (fixed-point targets) stays one
             seen.add(id(p))
             found.append(([p.delta], float(p.delta)))
     return found
@@ -204,14 +219,21 @@ def _clamp_zero_points(student: nn.Module) -> None:
     """Keep every learned zero point on its grid (``0 <= z <= 2^b - 1``), as ours must be.
 
     Zero points are learned on unsigned grids only, stored as ``|z| s`` beside the threshold
-    ``(2^b - 1) s``: ``z <= 2^b - 1`` is ``|value| <= |threshold|``. Brevitas's quantizers take
-    any value; our activation quantizers (whose range holds 0) cannot.
+    ``(2^b - 1) s``: ``z <= 2^b - 1`` is ``|value| <= |threshold|``. A power-of-two grid keeps
+    ``log2`` of its threshold ``2^b s`` (rounded), so there the bound is ``2^round(v) (1 - 2^-b)``.
+    Brevitas's quantizers take any value; our activation quantizers (whose range holds 0) cannot.
     """
     from brevitas.core.zero_point import ParameterZeroPoint
 
     for name, m in student.named_modules():
         if isinstance(m, ParameterZeroPoint):
-            top = student.get_submodule(name.rpartition(".")[0]).scaling_impl.value.detach()
+            quant = student.get_submodule(name.rpartition(".")[0])
+            value = quant.scaling_impl.value.detach()
+            if is_pow2(quant.scaling_impl):
+                bits = float(quant.msb_clamp_bit_width_impl())
+                top = torch.exp2(torch.round(value)) * (1 - 2.0**-bits)
+            else:
+                top = value
             m.value.copy_(torch.minimum(m.value.abs(), top.abs()))
 
 
