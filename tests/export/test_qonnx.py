@@ -107,9 +107,9 @@ def test_qonnx_quant_nodes_carry_the_artifacts_grids_and_run(exported):
 
 def test_refusals_leave_no_file(digits, tmp_path):
     lm, calib, x = digits
-    qm = quantize(lm.module, QuantConfig(method="minmax", weight_bits=8, act_bits=8,
-                                         calib_samples=16, power_of_two_scales=True), calib).model
-    with pytest.raises(UnsupportedModelError, match="power-of-two"):
+    qm = quantize(lm.module, QuantConfig(method="minmax", weight_only=True, weight_bits=4,
+                                         group_size=16, calib_samples=16), calib).model
+    with pytest.raises(UnsupportedModelError, match="weight groups"):
         to_brevitas(qm)  # what the stage and CLI call first: typed, naming the sites
     qm = quantize(lm.module, QuantConfig(method="minmax", weight_bits=4, act_bits=4,
                                          calib_samples=16), calib).model
@@ -122,6 +122,19 @@ def test_refusals_leave_no_file(digits, tmp_path):
     with pytest.raises(ExportError, match="no Brevitas quantized layer"):
         export_brevitas(lm.module, *files, {"x": x[:4]})
     assert list(tmp_path.iterdir()) == []  # atomic: nothing half-written
+
+
+def test_power_of_two_scales_export_with_exact_parity(digits, tmp_path):
+    """Fixed-point grids (FPGA targets) convert since QAT learns them: QCDQ and QONNX exact."""
+    lm, calib, x = digits
+    qm = quantize(lm.module, QuantConfig(method="minmax", weight_bits=8, act_bits=8,
+                                         calib_samples=16, power_of_two_scales=True,
+                                         softmax="none"), calib).model
+    res = export_brevitas(to_brevitas(qm), tmp_path / "a.qcdq.onnx", tmp_path / "a.qonnx.onnx",
+                          {"x": x[:4]}, OnnxConfig())
+    for form in ("qcdq", "qonnx"):
+        assert res.parity[form]["traced"]["sqnr_db"] == math.inf
+    assert res.qonnx_nodes["layers_not_in_graph"] == 0
 
 
 def test_recipe_stage_and_cli(tmp_path):
