@@ -101,7 +101,7 @@ def param_groups(student: nn.Module, config: QatConfig) -> list[dict]:
         if ".scaling_impl." not in name:
             continue
         zp = learned.get(name.replace(".scaling_impl.", ".zero_point_impl."))
-        if pow2_params is not None and id(p) in pow2_params:
+        if id(p) in pow2_params:
             # log2 of a power-of-two threshold: a relative change r of the scale is r / ln 2
             # there (a code-width change needs |r| ~ 0.35 in all, as the rounding moves at 0.5)
             groups.append({"params": [p], "lr": config.scale_lr / math.log(2)})
