@@ -355,6 +355,17 @@ def test_cosine_schedule_decays_every_rate_to_zero(digits, monkeypatch):
             assert ratios[4] == pytest.approx(0.5) and ratios[-1] < 0.04
 
 
+def test_zero_steps_give_back_the_ptq_model(digits):
+    """``steps: 0`` (allowed by the config) judges step 0 and writes it back: the PTQ model's
+    outputs (the cosine schedule divided by the step count)."""
+    lm, qm, train, test = digits
+    res = qat(qm, lm.module, QatConfig(steps=0, rows=64, batch_size=8), train)
+    assert res.log.steps == 0 and res.log.best_step == 0
+    x = {k: v[:64] for k, v in test.inputs.items()}
+    with torch.no_grad():
+        assert torch.equal(res.model(**x).argmax(-1), qm(**x).argmax(-1))
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_qat_with_power_of_two_scales_beats_ptq(digits, symmetric):
     """Fixed-point targets: W4A4 with power-of-two scales (log2 thresholds learned, rounded)

@@ -315,7 +315,7 @@ def micro_batch(student, fit, config: QatConfig, budget: int | None) -> tuple[in
 
 def decay(config: QatConfig, done: int) -> float:
     """The factor on every group's rate after ``done`` optimizer steps (``config.lr_schedule``)."""
-    if config.lr_schedule == "constant":
+    if config.lr_schedule == "constant" or config.steps == 0:
         return 1.0
     return 0.5 * (1.0 + math.cos(math.pi * min(done, config.steps) / config.steps))
 
