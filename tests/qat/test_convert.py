@@ -224,3 +224,50 @@ def test_run_time_activation_ranges_convert_exactly(digits, dynamic):
         o = back(x=x)
     assert torch.equal(s, o) and sqnr_db(s, ref) < 60  # exact, and the student had moved
     assert all(lq.act.dynamic == dynamic for lq in back.quant.linears.values())
+
+
+def test_outlier_channels_stay_float_and_write_back():
+    """Input channels our quantizer keeps float (``outlier_channels``, the W8A8 default on
+    BERT-family encoders) stay float in the Brevitas layer: step 0 is the PTQ model, the float
+    product trains the weight's outlier columns, and the student writes back exactly."""
+    from slimformer.qat.writeback import to_quantized
+
+    lm = load_model(ZooSpec(name="vit-fmnist"))
+    with torch.no_grad():  # one massive hidden dimension after the first norm (as BERT's)
+        norm = lm.module.blocks[0].norm1
+        norm.weight[37] *= 60.0
+        norm.bias[37] += 40.0
+    calib = get_dataset("fashion-mnist", "calib", limit=64)
+    x = get_dataset("fashion-mnist", "test", limit=128).inputs["pixel_values"]
+    qm = quantize(lm.module, QuantConfig(method="minmax", smooth="off"), calib).model
+    split = {lq.name for lq in qm.quant.linears.values() if lq.act.outliers is not None}
+    assert split, "the planted channel is split out"
+    bm = to_brevitas(qm)
+    layers = {m.site: m for m in bm.modules() if isinstance(m, QatLinear)}
+    assert {s for s, m in layers.items() if m.outliers is not None} == split
+    with torch.no_grad():
+        ref, got, fl = qm(pixel_values=x), bm(pixel_values=x), lm.module(pixel_values=x)
+    # measured: 327 dB (the same codes; the float sums in another order) vs PTQ's 36 dB
+    assert sqnr_db(ref, got) >= 60 > sqnr_db(fl, ref) + 10
+    with torch.no_grad():  # without the float product the planted channel is lost
+        saved = {s: layers[s].outliers for s in split}
+        for s in split:
+            layers[s].outliers = None
+        dropped = bm(pixel_values=x)
+        for s in split:
+            layers[s].outliers = saved[s]
+    assert sqnr_db(fl, dropped) < sqnr_db(fl, ref) - 10  # measured: -8 dB
+    ((bm(pixel_values=x[:32]) - fl[:32]) ** 2).mean().backward()
+    for s in split:  # the outlier columns learn through the float product
+        w = layers[s].weight.grad
+        assert w is not None and w[:, saved[s]].abs().sum() > 0
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in layers.values():
+            m.weight.add_(0.02 * m.weight.abs().mean() * torch.randn(m.weight.shape, generator=gen))
+        s_out = bm(pixel_values=x)
+    back = to_quantized(bm, qm)
+    with torch.no_grad():
+        o = back(pixel_values=x)
+    assert sqnr_db(s_out, o) >= 60 and sqnr_db(s_out, ref) < 50
+    assert {lq.name for lq in back.quant.linears.values() if lq.act.outliers is not None} == split

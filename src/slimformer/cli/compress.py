@@ -237,12 +237,11 @@ def qat(model: Annotated[str, typer.Argument(help="A quantized folder (slimforme
                 raise ConfigError(["--set quantize.*: the model is quantized already; drop "
                                    "those --set items"], "options")
         else:
-            # no outlier channels: the Brevitas layers quantize every input channel; static
-            # ranges unless asked (a causal LM's quantize default is per token): learned
+            # static ranges unless asked (a causal LM's quantize default is per token): learned
             named = {"method": method} if method is not None else {}
             stages.insert(0, _stage(QuantizeStage, set_, "quantize", **named,
                                     weight_bits=weight_bits, act_bits=act_bits,
-                                    outlier_channels=0, act_dynamic=act_dynamic))
+                                    act_dynamic=act_dynamic))
         quiet = EvaluateStage(latency_batch_sizes=[])
         calib = max([CALIB_ROWS, stage.rows] + [s.calib_samples for s in stages[:-1]])
         result = _run_one(con, "qat", model, config, [quiet, *stages, quiet], out, overwrite,

@@ -14,7 +14,8 @@ weight is a quantized site (found by parameter identity, not by name) with a
   affine, where it stayed before the quantizer, as a fixed :class:`~slimformer.qat.layers.InputAffine`;
   inputs our model keeps float (``keep_float``, weight-only) stay float; inputs quantized on
   their own range at run time (``act_dynamic``) get Brevitas's dynamic proxy computing our grid
-  (:class:`~slimformer.qat.layers.RunTimeInput`), nothing learned there.
+  (:class:`~slimformer.qat.layers.RunTimeInput`), nothing learned there; outlier input channels
+  (``ActQuantizer.outliers``) stay float in the Brevitas layer (:meth:`QatLinear.split_out`).
 
 Everything else stays as it was: float modules, and our own attention (q, k, v, probabilities)
 and embedding quantizers, which the returned ``QuantizedModel`` still applies (in their simulated,
@@ -55,8 +56,8 @@ def to_brevitas(qmodel: QuantizedModel) -> QuantizedModel:
     quantizers, applied by the returned ``QuantizedModel`` (frozen: not learned).
 
     Raises:
-        UnsupportedModelError: A Linear's quantizer uses weight groups,
-            outlier input channels or a per-channel input quantizer: not converted yet.
+        UnsupportedModelError: A Linear's quantizer uses weight groups or a per-channel input
+            quantizer: not converted yet.
     """
     src = copy.deepcopy(qmodel)
     src._rebind()
@@ -110,13 +111,10 @@ def _check_supported(linears: list[LinearQuant], weight_only: bool) -> None:
             problems.append(f"{lq.name}: weight groups of {lq.group} columns")
         if lq.act.lo.numel() > 1 and not (weight_only or lq.act.keep_float):
             problems.append(f"{lq.name}: per-channel input quantizer {lq.act.name}")
-        if lq.act.outliers is not None and not (weight_only or lq.act.keep_float):
-            problems.append(f"{lq.name}: {lq.act.outliers.numel()} outlier input channel(s) "
-                            f"kept float at {lq.act.name} (quantize with outlier_channels: 0)")
     if problems:
         raise UnsupportedModelError(
-            "not converted to Brevitas yet (supported: per-channel weights, per-tensor inputs, "
-            "float or power-of-two scales): " + "; ".join(problems[:4]))
+            "not converted to Brevitas yet (supported: per-channel weights, per-tensor inputs "
+            "with or without outlier channels, float or power-of-two scales): " + "; ".join(problems[:4]))
 
 
 def _convert(lin: nn.Linear, lq: LinearQuant, state: QuantState,
@@ -144,6 +142,8 @@ def _convert(lin: nn.Linear, lq: LinearQuant, state: QuantState,
                       weight_quant=SymmetricWeight if wq.symmetric else AsymmetricWeight,
                       return_quant_tensor=False, device=w.device, dtype=w.dtype, **kw)
     layer.site = lq.name  # the LinearQuant it came from (qat.writeback writes back to it)
+    if kw["input_quant"] is not None and act.outliers is not None:
+        layer.split_out(act.outliers)  # kept float, as our quantizer keeps them
     if kw["input_quant"] is not None and id(act) not in inputs:
         inputs[id(act)] = (affine, layer.input_quant)
     if lin.bias is not None:

@@ -37,6 +37,7 @@ from brevitas.inject.enum import (
 from brevitas.nn import QuantLinear
 from brevitas.proxy.runtime_quant import DynamicActQuantProxyFromInjector
 from brevitas.quant.solver import ActQuantSolver, WeightQuantSolver
+from brevitas.quant_tensor import QuantTensor
 from torch import nn
 
 from slimformer.quantize.quantizers import dynamic_params
@@ -215,9 +216,37 @@ class QatLinear(QuantLinear):
 
     ``site``: the name of the quantized weight (:class:`~slimformer.quantize.state.LinearQuant`)
     it was converted from, set by :func:`~slimformer.qat.convert.to_brevitas`.
+
+    ``outliers (k,)`` (:meth:`split_out`; None: every channel quantized): input channels kept
+    float, as our :class:`~slimformer.quantize.act.ActQuantizer` keeps them. The Brevitas input
+    quantizer sees the input with those channels zeroed (zero is on every grid: their code is
+    the zero point and adds nothing), and ``x_O @ Wq[:, O]^T`` is added in float with the
+    fake-quantized weight ``Wq``: ``Wq (Q(x * keep) + x * (1 - keep))``, our model's product
+    (one matmul, as ours: a split sum rounds differently and flips codes downstream),
+    with gradients to the weight, its scales and the input range.
     """
 
     site: str = ""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("outliers", None)
+
+    def split_out(self, channels: torch.Tensor) -> None:
+        """Keep the input channels ``channels (k,)`` float (see class doc)."""
+        self.outliers = channels.detach().clone().long()
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        """``(..., in) -> (..., out)``; outlier channels as in the class doc."""
+        if self.outliers is None:
+            return super().forward(inp)
+        keep = torch.ones(inp.shape[-1], dtype=inp.dtype, device=inp.device)
+        keep[self.outliers] = 0
+        q = self.input_quant(inp * keep)  # dequantized values; straight-through gradients
+        q = q.value if isinstance(q, QuantTensor) else q
+        w = self.quant_weight().value  # (out, in)
+        # one product over all channels, in our model's order: the same float sums
+        return nn.functional.linear(q + inp * (1 - keep), w, self.bias)
 
     def unpack_input(self, inp):
         """The input as it is (see class doc)."""

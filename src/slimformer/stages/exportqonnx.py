@@ -53,6 +53,14 @@ def qonnx_into(ctx: RunContext, stage, tmp: Path, rows: Callable[[int], dict]) -
             "those as DynamicQuantizeLinear (8-bit, one range per tensor) and its QONNX exporter "
             "not at all, so neither file would compute this model. Use format onnx (it writes "
             "the run-time grids), or quantize with act_dynamic: off for QONNX / FINN")
+    split = [lq.name for lq in ctx.model.quant.linears.values()
+             if lq.act.outliers is not None and not lq.act.keep_float]
+    if split:
+        raise ExportError(
+            f"format qonnx: {len(split)} Linear input(s) keep outlier channels float "
+            f"(outlier_channels; {', '.join(split[:3])}): a float product beside the quantized "
+            "one, which QONNX / FINN do not compute. Use format onnx (it writes that product), "
+            "or quantize with outlier_channels: 0 for QONNX")
     student = to_brevitas(ctx.model)
     plain = plain_parts(student)
     res = export_brevitas(student, tmp / FILES["qcdq"], tmp / FILES["qonnx"],
