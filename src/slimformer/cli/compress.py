@@ -172,8 +172,9 @@ def qat(model: Annotated[str, typer.Argument(help="A quantized folder (slimforme
         out: Annotated[Path, typer.Option(help="Folder for the fine-tuned quantized model.")],
         steps: Annotated[int, typer.Option(help="Optimizer steps at most.")] = 300,
         batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 32,
-        weight_lr: Annotated[float, typer.Option(help="Adam rate of the Linear weights.")]
-        = 1e-4,
+        weight_lr: Annotated[float | None, typer.Option(
+            help="Adam rate of the Linear weights (default: 1e-4 at <= 4 bits, halved per "
+                 "bit above).")] = None,
         scale_lr: Annotated[float, typer.Option(help="Adam rate of the learned scales and zero "
                                                 "points, relative to each scale.")] = 1e-3,
         lr_schedule: Annotated[str, typer.Option(help="constant | cosine (the rates decay to "

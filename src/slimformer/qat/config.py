@@ -18,7 +18,10 @@ class QatConfig(BaseModel):
         steps: Optimizer steps at most (one batch each); fewer when early stopping or the
             wall-clock budget ends the run.
         batch_size: Rows per step.
-        weight_lr: Adam learning rate of the quantized Linears' float weights and biases.
+        weight_lr: Adam learning rate of the quantized Linears' float weights and biases, or
+            None (default): ``1e-4`` for weights of <= 4 bits, halved per bit above (8 bits:
+            ``6.25e-6``), each Linear by its own bit-width
+            (:func:`~slimformer.qat.train.weight_rate`).
         scale_lr: Adam learning rate of the learned scales and zero points, relative to each
             quantizer's initial scale threshold (``1e-3``: a thousandth of it per step at most).
         lr_schedule: ``constant`` rates, or ``cosine``: every rate decays from its value at step
@@ -57,7 +60,7 @@ class QatConfig(BaseModel):
 
     steps: Annotated[int, Field(ge=0, le=10_000_000)] = 300
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
-    weight_lr: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
+    weight_lr: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     scale_lr: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-3
     lr_schedule: Literal[SCHEDULES] = "cosine"  # type: ignore[valid-type]
     loss: Literal[LOSSES] = "auto"  # type: ignore[valid-type]
