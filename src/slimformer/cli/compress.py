@@ -192,8 +192,8 @@ def qat(model: Annotated[str, typer.Argument(help="A quantized folder (slimforme
                                                           "fine-tuning.")] = None,
         method: Annotated[str | None, typer.Option(help="A float MODEL: the quantize method "
                                                    "(minmax | percentile | repq | repquant; "
-                                                   "default: repq, minmax with "
-                                                   "--act-dynamic).")] = None,
+                                                   "default: minmax at W8A8 or with "
+                                                   "--act-dynamic, else repq).")] = None,
         act_dynamic: Annotated[str, typer.Option(help="A float MODEL: off (static input "
                                                  "ranges, learned) | token | tensor (ranges "
                                                  "computed at run time, not learned).")]
