@@ -85,6 +85,23 @@ def test_early_stopping_keeps_the_best_step(digits):
     assert judge.measure()["pt"] == best.metrics["pt"]
 
 
+def test_agreement_metric_keeps_the_step_closest_to_float(digits):
+    """``metric: agree`` judges top-1 disagreement with the float model, labels or not."""
+    from slimformer.errors import UnsupportedModelError
+
+    lm, qm, train, _ = digits
+    cfg = QatConfig(steps=40, eval_every=10, patience=0, rows=256, metric="agree")
+    res = qat(qm, lm.module, cfg, train)
+    js = res.log.judgements
+    assert res.metric == "agree" and len(js) == 5
+    for j in js:
+        assert j.metrics["agree"] == pytest.approx(100 * (1 - j.metrics["agreement"]))
+    best = max(js, key=lambda j: (-j.metrics["agree"], j.metrics["db"]))
+    assert res.log.best_step == best.step
+    with pytest.raises(UnsupportedModelError, match="metric agree needs class scores"):
+        qat(qm, lm.module, cfg, train, task="sentence-embedding")
+
+
 def test_writeback_of_perturbed_student_is_exact(digits):
     """Scales, zero points, weights and biases moved off PTQ's all arrive in our model."""
     from slimformer.qat.convert import learned_parameters, to_brevitas

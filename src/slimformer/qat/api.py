@@ -38,7 +38,8 @@ class QatResult:
         model: Our quantized model holding the learned values (the PTQ model's form).
         student: The Brevitas model at the step kept.
         log: Every held-out judgement, the step kept, why it stopped, seconds and CPU seconds.
-        loss: ``kl`` or ``mse``; metric: ``pt``, ``ppl`` or ``db`` (what early stopping judged).
+        loss: ``kl`` or ``mse``; metric: ``pt``, ``agree``, ``ppl`` or ``db`` (what early
+            stopping judged).
         fit_rows / held_rows: Rows trained on / judged.
         writeback_db: Output SQNR of ``model`` vs ``student`` on the held-out rows (dB).
         notes: What the report should say, in words.
@@ -72,6 +73,11 @@ def choose(config: QatConfig, teacher: nn.Module, inputs: dict, task: str | None
                                     "the first element of a returned tuple): this model has "
                                     "none; use loss mse")
     metric = config.metric
+    if metric in ("pt", "agree") and not has_scores:
+        raise UnsupportedModelError(f"metric {metric} needs class scores (the output, its "
+                                    "'logits' or the first element of a returned tuple) of a "
+                                    f"task that is not an embedding one (task {task}): use "
+                                    "metric db")
     if metric == "auto":
         metric = "ppl" if task == "causal-lm" else "pt" if has_scores else "db"
     return loss, metric

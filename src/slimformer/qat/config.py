@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 LOSSES = ("auto", "kl", "mse")
-METRICS = ("auto", "pt", "ppl", "db")
+METRICS = ("auto", "pt", "agree", "ppl", "db")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -35,8 +35,10 @@ class QatConfig(BaseModel):
         temperature: Softmax temperature of ``kl`` (on teacher and student alike).
         metric: What early stopping judges on the held-out rows (as the quantize budget does,
             :class:`~slimformer.quantize.judge.Judge`): ``pt`` accuracy points lost vs float
-            (top-1 agreement points without labels), ``ppl`` perplexity increase, ``db`` output
-            SQNR, or ``auto``: ``ppl`` for causal LMs, ``pt`` with class scores, else ``db``.
+            (top-1 agreement points without labels), ``agree`` points of top-1 disagreement
+            with the float model even where labels exist (when the float model is the
+            reference: agreement targets), ``ppl`` perplexity increase, ``db`` output SQNR, or
+            ``auto``: ``ppl`` for causal LMs, ``pt`` with class scores, else ``db``.
             Ties go to the higher output SQNR.
         rows: Training rows drawn (seeded) from the data's train split (a user's own data:
             its calibration rows); ``held_out`` of them are set aside.

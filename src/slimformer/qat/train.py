@@ -45,7 +45,16 @@ class StudentJudge(Judge):
 
     def __init__(self, teacher: nn.Module, student, rows, batch_size: int, kinds: set[str]):
         self.teacher = teacher
-        super().__init__(student, rows, batch_size, kinds)
+        self.agree = "agree" in kinds  # measured from the points kind's agreement
+        super().__init__(student, rows, batch_size,
+                         {"pt" if k == "agree" else k for k in kinds})
+
+    def measure(self) -> dict[str, float]:
+        """The judge's metrics, and ``agree``: points of top-1 disagreement with the teacher."""
+        res = super().measure()
+        if self.agree:
+            res["agree"] = 100 * (1 - res["agreement"])
+        return res
 
     def _model(self, mode: str):
         """The teacher for ``float``, the student (its own quantizers on) for ``quant``."""
@@ -268,7 +277,7 @@ def _better(kind: str, a: dict[str, float], b: dict[str, float] | None) -> bool:
     """Whether metrics ``a`` beat ``b`` on ``kind`` (ties: the higher output SQNR)."""
     if b is None:
         return True
-    sign = 1 if kind == "db" else -1  # pt / ppl: lower is better
+    sign = 1 if kind == "db" else -1  # pt / agree / ppl: lower is better
     ka, kb = sign * a[kind], sign * b[kind]
     if ka != kb:
         return ka > kb
