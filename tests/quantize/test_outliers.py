@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from slimformer.data.datasets import get_dataset
-from slimformer.errors import UnsupportedModelError
 from slimformer.export.onnx import export_onnx
 from slimformer.models.loading import load_model
 from slimformer.models.spec import ZooSpec
@@ -107,14 +106,24 @@ def test_saved_and_exported_with_the_same_values(data, tmp_path):
         assert p["sqnr_db"] > 45 and p["argmax_agreement"] == 1
 
 
-def test_qat_names_the_split_channels(data):
+def test_qat_keeps_the_split_channels(data):
+    """The Brevitas layers of QAT keep the same channels float (tests/qat: training, export)."""
     from slimformer.qat.convert import to_brevitas
+    from slimformer.qat.layers import QatLinear
 
-    calib, _ = data
+    calib, test = data
+    x = {"pixel_values": test.inputs["pixel_values"][:64]}
     q = quantize(_vit(planted=True).module, QuantConfig(method="minmax", weight_bits=4,
                                                            act_bits=8), calib).model
-    with pytest.raises(UnsupportedModelError, match="outlier_channels: 0"):
-        to_brevitas(q)
+    ours = {lq.name: lq.act.outliers.tolist() for lq in q.quant.linears.values()
+            if lq.act.outliers is not None}
+    bm = to_brevitas(q)
+    theirs = {m.site: m.outliers.tolist() for m in bm.modules()
+              if isinstance(m, QatLinear) and m.outliers is not None}
+    assert ours and theirs == ours
+    with torch.no_grad():
+        ref, got = q(**x).double(), bm(**x).double()
+    assert 10 * math.log10(float((ref**2).sum() / ((got - ref) ** 2).sum().clamp_min(1e-30))) > 60
 
 
 @pytest.mark.parametrize("dyn", ["token", "tensor"])
