@@ -143,17 +143,12 @@ def test_qat_with_power_of_two_scales_exports_to_hls_bit_accurately(tmp_path):
     assert c["csim_accuracy_csim"] >= c["csim_accuracy_float"] - 0.08  # W4A4: within 8 points
 
 
-def test_qat_keeps_outlier_channels_float_and_qonnx_refuses_them(tmp_path):
+def test_qat_keeps_outlier_channels_float_and_qonnx_refuses_them(tmp_path, planted_vit):
     """A model whose quantizers keep outlier input channels float (a planted massive channel
     after the first norm, as BERT-family encoders carry): fine-tuned (the float product in the
     Brevitas layer), written back and saved with the channels, exported to ONNX with parity;
     ``export qonnx`` refuses it and writes nothing."""
-    spec = ZooSpec(name="vit-fmnist")
-    lm = load_model(spec)
-    with torch.no_grad():
-        norm = lm.module.blocks[0].norm1
-        norm.weight[37] *= 60.0
-        norm.bias[37] += 40.0
+    spec, lm = ZooSpec(name="vit-fmnist"), planted_vit
     qm = quantize(lm.module, QuantConfig(method="minmax", smooth="off", calib_samples=64,
                                          weight_bits=4, act_bits=4),
                   get_dataset("fashion-mnist", "calib")).model
