@@ -96,6 +96,12 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                       "matrix folded into the weights before they are quantized (QuaRot/"
                       "SpinQuant R1; exact in float; pre-norm RMSNorm models); auto: with "
                       "--weight-only at 4 bits or fewer where the model allows it.")] = "auto",
+             rotate_inputs: Annotated[str, typer.Option(
+                 help="on | off: rotate each quantized Linear input online by a seeded "
+                      "orthogonal matrix (QuaRot's online Hadamard; Kronecker factors; the "
+                      "weights W R, exact in float) so its outlier channels spread before the "
+                      "grid; methods minmax / percentile; exported to ONNX, not to QONNX or "
+                      "hls4ml.")] = "off",
              power_of_two_scales: Annotated[bool, typer.Option(
                  help="Power-of-two scales (exact ap_fixed types for export hls).")] = False,
              embedding_bits: Annotated[int | None, typer.Option(
@@ -144,6 +150,7 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                        **({"budget": budget} if budget is not None else {}),
                        smooth=smooth, power_of_two_scales=power_of_two_scales,
                        outlier_channels=outlier_channels, rotate=rotate,
+                       rotate_inputs=rotate_inputs,
                        max_memory=max_memory,
                        clip_steps=clip_steps, recon_steps=recon_steps)
         quiet = EvaluateStage(latency_batch_sizes=[])

@@ -60,6 +60,10 @@ def _act_type(act, what: str) -> FixedType:
         raise HardwareError(f"{what}: its quantizer keeps a per-channel affine on the quantized "
                             "branch (repq after an activation or on a post-norm model), which "
                             "hls4ml cannot apply; use method minmax or percentile for FPGA targets")
+    if getattr(act, "rot_signs", None) is not None:
+        raise HardwareError(f"{what}: its quantizer rotates its input online (rotate_inputs: a "
+                            "float orthogonal matmul before the grid), which hls4ml does not "
+                            "lower; quantize with rotate_inputs: off for FPGA targets")
     if getattr(act, "outliers", None) is not None:
         raise HardwareError(f"{what}: its quantizer keeps {act.outliers.numel()} outlier input "
                             "channel(s) float (outlier_channels), which no ap_fixed type holds; "

@@ -11,7 +11,8 @@ weight is a quantized site (found by parameter identity, not by name) with a
   matches at step 0;
 - input quantizer: our activation quantizer's per-tensor scale and zero point as learned
   parameters, one Brevitas quantizer shared by the Linears that shared ours; RepQ's per-channel
-  affine, where it stayed before the quantizer, as a fixed :class:`~slimformer.qat.layers.InputAffine`;
+  affine, where it stayed before the quantizer, as a fixed :class:`~slimformer.qat.layers.InputAffine`
+  (an online input rotation as :class:`~slimformer.qat.layers.InputRotation` before it);
   inputs our model keeps float (``keep_float``, weight-only) stay float; inputs quantized on
   their own range at run time (``act_dynamic``) get Brevitas's dynamic proxy computing our grid
   (:class:`~slimformer.qat.layers.RunTimeInput`), nothing learned there; outlier input channels
@@ -37,6 +38,7 @@ from slimformer.qat.layers import (
     AsymmetricInput,
     AsymmetricWeight,
     InputAffine,
+    InputRotation,
     QatLinear,
     RunTimeInput,
     SymmetricInput,
@@ -149,7 +151,9 @@ def _convert(lin: nn.Linear, lq: LinearQuant, state: QuantState,
     if lin.bias is not None:
         layer.bias.copy_(lin.bias)
     layer.weight.copy_(_initial_weight(lq, layer))
-    return layer if affine is None else nn.Sequential(affine, layer)
+    front = [m for m in (InputRotation(act.rot_signs, act.rot_a, act.rot_b)
+                         if act.rot_signs is not None else None, affine) if m is not None]
+    return nn.Sequential(*front, layer) if front else layer
 
 
 def _initial_weight(lq: LinearQuant, layer: QatLinear) -> torch.Tensor:

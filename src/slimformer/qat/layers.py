@@ -270,3 +270,23 @@ class InputAffine(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(x + shift) * inv_r`` for ``x (..., C)``."""
         return (x + self.shift) * self.inv_r
+
+
+class InputRotation(nn.Module):
+    """The online input rotation ``x R`` of :mod:`~slimformer.quantize.inrotate` (fixed buffers).
+
+    ``signs (C,)``, ``a (a, a)``, ``b (b, b)``: ``R = diag(signs) (a kron b)``; the Linear after
+    it holds ``W R``.
+    """
+
+    def __init__(self, signs: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.register_buffer("signs", signs.detach().clone())
+        self.register_buffer("a", a.detach().clone())
+        self.register_buffer("b", b.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., C) R``."""
+        from slimformer.quantize.hadamard import apply
+
+        return apply(x, self.signs, self.a, self.b)

@@ -7,6 +7,8 @@ affine ``x' = (x + shift) * inv_r`` then precedes a per-tensor quantizer with id
 A *dynamic* quantizer (:attr:`ActQuantizer.dynamic`, ``QuantConfig.act_dynamic``) ignores its
 calibrated range when it quantizes: each input's grid comes from its own min/max, per tensor or
 per token (row of the last axis), as the runtime computes it.
+An *online rotation* (``rot_*``, :mod:`~slimformer.quantize.inrotate`) multiplies the input by
+an orthogonal ``R`` before all that (observations, ranges and samples are of ``x R``).
 *Outlier channels* (:attr:`ActQuantizer.outliers`, chosen by :mod:`~slimformer.quantize.outliers`)
 pass through in float: the grid covers the other channels, the Linear after it adds their
 products in float (``W[:, O] x_O``), as LLM.int8() splits out its outlier features.
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from slimformer.errors import CalibrationError
+from slimformer.quantize.hadamard import apply
 from slimformer.quantize.quantizers import (
     dynamic_params,
     fake_log2,
@@ -54,6 +57,10 @@ class ActQuantizer(nn.Module):
         self.register_buffer("shift", None)  # (C,): RepQ's affine x' = (x + shift) * inv_r
         self.register_buffer("inv_r", None)  # (C,)
         self.register_buffer("outliers", None)  # (k,) int64: input channels kept float
+        # online rotation x R, R = diag(rot_signs) (rot_a kron rot_b) (quantize.inrotate)
+        self.register_buffer("rot_signs", None)  # (C,)
+        self.register_buffer("rot_a", None)  # (a, a)
+        self.register_buffer("rot_b", None)  # (b, b), a * b = C
         self.pow2 = False
         self.symmetric = False
         self.dynamic: str | None = None  # "tensor" | "token": run-time ranges
@@ -219,17 +226,31 @@ class ActQuantizer(nn.Module):
         zero = round_ste(-lo / scale).clamp(0, 2**self.bits - 1)
         return scale, zero
 
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        """The reparameterization affine of ``x (..., C)`` (identity unless set)."""
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., C) R``: the online input rotation (identity unless set)."""
+        if self.rot_signs is None:
+            return x
+        return apply(x, self.rot_signs, self.rot_a, self.rot_b)
+
+    def affine(self, x: torch.Tensor) -> torch.Tensor:
+        """The reparameterization affine of ``x (..., C)`` (identity unless set).
+
+        On what the quantizer observes (its samples and ranges: after the rotation).
+        """
         if self.shift is not None:
             x = (x + self.shift) * self.inv_r
         return x
 
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """The input ``x (..., C)`` as the grid sees it: rotated, then the affine."""
+        return self.affine(self.rotate(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Observe, pass through, or fake-quantize ``x (..., C)`` depending on :attr:`mode`."""
         if self.mode == "observe":
+            x = self.rotate(x)  # observed as the grid will see it (the consumers are W R)
             self.observe(x)
-            return x
+            return self.affine(x)  # as float mode passes it on
         if self.mode == "float" or self.keep_float:
             return self.transform(x)  # reparameterized models stay exact in float
         return self.quantized(self.transform(x))

@@ -122,7 +122,7 @@ def site_errors(state) -> tuple[list[WeakSite], dict[str, float]]:
             return
         # float32 as the quantized model computes it (sums in float64: sqnr_db); a float64 copy
         # of every site's sample was the check's peak (MiniLM-L6: +0.33 GB)
-        x = act.transform(act.samples()).float()  # (n, C)
+        x = act.affine(act.samples()).float()  # (n, C)
         keep = act.keep_mask(x.shape[-1])  # outlier channels kept float: 0 (None: none)
         xq = x if keep is None else x * keep.float()
         s, z = act.scale_zero()

@@ -214,6 +214,15 @@ class QuantConfig(BaseModel):
             structure allows it (pre-norm RMSNorms read by Linears only); the notes say why not
             elsewhere. ``on``: also at more bits; a model that does not allow it is an error.
             ``off``: never. Recorded as ``on`` / ``off`` (what ran) in the saved config.
+        rotate_inputs: ``on``: every per-tensor activation quantizer feeding plain Linears
+            multiplies its input by a seeded orthogonal ``R`` at run time (QuaRot's online
+            Hadamard, :mod:`~slimformer.quantize.inrotate`: Kronecker factors, ``C (a + b)``
+            multiply-adds per row) and its Linears take ``W R``: exact in float, the channels
+            that dwarf the rest spread over all of them before the grid. Methods ``minmax`` /
+            ``percentile``, static or ``act_dynamic``; not ``weight_only`` (see ``rotate``)
+            nor ``power_of_two_scales`` (fixed-point targets have no float rotation). Exported
+            as ``Mul, MatMul, MatMul`` before each rotated input's Q/DQ; not to QONNX or hls4ml.
+            ``off`` (default).
         float_activations: Glob patterns of activation quantizer names (``in:<weight>``,
             ``norm:<module>:<bits>``, ``<module>:q|k|v``) whose input stays float (the weights
             after them stay quantized); a pattern that matches nothing is an error.
@@ -251,6 +260,7 @@ class QuantConfig(BaseModel):
     act_dynamic: Literal["off", "tensor", "token"] = "off"
     outlier_channels: Annotated[int, Field(ge=0, le=256)] = 8
     rotate: Literal["auto", "on", "off"] = "auto"
+    rotate_inputs: Literal["on", "off"] = "off"
     max_memory: Annotated[str | None, AfterValidator(_memory)] = None
     calib_window: Annotated[int | None, Field(ge=16, le=65536)] = None
     smooth_alphas: Annotated[list[float], AfterValidator(_alphas)] = Field(
@@ -296,6 +306,17 @@ class QuantConfig(BaseModel):
             if asked:
                 raise ValueError(f"{', '.join(asked)} need weight_only: true (weight-only "
                                  "quantization; activations stay float)")
+        if self.rotate_inputs == "on":
+            clash = [k for k, on in (("weight_only", self.weight_only),
+                                     ("power_of_two_scales", self.power_of_two_scales),
+                                     (f"method {self.method}",
+                                      self.method not in ("minmax", "percentile"))) if on]
+            if clash:
+                raise ValueError(
+                    f"rotate_inputs: on (an online rotation of each Linear's quantized input) "
+                    f"does not go with {', '.join(clash)}: it takes method minmax or "
+                    "percentile with quantized activations and free scales (weight-only "
+                    "models take rotate, the residual rotation)")
         if self.act_dynamic != "off":
             clash = self.act_dynamic_clash()
             if clash:

@@ -144,6 +144,6 @@ def _observe_transformed(act):
     cls_observe = type(act).observe
 
     def observe(x):
-        cls_observe(act, act.transform(x))
+        cls_observe(act, act.affine(x))
 
     return observe

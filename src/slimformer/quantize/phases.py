@@ -285,6 +285,11 @@ def calibrate(model: nn.Module, config: QuantConfig, data, structure, tick: Tick
     from slimformer.quantize.build import build
 
     qmodel = build(model, structure, config)
+    rotated = []
+    if config.rotate_inputs == "on":  # before anything is observed: the weights become W R
+        from slimformer.quantize.inrotate import rotate_inputs
+
+        rotated = rotate_inputs(qmodel, structure, config.seed)
     if not config.weight_only:
         from slimformer.quantize.act import ActQuantizer
 
@@ -292,7 +297,7 @@ def calibrate(model: nn.Module, config: QuantConfig, data, structure, tick: Tick
             if isinstance(m, ActQuantizer):
                 m.sample_rows = SAMPLE_ROWS[config.method]
     run = Calibration(qmodel, config, data, held, structure, tick, choices,
-                      list(qmodel.quant.notes))
+                      list(qmodel.quant.notes) + rotated)
     with calibrating(qmodel):
         if not config.weight_only and config.max_memory is not None \
                 and config.method in BLOCKWISE:

@@ -266,7 +266,7 @@ def calibrate_weights(state, search: bool, held: dict[str, torch.Tensor] | None 
         if x is not None and x.shape[-1] == w.shape[1]:
             x = x.float()
         elif lq.act.width == w.shape[1]:
-            x = lq.act.transform(lq.act.samples())
+            x = lq.act.affine(lq.act.samples())
         else:
             x = None
         errs, params = {}, {}

@@ -386,6 +386,12 @@ def _slot_problem(qmodel, owner_name, owner, attr, current, dtype, shape) -> str
     if isinstance(owner, ActQuantizer) and attr in ("lo", "hi", "shift", "inv_r"):
         return None if dtype == "F32" and len(shape) == 1 and shape[0] >= 1 else \
             f"{dtype} {list(shape)} in the file, a 1-D F32 range expected"
+    if isinstance(owner, ActQuantizer) and attr in ("rot_signs", "rot_a", "rot_b"):
+        ok = dtype == "F32" and (len(shape) == 1 if attr == "rot_signs" else
+                                 len(shape) == 2 and shape[0] == shape[1]) and min(shape) >= 1
+        return None if ok else (f"{dtype} {list(shape)} in the file, F32 rotation "
+                                f"{'signs (C,)' if attr == 'rot_signs' else 'factor (n, n)'} "
+                                "expected")
     if isinstance(owner, ActQuantizer) and attr == "outliers":
         return None if dtype == "I64" and len(shape) == 1 and shape[0] >= 1 else \
             f"{dtype} {list(shape)} in the file, 1-D I64 channel indices expected"

@@ -64,7 +64,8 @@ def migrate_judged(model: torch.nn.Module, structure, data, config, choices: lis
         return notes
     proxy = config.model_copy(update={
         "method": config.method if config.method in ("minmax", "percentile") else "minmax",
-        "smooth": "off", "budget": None, "attention": config.attention_kind})
+        "smooth": "off", "budget": None, "attention": config.attention_kind,
+        "rotate_inputs": "off"})  # rotating would change the model's weights in place
     errs: dict[str, float] = {}
     refs = None
     was_training = model.training

@@ -152,7 +152,7 @@ def act_range8(a: ActQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if a._min is None:
         return a.lo.detach(), a.hi.detach()
-    lo, hi = a.transform(a._min), a.transform(a._max)  # (C,): the affine may flip the order
+    lo, hi = a.affine(a._min), a.affine(a._max)  # (C,): the affine may flip the order
     lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
     if a.lo.numel() == 1 or lo.numel() != a.lo.numel():
         lo, hi = lo.min().reshape(1), hi.max().reshape(1)

@@ -61,6 +61,13 @@ def qonnx_into(ctx: RunContext, stage, tmp: Path, rows: Callable[[int], dict]) -
             f"(outlier_channels; {', '.join(split[:3])}): a float product beside the quantized "
             "one, which QONNX / FINN do not compute. Use format onnx (it writes that product), "
             "or quantize with outlier_channels: 0 for QONNX")
+    turned = [lq.name for lq in ctx.model.quant.linears.values() if lq.act.rot_signs is not None]
+    if turned:
+        raise ExportError(
+            f"format qonnx: {len(turned)} Linear input(s) are rotated online before their grid "
+            f"(rotate_inputs; {', '.join(turned[:3])}): float matmuls QONNX / FINN do not "
+            "compute. Use format onnx (it writes the rotation), or quantize with "
+            "rotate_inputs: off for QONNX")
     student = to_brevitas(ctx.model)
     plain = plain_parts(student)
     res = export_brevitas(student, tmp / FILES["qcdq"], tmp / FILES["qonnx"],
