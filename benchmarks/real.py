@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # real_build, real_eval, real_br
 THREADS = 2
 WEIGHT_ONLY = ("ours-w8-rtn", "ours-w4g128-gptq", "ours-w4g128-gptq-awq")
 OURS_W8A8 = ("ours-w8a8-default", "ours-w8a8-token", "ours-w8a8-repq", "ours-w8a8-minmax",
-             "ours-w4a8-default", "ours-w4a8-minmax")
+             "ours-w8a8-rot", "ours-w8a8-rottoken", "ours-w4a8-default", "ours-w4a8-minmax")
 ENCODER = ("float", *OURS_W8A8, *WEIGHT_ONLY, "ort-dynamic", "ort-static", "nncf-quantize",
            "nncf-w8", "nncf-w4g128", "brevitas-w8a8", "brevitas-w8a8-gptq")
 LM = ("float", *OURS_W8A8, *WEIGHT_ONLY, "nncf-w8", "nncf-w4g128", "nncf-w4g64", "nncf-quantize",
@@ -69,6 +69,8 @@ LABELS = {"float": "float (our ONNX export)", "ours-w8a8-default": "ours W8A8, d
           "ours-w8a8-minmax": "ours W8A8 plain minmax",
           "ours-w8a8-repq": "ours W8A8 repq",
           "ours-w8a8-token": "ours W8A8, defaults, per-token run-time ranges",
+          "ours-w8a8-rot": "ours W8A8, defaults, inputs rotated online (rotate_inputs)",
+          "ours-w8a8-rottoken": "ours W8A8, per-token ranges, inputs rotated online",
           "ours-w8a8-minmax-unchecked": "ours W8A8 minmax, SQNR floor off",
           "ours-w4a8-minmax": "ours W4A8 plain minmax", "ours-w4a8-default": "ours W4A8, defaults",
           "ours-w8-rtn": "ours INT8 weight-only per channel (RTN)",

@@ -1,8 +1,9 @@
 """Build one configuration's deployable artifact for benchmarks/real.py (ours and the peers).
 
 - ``float``: our ONNX export (opset default, and 20 for OpenVINO) plus the float references;
-- ``ours-wXaY-{default,repq,minmax,token}[-unchecked]``: ``slimformer.quantize`` then ``export onnx``
-  (QDQ): the product's defaults, method repq, or the plain min/max baseline (:func:`ours_config`);
+- ``ours-wXaY-{default,repq,minmax,token,rot,rottoken}[-unchecked]``: ``slimformer.quantize`` then
+  ``export onnx`` (QDQ): the product's defaults, method repq, the plain min/max baseline, the
+  defaults with the online input rotation (``rotate_inputs: on``) (:func:`ours_config`);
   ``-unchecked`` turns off the output-SQNR refusal (``min_output_sqnr_db=None``) to measure it;
 - ``ours-wX[gG]-{rtn,gptq}[-awq]``: weight-only ``quantize`` (round to nearest or GPTQ, groups of
   G input columns, AWQ scales) then ``export onnx``: the float graph with ONNX Runtime
@@ -76,20 +77,25 @@ def make_artifact(config: str, lm, data: dict, work: Path, args):
 
 
 def ours_config(config: str, n: int):
-    """The QuantConfig of ``ours-w{W}a{A}-{default,repq,minmax,token}[-unchecked]`` or, weight-only,
+    """The QuantConfig of ``ours-w{W}a{A}-{default,repq,minmax,token,rot,rottoken}[-unchecked]`` or,
+    weight-only,
     ``ours-w{W}[g{G}]-{rtn,gptq}[-awq]`` (``rtn``: method minmax, round to nearest).
 
     ``default``: the product's defaults at those bits (nothing pinned but the rows); ``repq``:
     method repq, its other defaults; ``token``: the defaults with per-token run-time activation
     ranges (``act_dynamic: token``); ``minmax``: the plain baseline (min/max, attention
-    quantized, no SmoothQuant migration, no outlier channels); ``-unchecked``: the output-SQNR
-    floor off (measured even below it).
+    quantized, no SmoothQuant migration, no outlier channels); ``rot`` / ``rottoken``: the
+    defaults (per token) with the online input rotation (``rotate_inputs: on``, min/max);
+    ``-unchecked``: the output-SQNR floor off (measured even below it).
     """
     from slimformer.quantize.config import QuantConfig
 
-    m = re.fullmatch(r"ours-w(\d)a(\d)-(default|repq|minmax|token)(-unchecked)?", config)
+    m = re.fullmatch(r"ours-w(\d)a(\d)-(default|repq|minmax|token|rot|rottoken)(-unchecked)?",
+                     config)
     if m:
+        rot = {"method": "minmax", "rotate_inputs": "on"}
         kw = {"default": {}, "repq": {"method": "repq"}, "token": {"act_dynamic": "token"},
+              "rot": rot, "rottoken": rot | {"act_dynamic": "token"},
               "minmax": {"method": "minmax", "attention": "quantized", "smooth": "off",
                          "outlier_channels": 0}}[m[3]]
         if m[4]:

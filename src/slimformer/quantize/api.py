@@ -135,6 +135,14 @@ def _quantize(model: nn.Module, config: QuantConfig, calib_data, structure, prog
         smoothed = migrate_judged(model, structure, calib_data, config, choices, tick)
         if held is not None:  # the min/max comparison starts from the same smoothed model
             original, own = copy.deepcopy(model), True
+    if config.rotate_inputs == "auto":  # on the (smoothed) float model, left as it was
+        label, judged = "off", []
+        if config.rotate_inputs_fits():
+            from slimformer.quantize.rotatejudge import rotate_judged
+
+            label, judged = rotate_judged(model, structure, calib_data, config, choices, tick)
+        config = config.model_copy(update={"rotate_inputs": label})
+        smoothed += judged
     qmodel, notes = _calibrate(model, config, fit, structure, tick, held, choices)
     notes[:0] = rotated + smoothed + ([fitted] if fitted else [])
     if held is not None:

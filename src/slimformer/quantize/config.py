@@ -44,17 +44,17 @@ def _alphas(v: list[float]) -> list[float]:
 def default_method(fields: dict) -> str:
     """The method of a config that names none (``fields``: the config's raw input).
 
-    ``gptq`` with ``weight_only``, ``minmax`` with ``act_dynamic``; else ``minmax`` at W8A8 and
-    ``repq`` below. At 8-bit weights and activations (no override below, no power-of-two
-    scales) min/max with float attention, SmoothQuant migration and outlier channels was the
-    most faithful on every trained model measured (docs/quantize.md: all-MiniLM-L6-v2
-    neighbour agreement 0.953 vs 0.906 for repq, which fell back to min/max with quantized
-    attention there), at half the calibration time; RepQ's per-channel ranges and log-sqrt2
-    softmax pay off below 8 bits.
+    ``gptq`` with ``weight_only``, ``minmax`` with ``act_dynamic`` or ``rotate_inputs: on``;
+    else ``minmax`` at W8A8 and ``repq`` below. At 8-bit weights and activations (no override
+    below, no power-of-two scales) min/max with float attention, SmoothQuant migration and
+    outlier channels was the most faithful on every trained model measured (docs/quantize.md:
+    all-MiniLM-L6-v2 neighbour agreement 0.953 vs 0.906 for repq, which fell back to min/max
+    with quantized attention there), at half the calibration time; RepQ's per-channel ranges
+    and log-sqrt2 softmax pay off below 8 bits.
     """
     if fields.get("weight_only"):
         return "gptq"
-    if fields.get("act_dynamic", "off") != "off":
+    if fields.get("act_dynamic", "off") != "off" or fields.get("rotate_inputs") == "on":
         return "minmax"
     rows = [fields] + [o if isinstance(o, dict) else dict(o) for o in fields.get("overrides") or []
                        if isinstance(o, dict | LayerOverride)]
@@ -222,7 +222,10 @@ class QuantConfig(BaseModel):
             ``percentile``, static or ``act_dynamic``; not ``weight_only`` (see ``rotate``)
             nor ``power_of_two_scales`` (fixed-point targets have no float rotation). Exported
             as ``Mul, MatMul, MatMul`` before each rotated input's Q/DQ; not to QONNX or hls4ml.
-            ``off`` (default).
+            ``auto``: calibrated with and without it on part of the calibration rows, kept
+            where the model output error on the others falls
+            (:mod:`~slimformer.quantize.rotatejudge`); nothing where it does not go. ``off``
+            (default). Recorded as ``on`` / ``off`` (what ran) in the saved config.
         float_activations: Glob patterns of activation quantizer names (``in:<weight>``,
             ``norm:<module>:<bits>``, ``<module>:q|k|v``) whose input stays float (the weights
             after them stay quantized); a pattern that matches nothing is an error.
@@ -260,7 +263,7 @@ class QuantConfig(BaseModel):
     act_dynamic: Literal["off", "tensor", "token"] = "off"
     outlier_channels: Annotated[int, Field(ge=0, le=256)] = 8
     rotate: Literal["auto", "on", "off"] = "auto"
-    rotate_inputs: Literal["on", "off"] = "off"
+    rotate_inputs: Literal["auto", "on", "off"] = "off"
     max_memory: Annotated[str | None, AfterValidator(_memory)] = None
     calib_window: Annotated[int | None, Field(ge=16, le=65536)] = None
     smooth_alphas: Annotated[list[float], AfterValidator(_alphas)] = Field(
@@ -280,6 +283,11 @@ class QuantConfig(BaseModel):
         if not self.weight_only or self.rotate == "off":
             return False
         return self.rotate == "on" or self.weight_bits <= 4
+
+    def rotate_inputs_fits(self) -> bool:
+        """Whether the online input rotation goes with the other settings (``rotate_inputs``)."""
+        return not (self.weight_only or self.power_of_two_scales
+                    or self.method not in ("minmax", "percentile"))
 
     def gptq_on(self) -> bool:
         """Whether the weights of quantized activations are rounded by GPTQ (``gptq``)."""
@@ -306,7 +314,7 @@ class QuantConfig(BaseModel):
             if asked:
                 raise ValueError(f"{', '.join(asked)} need weight_only: true (weight-only "
                                  "quantization; activations stay float)")
-        if self.rotate_inputs == "on":
+        if self.rotate_inputs == "on" and not self.rotate_inputs_fits():
             clash = [k for k, on in (("weight_only", self.weight_only),
                                      ("power_of_two_scales", self.power_of_two_scales),
                                      (f"method {self.method}",
