@@ -297,11 +297,15 @@ def test_a_stage_quantizing_activations_to_4_bits_takes_per_token_ranges_unless_
         cfg = QuantizeStage(**fields).quant_config()
         assert (cfg.method, cfg.act_dynamic, cfg.attention_kind) == ("minmax", "token", "float")
         assert QuantizeStage.model_validate(fields).quant_config().act_dynamic == "token"
+        assert cfg.rotate_inputs == "auto"  # the online rotation, judged on held-out rows
+        assert QuantizeStage(**fields, rotate_inputs="off").quant_config().rotate_inputs == "off"
     for fields in ({"act_bits": 4, "method": "repq"}, {"act_bits": 4, "act_dynamic": "off"},
                    {"act_bits": 4, "power_of_two_scales": True}, {"act_bits": 4, "symmetric": True},
                    {"weight_bits": 4}, {}):  # named, fixed-point, symmetric, 8-bit activations
         cfg = QuantizeStage(**fields).quant_config()
         assert cfg.act_dynamic == "off", fields
+        assert cfg.rotate_inputs == ("auto" if fields.get("method") == "repq" or
+                                     fields.get("act_dynamic") else "off"), fields
     assert QuantizeStage(act_bits=4).quant_config("causal-lm").act_dynamic == "token"
 
 

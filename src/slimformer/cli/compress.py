@@ -96,13 +96,14 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                       "matrix folded into the weights before they are quantized (QuaRot/"
                       "SpinQuant R1; exact in float; pre-norm RMSNorm models); auto: with "
                       "--weight-only at 4 bits or fewer where the model allows it.")] = "auto",
-             rotate_inputs: Annotated[str, typer.Option(
+             rotate_inputs: Annotated[str | None, typer.Option(
                  help="auto | on | off: rotate each quantized Linear input online by a seeded "
                       "orthogonal matrix (QuaRot's online Hadamard; Kronecker factors; the "
                       "weights W R, exact in float) so its outlier channels spread before the "
                       "grid; methods minmax / percentile; exported to ONNX, not to QONNX or "
                       "hls4ml; auto: kept where it lowers the model output error on held-out "
-                      "calibration rows.")] = "off",
+                      "calibration rows.  [default: auto with activations of 4 bits or fewer, "
+                      "else off]")] = None,
              power_of_two_scales: Annotated[bool, typer.Option(
                  help="Power-of-two scales (exact ap_fixed types for export hls).")] = False,
              embedding_bits: Annotated[int | None, typer.Option(
@@ -140,7 +141,8 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
               "head_bits": head_bits or None} if weight_only else \
             {k: v for k, v in (("group_size", group_size), ("awq", awq)) if v}  # refused
         named = {k: v for k, v in (("method", method), ("act_dynamic", act_dynamic),
-                                   ("gptq", gptq)) if v is not None and v != ""}
+                                   ("gptq", gptq), ("rotate_inputs", rotate_inputs))
+                 if v is not None and v != ""}
         if embedding_bits is not None:  # 0: float tables; not given: the task's default
             named["embedding_bits"] = embedding_bits or None
         stage = _stage(QuantizeStage, set_, **named,  # else the defaults (config, task)
@@ -151,7 +153,6 @@ def quantize(model: Annotated[str, typer.Argument(help="Model (as for inspect)."
                        **({"budget": budget} if budget is not None else {}),
                        smooth=smooth, power_of_two_scales=power_of_two_scales,
                        outlier_channels=outlier_channels, rotate=rotate,
-                       rotate_inputs=rotate_inputs,
                        max_memory=max_memory,
                        clip_steps=clip_steps, recon_steps=recon_steps)
         quiet = EvaluateStage(latency_batch_sizes=[])
