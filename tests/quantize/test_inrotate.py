@@ -140,12 +140,12 @@ def test_minilm_static_w8a8_embeddings_closer_to_float():
 
 
 def test_auto_keeps_it_where_the_held_out_error_falls(data, planted_vit):
-    """``auto``: rotated where a massive channel stands out, not on the plain trained model (at
-    W3A3 per token it loses there: held-out error 0.036 -> 0.042); the float model unchanged."""
+    """``auto``: rotated where a massive channel stands out (held-out error 0.025 -> 0.0004), not
+    on the plain trained model at W8A8, where it only ties (4.5e-5 vs 5.2e-5 rotated); the float
+    model unchanged either way."""
     calib, _ = data
-    for lm, cfg, want in (
-            (planted_vit, dict(smooth="off", outlier_channels=0), "on"),
-            (load_model(FMNIST), dict(weight_bits=3, act_bits=3, act_dynamic="token"), "off")):
+    for lm, cfg, want in ((planted_vit, dict(smooth="off", outlier_channels=0), "on"),
+                          (load_model(FMNIST), dict(), "off")):
         before = {k: v.clone() for k, v in lm.module.state_dict().items()}
         res = quantize(lm.module, QuantConfig(method="minmax", rotate_inputs="auto", **cfg), calib)
         assert res.model.config.rotate_inputs == want  # what ran, as saved

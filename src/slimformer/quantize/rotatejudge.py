@@ -1,10 +1,11 @@
 """The online input rotation judged at the model level (``rotate_inputs: auto``).
 
 The rotation (:mod:`~slimformer.quantize.inrotate`) spreads channels that dwarf the rest; on a
-model without them it only reshuffles what the grid sees and can lose (vit-fmnist W3A3 per
-token: 14.1 -> 13.9 dB). So ``auto`` splits the calibration rows
-(:func:`~slimformer.quantize.holdout.split`, seeded), calibrates the model with and without the
-rotation on the fit rows (the config's method and bits; no GPTQ, no smoothing pass of its own)
+model without them it only reshuffles what the grid sees (vit-fmnist W8A8: 42.2 dB either way;
+W3A3 per token on 2,000 test rows: accuracy 0.8565 -> 0.8560, agreement 0.949 -> 0.945). So
+``auto`` splits the calibration rows (:func:`~slimformer.quantize.holdout.split`, seeded),
+calibrates the model with and without the
+rotation on the fit rows (the config's method, bits and GPTQ; no smoothing pass of its own)
 and keeps the rotation only where the model output error vs float on the held-out rows
 (:func:`~slimformer.quantize.capture.output_error`) is lower by
 :data:`~slimformer.quantize.holdout.MARGIN`. The trial rotates the model's Linear weights in
@@ -40,7 +41,9 @@ def rotate_judged(model: torch.nn.Module, structure, data, config, choices: list
         return "off", [f"rotate_inputs auto: not tried: {n} calibration rows, under the "
                        f"{MIN_ROWS} needed to judge it on held-out rows (rotate_inputs: on "
                        "applies it)"]
-    proxy = config.model_copy(update={"smooth": "off", "budget": None, "gptq": False})
+    # GPTQ as configured: the rotation pays with it (minilm-vader W4A4 per token, 1,000 test
+    # rows: 9.7 -> 13.0 dB, agreement 0.903 -> 0.924) and not without (9.7 -> 10.3 dB, 0.889)
+    proxy = config.model_copy(update={"smooth": "off", "budget": None})
     weights = {r.weight for r in structure.linears}
     saved = {k: p.detach().clone() for k, p in model.named_parameters() if k in weights}
     tick = tick or (lambda *a: None)

@@ -92,7 +92,7 @@ class QuantizeStage(QuantConfig):
         some activation to 4 bits or fewer and leaves ``rotate_inputs`` unset gets ``auto``:
         the online input rotation, kept where it lowers the held-out output error (minilm-vader
         W4A4 through the CLI, 2,000 test rows: accuracy 0.7735 -> 0.7855, float 0.7855,
-        agreement 0.902 -> 0.931; vit-fmnist W3A3 judged it worse and kept none). Not at 8
+        agreement 0.902 -> 0.931; vit-fmnist W3A3 a tie, 0.8565 -> 0.8560). Not at 8
         bits, where the rotation's float matmuls cost deployed speed (MiniLM-L6 W8A8 in ONNX
         Runtime: 1.70x -> 1.55x over float at batch 1).
         """
