@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from slimformer.data.datasets import TensorDictDataset
-from slimformer.quantize import api, smoothjudge
+from slimformer.quantize import api, outputjudge
 from slimformer.quantize.act import ActQuantizer
 from slimformer.quantize.api import quantize
 from slimformer.quantize.config import QuantConfig
@@ -48,7 +48,7 @@ def _live() -> tuple[int, int]:
 
 def _spied(monkeypatch) -> list[tuple[str, int, int]]:
     seen = []
-    for mod, attr in ((smoothjudge, "calibrate"), (api, "_calibrate")):
+    for mod, attr in ((outputjudge, "calibrate"), (api, "_calibrate")):
         real = getattr(mod, attr)
 
         def spy(model, config, *args, real=real, where=mod.__name__):
@@ -67,7 +67,7 @@ def test_repq_with_judged_smoothing_and_fallback_holds_one_float_copy(monkeypatc
     res = quantize(model, QuantConfig(method="repq", softmax="none", calib_batch_size=8), calib)
     where = [s[0] for s in seen]
     # every calibration ran: the judgement's two, repq, the min/max baseline, the fallback
-    assert where == ["smoothjudge:minmax"] * 2 + ["api:repq"] + ["api:minmax"] * 2, seen
+    assert where == ["outputjudge:minmax"] * 2 + ["api:repq"] + ["api:minmax"] * 2, seen
     judged = next(c for c in res.site_choices if c.site == "smooth")
     assert any("fell back to minmax" in n for n in res.notes)
     # the caller's model and the working copy; the min/max models wrap the one float copy

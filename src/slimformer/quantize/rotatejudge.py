@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from slimformer.quantize.capture import float_outputs, output_error
-from slimformer.quantize.holdout import MARGIN, MIN_ROWS, SiteChoice, split
-from slimformer.quantize.phases import calibrate
+from slimformer.quantize.holdout import MARGIN, MIN_ROWS, split
+from slimformer.quantize.outputjudge import decide, held_out_errors
 
 
 def rotate_judged(model: torch.nn.Module, structure, data, config, choices: list,
@@ -46,29 +45,18 @@ def rotate_judged(model: torch.nn.Module, structure, data, config, choices: list
     proxy = config.model_copy(update={"smooth": "off", "budget": None})
     weights = {r.weight for r in structure.linears}
     saved = {k: p.detach().clone() for k, p in model.named_parameters() if k in weights}
-    tick = tick or (lambda *a: None)
-    errs: dict[str, float] = {}
-    refs = None
     try:
-        for label in ("off", "on"):
-            step = f"rotate_inputs judged, {'rotated' if label == 'on' else 'not rotated'}"
-            qm, _ = calibrate(model, proxy.model_copy(update={"rotate_inputs": label}), fit,
-                              structure, lambda s, d, t, step=step: tick(f"{step}: {s}", d, t),
-                              None, [])
-            if refs is None:
-                refs = float_outputs(qm, held, config)
-            errs[label] = output_error(qm, held, config, refs)
-            qm.release()
-            del qm
+        errs = held_out_errors(model, structure, fit, held, config, [
+            (label, proxy.model_copy(update={"rotate_inputs": label}),
+             f"rotate_inputs judged, {'rotated' if label == 'on' else 'not rotated'}", None)
+            for label in ("off", "on")], tick)
     finally:
         with torch.no_grad():
             for k, p in model.named_parameters():
                 if k in saved:
                     p.copy_(saved[k])
-    keep = errs["on"] < MARGIN * errs["off"]
-    choices.append(SiteChoice("rotate_inputs", "rotation", errs, "on" if keep else "off",
-                              "" if keep else f"; rotated not {100 * (1 - MARGIN):.0f}% below "
-                              "unrotated at the model output"))
+    keep = decide(choices, "rotate_inputs", "rotation", errs, "on", "off",
+                  ("rotated", "unrotated"))
     head = (f"rotate_inputs auto, judged at the model output ({config.method}, error vs float on "
             f"{len(held)} held-out calibration rows, calibrated on the other {len(fit)}): "
             f"rotated {errs['on']:.4g}, not rotated {errs['off']:.4g}: ")

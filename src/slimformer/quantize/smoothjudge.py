@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from slimformer.quantize.capture import float_outputs, output_error
-from slimformer.quantize.holdout import MARGIN, MIN_ROWS, SiteChoice, split
-from slimformer.quantize.phases import calibrate
+from slimformer.quantize.holdout import MARGIN, MIN_ROWS, split
+from slimformer.quantize.outputjudge import decide, held_out_errors
 from slimformer.quantize.smooth import migrate
 
 
@@ -66,30 +65,15 @@ def migrate_judged(model: torch.nn.Module, structure, data, config, choices: lis
         "method": config.method if config.method in ("minmax", "percentile") else "minmax",
         "smooth": "off", "budget": None, "attention": config.attention_kind,
         "rotate_inputs": "off"})  # rotating would change the model's weights in place
-    errs: dict[str, float] = {}
-    refs = None
     was_training = model.training
     model.eval()
-    tick = tick or (lambda *a: None)
-    for label in ("auto", "off"):  # on the model itself (min/max leaves its weights as they are)
-        if label == "off":
-            _swap(named, changed)  # the model's float weights; ``changed``: the migrated ones
-        step = f"smooth judged, {'migrated' if label == 'auto' else 'not migrated'}"
-        qm, _ = calibrate(model, proxy, fit, structure,
-                          lambda s, d, t, step=step: tick(f"{step}: {s}", d, t), None, [])
-        if refs is None:
-            tick(f"{step}: float outputs of the held-out rows", 0, 1)
-            refs = float_outputs(qm, held, config)
-        tick(f"{step}: output error", 0, 1)
-        errs[label] = output_error(qm, held, config, refs)
-        tick(f"{step}: output error", 1, 1)
-        qm.release()  # its hooks would keep its quantizers alive
-        del qm
+    # on the model itself (min/max leaves its weights as they are); "off": the float weights
+    # swapped in (``changed`` then holds the migrated ones)
+    errs = held_out_errors(model, structure, fit, held, config, [
+        ("auto", proxy, "smooth judged, migrated", None),
+        ("off", proxy, "smooth judged, not migrated", lambda: _swap(named, changed))], tick)
     model.train(was_training)
-    keep = errs["auto"] < MARGIN * errs["off"]
-    choices.append(SiteChoice("smooth", "smoothing", errs, "auto" if keep else "off",
-                              "" if keep else f"; migrated not {100 * (1 - MARGIN):.0f}% below "
-                              "off at the model output"))
+    keep = decide(choices, "smooth", "smoothing", errs, "auto", "off", ("migrated", "off"))
     head = (f"smooth judged at the model output ({proxy.method}, error vs float on {len(held)} "
             f"held-out calibration rows; migration and calibration on the other {len(fit)}): "
             f"migrated {errs['auto']:.4g}, off {errs['off']:.4g}: ")
