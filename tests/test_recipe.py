@@ -96,3 +96,15 @@ def test_missing_file_and_non_mapping(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_recipe(tmp_path / "list.yaml")
+
+
+def test_bare_on_and_off_switches_in_yaml_are_the_words(tmp_path):
+    """YAML 1.1 reads ``on`` / ``off`` as booleans; the quantize switches take them as written."""
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\nstages:\n  - type: quantize\n    method: minmax\n    smooth: on\n"
+                    "    rotate_inputs: on\n    act_dynamic: off\n    rotate: off\n")
+    stage = load_recipe(path).stages[0]
+    assert (stage.smooth, stage.rotate_inputs, stage.act_dynamic, stage.rotate) == (
+        "on", "on", "off", "off")
+    with pytest.raises(ConfigError, match="act_dynamic"):  # not a switch there: still refused
+        parse_recipe({"stages": [{"type": "quantize", "act_dynamic": True}]})

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from slimformer.quantize.budget import budget_field
 from slimformer.quantize.spill import parse_bytes
@@ -54,7 +61,8 @@ def default_method(fields: dict) -> str:
     """
     if fields.get("weight_only"):
         return "gptq"
-    if fields.get("act_dynamic", "off") != "off" or fields.get("rotate_inputs") == "on":
+    if fields.get("act_dynamic", "off") not in ("off", False) or \
+            fields.get("rotate_inputs") in ("on", True):  # YAML reads a bare on as True
         return "minmax"
     rows = [fields] + [o if isinstance(o, dict) else dict(o) for o in fields.get("overrides") or []
                        if isinstance(o, dict | LayerOverride)]
@@ -269,6 +277,12 @@ class QuantConfig(BaseModel):
     smooth_alphas: Annotated[list[float], AfterValidator(_alphas)] = Field(
         default_factory=lambda: [0.3, 0.5, 0.7, 0.85])
     seed: int = 0
+
+    @field_validator("smooth", "act_dynamic", "rotate", "rotate_inputs", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value):
+        """YAML 1.1 reads a bare ``on`` / ``off`` (a recipe, ``--set smooth=on``) as a bool."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="before")
     @classmethod
