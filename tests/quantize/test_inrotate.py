@@ -29,10 +29,15 @@ from slimformer.quantize.api import quantize
 from slimformer.quantize.config import QuantConfig
 from slimformer.quantize.hadamard import apply, factors
 from slimformer.quantize.inference import to_inference
-from slimformer.quantize.inrotate import rotated
 from slimformer.quantize.serialize import load_quantized, save_quantized
 
 FMNIST = ZooSpec(name="vit-fmnist")
+
+
+def rotated(module) -> list[str]:
+    """Names of the activation quantizers of ``module`` that rotate their input."""
+    return [m.name for m in module.modules()
+            if isinstance(m, ActQuantizer) and m.rot_signs is not None]
 
 
 def _db(ref: torch.Tensor, got: torch.Tensor) -> float:

@@ -151,8 +151,8 @@ def _convert(lin: nn.Linear, lq: LinearQuant, state: QuantState,
     if lin.bias is not None:
         layer.bias.copy_(lin.bias)
     layer.weight.copy_(_initial_weight(lq, layer))
-    front = [m for m in (InputRotation(act.rot_signs, act.rot_a, act.rot_b)
-                         if act.rot_signs is not None else None, affine) if m is not None]
+    front = [] if act.rot_signs is None else [InputRotation(act.rot_signs, act.rot_a, act.rot_b)]
+    front += [] if affine is None else [affine]
     return nn.Sequential(*front, layer) if front else layer
 
 

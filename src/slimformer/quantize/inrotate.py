@@ -21,7 +21,6 @@ the integer codes and the exports see the rotated Linear as an ordinary one.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from slimformer.quantize.hadamard import factors
 from slimformer.quantize.state import shared_params
@@ -71,11 +70,3 @@ def rotate_inputs(qmodel, structure, seed: int) -> list[str]:
         notes.append(f"rotate_inputs: {len(skipped)} left unrotated: " + "; ".join(skipped[:4]) +
                      (" ..." if len(skipped) > 4 else ""))
     return notes
-
-
-def rotated(module: nn.Module) -> list[str]:
-    """Names of the activation quantizers of ``module`` that rotate their input."""
-    from slimformer.quantize.act import ActQuantizer
-
-    return [m.name for m in module.modules()
-            if isinstance(m, ActQuantizer) and m.rot_signs is not None]
